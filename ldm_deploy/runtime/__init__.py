@@ -1,0 +1,1 @@
+"""The torch-free runtime: tokenizer, numpy schedulers, pipelines and backend runners."""
