@@ -1,0 +1,233 @@
+"""CLIP BPE tokenizer for the runtime: prompts -> int32 ids [N, 77], equal to transformers' CLIPTokenizer.
+
+The `tokenizers` pipeline is built exactly as transformers v5 builds CLIPTokenizer (reference §5.3):
+
+    normalizer     NFC -> collapse whitespace to " " -> lowercase
+    pre-tokenizer  CLIP split regex (isolated pre-tokens, digits one by one) -> ByteLevel (no prefix space)
+    model          BPE over the byte symbols, `</w>` marks the end of a word, unk = <|endoftext|>
+    post-process   RobertaProcessing: <|startoftext|> ids <|endoftext|>
+
+Framing: BOS + ids + EOS, truncated to `model_max_length` (77) keeping EOS, padded with the pad token of
+the tokenizer folder's config. SD 1.x pads with `<|endoftext|>` (49407); SD 2.x pads with `!` (id 0).
+Because transformers registers the pad token as a special (added) token, a literal `!` in an SD 2.x
+prompt becomes id 0 without going through BPE (diffusers issue #4153); we register the same special
+tokens with the same flags, so we reproduce that quirk exactly (the model was trained on it).
+
+No ftfy and no HTML unescaping, like transformers' fast/v5 tokenizer (and unlike OpenAI's, §5.1).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ldm_deploy.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+# OpenAI CLIP's pre-tokenizer pattern (`simple_tokenizer.py`), as transformers writes it.
+CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+PAD_TOKENS = {"eos": EOS, "zero": "!"}  # SD 1.x / SD 2.x conventions
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable-character map (printable bytes map to themselves, the rest to 256+n)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_normalizer():
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+
+
+def clip_pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+
+
+def build_clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], special_tokens: list) -> "Tokenizer":
+    """The `tokenizers` pipeline of §5.3; `special_tokens` are `tokenizers.AddedToken`s (bos, eos, unk, pad)."""
+    from tokenizers import Tokenizer, decoders, processors
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS))
+    tok.normalizer = clip_normalizer()
+    tok.pre_tokenizer = clip_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(special_tokens)
+    tok.post_processor = processors.RobertaProcessing(
+        (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False)
+    return tok
+
+
+def read_vocab(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json + merges.txt of a Hugging Face BPE tokenizer folder, with clear errors."""
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    for f in (vocab_file, merges_file):
+        if not f.is_file():
+            raise LdmError(f"tokenizer file {f} is missing",
+                           hint="a CLIP tokenizer folder needs vocab.json and merges.txt")
+    try:
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LdmError(f"tokenizer file {vocab_file} is not valid JSON: {e}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise LdmError(f"tokenizer file {vocab_file} is not a token -> id mapping")
+    missing = [t for t in (BOS, EOS) if t not in vocab]
+    if missing:
+        raise LdmError(f"tokenizer vocabulary {vocab_file} lacks the CLIP special tokens {missing}")
+    merges = []
+    for lineno, line in enumerate(merges_file.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line or (lineno == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise LdmError(f"tokenizer file {merges_file} line {lineno} is not a merge pair: {line[:40]!r}")
+        if pair[0] + pair[1] not in vocab:
+            raise LdmError(f"tokenizer file {merges_file} line {lineno}: merge {line!r} is not in vocab.json",
+                           hint="vocab.json and merges.txt come from different tokenizers")
+        merges.append((pair[0], pair[1]))
+    return vocab, merges
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LdmError(f"tokenizer config {path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise LdmError(f"tokenizer config {path} is not a JSON object")
+    return obj
+
+
+def read_special_tokens(folder: Path) -> tuple[dict, int]:
+    """({key: str | AddedToken-dict}, model_max_length) with transformers' precedence.
+
+    transformers reads tokenizer_config.json; when it has no `added_tokens_decoder` (the legacy SD
+    folders), special_tokens_map.json overrides it. Values are a string or an AddedToken dict.
+    """
+    config = _read_json(folder / "tokenizer_config.json")
+    specials = {k: config[k] for k in SPECIAL_KEYS if config.get(k) is not None}
+    decoder = config.get("added_tokens_decoder")
+    if decoder is None:
+        stmap = _read_json(folder / "special_tokens_map.json")
+        specials.update({k: stmap[k] for k in SPECIAL_KEYS if stmap.get(k) is not None})
+    else:  # flags of each special come from the decoder entry with the same content
+        by_content = {d["content"]: d for d in decoder.values() if isinstance(d, dict) and "content" in d}
+        specials = {k: by_content.get(_content(v), v) for k, v in specials.items()}
+    defaults = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    specials = {k: specials.get(k, defaults[k]) for k in SPECIAL_KEYS}
+    max_len = config.get("model_max_length", MODEL_MAX_LENGTH)
+    if not isinstance(max_len, int) or not 2 < max_len <= 4096:
+        max_len = MODEL_MAX_LENGTH  # transformers writes 1e30 for "unset"
+    return specials, max_len
+
+
+def _content(value) -> str:
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _added_token(value):
+    """A special token as transformers adds it: a string gets normalized=False, a dict keeps its flags."""
+    from tokenizers import AddedToken
+
+    if isinstance(value, dict):
+        flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
+        return AddedToken(value["content"], special=True, **flags)
+    return AddedToken(str(value), special=True, normalized=False)
+
+
+def write_tokenizer_configs(folder: str | os.PathLike, pad: str = "eos", model_max_length: int = MODEL_MAX_LENGTH):
+    """tokenizer_config.json + special_tokens_map.json that transformers' CLIPTokenizer and we both read.
+
+    `pad`: "eos" (SD 1.x, pad <|endoftext|>) or "zero" (SD 2.x, pad "!", id 0 in CLIP's vocabulary).
+    """
+    if pad not in PAD_TOKENS:
+        raise LdmError(f"unknown pad convention {pad!r}", hint=f"use one of {sorted(PAD_TOKENS)}")
+    folder = Path(folder)
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": PAD_TOKENS[pad]}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
+              "do_lower_case": True, "add_prefix_space": False, "errors": "replace", **specials}
+    for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class ClipTokenizer:
+    """prompts -> int32 [N, max_length] ids: BOS + BPE ids + EOS, truncated keeping EOS, padded with pad id."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
+                 specials: dict | None = None, max_length: int = MODEL_MAX_LENGTH):
+        specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS, **(specials or {})}
+        for key, value in specials.items():
+            if _content(value) not in vocab:
+                raise LdmError(f"tokenizer {key} {_content(value)!r} is not in the vocabulary",
+                               hint="fix tokenizer_config.json / special_tokens_map.json")
+        self.vocab = vocab
+        self.max_length = int(max_length)
+        self.pad_token = _content(specials["pad_token"])
+        self.pad_id = vocab[self.pad_token]
+        self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
+        # transformers adds its specials in this order, and a later one with the same content replaces
+        # the flags of an earlier one (so SD 1.x's string pad <|endoftext|> makes EOS normalized=False)
+        by_content = {_content(specials[k]): specials[k] for k in SPECIAL_KEYS}
+        self._tok = build_clip_tokenizer(vocab, merges, [_added_token(v) for v in by_content.values()])
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike, max_length: int | None = None) -> "ClipTokenizer":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise LdmError(f"tokenizer folder {folder} does not exist",
+                           hint="point at a folder with vocab.json, merges.txt and tokenizer_config.json")
+        vocab, merges = read_vocab(folder)
+        specials, model_max_length = read_special_tokens(folder)
+        return cls(vocab, merges, specials=specials, max_length=max_length or model_max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, prompt: str) -> list[int]:
+        """BPE ids of one prompt, without BOS/EOS and without truncation."""
+        return self._tok.encode(prompt, add_special_tokens=False).ids
+
+    def __call__(self, prompts: list[str] | str) -> np.ndarray:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise LdmError("prompts must be strings")
+        out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)  # (N, 77)
+        for row, enc in enumerate(self._tok.encode_batch(prompts, add_special_tokens=True)):
+            ids = enc.ids  # BOS + content + EOS
+            if len(ids) > self.max_length:
+                dropped = len(ids) - self.max_length
+                lost = self._tok.decode(ids[self.max_length - 1 : -1]).replace("</w>", " ").strip()
+                log.warning("prompt %d is too long for the text encoder (%d tokens with BOS/EOS, max %d): "
+                            "%d tokens were dropped: %r", row, len(ids), self.max_length, dropped,
+                            lost if len(lost) <= 80 else lost[:77] + "...")
+                ids = ids[: self.max_length - 1] + [self.eos_id]
+            out[row, : len(ids)] = ids
+        return out

@@ -1,0 +1,167 @@
+"""ClipTokenizer against transformers' CLIPTokenizer (v5, tokenizers backend) with the real CLIP vocab.
+
+The vocab in tests/data/clip_tokenizer was built from OpenAI's MIT-licensed bpe_simple_vocab_16e6.txt.gz
+by scripts/make_clip_vocab.py (see that script for how to fetch the file offline).
+"""
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm_deploy.errors import LdmError
+from ldm_deploy.runtime.tokenizer import EOS, ClipTokenizer, write_tokenizer_configs
+
+CLIP_DIR = Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
+
+PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "",
+    "A cat, 4k!",
+    "! !! !!! hello!",
+    "Hello, World! It's a dog's life; we'll see -- (maybe) [x] {y} \"quoted\" 'single' @#$%^&*",
+    "Café naïve résumé Ångström Straße",
+    "東京の夜景, 北京烤鸭 and 서울",
+    "emoji 🌃🚀👩‍👩‍👧 ✨ done",
+    "&amp; &lt;b&gt;bold&lt;/b&gt; &quot;html&quot; &#39;",
+    "<|ENDOFTEXT|> x <|endoftext|> <|startoftext|>",
+    "12345 67.8 1e-3 2024/11/28 0xff",
+    "  multiple   spaces\n\ttabs and\r\nnewlines  ",
+    "a very long prompt " * 30,
+    "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis " * 4,
+    "e\u0301 composed vs é precomposed, ＦＵＬＬＷＩＤＴＨ",
+]
+
+# SD folders on the hub write the specials as AddedToken dicts (normalized=True); we read both forms.
+SD2_STYLE_CONFIG = {
+    "add_prefix_space": False,
+    "bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+    "do_lower_case": True,
+    "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+    "errors": "replace", "model_max_length": 77, "pad_token": "!", "tokenizer_class": "CLIPTokenizer",
+    "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+}
+SD2_STYLE_MAP = {
+    "bos_token": {"content": "<|startoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+    "eos_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+    "pad_token": "!",
+    "unk_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+}
+
+
+def hf_ids(folder, prompts):
+    from transformers import CLIPTokenizer
+
+    hf = CLIPTokenizer.from_pretrained(str(folder))
+    return np.array(hf(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"])
+
+
+def folder_with(tmp_path, name, pad=None, config=None, stmap=None):
+    out = tmp_path / name
+    out.mkdir()
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(CLIP_DIR / f, out / f)
+    if pad:
+        write_tokenizer_configs(out, pad=pad)
+    if config is not None:
+        (out / "tokenizer_config.json").write_text(json.dumps(config))
+    if stmap is not None:
+        (out / "special_tokens_map.json").write_text(json.dumps(stmap))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return ClipTokenizer.from_dir(CLIP_DIR)
+
+
+def test_reference_vectors(sd1):
+    ids = sd1(["a photo of an astronaut riding a horse on mars", "", "A cat, 4k!"])
+    assert ids.dtype == np.int32 and ids.shape == (3, 77)
+    want = [[49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407],
+            [49406, 49407],
+            [49406, 320, 2368, 267, 275, 330, 256, 49407]]
+    for row, w in zip(ids, want):
+        assert row[: len(w)].tolist() == w
+        assert (row[len(w):] == 49407).all()
+    assert sd1.vocab_size == 49408 and sd1.pad_id == 49407
+
+
+def test_sd2_pad_and_bang_quirk(tmp_path):
+    tok = ClipTokenizer.from_dir(folder_with(tmp_path, "sd2", pad="zero"))
+    ids = tok(["! !! !!!", ""])
+    # transformers registers "!" as a special token: each literal "!" is id 0, never BPE'd (issue #4153)
+    assert ids[0, :8].tolist() == [49406, 0, 0, 0, 0, 0, 0, 49407]
+    assert ids[1, :2].tolist() == [49406, 49407] and (ids[1, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("style", ["sd1-ours", "sd2-ours", "sd2-hub-dicts", "sd1-hub-dicts", "vocab-only"])
+def test_equals_transformers(tmp_path, style):
+    if style == "sd1-ours":
+        folder = CLIP_DIR
+    elif style == "sd2-ours":
+        folder = folder_with(tmp_path, style, pad="zero")
+    elif style == "sd2-hub-dicts":
+        folder = folder_with(tmp_path, style, config=SD2_STYLE_CONFIG, stmap=SD2_STYLE_MAP)
+    elif style == "sd1-hub-dicts":
+        folder = folder_with(tmp_path, style, config={**SD2_STYLE_CONFIG, "pad_token": EOS},
+                             stmap={**SD2_STYLE_MAP, "pad_token": EOS})
+    else:
+        folder = folder_with(tmp_path, style, config={"model_max_length": 77})
+    ours = ClipTokenizer.from_dir(folder)(PROMPTS)
+    theirs = hf_ids(folder, PROMPTS)
+    bad = [PROMPTS[i][:40] for i in np.flatnonzero((ours != theirs).any(axis=1))]
+    assert not bad, f"{style}: ids differ from transformers for {bad}"
+    assert (ours[:, 0] == 49406).all()
+
+
+def test_truncation_keeps_eos_and_warns(sd1, caplog):
+    with caplog.at_level(logging.WARNING, logger="ldm_deploy.runtime.tokenizer"):
+        ids = sd1(["word " * 100, "word " * 75, "word " * 76])
+    assert ids[0, -1] == 49407 and (ids[0, 1:76] == ids[0, 1]).all()
+    assert ids[1, -1] == 49407  # 75 content tokens fit exactly
+    assert "25 tokens were dropped" in caplog.text and "1 tokens were dropped" in caplog.text
+    assert "prompt 1 " not in caplog.text
+
+
+def test_max_length_override(sd1):
+    tok = ClipTokenizer.from_dir(CLIP_DIR, max_length=8)
+    ids = tok(["a photo of an astronaut riding a horse on mars"])
+    assert ids.tolist() == [[49406, 320, 1125, 539, 550, 18376, 6765, 49407]]
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(LdmError, match="does not exist"):
+        ClipTokenizer.from_dir(tmp_path / "nope")
+    bad = folder_with(tmp_path, "bad")
+    (bad / "merges.txt").unlink()
+    with pytest.raises(LdmError, match="merges.txt is missing"):
+        ClipTokenizer.from_dir(bad)
+    shutil.copy(CLIP_DIR / "merges.txt", bad / "merges.txt")
+    (bad / "vocab.json").write_text("{not json")
+    with pytest.raises(LdmError, match="not valid JSON"):
+        ClipTokenizer.from_dir(bad)
+    (bad / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    with pytest.raises(LdmError, match="lacks the CLIP special tokens"):
+        ClipTokenizer.from_dir(bad)
+    (bad / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "<|startoftext|>": 2, "<|endoftext|>": 3}))
+    with pytest.raises(LdmError, match="not in vocab.json"):
+        ClipTokenizer.from_dir(bad)
+    shutil.copy(CLIP_DIR / "vocab.json", bad / "vocab.json")
+    (bad / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    with pytest.raises(LdmError, match="pad_token '<pad>' is not in the vocabulary"):
+        ClipTokenizer.from_dir(bad)
+
+
+def test_runtime_tokenizer_is_torch_free():
+    import subprocess
+
+    code = ("import sys, ldm_deploy.runtime.tokenizer as t; "
+            "t.ClipTokenizer.from_dir(sys.argv[1])(['x']); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(CLIP_DIR)], check=True)
