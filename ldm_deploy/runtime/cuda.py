@@ -1,0 +1,153 @@
+"""Thin cuda-python helpers (`cuda.bindings.runtime`): device query, buffers, one stream, graphs.
+
+Only what the TensorRT runner needs. cuda-python is imported lazily, so importing this module
+never fails on a machine without it; every call turns a CUDA error into one LdmError line.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from ldm_deploy.errors import LdmError
+
+_INSTALL_HINT = "pip install 'ldm-deploy[tensorrt]' (brings cuda-bindings)"
+
+
+def _rt():
+    try:
+        from cuda.bindings import runtime  # noqa: PLC0415
+    except ImportError as e:
+        raise LdmError(f"cuda-python is not installed: {e}", hint=_INSTALL_HINT) from None
+    return runtime
+
+
+def check(result, what: str = "CUDA call"):
+    """Unpack a cuda-python `(err, *values)` tuple; raise LdmError on any error."""
+    rt = _rt()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != rt.cudaError_t.cudaSuccess:
+        _, msg = rt.cudaGetErrorString(err)
+        raise LdmError(f"{what} failed: {err.name}: {msg.decode(errors='replace')}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    compute_capability: tuple[int, int]  # (major, minor)
+
+    @property
+    def cc(self) -> str:
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+
+def gpu_info(device: int = 0) -> GpuInfo | None:
+    """Name and compute capability of `device`, or None when there is no usable GPU/driver."""
+    try:
+        rt = _rt()
+    except LdmError:
+        return None
+    err, count = rt.cudaGetDeviceCount()
+    if err != rt.cudaError_t.cudaSuccess or count <= device:
+        return None
+    err, prop = rt.cudaGetDeviceProperties(device)
+    if err != rt.cudaError_t.cudaSuccess:
+        return None
+    name = prop.name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return GpuInfo(device, name, (int(prop.major), int(prop.minor)))
+
+
+def set_device(device: int) -> None:
+    check(_rt().cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
+class Stream:
+    """One CUDA stream; `handle` is the int TensorRT's execute_async_v3 takes."""
+
+    def __init__(self):
+        self._stream = check(_rt().cudaStreamCreate(), "cudaStreamCreate")
+        self.handle = int(self._stream)
+
+    def synchronize(self) -> None:
+        check(_rt().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+
+    def __del__(self):
+        if getattr(self, "_stream", None) is not None:
+            _rt().cudaStreamDestroy(self._stream)
+            self._stream = None
+
+
+class DeviceBuffer:
+    """`nbytes` of device memory, allocated once, freed with the object."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(_rt().cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes} bytes)"))
+
+    def __del__(self):
+        if getattr(self, "ptr", 0):
+            _rt().cudaFree(self.ptr)
+            self.ptr = 0
+
+
+class PinnedBuffer:
+    """Page-locked host memory with a numpy view, so async copies really are async."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(_rt().cudaMallocHost(self.nbytes), f"cudaMallocHost({self.nbytes} bytes)"))
+        self._raw = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)
+
+    def view(self, dtype, shape) -> np.ndarray:
+        """A numpy array over the first bytes of this buffer (no copy)."""
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self._raw, dtype=dtype, count=count).reshape(shape)
+
+    def __del__(self):
+        if getattr(self, "ptr", 0):
+            self._raw = None
+            _rt().cudaFreeHost(self.ptr)
+            self.ptr = 0
+
+
+def copy_to_device(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
+    rt = _rt()
+    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream._stream),
+          "cudaMemcpyAsync (host to device)")
+
+
+def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
+    rt = _rt()
+    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream._stream),
+          "cudaMemcpyAsync (device to host)")
+
+
+class Graph:
+    """A CUDA graph captured from whatever `enqueue()` puts on `stream`; `launch()` replays it."""
+
+    def __init__(self, stream: Stream, enqueue):
+        rt = _rt()
+        check(rt.cudaStreamBeginCapture(stream._stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+              "cudaStreamBeginCapture")
+        try:
+            enqueue()
+        finally:
+            graph = check(rt.cudaStreamEndCapture(stream._stream), "cudaStreamEndCapture")
+        self._graph = graph
+        self._exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        self._stream = stream
+
+    def launch(self) -> None:
+        check(_rt().cudaGraphLaunch(self._exec, self._stream._stream), "cudaGraphLaunch")
+
+    def __del__(self):
+        rt = _rt()
+        if getattr(self, "_exec", None) is not None:
+            rt.cudaGraphExecDestroy(self._exec)
+        if getattr(self, "_graph", None) is not None:
+            rt.cudaGraphDestroy(self._graph)
