@@ -7,8 +7,9 @@ import torch
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError
 from training.models.attention import attention_backend
-from training.models.config import UNetConfig
+from training.models.config import UNetConfig, VAEConfig
 from training.models.unet import UNet2DConditionModel
+from training.models.vae import AutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -84,3 +85,84 @@ def test_unsupported_unet_config_names_the_key(key, value):
 def test_noop_defaults_that_diffusers_writes_are_accepted():
     full = dict(diffusers.UNet2DConditionModel(**SD1_LIKE).config)   # every key diffusers writes
     assert UNetConfig.from_dict(full) == UNetConfig.from_dict(SD1_LIKE)
+
+
+# ---------------------------------------------------------------- VAE
+
+TINY_VAE = dict(
+    block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=64,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+
+
+@pytest.fixture(scope="module")
+def vae_pair():
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(**TINY_VAE).eval()
+    ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("size", [(64, 64), (64, 128), (72, 40)])
+def test_vae_encode_decode_match_diffusers(vae_pair, backend, size):
+    ours, ref = vae_pair
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, *size, generator=g) * 2 - 1
+    z = torch.randn(2, 4, size[0] // 8, size[1] // 8, generator=g)
+    with torch.no_grad(), attention_backend(backend):
+        posterior = ref.encode(x).latent_dist
+        mean, logvar = ours.encode_moments(x)
+        assert_close(mean, posterior.mean, atol=1e-5, name="vae mean")
+        assert_close(logvar, posterior.logvar, atol=1e-5, name="vae logvar")
+        assert_close(ours.decode(z), ref.decode(z).sample, atol=1e-5, name="vae decode")
+
+
+def test_vae_posterior_sample_matches_diffusers(vae_pair):
+    ours, ref = vae_pair
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = ref.encode(x).latent_dist.sample(torch.Generator().manual_seed(5))
+        posterior = ours.encode(x)
+        got = posterior.sample(torch.Generator().manual_seed(5))
+    assert_close(got, expected, atol=1e-5, name="posterior sample")
+    assert torch.equal(posterior.mode(), posterior.mean)
+    assert torch.allclose(posterior.std, torch.exp(0.5 * posterior.logvar))
+
+
+def test_vae_logvar_is_clamped():
+    ours = AutoencoderKL(VAEConfig.from_dict(TINY_VAE))
+    with torch.no_grad():
+        ours.quant_conv.bias.fill_(1e3)
+        _, logvar = ours.encode_moments(torch.zeros(1, 3, 16, 16))
+    assert float(logvar.max()) == 20.0
+
+
+def test_vae_config_round_trips_through_diffusers():
+    ours = VAEConfig.from_dict(TINY_VAE)
+    ref = diffusers.AutoencoderKL.from_config(ours.to_dict())
+    assert VAEConfig.from_dict(dict(ref.config)) == ours
+    assert {k: v.shape for k, v in AutoencoderKL(ours).state_dict().items()} == \
+        {k: v.shape for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("key,value", [("act_fn", "relu"), ("shift_factor", 0.1159), ("latents_mean", [0.0] * 4),
+                                       ("down_block_types", ["DownBlock2D"] * 4), ("double_z", False)])
+def test_unsupported_vae_config_names_the_key(key, value):
+    with pytest.raises(LdmError, match=key):
+        VAEConfig.from_dict({**TINY_VAE, key: value})
+
+
+def test_vae_without_quant_convs_or_mid_attention_matches_diffusers():
+    config = {**TINY_VAE, "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": False,
+              "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
+              "up_block_types": ["UpDecoderBlock2D"] * 2}
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(**config).eval()
+    ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert_close(ours.encode_moments(x)[0], ref.encode(x).latent_dist.mean, atol=1e-5, name="mean")
+        z = torch.randn(1, 4, 8, 8)
+        assert_close(ours.decode(z), ref.decode(z).sample, atol=1e-5, name="decode")
