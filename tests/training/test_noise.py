@@ -1,7 +1,7 @@
 """training/noise.py: equal to diffusers' float32 schedule and to the numpy twin (runtime convert.py)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 import numpy as np
 import pytest
@@ -71,39 +71,42 @@ def test_unknown_prediction_type_is_a_clear_error():
 CONVERT = "ldm_deploy.runtime.schedulers.convert"
 
 
-def _convert_module():
-    if importlib.util.find_spec("ldm_deploy.runtime.schedulers") is None or importlib.util.find_spec(CONVERT) is None:
-        pytest.skip(f"{CONVERT} (the numpy twin) is not in this checkout")
-    return importlib.import_module(CONVERT)
+def _twin():
+    """(convert, schedule) of the numpy runtime, or a clean skip where this checkout lacks them."""
+    try:
+        return (importlib.import_module(CONVERT), importlib.import_module("ldm_deploy.runtime.schedulers.schedule"))
+    except ImportError as e:
+        pytest.skip(f"{CONVERT} (the numpy twin) is not importable: {e}")
 
 
-import importlib  # noqa: E402
-
-
-def test_numpy_twin_schedule_matches():
-    convert = _convert_module()
-    schedule = importlib.import_module("ldm_deploy.runtime.schedulers.schedule")
-    fn = getattr(schedule, "alphas_cumprod", None) or getattr(schedule, "make_alphas_cumprod", None)
-    if fn is None:
-        pytest.skip("schedule.py exposes no alphas_cumprod(config) function")
-    ref = np.asarray(fn(SD_CONFIG), dtype=np.float64)
-    assert convert is not None
-    assert_close(noise.alphas_cumprod_from_config(SD_CONFIG).numpy(), ref, atol=1e-6, name="alphas_cumprod")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["beta_schedule"])
+def test_numpy_twin_schedule_matches(config):
+    _, schedule = _twin()
+    ref = schedule.train_alphas_cumprod(schedule.SchedulerConfig.from_dict(config), "DDIMScheduler")
+    assert_close(noise.alphas_cumprod_from_config(config).numpy(), ref, atol=1e-6, name="alphas_cumprod")
 
 
 @pytest.mark.parametrize("prediction_type", noise.PREDICTION_TYPES)
-def test_conversions_equal_numpy_twin(prediction_type):
-    convert = _convert_module()
+@pytest.mark.parametrize("a", [0.9991, 0.5, 0.0047])
+def test_conversions_equal_numpy_twin(prediction_type, a):
+    convert, _ = _twin()
     rng = np.random.default_rng(0)
-    x_t = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
-    out = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
-    a = rng.uniform(0.01, 0.99, size=(3, 1, 1, 1)).astype(np.float32)
-    tx, to, ta = (torch.from_numpy(v) for v in (x_t, out, a))
-    x0_np, eps_np = _numpy_twin(convert, prediction_type, x_t, out, a)
-    assert_close(noise.pred_to_x0(prediction_type, tx, to, ta).numpy(), x0_np, atol=1e-6, name="x0")
-    assert_close(noise.pred_to_eps(prediction_type, tx, to, ta).numpy(), eps_np, atol=1e-6, name="eps")
+    x_t, out, x0, eps = (rng.standard_normal((3, 4, 8, 8)).astype(np.float32) for _ in range(4))
+    ta = torch.full((3, 1, 1, 1), a, dtype=torch.float32)
+    tx, to, t0, te = (torch.from_numpy(v) for v in (x_t, out, x0, eps))
+    x0_np, eps_np = convert.vp_x0_eps(out, x_t, float(ta[0, 0, 0, 0]), prediction_type)
+    assert_close(noise.pred_to_x0(prediction_type, tx, to, ta).numpy(), x0_np, atol=1e-6, rtol=1e-6, name="x0")
+    assert_close(noise.pred_to_eps(prediction_type, tx, to, ta).numpy(), eps_np, atol=1e-6, rtol=1e-6, name="eps")
 
 
-def _numpy_twin(convert, prediction_type, x_t, out, a):
-    """Call the numpy twin's conversion (its names are fixed in convert.py)."""
-    return convert.pred_to_x0(prediction_type, x_t, out, a), convert.pred_to_eps(prediction_type, x_t, out, a)
+def test_noising_equals_numpy_twin():
+    convert, _ = _twin()
+    sched = noise.NoiseSchedule.from_config(SD_CONFIG)
+    rng = np.random.default_rng(2)
+    x0, eps = (rng.standard_normal((4, 4, 8, 8)).astype(np.float32) for _ in range(2))
+    t = torch.tensor([0, 250, 700, 999])
+    a = sched.alphas_cumprod[t].numpy()
+    noised = np.stack([convert.vp_noised(x0[i], eps[i], float(a[i])) for i in range(4)])
+    vel = np.stack([convert.velocity(x0[i], eps[i], float(a[i])) for i in range(4)])
+    assert_close(sched.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), t).numpy(), noised, atol=1e-6)
+    assert_close(sched.velocity(torch.from_numpy(x0), torch.from_numpy(eps), t).numpy(), vel, atol=1e-6)
