@@ -1,0 +1,54 @@
+"""Time a callable: warm-ups, repeats, median and spread. No framework imports here."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    stdev_ms: float
+    repeats: int
+    warmup: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    if len(sorted_xs) == 1:
+        return sorted_xs[0]
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10,
+            sync: Callable[[], None] | None = None) -> Timing:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed; `sync` waits for the device."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    xs = sorted(samples)
+    return Timing(
+        median_ms=statistics.median(xs), p10_ms=_quantile(xs, 0.1), p90_ms=_quantile(xs, 0.9),
+        mean_ms=statistics.fmean(xs), stdev_ms=statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        repeats=repeats, warmup=warmup,
+    )
