@@ -1,0 +1,410 @@
+"""Diffusers-format model folders: strict loading into our modules, atomic saving.
+
+A folder looks like what `StableDiffusionPipeline.save_pretrained` writes:
+
+    model_index.json
+    unet/config.json            unet/diffusion_pytorch_model.safetensors   (or .fp16 / sharded .index.json)
+    vae/config.json             vae/diffusion_pytorch_model.safetensors
+    text_encoder/config.json    text_encoder/model.safetensors              (transformers CLIPTextModel)
+    tokenizer/                  vocab.json, merges.txt, ...
+    scheduler/scheduler_config.json
+
+Loading is strict and never renames a key: every tensor in the file must be a parameter or buffer of
+the module built from config.json, with the same shape, and every parameter must be in the file.
+Anything else is one `LdmError` that lists the first offenders and the counts. Pickled weights
+(`.bin`, `.ckpt`, `.pt`) are refused unless `allow_pickle=True`, and are then read with
+`torch.load(weights_only=True)`, which refuses pickles holding anything but tensors and plain data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm_deploy.errors import LdmError
+from ldm_deploy.fileio import atomic_dir, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+PARTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+TEXT_MODEL_PREFIX = "text_model."  # on-disk CLIPTextModel keys carry it; transformers >= 5.6 modules don't
+_SHOW = 5  # offending keys listed per kind in an error message
+
+# File names tried in order, per weight stem. Safetensors first; pickles last (refused without opt-in).
+_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_PICKLE_NAMES = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
+
+
+@dataclass
+class Components:
+    """What a model folder holds. Parts not loaded are None."""
+
+    unet: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None          # transformers.CLIPTextModel
+    tokenizer_dir: Path | None = None                    # folder with vocab.json, merges.txt, ...
+    scheduler_config: dict = field(default_factory=dict)  # scheduler/scheduler_config.json
+    model_index: dict = field(default_factory=dict)       # model_index.json
+    unet_config: dict | None = None                      # the raw config.json dicts, as read
+    vae_config: dict | None = None
+    text_encoder_config: dict | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading weight files
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise LdmError(f"missing {path}", hint="is this a diffusers model folder? convert single-file checkpoints with `ldm-deploy convert`")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LdmError(f"{path} is not valid JSON: {e}") from None
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Fail with one clear line on truncated or non-safetensors files, before safetensors sees them."""
+    size = path.stat().st_size
+    bad = f"{path} is not a valid safetensors file"
+    if size < 8:
+        raise LdmError(f"{bad}: only {size} bytes", hint="the file is empty or truncated; re-download or re-save it")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise LdmError(
+                f"{bad}: header claims {n} bytes but the file has {size} bytes",
+                hint="the file is truncated or is not safetensors (a pickled .ckpt/.bin renamed?)",
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LdmError(f"{bad}: its header is not JSON", hint="the file is corrupt or in another format") from None
+    if not isinstance(header, dict):
+        raise LdmError(f"{bad}: its header is not a JSON object")
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    data = size - 8 - n
+    if ends and max(ends) > data:
+        raise LdmError(
+            f"{path} is truncated: tensors need {max(ends)} data bytes but the file holds {data}",
+            hint="re-download or re-save the file",
+        )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _check_safetensors_header(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LdmError(f"cannot read safetensors file {path}: {' '.join(str(e).split())}") from None
+
+
+def load_pickle_file(path: Path, *, allow_pickle: bool) -> dict:
+    """torch.load with weights_only=True (tensors and plain containers only), after an explicit opt-in."""
+    if not allow_pickle:
+        raise LdmError(
+            f"{path} is a pickle file ({path.suffix}), which can run code when loaded; refusing it",
+            hint="convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source; "
+            "it is then read with torch.load(weights_only=True)",
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LdmError(
+            f"cannot load {path} with torch.load(weights_only=True): {first}",
+            hint="the file is corrupt, or holds objects other than tensors; only plain weight files are accepted",
+        ) from None
+    if not isinstance(obj, dict):
+        raise LdmError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def load_state_dict_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read one weight file (safetensors, sharded safetensors index, or opted-in pickle) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise LdmError(f"missing weight file {path}")
+    name = path.name
+    if name.endswith(".index.json"):
+        return _load_sharded(path, allow_pickle=allow_pickle)
+    if name.endswith(".safetensors"):
+        return _load_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        sd = load_pickle_file(path, allow_pickle=allow_pickle)
+        if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise LdmError(f"{path} holds non-tensor entries: {', '.join(map(str, bad[:_SHOW]))}")
+        return sd
+    raise LdmError(f"unknown weight file type {path}", hint="expected .safetensors, .safetensors.index.json, .bin or .ckpt")
+
+
+def _load_sharded(index: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LdmError(f"{index} has no weight_map")
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = load_state_dict_file(index.parent / shard, allow_pickle=allow_pickle)
+        out.update(part)
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise LdmError(f"{index} lists {len(missing)} tensors its shards lack, e.g. {', '.join(missing[:_SHOW])}")
+    return out
+
+
+def find_weight_file(directory: Path, stem: str, *, variant: str | None = None) -> Path:
+    """The weight file of a component folder: plain safetensors, sharded, fp16 variant, then pickles."""
+    variants = [variant] if variant else [None, "fp16"]
+    candidates = []
+    for v in variants:
+        mid = f".{v}" if v else ""
+        candidates += [f"{stem}{mid}.safetensors", f"{stem}{mid}.safetensors.index.json"]
+    pstem = _PICKLE_NAMES.get(stem, stem)
+    for v in variants:
+        mid = f".{v}" if v else ""
+        candidates += [f"{pstem}{mid}.bin", f"{pstem}{mid}.bin.index.json", f"{pstem}{mid}.ckpt"]
+    for name in candidates:
+        if (directory / name).is_file():
+            return directory / name
+    raise LdmError(
+        f"no weights in {directory}",
+        hint=f"expected one of {', '.join(candidates[:4])}",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Strict loading
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state_dict` into `module` with no renaming; any mismatch is one LdmError listing all kinds."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [
+        f"{k} {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
+        for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                more = f", ... {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
+                parts.append(f"{len(keys)} {label} ({', '.join(keys[:_SHOW])}{more})")
+        raise LdmError(
+            f"{what} does not match its config: {'; '.join(parts)}",
+            hint="the weights belong to a different architecture or config.json was edited; "
+            "re-export the folder or fix the config",
+        )
+    bad_dtype = [k for k, v in state_dict.items() if v.is_floating_point() != own[k].is_floating_point()]
+    if bad_dtype:
+        raise LdmError(f"{what}: tensors with the wrong kind of dtype: {', '.join(bad_dtype[:_SHOW])}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _build_unet(config: dict) -> torch.nn.Module:
+    from training.models.config import UNetConfig
+    from training.models.unet import UNet2DConditionModel
+
+    return UNet2DConditionModel(UNetConfig.from_dict(config))
+
+
+def _build_vae(config: dict) -> torch.nn.Module:
+    from training.models.config import VAEConfig
+    from training.models.vae import AutoencoderKL
+
+    return AutoencoderKL(VAEConfig.from_dict(config))
+
+
+def _build_text_encoder(config: dict) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        return CLIPTextModel(CLIPTextConfig.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise LdmError(f"unsupported text encoder config: {e}") from None
+
+
+BUILDERS = {"unet": _build_unet, "vae": _build_vae, "text_encoder": _build_text_encoder}
+
+
+def text_encoder_state_dict(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Match on-disk CLIPTextModel keys to the installed transformers' layout.
+
+    Files carry `text_model.` (every hub checkpoint and transformers < 5.6); transformers >= 5.6 modules
+    don't. This is a layout difference of transformers versions, not a rename of weights. The
+    `position_ids` buffer is non-persistent in current transformers and is dropped (always arange).
+    """
+    own_prefixed = any(k.startswith(TEXT_MODEL_PREFIX) for k in module.state_dict())
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("embeddings.position_ids"):
+            continue
+        bare = k[len(TEXT_MODEL_PREFIX):] if k.startswith(TEXT_MODEL_PREFIX) else k
+        out[TEXT_MODEL_PREFIX + bare if own_prefixed else bare] = v
+    return out
+
+
+def _load_part(part: str, directory: Path, *, dtype: torch.dtype, allow_pickle: bool, variant: str | None):
+    if not directory.is_dir():
+        raise LdmError(f"missing {directory}", hint=f"a diffusers model folder needs a {directory.name}/ folder with config.json and weights")
+    config = _read_json(directory / "config.json")
+    module = BUILDERS[part](config)
+    sd = load_state_dict_file(find_weight_file(directory, _WEIGHT_STEMS[part], variant=variant), allow_pickle=allow_pickle)
+    if part == "text_encoder":
+        sd = text_encoder_state_dict(module, sd)
+    load_strict(module, sd, f"{part} weights in {directory}")
+    return module.to(dtype).eval(), config
+
+
+def load_unet(directory, *, dtype=torch.float32, allow_pickle=False, variant=None):
+    return _load_part("unet", Path(directory), dtype=dtype, allow_pickle=allow_pickle, variant=variant)[0]
+
+
+def load_vae(directory, *, dtype=torch.float32, allow_pickle=False, variant=None):
+    return _load_part("vae", Path(directory), dtype=dtype, allow_pickle=allow_pickle, variant=variant)[0]
+
+
+def load_text_encoder(directory, *, dtype=torch.float32, allow_pickle=False, variant=None):
+    return _load_part("text_encoder", Path(directory), dtype=dtype, allow_pickle=allow_pickle, variant=variant)[0]
+
+
+def load_components(
+    folder: str | os.PathLike,
+    *,
+    parts: tuple[str, ...] = PARTS,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    use_ema: bool = False,
+    variant: str | None = None,
+) -> Components:
+    """Load a diffusers-format folder strictly into our modules.
+
+    `use_ema=True` reads the U-Net from `unet_ema/` (where training saves the EMA copy) instead of `unet/`.
+    `variant="fp16"` picks `*.fp16.safetensors`; by default the plain file, else the fp16 one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LdmError(f"model folder {folder} does not exist")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise LdmError(f"unknown model parts {sorted(unknown)}", hint=f"choose from {', '.join(PARTS)}")
+    comps = Components(model_index=_read_json(folder / "model_index.json"))
+    sched = folder / "scheduler" / "scheduler_config.json"
+    comps.scheduler_config = _read_json(sched)
+    tok = folder / "tokenizer"
+    if not tok.is_dir():
+        raise LdmError(f"missing {tok}", hint="a model folder needs tokenizer/ with vocab.json and merges.txt")
+    comps.tokenizer_dir = tok
+    for part in parts:
+        sub = "unet_ema" if part == "unet" and use_ema else part
+        if sub == "unet_ema" and not (folder / sub).is_dir():
+            raise LdmError(f"use_ema: {folder / sub} does not exist", hint="this folder has no EMA U-Net; load without EMA")
+        module, config = _load_part(part, folder / sub, dtype=dtype, allow_pickle=allow_pickle, variant=variant)
+        setattr(comps, part, module)
+        setattr(comps, f"{part}_config", config)
+    return comps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _diffusers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffusers")
+    except Exception:  # noqa: BLE001 - diffusers is optional; any released version reads these folders
+        return "0.30.0"
+
+
+def module_config_dict(module: torch.nn.Module) -> dict:
+    cfg = module.config
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def model_index(scheduler_class: str) -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _save_weights(sd: dict[str, torch.Tensor], path: Path, fp16: bool) -> None:
+    from safetensors.torch import save_file
+
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().to("cpu")
+        if fp16 and v.is_floating_point():
+            v = v.half()
+        out[k] = v.contiguous()
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def save_components(components: Components, folder: str | os.PathLike, *, fp16: bool = False) -> Path:
+    """Write the diffusers layout atomically: a crash leaves the old folder (if any) or the complete new one."""
+    folder = Path(folder)
+    c = components
+    for part in PARTS:
+        if getattr(c, part) is None:
+            raise LdmError(f"cannot save {folder}: components.{part} is not loaded")
+    if c.tokenizer_dir is None or not Path(c.tokenizer_dir).is_dir():
+        raise LdmError(f"cannot save {folder}: no tokenizer folder", hint="set components.tokenizer_dir")
+    scheduler = dict(c.scheduler_config)
+    scheduler.setdefault("_class_name", "PNDMScheduler")
+    scheduler.setdefault("_diffusers_version", _diffusers_version())
+    with atomic_dir(folder) as tmp:
+        for part in ("unet", "vae"):
+            module = getattr(c, part)
+            (tmp / part).mkdir()
+            write_json(tmp / part / "config.json", module_config_dict(module))
+            _save_weights(module.state_dict(), tmp / part / "diffusion_pytorch_model.safetensors", fp16)
+        te = c.text_encoder
+        (tmp / "text_encoder").mkdir()
+        te_cfg = te.config.to_dict()
+        te_cfg["architectures"] = ["CLIPTextModel"]
+        write_json(tmp / "text_encoder" / "config.json", te_cfg)
+        # `text_model.`-prefixed keys: what every transformers version and the hub layout read.
+        te_sd = {k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k: v for k, v in te.state_dict().items()
+                 if not k.endswith("position_ids")}
+        _save_weights(te_sd, tmp / "text_encoder" / "model.safetensors", fp16)
+        shutil.copytree(c.tokenizer_dir, tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        write_json(tmp / "model_index.json", model_index(scheduler["_class_name"]))
+    log.info("wrote %s", folder)
+    return folder
+
+
+def folder_hash(folder: str | os.PathLike) -> str:
+    """sha256 over (relative path, file sha256) for every file, sorted: a model folder's identity."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        h.update(f"{rel}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
