@@ -1,0 +1,31 @@
+"""DDIM (Song et al. 2021), diffusers `DDIMScheduler.step`; eta > 0 injects noise (eta = 1 ~ DDPM).
+
+    x0, eps = convert(model(x, t))            (x0 clamped when clip_sample)
+    std     = eta * sqrt((1 - a') / (1 - a) * (1 - a / a'))
+    x'      = sqrt(a') x0 + sqrt(1 - a' - std^2) eps + std z
+with a = alphas_cumprod[t], a' = alphas_cumprod[t - T//N] (or the final alpha): `schedule.alphas[_prev]`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ldm_deploy.runtime.schedulers.convert import vp_x0_eps
+from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+
+
+def sample_ddim(model, x, schedule, *, rng=None, callback=None, eta: float = 0.0, noise_fn=None) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    noise = noise_source(rng, noise_fn, "ddim with eta > 0") if eta > 0 else None
+    clip = schedule.params["clip"]
+    for i, t in enumerate(schedule.timesteps):
+        a, a_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
+        x0, eps = vp_x0_eps(evaluate(model, x, t), x, a, schedule.prediction_type)
+        if clip is not None:
+            x0 = np.clip(x0, -clip, clip)
+        std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        if eta > 0:
+            x = x + std * noise(i, x.shape)
+        if callback is not None:
+            callback(i, float(t), x)
+    return x

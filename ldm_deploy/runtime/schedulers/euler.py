@@ -1,0 +1,34 @@
+"""Euler (Karras et al. 2022 Alg. 2; k-diffusion `sample_euler`), diffusers `EulerDiscreteScheduler.step`.
+
+Walks the VE sample: the model sees x / sqrt(sigma^2 + 1); x0 = convert(out); d = (x - x0) / sigma_hat;
+x += d (sigma_next - sigma_hat). With s_churn > 0, sigma is first raised to sigma_hat = sigma (1 + gamma)
+by adding noise (gamma = min(s_churn / n, sqrt(2) - 1) inside [s_tmin, s_tmax]).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ldm_deploy.runtime.schedulers.convert import ve_input_scale, ve_x0
+from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+
+
+def sample_euler(model, x, schedule, *, rng=None, callback=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = math.inf, s_noise: float = 1.0, noise_fn=None) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    sigmas = schedule.sigmas
+    noise = noise_source(rng, noise_fn, "euler with s_churn > 0") if s_churn > 0 else None
+    for i, t in enumerate(schedule.timesteps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        out = evaluate(model, x * np.float32(ve_input_scale(sigma)), t)
+        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            x = x + noise(i, x.shape) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        # diffusers uses sigma_hat for eps but sigma for v (its own quirk; equal when gamma = 0)
+        x0 = ve_x0(out, x, sigma_hat if schedule.prediction_type == "epsilon" else sigma, schedule.prediction_type)
+        x = x + (x - x0) / np.float32(sigma_hat) * np.float32(sigma_next - sigma_hat)
+        if callback is not None:
+            callback(i, float(t), x)
+    return x
