@@ -1,0 +1,384 @@
+"""The torch-free txt2img / img2img loop: tokenizer -> text encoder -> numpy sampler over the U-Net -> VAE.
+
+One loop serves every backend: the pipeline holds a tokenizer and one runner per component
+(`dict[str, ndarray] -> dict[str, ndarray]`, see runners/base.py) and never knows which backend they
+are. `Pipeline.from_artifact(dir, backend="ort-cpu")` builds the deployed path;
+`training.runner.pipeline_from_model_folder(folder)` builds the PyTorch reference over the same loop.
+
+The CFG glue lives in one place (`_Denoiser`), as diffusers' `StableDiffusionPipeline` does it
+(reference §4): the U-Net sees ONE batch of 2B rows ordered `[uncond, cond]`, the guided output is
+`u + s (c - u)`, optionally rescaled (Lin et al. 2023) with torch's unbiased std. Guidance <= 1 runs
+a plain batch of B. Latents are numpy float32 (B, 4, H/8, W/8); the decoded image is quantized as
+diffusers does: round((x * 0.5 + 0.5).clip(0, 1) * 255).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ldm_deploy.errors import LdmError, UsageError
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray                  # uint8 (N, H, W, 3)
+    latents: np.ndarray                 # float32 (N, 4, H/8, W/8): the sampler's final x0, before / scaling_factor
+    timings: dict[str, float]           # seconds per stage (+ per-step U-Net and scheduler overhead)
+    params: dict[str, Any] = field(default_factory=dict)  # what produced the images (PNG metadata)
+
+
+class _Denoiser:
+    """`model(x_in, t) -> raw U-Net output` for the samplers: CFG over one 2B batch, rescale, NaN check.
+
+    Also accounts time: `unet_s` is spent inside the runner, the rest of the loop is scheduler + CFG.
+    """
+
+    def __init__(self, unet, embeddings: np.ndarray, guidance: float, guidance_rescale: float):
+        self.unet = unet
+        self.embeddings = embeddings            # (2B, 77, D) under CFG, else (B, 77, D)
+        self.cfg = guidance > 1.0
+        self.guidance = float(guidance)
+        self.rescale = float(guidance_rescale)
+        self.unet_s = 0.0
+        self.calls = 0
+
+    def __call__(self, x_in: np.ndarray, t) -> np.ndarray:
+        x_in = np.asarray(x_in, dtype=np.float32)
+        sample = np.concatenate([x_in, x_in]) if self.cfg else x_in                    # (2B, 4, h, w)
+        timestep = np.broadcast_to(np.asarray(t, dtype=np.float32), (sample.shape[0],)).copy()  # (2B,)
+        start = time.perf_counter()
+        out = self.unet({"sample": sample, "timestep": timestep, "encoder_hidden_states": self.embeddings})
+        self.unet_s += time.perf_counter() - start
+        self.calls += 1
+        pred = np.asarray(out["noise_pred"], dtype=np.float32)
+        check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
+        if not self.cfg:
+            return pred
+        uncond, cond = np.split(pred, 2)
+        guided = uncond + self.guidance * (cond - uncond)
+        if self.rescale > 0:
+            guided = rescale_noise_cfg(guided, cond, self.rescale)
+        return guided
+
+
+def rescale_noise_cfg(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:
+    """Lin et al. 2023 §3.4, as diffusers' `rescale_noise_cfg` (torch.std is unbiased: ddof=1)."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = cond.std(axis=axes, keepdims=True, ddof=1)
+    std_cfg = guided.std(axis=axes, keepdims=True, ddof=1)
+    rescaled = guided * (std_cond / std_cfg)
+    return (phi * rescaled + (1 - phi) * guided).astype(np.float32)
+
+
+def check_finite(x: np.ndarray, stage: str, where: str = "") -> None:
+    """Raise LdmError naming the stage when `x` holds NaN or Inf."""
+    if np.isfinite(x).all():
+        return
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    hint = {
+        "vae_decoder": "the fp16 VAE decoder overflows on some latents; re-export with the VAE decoder in fp32 "
+                       "(keep vae_decoder out of fp16 in the export config) or run --backend ort-cpu",
+        "unet": "an fp16 U-Net can overflow in attention; re-export with attention upcast or in fp32",
+        "text_encoder": "the text encoder export is broken; run `ldm-deploy validate` on the artifact",
+    }.get(stage, "run `ldm-deploy validate` on the artifact")
+    raise LdmError(f"{stage} produced {bad} non-finite values (NaN/Inf) {where}".strip(), hint=hint)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """VAE output (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), diffusers' rounding."""
+    x = (np.asarray(image, dtype=np.float32) * 0.5 + 0.5).clip(0.0, 1.0)
+    return np.round(x.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
+
+
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1] (diffusers' 2x - 1 normalization)."""
+    x = np.asarray(images, dtype=np.float32) / 255.0
+    return (x * 2.0 - 1.0).transpose(0, 3, 1, 2).copy()
+
+
+class Pipeline:
+    """Text (+ optional init image) -> uint8 images, over runners of any backend."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], np.ndarray], runners: Mapping[str, Any],
+                 scheduler_config: Mapping[str, Any], scaling_factor: float = 0.18215,
+                 prediction_type: str = "epsilon", profiles: Mapping[str, Any] | None = None, *,
+                 latent_channels: int = 4, vae_scale_factor: int = 8, backend: str = "",
+                 artifact_hash: str | None = None):
+        missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in runners]
+        if missing:
+            raise LdmError(f"pipeline needs runners for {', '.join(missing)}")
+        self.tokenizer = tokenizer
+        self.runners = dict(runners)
+        self.scheduler_config = dict(scheduler_config)
+        self.scheduler_config.setdefault("prediction_type", prediction_type)
+        self.scaling_factor = float(scaling_factor)
+        self.prediction_type = prediction_type
+        self.profiles = dict(profiles) if profiles else None
+        self.latent_channels = int(latent_channels)
+        self.vae_scale_factor = int(vae_scale_factor)
+        self.backend = backend
+        self.artifact_hash = artifact_hash
+
+    # --- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, backend: str = "ort-cpu", components: Sequence[str] | None = None,
+                      **runner_opts) -> "Pipeline":
+        """Open an exported artifact directory and one `backend` runner per component."""
+        from ldm_deploy.artifact import Artifact
+        from ldm_deploy.runtime.runners.base import open_runner
+        from ldm_deploy.runtime.tokenizer import ClipTokenizer
+
+        artifact = Artifact.open(path)
+        m = artifact.manifest
+        names = components or [c for c in COMPONENTS if c in m["components"]]
+        runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
+        tokenizer = ClipTokenizer.from_dir(Path(artifact.path) / m["tokenizer"]["dir"])
+        source_hash = (m.get("source") or {}).get("sha256")
+        return cls(tokenizer, runners, m["scheduler"], m["scaling_factor"], m.get("prediction_type", "epsilon"),
+                   m.get("profiles"), latent_channels=m.get("latent_channels", 4),
+                   vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend,
+                   artifact_hash=artifact_hash(path) or source_hash)
+
+    @classmethod
+    def from_runners(cls, tokenizer, runners: Mapping[str, Any], scheduler_config: Mapping[str, Any],
+                     **kwargs) -> "Pipeline":
+        return cls(tokenizer, runners, scheduler_config, **kwargs)
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 steps: int = 50, guidance: float = 7.5, scheduler: str | None = None, seed: int | None = None,
+                 latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
+                 num_images: int = 1, image: np.ndarray | None = None, strength: float = 0.8,
+                 guidance_rescale: float = 0.0, eta: float = 0.0,
+                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> GenerationResult:
+        from ldm_deploy.runtime import schedulers as sch
+
+        t_total = time.perf_counter()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = self._negatives(negative_prompt, len(prompts))
+        name = self._scheduler_name(scheduler)
+        self._check_numbers(steps, guidance, guidance_rescale, strength, eta, num_images, len(prompts))
+        init = None if image is None else _as_image_batch(image)
+        given_latents = latents is not None
+        if init is not None and latents is not None:
+            raise UsageError("pass either an init image (img2img) or latents, not both")
+        batch = len(prompts) * num_images
+        height, width = self._resolve_size(height, width, latents, init, batch)
+        self._check_batch(batch)
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**63))
+        rng = np.random.default_rng(seed)
+        timings: dict[str, float] = {}
+
+        # 1. text embeddings: [uncond, cond] as ONE batch of 2B rows when CFG is on
+        cfg = guidance > 1.0
+        rows = [p for p in prompts for _ in range(num_images)]
+        neg_rows = [n for n in negatives for _ in range(num_images)]
+        t0 = time.perf_counter()
+        cond = self._encode_text(rows)                                     # (B, 77, D)
+        emb = np.concatenate([self._encode_text(neg_rows), cond]) if cfg else cond   # (2B, 77, D)
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        # 2. schedule and initial latents
+        schedule = sch.make_schedule(name, self.scheduler_config, steps,
+                                     strength=float(strength) if init is not None else 1.0)
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if init is not None:
+            t0 = time.perf_counter()
+            x0 = self._encode_image(init, batch, rng)                      # (B, 4, h, w), scaled
+            timings["vae_encoder"] = time.perf_counter() - t0
+            if len(schedule.timesteps) == 0:
+                raise UsageError(f"strength {strength} with {steps} steps leaves no denoising step",
+                                 hint="raise --strength or --steps")
+            noise = rng.standard_normal(shape, dtype=np.float32)
+            x = sch.add_noise(schedule, x0, noise).astype(np.float32)
+        else:
+            if latents is None:
+                latents = rng.standard_normal(shape, dtype=np.float32)
+            else:
+                latents = np.asarray(latents, dtype=np.float32)
+                if latents.shape != shape:
+                    raise UsageError(f"latents have shape {list(latents.shape)}, expected {list(shape)} "
+                                     f"([num_prompts*num_images, {self.latent_channels}, height/8, width/8])")
+            x = (latents * np.float32(schedule.init_noise_sigma)).astype(np.float32)
+
+        # 3. denoise
+        denoiser = _Denoiser(self.runners["unet"], emb, guidance, guidance_rescale)
+        n_steps = len(schedule.timesteps)
+
+        def on_step(i, t, x_i):
+            if callback is not None:
+                callback(i, n_steps, x_i)
+
+        t0 = time.perf_counter()
+        x = sch.sample(name, denoiser, x, schedule, rng=rng, callback=on_step, eta=eta)
+        loop = time.perf_counter() - t0
+        x = np.asarray(x, dtype=np.float32)
+        check_finite(x, "scheduler", f"({name})")
+        timings["denoise"] = loop
+        timings["unet"] = denoiser.unet_s
+        timings["unet_calls"] = denoiser.calls
+        timings["scheduler_overhead"] = loop - denoiser.unet_s
+        if denoiser.calls:
+            timings["unet_per_step"] = denoiser.unet_s / denoiser.calls
+            timings["scheduler_overhead_per_step"] = (loop - denoiser.unet_s) / denoiser.calls
+            timings["overhead_fraction"] = (loop - denoiser.unet_s) / max(denoiser.unet_s, 1e-12)
+
+        # 4. decode
+        t0 = time.perf_counter()
+        decoded = self.runners["vae_decoder"]({"latent": x / np.float32(self.scaling_factor)})["image"]
+        decoded = np.asarray(decoded, dtype=np.float32)
+        check_finite(decoded, "vae_decoder")
+        images = to_uint8(decoded)
+        timings["vae_decoder"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_total
+
+        params = {
+            "prompt": prompts if len(prompts) > 1 else prompts[0],
+            "negative_prompt": negatives if len(negatives) > 1 else negatives[0],
+            "seed": seed,
+            "latents": "caller" if given_latents else None,
+            "steps": steps, "guidance": guidance, "scheduler": name, "height": height, "width": width,
+            "num_images": num_images, "guidance_rescale": guidance_rescale, "eta": eta,
+            "strength": strength if init is not None else None, "backend": self.backend,
+            "artifact_hash": self.artifact_hash,
+        }
+        return GenerationResult(images=images, latents=x, timings=timings,
+                                params={k: v for k, v in params.items() if v is not None})
+
+    # --- stages --------------------------------------------------------------------------------------
+
+    def _encode_text(self, prompts: list[str]) -> np.ndarray:
+        ids = np.asarray(self.tokenizer(prompts), dtype=np.int32)            # (B, 77)
+        out = self.runners["text_encoder"]({"input_ids": ids})["last_hidden_state"]
+        out = np.asarray(out, dtype=np.float32)                               # (B, 77, D)
+        check_finite(out, "text_encoder")
+        return out
+
+    def _encode_image(self, init: np.ndarray, batch: int, rng: np.random.Generator) -> np.ndarray:
+        """uint8 (1 or B, H, W, 3) -> scaled latents (B, 4, h, w): mean + std * N(0, I), times scaling_factor."""
+        if "vae_encoder" not in self.runners:
+            raise LdmError("img2img needs the vae_encoder component, and this pipeline has none",
+                           hint="export the artifact with the VAE encoder")
+        if init.shape[0] not in (1, batch):
+            raise UsageError(f"{init.shape[0]} init images for {batch} outputs; give 1 or {batch}")
+        pixels = np.repeat(from_uint8(init), batch // init.shape[0], axis=0) if init.shape[0] == 1 else from_uint8(init)
+        out = self.runners["vae_encoder"]({"image": pixels})
+        mean = np.asarray(out["mean"], dtype=np.float32)
+        logvar = np.clip(np.asarray(out["logvar"], dtype=np.float32), -30.0, 20.0)
+        check_finite(mean, "vae_encoder")
+        check_finite(logvar, "vae_encoder")
+        z = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)
+        return (z * np.float32(self.scaling_factor)).astype(np.float32)
+
+    # --- argument checks -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _negatives(negative_prompt, n_prompts: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * n_prompts
+        if isinstance(negative_prompt, str):
+            return [negative_prompt] * n_prompts
+        negatives = list(negative_prompt)
+        if len(negatives) != n_prompts:
+            raise UsageError(f"{len(negatives)} negative prompts for {n_prompts} prompts; give one or {n_prompts}")
+        return negatives
+
+    def _scheduler_name(self, scheduler: str | None) -> str:
+        from ldm_deploy.runtime import schedulers as sch
+
+        if scheduler is None:
+            return sch.default_name(self.scheduler_config)
+        if scheduler not in sch.SCHEDULERS:
+            raise UsageError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(sch.SCHEDULERS)}")
+        return scheduler
+
+    @staticmethod
+    def _check_numbers(steps, guidance, guidance_rescale, strength, eta, num_images, n_prompts) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
+            raise UsageError(f"steps must be a positive integer, got {steps!r}")
+        if not isinstance(guidance, (int, float)) or math.isnan(guidance) or guidance < 0 or math.isinf(guidance):
+            raise UsageError(f"guidance must be a finite number >= 0, got {guidance!r}")
+        if not (0.0 <= float(guidance_rescale) <= 1.0):
+            raise UsageError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if not (0.0 < float(strength) <= 1.0):
+            raise UsageError(f"strength must be in (0, 1], got {strength!r}")
+        if not (float(eta) >= 0.0):
+            raise UsageError(f"eta must be >= 0, got {eta!r}")
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images <= 0:
+            raise UsageError(f"num_images must be a positive integer, got {num_images!r}")
+        if n_prompts == 0:
+            raise UsageError("no prompt given")
+
+    def _resolve_size(self, height, width, latents, init, batch) -> tuple[int, int]:
+        f = self.vae_scale_factor
+        if latents is not None:
+            lat = np.shape(latents)
+            if len(lat) != 4:
+                raise UsageError(f"latents must be 4-D [N, {self.latent_channels}, H/8, W/8], got shape {list(lat)}")
+            height = height or lat[2] * f
+            width = width or lat[3] * f
+        if init is not None:
+            height = height or init.shape[1]
+            width = width or init.shape[2]
+            if (init.shape[1], init.shape[2]) != (height, width):
+                raise UsageError(f"init image is {init.shape[2]}x{init.shape[1]} but {width}x{height} was asked",
+                                 hint="resize the init image or drop --height/--width")
+        prof = self.profiles or {}
+        height = height or (prof.get("height") or {}).get("opt") or 512
+        width = width or (prof.get("width") or {}).get("opt") or 512
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % f:
+                raise UsageError(f"{name} must be a positive multiple of {f}, got {value!r}")
+            lim = prof.get(name)
+            if lim and not (lim["min"] <= value <= lim["max"]):
+                raise UsageError(f"{name} {value} is outside the artifact's profile [{lim['min']}, {lim['max']}]",
+                                 hint=f"use a {name} in that range or re-export with a wider profile")
+        return int(height), int(width)
+
+    def _check_batch(self, batch: int) -> None:
+        lim = (self.profiles or {}).get("batch")
+        if lim and not (lim["min"] <= batch <= lim["max"]):
+            raise UsageError(f"batch of {batch} images (prompts x num_images) is outside the artifact's profile "
+                             f"[{lim['min']}, {lim['max']}]", hint="lower --num-images or re-export with a larger batch")
+
+
+def _as_image_batch(image) -> np.ndarray:
+    """An init image (PIL image, path, uint8 (H, W, 3) or (N, H, W, 3)) -> uint8 (N, H, W, 3)."""
+    if isinstance(image, (str, Path)):
+        from ldm_deploy.runtime.image import load_image
+        image = load_image(image)
+    if hasattr(image, "convert"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise UsageError(f"init image must be RGB (H, W, 3) or (N, H, W, 3), got shape {list(arr.shape)}")
+    if arr.dtype != np.uint8:
+        raise UsageError(f"init image must be uint8, got {arr.dtype}")
+    return arr
+
+
+def artifact_hash(path: str | Path) -> str | None:
+    """A short identity for an artifact: sha256 of its manifest.json (which itself lists every file's hash)."""
+    import hashlib
+
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    return json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))

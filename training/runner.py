@@ -1,0 +1,128 @@
+"""TorchRunner: the PyTorch modules behind the same Runner contract as the exported graphs.
+
+`TorchRunner(components_or_model_folder, component)` maps the same names the ONNX graphs use
+(text_encoder: input_ids -> last_hidden_state; unet: sample/timestep/encoder_hidden_states -> noise_pred;
+vae_decoder: latent -> image; vae_encoder: image -> mean/logvar), so the numpy pipeline runs the
+PyTorch reference through the very loop it runs the deployed artifact with:
+
+    ref = pipeline_from_model_folder("models/tiny")            # PyTorch, CPU, fp32
+    dep = Pipeline.from_artifact("out/tiny-onnx")               # ONNX Runtime
+    ref("a cat", latents=z).images  vs  dep("a cat", latents=z).images
+
+Modules may be ours (training.models) or diffusers/transformers ones; outputs that are output objects
+(`.sample`, `.latent_dist`, `.last_hidden_state`) are unwrapped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ldm_deploy.errors import LdmError
+
+IO = {
+    "text_encoder": (["input_ids"], ["last_hidden_state"]),
+    "unet": (["sample", "timestep", "encoder_hidden_states"], ["noise_pred"]),
+    "vae_decoder": (["latent"], ["image"]),
+    "vae_encoder": (["image"], ["mean", "logvar"]),
+}
+_PART = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def _components(source, dtype):
+    if hasattr(source, "manifest"):  # an Artifact: the reference is the model folder it was exported from
+        source = Path(source.manifest["source"]["path"])
+        if not source.is_dir():
+            raise LdmError(f"the artifact's source model folder {source} is gone",
+                           hint="pass the model folder to TorchRunner directly")
+    if isinstance(source, (str, os.PathLike)):
+        from training.checkpoint import load_components
+        return load_components(Path(source), dtype=dtype)
+    return source
+
+
+def _part(components, name: str):
+    return components[name] if isinstance(components, Mapping) else getattr(components, name)
+
+
+class TorchRunner:
+    """One PyTorch module as a Runner: numpy in, numpy out (float32 unless `output_dtype=None`)."""
+
+    def __init__(self, components_or_model_folder, component: str, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, output_dtype=np.float32):
+        if component not in IO:
+            raise LdmError(f"unknown component {component!r}; choose one of: {', '.join(IO)}")
+        self.component = component
+        self.input_names, self.output_names = (list(x) for x in IO[component])
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.output_dtype = None if output_dtype is None else np.dtype(output_dtype)
+        module = _part(_components(components_or_model_folder, dtype), _PART[component])
+        if module is None:
+            raise LdmError(f"the model has no {_PART[component]} to run the {component} with")
+        self.module = module.to(device=self.device, dtype=dtype).eval()
+
+    def _tensor(self, x: np.ndarray, dtype=None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, dtype or self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise LdmError(f"{self.component} runner called without inputs {missing}")
+        outs = getattr(self, f"_run_{self.component}")(inputs)
+        result = {}
+        for name, t in zip(self.output_names, outs):
+            a = t.detach().float().cpu().numpy() if self.output_dtype is not None else t.detach().cpu().numpy()
+            result[name] = a.astype(self.output_dtype, copy=False) if self.output_dtype is not None else a
+        return result
+
+    def _run_text_encoder(self, inputs):
+        out = self.module(self._tensor(inputs["input_ids"], torch.long))
+        return [out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]]
+
+    def _run_unet(self, inputs):
+        out = self.module(self._tensor(inputs["sample"]), self._tensor(inputs["timestep"], torch.float32),
+                          self._tensor(inputs["encoder_hidden_states"]))
+        return [out.sample if hasattr(out, "sample") else out]
+
+    def _run_vae_decoder(self, inputs):
+        out = self.module.decode(self._tensor(inputs["latent"]))
+        return [out.sample if hasattr(out, "sample") else out]
+
+    def _run_vae_encoder(self, inputs):
+        x = self._tensor(inputs["image"])
+        if hasattr(self.module, "encode_moments"):
+            return list(self.module.encode_moments(x))
+        dist = self.module.encode(x)
+        dist = dist.latent_dist if hasattr(dist, "latent_dist") else dist
+        return [dist.mean, dist.logvar]
+
+
+def pipeline_from_model_folder(folder, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                               components=None, profiles=None):
+    """The numpy Pipeline over TorchRunners of a diffusers-format model folder (the PyTorch reference).
+
+    `components` (a training.checkpoint.Components or a dict with unet/vae/text_encoder) skips loading.
+    """
+    import json
+
+    from ldm_deploy.runtime.pipeline import Pipeline
+    from ldm_deploy.runtime.tokenizer import ClipTokenizer
+
+    folder = Path(folder)
+    comps = components if components is not None else _components(folder, dtype)
+    runners = {c: TorchRunner(comps, c, device=device, dtype=dtype) for c in IO}
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_scale = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return Pipeline(
+        ClipTokenizer.from_dir(folder / "tokenizer"), runners, scheduler_config,
+        scaling_factor=vae_config.get("scaling_factor", 0.18215),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"), profiles=profiles,
+        latent_channels=unet_config.get("in_channels", 4), vae_scale_factor=vae_scale, backend="torch",
+    )
