@@ -254,7 +254,8 @@ class Trainer:
                     "metrics": metrics or {}, "config": self.config_dict})
             write_json(self.ckpt_root / "latest.json", {"step": step, "dir": folder.name})
             self._prune(keep=folder)
-            self._plot()
+            if step == self.cfg.steps or time.perf_counter() - self._last_plot > 60:
+                self._plot()
         self.env.barrier()
 
     def _prune(self, keep: Path) -> None:
@@ -390,7 +391,10 @@ class Trainer:
                 writer.writeheader()
             writer.writerow(row)
 
+    _last_plot = 0.0
+
     def _plot(self) -> None:
+        self._last_plot = time.perf_counter()
         plot_losses(self.log_path, self.log_path.with_suffix(".png"), title=f"{self.name} loss")
 
 

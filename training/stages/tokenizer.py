@@ -1,0 +1,42 @@
+"""Tokenizer stage: a CLIP-style byte-level BPE trained on the training captions, or a given folder.
+
+The folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) is what the
+runtime's ClipTokenizer and transformers' CLIPTokenizer both read, so training, export and serving
+tokenize identically.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ldm_deploy.errors import LdmError
+from ldm_deploy.fileio import atomic_dir
+from training.config import TrainConfig
+from training.stages import common
+
+
+def train_tokenizer_stage(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Write <out>/stages/tokenizer (trained BPE, or a copy of cfg.tokenizer.path). Returns the report."""
+    out = common.stage_dir(cfg, "tokenizer")
+    if cfg.tokenizer.path:
+        src = Path(cfg.tokenizer.path)
+        src = src / "tokenizer" if (src / "tokenizer" / "vocab.json").is_file() else src
+        if not (src / "vocab.json").is_file():
+            raise LdmError(f"tokenizer.path {src} has no vocab.json", hint="point at a CLIP tokenizer folder")
+        with atomic_dir(out) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        report = {"source": str(src)}
+    else:
+        if resume and (out / "vocab.json").is_file():
+            return {"reused": str(out)}
+        from training.tokenizer_train import train_tokenizer
+
+        captions = common.load_captions(cfg, "train")
+        with atomic_dir(out) as tmp:
+            train_tokenizer(captions, tmp, vocab_size=cfg.tokenizer.vocab_size,
+                            model_max_length=cfg.tokenizer.model_max_length)
+        report = {"captions": len(captions)}
+    tok = common.load_tokenizer(out)
+    report["vocab_size"] = tok.vocab_size
+    print(f"[tokenizer] {tok.vocab_size} tokens -> {out}")
+    return report
