@@ -1,0 +1,209 @@
+"""The exported artifact: read and verify `manifest.json` (torch-free).
+
+An artifact folder is what `ldm-deploy export` writes and what the runtime and the engine builder
+read: one ONNX graph per component, the tokenizer files, the scheduler config and `manifest.json`,
+which records every file's sha256, the shape profiles and each graph's inputs and outputs.
+
+    art = Artifact.open("out/sd15-onnx")          # validates the manifest and the file hashes
+    art.check_shape(height=512, width=512, batch=2)
+    spec = art.components["unet"]                   # ComponentSpec: file, inputs, outputs, profile
+    art.file("unet")                                # Path to unet/model.onnx
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.fileio import sha256_file
+
+FORMAT = "ldm-deploy-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                  # numpy dtype name: "float32", "float16", "int32"
+    shape: tuple                # ints for static axes, strings for named dynamic axes
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+    def __str__(self) -> str:
+        return f"{self.min} (static)" if self.static else f"{self.min}..{self.max} (opt {self.opt})"
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """Image-space shape ranges the graphs were exported (and engines may be built) for."""
+
+    batch: Range                # prompts * images per prompt (B); the U-Net sees 2B under CFG
+    height: Range               # pixels
+    width: Range
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    file: str                   # relative to the artifact folder
+    external_data: str | None   # relative path of the weights file beside the graph, if any
+    precision: str              # "fp32" or "fp16"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch_multiplier: int       # the component's batch = batch_multiplier * B (2 for the CFG U-Net)
+    profile: dict               # input name -> {"min": shape, "opt": shape, "max": shape}
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+class Artifact:
+    """A verified artifact folder. `Artifact(path)` and `Artifact.open(path)` are the same."""
+
+    def __init__(self, path, verify: bool = True):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise LdmError(f"{self.path} is not an ldm-deploy artifact: {MANIFEST} is missing",
+                           hint="run `ldm-deploy export MODEL_DIR --out DIR` to make one")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LdmError(f"cannot read {manifest_path}: {e}", hint="re-run the export") from None
+        self._check_format()
+        self.components = {name: _component(name, d) for name, d in self.manifest["components"].items()}
+        p = self.manifest["profiles"]
+        self.profiles = Profiles(**{k: Range(**p[k]) for k in ("batch", "height", "width")})
+        self.check_files(hashes=verify)
+
+    @classmethod
+    def open(cls, path, verify: bool = True) -> "Artifact":
+        return cls(path, verify=verify)
+
+    # -- what the runtime reads -------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.manifest["scaling_factor"])
+
+    @property
+    def prediction_type(self) -> str:
+        return self.manifest["prediction_type"]
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.manifest["latent_channels"])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.manifest["vae_scale_factor"])
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.manifest["scheduler"])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / self.manifest["tokenizer"]["dir"]
+
+    @property
+    def model_configs(self) -> dict:
+        return self.manifest["model"]
+
+    def component(self, name: str) -> ComponentSpec:
+        if name not in self.components:
+            raise LdmError(f"the artifact at {self.path} has no {name!r} component "
+                           f"(it has: {', '.join(self.components) or 'none'})",
+                           hint=f"re-export with --components including {name}")
+        return self.components[name]
+
+    def file(self, component: str) -> Path:
+        """Path of the component's ONNX graph."""
+        return self.path / self.component(component).file
+
+    def check_shape(self, height: int, width: int, batch: int = 1) -> None:
+        """Raise UsageError, naming the profile, when (height, width, batch) is outside the export's."""
+        for what, value, rng in (("height", height, self.profiles.height), ("width", width, self.profiles.width),
+                                 ("batch", batch, self.profiles.batch)):
+            if not rng.min <= value <= rng.max:
+                raise UsageError(f"{what} {value} is outside the artifact's {what} profile {rng}",
+                                 hint=f"use a {what} in the profile, or re-export with a wider "
+                                      f"`profiles.{what}` in the export config")
+        f = self.vae_scale_factor
+        for what, value in (("height", height), ("width", width)):
+            if value % f:
+                raise UsageError(f"{what} {value} is not a multiple of the VAE scale factor {f}",
+                                 hint=f"use a multiple of {f}")
+
+    # -- verification -----------------------------------------------------------------------------
+    def check_files(self, hashes: bool = True) -> None:
+        """Every file listed in the manifest exists and (with `hashes`) has the recorded sha256."""
+        files = self.manifest["files"]
+        for c in self.components.values():
+            for rel in filter(None, (c.file, c.external_data)):
+                if rel not in files:
+                    raise LdmError(f"manifest of {self.path} lists component file {rel} without a hash",
+                                   hint="re-run the export")
+        for rel, digest in files.items():
+            p = self.path / rel
+            if not p.is_file():
+                raise LdmError(f"artifact file {rel} is missing from {self.path}", hint="re-run the export")
+            if hashes and sha256_file(p) != digest:
+                raise LdmError(f"artifact file {rel} in {self.path} does not match its sha256 in {MANIFEST} "
+                               "(modified or corrupted)", hint="re-run the export")
+
+    def _check_format(self) -> None:
+        m = self.manifest
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise LdmError(f"{self.path / MANIFEST} is not an ldm-deploy artifact manifest")
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise LdmError(f"artifact format_version {version} in {self.path} is not supported "
+                           f"(this ldm-deploy reads {FORMAT_VERSION})",
+                           hint="upgrade ldm-deploy" if newer else "re-export with this ldm-deploy")
+        required = ("precision", "profiles", "components", "files", "scheduler", "tokenizer",
+                    "scaling_factor", "prediction_type", "latent_channels", "vae_scale_factor")
+        missing = [k for k in required if k not in m]
+        if missing:
+            raise LdmError(f"manifest of {self.path} lacks {', '.join(missing)}", hint="re-run the export")
+        unknown = [c for c in m["components"] if c not in COMPONENTS]
+        if unknown:
+            raise LdmError(f"manifest of {self.path} has unknown components {unknown}")
+
+    def __repr__(self) -> str:
+        p = self.profiles
+        return (f"Artifact({str(self.path)!r}, {self.precision}, components={list(self.components)}, "
+                f"batch {p.batch}, {p.height} x {p.width})")
+
+
+def _component(name: str, d: dict) -> ComponentSpec:
+    def tensors(items):
+        return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+    try:
+        return ComponentSpec(name=name, file=d["file"], external_data=d.get("external_data"),
+                             precision=d["precision"], inputs=tensors(d["inputs"]), outputs=tensors(d["outputs"]),
+                             batch_multiplier=int(d.get("batch_multiplier", 1)), profile=d.get("profile", {}))
+    except (KeyError, TypeError) as e:
+        raise LdmError(f"manifest entry for component {name!r} is malformed ({e})", hint="re-run the export") from None

@@ -1,0 +1,165 @@
+"""Export configuration: a frozen dataclass loaded from `export_configs/NAME.yaml`.
+
+Profiles are in image space (pixels) and in prompts*images (B): the U-Net graph's batch axis is 2B
+under classifier-free guidance. Height and width are static in the graphs when min == max (faster
+and what TensorRT likes best); otherwise they are dynamic axes and the ranges go to the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm_deploy.errors import LdmError, UsageError
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PRECISIONS = ("fp32", "fp16")
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise UsageError(f"profile range needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    name: str = "custom"                        # recorded in the manifest
+    components: tuple[str, ...] = COMPONENTS     # which graphs to export
+    precision: str = "fp32"                     # fp32 | fp16: U-Net and text encoder
+    # The SD VAE overflows in fp16 (black images), so the VAE stays fp32 unless asked; None = fp32.
+    vae_precision: str | None = None
+    batch: Range = Range(1, 1, 4)               # B (prompts * images); U-Net batch is 2B (CFG)
+    height: Range = Range(512, 512, 512)        # pixels; static when min == max
+    width: Range = Range(512, 512, 512)
+    opset: int = 17
+    exporter: str = "torchscript"               # torchscript (fast, opset 17) | dynamo (opset >= 18); see docs/export.md
+    optimize: bool = True                       # onnxslim: constant folding, shape inference, dead-node removal
+    keep_fp32_unet: bool = False                # fp16 exports also keep unet/model_fp32.onnx (for ORT fusions)
+    pooled_output: bool = False                 # text encoder also returns pooler_output
+    measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
+    # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
+    fp16_keep_ops: tuple[str, ...] = ("InstanceNormalization", "GroupNormalization", "LayerNormalization",
+                                      "Softmax")
+
+    def __post_init__(self):
+        unknown = [c for c in self.components if c not in COMPONENTS]
+        if unknown or not self.components:
+            raise UsageError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
+        for key in ("precision", "vae_precision"):
+            value = getattr(self, key)
+            if value is not None and value not in PRECISIONS:
+                raise UsageError(f"{key} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+        if self.exporter not in EXPORTERS:
+            raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
+        if self.opset < 17:
+            raise UsageError(f"opset must be >= 17, got {self.opset}")
+        if self.exporter == "dynamo" and self.opset < 18:
+            raise UsageError("the dynamo exporter needs opset >= 18 (its opset-17 down-conversion writes "
+                             "invalid Split nodes)", hint="set `opset: 18` or `exporter: torchscript`")
+
+    def component_precision(self, component: str) -> str:
+        if component.startswith("vae"):
+            return self.vae_precision or "fp32"
+        return self.precision
+
+    @property
+    def static_size(self) -> bool:
+        return self.height.static and self.width.static
+
+    def replace(self, **changes) -> "ExportConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["components"] = list(self.components)
+        d["fp16_keep_ops"] = list(self.fp16_keep_ops)
+        d["profiles"] = {k: d.pop(k) for k in ("batch", "height", "width")}
+        return d
+
+    def key(self) -> str:
+        """Canonical JSON of everything that changes the exported graphs (the cache compares it)."""
+        d = self.to_dict()
+        d.pop("name")
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "export config") -> "ExportConfig":
+        d = dict(d)
+        profiles = d.pop("profiles", {}) or {}
+        if not isinstance(profiles, dict):
+            raise LdmError(f"{where}: `profiles` must be a mapping of batch/height/width ranges")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known | set(profiles) - {"batch", "height", "width"})
+        if unknown:
+            raise LdmError(f"{where}: unknown keys {', '.join(unknown)}",
+                           hint=f"known keys: {', '.join(sorted(known - {'batch', 'height', 'width'}))}, "
+                                "profiles.{batch,height,width}")
+        kwargs = {}
+        for k, v in {**d, **profiles}.items():
+            if k in ("batch", "height", "width"):
+                v = _range(v, f"{where}: profiles.{k}")
+            elif k in ("components", "fp16_keep_ops"):
+                v = tuple(v)
+            kwargs[k] = v
+        try:
+            return cls(**kwargs)
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise LdmError(f"{where}: {e}") from None
+
+
+def _range(v, where: str) -> Range:
+    if isinstance(v, int):
+        return Range(v, v, v)
+    if not isinstance(v, dict) or set(v) - {"min", "opt", "max"} or "min" not in v or "max" not in v:
+        raise LdmError(f"{where} must be an integer or a mapping with min, max and optional opt")
+    return Range(int(v["min"]), int(v.get("opt", v["min"])), int(v["max"]))
+
+
+def load_config(path_or_name: str | Path | None) -> ExportConfig:
+    """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21)."""
+    import yaml
+
+    if path_or_name is None:
+        return ExportConfig()
+    path = Path(path_or_name)
+    if not path.is_file():
+        bundled = Path(__file__).resolve().parents[2] / "export_configs" / f"{path_or_name}.yaml"
+        if not bundled.is_file():
+            raise LdmError(f"export config {path_or_name} not found",
+                           hint="pass a YAML file or one of: tiny, demo, sd15, sd21")
+        path = bundled
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LdmError(f"cannot parse {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise LdmError(f"{path} must hold a mapping of export settings")
+    data.setdefault("name", path.stem)
+    return ExportConfig.from_dict(data, where=str(path))
+
+
+def write_config(config: ExportConfig, path: Path) -> None:
+    import yaml
+
+    from ldm_deploy.fileio import atomic_file
+
+    with atomic_file(path, "w") as f:
+        f.write("# the resolved export config this artifact was made with\n")
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+__all__ = ["ExportConfig", "Range", "load_config", "write_config", "COMPONENTS"]

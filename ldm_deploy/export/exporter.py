@@ -1,0 +1,136 @@
+"""`export_model`: a diffusers-format model folder -> a self-contained, verified artifact folder.
+
+Per component: trace fp32 -> clean up (onnxslim) -> [convert to fp16] -> check by path -> run once on
+ORT CPU (finite outputs, latency). The folder is built beside `out` and renamed into place; when an
+artifact made from the same source files with the same config is already there, nothing is redone.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldm_deploy.artifact import MANIFEST, Artifact
+from ldm_deploy.errors import LdmError
+from ldm_deploy.export import manifest as mf
+from ldm_deploy.export import onnx_io
+from ldm_deploy.export.config import ExportConfig, write_config
+from ldm_deploy.export.fp16 import convert_to_fp16
+from ldm_deploy.export.onnx_export import export_onnx
+from ldm_deploy.export.optimize import cleanup, node_count, time_ort
+from ldm_deploy.export.source import PARTS, folder_sha256, load_source
+from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    cached: bool            # True when an up-to-date artifact was already there
+    artifact: Artifact
+    seconds: float
+
+
+def export_model(model_dir, out, config: ExportConfig = ExportConfig(), *, force: bool = False) -> ExportResult:
+    """Export `config.components` of the model folder `model_dir` into the artifact folder `out`."""
+    start = time.perf_counter()
+    model_dir, out = Path(model_dir), Path(out)
+    if not model_dir.is_dir():
+        raise LdmError(f"model folder {model_dir} does not exist")
+    missing = sorted({PARTS[c] for c in config.components} - {p.name for p in model_dir.iterdir()})
+    if missing:
+        raise LdmError(f"{model_dir} lacks {', '.join(missing)}/ needed for {', '.join(config.components)}",
+                       hint="pass --components to export only what the folder has")
+    source_sha = folder_sha256(model_dir)
+    if not force and (out / MANIFEST).is_file():
+        cached = _cached(out, source_sha, config)
+        if cached is not None:
+            log.info("export (cached): %s matches %s with this config", out, model_dir)
+            return ExportResult(out, True, cached, time.perf_counter() - start)
+    check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(model_dir, config),
+                     "the ONNX export")
+    source = load_source(model_dir, config.components)
+    with atomic_dir(out) as tmp:
+        work = tmp / ".work"
+        components = {c: _export_component(c, source, config, tmp, work) for c in config.components}
+        shutil.rmtree(work)
+        tokenizer = mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer")
+        write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
+        write_config(config, tmp / "export_config.yaml")
+        write_json(tmp / MANIFEST, mf.build_manifest(tmp, source=source, config=config, components=components,
+                                                      tokenizer=tokenizer))
+    artifact = Artifact.open(out, verify=False)
+    seconds = time.perf_counter() - start
+    log.info("exported %s -> %s in %.1f s", model_dir, out, seconds)
+    return ExportResult(out, False, artifact, seconds)
+
+
+def _export_component(component: str, source, config: ExportConfig, root: Path, work: Path) -> dict:
+    precision = config.component_precision(component)
+    raw = work / component / "raw.onnx"
+    spec, export_s = export_onnx(component, source, config, raw)
+    final = root / component / "model.onnx"
+    keep_fp32 = component == "unet" and precision == "fp16" and config.keep_fp32_unet
+    fp32 = final if precision == "fp32" else (root / "unet" / "model_fp32.onnx" if keep_fp32
+                                              else work / component / "fp32.onnx")
+    if config.optimize:
+        clean = cleanup(raw, fp32)
+    else:
+        import onnx
+        onnx_io.save_model(onnx.load(str(raw)), fp32)
+        clean = {"tool": None, "applied": False, "nodes_before": node_count(raw), "nodes_after": node_count(fp32)}
+    if precision == "fp16":
+        convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",))
+    onnx_io.check_model(final)
+
+    inputs = spec.example_inputs("opt")
+    stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
+                   "cleanup": clean}
+    if config.measure_runtime:
+        stats["ort_cpu_ms"] = {"traced": round(time_ort(raw, inputs)[0], 3)}
+        if fp32 != final:
+            stats["ort_cpu_ms"]["fp32"] = round(time_ort(fp32, inputs)[0], 3)
+    ms, outputs = time_ort(final, inputs, runs=3 if config.measure_runtime else 0)
+    if config.measure_runtime:
+        stats["ort_cpu_ms"]["final"] = round(ms, 3)
+    bad = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v))) for k, v in outputs.items()}
+    if any(bad.values()):
+        raise LdmError(f"{precision} {component} gives non-finite outputs on random inputs ({bad})",
+                       hint="export this component in fp32 (e.g. `vae_precision: fp32`, or --precision fp32)")
+    shutil.rmtree(work / component, ignore_errors=True)
+
+    ins, outs = mf.graph_io(final)
+    data = onnx_io.data_file(final)
+    entry = {
+        "file": final.relative_to(root).as_posix(),
+        "external_data": data.relative_to(root).as_posix() if data.exists() else None,
+        "precision": precision,
+        "inputs": ins, "outputs": outs,
+        "batch_multiplier": spec.batch_multiplier,
+        "profile": {name: {k: list(v) for k, v in shapes.items()} for name, shapes in spec.profile().items()},
+        "export": stats,
+    }
+    if keep_fp32:
+        entry["fp32_file"] = fp32.relative_to(root).as_posix()
+    log.info("%s: %s, %d -> %d nodes", component, precision, clean["nodes_before"], clean["nodes_after"])
+    return entry
+
+
+def _cached(out: Path, source_sha: str, config: ExportConfig) -> Artifact | None:
+    try:
+        artifact = Artifact.open(out, verify=True)
+    except LdmError as e:
+        log.info("re-exporting: the artifact at %s is not usable (%s)", out, e)
+        return None
+    return artifact if mf.matches(artifact.manifest, source_sha, config) else None
+
+
+def _estimate_bytes(model_dir: Path, config: ExportConfig) -> int:
+    """Rough disk need: the weights once in fp32 (final) plus once more while converting."""
+    weights = sum(p.stat().st_size for p in model_dir.rglob("*.safetensors"))
+    return int(weights * (3 if config.precision == "fp16" else 2)) + (64 << 20)

@@ -1,0 +1,102 @@
+"""Build `manifest.json` for an artifact folder (the schema `ldm_deploy.artifact` reads; see docs/DESIGN.md)."""
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import onnx
+
+from ldm_deploy.artifact import FORMAT, FORMAT_VERSION, MANIFEST
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.fileio import sha256_file
+
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT64: "int64"}
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
+def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs exactly as the saved graph declares them: name, numpy dtype, shape."""
+    g = onnx.load(str(path), load_external_data=False).graph
+
+    def spec(v):
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+    init = {i.name for i in g.initializer}
+    return [spec(v) for v in g.input if v.name not in init], [spec(v) for v in g.output]
+
+
+def copy_tokenizer(src: Path, dst: Path) -> dict:
+    """Copy the tokenizer files into the artifact; return the manifest's tokenizer entry."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    cfg = _read(src / "tokenizer_config.json")
+    special = _read(src / "special_tokens_map.json")
+    pad = special.get("pad_token", cfg.get("pad_token", "<|endoftext|>"))
+    if isinstance(pad, dict):
+        pad = pad.get("content")
+    max_len = cfg.get("model_max_length", 77)
+    return {"dir": dst.name, "model_max_length": int(max_len) if max_len and max_len < 10**6 else 77, "pad_token": pad}
+
+
+def tool_versions() -> dict:
+    out = {}
+    for pkg in ("ldm-deploy", "torch", "onnx", "onnxruntime", "onnxslim", "transformers"):
+        try:
+            out[pkg.replace("-", "_")] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` except manifest.json, keyed by posix relative path."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def build_manifest(folder: Path, *, source, config: ExportConfig, components: dict, tokenizer: dict) -> dict:
+    """The manifest dict; `components` maps name -> entry (file, precision, inputs, outputs, ...)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": {"path": str(Path(source.folder).resolve()), "sha256": source.sha256},
+        "precision": config.precision,
+        "model": {part: source.configs.get(part) for part in ("unet", "vae", "text_encoder")},
+        "scaling_factor": source.scaling_factor,
+        "prediction_type": source.prediction_type,
+        "latent_channels": source.latent_channels,
+        "vae_scale_factor": source.vae_scale_factor,
+        "scheduler": source.scheduler_config,
+        "tokenizer": tokenizer,
+        "profiles": config.to_dict()["profiles"],
+        "components": components,
+        "files": file_hashes(folder),
+        "tools": tool_versions(),
+        "export_config": config.to_dict(),
+    }
+
+
+def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
+    """True when an existing artifact was made from the same source files with the same settings."""
+    old = manifest.get("export_config")
+    if manifest.get("source", {}).get("sha256") != source_sha256 or not isinstance(old, dict):
+        return False
+    old = dict(old)
+    old.pop("name", None)
+    return json.dumps(old, sort_keys=True) == config.key()
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

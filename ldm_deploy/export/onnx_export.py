@@ -1,0 +1,247 @@
+"""Trace each component to ONNX: the graph wrappers, their IO contracts and shape profiles.
+
+One `GraphSpec` per component fixes the input/output names, dtypes and symbolic shapes (every
+dynamic axis has its own name), the min/opt/max shapes for each input and example inputs. The
+exporter is TorchScript-based by default (see docs/export.md for the measurements behind that).
+
+    text_encoder  input_ids int32 (B, 77)                       -> last_hidden_state (B, 77, D)
+    unet          sample (2B, C, h, w), timestep f32 (2B,),
+                  encoder_hidden_states (2B, 77, D)             -> noise_pred (2B, C, h, w)
+    vae_decoder   latent (B, 4, h, w)  [already / scaling]       -> image (B, 3, 8h, 8w)
+    vae_encoder   image (B, 3, H, W)   in [-1, 1]                -> mean, logvar (B, 4, H/8, W/8)
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm_deploy.errors import LdmError
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.source import Source, math_attention
+
+log = logging.getLogger(__name__)
+
+TEXT_LENGTH = 77
+
+
+# --- the modules that get traced ----------------------------------------------------------------
+class TextEncoderGraph(torch.nn.Module):
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.text_encoder, self.pooled = text_encoder, pooled
+
+    def forward(self, input_ids):                                       # (B, 77) int32
+        out = self.text_encoder(input_ids=input_ids.long(), return_dict=True)
+        if self.pooled:
+            return out.last_hidden_state, out.pooler_output
+        return out.last_hidden_state                                    # (B, 77, D)
+
+
+class UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):         # (2B, C, h, w), (2B,), (2B, 77, D)
+        return self.unet(sample, timestep, encoder_hidden_states)
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):                                          # (B, 4, h, w)
+        return self.vae.decode(latent)                                  # (B, 3, 8h, 8w)
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):                                           # (B, 3, H, W)
+        return self.vae.encode_moments(image)                           # mean, logvar (B, 4, H/8, W/8)
+
+
+# --- IO contracts ----------------------------------------------------------------------------------
+@dataclass
+class IOSpec:
+    name: str
+    dtype: str                      # numpy dtype name in the fp32 graph ("float32", "int32")
+    shape: list                     # ints and axis names
+    shapes: dict = field(default_factory=dict)   # min/opt/max concrete shapes (inputs only)
+
+
+@dataclass
+class GraphSpec:
+    component: str
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    batch_multiplier: int = 1
+    vocab_size: int = 1000          # input_ids are drawn below it
+
+    @property
+    def axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx dynamic_axes: name -> {axis index: axis name} for the symbolic axes."""
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in self.inputs + self.outputs}
+
+    def example_inputs(self, which: str = "opt", seed: int = 0) -> dict[str, np.ndarray]:
+        return random_inputs(self, {t.name: t.shapes[which] for t in self.inputs}, seed)
+
+    def inputs_for(self, shapes: dict[str, tuple], seed: int = 0) -> dict[str, np.ndarray]:
+        return random_inputs(self, shapes, seed)
+
+    def profile(self) -> dict:
+        return {t.name: dict(t.shapes) for t in self.inputs}
+
+
+def random_inputs(spec: GraphSpec, shapes: dict[str, tuple], seed: int = 0) -> dict:
+    """Random inputs of the given shapes in each input's natural range."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in spec.inputs:
+        shape = tuple(shapes[t.name])
+        if t.name == "input_ids":
+            out[t.name] = rng.integers(0, spec.vocab_size, size=shape).astype(np.int32)
+        elif t.name == "timestep":
+            out[t.name] = rng.uniform(0, 999, size=shape).astype(np.float32)     # fractional timesteps
+        elif t.name == "image":
+            out[t.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        else:
+            out[t.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def graph_spec(component: str, source: Source, config: ExportConfig) -> GraphSpec:
+    """The IO contract of `component` under `config`'s profiles (static axes are ints)."""
+    b, hp, wp = config.batch, config.height, config.width
+    f = source.vae_scale_factor
+    for what, r in (("height", hp), ("width", wp)):
+        bad = [v for v in (r.min, r.opt, r.max) if v % f]
+        if bad:
+            raise LdmError(f"profile {what} values {bad} are not multiples of the VAE scale factor {f}",
+                           hint="fix profiles in the export config")
+    static = config.static_size
+    lh, lw = ("latent_height", "latent_width") if not static else (hp.opt // f, wp.opt // f)
+    ih, iw = ("image_height", "image_width") if not static else (hp.opt, wp.opt)
+
+    def sizes(mult, scale):        # min/opt/max (batch, h, w) in the given space
+        return {k: (getattr(b, k) * mult, getattr(hp, k) // scale, getattr(wp, k) // scale)
+                for k in ("min", "opt", "max")}
+
+    c = source.latent_channels
+    if component == "text_encoder":
+        d = int(source.configs["text_encoder"]["hidden_size"])
+        shapes = {k: (n, TEXT_LENGTH) for k, (n, _, _) in sizes(1, 1).items()}
+        outs = [IOSpec("last_hidden_state", "float32", ["batch", TEXT_LENGTH, d])]
+        if config.pooled_output:
+            outs.append(IOSpec("pooler_output", "float32", ["batch", d]))
+        vocab = int(source.configs["text_encoder"].get("vocab_size", 49408))
+        return GraphSpec(component, [IOSpec("input_ids", "int32", ["batch", TEXT_LENGTH], shapes)], outs,
+                         vocab_size=vocab)
+    if component == "unet":
+        d = int(source.configs["unet"]["cross_attention_dim"])
+        s = sizes(2, f)
+        c_out = int(source.configs["unet"].get("out_channels", c))
+        return GraphSpec(component, [
+            IOSpec("sample", "float32", ["unet_batch", c, lh, lw], {k: (n, c, h, w) for k, (n, h, w) in s.items()}),
+            IOSpec("timestep", "float32", ["unet_batch"], {k: (n,) for k, (n, _, _) in s.items()}),
+            IOSpec("encoder_hidden_states", "float32", ["unet_batch", TEXT_LENGTH, d],
+                   {k: (n, TEXT_LENGTH, d) for k, (n, _, _) in s.items()}),
+        ], [IOSpec("noise_pred", "float32", ["unet_batch", c_out, lh, lw])], batch_multiplier=2)
+    vae_c = int(source.configs["vae"].get("latent_channels", 4))
+    if component == "vae_decoder":
+        s = sizes(1, f)
+        return GraphSpec(component, [
+            IOSpec("latent", "float32", ["batch", vae_c, lh, lw], {k: (n, vae_c, h, w) for k, (n, h, w) in s.items()}),
+        ], [IOSpec("image", "float32", ["batch", 3, ih, iw])])
+    if component == "vae_encoder":
+        s = sizes(1, 1)
+        return GraphSpec(component, [
+            IOSpec("image", "float32", ["batch", 3, ih, iw], {k: (n, 3, h, w) for k, (n, h, w) in s.items()}),
+        ], [IOSpec("mean", "float32", ["batch", vae_c, lh, lw]), IOSpec("logvar", "float32", ["batch", vae_c, lh, lw])])
+    raise LdmError(f"unknown component {component!r}")
+
+
+def graph_module(component: str, source: Source, config: ExportConfig) -> torch.nn.Module:
+    if component == "text_encoder":
+        return TextEncoderGraph(source.text_encoder, config.pooled_output).eval()
+    if component == "unet":
+        return UNetGraph(source.unet).eval()
+    if component == "vae_decoder":
+        return VaeDecoderGraph(source.vae).eval()
+    return VaeEncoderGraph(source.vae).eval()
+
+
+# --- the export ------------------------------------------------------------------------------------
+def export_onnx(component: str, source: Source, config: ExportConfig, path: Path) -> tuple[GraphSpec, float]:
+    """Trace `component` in fp32 to `path` (weights may land in files beside it). Returns (spec, seconds)."""
+    spec = graph_spec(component, source, config)
+    module = graph_module(component, source, config)
+    example = tuple(torch.from_numpy(a) for a in spec.example_inputs("opt").values())
+    names_in = [t.name for t in spec.inputs]
+    names_out = [t.name for t in spec.outputs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with math_attention(source.text_encoder if component == "text_encoder" else None), torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # tracer warnings about Python-side shape arithmetic
+        if config.exporter == "torchscript":
+            torch.onnx.export(module, example, str(path), input_names=names_in, output_names=names_out,
+                              dynamic_axes=spec.axes, opset_version=config.opset, do_constant_folding=True,
+                              dynamo=False)
+        else:
+            dims = {}
+            dynamic_shapes = {}
+            for t, arg in zip(spec.inputs, _forward_arg_names(module)):
+                dynamic_shapes[arg] = {i: dims.setdefault(d, _dim(d, t, i)) for i, d in enumerate(t.shape)
+                                       if isinstance(d, str)}
+            program = torch.onnx.export(module, example, input_names=names_in, output_names=names_out,
+                                        dynamic_shapes=dynamic_shapes, opset_version=config.opset, dynamo=True,
+                                        external_data=True, verbose=False)
+            program.save(str(path), external_data=True)
+    seconds = time.perf_counter() - start
+    _name_axes(path, spec)
+    log.info("exported %s with the %s exporter in %.1f s", component, config.exporter, seconds)
+    return spec, seconds
+
+
+def _forward_arg_names(module) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(module.forward).parameters)
+
+
+def _dim(name: str, t: IOSpec, axis: int):
+    lo, hi = t.shapes["min"][axis], t.shapes["max"][axis]
+    return torch.export.Dim(name, min=max(lo, 1), max=max(hi, 2))
+
+
+def _name_axes(path: Path, spec: GraphSpec) -> None:
+    """Give every dynamic axis of the graph's inputs and outputs the name the spec says (both exporters)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    by_name = {t.name: t for t in spec.inputs + spec.outputs}
+    changed = False
+    for value in list(model.graph.input) + list(model.graph.output):
+        t = by_name.get(value.name)
+        if t is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise LdmError(f"exported {spec.component} {value.name} has rank {len(dims)}, expected {len(t.shape)}")
+        for d, want in zip(dims, t.shape):
+            if isinstance(want, str) and d.dim_param != want:
+                d.dim_param = want
+                changed = True
+    if changed:
+        onnx.save(model, str(path))

@@ -1,0 +1,96 @@
+"""The export's source: a diffusers-format model folder loaded as PyTorch modules.
+
+Loading is `training.checkpoint.load_components` (our U-Net / VAE with diffusers parameter names,
+transformers' CLIPTextModel). `math_attention()` switches every attention op to plain
+matmul-softmax for tracing, the pattern ONNX Runtime's transformer optimizer and TensorRT fuse.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm_deploy.errors import LdmError
+
+# export component -> model folder part
+PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+@dataclass
+class Source:
+    folder: Path
+    sha256: str                         # identity of the folder's files (training.checkpoint.folder_hash)
+    unet: torch.nn.Module | None
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
+    configs: dict                       # part -> the folder's config.json dict
+    scheduler_config: dict
+    tokenizer_dir: Path
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.configs.get("vae", {}).get("scaling_factor", 0.18215))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1) if "vae" in self.configs else 8
+
+    @property
+    def latent_channels(self) -> int:
+        if "unet" in self.configs:
+            return int(self.configs["unet"].get("in_channels", 4))
+        return int(self.configs.get("vae", {}).get("latent_channels", 4))
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+
+def folder_sha256(folder: Path) -> str:
+    from training.checkpoint import folder_hash
+
+    return folder_hash(folder)
+
+
+def load_source(folder, components) -> Source:
+    """Load the parts of `folder` that `components` need, in float32 and eval mode."""
+    from training.checkpoint import load_components
+
+    folder = Path(folder)
+    parts = tuple(dict.fromkeys(PARTS[c] for c in components))
+    comps = load_components(folder, parts=parts, dtype=torch.float32)
+    configs = {}
+    for part in ("unet", "vae", "text_encoder"):
+        cfg = getattr(comps, f"{part}_config", None)
+        if cfg is None and (folder / part / "config.json").is_file():
+            cfg = json.loads((folder / part / "config.json").read_text())  # recorded even when not exported
+        if cfg is not None:
+            configs[part] = cfg
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    if comps.tokenizer_dir is None or not Path(comps.tokenizer_dir).is_dir():
+        raise LdmError(f"{folder} has no tokenizer/ folder", hint="the artifact needs the tokenizer files")
+    return Source(folder=folder, sha256=folder_sha256(folder), unet=comps.unet, vae=comps.vae,
+                  text_encoder=comps.text_encoder, configs=configs, scheduler_config=dict(comps.scheduler_config),
+                  tokenizer_dir=Path(comps.tokenizer_dir))
+
+
+@contextlib.contextmanager
+def math_attention(text_encoder=None):
+    """Trace attention as plain matmul-softmax (our models' "math" backend, CLIP's "eager")."""
+    from training.models.attention import attention_backend
+
+    previous = None
+    if text_encoder is not None:
+        previous = text_encoder.config._attn_implementation
+        text_encoder.config._attn_implementation = "eager"
+    try:
+        with attention_backend("math"):
+            yield
+    finally:
+        if text_encoder is not None:
+            text_encoder.config._attn_implementation = previous
