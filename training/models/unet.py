@@ -303,7 +303,7 @@ class UNet2DConditionModel(nn.Module):
         """(B, C, h, w) latents, () or (B,) timesteps, (B, L, cross_attention_dim) text -> (B, C_out, h, w)."""
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(timestep, device=sample.device)
-        timestep = timestep.reshape(-1).expand(sample.shape[0])       # () or (1,) or (B,) -> (B,)
+        timestep = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])   # () | (1,) | (B,) -> (B,)
         temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))  # (B, 4*c0)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
