@@ -24,7 +24,14 @@ import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime.schedulers.ddim import sample_ddim
+from ldm_deploy.runtime.schedulers.ddpm import sample_ddpm
+from ldm_deploy.runtime.schedulers.dpmpp_2m import sample_dpmpp_2m
 from ldm_deploy.runtime.schedulers.euler import sample_euler
+from ldm_deploy.runtime.schedulers.euler_ancestral import sample_euler_ancestral
+from ldm_deploy.runtime.schedulers.lcm import sample_lcm
+from ldm_deploy.runtime.schedulers.lms import sample_lms
+from ldm_deploy.runtime.schedulers.pndm import sample_pndm
+from ldm_deploy.runtime.schedulers.unipc import sample_unipc
 from ldm_deploy.runtime.schedulers.schedule import (
     CLASS_DEFAULTS, SAMPLER_CLASS, Schedule, SchedulerConfig, add_noise, as_config, make_schedule,
     truncate_schedule,
@@ -39,7 +46,15 @@ class Scheduler(NamedTuple):
 
 SCHEDULERS: dict[str, Scheduler] = {
     "ddim": Scheduler(sample_ddim, "DDIMScheduler", ("eta", "noise_fn")),
+    "ddpm": Scheduler(sample_ddpm, "DDPMScheduler", ("noise_fn",)),
+    "pndm": Scheduler(sample_pndm, "PNDMScheduler", ()),
     "euler": Scheduler(sample_euler, "EulerDiscreteScheduler", ("s_churn", "s_tmin", "s_tmax", "s_noise", "noise_fn")),
+    "euler-ancestral": Scheduler(sample_euler_ancestral, "EulerAncestralDiscreteScheduler", ("noise_fn",)),
+    "lms": Scheduler(sample_lms, "LMSDiscreteScheduler", ("order",)),
+    "dpmpp-2m": Scheduler(sample_dpmpp_2m, "DPMSolverMultistepScheduler", ()),
+    "dpmpp-2m-karras": Scheduler(sample_dpmpp_2m, "DPMSolverMultistepScheduler", ()),   # + use_karras_sigmas
+    "unipc": Scheduler(sample_unipc, "UniPCMultistepScheduler", ()),
+    "lcm": Scheduler(sample_lcm, "LCMScheduler", ("noise_fn",)),
 }
 
 # diffusers class name -> the CLI name a config with that `_class_name` samples with by default

@@ -1,0 +1,31 @@
+"""Latent Consistency Model sampling (Luo et al. 2023), diffusers `LCMScheduler.step`.
+
+    x0 = convert(out);  denoised = c_out x0 + c_skip x   (boundary condition, sigma_data 0.5,
+    c_skip = 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25), precomputed per step)
+    x' = sqrt(a') denoised + sqrt(1 - a') z   (no noise on the last step: x' = denoised, what is decoded)
+The guidance embedding of LCM-distilled U-Nets (time_cond_proj_dim) belongs to the model wrapper.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ldm_deploy.runtime.schedulers.convert import vp_x0_eps
+from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+
+
+def sample_lcm(model, x, schedule, *, rng=None, callback=None, noise_fn=None) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    n = len(schedule.timesteps)
+    noise = noise_source(rng, noise_fn, "lcm") if n > 1 else None
+    clip = schedule.params["clip"]
+    c_skip, c_out = schedule.params["c_skip"], schedule.params["c_out"]
+    for i, t in enumerate(schedule.timesteps):
+        a, a_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
+        x0, _ = vp_x0_eps(evaluate(model, x, t), x, a, schedule.prediction_type)
+        if clip is not None:
+            x0 = np.clip(x0, -clip, clip)
+        denoised = float(c_out[i]) * x0 + float(c_skip[i]) * x
+        x = denoised if i == n - 1 else a_prev**0.5 * denoised + (1 - a_prev) ** 0.5 * noise(i, x.shape)
+        if callback is not None:
+            callback(i, float(t), x)
+    return x
