@@ -165,3 +165,52 @@ def test_runtime_tokenizer_is_torch_free():
     code = ("import sys, ldm_deploy.runtime.tokenizer as t; "
             "t.ClipTokenizer.from_dir(sys.argv[1])(['x']); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code, str(CLIP_DIR)], check=True)
+
+
+# ---- trained tokenizers (training/tokenizer_train.py) --------------------------------------------
+
+TRAIN_PROMPTS = ["a small red triangle at the top left on a white background",
+                 "a large Blue star in the center on a black background", "unseen: Café 東京 🚀 !! 42", ""]
+
+
+@pytest.mark.parametrize("pad", ["eos", "zero"])
+def test_shapes_tokenizer_loads_in_transformers_with_equal_ids(tmp_path, pad):
+    from training.tokenizer_train import build_shapes_tokenizer
+
+    folder = build_shapes_tokenizer(tmp_path / "tok", vocab_size=1000, pad=pad)
+    tok = ClipTokenizer.from_dir(folder)
+    assert 514 < tok.vocab_size <= 1000 and tok.vocab["!"] == 0
+    assert tok.pad_id == (tok.eos_id if pad == "eos" else 0)
+    ours, theirs = tok(TRAIN_PROMPTS), hf_ids(folder, TRAIN_PROMPTS)
+    assert (ours == theirs).all()
+    # every one of the 12 caption words is a single token
+    assert ours[0, 0] == tok.bos_id and ours[0, 13] == tok.eos_id and (ours[0, 1:13] < tok.bos_id).all()
+    assert (folder / "merges.txt").read_text().startswith("#version: 0.2\n")
+
+
+def test_train_tokenizer_deterministic_and_bounded(tmp_path):
+    from training.tokenizer_train import train_tokenizer
+
+    captions = [f"photo number {i} of a {c} {a}" for i in range(50) for c, a in
+                (("cat", "sleeping"), ("dog", "running"), ("bird", "singing"))]
+    a = train_tokenizer(captions, tmp_path / "a", vocab_size=530)
+    b = train_tokenizer(iter(captions), tmp_path / "b", vocab_size=530)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    tok = ClipTokenizer.from_dir(a)
+    assert tok.vocab_size == 530  # capped: this corpus has 31 merges at min_frequency 2
+    assert (tok(captions[:5]) == hf_ids(a, captions[:5])).all()
+    with pytest.raises(LdmError, match="too small"):
+        train_tokenizer(captions, tmp_path / "c", vocab_size=100)
+    with pytest.raises(LdmError, match="no captions"):
+        train_tokenizer(["", "  "], tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_copy_tokenizer(tmp_path):
+    from training.tokenizer_train import copy_tokenizer
+
+    out = copy_tokenizer(CLIP_DIR, tmp_path / "copy")
+    assert (ClipTokenizer.from_dir(out)(PROMPTS[:3]) == ClipTokenizer.from_dir(CLIP_DIR)(PROMPTS[:3])).all()
+    with pytest.raises(LdmError):
+        copy_tokenizer(tmp_path / "missing", tmp_path / "copy2")
