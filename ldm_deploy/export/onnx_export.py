@@ -94,29 +94,26 @@ class GraphSpec:
                 for t in self.inputs + self.outputs}
 
     def example_inputs(self, which: str = "opt", seed: int = 0) -> dict[str, np.ndarray]:
-        return random_inputs(self, {t.name: t.shapes[which] for t in self.inputs}, seed)
-
-    def inputs_for(self, shapes: dict[str, tuple], seed: int = 0) -> dict[str, np.ndarray]:
-        return random_inputs(self, shapes, seed)
+        return random_inputs({t.name: t.shapes[which] for t in self.inputs}, seed, self.vocab_size)
 
     def profile(self) -> dict:
         return {t.name: dict(t.shapes) for t in self.inputs}
 
 
-def random_inputs(spec: GraphSpec, shapes: dict[str, tuple], seed: int = 0) -> dict:
-    """Random inputs of the given shapes in each input's natural range."""
+def random_inputs(shapes: dict[str, tuple], seed: int = 0, vocab_size: int = 1000) -> dict[str, np.ndarray]:
+    """Random float32/int32 inputs of the given shapes, each in its input's natural range."""
     rng = np.random.default_rng(seed)
     out = {}
-    for t in spec.inputs:
-        shape = tuple(shapes[t.name])
-        if t.name == "input_ids":
-            out[t.name] = rng.integers(0, spec.vocab_size, size=shape).astype(np.int32)
-        elif t.name == "timestep":
-            out[t.name] = rng.uniform(0, 999, size=shape).astype(np.float32)     # fractional timesteps
-        elif t.name == "image":
-            out[t.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+    for name, shape in shapes.items():
+        shape = tuple(shape)
+        if name == "input_ids":
+            out[name] = rng.integers(0, vocab_size, size=shape).astype(np.int32)
+        elif name == "timestep":
+            out[name] = rng.uniform(0, 999, size=shape).astype(np.float32)     # fractional timesteps
+        elif name == "image":
+            out[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
         else:
-            out[t.name] = rng.standard_normal(shape).astype(np.float32)
+            out[name] = rng.standard_normal(shape).astype(np.float32)
     return out
 
 

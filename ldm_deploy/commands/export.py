@@ -1,0 +1,47 @@
+"""`ldm-deploy export`: a diffusers-format model folder -> an ONNX artifact folder (Python twin:
+ldm_deploy.export.exporter.export_model)."""
+from __future__ import annotations
+
+import logging
+
+NAME = "export"
+HELP = "export a diffusers-format model folder to ONNX graphs + manifest.json (skipped when up to date)"
+EXAMPLE = "ldm-deploy export models/sd15 --out out/sd15-onnx --config export_configs/sd15.yaml --precision fp16"
+
+log = logging.getLogger("ldm_deploy")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers-format folder (unet/, vae/, text_encoder/, ...)")
+    p.add_argument("--out", required=True, metavar="ONNX_DIR", help="artifact folder to write")
+    p.add_argument("--config", metavar="YAML",
+                   help="export config file, or a bundled name: tiny, demo, sd15, sd21 (default: built-in defaults)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), help="U-Net and text encoder precision (overrides the config)")
+    p.add_argument("--vae-precision", choices=("fp32", "fp16"), help="VAE precision (default fp32: the SD VAE overflows in fp16)")
+    p.add_argument("--components", type=_csv, metavar="NAME,...",
+                   help="export only these: text_encoder,unet,vae_decoder,vae_encoder")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), help="torch exporter (default torchscript)")
+    p.add_argument("--force", action="store_true", help="re-export even when an up-to-date artifact exists")
+
+
+def run(args) -> int:
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    config = load_config(args.config)
+    flags = {"precision": args.precision, "vae_precision": args.vae_precision, "components": args.components,
+             "exporter": args.exporter}
+    if args.exporter == "dynamo" and config.opset < 18:
+        flags["opset"] = 18
+    config = config.replace(**{k: v for k, v in flags.items() if v is not None})
+    result = export_model(args.model_dir, args.out, config, force=args.force)
+    if result.cached:
+        log.info(f"export (cached): {result.path} is up to date")
+    else:
+        art = result.artifact
+        log.info(f"exported {', '.join(art.components)} ({art.precision}) -> {result.path} in {result.seconds:.1f} s")
+    return 0

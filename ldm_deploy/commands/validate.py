@@ -1,0 +1,29 @@
+"""`ldm-deploy validate`: exported graphs vs PyTorch on the same random inputs (Python twin:
+ldm_deploy.export.validate.validate)."""
+from __future__ import annotations
+
+NAME = "validate"
+HELP = "compare every exported component with the PyTorch model at the profile shapes; exit 1 on any failure"
+EXAMPLE = "ldm-deploy validate models/tiny out/tiny-onnx --backend ort-cpu"
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the diffusers-format folder that was exported")
+    p.add_argument("onnx_dir", metavar="ONNX_DIR", help="artifact folder written by `ldm-deploy export`")
+    p.add_argument("--backend", type=_csv, default=("ort-cpu",), metavar="NAME,...",
+                   help="runners to check: ort-cpu (default), ort-cuda, tensorrt (comma-separated)")
+    p.add_argument("--components", type=_csv, metavar="NAME,...", help="check only these components")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+
+def run(args) -> int:
+    from ldm_deploy.export.validate import validate
+
+    report = validate(args.model_dir, args.onnx_dir, backends=args.backend, components=args.components,
+                      seed=args.seed)
+    print(report.table())
+    return 0 if report.passed else 1

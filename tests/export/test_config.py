@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.export.config import ExportConfig, Range, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "sd15", "sd21"])
+def test_bundled_configs_load(name):
+    cfg = load_config(name)
+    assert cfg.name == name and cfg.opset >= 17
+    assert load_config(ROOT / "export_configs" / f"{name}.yaml") == cfg
+
+
+def test_bundled_profiles():
+    assert load_config("sd15").height == Range(512, 512, 512) and load_config("sd15").batch.max == 4
+    assert load_config("sd21").width == Range(768, 768, 768)
+    assert load_config("sd15").precision == "fp16" and load_config("sd15").component_precision("vae_decoder") == "fp32"
+    assert not load_config("demo").static_size and load_config("tiny").static_size
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("precision: fp16\nbatch_size: 3\n")
+    with pytest.raises(LdmError, match="batch_size"):
+        load_config(p)
+    p.write_text("profiles:\n  depth: 3\n")
+    with pytest.raises(LdmError, match="depth"):
+        load_config(p)
+
+
+def test_bad_values():
+    with pytest.raises(UsageError, match="precision"):
+        ExportConfig(precision="int8")
+    with pytest.raises(UsageError, match="opset"):
+        ExportConfig(opset=16)
+    with pytest.raises(UsageError, match="opset >= 18"):
+        ExportConfig(exporter="dynamo")
+    with pytest.raises(UsageError, match="min <= opt <= max"):
+        Range(4, 1, 2)
+    with pytest.raises(UsageError, match="components"):
+        ExportConfig(components=("unet", "safety_checker"))
+
+
+def test_round_trip_and_key():
+    cfg = ExportConfig.from_dict({"precision": "fp16", "profiles": {"batch": {"min": 1, "max": 2}, "height": 64,
+                                                                    "width": 64}})
+    assert cfg.batch == Range(1, 1, 2) and cfg.height == Range(64, 64, 64)
+    again = ExportConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.key() == cfg.key()
+    assert cfg.replace(name="other").key() == cfg.key()          # the name does not change the graphs
+    assert cfg.replace(precision="fp32").key() != cfg.key()
