@@ -49,10 +49,18 @@ def make_tiny_folder(folder: Path, seed: int = 0, prediction_type: str = "epsilo
     return folder
 
 
-def export_tiny_artifact(folder: Path, out: Path, precision: str = "fp32") -> Path:
-    from ldm_deploy.export import export_artifact
+def export_config(precision: str = "fp32"):
+    from ldm_deploy.export.config import ExportConfig, Range
 
-    return export_artifact(folder, out, precision=precision, profiles=PROFILES)
+    return ExportConfig(name="tiny-test", precision=precision,
+                        **{k: Range(**v) for k, v in PROFILES.items()})
+
+
+def export_tiny_artifact(folder: Path, out: Path, precision: str = "fp32") -> Path:
+    """The artifact `ldm-deploy export` makes (ldm_deploy.export.exporter.export_model)."""
+    from ldm_deploy.export.exporter import export_model
+
+    return export_model(folder, out, export_config(precision)).path
 
 
 def export_fallback(folder: Path, out: Path) -> Path:
@@ -142,7 +150,29 @@ def export_fallback(folder: Path, out: Path) -> Path:
 def export_any(folder: Path, out: Path) -> Path:
     """H5's exporter when it is there, else the fallback above."""
     try:
-        from ldm_deploy.export import export_artifact  # noqa: F401
+        from ldm_deploy.export.exporter import export_model  # noqa: F401
     except ImportError:
         return export_fallback(folder, out)
     return export_tiny_artifact(folder, out)
+
+
+# --- session fixtures shared by the runtime tests (import them into a test module to use them) -------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_folder, tmp_path_factory) -> Path:
+    return export_any(tiny_folder, tmp_path_factory.mktemp("tiny") / "onnx")
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB between two uint8 image batches (inf when equal)."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
