@@ -81,7 +81,7 @@ def run_ours(name, cfg, steps, start_noise, step_noise, *, strength=1.0, init=No
         drawn.append(i)
         return step_noise[len(drawn) - 1]
 
-    if name in STOCHASTIC or knobs.get("eta"):
+    if name in STOCHASTIC or knobs.get("eta") or knobs.get("s_churn"):
         knobs["noise_fn"] = noise_fn
     out = sch.sample(name, fake_model, x, schedule, **knobs)
     return schedule, x, out, len(drawn)
@@ -119,3 +119,214 @@ def test_trajectory_matches_diffusers(name, spacing, prediction, monkeypatch):
     if spacing is not None:
         cfg["timestep_spacing"] = spacing
     _check(name, cfg, 4 if name == "lcm" else 12, monkeypatch)
+
+
+# --- variants of the config and knobs -----------------------------------------------------------------
+
+VARIANTS = [
+    ("euler", {"use_karras_sigmas": True}, {}),
+    ("euler", {"final_sigmas_type": "sigma_min", "timestep_spacing": "leading"}, {}),
+    ("lms", {"use_karras_sigmas": True}, {}),
+    ("unipc", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, {}),
+    ("unipc", {"solver_order": 3, "disable_corrector": [2]}, {}),
+    ("unipc", {"solver_type": "bh1", "timestep_spacing": "leading", "final_sigmas_type": "sigma_min"}, {}),
+    ("dpmpp-2m", {"solver_type": "heun", "final_sigmas_type": "sigma_min"}, {}),
+    ("dpmpp-2m-karras", {"prediction_type": "sample"}, {}),
+    ("dpmpp-2m", {"lambda_min_clipped": -5.1}, {}),
+    ("ddim", {"prediction_type": "sample", "clip_sample": True}, {}),
+    ("ddim", {"set_alpha_to_one": True, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+              "timestep_spacing": "trailing"}, {}),
+    ("euler", {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, {}),
+    ("ddpm", {"prediction_type": "sample", "clip_sample": True, "timestep_spacing": "linspace"}, {}),
+    ("lcm", {"prediction_type": "v_prediction", "beta_schedule": "linear"}, {}),
+    ("pndm", {"beta_schedule": "squaredcos_cap_v2"}, {}),
+]
+
+
+@pytest.mark.parametrize("name,overrides,_", VARIANTS, ids=lambda v: str(v) if not isinstance(v, dict) else "")
+def test_config_variants_match_diffusers(name, overrides, _, monkeypatch):
+    cfg = {k: v for k, v in SD15.items() if k != "clip_sample"} if "clip_sample" in overrides else dict(SD15)
+    cfg.update(overrides)
+    _check(name, cfg, 4 if name == "lcm" else 12, monkeypatch)
+
+
+@pytest.mark.parametrize("steps", [16, 25])
+def test_dpm_long_schedules_use_second_order_to_the_end(steps, monkeypatch):
+    _check("dpmpp-2m", dict(SD15, final_sigmas_type="sigma_min"), steps, monkeypatch)   # >= 15: 2nd order last
+    _check("unipc", dict(SD15), steps, monkeypatch)
+
+
+def test_ddim_eta_injects_the_same_noise(monkeypatch):
+    _check("ddim", dict(SD15), 10, monkeypatch, step_kwargs={"eta": 0.7}, knobs={"eta": 0.7})
+
+
+def test_euler_churn_injects_the_same_noise(monkeypatch):
+    kw = {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 10.0}
+    _check("euler", dict(SD15), 10, monkeypatch, step_kwargs=kw, knobs=kw)
+
+
+def test_class_default_clip_sample_applies_when_the_config_lacks_it(monkeypatch):
+    """DDIMScheduler.from_config of a config without clip_sample clamps x0 (class default True)."""
+    cfg = {k: v for k, v in SD15.items() if k != "clip_sample"}
+    cfg["prediction_type"] = "sample"
+    assert sch.make_schedule("ddim", cfg, 10).params["clip"] == 1.0
+    _check("ddim", cfg, 10, monkeypatch)
+
+
+# --- img2img ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strength", [0.55, 0.3])
+@pytest.mark.parametrize("name", ALL)
+def test_img2img_truncation_add_noise_and_trajectory(name, strength, monkeypatch):
+    """get_timesteps' truncation, scheduler.add_noise and the truncated trajectory all equal diffusers."""
+    cfg = dict(SD15, timestep_spacing="trailing") if name in ("euler", "dpmpp-2m") else dict(SD15)
+    steps = 8 if name == "lcm" else 10
+    if name == "lms":   # deliberate deviation (docs/schedulers.md): compare schedule and start latent only
+        start, _ = _noises(steps)
+        init = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+        ts_ref, x0_ref = run_diffusers_head(name, cfg, steps, start, init, strength)
+        schedule = sch.make_schedule(name, cfg, steps, strength=strength)
+        np.testing.assert_array_equal(schedule.timesteps, ts_ref.astype(np.float32))
+        assert_close(sch.start_latent(schedule, start, init), x0_ref, rtol=1e-6, name="lms add_noise")
+        return
+    _check(name, cfg, steps, monkeypatch, strength=strength, with_init=True)
+
+
+def run_diffusers_head(name, cfg, steps, noise, init, strength):
+    s = getattr(diffusers, CLASS_OF[name]).from_config(cfg)
+    s.set_timesteps(steps)
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    timesteps = s.timesteps[t_start * s.order:]
+    s.set_begin_index(t_start * s.order)
+    x = s.add_noise(torch.from_numpy(init), torch.from_numpy(noise), timesteps[:1])
+    return timesteps.numpy(), x.numpy()
+
+
+def test_truncate_schedule_equals_make_schedule_with_strength():
+    full = sch.make_schedule("ddim", SD15, 20)
+    cut = sch.truncate_schedule(full, 0.5)
+    assert cut.timesteps.tolist() == full.timesteps[10:].tolist()
+    assert cut.num_inference_steps == 20 and cut.strength == 0.5
+    with pytest.raises(UsageError, match="no denoising step"):
+        sch.make_schedule("ddim", SD15, 3, strength=0.2)
+
+
+# --- the training table ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+                                       {"beta_schedule": "squaredcos_cap_v2"}, {"rescale_betas_zero_snr": True}])
+def test_alphas_cumprod_equals_diffusers_float32(overrides):
+    cfg = dict(SD15, **overrides)
+    ref = diffusers.DDIMScheduler.from_config(cfg).alphas_cumprod.numpy()
+    got = sched_mod.train_alphas_cumprod(sched_mod.SchedulerConfig.from_dict(cfg), "DDIMScheduler")
+    assert got.dtype == np.float32
+    assert_close(got, ref, atol=1e-6, name="alphas_cumprod")
+    nz = ref > 1e-3
+    assert np.max(np.abs(got[nz] / ref[nz] - 1)) < 1e-6
+
+
+def test_torch_linspace_emulation():
+    for start, end, n in [(0.00085**0.5, 0.012**0.5, 1000), (0.0001, 0.02, 1000), (0.1, 0.7, 7)]:
+        ref = torch.linspace(start, end, n, dtype=torch.float32).numpy()
+        assert_close(sched_mod.torch_linspace_f32(start, end, n), ref, rtol=1e-7, name="linspace")
+
+
+def test_reference_values():
+    s = sch.make_schedule("euler", SD15, 50)
+    assert s.timesteps[:2].tolist() == pytest.approx([999.0, 978.6122], abs=1e-4)
+    assert sch.make_schedule("ddim", SD15, 50).timesteps[[0, 1, -1]].tolist() == [981, 961, 1]
+    assert sch.make_schedule("dpmpp-2m", SD15, 20).timesteps[:3].tolist() == [999, 949, 899]
+    assert sch.make_schedule("lcm", SD15, 4).timesteps.tolist() == [999, 759, 499, 259]
+    k = sch.make_schedule("dpmpp-2m-karras", SD15, 4).sigmas
+    assert_close(k, np.array([14.6146, 3.1686, 0.4469, 0.0292, 0]), atol=1e-4, name="karras sigmas")
+    p = sch.make_schedule("pndm", SD15, 50).timesteps
+    assert p[:4].tolist() == [981, 961, 961, 941] and len(p) == 51
+
+
+def test_lms_coefficients_equal_scipy_quad():
+    integrate = pytest.importorskip("scipy.integrate")
+    from ldm_deploy.runtime.schedulers.lms import lms_coefficient
+    sigmas = sch.make_schedule("lms", SD15, 12).sigmas
+    for i in range(1, 11):
+        order = min(i + 1, 4)
+        for j in range(order):
+            def basis(tau, i=i, j=j, order=order):
+                return np.prod([(tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k]) for k in range(order) if k != j])
+            ref = integrate.quad(basis, sigmas[i], sigmas[i + 1], epsrel=1e-4)[0]
+            assert lms_coefficient(sigmas, i, order, j) == pytest.approx(ref, rel=1e-5, abs=1e-7)
+
+
+# --- contract and errors -------------------------------------------------------------------------------
+
+def test_registry_and_class_names():
+    assert set(sch.SCHEDULERS) == {"ddim", "ddpm", "pndm", "euler", "euler-ancestral", "lms", "dpmpp-2m",
+                                   "dpmpp-2m-karras", "unipc", "lcm"}
+    for name, entry in sch.SCHEDULERS.items():
+        assert hasattr(diffusers, entry.class_name)
+        assert sch.CLASS_TO_NAME[entry.class_name] in sch.SCHEDULERS
+    assert sch.default_name(SD15) == "pndm"
+    assert sch.default_name(dict(SD15, _class_name="DDIMScheduler", prediction_type="v_prediction")) == "ddim"
+    assert sch.default_name(dict(SD15, _class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True)) \
+        == "dpmpp-2m-karras"
+    with pytest.raises(LdmError, match="--scheduler"):
+        sch.default_name(dict(SD15, _class_name="HeunDiscreteScheduler"))
+
+
+def test_unknown_scheduler_is_a_usage_error_listing_names():
+    with pytest.raises(UsageError, match="ddim, ddpm, pndm, euler, euler-ancestral, lms, dpmpp-2m"):
+        sch.get_sampler("heun")
+    with pytest.raises(UsageError, match="unipc, lcm"):
+        sch.make_schedule("heun", SD15, 10)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, 1001])
+def test_bad_steps_are_usage_errors(steps):
+    with pytest.raises(UsageError, match="steps"):
+        sch.make_schedule("euler", SD15, steps)
+
+
+def test_config_keys_are_checked():
+    cfg = sch.SchedulerConfig.from_dict(dict(SD15, sample_max_value=1.0, thresholding=False))
+    assert cfg.ignored == ("sample_max_value", "thresholding") and cfg.class_name == "PNDMScheduler"
+    with pytest.raises(LdmError, match="unknown key 'karras_rho'"):
+        sch.SchedulerConfig.from_dict(dict(SD15, karras_rho=7))
+    with pytest.raises(LdmError, match="thresholding=True"):
+        sch.SchedulerConfig.from_dict(dict(SD15, thresholding=True))
+    with pytest.raises(LdmError, match="beta_schedule"):
+        sch.SchedulerConfig.from_dict(dict(SD15, beta_schedule="sigmoid"))
+    with pytest.raises(LdmError, match="skip_prk_steps"):
+        sch.make_schedule("pndm", dict(SD15, skip_prk_steps=False), 10)
+    with pytest.raises(LdmError, match="algorithm_type"):
+        sch.make_schedule("dpmpp-2m", dict(SD15, algorithm_type="sde-dpmsolver++"), 10)
+
+
+def test_knob_errors_and_rng_path():
+    s = sch.make_schedule("euler-ancestral", SD15, 6)
+    x = sch.start_latent(s, np.zeros(SHAPE, np.float32))
+    with pytest.raises(UsageError, match="rng"):
+        sch.sample("euler-ancestral", fake_model, x, s)
+    with pytest.raises(UsageError, match="eta applies to ddim"):
+        sch.sample("euler-ancestral", fake_model, x, s, rng=np.random.default_rng(0), eta=0.5)
+    with pytest.raises(UsageError, match="takes no option"):
+        sch.sample("euler-ancestral", fake_model, x, s, rng=np.random.default_rng(0), order=3)
+    with pytest.raises(UsageError, match="made for"):
+        sch.sample("euler", fake_model, x, s)
+    a = sch.sample("euler-ancestral", fake_model, x, s, rng=np.random.default_rng(5))
+    b = sch.sample("euler-ancestral", fake_model, x, s, rng=np.random.default_rng(5))
+    c = sch.sample("euler-ancestral", fake_model, x, s, rng=np.random.default_rng(6))
+    assert a.dtype == np.float32 and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_callback_sees_every_step():
+    s = sch.make_schedule("pndm", SD15, 5)
+    seen = []
+    sch.sample("pndm", fake_model, sch.start_latent(s, PATTERN), s, callback=lambda i, t, x: seen.append((i, t)))
+    assert [i for i, _ in seen] == list(range(6)) and seen[1][1] == seen[2][1]
+
+
+def test_package_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys, ldm_deploy.runtime.schedulers as s; s.make_schedule('lms', {}, 5); "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'diffusers')], 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -77,8 +77,9 @@ def ve_input_scale(sigma: float) -> float:
 # --- conversions between the noise-level parametrisations --------------------------------------------
 
 def sigma_from_alpha_bar(a):
-    """VE sigma = sqrt((1 - a) / a); elementwise on arrays (keeps their dtype)."""
-    return ((1 - a) / a) ** 0.5
+    """VE sigma = sqrt((1 - a) / a); elementwise on arrays (keeps their dtype); inf where a = 0."""
+    with np.errstate(divide="ignore"):
+        return ((1 - a) / a) ** 0.5
 
 
 def alpha_bar_from_sigma(sigma):

@@ -8,8 +8,6 @@ R rho = b with R[k] = r^k and b_k = h_phi_{k+1} (k+1)! / B_h (reference §3.11).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import alpha_sigma_vp, log_snr, vp_x0_eps
@@ -18,11 +16,11 @@ from ldm_deploy.runtime.schedulers.noise import evaluate
 
 def _coefficients(lambdas_back: list[float], lam_s0: float, lam_t: float, order: int, bh1: bool):
     """rks (order,), R (order, order), b (order,), h_phi_1, B_h for one UniP/UniC update."""
-    h = lam_t - lam_s0
-    rks = np.array([(lam - lam_s0) / h for lam in lambdas_back[: order - 1]] + [1.0])
+    h = np.float64(lam_t - lam_s0)          # 0 when the final sigma repeats the last one: NaNs in b
+    rks = np.array([(lam - lam_s0) / h for lam in lambdas_back[: order - 1]] + [1.0])   # that order 1 ignores
     hh = -h
-    h_phi_1 = math.expm1(hh)
-    b_h = hh if bh1 else math.expm1(hh)
+    h_phi_1 = np.expm1(hh)
+    b_h = hh if bh1 else np.expm1(hh)
     h_phi_k, factorial = h_phi_1 / hh - 1.0, 1
     R, b = [], []
     for k in range(1, order + 1):
@@ -33,6 +31,7 @@ def _coefficients(lambdas_back: list[float], lam_s0: float, lam_t: float, order:
     return rks, np.array(R), np.array(b), h_phi_1, b_h
 
 
+@np.errstate(divide="ignore", invalid="ignore")
 def _update(x, sigmas, i_s0: int, i_t: int, ms: list, order: int, bh1: bool, m_t=None):
     """UniP (m_t None): x at sigma[i_s0] -> sigma[i_t] from ms; UniC: the same step re-done with m_t."""
     alpha_t, s_t = alpha_sigma_vp(sigmas[i_t])
