@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.errors import LdmError
 
 EXAMPLE = "example: ldm-train all --config shapes --out runs/shapes"
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="run directory (overrides the config's `out`)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set unet.steps=100 (repeatable)")
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("--steps", type=int, help="steps of this stage (all: of every stage)")
         p.add_argument("--seed", type=int, help="training seed")
         if name != "eval":
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except LdmError as e:
-        if args.verbose:
+        if getattr(args, "verbose", False):
             raise
         print(f"ldm-train: error: {e}", file=sys.stderr)
         return e.exit_code

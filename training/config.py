@@ -40,7 +40,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TokenizerConfig:
     path: str | None = None         # reuse this tokenizer folder instead of training one
-    vocab_size: int = 1000          # BPE vocabulary size (incl. byte symbols and specials)
+    vocab_size: int = 1000          # BPE vocabulary size, an upper bound (>= 515: 2 x 256 byte symbols + specials)
+    pad: str = "eos"                # "eos" (SD 1.x: pad with <|endoftext|>) or "zero" (SD 2.x: pad with "!" = id 0)
     model_max_length: int = 77      # tokens per prompt, padded
 
 
@@ -171,11 +172,34 @@ def from_dict(cls, data: Any, where: str):
         ftype = default.type if not isinstance(default.type, str) else _resolve(default.type)
         if dataclasses.is_dataclass(ftype):
             kwargs[name] = from_dict(ftype, value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value) if name in ("betas", "image_channels") else value
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, str(default.type), f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _coerce(value, annotation: str, where: str):
+    """Check a scalar against its annotation; YAML's "3e-4" (a string in YAML 1.1) becomes a float."""
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise LdmError(f"{where} must not be null")
+    base = annotation.split("|")[0].strip()
+    if base == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif base == "bool" and isinstance(value, bool):
+        return value
+    elif base == "str" and isinstance(value, str):
+        return value
+    elif base == "tuple" and isinstance(value, (list, tuple)):
+        return tuple(value)
+    elif base == "dict" and isinstance(value, dict):
+        return value
+    raise LdmError(f"{where} must be a {base}, got {value!r}")
 
 
 def _resolve(type_name: str):

@@ -90,7 +90,7 @@ def dist_env() -> DistEnv:
 
 
 class BatchOrder:
-    """Epoch-wise random permutations of range(n), cut into global batches, sharded over ranks.
+    """Epoch-wise permutations of range(n) (ResumableSampler's), cut into global batches, sharded over ranks.
 
     Optimizer step s consumes global positions [s*B, (s+1)*B) of the concatenated permutations;
     each global batch splits into world*accum micro-batches and rank r takes micro-batches
@@ -105,12 +105,14 @@ class BatchOrder:
             raise LdmError("the training set is empty", hint="check the dataset path / train_size")
         self.n, self.global_batch, self.seed, self.env, self.accum = n, global_batch, seed, env, accum
         self.micro = global_batch // (env.world * accum)
-        self._perm: tuple[int, torch.Tensor] | None = None
+        from training.data.loader import ResumableSampler
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+        self.sampler = ResumableSampler(n, seed=seed)      # the shared per-epoch permutation
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
+            self._perm = (epoch, self.sampler.permutation(epoch))
         return self._perm[1]
 
     def indices(self, step: int, micro: int) -> list[int]:
@@ -122,6 +124,11 @@ class BatchOrder:
 
     def samples_seen(self, step: int) -> int:
         return step * self.global_batch
+
+    def position(self, step: int) -> dict:
+        """The ResumableSampler state (epoch, position in epoch) after `step` optimizer steps."""
+        self.sampler.resume(*divmod(self.samples_seen(step), self.n))
+        return self.sampler.state_dict()
 
 
 def _mix(*values: int) -> int:
@@ -250,6 +257,7 @@ class Trainer:
                             "rng": rng_state()}, tmp / "state.pt")
                 write_json(tmp / "state.json", {
                     "stage": self.name, "step": step, "samples_seen": self.order.samples_seen(step),
+                    "data_position": self.order.position(step),
                     "ema_updates": {k: e.updates for k, e in self.ema.items()}, "world_size": self.env.world,
                     "metrics": metrics or {}, "config": self.config_dict})
             write_json(self.ckpt_root / "latest.json", {"step": step, "dir": folder.name})

@@ -198,13 +198,15 @@ def _folder_images(data, split: str, limit: int | None):
 
     if not data.path:
         raise LdmError("data.kind is folder but data.path is not set", hint="--set data.path=/path/to/images")
-    ds = ImageFolderDataset(data.path, resolution=data.resolution)
+    from training.data.loader import resize_centre_crop
+
+    ds = ImageFolderDataset(data.path)
     n = len(ds)
     hold = min(data.holdout_size, n // 10)
     idx = range(0, n - hold) if split == "train" else range(n - hold, n)
     idx = list(idx)[: limit or None]
     items = [ds[i] for i in idx]
-    return [it[0] for it in items], [it[1] for it in items]
+    return [resize_centre_crop(it[0], data.resolution) for it in items], [it[1] for it in items]
 
 
 def read_json(path: Path) -> dict:

@@ -32,9 +32,8 @@ def train_tokenizer_stage(cfg: TrainConfig, resume: bool = False) -> dict:
         from training.tokenizer_train import train_tokenizer
 
         captions = common.load_captions(cfg, "train")
-        with atomic_dir(out) as tmp:
-            train_tokenizer(captions, tmp, vocab_size=cfg.tokenizer.vocab_size,
-                            model_max_length=cfg.tokenizer.model_max_length)
+        train_tokenizer(captions, out, vocab_size=cfg.tokenizer.vocab_size, pad=cfg.tokenizer.pad,
+                        model_max_length=cfg.tokenizer.model_max_length)   # writes `out` atomically
         report = {"captions": len(captions)}
     tok = common.load_tokenizer(out)
     report["vocab_size"] = tok.vocab_size
