@@ -19,6 +19,7 @@ OpenCLIP block, and its text projection.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ import torch
 
 from ldm_deploy.errors import LdmError
 from training.checkpoint import (
-    Components, TEXT_MODEL_PREFIX, BUILDERS, load_pickle_file, load_strict, module_config_dict,
+    Components, TEXT_MODEL_PREFIX, build_for_loading, load_pickle_file, load_strict, module_config_dict,
     save_components, text_encoder_state_dict, _load_safetensors,
 )
 
@@ -199,11 +200,14 @@ def detect(sd: dict, global_step: int | None = None) -> dict:
     if vae_prefix is None:
         raise LdmError("no VAE in the checkpoint (no first_stage_model. keys)")
     if family == "sd1":
-        prediction = "epsilon"
+        prediction, upcast = "epsilon", False
     else:  # reference §2.1: SD 2.x-base was trained to step 875000 with eps; the 768 models predict v
         prediction = "epsilon" if global_step == 875000 else "v_prediction"
+        # 2.1-v (step 110000) needs fp32 attention in fp16. Without a step (safetensors) we assume it may be
+        # 2.1-v: upcasting changes nothing in fp32 and only prevents fp16 overflow.
+        upcast = global_step == 110000 or (global_step is None and prediction == "v_prediction")
     return {
-        "family": family, "prediction_type": prediction, "upcast_attention": family == "sd2" and global_step == 110000,
+        "family": family, "prediction_type": prediction, "upcast_attention": upcast,
         "vae_prefix": vae_prefix, "has_ema": sum(k.startswith(EMA) for k in sd) > 2, "global_step": global_step,
     }
 
@@ -340,6 +344,29 @@ def original_to_components_sd(sd: dict, modules: dict, info: dict, *, extract_em
     return out
 
 
+def _check_schedule(sd: dict, scheduler: dict) -> None:
+    """Warn when the checkpoint's training betas differ from the scheduler config written next to it."""
+    betas = sd.get("betas")
+    if betas is None or scheduler.get("beta_schedule") != "scaled_linear":
+        return
+    n = int(scheduler.get("num_train_timesteps", 1000))
+    want = torch.linspace(scheduler["beta_start"] ** 0.5, scheduler["beta_end"] ** 0.5, n, dtype=torch.float64) ** 2
+    if betas.shape != want.shape or (betas.double() - want).abs().max() > 1e-6:
+        log.warning("the checkpoint was trained with other betas than the scheduler config says "
+                    "(scaled_linear %s..%s); check the scheduler config", scheduler["beta_start"], scheduler["beta_end"])
+
+
+def _pad_token(tok: Path) -> str | None:
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            pad = json.loads((tok / name).read_text()).get("pad_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if pad is not None:
+            return pad.get("content") if isinstance(pad, dict) else pad
+    return None
+
+
 def _check_tokenizer(tokenizer) -> Path:
     if tokenizer is None:
         raise LdmError(
@@ -378,11 +405,16 @@ def convert_checkpoint(
     cfg = _resolve_config(config, info, sd)
     if prediction_type:
         cfg["scheduler"]["prediction_type"] = prediction_type
+    _check_schedule(sd, cfg["scheduler"])
+    want_pad, pad = (cfg.get("tokenizer") or {}).get("pad_token"), _pad_token(tok)
+    if want_pad and pad and pad != want_pad:
+        log.warning("the tokenizer pads with %r but this model expects %r (SD 1.x: <|endoftext|>, SD 2.x: !); "
+                    "prompts will condition differently", pad, want_pad)
     log.info("converting %s: %s, %s%s", path, info["family"], cfg["scheduler"].get("prediction_type"),
              ", EMA weights" if extract_ema else "")
     if info["has_ema"] and not extract_ema:
         log.info("the checkpoint also holds EMA weights; --extract-ema converts those instead")
-    modules = {part: BUILDERS[part](cfg[part]) for part in ("unet", "vae", "text_encoder")}
+    modules = {part: build_for_loading(part, cfg[part]) for part in ("unet", "vae", "text_encoder")}
     mapped = original_to_components_sd(sd, modules, info, extract_ema=extract_ema)
     for part, module in modules.items():
         part_sd = text_encoder_state_dict(module, mapped[part]) if part == "text_encoder" else mapped[part]

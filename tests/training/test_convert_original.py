@@ -202,7 +202,9 @@ def test_detection_rules():
     assert co.detect(sd1)["family"] == "sd1" and co.detect(sd1)["prediction_type"] == "epsilon"
     sd2 = {co.UNET + "x": torch.zeros(1), "vae.x": torch.zeros(1), co.OPENCLIP + "x": torch.zeros(1)}
     assert co.detect(sd2)["prediction_type"] == "v_prediction" and co.detect(sd2)["vae_prefix"] == "vae."
+    assert co.detect(sd2)["upcast_attention"] is True          # unknown step: maybe 2.1-v, upcast is safe
     assert co.detect(sd2, 875000)["prediction_type"] == "epsilon"
+    assert co.detect(sd2, 875000)["upcast_attention"] is False
     assert co.detect(sd2, 110000)["upcast_attention"] is True
     with pytest.raises(LdmError, match="no text encoder"):
         co.detect({co.UNET + "x": torch.zeros(1)})
@@ -225,3 +227,37 @@ def test_cli_convert(sd1, tmp_path, tokenizer_dir, capsys):
     assert (tmp_path / "m" / "model_index.json").is_file()
     assert main(["convert", str(path), "--out", str(tmp_path / "m2"), "--config", str(cfg_file)]) == 1
     assert "--tokenizer DIR" in capsys.readouterr().err
+
+
+def test_auto_config_uses_the_full_size_presets():
+    pytest.importorskip("training.models.presets")
+    info = co.detect({co.UNET + "x": torch.zeros(1), "first_stage_model.x": torch.zeros(1), co.CLIP + "x": torch.zeros(1)})
+    inpaint = {co.UNET + "input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}
+    cfg = co._resolve_config(None, info, inpaint)
+    assert cfg["unet"]["cross_attention_dim"] == 768 and cfg["unet"]["in_channels"] == 9
+    info2 = co.detect({co.UNET + "x": torch.zeros(1), "first_stage_model.x": torch.zeros(1), co.OPENCLIP + "x": torch.zeros(1)}, 875000)
+    cfg2 = co._resolve_config(None, info2, {})
+    assert cfg2["unet"]["cross_attention_dim"] == 1024
+    assert cfg2["scheduler"]["prediction_type"] == "epsilon" and cfg2["unet"]["upcast_attention"] is False
+    from training.models.presets import preset
+    assert preset("sd21")["scheduler"]["prediction_type"] == "v_prediction"  # the resolved copy, not the preset, changed
+
+
+def test_schedule_and_pad_token_mismatches_warn(tmp_path, tokenizer_dir, caplog):
+    presets = pytest.importorskip("training.models.presets")
+    cfg = presets.preset("tiny-sd2")
+    comps = our_components(cfg, tokenizer_dir, seed=7)
+    sd = co.to_original_state_dict(comps)
+    sd["betas"] = torch.linspace(1e-4, 2e-2, 1000)
+    path = _write(tmp_path / "x.safetensors", sd)
+    with caplog.at_level("WARNING", logger="training.convert_original"):
+        co.convert_checkpoint(path, tmp_path / "m", config="tiny-sd2", tokenizer=tokenizer_dir)
+    text = caplog.text
+    assert "other betas" in text
+    assert ("pads with '<|endoftext|>'" in text) == (cfg["tokenizer"].get("pad_token") not in (None, "<|endoftext|>"))
+    caplog.clear()
+    sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64).pow(2).float()
+    with caplog.at_level("WARNING", logger="training.convert_original"):
+        co.convert_checkpoint(_write(tmp_path / "y.safetensors", sd), tmp_path / "m", config="tiny-sd2",
+                              tokenizer=make_tokenizer_dir(tmp_path / "tok2", pad_token="!"))
+    assert "other betas" not in caplog.text and "pads with" not in caplog.text
