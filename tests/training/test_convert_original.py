@@ -261,3 +261,34 @@ def test_schedule_and_pad_token_mismatches_warn(tmp_path, tokenizer_dir, caplog)
         co.convert_checkpoint(_write(tmp_path / "y.safetensors", sd), tmp_path / "m", config="tiny-sd2",
                               tokenizer=make_tokenizer_dir(tmp_path / "tok2", pad_token="!"))
     assert "other betas" not in caplog.text and "pads with" not in caplog.text
+
+
+def test_full_size_key_maps_match_the_reference():
+    """SD 1.5 / 2.1 layouts built on the meta device: key counts and the reference's §2.2 examples."""
+    presets = pytest.importorskip("training.models.presets")
+    from training.checkpoint import BUILDERS
+
+    with torch.device("meta"):
+        unet = BUILDERS["unet"](presets.preset("sd15")["unet"])
+        vae = BUILDERS["vae"](presets.preset("sd15")["vae"])
+        te2 = BUILDERS["text_encoder"](presets.preset("sd21")["text_encoder"])
+    umap = co.unet_key_map(unet.config, unet.state_dict())
+    assert len(umap) == 686 and len(set(umap.values())) == 686
+    for dif, ldm in [("down_blocks.0.resnets.0.norm1.weight", "input_blocks.1.0.in_layers.0.weight"),
+                     ("down_blocks.1.resnets.0.conv_shortcut.weight", "input_blocks.4.0.skip_connection.weight"),
+                     ("down_blocks.2.downsamplers.0.conv.weight", "input_blocks.9.0.op.weight"),
+                     ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.1.conv.weight"),
+                     ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.2.conv.weight"),
+                     ("mid_block.resnets.1.time_emb_proj.weight", "middle_block.2.emb_layers.1.weight"),
+                     ("up_blocks.3.attentions.2.proj_out.bias", "output_blocks.11.1.proj_out.bias"),
+                     ("time_embedding.linear_2.weight", "time_embed.2.weight"), ("conv_out.bias", "out.2.bias")]:
+        assert umap[dif] == ldm
+    vmap = co.vae_key_map(4, vae.state_dict())
+    assert len(vmap) == 248 and len(set(vmap.values())) == 248
+    assert vmap["decoder.up_blocks.0.upsamplers.0.conv.weight"] == "decoder.up.3.upsample.conv.weight"
+    assert vmap["decoder.mid_block.attentions.0.to_out.0.weight"] == "decoder.mid.attn_1.proj_out.weight"
+    assert vmap["encoder.conv_norm_out.bias"] == "encoder.norm_out.bias"
+    tmap = co.openclip_key_map([co._bare(k) for k in te2.state_dict()])
+    assert len(tmap) == 372
+    assert tmap["encoder.layers.22.self_attn.k_proj.weight"] == ("transformer.resblocks.22.attn.in_proj_weight", 1)
+    assert tmap["encoder.layers.0.mlp.fc2.bias"] == "transformer.resblocks.0.mlp.c_proj.bias"
