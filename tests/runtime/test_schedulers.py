@@ -140,6 +140,8 @@ VARIANTS = [
     ("ddpm", {"prediction_type": "sample", "clip_sample": True, "timestep_spacing": "linspace"}, {}),
     ("lcm", {"prediction_type": "v_prediction", "beta_schedule": "linear"}, {}),
     ("pndm", {"beta_schedule": "squaredcos_cap_v2"}, {}),
+    ("pndm", {"skip_prk_steps": False}, {}),
+    ("pndm", {"skip_prk_steps": False, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, {}),
 ]
 
 
@@ -294,8 +296,8 @@ def test_config_keys_are_checked():
         sch.SchedulerConfig.from_dict(dict(SD15, thresholding=True))
     with pytest.raises(LdmError, match="beta_schedule"):
         sch.SchedulerConfig.from_dict(dict(SD15, beta_schedule="sigmoid"))
-    with pytest.raises(LdmError, match="skip_prk_steps"):
-        sch.make_schedule("pndm", dict(SD15, skip_prk_steps=False), 10)
+    with pytest.raises(UsageError, match="skip_prk_steps"):
+        sch.make_schedule("pndm", dict(SD15, skip_prk_steps=False), 10, strength=0.5)
     with pytest.raises(LdmError, match="algorithm_type"):
         sch.make_schedule("dpmpp-2m", dict(SD15, algorithm_type="sde-dpmsolver++"), 10)
 

@@ -307,15 +307,25 @@ def _vp_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -
         ts = ts[start:]
         cur, prev = ts, np.concatenate([ts[1:], [-1]])
         params["clip"] = _clip(cfg, cls)
-    else:                                    # PLMS: N+1 evaluations, the second timestep repeated
-        if not cfg.get("skip_prk_steps", cls):
-            raise LdmError("PNDM with skip_prk_steps=false (Runge-Kutta warm-up) is not implemented",
-                           hint="set skip_prk_steps true as SD's scheduler config does, or pick another scheduler")
-        asc = ts[::-1]
-        ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1][start:]
-        delta = T // steps                   # evaluation 1 re-takes the first step (pseudo-improved Euler)
-        cur = np.array([t + delta if k == 1 else t for k, t in enumerate(ts)], np.int64)
-        prev = np.array([t if k == 1 else t - delta for k, t in enumerate(ts)], np.int64)
+    else:
+        asc, delta = ts[::-1], T // steps
+        if cfg.get("skip_prk_steps", cls):   # PLMS: N+1 evaluations, the second timestep repeated
+            ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1][start:]
+            # evaluation 1 re-takes the first step (pseudo-improved Euler)
+            cur = np.array([t + delta if k == 1 else t for k, t in enumerate(ts)], np.int64)
+            prev = np.array([t if k == 1 else t - delta for k, t in enumerate(ts)], np.int64)
+            params["prk_evals"] = 0
+        else:                                # PNDM: 3 Runge-Kutta steps (4 evaluations each), then PLMS
+            if strength < 1.0 or steps < 4:
+                raise UsageError("PNDM's Runge-Kutta warm-up (skip_prk_steps=false) needs steps >= 4 and no "
+                                 "img2img strength", hint="set skip_prk_steps true in the scheduler config")
+            half = delta // 2
+            prk = (asc[-4:].repeat(2) + np.tile([0, half], 4))[:-1].repeat(2)[1:-1][::-1]
+            ts = np.concatenate([prk, asc[:-3][::-1]]).astype(np.int64)
+            cur = np.array([prk[k // 4 * 4] if k < len(prk) else t for k, t in enumerate(ts)], np.int64)
+            prev = np.array([t - (0 if k % 2 else half) if k < len(prk) else t - delta
+                             for k, t in enumerate(ts)], np.int64)
+            params["prk_evals"] = len(prk)
     alphas = np.array([ac[t] for t in cur], np.float64)
     alphas_prev = np.array([ac[t] if t >= 0 else final for t in prev], np.float64)
     sigmas = convert.sigma_from_alpha_bar(np.append(alphas, alphas_prev[-1:]))
