@@ -122,8 +122,10 @@ def test_vae_posterior_sample_matches_diffusers(vae_pair):
     ours, ref = vae_pair
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        expected = ref.encode(x).latent_dist.sample(torch.Generator().manual_seed(5))
+        ref_posterior = ref.encode(x).latent_dist
+        expected = ref_posterior.sample(torch.Generator().manual_seed(5))
         posterior = ours.encode(x)
+        assert_close(posterior.kl(), ref_posterior.kl(), rtol=1e-5, name="kl")
         got = posterior.sample(torch.Generator().manual_seed(5))
     assert_close(got, expected, atol=1e-5, name="posterior sample")
     assert torch.equal(posterior.mode(), posterior.mean)

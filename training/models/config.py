@@ -185,7 +185,8 @@ class UNetConfig:
             kw["norm_num_groups"] = d["norm_num_groups"]
         for key in ("layers_per_block", "transformer_layers_per_block"):
             kw[key] = _per_level("UNetConfig", key, d.get(key, getattr(cls, key)[0]), levels)
-        # diffusers: num_attention_heads = num_attention_heads or attention_head_dim (head COUNTS).
+        # diffusers: num_attention_heads = num_attention_heads or attention_head_dim (both head COUNTS).
+        # diffusers itself refuses a non-null num_attention_heads; we accept it and write attention_head_dim.
         heads_key = "num_attention_heads" if d.get("num_attention_heads") is not None else "attention_head_dim"
         kw["num_heads"] = _per_level("UNetConfig", heads_key, d.get(heads_key, 8), levels)
         if isinstance(kw.get("cross_attention_dim"), (list, tuple)) or isinstance(kw.get("cross_attention_dim"), bool):
