@@ -95,6 +95,7 @@ class UNetStageConfig(StageConfig):
     sample_steps: int = 25             # DDIM steps for sample grids
     guidance_scale: float = 5.0
     lr: float = 2e-4
+    save_fp16: bool = False            # store the final model folder's weights in fp16 (half the size)
 
 
 @dataclass(frozen=True)

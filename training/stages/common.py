@@ -170,16 +170,42 @@ def load_images(cfg: TrainConfig, split: str = "train", limit: int | None = None
 
         size = data.train_size if split == "train" else data.holdout_size
         ds = ShapesDataset(split=split, resolution=data.resolution, size=min(size, limit or size), seed=data.seed)
-        items = [ds[i] for i in range(len(ds))]
-        images, captions = [it[0] for it in items], [it[1] for it in items]
+        images, captions = render_shapes(ds, run_dir(cfg) / "cache"), ds.captions()
     elif data.kind == "folder":
         images, captions = _folder_images(data, split, limit)
     else:
         raise LdmError(f"unknown data.kind {data.kind!r}", hint="use shapes or folder")
-    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    arr = images if isinstance(images, np.ndarray) else np.stack([np.asarray(im, dtype=np.uint8) for im in images])
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise LdmError(f"expected (N, H, W, 3) images, got {arr.shape}")
     return ImageSet(torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2))), list(captions))
+
+
+def render_shapes(ds, cache_dir: Path) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of a ShapesDataset, drawn in parallel once and cached as .npy."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ldm_deploy.fileio import atomic_file
+
+    path = cache_dir / f"shapes-{ds.split}-{ds.resolution}px-seed{ds.seed}-n{ds.size}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")[:]
+    workers = min(os.cpu_count() or 1, 32)
+    if ds.size < 512 or workers < 2:
+        arr = _render_range(ds, 0, ds.size)
+    else:
+        chunks = [(i, min(i + 256, ds.size)) for i in range(0, ds.size, 256)]
+        with ProcessPoolExecutor(workers) as pool:
+            arr = np.concatenate(list(pool.map(_render_range, [ds] * len(chunks), *zip(*chunks))))
+    if ds.size >= 512:
+        with atomic_file(path) as f:
+            np.save(f, arr)
+    return arr
+
+
+def _render_range(ds, start: int, stop: int) -> np.ndarray:
+    return np.stack([ds[i][0] for i in range(start, stop)])
 
 
 def load_captions(cfg: TrainConfig, split: str = "train") -> list[str]:
