@@ -131,17 +131,20 @@ class Pipeline:
 
     @classmethod
     def from_artifact(cls, path: str | Path, backend: str = "ort-cpu", components: Sequence[str] | None = None,
-                      **runner_opts) -> "Pipeline":
-        """Open an exported artifact directory and one `backend` runner per component."""
+                      verify: bool = True, **runner_opts) -> "Pipeline":
+        """Open an exported artifact directory and one `backend` runner per component.
+
+        `verify` checks every file's sha256 against the manifest first (seconds for SD-sized graphs).
+        """
         from ldm_deploy.artifact import Artifact
         from ldm_deploy.runtime.runners.base import open_runner
         from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
-        artifact = Artifact.open(path)
+        artifact = Artifact.open(path, verify=verify)
         m = artifact.manifest
         names = components or [c for c in COMPONENTS if c in m["components"]]
         runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
-        tokenizer = ClipTokenizer.from_dir(Path(artifact.path) / m["tokenizer"]["dir"])
+        tokenizer = ClipTokenizer.from_dir(artifact.tokenizer_dir)
         source_hash = (m.get("source") or {}).get("sha256")
         return cls(tokenizer, runners, m["scheduler"], m["scaling_factor"], m.get("prediction_type", "epsilon"),
                    m.get("profiles"), latent_channels=m.get("latent_channels", 4),
