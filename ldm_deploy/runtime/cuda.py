@@ -78,7 +78,7 @@ class Stream:
 
     def __del__(self):
         if getattr(self, "_stream", None) is not None:
-            _rt().cudaStreamDestroy(self._stream)
+            _quietly(lambda rt: rt.cudaStreamDestroy(self._stream))
             self._stream = None
 
 
@@ -91,7 +91,7 @@ class DeviceBuffer:
 
     def __del__(self):
         if getattr(self, "ptr", 0):
-            _rt().cudaFree(self.ptr)
+            _quietly(lambda rt: rt.cudaFree(self.ptr))
             self.ptr = 0
 
 
@@ -111,7 +111,7 @@ class PinnedBuffer:
     def __del__(self):
         if getattr(self, "ptr", 0):
             self._raw = None
-            _rt().cudaFreeHost(self.ptr)
+            _quietly(lambda rt: rt.cudaFreeHost(self.ptr))
             self.ptr = 0
 
 
@@ -146,8 +146,15 @@ class Graph:
         check(_rt().cudaGraphLaunch(self._exec, self._stream._stream), "cudaGraphLaunch")
 
     def __del__(self):
-        rt = _rt()
         if getattr(self, "_exec", None) is not None:
-            rt.cudaGraphExecDestroy(self._exec)
+            _quietly(lambda rt: rt.cudaGraphExecDestroy(self._exec))
         if getattr(self, "_graph", None) is not None:
-            rt.cudaGraphDestroy(self._graph)
+            _quietly(lambda rt: rt.cudaGraphDestroy(self._graph))
+
+
+def _quietly(free) -> None:
+    """Release a CUDA resource from __del__: never raise (the interpreter may be shutting down)."""
+    try:
+        free(_rt())
+    except Exception:  # noqa: BLE001
+        pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime.runners.tensorrt import (TensorIO, describe_engine, max_input_shapes, plan_buffers,
                                                  profile_text, resolve_output_shapes, select_shapes)
@@ -147,3 +148,113 @@ def test_profile_text(tensors):
 def test_tensor_io_is_plain_data():
     t = TensorIO("x", True, np.dtype(np.float16), (-1, 3), ((1, 3), (1, 3), (2, 3)))
     assert plan_buffers([t], {"x": (2, 3)}) == {"x": 12}
+
+
+# -- the call path over host memory ------------------------------------------------------------
+# A stand-in for ldm_deploy.runtime.cuda whose "device" is host memory, and an execution context
+# that computes noise_pred = 2 * sample + timestep from the bound addresses, like an engine would.
+# It checks the runner's bookkeeping (one allocation, in-place writes, per-call byte counts, output
+# copies, casts); the real CUDA path is covered by test_cuda.py and test_tensorrt_exec.py on a GPU.
+
+class HostCuda:
+    allocations = 0
+
+    class DeviceBuffer:
+        def __init__(self, nbytes):
+            HostCuda.allocations += 1
+            self.mem = np.zeros(nbytes, np.uint8)
+            self.ptr = self.mem.ctypes.data
+
+    class PinnedBuffer(DeviceBuffer):
+        def view(self, dtype, shape):
+            return self.mem[: int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+    @staticmethod
+    def copy_to_device(dst, src, nbytes, stream):
+        stream.log.append(("h2d", nbytes))
+        dst.mem[:nbytes] = src.mem[:nbytes]
+
+    @staticmethod
+    def copy_to_host(dst, src, nbytes, stream):
+        stream.log.append(("d2h", nbytes))
+        dst.mem[:nbytes] = src.mem[:nbytes]
+
+
+class HostStream:
+    handle = 1234
+
+    def __init__(self):
+        self.log = []
+
+    def synchronize(self):
+        self.log.append(("sync",))
+
+
+class HostContext(FakeContext):
+    def __init__(self):
+        super().__init__()
+        self.address = {}
+
+    def set_optimization_profile_async(self, index, stream):
+        assert (index, stream) == (0, HostStream.handle)
+
+    def set_tensor_address(self, name, ptr):
+        self.address[name] = ptr
+
+    def _array(self, name, dtype):
+        import ctypes
+        shape = self.shapes["sample"] if name in ("sample", "noise_pred") else self.shapes[name]
+        count = int(np.prod(shape))
+        raw = (ctypes.c_uint8 * (count * np.dtype(dtype).itemsize)).from_address(self.address[name])
+        return np.frombuffer(raw, dtype).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        sample, t = self._array("sample", np.float16), self._array("timestep", np.float32)
+        self._array("noise_pred", np.float16)[...] = 2 * sample + t[:, None, None, None]
+        return True
+
+
+@pytest.fixture
+def host_runner(tensors):
+    from ldm_deploy.runtime.runners.tensorrt import TensorRTRunner
+    r = object.__new__(TensorRTRunner)
+    r.component, r._cuda, r.tensors, r.context, r.stream = "unet", HostCuda, tensors, HostContext(), HostStream()
+    r.input_names = [t.name for t in tensors if t.is_input]
+    r.output_names = ["noise_pred"]
+    r.output_dtype, r._graphs = np.float32, None
+    HostCuda.allocations = 0
+    r._allocate()
+    return r
+
+
+def test_call_writes_in_place_and_copies_only_this_calls_bytes(host_runner):
+    rng = np.random.default_rng(0)
+    for b, w in [(1, 8), (4, 16), (2, 12)]:
+        x = {"sample": rng.standard_normal((b, 4, 8, w)).astype(np.float32),
+             "timestep": rng.uniform(0, 10, b).astype(np.float32),
+             "encoder_hidden_states": np.zeros((b, 77, 32), np.float32)}
+        host_runner.stream.log.clear()
+        out = host_runner(x)["noise_pred"]
+        want = 2 * x["sample"].astype(np.float16) + x["timestep"].astype(np.float16)[:, None, None, None]
+        assert out.dtype == np.float32 and out.shape == (b, 4, 8, w)
+        assert_close(out, want.astype(np.float32), atol=1e-2, rtol=1e-3)
+        sample_bytes = b * 4 * 8 * w * 2
+        assert host_runner.stream.log == [("h2d", sample_bytes), ("h2d", b * 4), ("h2d", b * 77 * 32 * 2),
+                                          ("d2h", sample_bytes), ("sync",)]
+    assert HostCuda.allocations == 8  # 4 device + 4 pinned buffers, once, for the profile's max
+
+
+def test_returned_outputs_do_not_alias_the_buffers(host_runner):
+    x = {"sample": np.ones((1, 4, 8, 8), np.float32), "timestep": np.zeros(1, np.float32),
+         "encoder_hidden_states": np.zeros((1, 77, 32), np.float32)}
+    first = host_runner(x)["noise_pred"]
+    host_runner({**x, "sample": np.full((1, 4, 8, 8), 5, np.float32)})
+    assert_close(first, np.full((1, 4, 8, 8), 2, np.float32), atol=0, rtol=0)
+
+
+def test_call_refuses_shapes_outside_the_profile_before_touching_buffers(host_runner):
+    x = {"sample": np.ones((5, 4, 8, 8), np.float32), "timestep": np.zeros(5, np.float32),
+         "encoder_hidden_states": np.zeros((5, 77, 32), np.float32)}
+    with pytest.raises(UsageError, match="dim 0 = 5 not in 1..4"):
+        host_runner(x)
+    assert host_runner.stream.log == []

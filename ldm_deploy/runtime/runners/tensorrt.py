@@ -194,6 +194,13 @@ class TensorRTRunner:
         self._graphs = {} if cuda_graph and self.flavour == "tensorrt" else None
 
         self.stream = cuda.Stream()
+        self._allocate()
+        log.debug(f"{component}: TensorRT engine loaded, {sum(self._sizes.values()) / 2**20:.1f} MiB of I/O "
+                  f"buffers; profile: {profile_text(self.tensors)}")
+
+    def _allocate(self) -> None:
+        """Device and pinned host buffers for the profile's max shapes, bound to the context once."""
+        cuda = self._cuda
         self.context.set_optimization_profile_async(0, self.stream.handle)
         max_shapes = resolve_output_shapes(self.context, self.tensors, max_input_shapes(self.tensors))
         self._sizes = plan_buffers(self.tensors, max_shapes)
@@ -201,8 +208,6 @@ class TensorRTRunner:
         self._host = {name: cuda.PinnedBuffer(n) for name, n in self._sizes.items()}
         for name, buf in self._device.items():
             self.context.set_tensor_address(name, buf.ptr)
-        log.debug(f"{component}: TensorRT engine loaded, {sum(self._sizes.values()) / 2**20:.1f} MiB of I/O "
-                  f"buffers; profile: {profile_text(self.tensors)}")
 
     def _create_context(self, trt, cuda_graph: bool):
         if self.flavour != "tensorrt-rtx":
