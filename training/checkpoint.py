@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.fileio import atomic_dir, sha256_file, write_json
+from ldm_deploy.fileio import atomic_dir, check_free_space, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +352,9 @@ def load_components(
 
 
 def _diffusers_version() -> str:
-    try:
-        from importlib.metadata import version
+    from training.models.config import DIFFUSERS_VERSION  # the version our configs claim; any later one reads them
 
-        return version("diffusers")
-    except Exception:  # noqa: BLE001 - diffusers is optional; any released version reads these folders
-        return "0.30.0"
+    return DIFFUSERS_VERSION
 
 
 def module_config_dict(module: torch.nn.Module) -> dict:
@@ -401,6 +398,9 @@ def save_components(components: Components, folder: str | os.PathLike, *, fp16: 
             raise LdmError(f"cannot save {folder}: components.{part} is not loaded")
     if c.tokenizer_dir is None or not Path(c.tokenizer_dir).is_dir():
         raise LdmError(f"cannot save {folder}: no tokenizer folder", hint="set components.tokenizer_dir")
+    need = sum(t.numel() * (2 if fp16 and t.is_floating_point() else t.element_size())
+               for part in PARTS for t in getattr(c, part).state_dict().values())
+    check_free_space(folder, need + (64 << 20), f"writing {folder}")
     scheduler = dict(c.scheduler_config)
     scheduler.setdefault("_class_name", "PNDMScheduler")
     scheduler.setdefault("_diffusers_version", _diffusers_version())
