@@ -13,8 +13,6 @@ import numpy as np
 from ldm_deploy.errors import UsageError
 
 NoiseFn = Callable[[int, tuple], np.ndarray]
-Model = Callable[[np.ndarray, float], np.ndarray]
-Callback = Callable[[int, float, np.ndarray], None]
 
 
 def noise_source(rng: np.random.Generator | None, noise_fn: NoiseFn | None, sampler: str) -> NoiseFn:

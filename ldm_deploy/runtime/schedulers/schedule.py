@@ -317,8 +317,9 @@ def _vp_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -
             params["prk_evals"] = 0
         else:                                # PNDM: 3 Runge-Kutta steps (4 evaluations each), then PLMS
             if strength < 1.0 or steps < 4:
-                raise UsageError("PNDM's Runge-Kutta warm-up (skip_prk_steps=false) needs steps >= 4 and no "
-                                 "img2img strength", hint="set skip_prk_steps true in the scheduler config")
+                raise UsageError("PNDM's Runge-Kutta warm-up (skip_prk_steps=false, the class default when the "
+                                 "config lacks the key) needs steps >= 4 and no img2img strength",
+                                 hint="use another scheduler (e.g. ddim, dpmpp-2m) or set skip_prk_steps true")
             half = delta // 2
             prk = (asc[-4:].repeat(2) + np.tile([0, half], 4))[:-1].repeat(2)[1:-1][::-1]
             ts = np.concatenate([prk, asc[:-3][::-1]]).astype(np.int64)
