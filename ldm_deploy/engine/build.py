@@ -227,6 +227,10 @@ def _rebuild_command(artifact_dir: Path, engine_dir: Path, flavour: str, config:
         parts += ["--workspace-mb", str(config.workspace_mb)]
     if config.targets:
         parts += ["--targets", ",".join(config.targets)]
+    for flag, value in (("--unet-max-batch", config.unet_max_batch), ("--vae-max-batch", config.vae_max_batch),
+                        ("--timing-cache", config.timing_cache)):
+        if value is not None:
+            parts += [flag, str(value)]
     return " ".join(parts)
 
 

@@ -178,3 +178,17 @@ def test_cli_build_then_nothing_to_do(tiny_artifact, tmp_path, capsys, caplog):
                                                      "vae_decoder.engine", "vae_decoder.engine.json"]
     assert main(["build", str(tiny_artifact), "--out", str(out), "--precision", "bf16"]) == 2
     assert "strongly typed networks only" in capsys.readouterr().err
+
+
+def test_cli_config_file_and_flags(tiny_artifact, tmp_path, caplog):
+    from ldm_deploy.cli import main
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text("opt_level: 1\nworkspace_mb: 64\ncomponents: [vae_decoder]\nvae_max_batch: 1\n")
+    out = tmp_path / "engines"
+    assert main(["build", str(tiny_artifact), "--out", str(out), "--config", str(cfg), "--opt-level", "0"]) == 0
+    s = _sidecar(out, "vae_decoder")
+    assert s["key"]["build_options"] == {"opt_level": 0, "workspace_mb": 64}  # the flag wins over the file
+    assert s["key"]["profile"]["latent"]["max"][0] == 1
+    assert f"--config {cfg}" in s["rebuild"] and "--vae-max-batch 1" in s["rebuild"]
+    cfg.write_text("opt_levle: 1\n")
+    assert main(["build", str(tiny_artifact), "--out", str(out), "--config", str(cfg)]) == 2

@@ -152,3 +152,14 @@ def test_runner_refuses_truncated_engine(engine_copy, fake_gpu):
 def test_runner_needs_engines_not_onnx(tiny_artifact):
     with pytest.raises(UsageError, match="needs its engines.*ldm-deploy build"):
         TensorRTRunner(tiny_artifact, "unet")
+
+
+def test_runner_finds_engines_inside_the_artifact(engine_copy, monkeypatch):
+    """validate()/open_runner(backend, artifact, component) with no options: ARTIFACT/engines."""
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.runtime.runners.base import open_runner
+    artifact, engines = engine_copy
+    engines.rename(artifact / "engines")
+    monkeypatch.setattr(cuda, "gpu_info", lambda device=0: None)
+    with pytest.raises(LdmError, match="unet engine .* needs a CUDA GPU"):  # located, checked, refused here
+        open_runner("tensorrt", Artifact(artifact), "unet")
