@@ -183,7 +183,9 @@ def export_onnx(component: str, source: Source, config: ExportConfig, path: Path
     """Trace `component` in fp32 to `path` (weights may land in files beside it). Returns (spec, seconds)."""
     spec = graph_spec(component, source, config)
     module = graph_module(component, source, config)
-    example = tuple(torch.from_numpy(a) for a in spec.example_inputs("opt").values())
+    # dynamo specialises an axis traced at size 1, so it traces at the max shapes
+    example = tuple(torch.from_numpy(a) for a in
+                    spec.example_inputs("max" if config.exporter == "dynamo" else "opt").values())
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
     path.parent.mkdir(parents=True, exist_ok=True)
