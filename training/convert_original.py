@@ -29,8 +29,8 @@ import torch
 
 from ldm_deploy.errors import LdmError
 from training.checkpoint import (
-    Components, TEXT_MODEL_PREFIX, build_for_loading, load_pickle_file, load_strict, module_config_dict,
-    save_components, text_encoder_state_dict, _load_safetensors,
+    Components, TEXT_MODEL_PREFIX, build_for_loading, load_pickle_file, load_strict,
+    load_state_dict_file, save_components, text_encoder_state_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def load_original_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = Fa
     if not path.is_file():
         raise LdmError(f"checkpoint {path} does not exist")
     if path.name.endswith(".safetensors"):
-        return _load_safetensors(path), None
+        return load_state_dict_file(path), None
     obj = load_pickle_file(path, allow_pickle=allow_pickle)
     step = obj.get("global_step")
     step = int(step) if isinstance(step, (int, torch.Tensor)) and torch.as_tensor(step).numel() == 1 else None
