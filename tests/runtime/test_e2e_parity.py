@@ -52,6 +52,7 @@ def sd_pipe(tiny_folder):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_folder), safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe.folder_scheduler_config = pipe.scheduler.config  # each test derives its scheduler from this
     return pipe
 
 
@@ -84,7 +85,7 @@ def test_ort_equals_diffusers(ort_pipe, sd_pipe, latents, name):
 
     pipe = sd_pipe
     cls, extra = DIFFUSERS[name]
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.folder_scheduler_config, **extra)
     with torch.no_grad():
         ref = pipe([PROMPT, "a green triangle"], negative_prompt=[NEGATIVE, ""], num_inference_steps=STEPS,
                    guidance_scale=7.5, latents=torch.from_numpy(latents), height=32, width=32, output_type="np").images
@@ -100,7 +101,7 @@ def test_torch_reference_equals_diffusers_guidance_rescale(torch_pipe, sd_pipe, 
     import diffusers
 
     pipe = sd_pipe
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.folder_scheduler_config)
     with torch.no_grad():
         ref = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=9.0, guidance_rescale=0.7,
                    latents=torch.from_numpy(latents[:1]), height=32, width=32, output_type="np").images
