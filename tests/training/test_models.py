@@ -25,6 +25,15 @@ SD2_LIKE = dict(
     use_linear_projection=True, upcast_attention=True, flip_sin_to_cos=True, freq_shift=0)
 
 
+def _like_for_like(ref, backend: str):
+    """Give diffusers the attention processor our backend mirrors: AttnProcessor2_0 (SDPA) or the classic
+    AttnProcessor (baddbmm + softmax, honours upcast_attention), so each backend is pinned exactly."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    ref.set_attn_processor(AttnProcessor() if backend == "math" else AttnProcessor2_0())
+    return ref
+
+
 def _unet_pair(config: dict):
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**config).eval()
@@ -47,7 +56,7 @@ def test_unet_matches_diffusers(unet_pair, backend, size):
     ctx = torch.randn(2, 7, ours.config.cross_attention_dim, generator=g)
     t = torch.tensor([3.0, 917.25])                                    # per-row, fractional
     with torch.no_grad(), attention_backend(backend):
-        expected = ref(x, t, ctx).sample
+        expected = _like_for_like(ref, backend)(x, t, ctx).sample
         got = ours(x, t, ctx)
     assert_close(got, expected, atol=1e-5, name=f"unet {backend} {size}")
 
@@ -110,6 +119,7 @@ def test_vae_encode_decode_match_diffusers(vae_pair, backend, size):
     g = torch.Generator().manual_seed(2)
     x = torch.rand(2, 3, *size, generator=g) * 2 - 1
     z = torch.randn(2, 4, size[0] // 8, size[1] // 8, generator=g)
+    _like_for_like(ref, backend)
     with torch.no_grad(), attention_backend(backend):
         posterior = ref.encode(x).latent_dist
         mean, logvar = ours.encode_moments(x)
