@@ -385,3 +385,25 @@ def test_missing_folder_parts_name_the_path(folder_copy, tmp_path):
     assert "model_index.json" in _one_line_error(lambda: ck.load_components(tmp_path))
     (folder_copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     assert "no weights in" in _one_line_error(lambda: ck.load_components(folder_copy, parts=("unet",)))
+
+
+def test_failed_save_leaves_the_old_folder_untouched(diffusers_folder, tmp_path, monkeypatch):
+    comps = ck.load_components(diffusers_folder[0])
+    target = ck.save_components(comps, tmp_path / "model")
+    before = ck.folder_hash(target)
+    calls = []
+
+    def failing(sd, path, fp16):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(sd, path, fp16)
+
+    real = ck._save_weights
+    monkeypatch.setattr(ck, "_save_weights", failing)
+    with torch.no_grad():
+        comps.unet.conv_in.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_components(comps, target)
+    assert ck.folder_hash(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
