@@ -27,15 +27,23 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        """One averaging step: a single fused lerp over the trained parameters, copies for the rest."""
         d = self.current_decay()
         params = dict(module.named_parameters())
+        averaged, sources, copied, values = [], [], [], []
         for name, value in module.state_dict().items():
             if name not in self.shadow:
                 continue
             if name in params and params[name].requires_grad:
-                self.shadow[name].lerp_(value.detach().float(), 1.0 - d)
+                averaged.append(self.shadow[name])
+                sources.append(value.detach().float())
             else:
-                self.shadow[name].copy_(value.detach().float())
+                copied.append(self.shadow[name])
+                values.append(value.detach().float())
+        if averaged:
+            torch._foreach_lerp_(averaged, sources, 1.0 - d)
+        if copied:
+            torch._foreach_copy_(copied, values)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -311,18 +311,25 @@ class Trainer:
             lr = lr_at(step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, metrics = self._step(step)
+            total, sums = self._step(step)
             step += 1
-            losses.append((step, loss))
             if env.is_main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss, metrics = self._reduce(step, total, sums)
+                losses.append((step, loss))
+                if env.is_main:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                     self._log(step, loss, lr, metrics)
+            if env.is_main:
                 if timed_from is None and step >= min(cfg.steps, 3):
+                    if env.device.type == "cuda":
+                        torch.cuda.synchronize()
                     timed_from = (step, time.perf_counter())
-                elif timed_from is not None and step == timed_from[0] + 10:
-                    rate = (time.perf_counter() - timed_from[1]) / 10
+                elif timed_from is not None and step == timed_from[0] + 20:
+                    if env.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    rate = (time.perf_counter() - timed_from[1]) / 20
                     bar.write(f"[{self.name}] {rate * 1000:.1f} ms/step; about "
                               f"{_fmt_time(rate * (cfg.steps - step))} left")
             if self.on_step is not None:
@@ -334,7 +341,7 @@ class Trainer:
             ema.copy_to(self.trainable[key])
         return TrainResult(step, losses, time.perf_counter() - t0, self.trainable)
 
-    def _step(self, step: int) -> tuple[float, dict]:
+    def _step(self, step: int) -> tuple[torch.Tensor, dict]:
         cfg, env = self.cfg, self.env
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=env.device)
@@ -354,9 +361,6 @@ class Trainer:
             total += loss.detach().float() / cfg.grad_accum
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + torch.as_tensor(v, device=env.device).detach().float() / cfg.grad_accum
-        if not torch.isfinite(total):
-            raise LdmError(f"[{self.name}] loss became {total.item()} at step {step}",
-                           hint="lower the learning rate, use bf16 instead of fp16, or enable grad_clip")
         self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -365,12 +369,20 @@ class Trainer:
         self.scaler.update()
         for key, ema in self.ema.items():
             ema.update(self.trainable[key])
-        if env.distributed:
+        return total, sums          # device tensors: no host sync here, so the CPU runs ahead of the GPU
+
+    def _reduce(self, step: int, total: torch.Tensor, sums: dict) -> tuple[float, dict]:
+        """Mean over ranks, to host floats (the one sync per logged step); a non-finite loss stops training."""
+        if self.env.distributed:
             packed = torch.stack([total, *sums.values()])
             torch.distributed.all_reduce(packed)
-            packed /= env.world
+            packed /= self.env.world
             total, sums = packed[0], dict(zip(sums, packed[1:]))
-        return float(total), {k: float(v) for k, v in sums.items()}
+        loss = float(total)
+        if not math.isfinite(loss):
+            raise LdmError(f"[{self.name}] loss became {loss} at step {step}",
+                           hint="lower the learning rate, use bf16 instead of fp16, or enable grad_clip")
+        return loss, {k: float(v) for k, v in sums.items()}
 
     # -- logs --
 

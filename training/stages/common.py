@@ -156,9 +156,13 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def to(self, device) -> "ImageSet":
+        """Keep the uint8 images on `device` (a GPU holds 30k 128-px images in 1.5 GB)."""
+        return ImageSet(self.images.to(device), self.captions)
+
     def batch(self, indices, device) -> torch.Tensor:
         """Float images in [-1, 1]: (B, 3, H, W)."""
-        x = self.images[torch.as_tensor(indices, dtype=torch.long)].to(device, non_blocking=True)
+        x = self.images[torch.as_tensor(indices, dtype=torch.long, device=self.images.device)].to(device)
         return x.float() / 127.5 - 1.0
 
 

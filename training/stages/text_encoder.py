@@ -74,6 +74,10 @@ def train_text_encoder(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = common.load_tokenizer(common.tokenizer_path(cfg))
     train = common.load_images(cfg, "train")
     ids = common.tokenize(tokenizer, train.captions)
+    from training.trainer import dist_env
+
+    if dist_env().device.type == "cuda":
+        train = train.to(dist_env().device)
     torch.manual_seed(cfg.seed)
     te = common.build("text_encoder", common.text_encoder_config(cfg, tokenizer))
     objective = ContrastiveObjective(te, sc.image_channels, sc.projection_dim)

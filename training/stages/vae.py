@@ -69,6 +69,10 @@ def train_vae(cfg: TrainConfig, resume: bool = False) -> dict:
         return {"source": sc.path}
     train = common.load_images(cfg, "train")
     held = common.load_images(cfg, "holdout", limit=sc.eval_images)
+    from training.trainer import dist_env
+
+    if dist_env().device.type == "cuda":
+        train = train.to(dist_env().device)
     torch.manual_seed(cfg.seed)
     config = dict(common.model_dicts(cfg)["vae"], sample_size=cfg.data.resolution)
     vae = common.build("vae", config)
