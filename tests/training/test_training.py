@@ -175,3 +175,22 @@ def test_ema_follows_diffusers_warmup_rule():
     with ema.applied(m):
         assert torch.equal(m.weight, ema.shadow["weight"])
     assert torch.equal(m.weight, start + 1)
+
+
+def test_same_command_runs_under_torchrun_with_gloo(tmp_path):
+    """2 CPU processes (DDP over gloo): rank 0 logs and saves; --resume continues the sharded run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LDM_TRAIN_DEVICE": "cpu"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+            "-m", "training.cli", "vae", "--config", "tiny", "--out", str(tmp_path), "--set", "data.train_size=16"]
+    first = subprocess.run([*base, "--steps", "2"], env=env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run([*base, "--steps", "4", "--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+    assert [s for s, _ in _losses(tmp_path, "vae")] == [1, 2, 3, 4]
+    state = json.loads((tmp_path / "checkpoints" / "vae" / "step_0000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["data_position"]["position"] == 0   # 4 steps x 4 = 16 samples
