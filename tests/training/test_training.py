@@ -194,3 +194,56 @@ def test_same_command_runs_under_torchrun_with_gloo(tmp_path):
     assert [s for s, _ in _losses(tmp_path, "vae")] == [1, 2, 3, 4]
     state = json.loads((tmp_path / "checkpoints" / "vae" / "step_0000004" / "state.json").read_text())
     assert state["world_size"] == 2 and state["data_position"]["position"] == 0   # 4 steps x 4 = 16 samples
+
+
+def test_eval_scores_heldout_prompts_and_writes_a_report(runs):
+    from training.stages.evaluate import evaluate
+
+    a, _, _ = runs
+    report = evaluate(_cfg(a))
+    assert set(report["accuracy"]) == {"colour", "shape", "position", "size", "background", "all"}
+    assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
+    assert np.isfinite(report["vae_psnr_db"])
+    saved = json.loads((a / "eval" / "report.json").read_text())
+    assert len(saved["per_prompt"]) == 4 and (a / "eval" / "samples.png").is_file()
+
+
+def test_given_vae_and_text_encoder_are_reused_unchanged(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    a, _, _ = runs
+    cfg = _cfg(tmp_path, f"vae.path={a / 'model'}", f"text_encoder.path={a / 'model'}")
+    run_stage("vae", cfg)
+    run_stage("text-encoder", cfg)
+    for part, name in (("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        given = load_file(a / "model" / part / f"{name}.safetensors")
+        copied = load_file(tmp_path / "stages" / part / f"{name}.safetensors")
+        assert given.keys() == copied.keys() and all(torch.equal(given[k], copied[k]) for k in given)
+
+
+def test_periodic_sample_grids_use_ema_and_keep_training_identical(runs, tmp_path):
+    a, _, _ = runs
+    cfg = _cfg(tmp_path, "unet.sample_every=2", f"tokenizer.path={a / 'model' / 'tokenizer'}")
+    for stage in ("tokenizer", "vae", "text-encoder"):
+        run_stage(stage, _cfg(tmp_path, f"tokenizer.path={a / 'model' / 'tokenizer'}",
+                              f"vae.path={a / 'stages' / 'vae'}", f"text_encoder.path={a / 'stages' / 'text_encoder'}"))
+    run_stage("unet", cfg)
+    assert (tmp_path / "samples" / "unet_0000002.png").is_file()
+    assert _losses(tmp_path, "unet") == _losses(a, "unet")        # sampling never disturbs training
+
+
+def test_disk_latent_cache_is_keyed_by_vae_and_dataset(runs, tmp_path):
+    from training.latents import cache_key, cached_latents
+    from training.stages import common
+
+    a, _, _ = runs
+    cfg = _cfg(a, "unet.cache_latents=disk")
+    vae_dir = a / "stages" / "vae"
+    vae = common.frozen(common.load_part("vae", vae_dir))
+    images = common.load_images(cfg, "train")
+    mean, std = cached_latents(cfg, vae, vae_dir, images, torch.device("cpu"))
+    files = list((a / "cache").glob("latents-*.safetensors"))
+    assert len(files) == 1 and cache_key(vae_dir, cfg, len(images)) in files[0].name
+    again = cached_latents(cfg, None, vae_dir, images, torch.device("cpu"))     # no VAE needed: read back
+    assert torch.equal(again[0], mean) and torch.equal(again[1], std)
+    assert cache_key(vae_dir, _cfg(a, "data.seed=1"), len(images)) != cache_key(vae_dir, cfg, len(images))

@@ -12,8 +12,6 @@ under bf16 autocast keep a GPU busy. The EMA weights are what gets exported, int
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from torch import nn
 
 from ldm_deploy.errors import LdmError
 from training.config import TrainConfig
+from training.latents import cached_latents
 from training.noise import NoiseSchedule
 from training.stages import common
 from training.trainer import Trainer
@@ -59,48 +58,6 @@ class DiffusionObjective(nn.Module):
         return F.mse_loss(out.float(), target.float()), {}
 
 
-def cache_key(vae_dir: Path, cfg: TrainConfig, n: int) -> str:
-    """Hash of the VAE weights + config and of the dataset's identity: a stale cache is never reused."""
-    from ldm_deploy.fileio import sha256_file
-
-    h = hashlib.sha256()
-    for f in sorted(vae_dir.glob("*")):
-        if f.suffix in (".json", ".safetensors") and f.name != "report.json":
-            h.update(f.name.encode() + sha256_file(f).encode())
-    h.update(json.dumps([cfg.data.kind, cfg.data.path, cfg.data.resolution, cfg.data.seed, n], sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def encode_latents(vae: nn.Module, images: common.ImageSet, device, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior (mean, std) of every image: (N, 4, h, w) float32 each, on CPU."""
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        d = vae.encode(images.batch(range(i, min(i + batch, len(images))), device))
-        means.append(d.mean.float().cpu())
-        stds.append(d.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-def cached_latents(cfg: TrainConfig, vae: nn.Module, vae_dir: Path, images: common.ImageSet, device):
-    """Encode once; with cache_latents=disk, reuse <out>/cache/latents-<hash>.safetensors."""
-    from safetensors.torch import load_file, save
-
-    from ldm_deploy.fileio import atomic_file
-
-    path = None
-    if cfg.unet.cache_latents == "disk":
-        path = common.run_dir(cfg) / "cache" / f"latents-{cache_key(vae_dir, cfg, len(images))}.safetensors"
-        if path.is_file():
-            d = load_file(path)
-            return d["mean"], d["std"]
-    mean, std = encode_latents(vae, images, device)
-    if path is not None:
-        with atomic_file(path) as f:
-            f.write(save({"mean": mean.contiguous(), "std": std.contiguous()}))
-    return mean, std
-
-
 def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train the U-Net on the frozen VAE and text encoder; writes the complete model to <out>/model."""
     sc = cfg.unet
@@ -127,7 +84,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
     if sc.cache_latents == "off":
         data = train
     else:
-        mean, std = cached_latents(cfg, vae, vae_dir, train, device)
+        mean, std = cached_latents(cfg, vae, vae_dir, train, device)   # training/latents.py
         mean, std = mean.to(device), std.to(device)
     # Text: one embedding per distinct caption (shapes has few), looked up per row.
     uniq, inverse = np.unique(np.asarray(train.captions, dtype=object), return_inverse=True)
