@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def pipeline(modules: dict, tok_dir: Path, scheduler_config: dict, scaling_factor: float, device=None):
