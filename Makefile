@@ -19,8 +19,9 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[train,dev,tensorrt-rtx]"
 
+# Until `ldm-deploy demo` lands (issue 7), the demo is the end-to-end quickstart on the tiny preset.
 demo: setup
-	$(BIN)/ldm-deploy demo
+	BIN=$(BIN) bash scripts/quickstart.sh
 
 test: setup-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
