@@ -68,6 +68,32 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
+def drop_duplicate_nodes(graph: onnx.GraphProto) -> int:
+    """Remove nodes that repeat an earlier node exactly (same op, inputs, outputs, attributes).
+
+    onnxruntime's float16 converter inserts one `<name>_cast_to_fp32` Cast per consumer when a tensor
+    feeds several fp32-kept nodes, all with the same output name: the graph breaks SSA form (seen on
+    the full-size SD 1.5 U-Net when onnxslim could not run). Identical copies are redundant; any other
+    clash of output names is a real error and is left for the ONNX checker to report.
+    """
+    seen: dict[str, bytes] = {}
+    keep, dropped = [], 0
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        outs = [o for o in node.output if o]
+        if outs and all(seen.get(o) == key for o in outs):
+            dropped += 1
+            continue
+        for o in outs:
+            seen.setdefault(o, key)
+        keep.append(node)
+    if dropped:
+        del graph.node[:]
+        graph.node.extend(keep)
+        log.info("fp16: dropped %d duplicate nodes left by the float16 converter", dropped)
+    return dropped
+
+
 def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inputs: tuple[str, ...] = ()) -> None:
     """Write an fp16 copy of the fp32 graph at `src` to `dst` (external data when over 2 GB)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -85,6 +111,7 @@ def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inp
     model16 = convert_float_to_float16(
         model, keep_io_types=keep_inputs, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_ops),
         node_block_list=island, disable_shape_infer=big)
+    drop_duplicate_nodes(model16.graph)
     topological_sort(model16.graph)    # the converter appends its Cast nodes at the end
     log.info("fp16: %d nodes kept fp32 on the %s path, ops kept fp32: %s", len(island), keep_inputs, keep_ops)
     onnx_io.save_model(model16, dst)
