@@ -11,6 +11,7 @@ import torch
 
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError
+from ldm_deploy.runtime.tokenizer import bytes_to_unicode
 from training import checkpoint as ck
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,15 +54,7 @@ def tiny_config(kind: str = "sd1") -> dict:
 
 
 def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    return list(bytes_to_unicode().values())
 
 
 def make_tokenizer_dir(path: Path, pad_token: str = "<|endoftext|>") -> Path:
