@@ -25,6 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--components", type=_csv, metavar="NAME,...",
                    help="export only these: text_encoder,unet,vae_decoder,vae_encoder")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), help="torch exporter (default torchscript)")
+    p.add_argument("--ort-cuda", action="store_true", default=None,
+                   help="also write ONNX Runtime CUDA fused variants (model.ort-cuda.onnx; config key ort_cuda)")
     p.add_argument("--force", action="store_true", help="re-export even when an up-to-date artifact exists")
 
 
@@ -34,7 +36,7 @@ def run(args) -> int:
 
     config = load_config(args.config)
     flags = {"precision": args.precision, "vae_precision": args.vae_precision, "components": args.components,
-             "exporter": args.exporter}
+             "exporter": args.exporter, "ort_cuda": args.ort_cuda}
     if args.exporter == "dynamo" and config.opset < 18:
         flags["opset"] = 18
     config = config.replace(**{k: v for k, v in flags.items() if v is not None})

@@ -47,6 +47,7 @@ class ExportConfig:
     exporter: str = "torchscript"               # torchscript (fast, opset 17) | dynamo (opset >= 18); see docs/export.md
     optimize: bool = True                       # onnxslim: constant folding, shape inference, dead-node removal
     keep_fp32_unet: bool = False                # fp16 exports also keep unet/model_fp32.onnx (for ORT fusions)
+    ort_cuda: bool = False                      # also write <component>/model.ort-cuda.onnx (ORT CUDA fusions)
     pooled_output: bool = False                 # text encoder also returns pooler_output
     measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
@@ -92,6 +93,8 @@ class ExportConfig:
         """Canonical JSON of everything that changes the exported graphs (the cache compares it)."""
         d = self.to_dict()
         d.pop("name")
+        if not d["ort_cuda"]:
+            d.pop("ort_cuda")   # keeps artifacts exported before the key existed cached
         return json.dumps(d, sort_keys=True)
 
     @classmethod

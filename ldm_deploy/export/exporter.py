@@ -17,7 +17,7 @@ import numpy as np
 from ldm_deploy.artifact import MANIFEST, Artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import manifest as mf
-from ldm_deploy.export import onnx_io
+from ldm_deploy.export import onnx_io, ort_optimize
 from ldm_deploy.export.config import ExportConfig, write_config
 from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
@@ -94,6 +94,12 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         else:
             convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",))
     onnx_io.check_model(final)
+    variants = {}
+    if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:
+        # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns
+        dst = root / component / ort_optimize.FILE_NAME
+        fused = ort_optimize.optimize_for_ort_cuda(raw, dst, component, float16=precision == "fp16")
+        variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused)
 
     inputs = spec.example_inputs("opt")
     stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
@@ -122,6 +128,8 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         "profile": {name: {k: list(v) for k, v in shapes.items()} for name, shapes in spec.profile().items()},
         "export": stats,
     }
+    if variants:
+        entry["variants"] = variants
     if keep_fp32:
         entry["fp32_file"] = fp32.relative_to(root).as_posix()
     log.info("%s: %s, %d -> %d nodes", component, precision, clean["nodes_before"], clean["nodes_after"])

@@ -92,6 +92,8 @@ def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
         return False
     old = dict(old)
     old.pop("name", None)
+    if not old.get("ort_cuda"):
+        old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out
     return json.dumps(old, sort_keys=True) == config.key()
 
 

@@ -1,16 +1,25 @@
-"""ONNX Runtime CUDA graphs: transformer fusions on the fp32 graph, then fp16.
+"""ONNX Runtime CUDA variants: transformer fusions on a component's fp32 graph, then fp16.
 
 ONNX Runtime's transformer optimizer fuses attention (MultiHeadAttention with packed QKV / KV),
 GroupNorm / SkipGroupNorm, BiasSplitGelu, BiasAdd and NHWC convolutions for the SD U-Net, VAE and CLIP.
-Its pattern matchers need the fp32 graph as exported from PyTorch (before any fp16 conversion), so
-the exporter keeps `model_fp32.onnx` and this module writes a `model.ort-cuda.onnx` next to it.
+Its pattern matchers need the fp32 graph as exported from PyTorch (before any fp16 conversion), so the
+variant is made from `fp32_file` (fp16 exports with `keep_fp32_unet`) or from the main file of an fp32
+component, and written beside it as `<component>/model.ort-cuda.onnx`. The manifest records it under
+`components[name]["variants"]["ort-cuda"]` with its own inputs/outputs (the fused graph's IO dtypes),
+and `OrtCudaRunner(variant="auto")` runs it.
 
-The result uses contrib ops with CUDA kernels only: it is not portable (no CPU, no TensorRT).
-Needs onnx + onnxruntime (no torch).
+The fused graph uses com.microsoft contrib ops with CUDA kernels only: it is not portable (no CPU,
+no TensorRT). The fusion choices follow ONNX Runtime's own SD demo (models/stable_diffusion/
+optimize_pipeline.py): packed QKV/KV attention only in fp16, NHWC conv, GroupNorm channels-last,
+BiasSplitGelu, BiasAdd; fp16 conversion with all IO in fp16 except the U-Net's `timestep` (kept fp32
+so fractional timesteps keep their precision). Needs onnx + onnxruntime (no torch).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,74 +30,192 @@ from ldm_deploy.errors import LdmError
 
 log = logging.getLogger(__name__)
 
+VARIANT = "ort-cuda"
+FILE_NAME = "model.ort-cuda.onnx"
+DEFAULT_COMPONENTS = ("unet", "text_encoder", "vae_decoder")
 # our component name -> ORT optimizer model type
 MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}
-# ops whose fp16 versions lose too much: kept fp32 inside fp16 graphs (ORT's own SD demo does this for CLIP)
+# ops whose fp16 versions lose too much: kept fp32 inside fp16 graphs
 FP32_OPS = {"text_encoder": ["SkipLayerNormalization", "LayerNormalization"]}
 # inputs kept fp32 so fractional timesteps keep their precision
 KEEP_FP32_IO = {"unet": ["timestep"]}
+FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd",
+             "NhwcConv", "SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu",
+             "QuickGelu")
 
 
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True) -> dict:
-    """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`.
+def fusion_options(component: str, float16: bool):
+    """ORT FusionOptions for `component`, as ORT's SD demo sets them."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
-    Returns statistics: node counts before/after, fused-op counts, seconds taken.
+    options = FusionOptions(MODEL_TYPES[component])
+    if MODEL_TYPES[component] == "unet":
+        # the packed-QKV/KV MultiHeadAttention kernels are fp16 only (flash / cutlass fused attention)
+        options.enable_packed_kv = float16
+        options.enable_packed_qkv = float16
+        options.enable_bias_add = True
+    options.group_norm_channels_last = True   # GroupNorm in NHWC, matching NhwcConv around it
+    return options
+
+
+@contextlib.contextmanager
+def _quickgelu_guard():
+    """ORT's QuickGelu matcher calls `.item()` on the first Mul's constant; a GroupNorm whose zero beta
+    was folded away leaves `Mul(x, gamma[C,1,1]) -> Sigmoid -> Mul` (SiLU), and the matcher raises
+    instead of declining. Decline such nodes (they are not QuickGelu)."""
+    import sys
+
+    import onnxruntime.transformers  # noqa: F401  (puts its folder on sys.path: modules load top-level)
+    classes = []
+    for module_name in ("fusion_quickgelu", "onnxruntime.transformers.fusion_quickgelu"):
+        try:
+            module = sys.modules.get(module_name) or __import__(module_name, fromlist=["FusionQuickGelu"])
+        except ImportError:  # pragma: no cover - other ORT layouts
+            continue
+        cls = getattr(module, "FusionQuickGelu", None)
+        if cls is not None and cls not in [c for c, _ in classes]:
+            classes.append((cls, cls.fuse))
+
+    def guarded(original):
+        def fuse(self, node, *args, **kwargs):
+            try:
+                return original(self, node, *args, **kwargs)
+            except ValueError:
+                return None
+        return fuse
+
+    for cls, original in classes:
+        cls.fuse = guarded(original)
+    try:
+        yield
+    finally:
+        for cls, original in classes:
+            cls.fuse = original
+
+
+def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True) -> dict:
+    """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
+    (+ `dst.data` when the weights pass protobuf's 2 GB limit).
+
+    Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
     try:
-        from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError as e:  # pragma: no cover - onnxruntime always ships it
         raise LdmError(f"onnxruntime's transformer optimizer is unavailable: {e}",
                        hint="pip install 'onnxruntime>=1.18'") from None
+    from ldm_deploy.export import onnx_io
+
     if component not in MODEL_TYPES:
         raise LdmError(f"no ORT CUDA optimisation for component {component!r}",
                        hint=f"choose from {', '.join(MODEL_TYPES)}")
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     before = op_counts(onnx.load(str(src), load_external_data=False))
-
-    model_type = MODEL_TYPES[component]
-    options = FusionOptions(model_type)
-    if model_type == "unet" and not float16:
-        # no fp32 fused-attention kernel for packed layouts
-        options.enable_packed_kv = False
-        options.enable_packed_qkv = False
-    m = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                       optimization_options=options, use_gpu=True)
-    if float16:
-        m.convert_float_to_float16(keep_io_types=KEEP_FP32_IO.get(component, False),
-                                   op_block_list=FP32_OPS.get(component))
+    try:
+        with _quickgelu_guard():
+            m = optimize_model(str(src), model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
+                               opt_level=0, optimization_options=fusion_options(component, float16),
+                               use_gpu=True)
+            if float16:
+                m.convert_float_to_float16(keep_io_types=KEEP_FP32_IO.get(component, False),
+                                           op_block_list=FP32_OPS.get(component))
+    except Exception as e:  # the optimizer raises assorted exception types from its matchers
+        raise LdmError(f"ONNX Runtime's transformer optimizer failed on the {component} graph {src}: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                       hint="export without --ort-cuda (the plain graph runs on ort-cuda too) and report this") from None
     after = op_counts(m.model)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    large = m.model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF
-    m.save_model_to_file(str(tmp), use_external_data_format=large, all_tensors_to_one_file=True)
-    if large:
-        # external data was written as <tmp>.data; give it its final name and point the graph at it
-        model = onnx.load(str(tmp), load_external_data=True)
-        tmp.unlink()
-        for p in tmp.parent.glob(f"{tmp.name}*"):
-            p.unlink()
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{dst.name}.data")
-    tmp.replace(dst)
-    fused = {op: n for op, n in after.items()
-             if op in ("MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu",
-                       "BiasAdd", "NhwcConv", "SkipLayerNormalization", "LayerNormalization", "FastGelu",
-                       "BiasGelu", "QuickGelu")}
+    # write beside dst under a temporary folder, then move graph (+ data) into place
+    work = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    data = onnx_io.save_model(m.model, work / dst.name)
+    onnx_io.data_file(dst).unlink(missing_ok=True)
+    if data is not None:
+        data.replace(onnx_io.data_file(dst))
+    (work / dst.name).replace(dst)
+    shutil.rmtree(work, ignore_errors=True)
     stats = {
         "component": component,
-        "float16": float16,
+        "precision": "fp16" if float16 else "fp32",
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
-        "fused_ops": fused,
+        "fused_ops": {op: n for op, n in sorted(after.items()) if op in FUSED_OPS},
         "seconds": round(time.perf_counter() - t0, 2),
-        "external_data": large,
+        "external_data": data is not None,
     }
-    log.info("ort-cuda optimise %s: %d -> %d nodes, fused %s", component, stats["nodes_before"],
-             stats["nodes_after"], fused)
+    log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s", component, stats["precision"],
+             stats["nodes_before"], stats["nodes_after"], stats["fused_ops"])
     return stats
+
+
+def variant_entry(root: Path, path: Path, stats: dict) -> dict:
+    """The manifest's `variants["ort-cuda"]` entry for the fused graph at `path` (relative to `root`)."""
+    from ldm_deploy.export import manifest as mf
+    from ldm_deploy.export import onnx_io
+
+    ins, outs = mf.graph_io(path)
+    data = onnx_io.data_file(path)
+    return {"file": path.relative_to(root).as_posix(),
+            "external_data": data.relative_to(root).as_posix() if data.exists() else None,
+            "precision": stats["precision"], "inputs": ins, "outputs": outs,
+            "fused_ops": stats["fused_ops"], "nodes_before": stats["nodes_before"],
+            "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}
+
+
+def fp32_source(root: Path, entry: dict) -> Path | None:
+    """The component's fp32 graph: `fp32_file` when the export kept one, else the main file if fp32."""
+    if entry.get("fp32_file"):
+        return root / entry["fp32_file"]
+    if entry.get("precision") == "fp32":
+        return root / entry["file"]
+    return None
+
+
+def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float16: bool | None = None) -> dict:
+    """Write `<component>/model.ort-cuda.onnx` for each of `components` the artifact has an fp32 graph of
+    and record it in the manifest (entry + file hashes, rewritten atomically). Returns per-component stats.
+
+    `float16=None` keeps each component's exported precision (the VAE stays fp32 unless exported fp16);
+    True/False forces it. Components without an fp32 graph are skipped with a log line.
+    """
+    from ldm_deploy.artifact import MANIFEST, Artifact
+    from ldm_deploy.fileio import sha256_file, write_json
+
+    artifact = Artifact.open(artifact_dir, verify=True)    # never rewrite hashes over a tampered folder
+    root = Path(artifact.path)
+    manifest = copy.deepcopy(artifact.manifest)
+    results = {}
+    for name in components:
+        entry = manifest["components"].get(name)
+        if entry is None:
+            log.info("ort-cuda: %s has no %s component; skipped", root, name)
+            continue
+        src = fp32_source(root, entry)
+        if src is None:
+            log.info("ort-cuda: %s %s is %s without a kept fp32 graph (the fusions need one); skipped -- "
+                     "re-export with `ort_cuda: true` (or `keep_fp32_unet: true` for the U-Net)",
+                     root, name, entry.get("precision"))
+            continue
+        half = entry.get("precision") == "fp16" if float16 is None else bool(float16)
+        dst = root / name / FILE_NAME
+        old = entry.get("variants", {}).get(VARIANT)
+        if old:   # forget the previous variant's files before they are overwritten
+            for rel in filter(None, (old.get("file"), old.get("external_data"))):
+                manifest["files"].pop(rel, None)
+        stats = optimize_for_ort_cuda(src, dst, name, float16=half)
+        variant = variant_entry(root, dst, stats)
+        entry.setdefault("variants", {})[VARIANT] = variant
+        for rel in filter(None, (variant["file"], variant["external_data"])):
+            manifest["files"][rel] = sha256_file(root / rel)
+        results[name] = stats
+    if results:
+        write_json(root / MANIFEST, manifest)
+    return results
+
+
+__all__ = ["add_ort_cuda_variants", "optimize_for_ort_cuda", "variant_entry", "fp32_source", "VARIANT",
+           "FILE_NAME", "DEFAULT_COMPONENTS"]

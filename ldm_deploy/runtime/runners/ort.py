@@ -5,10 +5,17 @@ artifact manifest: inputs are cast to the manifest dtype (an fp16 U-Net gets fp1
 come back as float32 unless `output_dtype=None` asks for the manifest dtype.
 
 `OrtCudaRunner` keeps device buffers between calls: each input lives in a CUDA `OrtValue` that is
-updated in place (`update_inplace`), an input passed as the very same numpy object as last call (the
-text embeddings during the denoising loop) is not uploaded again, and outputs are written into
-preallocated device buffers. With `enable_cuda_graph=True` ORT captures the first run as a CUDA graph
-and replays it; that needs every shape to stay the same, so a shape change is an error.
+updated in place (`update_inplace`, host -> device), an input equal to what was uploaded last call
+(the text embeddings during the denoising loop) is not uploaded again, and outputs are written into
+preallocated device buffers. With `enable_cuda_graph=True` ORT's first `run_with_iobinding` runs once
+for allocations and captures a CUDA graph that later calls replay: the graph holds the device
+addresses of every bound input and output, so all of them are preallocated before that first run and
+never rebound, and a shape change is an error (open a runner per shape).
+
+`OrtCudaRunner(variant="auto")` runs the component's ONNX Runtime CUDA fused graph
+(`model.ort-cuda.onnx`, see ldm_deploy/export/ort_optimize.py) when the manifest lists one, with that
+graph's IO dtypes; `variant=None` forces the plain graph. `runner.model_path` / `runner.variant` say
+which ran. The CPU runner never picks a variant (its contrib ops have CUDA kernels only).
 """
 from __future__ import annotations
 
@@ -32,13 +39,30 @@ def _ort():
     return onnxruntime
 
 
-def component_spec(artifact, component: str) -> tuple[Path, dict]:
-    """(path of the component's model.onnx, its manifest entry) from an Artifact or an artifact dir."""
+def _open(artifact):
     if isinstance(artifact, (str, os.PathLike)):
         from ldm_deploy.artifact import Artifact
         artifact = Artifact.open(artifact)
+    return artifact
+
+
+def component_spec(artifact, component: str, variant: str | None = None) -> tuple[Path, dict]:
+    """(path of the graph to run, its spec: file/inputs/outputs/...) from an Artifact or an artifact dir.
+
+    `variant` names an entry of the component's `variants` (e.g. "ort-cuda"); its file and IO replace
+    the plain graph's. A missing variant is an error; pick "auto" handling in the caller.
+    """
+    artifact = _open(artifact)
     artifact.component(component)  # raises LdmError naming what the artifact has
-    spec = artifact.manifest["components"][component]
+    spec = dict(artifact.manifest["components"][component])
+    if variant is not None:
+        variants = spec.get("variants") or {}
+        if variant not in variants:
+            raise LdmError(f"the {component} of {artifact.path} has no {variant!r} variant "
+                           f"(it has: {', '.join(variants) or 'none'})",
+                           hint="export with --ort-cuda, or call ldm_deploy.export.ort_optimize."
+                                "add_ort_cuda_variants(ARTIFACT); variant=None runs the plain graph")
+        spec.update(variants[variant])
     return Path(artifact.path) / spec["file"], spec
 
 
@@ -52,7 +76,10 @@ class OrtCpuRunner:
                  output_dtype=np.float32, session_options: Mapping | None = None):
         ort = _ort()
         self.component = component
-        self.model_path, self.spec = component_spec(artifact, component)
+        artifact = _open(artifact)
+        self.variant = self._choose_variant(artifact, component)
+        self.model_path, self.spec = component_spec(artifact, component, self.variant)
+        self.vae_scale_factor = int(artifact.manifest.get("vae_scale_factor", 8))
         self.input_names = [i["name"] for i in self.spec["inputs"]]
         self.output_names = [o["name"] for o in self.spec["outputs"]]
         self.input_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in self.spec["inputs"]}
@@ -79,6 +106,9 @@ class OrtCpuRunner:
             raise LdmError(f"{self.model_path} lacks the inputs {missing} its manifest lists",
                            hint="the manifest and the ONNX file disagree; re-export the artifact")
 
+    def _choose_variant(self, artifact, component: str) -> str | None:
+        return None   # fused variants use CUDA-only contrib ops
+
     def _providers(self) -> list:
         return list(self.providers)
 
@@ -101,11 +131,13 @@ class OrtCudaRunner(OrtCpuRunner):
     """One artifact component on CUDAExecutionProvider with device-resident, reused IO buffers."""
 
     def __init__(self, artifact, component: str, *, device_id: int = 0, enable_cuda_graph: bool = False,
-                 reuse_unchanged_inputs: bool = True, cuda_options: Mapping | None = None, **opts):
+                 reuse_unchanged_inputs: bool = True, cuda_options: Mapping | None = None,
+                 variant: str | None = "auto", **opts):
         ort = _ort()
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise LdmError("onnxruntime has no CUDAExecutionProvider here",
                            hint="pip install 'ldm-deploy[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU")
+        self.requested_variant = variant
         self.device_id = int(device_id)
         self.enable_cuda_graph = bool(enable_cuda_graph)
         self.reuse_unchanged_inputs = bool(reuse_unchanged_inputs)
@@ -113,24 +145,34 @@ class OrtCudaRunner(OrtCpuRunner):
         if self.enable_cuda_graph:
             self.cuda_options["enable_cuda_graph"] = "1"
         super().__init__(artifact, component, **opts)
+        if self.enable_cuda_graph and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise LdmError("the CUDA execution provider did not load (CUDA graphs need it)",
+                           hint="check the CUDA/cuDNN libraries onnxruntime-gpu needs (onnxruntime.preload_dlls())")
         self.binding = self.session.io_binding()
-        self._in: dict[str, object] = {}       # name -> device OrtValue
-        self._in_src: dict[str, np.ndarray] = {}  # name -> the numpy array last uploaded (identity check)
-        self._out: dict[str, object] = {}      # name -> device OrtValue (preallocated)
+        self._in: dict[str, object] = {}           # name -> device OrtValue (bound once per shape)
+        self._in_host: dict[str, np.ndarray] = {}  # name -> host copy of what the device buffer holds
+        self._out: dict[str, object] = {}          # name -> device OrtValue (preallocated)
         self._out_shapes: dict[tuple, dict[str, tuple]] = {}
+        self._runs = 0
+
+    def _choose_variant(self, artifact, component: str) -> str | None:
+        variant = self.requested_variant
+        if variant == "auto":
+            from ldm_deploy.export.ort_optimize import VARIANT
+            has = VARIANT in (artifact.manifest["components"][component].get("variants") or {})
+            return VARIANT if has else None
+        return variant
 
     def _providers(self) -> list:
         return [("CUDAExecutionProvider", self.cuda_options), "CPUExecutionProvider"]
 
     def _device_value(self, shape, dtype):
         ort = _ort()
-        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cuda", self.device_id)
 
     def _bind_input(self, name: str, value: np.ndarray) -> None:
-        held = self._in.get(name)
-        if held is not None and self._in_src.get(name) is value and self.reuse_unchanged_inputs:
-            return  # the same array object as last call: its device copy is current
         array = np.ascontiguousarray(value, dtype=self.input_dtypes[name])
+        held = self._in.get(name)
         if held is None or tuple(held.shape()) != array.shape:
             if held is not None and self.enable_cuda_graph:
                 raise LdmError(f"{self.component} input {name!r} changed shape {tuple(held.shape())} -> {array.shape} "
@@ -138,13 +180,18 @@ class OrtCudaRunner(OrtCpuRunner):
                                "for each shape or pass enable_cuda_graph=False")
             held = self._device_value(array.shape, array.dtype)
             self._in[name] = held
+            self._in_host.pop(name, None)
             self.binding.bind_ortvalue_input(name, held)
+        elif self.reuse_unchanged_inputs and name in self._in_host and np.array_equal(self._in_host[name], array):
+            return  # the device copy already holds these values (e.g. the text embeddings every step)
         held.update_inplace(array)
-        self._in_src[name] = value
+        if self.reuse_unchanged_inputs:
+            self._in_host[name] = array.copy() if array is value else array
 
     def _output_shapes(self, key: tuple, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple] | None:
         """Output shapes for these input shapes: learned from an earlier run, or from the manifest's
-        symbolic dims when every output dim is named by an input dim (the U-Net); else None."""
+        symbolic dims when every output dim is named by an input dim, or is an image dim of a latent
+        one (image_height = vae_scale_factor * latent_height); else None."""
         if key in self._out_shapes:
             return self._out_shapes[key]
         dims: dict[str, int] = {}
@@ -152,6 +199,11 @@ class OrtCudaRunner(OrtCpuRunner):
             for d, size in zip(spec["shape"], np.shape(feeds[spec["name"]])):
                 if isinstance(d, str):
                     dims[d] = int(size)
+        for axis in ("height", "width"):
+            if f"latent_{axis}" in dims:
+                dims.setdefault(f"image_{axis}", dims[f"latent_{axis}"] * self.vae_scale_factor)
+            if f"image_{axis}" in dims and dims[f"image_{axis}"] % self.vae_scale_factor == 0:
+                dims.setdefault(f"latent_{axis}", dims[f"image_{axis}"] // self.vae_scale_factor)
         shapes = {}
         for spec in self.spec["outputs"]:
             if not all(isinstance(d, int) or d in dims for d in spec["shape"]):
@@ -169,9 +221,13 @@ class OrtCudaRunner(OrtCpuRunner):
         key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.input_names)
         shapes = self._output_shapes(key, inputs)
         if shapes is None:
+            if self.enable_cuda_graph:
+                # the capture records output addresses: ORT-allocated outputs would be replayed into
+                # buffers we no longer hold
+                raise LdmError(f"cannot size the {self.component} outputs from the manifest before the CUDA graph "
+                               "capture", hint="pass enable_cuda_graph=False for this component")
             # First call with these shapes and outputs we can't size: let ORT allocate, then learn the
-            # shapes so later calls write into our own buffers. (ORT's CUDA EP runs once normally
-            # before it captures a CUDA graph, so the capture sees the preallocated buffers.)
+            # shapes so later calls write into our own buffers.
             for name in self.output_names:
                 self.binding.bind_output(name, "cuda", self.device_id)
                 self._out.pop(name, None)
@@ -199,5 +255,11 @@ class OrtCudaRunner(OrtCpuRunner):
 
     def _run(self) -> None:
         self.binding.synchronize_inputs()
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as e:  # onnxruntime raises its own exception types
+            what = "CUDA graph capture/replay" if self.enable_cuda_graph else "run"
+            raise LdmError(f"onnxruntime CUDA {what} of {self.model_path} failed: {str(e).splitlines()[0]}",
+                           hint="retry with enable_cuda_graph=False / variant=None to narrow it down") from None
         self.binding.synchronize_outputs()
+        self._runs += 1

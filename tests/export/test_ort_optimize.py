@@ -1,0 +1,151 @@
+"""ONNX Runtime CUDA fused variants: made at export (--ort-cuda) or afterwards (add_ort_cuda_variants),
+recorded in the manifest with hashes, the SD fusions present for an SD-like tiny U-Net, picked by
+OrtCudaRunner(variant="auto") only. Executing the fused graphs needs CUDA (tests/runtime/test_ort_cuda*.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ldm_deploy.artifact import Artifact
+from ldm_deploy.errors import LdmError
+from ldm_deploy.export.config import ExportConfig, load_config
+from ldm_deploy.export.exporter import export_model
+from ldm_deploy.export.ort_optimize import FILE_NAME, VARIANT, add_ort_cuda_variants
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+def make_sd_like_folder(folder: Path) -> Path:
+    """The `tiny` preset with non-zero norm biases, as any trained model has (a zero beta lets the
+    exporter's cleanup drop the Add that ORT's GroupNorm matcher needs)."""
+    import torch
+
+    from training.checkpoint import Components, save_components
+    from training.models.presets import build_models, preset
+
+    p = preset("tiny")
+    unet, vae, text_encoder = build_models(p, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (unet, vae):
+            for name, param in model.named_parameters():
+                if "norm" in name and name.endswith("bias"):
+                    param.copy_(0.1 * torch.randn(param.shape, generator=g))
+    return save_components(Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer_dir=TOKENIZER,
+                                      scheduler_config=p["scheduler"]), folder)
+
+
+@pytest.fixture(scope="module")
+def sd_like_folder(tmp_path_factory) -> Path:
+    return make_sd_like_folder(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def fp32_fused(sd_like_folder, tmp_path_factory) -> Path:
+    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, ort_cuda=True)
+    return export_model(sd_like_folder, tmp_path_factory.mktemp("art") / "fp32", config).path
+
+
+@pytest.fixture(scope="module")
+def fp16_plain(sd_like_folder, tmp_path_factory) -> Path:
+    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, precision="fp16",
+                                         keep_fp32_unet=True)
+    return export_model(sd_like_folder, tmp_path_factory.mktemp("art") / "fp16", config).path
+
+
+def test_export_writes_variants_with_hashes(fp32_fused):
+    art = Artifact.open(fp32_fused, verify=True)
+    m = art.manifest
+    for name in COMPONENTS:
+        v = m["components"][name]["variants"][VARIANT]
+        assert v["file"] == f"{name}/{FILE_NAME}" and (fp32_fused / v["file"]).is_file()
+        assert m["files"][v["file"]], "the variant's sha256 is in the manifest's file list"
+        assert v["precision"] == "fp32"
+        assert v["nodes_before"] > 0 and v["nodes_after"] > 0
+        assert [i["name"] for i in v["inputs"]] == [i["name"] for i in m["components"][name]["inputs"]]
+        assert [o["name"] for o in v["outputs"]] == [o["name"] for o in m["components"][name]["outputs"]]
+    assert m["export_config"]["ort_cuda"] is True
+
+
+def test_unet_variant_has_the_sd_fusions(fp32_fused):
+    fused = json.loads((fp32_fused / "manifest.json").read_text())["components"]["unet"]["variants"][VARIANT]["fused_ops"]
+    for op in ("GroupNorm", "NhwcConv", "BiasSplitGelu"):
+        assert fused.get(op, 0) > 0, f"{op} not fused: {fused}"
+    import onnx
+    g = onnx.load(str(fp32_fused / "unet" / FILE_NAME)).graph
+    assert any(n.domain == "com.microsoft" for n in g.node)
+
+
+def test_add_variants_afterwards_fp16(fp16_plain, caplog):
+    with caplog.at_level("INFO"):
+        stats = add_ort_cuda_variants(fp16_plain)
+    # the fp16 text encoder has no fp32 graph kept: skipped with a log line; the VAE stays fp32
+    assert set(stats) == {"unet", "vae_decoder"}
+    assert "text_encoder" in caplog.text and "skipped" in caplog.text
+    art = Artifact.open(fp16_plain, verify=True)        # hashes of the rewritten manifest hold
+    unet = art.manifest["components"]["unet"]["variants"][VARIANT]
+    assert unet["precision"] == "fp16" and stats["unet"]["precision"] == "fp16"
+    dtypes = {i["name"]: i["dtype"] for i in unet["inputs"]}
+    assert dtypes == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16"}
+    assert unet["outputs"][0]["dtype"] == "float16"
+    assert art.manifest["components"]["vae_decoder"]["variants"][VARIANT]["precision"] == "fp32"
+    assert "variants" not in art.manifest["components"]["text_encoder"]
+    # running it again replaces the variant and keeps the manifest consistent
+    add_ort_cuda_variants(fp16_plain, ["unet"], float16=False)
+    art = Artifact.open(fp16_plain, verify=True)
+    assert art.manifest["components"]["unet"]["variants"][VARIANT]["precision"] == "fp32"
+
+
+def test_tampered_variant_is_refused(fp16_plain):
+    add_ort_cuda_variants(fp16_plain, ["vae_decoder"])
+    path = fp16_plain / "vae_decoder" / FILE_NAME
+    data = path.read_bytes()
+    try:
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(LdmError, match="sha256"):
+            Artifact.open(fp16_plain, verify=True)
+        with pytest.raises(LdmError, match="sha256"):
+            add_ort_cuda_variants(fp16_plain, ["vae_decoder"])
+    finally:
+        path.write_bytes(data)
+
+
+def test_cpu_runner_never_picks_the_variant(fp32_fused):
+    from ldm_deploy.runtime.runners.ort import OrtCpuRunner
+
+    r = OrtCpuRunner(fp32_fused, "unet")
+    assert r.variant is None and r.model_path.name == "model.onnx"
+
+
+def test_cuda_runner_variant_choice(fp32_fused, fp16_plain, monkeypatch):
+    """variant="auto" picks the fused file when listed; None forces the plain graph; a missing one is an
+    error. (The CUDA provider is faked as available so only the choice is tested; the session is CPU.)"""
+    import onnxruntime as ort
+
+    from ldm_deploy.runtime.runners.ort import OrtCudaRunner, component_spec
+
+    path, spec = component_spec(fp16_plain, "text_encoder")
+    assert path.name == "model.onnx"
+    with pytest.raises(LdmError, match="no 'ort-cuda' variant"):
+        component_spec(fp16_plain, "text_encoder", VARIANT)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(OrtCudaRunner, "_providers", lambda self: ["CPUExecutionProvider"])
+    plain = OrtCudaRunner(fp32_fused, "unet", variant=None)
+    assert plain.variant is None and plain.model_path.name == "model.onnx"
+    te = OrtCudaRunner(fp16_plain, "text_encoder")         # auto, none there: the plain graph
+    assert te.variant is None
+    try:   # the fused U-Net has CUDA-only contrib ops: the CPU session may refuse it, after the choice
+        fused = OrtCudaRunner(fp32_fused, "unet")
+    except LdmError as e:
+        assert FILE_NAME in str(e)
+    else:
+        assert fused.variant == VARIANT and fused.model_path.name == FILE_NAME
+
+
+def test_config_key_without_ort_cuda_is_unchanged():
+    """Artifacts exported before `ort_cuda` existed stay cached: the key leaves the default out."""
+    assert "ort_cuda" not in json.loads(ExportConfig().key())
+    assert json.loads(ExportConfig(ort_cuda=True).key())["ort_cuda"] is True
