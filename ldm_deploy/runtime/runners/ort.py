@@ -124,7 +124,13 @@ class OrtCpuRunner:
         return {n: np.asarray(a).astype(self.output_dtype, copy=False) for n, a in zip(self.output_names, arrays)}
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._cast_out(self.session.run(self.output_names, self._feeds(inputs)))
+        feeds = self._feeds(inputs)
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as e:  # onnxruntime's own exception types: one line, not a traceback
+            raise LdmError(f"onnxruntime failed running {self.component}: {str(e).strip().splitlines()[0][:300]}",
+                           hint="run `ldm-deploy validate` on the artifact, or re-export it") from None
+        return self._cast_out(outputs)
 
 
 class OrtCudaRunner(OrtCpuRunner):
