@@ -84,13 +84,12 @@ class Artifact:
             raise LdmError(f"{self.path} is not an ldm-deploy artifact: {MANIFEST} is missing",
                            hint="run `ldm-deploy export MODEL_DIR --out DIR` to make one")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            self.manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
             raise LdmError(f"cannot read {manifest_path}: {e}", hint="re-run the export") from None
         self._check_format()
         self.components = {name: _component(name, d) for name, d in self.manifest["components"].items()}
-        p = self.manifest["profiles"]
-        self.profiles = Profiles(**{k: Range(**p[k]) for k in ("batch", "height", "width")})
+        self.profiles = _profiles(self.manifest["profiles"], self.path)
         self.check_files(hashes=verify)
 
     @classmethod
@@ -187,9 +186,34 @@ class Artifact:
         missing = [k for k in required if k not in m]
         if missing:
             raise LdmError(f"manifest of {self.path} lacks {', '.join(missing)}", hint="re-run the export")
+        def bad(what):
+            return LdmError(f"manifest of {self.path} is malformed: {what}", hint="re-run the export")
+
+        if not isinstance(m["components"], dict) or not m["components"]:
+            raise bad("`components` is not a non-empty mapping")
         unknown = [c for c in m["components"] if c not in COMPONENTS]
         if unknown:
             raise LdmError(f"manifest of {self.path} has unknown components {unknown}")
+        files = m["files"]
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise bad("`files` is not a mapping of relative paths to sha256 strings")
+        for rel in files:
+            _check_relative(rel, self.path)
+        for key in ("scheduler", "tokenizer", "profiles"):
+            if not isinstance(m[key], dict):
+                raise bad(f"`{key}` is not a mapping")
+        if not isinstance(m["tokenizer"].get("dir"), str):
+            raise bad("`tokenizer.dir` is not a folder name")
+        _check_relative(m["tokenizer"]["dir"], self.path)
+        if not isinstance(m["precision"], str) or not isinstance(m["prediction_type"], str):
+            raise bad("`precision` / `prediction_type` are not strings")
+        sf = m["scaling_factor"]
+        if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not 0 < sf < float("inf"):
+            raise bad(f"`scaling_factor` {sf!r} is not a positive number")
+        for key in ("latent_channels", "vae_scale_factor"):
+            v = m[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise bad(f"`{key}` {v!r} is not a positive integer")
 
     def __repr__(self) -> str:
         p = self.profiles
@@ -197,13 +221,46 @@ class Artifact:
                 f"batch {p.batch}, {p.height} x {p.width})")
 
 
+def _check_relative(rel: str, root: Path) -> None:
+    """Refuse manifest paths that leave the artifact folder (absolute, or with `..`)."""
+    p = Path(rel)
+    if not rel or p.is_absolute() or ".." in p.parts or "\0" in rel:
+        raise LdmError(f"manifest of {root} names the path {rel[:80]!r}, which is not inside the artifact",
+                       hint="re-run the export; never edit manifest.json by hand")
+
+
 def _component(name: str, d: dict) -> ComponentSpec:
     def tensors(items):
-        return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+        out = []
+        for t in items:
+            if not (isinstance(t["name"], str) and isinstance(t["dtype"], str) and isinstance(t["shape"], list)
+                    and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in t["shape"])):
+                raise TypeError(f"tensor entry {str(t)[:80]}")
+            out.append(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])))
+        return tuple(out)
 
     try:
-        return ComponentSpec(name=name, file=d["file"], external_data=d.get("external_data"),
+        spec = ComponentSpec(name=name, file=d["file"], external_data=d.get("external_data"),
                              precision=d["precision"], inputs=tensors(d["inputs"]), outputs=tensors(d["outputs"]),
                              batch_multiplier=int(d.get("batch_multiplier", 1)), profile=d.get("profile", {}))
-    except (KeyError, TypeError) as e:
+        for rel in filter(None, (spec.file, spec.external_data)):
+            if not isinstance(rel, str):
+                raise TypeError(f"file {rel!r}")
+        if not isinstance(spec.precision, str) or not isinstance(spec.profile, dict) or spec.batch_multiplier < 1:
+            raise TypeError("precision / profile / batch_multiplier")
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise LdmError(f"manifest entry for component {name!r} is malformed ({e})", hint="re-run the export") from None
+    return spec
+
+
+def _profiles(p: dict, root: Path) -> Profiles:
+    ranges = {}
+    for k in ("batch", "height", "width"):
+        r = p.get(k)
+        if not (isinstance(r, dict) and set(r) >= {"min", "opt", "max"}
+                and all(isinstance(r[x], int) and not isinstance(r[x], bool) for x in ("min", "opt", "max"))
+                and 1 <= r["min"] <= r["opt"] <= r["max"]):
+            raise LdmError(f"manifest of {root} is malformed: profiles.{k} is not {{min, opt, max}} integers "
+                           f"with 1 <= min <= opt <= max (got {str(r)[:80]})", hint="re-run the export")
+        ranges[k] = Range(r["min"], r["opt"], r["max"])
+    return Profiles(**ranges)

@@ -87,11 +87,20 @@ def _check_safetensors_header(path: Path) -> None:
             )
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise LdmError(f"{bad}: its header is not JSON", hint="the file is corrupt or in another format") from None
     if not isinstance(header, dict):
         raise LdmError(f"{bad}: its header is not a JSON object")
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    ends = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            raise LdmError(f"{bad}: tensor {str(k)[:60]!r} has no valid data_offsets",
+                           hint="the file is corrupt or in another format")
+        ends.append(offsets[1])
     data = size - 8 - n
     if ends and max(ends) > data:
         raise LdmError(

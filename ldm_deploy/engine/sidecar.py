@@ -49,15 +49,50 @@ def read_sidecar(engine_dir: str | Path, component: str) -> dict:
         raise LdmError(f"no engine for {component!r} in {engine_dir} ({path.name} is missing)",
                        hint=f"build it: ldm-deploy build ARTIFACT_DIR --out {engine_dir}")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
         raise LdmError(f"engine sidecar {path} is unreadable: {e}",
                        hint=f"rebuild: ldm-deploy build ARTIFACT_DIR --out {engine_dir}") from None
+    if not isinstance(data, dict):
+        raise LdmError(f"engine sidecar {path} is not a JSON object",
+                       hint=f"rebuild: ldm-deploy build ARTIFACT_DIR --out {engine_dir}")
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise LdmError(f"{path} is not an ldm-deploy engine sidecar (format {data.get('format')!r} "
                        f"version {data.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION})",
                        hint=f"rebuild: {data.get('rebuild') or 'ldm-deploy build ARTIFACT_DIR --out ' + str(engine_dir)}")
+    problem = _schema_problem(data)
+    if problem:
+        raise LdmError(f"engine sidecar {path} is malformed: {problem}",
+                       hint=f"rebuild: ldm-deploy build ARTIFACT_DIR --out {engine_dir} --force")
     return data
+
+
+def _schema_problem(data: dict) -> str | None:
+    """What is wrong with the fields that loading reads, or None."""
+    def typed(obj, key, kind):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    if not typed(data, "component", str):
+        return "`component` is not a string"
+    if data.get("rebuild") is not None and not typed(data, "rebuild", str):
+        return "`rebuild` is not a string"
+    if data.get("artifact") is not None and not typed(data, "artifact", str):
+        return "`artifact` is not a string"
+    engine = data.get("engine")
+    if not (typed(engine, "file", str) and typed(engine, "bytes", int) and typed(engine, "sha256", str)):
+        return "`engine` lacks file / bytes / sha256"
+    if Path(engine["file"]).name != engine["file"] or engine["file"] in ("", ".", ".."):
+        return f"engine file {engine['file'][:80]!r} is not a file name in the engine folder"
+    key = data.get("key")
+    if not all(typed(key, k, str) for k in ("flavour", "tensorrt_version", "gpu")):
+        return "`key` lacks flavour / tensorrt_version / gpu"
+    ccs = key.get("compute_capabilities")
+    if not (isinstance(ccs, list) and ccs and all(isinstance(c, str) for c in ccs)):
+        return "`key.compute_capabilities` is not a list of strings"
+    if not (typed(key.get("onnx"), "file", str) and typed(key.get("onnx"), "sha256", str)):
+        return "`key.onnx` lacks file / sha256"
+    return None
 
 
 def key_differences(old_key: dict, new_key: dict) -> list[str]:

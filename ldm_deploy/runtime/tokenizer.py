@@ -90,15 +90,19 @@ def read_vocab(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
                            hint="a CLIP tokenizer folder needs vocab.json and merges.txt")
     try:
         vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or bad UTF-8
         raise LdmError(f"tokenizer file {vocab_file} is not valid JSON: {e}") from None
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise LdmError(f"tokenizer file {vocab_file} is not a token -> id mapping")
     missing = [t for t in (BOS, EOS) if t not in vocab]
     if missing:
         raise LdmError(f"tokenizer vocabulary {vocab_file} lacks the CLIP special tokens {missing}")
+    try:
+        merges_text = merges_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LdmError(f"tokenizer file {merges_file} is not UTF-8 text: {e}") from None
     merges = []
-    for lineno, line in enumerate(merges_file.read_text(encoding="utf-8").split("\n"), start=1):
+    for lineno, line in enumerate(merges_text.split("\n"), start=1):
         if not line or (lineno == 1 and line.startswith("#version")):
             continue
         pair = line.split(" ")
@@ -116,7 +120,7 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or bad UTF-8
         raise LdmError(f"tokenizer config {path} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise LdmError(f"tokenizer config {path} is not a JSON object")
@@ -132,6 +136,8 @@ def read_special_tokens(folder: Path) -> tuple[dict, int]:
     config = _read_json(folder / "tokenizer_config.json")
     specials = {k: config[k] for k in SPECIAL_KEYS if config.get(k) is not None}
     decoder = config.get("added_tokens_decoder")
+    if decoder is not None and not isinstance(decoder, dict):
+        raise LdmError(f"tokenizer config {folder / 'tokenizer_config.json'}: added_tokens_decoder is not a mapping")
     if decoder is None:
         stmap = _read_json(folder / "special_tokens_map.json")
         specials.update({k: stmap[k] for k in SPECIAL_KEYS if stmap.get(k) is not None})
@@ -140,6 +146,12 @@ def read_special_tokens(folder: Path) -> tuple[dict, int]:
         specials = {k: by_content.get(_content(v), v) for k, v in specials.items()}
     defaults = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     specials = {k: specials.get(k, defaults[k]) for k in SPECIAL_KEYS}
+    for k, v in specials.items():
+        ok = isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str) and all(
+            isinstance(v.get(f, False), bool) for f in ("single_word", "lstrip", "rstrip", "normalized")))
+        if not ok:
+            raise LdmError(f"tokenizer config in {folder}: {k} {str(v)[:60]} is not a token string or "
+                           "{content, ...} entry", hint="fix tokenizer_config.json / special_tokens_map.json")
     max_len = config.get("model_max_length", MODEL_MAX_LENGTH)
     if not isinstance(max_len, int) or not 2 < max_len <= 4096:
         max_len = MODEL_MAX_LENGTH  # transformers writes 1e30 for "unset"
