@@ -1,9 +1,17 @@
-"""`ldm-deploy`: a thin layer over the library. Each subcommand lives in ldm_deploy/commands/."""
+"""`ldm-deploy`: a thin layer over the library. Each subcommand lives in ldm_deploy/commands/.
+
+Conventions every subcommand gets from here:
+  * `--help` ends with an example; `-q/--quiet` and `-v/--verbose` work before or after the subcommand;
+  * exit 0 on success, 1 on a failure (LdmError, or any other error), 2 on a usage error (argparse or
+    UsageError), 130 on Ctrl-C; errors are one line on stderr, tracebacks only with --verbose;
+  * --quiet: log level WARNING and no tqdm bars (TQDM_DISABLE); --verbose: DEBUG.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ldm_deploy import __version__
@@ -18,9 +26,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _add_verbosity(p: argparse.ArgumentParser, dest_prefix: str = "") -> None:
+    g = p.add_mutually_exclusive_group()
+    # Subparser defaults overwrite the parent's values, so the top-level flags use their own dests.
+    g.add_argument("-q", "--quiet", dest=f"{dest_prefix}quiet", action="store_true",
+                   help="print only warnings and errors; no progress bars")
+    g.add_argument("-v", "--verbose", dest=f"{dest_prefix}verbose", action="store_true",
+                   help="print debug output, and tracebacks on errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ldm-deploy", description="Export, build and run latent diffusion models.")
+    parser = _Parser(prog="ldm-deploy", description="Export, build and run latent diffusion models.",
+                     epilog="example:\n  ldm-deploy demo\n\n`ldm-deploy COMMAND --help` shows each command's "
+                            "flags and an example.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ldm-deploy {__version__}")
+    _add_verbosity(parser, dest_prefix="global_")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
@@ -33,22 +53,45 @@ def build_parser() -> argparse.ArgumentParser:
             mod.NAME, help=mod.HELP, description=mod.HELP,
             epilog=f"example:\n  {mod.EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-        g.add_argument("-v", "--verbose", action="store_true", help="print debug output and tracebacks")
+        _add_verbosity(p)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error (2): return, don't raise, for callers of main()
+        return e.code if isinstance(e.code, int) else 2
+    args.quiet = getattr(args, "quiet", False) or args.global_quiet
+    args.verbose = getattr(args, "verbose", False) or args.global_verbose
+    if args.quiet and args.verbose:
+        print(f"{parser.prog}: error: --quiet and --verbose exclude each other (see --help)", file=sys.stderr)
+        return 2
+    return args
+
+
+def configure_output(quiet: bool, verbose: bool) -> None:
+    """Log level for the `ldm_deploy` and `training` loggers; --quiet also turns tqdm bars off."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    for name in ("ldm_deploy", "training"):
+        logging.getLogger(name).setLevel(level)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, ours and libraries', reads this (tqdm >= 4.66)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
     if not getattr(args, "_run", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s")
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    configure_output(args.quiet, args.verbose)
     try:
         return int(args._run(args) or 0)
     except LdmError as e:
@@ -59,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ldm-deploy: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an environment problem we did not foresee: still one line
+        if args.verbose:
+            raise
+        what = " ".join(str(e).split()) or "no message"
+        print(f"ldm-deploy: error: {type(e).__name__}: {what} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:  # main() may be called in-process (tests, notebooks): leave the environment as it was
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ BACKEND_CHOICES = ("auto", "ort-cpu", "ort-cuda")
 SEEN_PROMPTS = (  # combinations the model trained on (none is in shapes.HOLDOUT; a test checks)
     "a large red circle in the center on a white background",
     "a medium blue square at the top left on a yellow background",
-    "a small green triangle at the bottom right on a black background",
+    "a small purple triangle at the bottom right on a white background",
     "a large yellow star on the left on a blue background",
 )
 N_HOLDOUT = 4  # held-out (colour, shape, position) triples from shapes.holdout_prompts
