@@ -49,7 +49,10 @@ def inspect_artifact(root: Path) -> dict:
         raise LdmError(f"{root / 'manifest.json'} is not an ldm-deploy artifact manifest (format {m.get('format')!r})")
     components = {}
     for name, c in m.get("components", {}).items():
-        files = [f for f in (c.get("file"), c.get("external_data"), c.get("fp32_file")) if f]
+        variants = {"fp32": {"file": c["fp32_file"]}} if c.get("fp32_file") else {}
+        variants.update(c.get("variants") or {})          # e.g. "ort-cuda": ORT-fused graph for CUDA
+        files = [f for f in (c.get("file"), c.get("external_data")) if f]
+        files += [f for v in variants.values() for f in (v.get("file"), v.get("external_data")) if f]
         export = c.get("export") or {}
         components[name] = {
             "file": c.get("file"), "precision": c.get("precision"), "bytes": _size(root, files),
@@ -57,11 +60,13 @@ def inspect_artifact(root: Path) -> dict:
             "inputs": c.get("inputs", []), "outputs": c.get("outputs", []),
             "batch_multiplier": c.get("batch_multiplier", 1), "profile": c.get("profile"),
             "export": {k: export[k] for k in ("exporter", "opset", "export_seconds") if k in export},
+            "variants": {k: {f: v.get(f) for f in ("file", "precision", "fused_ops") if f in v}
+                         for k, v in variants.items()},
         }
-    variants = [v for v in ("fp32_file",) if any(v in c for c in m.get("components", {}).values())]
     info = {
         "kind": "artifact", "path": str(root), "format_version": m.get("format_version"), "created": m.get("created"),
-        "precision": m.get("precision"), "variants": ["unet fp32 graph (keep_fp32_unet)"] if variants else [],
+        "precision": m.get("precision"),
+        "variants": sorted({v for c in components.values() for v in c["variants"]}),
         "source": m.get("source"), "profiles": m.get("profiles"), "prediction_type": m.get("prediction_type"),
         "scaling_factor": m.get("scaling_factor"), "scheduler": (m.get("scheduler") or {}).get("_class_name"),
         "components": components, "bytes": _size(root, list(m.get("files", {}))), "tools": m.get("tools"),
@@ -224,6 +229,8 @@ def _fmt_artifact(a: dict) -> str:
         extra = f", batch x{c['batch_multiplier']}" if c["batch_multiplier"] != 1 else ""
         missing = f"  MISSING {', '.join(c['missing_files'])}" if c["missing_files"] else ""
         lines.append(f"  {name}: {c['file']} ({c['precision']}, {_mb(c['bytes'])}{extra}){missing}")
+        for v, d in c["variants"].items():
+            lines.append(f"    variant {v}: {d.get('file')}" + (f" ({d['precision']})" if d.get("precision") else ""))
         lines.append(f"    in:  {_io(c['inputs'])}")
         lines.append(f"    out: {_io(c['outputs'])}")
     lines.append(f"  tools: {tools}")
