@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.fileio import atomic_dir, write_json
+from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
 from training.config import StageConfig
 from training.ema import EMA
 
@@ -247,6 +247,9 @@ class Trainer:
             from safetensors.torch import save_file
 
             folder = self.ckpt_root / f"step_{step:07d}"
+            need = sum(t.numel() * t.element_size() for m in self.trainable.values() for t in m.state_dict().values())
+            # weights, EMA copies and AdamW's two moments, plus headroom
+            check_free_space(self.ckpt_root, need * (3 + len(self.ema)) + (16 << 20), f"the {self.name} checkpoint")
             with atomic_dir(folder) as tmp:
                 for key, module in self.trainable.items():
                     save_file(_plain_state(module.state_dict()), tmp / f"{key}.safetensors")

@@ -24,7 +24,7 @@ import ldm_deploy
 from ldm_deploy.engine import sidecar as sc
 from ldm_deploy.engine import trt_api
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.fileio import atomic_file, sha256_file, write_json
+from ldm_deploy.fileio import atomic_file, check_free_space, sha256_file, write_json
 
 log = logging.getLogger("ldm_deploy")
 
@@ -255,6 +255,7 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
                     "at run time; the runner's runtime_cache option keeps them)")
     rebuild = _rebuild_command(artifact_dir, engine_dir, flavour, config, config_file)
     report = BuildReport(engine_dir, flavour, version)
+    keys = {}  # every key (which hashes and checks every ONNX) before any engine is written
     for component in components:
         entry = manifest["components"][component]
         onnx_precision = component_precision(manifest, component)
@@ -272,6 +273,9 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
             "onnx": _onnx_identity(artifact_dir, entry, manifest.get("files", {})),
             "build_options": {"opt_level": config.opt_level, "workspace_mb": config.workspace_mb},
         }
+        keys[component] = key
+    for component, key in keys.items():
+        entry = manifest["components"][component]
         reason = _why_rebuild(engine_dir, component, key, config.force)
         if reason is None:
             size = sc.engine_path(engine_dir, component).stat().st_size
@@ -280,6 +284,7 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
                                                   sc.engine_path(engine_dir, component)))
             continue
         log.info(f"{component}: building ({reason})")
+        check_free_space(engine_dir, _engine_bytes_estimate(artifact_dir, entry), f"the {component} engine")
         t0 = time.perf_counter()
         data = build_engine(trt, artifact_dir / entry["file"], key, config, component)
         seconds = time.perf_counter() - t0
@@ -288,6 +293,12 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
         report.results.append(ComponentResult(component, "built", reason, seconds, len(data),
                                               sc.engine_path(engine_dir, component)))
     return report
+
+
+def _engine_bytes_estimate(artifact_dir: Path, entry: dict) -> int:
+    """Disk an engine needs: about its ONNX weights (plus external data), and some headroom."""
+    files = [artifact_dir / entry["file"]] + ([artifact_dir / entry["external_data"]] if entry.get("external_data") else [])
+    return sum(f.stat().st_size for f in files if f.is_file()) + (16 << 20)
 
 
 def load_manifest(artifact_dir: Path) -> dict:

@@ -145,6 +145,12 @@ class Pipeline:
         names = components or [c for c in COMPONENTS if c in m["components"]]
         runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
         tokenizer = ClipTokenizer.from_dir(artifact.tokenizer_dir)
+        model = m.get("model") if isinstance(m.get("model"), dict) else {}
+        te_vocab = (model.get("text_encoder") or {}).get("vocab_size") if isinstance(model.get("text_encoder"), dict) else None
+        if isinstance(te_vocab, int) and max(tokenizer.vocab.values()) >= te_vocab:
+            raise LdmError(f"the tokenizer in {artifact.tokenizer_dir} has ids up to {max(tokenizer.vocab.values())} "
+                           f"but the text encoder's vocabulary has {te_vocab} rows",
+                           hint="the artifact's tokenizer/ belongs to another model; re-export from the model folder")
         source_hash = (m.get("source") or {}).get("sha256")
         return cls(tokenizer, runners, m["scheduler"], m["scaling_factor"], m.get("prediction_type", "epsilon"),
                    m.get("profiles"), latent_channels=m.get("latent_channels", 4),

@@ -45,8 +45,13 @@ def env() -> dict:
 
 
 def cli(*args, timeout: float = 120, module: str = "ldm_deploy.cli") -> Ran:
-    """`ldm-deploy ARGS` (or `ldm-train` with module="training.cli") in a fresh process, quiet."""
-    argv = [sys.executable, "-m", module, *map(str, args)]
+    """`ldm-deploy CMD -q ARGS` (or `ldm-train ARGS` with module="training.cli") in a fresh process.
+
+    `-q` keeps progress lines off stderr, so an error is exactly the one line there."""
+    args = [str(a) for a in args]
+    if module == "ldm_deploy.cli" and args:
+        args.insert(1, "-q")
+    argv = [sys.executable, "-m", module, *args]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
     return Ran(p.returncode, p.stdout, p.stderr)
 

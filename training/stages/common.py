@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.fileio import atomic_dir, write_json
+from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
 from training.config import TrainConfig
 
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -82,6 +82,8 @@ def save_part(part: str, module: nn.Module, folder: Path, report: dict | None = 
         state = {k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k: v for k, v in state.items()}
     else:
         config = module_config_dict(module)
+    check_free_space(folder, sum(v.numel() * v.element_size() for v in state.values()) + (16 << 20),
+                     f"the trained {part}")
     with atomic_dir(folder) as tmp:
         write_json(tmp / "config.json", config)
         save_file(state, str(tmp / WEIGHT_FILE[part]), metadata={"format": "pt"})
