@@ -63,3 +63,48 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_used_mib(device: int = 0) -> tuple[float, str] | None:
+    """(used MiB on the device, how it was read): cuda-bindings `cudaMemGetInfo` (total - free, the
+    whole device) or, without cuda-bindings, nvidia-smi's figure for THIS process. None without a GPU."""
+    try:
+        from cuda.bindings import runtime as rt
+    except ImportError:
+        rt = None
+    if rt is not None:
+        try:
+            rt.cudaSetDevice(device)
+            err, free, total = rt.cudaMemGetInfo()
+            if err == rt.cudaError_t.cudaSuccess:
+                return (total - free) / 2**20, "cudaMemGetInfo used (total - free)"
+        except Exception:  # noqa: BLE001 - a broken driver must not fail a benchmark
+            pass
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(used.strip()), "nvidia-smi used_memory of this PID"
+    return 0.0, "nvidia-smi used_memory of this PID"
+
+
+def gpu_peak_tflops(gpu_name: str, dtype: str) -> float | None:
+    """Dense peak TFLOP/s of a known card for fp16 (tensor cores) or fp32 (no TF32); None if unknown.
+
+    Data-sheet numbers without sparsity. The FLOP floor of a run is its FLOPs over this.
+    """
+    name = gpu_name.upper()
+    table = [  # (substring, fp16 tensor dense, fp32 non-tensor)
+        ("H200", 989.4, 66.9), ("H100 NVL", 835.0, 60.0), ("H100 PCIE", 756.0, 51.2), ("H100", 989.4, 66.9),
+        ("A100", 312.0, 19.5), ("L40S", 362.1, 91.6), ("L4", 121.0, 30.3), ("A10", 125.0, 31.2),
+    ]
+    for key, fp16, fp32 in table:
+        if key in name:
+            return fp16 if dtype == "fp16" else fp32
+    return None

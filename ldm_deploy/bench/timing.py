@@ -46,9 +46,38 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10,
         if sync:
             sync()
         samples.append((time.perf_counter() - t0) * 1e3)
-    xs = sorted(samples)
+    return from_samples(samples, warmup)
+
+
+def measure_within(fn: Callable[[], object], *, budget_s: float, warmup: int = 1, repeats: int = 3,
+                   sync: Callable[[], None] | None = None) -> Timing:
+    """As `measure`, but run fewer repeats (at least one) when `repeats` would take longer than `budget_s`.
+
+    For slow end-to-end runs: the first timed run sets how many more fit in the budget.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    while len(samples) < repeats:
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if sum(samples) + samples[-1] > budget_s * 1e3:
+            break
+    return from_samples(samples, warmup)
+
+
+def from_samples(samples_ms: list[float], warmup: int = 0) -> Timing:
+    """A Timing from raw per-run milliseconds."""
+    xs = sorted(samples_ms)
     return Timing(
         median_ms=statistics.median(xs), p10_ms=_quantile(xs, 0.1), p90_ms=_quantile(xs, 0.9),
         mean_ms=statistics.fmean(xs), stdev_ms=statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        repeats=repeats, warmup=warmup,
+        repeats=len(xs), warmup=warmup,
     )

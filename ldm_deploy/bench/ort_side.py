@@ -1,0 +1,140 @@
+"""The deployed sides: our numpy Pipeline over ONNX Runtime (CPU, CUDA and its levers) or TensorRT runners.
+
+End to end is exactly what `ldm-deploy generate` runs (`Pipeline.__call__`, DDIM); the per-component
+timings call the same runners the way the pipeline does (text encoder: two calls of B rows, uncond and
+cond; U-Net: one call at 2B; VAE decoder: B latents). The numpy scheduler + CFG overhead per step
+comes from the pipeline's own `GenerationResult.timings`. torch-free.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ldm_deploy.bench.timing import measure, measure_within
+
+# side -> (backend, runner options)
+_OPTIONS = {
+    "ort-cpu": ("ort-cpu", {}),
+    "ort-cuda": ("ort-cuda", {"enable_cuda_graph": True}),
+    "ort-cuda-no-graph": ("ort-cuda", {"enable_cuda_graph": False}),
+    "ort-cuda-plain": ("ort-cuda", {"enable_cuda_graph": True, "variant": None}),
+    "tensorrt": ("tensorrt", {"cuda_graph": True}),
+}
+
+
+def _skip_reason(spec, side: str) -> str | None:
+    if side.startswith("ort-cuda"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "onnxruntime has no CUDAExecutionProvider here (needs onnxruntime-gpu and an NVIDIA GPU)"
+    if side == "tensorrt":
+        from ldm_deploy.engine import trt_api
+
+        engines = Path(spec.engine_dir or Path(spec.artifact) / "engines")
+        if not any(engines.glob("*.engine")):
+            return f"no TensorRT engines in {engines} (run `ldm-deploy build {spec.artifact}`)"
+        try:
+            runs = trt_api.can_execute()
+        except Exception as e:  # noqa: BLE001 - any import/driver failure means "does not run here"
+            return f"TensorRT does not run here: {str(e).splitlines()[0]}"
+        if not runs:
+            return ("TensorRT cannot execute here (no TensorRT installed for this GPU, "
+                    f"or no GPU; installed: {trt_api.installed_flavours() or 'none'})")
+    return None
+
+
+def _runner_options(spec, side: str) -> tuple[str, dict]:
+    from ldm_deploy.runtime.runners import ort as ort_runners
+
+    backend, opts = _OPTIONS[side]
+    opts = dict(opts)
+    if backend == "ort-cpu" and spec.threads:
+        opts["intra_op_threads"] = int(spec.threads)
+    if "variant" in opts and "variant" not in inspect.signature(ort_runners.OrtCudaRunner.__init__).parameters:
+        raise RuntimeError("this OrtCudaRunner has no `variant` option: it always runs the plain graph, "
+                           "so ort-cuda-plain would repeat ort-cuda")
+    if backend == "tensorrt" and spec.engine_dir:
+        opts["engine_dir"] = spec.engine_dir
+    return backend, opts
+
+
+def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
+    from ldm_deploy.bench.machine import gpu_used_mib
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    reason = _skip_reason(spec, side)
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    backend, opts = _runner_options(spec, side)
+    gpu = backend != "ort-cpu"
+    gpu_before = gpu_used_mib() if gpu else None
+    record = {"device": "cuda" if gpu else "cpu", "backend": backend,
+              "runner_options": {k: v for k, v in opts.items()}}
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_artifact(spec.artifact, backend=backend, verify=False, **opts)
+    record["load_s"] = round(time.perf_counter() - t0, 3)
+    record["dtype"] = pipe.runners["unet"].spec.get("precision", "fp32") if hasattr(pipe.runners["unet"], "spec") else None
+    record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?")))
+                             for c, r in pipe.runners.items() if c != "vae_encoder"}
+    record["variants"] = {c: getattr(r, "variant", None) for c, r in pipe.runners.items() if c != "vae_encoder"}
+    if backend == "ort-cpu":
+        record["threads"] = spec.threads or "onnxruntime default (all cores)"
+    log(f"{side} b{batch}: loaded in {record['load_s']} s ({record['model_files'].get('unet')})")
+
+    cfg = spec.guidance > 1
+    prompts, negatives = [spec.prompt] * batch, [""] * batch
+    emb = np.concatenate([pipe._encode_text(negatives), pipe._encode_text(prompts)]) if cfg else pipe._encode_text(prompts)
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((emb.shape[0], pipe.latent_channels, height // 8, width // 8),
+                                           dtype=np.float32),
+             "timestep": np.full((emb.shape[0],), 500.0, dtype=np.float32), "encoder_hidden_states": emb}
+    latent = rng.standard_normal((batch, pipe.latent_channels, height // 8, width // 8), dtype=np.float32)
+    unet, vae = pipe.runners["unet"], pipe.runners["vae_decoder"]
+
+    def text():
+        pipe._encode_text(negatives)
+        pipe._encode_text(prompts)
+
+    record["components_ms"] = {
+        "text_encoder": measure(text if cfg else (lambda: pipe._encode_text(prompts)),
+                                warmup=spec.component_warmup, repeats=spec.component_repeats).as_dict(),
+        "unet_step": measure(lambda: unet(feeds), warmup=spec.component_warmup,
+                             repeats=spec.component_repeats).as_dict(),
+        "vae_decoder": measure(lambda: vae({"latent": latent}), warmup=min(spec.component_warmup, 1),
+                               repeats=max(1, spec.component_repeats // 3)).as_dict(),
+    }
+    log(f"{side} b{batch}: U-Net step {record['components_ms']['unet_step']['median_ms']:.1f} ms; end to end ...")
+    results = []
+
+    def e2e():
+        results.append(pipe(spec.prompt, steps=spec.steps, guidance=spec.guidance, scheduler=spec.scheduler,
+                            seed=0, height=height, width=width, num_images=batch))
+
+    timing = measure_within(e2e, budget_s=spec.e2e_budget_s, warmup=spec.warmup, repeats=spec.repeats)
+    record["end_to_end"] = timing.as_dict()
+    timed = results[spec.warmup:] or results
+    per_step = [r.timings for r in timed if r.timings.get("unet_calls")]
+    if per_step:
+        med = lambda key: float(np.median([t[key] for t in per_step]))  # noqa: E731
+        record["scheduler_overhead"] = {
+            "ms_per_step": round(med("scheduler_overhead_per_step") * 1e3, 4),
+            "unet_ms_per_step": round(med("unet_per_step") * 1e3, 3),
+            "fraction_of_step": round(med("scheduler_overhead_per_step") / max(med("unet_per_step"), 1e-12), 5),
+            "what": "numpy sampler + CFG glue + host<->device copies per step, outside the U-Net runner",
+        }
+        record["stages_ms"] = {k: round(float(np.median([t[k] for t in per_step])) * 1e3, 2)
+                               for k in ("text_encoder", "denoise", "vae_decoder", "total") if k in per_step[0]}
+    record["images_shape"] = list(timed[-1].images.shape)
+    if gpu:
+        after = gpu_used_mib()
+        if after is not None:
+            before = gpu_before[0] if gpu_before else 0.0
+            record["peak_gpu_mib"] = round(after[0] - before, 1)
+            record["gpu_memory_method"] = (f"{after[1]}, sampled after the run minus before loading "
+                                           "(ONNX Runtime's arena keeps its peak)")
+    return record

@@ -1,0 +1,119 @@
+"""What a benchmark runs on: random-weight model folders, the export, ONNX Runtime CUDA variants.
+
+    folder, seconds = random_model_folder("sd15", Path("/tmp/sd15/model"))
+    export = export_for_bench(folder, Path("/tmp/sd15/onnx-fp16"), "sd15", precision="fp16", ort_cuda=True)
+
+Architectures: `demo` is the shapes demo model (training/configs/shapes.yaml: the tiny preset with that
+file's sizes, 128x128), `sd15` the full-size SD 1.5 preset, `tiny` the CI preset (64x64). Random
+weights are seeded; the text encoder gets the bundled CLIP vocabulary (49408 tokens) so any prompt
+tokenizes (an embedding lookup costs no FLOPs, so timings do not depend on it). Imports torch (training).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ldm_deploy.errors import LdmError, UsageError
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = ROOT / "tests" / "data" / "clip_tokenizer"
+KINDS = ("demo", "sd15", "tiny")
+log = logging.getLogger(__name__)
+
+
+def model_dicts(kind: str) -> dict:
+    """unet / vae / text_encoder / scheduler config dicts of a benchmark architecture."""
+    if kind == "demo":
+        from training.config import load_config
+        from training.stages.common import model_dicts as merged
+
+        cfg = load_config(ROOT / "training" / "configs" / "shapes.yaml")
+        dicts = merged(cfg)
+        size = cfg.data.resolution                                        # 128 px -> 16x16 latents
+        dicts["unet"] = {**dicts["unet"], "sample_size": size // 8}
+        dicts["vae"] = {**dicts["vae"], "sample_size": size}
+    elif kind in ("sd15", "tiny"):
+        from training.models.presets import preset
+
+        dicts = preset(kind)
+    else:
+        raise UsageError(f"unknown benchmark model {kind!r}; choose one of {', '.join(KINDS)}")
+    dicts["text_encoder"] = {**dicts["text_encoder"], "vocab_size": 49408}
+    return dicts
+
+
+def random_model_folder(kind: str, folder: Path, seed: int = 0) -> tuple[Path, float | None]:
+    """A diffusers folder with seeded random weights (reused when `folder` already holds one)."""
+    from training.checkpoint import Components, save_components
+    from training.models.presets import build_models
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder, None
+    start = time.perf_counter()
+    dicts = model_dicts(kind)
+    unet, vae, text_encoder = build_models(dicts, seed=seed)
+    save_components(Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer_dir=TOKENIZER,
+                               scheduler_config=dicts["scheduler"]), folder)
+    return folder, round(time.perf_counter() - start, 2)
+
+
+def default_size(model_dir: str | Path) -> int:
+    import json
+
+    config = json.loads((Path(model_dir) / "unet" / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("sample_size", 64)) * 8
+
+
+def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: int = 1, height: int | None = None,
+                     width: int | None = None, precision: str | None = None, ort_cuda: bool = False) -> dict:
+    """Export `model_dir` to `out` (skipped when up to date) and return what it took.
+
+    Without `config`: a static-size export at (height, width) (default: the U-Net's sample_size * 8),
+    batch 1..batch_max, fp32 unless `precision` says otherwise.
+    """
+    from ldm_deploy.export.config import ExportConfig, Range, load_config
+    from ldm_deploy.export.exporter import export_model
+
+    if model_dir is None:
+        raise UsageError("exporting for the benchmark needs the model folder", hint="pass --artifact or a model folder")
+    if config:
+        cfg = load_config(config)
+    else:
+        size_h = height or default_size(model_dir)
+        size_w = width or size_h
+        cfg = ExportConfig(name="bench", batch=Range(1, 1, max(1, batch_max)), height=Range(size_h, size_h, size_h),
+                           width=Range(size_w, size_w, size_w), measure_runtime=False)
+    changes = {"precision": precision} if precision else {}
+    if ort_cuda:
+        if "ort_cuda" not in {f for f in cfg.__dataclass_fields__}:
+            raise LdmError("this ldm-deploy's export config has no ort_cuda option")
+        changes["ort_cuda"] = True
+    cfg = cfg.replace(**changes)
+    if cfg.batch.max < batch_max:
+        cfg = cfg.replace(batch=Range(cfg.batch.min, cfg.batch.opt, batch_max))
+    start = time.perf_counter()
+    result = export_model(model_dir, out, cfg, force=False)
+    return {"artifact": str(out), "config": cfg.to_dict(), "cached": bool(result.cached),
+            "seconds": None if result.cached else round(result.seconds, 1),
+            "wall_s": round(time.perf_counter() - start, 1),
+            "components": {name: c.get("export") for name, c in result.artifact.manifest["components"].items()}}
+
+
+def add_ort_cuda_variants(artifact) -> dict:
+    """The ONNX Runtime CUDA fused graphs (model.ort-cuda.onnx) for an artifact that lacks them."""
+    import json
+
+    manifest = json.loads((Path(artifact) / "manifest.json").read_text(encoding="utf-8"))
+    have = {name for name, c in manifest["components"].items() if (c.get("variants") or {}).get("ort-cuda")}
+    if {"unet", "text_encoder", "vae_decoder"} <= have:
+        return {"already_present": sorted(have)}
+    try:
+        from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add
+    except ImportError as e:
+        log.warning("ort-cuda variants skipped: %s", e)
+        return {"skipped": f"ldm_deploy.export.ort_optimize.add_ort_cuda_variants unavailable: {e}"}
+    start = time.perf_counter()
+    stats = add(artifact)
+    return {"seconds": round(time.perf_counter() - start, 1), "components": stats}

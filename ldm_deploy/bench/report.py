@@ -1,0 +1,138 @@
+"""Benchmark results -> a PNG chart, a Markdown table, and the README block generated from them.
+
+    write_chart(results, "benchmarks/results/cpu-demo.png")
+    markdown_table([results_a, results_b])      # one row per (run, side, batch)
+    replace_block(readme_text, table)           # between <!-- bench:start --> and <!-- bench:end -->
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ldm_deploy.errors import LdmError
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+# The baseline each run's speed-up column is measured against: the strongest plain PyTorch side that ran.
+BASELINES = ("torch-eager-fp16", "torch-eager-fp32")
+
+
+def load_results(paths) -> list[dict]:
+    runs = []
+    for path in sorted(Path(p) for p in paths):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != "ldm-deploy-bench":
+            raise LdmError(f"{path} is not an ldm-deploy benchmark result (format {data.get('format')!r})")
+        data.setdefault("name", path.stem)
+        runs.append(data)
+    return runs
+
+
+def _ok(run: dict) -> list[dict]:
+    return [r for r in run["results"] if r.get("status") == "ok"]
+
+
+def _baseline(run: dict, batch: int) -> dict | None:
+    by = {r["side"]: r for r in _ok(run) if r["batch"] == batch}
+    return next((by[s] for s in BASELINES if s in by), None)
+
+
+def _machine(run: dict) -> str:
+    m = run.get("machine", {})
+    if m.get("gpus"):
+        return m["gpus"][0].split(",")[0]
+    return f"{m.get('cpu', 'CPU')} ({m.get('cores', '?')} cores)"
+
+
+def _ms(timing: dict | None) -> str:
+    if not timing:
+        return "-"
+    v = timing["median_ms"]
+    return f"{v:.0f}" if v >= 100 else f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """One row per (run, side, batch): end to end, img/s, per stage, memory, FLOP fraction, speed-up."""
+    lines = [
+        "| run | machine | side | B | end to end (s) | img/s | U-Net step (ms) | text enc (ms) | VAE dec (ms) "
+        "| sched. overhead | peak GPU (MiB) | peak RSS (MiB) | U-Net % of peak | vs PyTorch eager |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for run in runs:
+        model = run.get("model", {})
+        label = f"{run['name']} ({model.get('height')}x{model.get('width')}, {model.get('steps')} steps)"
+        for r in run["results"]:
+            if r.get("status") != "ok":
+                why = r.get("error") or r.get("reason") or r.get("status")
+                lines.append(f"| {label} | {_machine(run)} | {r['side']} | {r['batch']} | {r.get('status')}: "
+                             f"{str(why)[:80].replace('|', '/')} |  |  |  |  |  |  |  |  |  |")
+                continue
+            comp = r.get("components_ms", {})
+            base = _baseline(run, r["batch"])
+            speed = (f"{base['end_to_end']['median_ms'] / r['end_to_end']['median_ms']:.2f}x vs {base['side']}"
+                     if base and base is not r else "baseline" if base is r else "-")
+            overhead = r.get("scheduler_overhead", {}).get("fraction_of_step")
+            floor = (r.get("floor") or {}).get("unet_step_fraction_of_peak")
+            lines.append(" | ".join([
+                f"| {label}", _machine(run), r["side"], str(r["batch"]),
+                f"{r['end_to_end']['median_ms'] / 1e3:.3f}", f"{r['images_per_s']:.3f}",
+                _ms(comp.get("unet_step")), _ms(comp.get("text_encoder")), _ms(comp.get("vae_decoder")),
+                f"{overhead:.2%}" if overhead is not None else "-",
+                f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") is not None else "-",
+                f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") is not None else "-",
+                f"{floor:.1%}" if floor is not None else "-",
+                f"{speed} |",
+            ]))
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with everything between the bench markers replaced by `block` (markers kept)."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise LdmError(f"README has no {START} ... {END} block", hint="add both markers in the Performance section")
+    return text[: start + len(START)] + "\n" + block.strip("\n") + "\n" + text[end:]
+
+
+def write_chart(results: dict, path: str | Path) -> Path:
+    """Two panels: end-to-end seconds per side (bars per batch, p10-p90 whiskers) and the U-Net step in ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = _ok(results)
+    sides = list(dict.fromkeys(r["side"] for r in ok))
+    batches = sorted({r["batch"] for r in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(batches))
+    for panel, (key, scale, title) in enumerate((("end_to_end", 1e-3, "end to end (s)"),
+                                                  ("unet_step", 1.0, "one U-Net step at the CFG batch 2B (ms)"))):
+        ax = axes[panel]
+        for j, b in enumerate(batches):
+            xs, ys, lo, hi = [], [], [], []
+            for i, side in enumerate(sides):
+                r = next((r for r in ok if r["side"] == side and r["batch"] == b), None)
+                if r is None:
+                    continue
+                t = r["end_to_end"] if key == "end_to_end" else r["components_ms"]["unet_step"]
+                xs.append(i + (j - (len(batches) - 1) / 2) * width)
+                ys.append(t["median_ms"] * scale)
+                lo.append((t["median_ms"] - t["p10_ms"]) * scale)
+                hi.append((t["p90_ms"] - t["median_ms"]) * scale)
+            ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=3, label=f"B={b}")
+        ax.set_xticks(range(len(sides)))
+        ax.set_xticklabels(sides, rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    model = results.get("model", {})
+    fig.suptitle(f"{results.get('name')}: {model.get('height')}x{model.get('width')}, {model.get('steps')} steps, "
+                 f"guidance {model.get('guidance')} - {_machine(results)}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

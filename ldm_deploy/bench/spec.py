@@ -1,0 +1,90 @@
+"""What one benchmark run measures: a frozen spec shared by the harness, its side workers and the CLI.
+
+A *side* is one way of running the same model (PyTorch eager / compile, ONNX Runtime CPU / CUDA,
+TensorRT). Each (side, batch) runs in its own subprocess so host memory and the CUDA context are
+its own; the results of all sides go into one JSON file (format below, `harness.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ldm_deploy.errors import UsageError
+
+TORCH_SIDES = ("torch-eager-fp32", "torch-eager-fp16", "torch-compile")
+ORT_SIDES = ("ort-cpu", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain")
+SIDES = TORCH_SIDES + ORT_SIDES + ("tensorrt",)
+# What each side is, for the JSON, the chart and the table.
+SIDE_NOTES = {
+    "torch-eager-fp32": "PyTorch eager, fp32, SDPA attention",
+    "torch-eager-fp16": "PyTorch eager, fp16 (.half()), SDPA attention; CUDA only",
+    "torch-compile": "torch.compile(unet) default mode; fp16 on CUDA, fp32 on CPU",
+    "ort-cpu": "ldm-deploy Pipeline, ONNX Runtime CPUExecutionProvider",
+    "ort-cuda": "ldm-deploy Pipeline, ONNX Runtime CUDA: IO binding, CUDA graphs, fused variant when present",
+    "ort-cuda-no-graph": "as ort-cuda without CUDA graphs",
+    "ort-cuda-plain": "as ort-cuda on the plain graphs (no ORT transformer fusions)",
+    "tensorrt": "ldm-deploy Pipeline, TensorRT engines",
+}
+FORMAT = "ldm-deploy-bench"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    model_dir: str | None = None        # diffusers model folder: the torch sides load it
+    artifact: str | None = None         # exported artifact: the ORT / TensorRT sides run it
+    sides: tuple[str, ...] = ("ort-cpu", "torch-eager-fp32", "torch-compile")
+    batches: tuple[int, ...] = (1,)     # B (prompts * images); the U-Net runs at 2B under CFG
+    steps: int = 50                     # denoising steps per image
+    guidance: float = 7.5               # CFG scale (> 1: one U-Net call at 2B per step)
+    height: int | None = None           # pixels; None: the artifact profile's opt, else unet sample_size * 8
+    width: int | None = None
+    scheduler: str = "ddim"             # every side runs DDIM (eta 0) with the same timesteps
+    prompt: str = "a photograph of an astronaut riding a horse on the moon"
+    warmup: int = 1                     # untimed end-to-end runs before the timed ones
+    repeats: int = 3                    # timed end-to-end runs (fewer when e2e_budget_s would be exceeded)
+    e2e_budget_s: float = 120.0         # cap on the timed end-to-end runs of one (side, batch)
+    component_warmup: int = 3           # per-component timings (text encoder, U-Net step, VAE decode)
+    component_repeats: int = 10
+    device: str = "auto"                # torch sides: auto (cuda when available) | cuda | cpu
+    threads: int | None = None          # CPU threads for ort-cpu and torch-on-CPU (None: library default)
+    engine_dir: str | None = None       # tensorrt: engines folder (default ARTIFACT/engines)
+    timeout_s: float = 900.0            # one (side, batch) subprocess is killed after this long
+    total_budget_s: float | None = None  # no (side, batch) starts after this many seconds of the run
+    note: str = ""                      # free text stored in the JSON (e.g. "2 shared cores, busy machine")
+
+    def __post_init__(self):
+        unknown = [s for s in self.sides if s not in SIDES]
+        if unknown or not self.sides:
+            raise UsageError(f"unknown sides {unknown}; choose from {', '.join(SIDES)}")
+        if not self.batches or any(int(b) < 1 for b in self.batches):
+            raise UsageError(f"batches must be positive integers, got {list(self.batches)}")
+        if self.steps < 1 or self.repeats < 1 or self.component_repeats < 1:
+            raise UsageError("steps, repeats and component_repeats must be >= 1")
+        if self.warmup < 0 or self.component_warmup < 0:
+            raise UsageError("warm-up counts must be >= 0")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise UsageError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        for h in (self.height, self.width):
+            if h is not None and (h <= 0 or h % 8):
+                raise UsageError(f"height/width must be positive multiples of 8, got {h}")
+
+    def replace(self, **changes) -> "BenchSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sides"], d["batches"] = list(self.sides), list(self.batches)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown bench spec keys {unknown}")
+        d = dict(d)
+        for key in ("sides", "batches"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)

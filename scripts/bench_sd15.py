@@ -1,0 +1,154 @@
+"""Benchmark the SD 1.5-size model (random weights) on a GPU: our deployed path vs PyTorch eager / compile.
+
+    python scripts/bench_sd15.py                                   # build + export + all sides, 512x512, 50 steps
+    python scripts/bench_sd15.py --artifact /tmp/sd15/onnx-fp16 --model-dir /tmp/sd15/model
+    python scripts/bench_sd15.py --quick                           # tiny preset, 64 px, 3 steps: a CPU smoke test
+
+Steps: (1) the model folder (`--model-dir`, else the sd15 preset with seeded random weights in `--work`),
+(2) the fp16 artifact (`--artifact`, else `export_configs/sd15.yaml` in fp16 with the ONNX Runtime CUDA
+fused variants), (3) the fused variants added if the artifact lacks them, (4) every side at each batch
+(batch 1 for all sides first), each in its own subprocess; the JSON is rewritten after every side, so
+a run cut short keeps what finished. Writes benchmarks/results/<machine>-sd15.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GPU_SIDES = "ort-cuda,torch-eager-fp16,torch-compile,torch-eager-fp32,ort-cuda-no-graph,ort-cuda-plain,tensorrt"
+QUICK_SIDES = "ort-cpu,torch-eager-fp32,torch-compile,ort-cuda,torch-eager-fp16,tensorrt"
+
+
+def say(message: str) -> None:
+    print(f"[bench_sd15 {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def machine_slug() -> str:
+    from ldm_deploy.bench.machine import machine_info
+
+    gpus = machine_info()["gpus"]
+    if not gpus:
+        return "cpu"
+    name = gpus[0].split(",")[0].upper()
+    match = re.search(r"\b([AHLB]\d{2,3}[A-Z]?)\b", name)
+    return match.group(1).lower() if match else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def has_cuda_ep() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/ldm-bench-sd15"), help="model folder / artifact go here")
+    ap.add_argument("--model-dir", type=Path, help="an existing model folder (default: build WORK/model)")
+    ap.add_argument("--artifact", type=Path, help="an existing fp16 artifact (default: export WORK/onnx-fp16)")
+    ap.add_argument("--sides", help=f"comma-separated (default: {GPU_SIDES})")
+    ap.add_argument("--steps", type=int, help="denoising steps (default 50; --quick 3)")
+    ap.add_argument("--batches", default="1,4", help="comma-separated image batch sizes (default 1,4)")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="untimed end-to-end runs (default 0: the component timings just before ran every "
+                         "kernel at the same shapes, CUDA graph captured, torch.compile done)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs (default 3)")
+    ap.add_argument("--budget", type=float, default=25.0,
+                    help="max seconds of timed end-to-end runs per side and batch (default 25)")
+    ap.add_argument("--time-limit", type=float, default=420.0,
+                    help="no side starts after this many seconds since the script started, export included "
+                         "(default 420; sides not started are recorded as skipped)")
+    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/<machine>-sd15.json)")
+    ap.add_argument("--quick", action="store_true", help="tiny preset, 64 px, 3 steps, CPU sides too: a smoke test")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+
+    from ldm_deploy.bench.harness import ratio, run_bench
+    from ldm_deploy.bench.prepare import add_ort_cuda_variants, export_for_bench, random_model_folder
+    from ldm_deploy.bench.spec import BenchSpec
+
+    kind = "tiny" if args.quick else "sd15"
+    steps = args.steps or (3 if args.quick else 50)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    sides = tuple((args.sides or (QUICK_SIDES if args.quick else GPU_SIDES)).split(","))
+    out = args.out or (args.work / "quick-sd15.json" if args.quick
+                       else ROOT / "benchmarks" / "results" / f"{machine_slug()}-sd15.json")
+    export: dict = {}
+
+    # 1. the model folder
+    model = args.model_dir
+    if model is None:
+        say(f"building the {kind} random-weight model folder in {args.work / 'model'} ...")
+        model, seconds = random_model_folder(kind, args.work / f"{kind}-model")
+        export["make_folder_s"] = seconds
+        say(f"model folder {model} " + (f"built in {seconds} s" if seconds else "reused"))
+
+    # 2. the fp16 artifact (with the ORT CUDA fused variants)
+    artifact = args.artifact
+    if artifact is None:
+        artifact = args.work / f"{kind}-onnx-fp16"
+        say(f"exporting {model} -> {artifact} (fp16, ort-cuda variants) ...")
+        try:
+            if args.quick:
+                export["export"] = export_for_bench(model, artifact, batch_max=max(batches), precision="fp16",
+                                                    ort_cuda=True)
+            else:
+                export["export"] = export_for_bench(model, artifact, "sd15", batch_max=max(batches),
+                                                    precision="fp16", ort_cuda=True)
+        except Exception as e:  # noqa: BLE001 - e.g. an ldm-deploy without the ort_cuda option: export without
+            say(f"export with ort-cuda variants failed ({type(e).__name__}: {e}); exporting without them")
+            export["export_error"] = f"{type(e).__name__}: {e}"[:300]
+            export["export"] = export_for_bench(model, artifact, None if args.quick else "sd15",
+                                                batch_max=max(batches), precision="fp16")
+        e = export["export"]
+        say(f"artifact {artifact} " + ("up to date (cached)" if e["cached"] else f"exported in {e['seconds']} s"))
+
+    # 3. the fused variants, when the artifact lacks them and ONNX Runtime CUDA will run
+    if any(s.startswith("ort-cuda") for s in sides) and (has_cuda_ep() or args.quick):
+        try:
+            export["ort_cuda_variants"] = add_ort_cuda_variants(artifact)
+            say(f"ort-cuda variants: {str(export['ort_cuda_variants'])[:300]}")
+        except Exception as e:  # noqa: BLE001 - without variants ort-cuda runs the plain graphs (recorded)
+            export["ort_cuda_variants"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            say(f"ort-cuda variants failed: {e}")
+    export["prepare_wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    # 4. every side
+    spec = BenchSpec(model_dir=str(model), artifact=str(artifact), sides=sides, batches=batches, steps=steps,
+                     guidance=7.5, height=64 if args.quick else 512, width=64 if args.quick else 512,
+                     warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
+                     component_warmup=2 if args.quick else 3, component_repeats=5 if args.quick else 10,
+                     timeout_s=420.0, total_budget_s=max(60.0, args.time_limit - (time.perf_counter() - t_start)),
+                     note=("quick smoke test (tiny preset)" if args.quick else
+                           "SD 1.5 architecture with random weights; DDIM, CFG as one 2B batch"))
+    say(f"benchmarking {', '.join(sides)} at batches {batches} -> {out}")
+    results = run_bench(spec, out, chart=out.with_suffix(".png"), export=export, name=out.stem,
+                        log=lambda m: print(m, flush=True))
+
+    for b in batches:
+        for base in ("torch-eager-fp16", "torch-compile", "torch-eager-fp32"):
+            r = ratio(results, "ort-cuda", base, b)
+            if r is not None:
+                say(f"B={b}: ort-cuda end to end is {r:.2f}x {base}")
+        if args.quick:
+            r = ratio(results, "ort-cpu", "torch-eager-fp32", b)
+            if r is not None:
+                say(f"B={b}: ort-cpu end to end is {r:.2f}x torch-eager-fp32")
+    for rec in results["results"]:
+        if rec.get("scheduler_overhead"):
+            o = rec["scheduler_overhead"]
+            say(f"{rec['side']} B={rec['batch']}: numpy scheduler+CFG {o['ms_per_step']:.3f} ms/step = "
+                f"{o['fraction_of_step']:.2%} of a U-Net step")
+    say(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

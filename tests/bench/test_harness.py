@@ -1,0 +1,79 @@
+"""The harness end to end on a tiny random model on CPU: subprocess per side, JSON schema, fail-soft sides."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ldm_deploy.bench.harness import run_bench, run_side
+from ldm_deploy.bench.report import markdown_table
+from ldm_deploy.bench.spec import BenchSpec
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ldm_deploy.bench.prepare import export_for_bench, random_model_folder
+
+    work = tmp_path_factory.mktemp("bench")
+    model, _ = random_model_folder("tiny", work / "model")
+    export = export_for_bench(model, work / "onnx", batch_max=1)
+    return model, work / "onnx", export
+
+
+def test_run_bench_writes_every_side(tiny, tmp_path):
+    model, artifact, export = tiny
+    spec = BenchSpec(model_dir=str(model), artifact=str(artifact), steps=2, batches=(1,), warmup=0, repeats=1,
+                     component_warmup=0, component_repeats=1, device="cpu", threads=1,
+                     sides=("ort-cpu", "torch-eager-fp32", "torch-eager-fp16", "ort-cuda"))
+    out = tmp_path / "r.json"
+    results = run_bench(spec, out, export=export, log=lambda m: None)
+    assert json.loads(out.read_text()) == results
+    assert results["format"] == "ldm-deploy-bench" and results["format_version"] == 1
+    assert results["model"]["height"] == 64 and results["flops"]["1"]["unet_step"] > 0
+    assert results["export"]["artifact"] == str(artifact)
+    by = {r["side"]: r for r in results["results"]}
+    assert list(by) == list(spec.sides)
+
+    for side in ("ort-cpu", "torch-eager-fp32"):
+        rec = by[side]
+        assert rec["status"] == "ok", rec
+        for stage in ("text_encoder", "unet_step", "vae_decoder"):
+            assert rec["components_ms"][stage]["median_ms"] > 0
+        assert rec["end_to_end"]["repeats"] == 1
+        assert rec["images_per_s"] == pytest.approx(1e3 / rec["end_to_end"]["median_ms"], rel=1e-3)
+        assert rec["images_shape"] == [1, 64, 64, 3] and rec["dtype"] == "fp32"
+        assert rec["peak_rss_mib"] > 10
+    assert by["ort-cpu"]["model_files"]["unet"].endswith("unet/model.onnx")
+    assert 0 <= by["ort-cpu"]["scheduler_overhead"]["fraction_of_step"] < 5
+    assert by["torch-eager-fp16"]["status"] == "skipped" and "CUDA" in by["torch-eager-fp16"]["reason"]
+    assert by["ort-cuda"]["status"] == "skipped"
+    assert "ort-cpu" in markdown_table([results])
+
+
+def test_a_failing_side_is_recorded_and_the_rest_run(tiny, tmp_path):
+    _, artifact, _ = tiny
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    (broken / "unet" / "model.onnx").write_bytes(b"not an onnx graph")
+    spec = BenchSpec(artifact=str(broken), steps=2, warmup=0, repeats=1, component_warmup=0, component_repeats=1,
+                     threads=1, sides=("ort-cpu", "tensorrt"))
+    results = run_bench(spec, tmp_path / "r.json", log=lambda m: None)
+    failed, trt = results["results"]
+    assert failed["status"] == "error" and "could not load" in failed["error"], failed
+    assert trt["status"] == "skipped" and trt["reason"]
+
+
+def test_a_crashing_worker_is_recorded(tmp_path):
+    case = {"spec": {"sides": ["ort-cpu"], "no_such_key": 1}, "side": "ort-cpu", "batch": 1, "height": 64, "width": 64}
+    rec = run_side(case, 60, print)
+    assert rec["status"] == "error" and "exited with code" in rec["error"]
+    assert "no_such_key" in rec["error"]
+
+
+def test_time_budget_skips_the_rest(tiny, tmp_path):
+    _, artifact, _ = tiny
+    spec = BenchSpec(artifact=str(artifact), sides=("ort-cpu", "ort-cuda"), batches=(1,), total_budget_s=-1.0)
+    results = run_bench(spec, tmp_path / "r.json", log=lambda m: None)
+    assert [r["status"] for r in results["results"]] == ["skipped", "skipped"]
+    assert "budget" in results["results"][0]["reason"]

@@ -1,0 +1,125 @@
+"""Report side of the benchmark harness: FLOP floor view, Markdown table, README block, chart; no subprocesses."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldm_deploy.bench.harness import finish_record, floor_view, flop_counts, ratio
+from ldm_deploy.bench.report import END, START, load_results, markdown_table, replace_block, write_chart
+from ldm_deploy.bench.spec import BenchSpec
+from ldm_deploy.bench.timing import from_samples, measure_within
+from ldm_deploy.compare import assert_close
+from ldm_deploy.errors import LdmError, UsageError
+
+H100 = {"gpus": ["NVIDIA H100 80GB HBM3, 81559 MiB, 580.00"], "cpu": "x", "cores": 16}
+
+
+def _timing(ms: float) -> dict:
+    return from_samples([ms * 0.98, ms, ms * 1.03]).as_dict()
+
+
+def _record(side: str, batch: int, unet_ms: float, e2e_ms: float, dtype: str = "fp16", device: str = "cuda") -> dict:
+    return {"side": side, "batch": batch, "status": "ok", "device": device, "dtype": dtype,
+            "components_ms": {"text_encoder": _timing(3.0), "unet_step": _timing(unet_ms), "vae_decoder": _timing(40.0)},
+            "end_to_end": _timing(e2e_ms), "peak_rss_mib": 3000.0, "peak_gpu_mib": 4000.0}
+
+
+def _sd15_configs() -> dict:
+    from training.models.presets import preset
+
+    p = preset("sd15")
+    return {"unet": p["unet"], "vae": p["vae"], "text_encoder": p["text_encoder"]}
+
+
+def _sample_run() -> dict:
+    flops = flop_counts(_sd15_configs(), 1, 512, 512, 50, 7.5)
+    results = [finish_record(_record("ort-cuda", 1, 20.0, 1100.0), flops, H100, 1),
+               finish_record(_record("torch-eager-fp16", 1, 40.0, 2200.0), flops, H100, 1),
+               {"side": "tensorrt", "batch": 1, "status": "skipped", "reason": "TensorRT cannot execute here"},
+               {"side": "torch-compile", "batch": 1, "status": "error", "error": "RuntimeError: boom | pipe"}]
+    return {"format": "ldm-deploy-bench", "format_version": 1, "name": "h100-sd15", "machine": H100,
+            "model": {"height": 512, "width": 512, "steps": 50, "guidance": 7.5}, "flops": {"1": flops},
+            "results": results}
+
+
+def test_flop_counts_follow_the_cfg_batch():
+    flops = flop_counts(_sd15_configs(), 1, 512, 512, 50, 7.5)
+    # one SD 1.5 U-Net forward at 64x64 latents is ~0.80 TFLOP; the CFG step runs it at batch 2
+    assert 1.55e12 < flops["unet_step"] < 1.65e12
+    assert flops["end_to_end"] == flops["text_encoder"] + 50 * flops["unet_step"] + flops["vae_decoder"]
+    no_cfg = flop_counts(_sd15_configs(), 1, 512, 512, 50, 1.0)
+    assert_close(no_cfg["unet_step"] * 2.0, flops["unet_step"], rtol=1e-9, atol=0)
+
+
+def test_floor_view_is_flops_over_time_over_peak():
+    flops = flop_counts(_sd15_configs(), 1, 512, 512, 50, 7.5)
+    view = floor_view(_record("ort-cuda", 1, 20.0, 1100.0), flops, H100)
+    assert view["peak_tflops"] == pytest.approx(989.4)
+    expected = flops["unet_step"] / 20e-3 / 1e12 / 989.4
+    assert view["unet_step_fraction_of_peak"] == pytest.approx(expected, abs=1e-4)
+    assert view["unet_step_floor_ms"] == pytest.approx(flops["unet_step"] / 989.4e12 * 1e3, abs=1e-3)
+    fp32 = floor_view(_record("torch-eager-fp32", 1, 60.0, 3000.0, dtype="fp32"), flops, H100)
+    assert fp32["peak_tflops"] == pytest.approx(66.9)
+    assert floor_view(_record("ort-cpu", 1, 60.0, 3000.0, device="cpu"), flops, H100) is None
+    assert floor_view({"status": "error"}, flops, H100) is None
+
+
+def test_ratio_and_images_per_second():
+    run = _sample_run()
+    assert ratio(run, "ort-cuda", "torch-eager-fp16") == pytest.approx(2.0, abs=1e-3)
+    assert ratio(run, "ort-cuda", "torch-compile") is None          # the baseline failed: no ratio
+    assert run["results"][0]["images_per_s"] == pytest.approx(1 / 1.1, abs=1e-3)
+
+
+def test_markdown_table_rows(tmp_path):
+    path = tmp_path / "h100-sd15.json"
+    path.write_text(json.dumps(_sample_run()))
+    table = markdown_table(load_results([path]))
+    lines = table.splitlines()
+    assert len(lines) == 2 + 4
+    assert all(line.count("|") == lines[0].count("|") for line in lines), table   # every row has every column
+    ort = next(line for line in lines if "| ort-cuda |" in line)
+    assert "2.00x vs torch-eager-fp16" in ort and "1.100" in ort
+    assert "baseline" in next(line for line in lines if "| torch-eager-fp16 |" in line)
+    assert "skipped: TensorRT cannot execute here" in table
+    assert "RuntimeError: boom / pipe" in table                     # a '|' in an error cannot break the table
+
+
+def test_load_results_rejects_other_json(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(LdmError, match="not an ldm-deploy benchmark"):
+        load_results([bad])
+
+
+def test_replace_block_keeps_the_rest():
+    text = f"# T\n\n## Performance\n\n{START}\nold table\n{END}\n\n## Next\nkept\n"
+    new = replace_block(text, "| a |\n|---|\n")
+    assert new == f"# T\n\n## Performance\n\n{START}\n| a |\n|---|\n{END}\n\n## Next\nkept\n"
+    assert replace_block(new, "| a |\n|---|\n") == new              # idempotent
+    with pytest.raises(LdmError, match="bench:start"):
+        replace_block("# no markers\n", "x")
+
+
+def test_chart_is_a_png(tmp_path):
+    path = write_chart(_sample_run(), tmp_path / "chart.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measure_within_budget_cuts_repeats():
+    import time
+
+    t = measure_within(lambda: time.sleep(0.02), budget_s=0.05, warmup=0, repeats=10)
+    assert 1 <= t.repeats <= 3
+    t = measure_within(lambda: None, budget_s=10, warmup=1, repeats=4)
+    assert t.repeats == 4 and t.warmup == 1
+
+
+def test_spec_rejects_unknown_sides_and_keys():
+    with pytest.raises(UsageError, match="unknown sides"):
+        BenchSpec(sides=("ort-cpu", "onnx-magic"))
+    with pytest.raises(UsageError, match="unknown bench spec keys"):
+        BenchSpec.from_dict({"sides": ["ort-cpu"], "stepz": 3})
+    spec = BenchSpec(sides=("ort-cuda",), batches=(1, 4))
+    assert BenchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
