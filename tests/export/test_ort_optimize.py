@@ -19,7 +19,7 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 def make_sd_like_folder(folder: Path) -> Path:
-    """The `tiny` preset with non-zero norm biases, as any trained model has (a zero beta lets the
+    """The `tiny` preset (with the real CLIP vocabulary) with non-zero norm biases, as any trained model has (a zero beta lets the
     exporter's cleanup drop the Add that ORT's GroupNorm matcher needs)."""
     import torch
 
@@ -27,6 +27,7 @@ def make_sd_like_folder(folder: Path) -> Path:
     from training.models.presets import build_models, preset
 
     p = preset("tiny")
+    p["text_encoder"]["vocab_size"] = 49408     # the real CLIP vocabulary of tests/data/clip_tokenizer
     unet, vae, text_encoder = build_models(p, seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -133,6 +134,7 @@ def test_cuda_runner_variant_choice(fp32_fused, fp16_plain, monkeypatch):
         component_spec(fp16_plain, "text_encoder", VARIANT)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(OrtCudaRunner, "_providers", lambda self: ["CPUExecutionProvider"])
+    monkeypatch.setattr(OrtCudaRunner, "_check_provider", lambda self: None)
     plain = OrtCudaRunner(fp32_fused, "unet", variant=None)
     assert plain.variant is None and plain.model_path.name == "model.onnx"
     te = OrtCudaRunner(fp16_plain, "text_encoder")         # auto, none there: the plain graph

@@ -151,15 +151,20 @@ class OrtCudaRunner(OrtCpuRunner):
         if self.enable_cuda_graph:
             self.cuda_options["enable_cuda_graph"] = "1"
         super().__init__(artifact, component, **opts)
-        if self.enable_cuda_graph and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise LdmError("the CUDA execution provider did not load (CUDA graphs need it)",
-                           hint="check the CUDA/cuDNN libraries onnxruntime-gpu needs (onnxruntime.preload_dlls())")
+        self._check_provider()
         self.binding = self.session.io_binding()
         self._in: dict[str, object] = {}           # name -> device OrtValue (bound once per shape)
         self._in_host: dict[str, np.ndarray] = {}  # name -> host copy of what the device buffer holds
         self._out: dict[str, object] = {}          # name -> device OrtValue (preallocated)
         self._out_shapes: dict[tuple, dict[str, tuple]] = {}
         self._runs = 0
+
+    def _check_provider(self) -> None:
+        """ORT falls back to the CPU silently when the CUDA libraries fail to load: refuse that."""
+        if "CUDAExecutionProvider" not in self.session.get_providers():
+            raise LdmError(f"the CUDA execution provider did not load for {self.model_path}",
+                           hint="check the CUDA/cuDNN libraries onnxruntime-gpu needs "
+                                "(onnxruntime.preload_dlls(), or the ORT log above)")
 
     def _choose_variant(self, artifact, component: str) -> str | None:
         variant = self.requested_variant
@@ -245,7 +250,14 @@ class OrtCudaRunner(OrtCpuRunner):
             return self._cast_out(arrays)
         self._ensure_outputs(shapes)
         self._run()
-        return self._cast_out([self._out[n].numpy() for n in self.output_names])
+        return self._cast_out([self._host(self._out[n]) for n in self.output_names])
+
+    @staticmethod
+    def _host(value) -> np.ndarray:
+        """A host array the next run cannot overwrite (a CPU OrtValue's numpy() is a view of its buffer;
+        a CUDA one's is already a fresh copy)."""
+        array = value.numpy()
+        return array.copy() if value.device_name().lower() == "cpu" else array
 
     def _ensure_outputs(self, shapes: dict[str, tuple]) -> None:
         out_dtypes = {o["name"]: np.dtype(o["dtype"]) for o in self.spec["outputs"]}

@@ -1,0 +1,126 @@
+"""OrtCudaRunner's buffer logic (IO binding, preallocated outputs, input reuse, CUDA-graph shape rules)
+run for real with CPU "device" buffers; on a GPU (marker `gpu`) the plain and fused graphs, with and
+without CUDA graphs, against ort-cpu."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm_deploy.compare import assert_close
+from ldm_deploy.errors import LdmError
+from ldm_deploy.export.config import load_config
+from ldm_deploy.export.exporter import export_model
+from ldm_deploy.runtime.runners.base import open_runner
+from tests.export.test_ort_optimize import make_sd_like_folder
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ortcuda")
+    folder = make_sd_like_folder(root / "model")
+    base = load_config("tiny").replace(components=("text_encoder", "unet", "vae_decoder"), measure_runtime=False,
+                                       ort_cuda=True)
+    return {p: export_model(folder, root / p, base.replace(precision=p, keep_fp32_unet=p == "fp16")).path
+            for p in ("fp32", "fp16")}
+
+
+def feeds(component: str, batch: int = 1, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    if component == "text_encoder":
+        ids = rng.integers(0, 999, (batch, 77)).astype(np.int32)
+        return {"input_ids": ids}
+    if component == "unet":
+        return {"sample": rng.standard_normal((2 * batch, 4, 8, 8), np.float32),
+                "timestep": np.linspace(999, 0.5, 2 * batch).astype(np.float32),
+                "encoder_hidden_states": rng.standard_normal((2 * batch, 77, 32), np.float32)}
+    return {"latent": rng.standard_normal((batch, 4, 8, 8), np.float32)}
+
+
+@pytest.fixture
+def cpu_bound(monkeypatch):
+    """OrtCudaRunner with CPU OrtValues and the CPU provider: everything but CUDA runs for real."""
+    import onnxruntime as ort
+
+    from ldm_deploy.runtime.runners.ort import OrtCudaRunner
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(OrtCudaRunner, "_providers", lambda self: ["CPUExecutionProvider"])
+    monkeypatch.setattr(OrtCudaRunner, "_check_provider", lambda self: None)
+    monkeypatch.setattr(OrtCudaRunner, "_device_value", lambda self, shape, dtype:
+                        ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0))
+    return OrtCudaRunner
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
+def test_bound_buffers_equal_plain_run(artifacts, cpu_bound, precision, component):
+    cpu = open_runner("ort-cpu", artifacts[precision], component)
+    runner = cpu_bound(artifacts[precision], component, variant=None, enable_cuda_graph=True)
+    first = runner(feeds(component))
+    for seed in (1, 2):   # new values go into the same buffers; outputs never alias the previous call's
+        out = runner(feeds(component, seed=seed))
+        for k, v in cpu(feeds(component, seed=seed)).items():
+            assert_close(out[k], v, name=f"{component} {k} seed {seed}")
+    assert not np.array_equal(first[runner.output_names[0]], out[runner.output_names[0]])
+    # the output buffers were preallocated before the first run (the CUDA graph capture needs that)
+    assert set(runner._out) == set(runner.output_names)
+
+
+def test_reused_input_is_not_stale(artifacts, cpu_bound):
+    """The same array object mutated in place between calls is uploaded again."""
+    runner = cpu_bound(artifacts["fp32"], "unet", variant=None)
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "unet")
+    x = feeds("unet")
+    runner(x)
+    x["encoder_hidden_states"] *= 2.0                  # same object, new values
+    assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name="after in-place change")
+
+
+def test_cuda_graph_shape_change_is_an_error(artifacts, cpu_bound):
+    runner = cpu_bound(artifacts["fp32"], "unet", variant=None, enable_cuda_graph=True)
+    runner(feeds("unet", batch=1))
+    with pytest.raises(LdmError, match="CUDA graph"):
+        runner(feeds("unet", batch=2))
+    free = cpu_bound(artifacts["fp32"], "unet", variant=None)       # without graphs any batch goes
+    assert free(feeds("unet", batch=2))["noise_pred"].shape == (4, 4, 8, 8)
+    assert free(feeds("unet", batch=1))["noise_pred"].shape == (2, 4, 8, 8)
+
+
+def test_pipeline_passes_variant_through(artifacts, cpu_bound):
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_artifact(artifacts["fp16"], backend="ort-cuda", variant=None, enable_cuda_graph=True)
+    assert all(r.variant is None and r.model_path.name == "model.onnx" for r in pipe.runners.values())
+
+
+# --- on a GPU --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
+@pytest.mark.parametrize("variant", [None, "ort-cuda"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_ort_cuda_equals_cpu(artifacts, precision, component, variant, cuda_graph):
+    cpu = open_runner("ort-cpu", artifacts[precision], component)
+    gpu = open_runner("ort-cuda", artifacts[precision], component, variant=variant, enable_cuda_graph=cuda_graph)
+    assert gpu.variant == variant
+    half = "float16" in {str(d) for d in gpu.input_dtypes.values()} or gpu.spec["precision"] == "fp16"
+    tol = 3e-2 if half else 1e-3
+    for seed in (0, 1, 2):      # run 1 captures (with graphs), 2 and 3 replay with new inputs
+        x = feeds(component, seed=seed)
+        for k, v in cpu(x).items():
+            assert_close(gpu(x)[k], v, atol=tol * float(np.abs(v).max()), name=f"{component} {k} {variant}")
+
+
+@pytest.mark.gpu
+def test_ort_cuda_pipeline_fused_equals_cpu(artifacts):
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    cpu = Pipeline.from_artifact(artifacts["fp16"], backend="ort-cpu")("a cat", steps=6, seed=0)
+    pipe = Pipeline.from_artifact(artifacts["fp16"], backend="ort-cuda", enable_cuda_graph=True)
+    assert pipe.runners["unet"].variant == "ort-cuda"
+    pipe("a cat", steps=2, seed=1)
+    gpu = pipe("a cat", steps=6, seed=0)
+    assert_close(gpu.latents, cpu.latents, atol=5e-2, rtol=5e-2, name="fused fp16 latents vs cpu")
