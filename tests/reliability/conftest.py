@@ -17,6 +17,7 @@ from tests.runtime.tiny_model import export_tiny_artifact, make_tiny_folder
 
 REPO = Path(__file__).resolve().parents[2]
 FUZZ_COUNTS: dict[str, int] = {}   # loader -> inputs tried; printed at the end of the run
+KILLS: dict[str, int] = {}         # writer -> SIGKILLs survived (previous output intact, re-run completed)
 
 
 @dataclass
@@ -44,15 +45,18 @@ def env() -> dict:
             "PYTHONWARNINGS": "ignore"}
 
 
+def argv_of(*args, module: str = "ldm_deploy.cli") -> list[str]:
+    args = [str(a) for a in args]
+    if module == "ldm_deploy.cli" and args:
+        args.insert(1, "-q")
+    return [sys.executable, "-m", module, *args]
+
+
 def cli(*args, timeout: float = 120, module: str = "ldm_deploy.cli") -> Ran:
     """`ldm-deploy CMD -q ARGS` (or `ldm-train ARGS` with module="training.cli") in a fresh process.
 
     `-q` keeps progress lines off stderr, so an error is exactly the one line there."""
-    args = [str(a) for a in args]
-    if module == "ldm_deploy.cli" and args:
-        args.insert(1, "-q")
-    argv = [sys.executable, "-m", module, *args]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+    p = subprocess.run(argv_of(*args, module=module), capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
     return Ran(p.returncode, p.stdout, p.stderr)
 
 
@@ -87,3 +91,6 @@ def pytest_terminal_summary(terminalreporter):
         total = sum(FUZZ_COUNTS.values())
         parts = ", ".join(f"{k} {v}" for k, v in FUZZ_COUNTS.items())
         terminalreporter.write_line(f"reliability fuzz inputs: {total} ({parts})")
+    if KILLS:
+        parts = ", ".join(f"{k} {v}" for k, v in KILLS.items())
+        terminalreporter.write_line(f"reliability SIGKILLs survived: {sum(KILLS.values())} ({parts})")

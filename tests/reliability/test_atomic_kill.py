@@ -1,0 +1,149 @@
+"""SIGKILL in the middle of a write: the previous output stays intact and a re-run completes.
+
+Every writer builds under a temporary name beside its target and renames it into place
+(fileio.atomic_dir / atomic_file): `ldm-deploy export` (the artifact folder), `ldm-train` (each
+checkpoint folder, then latest.json), `ldm-deploy build` (each engine, then its sidecar). A killed
+run may leave a stray `.NAME.*.tmp` beside the target; it is never read.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ldm_deploy.artifact import Artifact
+from tests.reliability.conftest import KILLS, REPO, argv_of, cli, env
+
+
+def _start(*args, module: str = "ldm_deploy.cli") -> subprocess.Popen:
+    return subprocess.Popen(argv_of(*args, module=module), env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """Poll `ready()` every 10 ms; SIGKILL `proc` as soon as it is true (fail if the run ended first)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point:\n{err[-2000:]}")
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _count(writer: str) -> None:
+    KILLS[writer] = KILLS.get(writer, 0) + 1
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+@pytest.fixture
+def export_yaml(tmp_path) -> Path:
+    from ldm_deploy.export.config import write_config
+    from tests.runtime.tiny_model import export_config
+
+    path = tmp_path / "tiny.yaml"
+    write_config(export_config(), path)
+    return path
+
+
+def test_killed_export_keeps_the_previous_artifact(model_folder, artifact_copy, export_yaml):
+    before = (artifact_copy / "manifest.json").read_bytes()
+    parent = artifact_copy.parent
+
+    def temp_dir_has_work():  # the new artifact is being built beside the old one
+        return any(p.is_dir() and any(p.iterdir()) for p in parent.glob(f".{artifact_copy.name}.*.tmp"))
+
+    proc = _start("export", model_folder, "--out", artifact_copy, "--config", export_yaml, "--force")
+    _kill_when(proc, temp_dir_has_work)
+    assert (artifact_copy / "manifest.json").read_bytes() == before
+    Artifact.open(artifact_copy, verify=True)  # every file still matches its recorded sha256
+    _count("export")
+
+    ran = cli("export", model_folder, "--out", artifact_copy, "--config", export_yaml, "--force", timeout=300)
+    assert ran.rc == 0, ran.stderr
+    after = Artifact.open(artifact_copy, verify=True)
+    assert set(after.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert (artifact_copy / "manifest.json").read_bytes() != before  # a new export (new `created`)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+TRAIN = ["vae", "--config", "tiny", "--steps", "40", "--set", "vae.save_every=5", "--set", "vae.log_every=5",
+         "--set", "vae.keep_checkpoints=2"]
+
+
+def _final_loss(stdout: str) -> float:
+    return json.loads(stdout[stdout.index("{"):])["final_loss"]
+
+
+def _verify_checkpoint(run: Path) -> int:
+    """latest.json points at a complete checkpoint whose weights load; returns its step."""
+    from safetensors.torch import load_file
+
+    root = run / "checkpoints" / "vae"
+    latest = json.loads((root / "latest.json").read_text())
+    folder = root / latest["dir"]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == latest["step"]
+    for f in folder.glob("*.safetensors"):
+        assert load_file(str(f))
+    import torch
+    torch.load(folder / "state.pt", weights_only=True)
+    return latest["step"]
+
+
+def test_killed_training_resumes_to_the_same_losses(tmp_path):
+    reference = cli(*TRAIN, "--out", tmp_path / "ref", module="training.cli", timeout=300)
+    assert reference.rc == 0, reference.stderr
+
+    run = tmp_path / "run"
+    latest = run / "checkpoints" / "vae" / "latest.json"
+    proc = _start(*TRAIN, "--out", run, module="training.cli")
+    _kill_when(proc, lambda: latest.is_file() and json.loads(latest.read_text() or "{}").get("step", 0) >= 10)
+    step = _verify_checkpoint(run)
+    assert 10 <= step < 40
+    _count("training")
+
+    resumed = cli(*TRAIN, "--out", run, "--resume", module="training.cli", timeout=300)
+    assert resumed.rc == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert _verify_checkpoint(run) == 40
+    assert _final_loss(resumed.stdout) == _final_loss(reference.stdout)  # exact resume: bit-identical loss
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+@pytest.mark.trt_build
+def test_killed_build_keeps_consistent_engines(artifact, tmp_path):
+    from ldm_deploy.engine import sidecar as sc
+
+    engines = tmp_path / "engines"
+    first = cli("build", artifact, "--out", engines, "--opt-level", "0", timeout=300)
+    assert first.rc == 0, first.stderr
+
+    def consistent():
+        """Every engine with a sidecar has exactly the bytes that sidecar describes."""
+        for side in engines.glob("*.engine.json"):
+            component = side.name.removesuffix(".engine.json")
+            sc.read_engine(engines, sc.read_sidecar(engines, component))
+        return sorted(p.name for p in engines.glob("*.engine.json"))
+
+    names = consistent()
+    assert len(names) == 4
+    for delay in (1.0, 3.0, 5.0):  # kill at different points of a forced rebuild
+        proc = _start("build", artifact, "--out", engines, "--opt-level", "0", "--force")
+        start = time.monotonic()
+        _kill_when(proc, lambda: time.monotonic() - start > delay)
+        assert consistent() == names
+        _count("build")
+    again = cli("build", artifact, "--out", engines, "--opt-level", "0", timeout=300)
+    assert again.rc == 0, again.stderr
+    assert consistent() == names
