@@ -9,12 +9,23 @@ the image dims / vae_scale_factor). Precision follows the ONNX types (a strongly
 unless --precision asks otherwise (data-centre TensorRT only: a weakly typed network with that
 precision allowed). Each engine gets a sidecar (see sidecar.py); engine and sidecar are written
 atomically, engine first, so a crash never leaves a sidecar describing the wrong bytes.
+
+TensorRT for RTX builds ahead of time for explicit target compute capabilities (recorded in the
+sidecar key), never for "the current GPU". On a host whose GPU it cannot run on (a 9.0 H100/H200),
+each build runs in a child process with that GPU hidden (CUDA_VISIBLE_DEVICES=""), exactly as on a
+GPU-less build machine, so the local device never takes part. ONNX graphs are parsed by path, so
+weights in an external-data file beside the graph (> 2 GB, SD 1.5's U-Net) are found.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -246,6 +257,11 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
     from ldm_deploy.runtime.cuda import gpu_info  # noqa: PLC0415
     gpu = gpu_info()
     targets, gpu_name = _targets(trt, flavour, config, gpu)
+    isolate = flavour == "tensorrt-rtx" and gpu is not None and not trt_api.supports_cc(
+        flavour, gpu.compute_capability, trt)
+    if isolate:
+        log.info(f"TensorRT for RTX cannot run on the local {gpu.name} (compute capability {gpu.cc}); building "
+                 f"ahead of time for {', '.join(targets)} in a child process with the GPU hidden")
     components = config.components or tuple(c for c in COMPONENTS if c in manifest["components"])
     missing = [c for c in components if c not in manifest["components"]]
     if missing:
@@ -286,7 +302,10 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
         log.info(f"{component}: building ({reason})")
         check_free_space(engine_dir, _engine_bytes_estimate(artifact_dir, entry), f"the {component} engine")
         t0 = time.perf_counter()
-        data = build_engine(trt, artifact_dir / entry["file"], key, config, component)
+        if isolate:
+            data = build_engine_isolated(flavour, artifact_dir / entry["file"], key, config, component)
+        else:
+            data = build_engine(trt, artifact_dir / entry["file"], key, config, component)
         seconds = time.perf_counter() - t0
         _write(engine_dir, component, data, key, entry, artifact_dir, seconds, rebuild, config)
         log.info(f"{component}: built in {seconds:.1f} s ({len(data) / 2**20:.1f} MiB)")
@@ -384,6 +403,37 @@ def build_engine(trt, onnx_path: Path, key: dict, config: BuildConfig, component
     return bytes(serialized)
 
 
+def build_engine_isolated(flavour: str, onnx_path: Path, key: dict, config: BuildConfig, component: str) -> bytes:
+    """`build_engine` in a child process that sees no GPU (CUDA_VISIBLE_DEVICES=""), for TensorRT for
+    RTX on a host whose GPU it does not support. Its log goes to this process's stdout/stderr."""
+    with tempfile.TemporaryDirectory(prefix="ldm_trt_build_") as tmp:
+        request, out = Path(tmp) / "request.json", Path(tmp) / "engine.bin"
+        request.write_text(json.dumps({"flavour": flavour, "onnx": str(onnx_path), "key": key,
+                                       "config": dataclasses.asdict(config), "component": component}))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        r = subprocess.run([sys.executable, "-m", "ldm_deploy.engine.build", str(request), str(out)], env=env)
+        if r.returncode != 0 or not out.is_file():
+            raise LdmError(f"the isolated TensorRT for RTX build of {component} failed (exit {r.returncode}; "
+                           "its log is above)", hint="try --verbose, or build on a machine without this GPU")
+        return out.read_bytes()
+
+
+def _child_main(argv: list[str]) -> int:
+    """`python -m ldm_deploy.engine.build REQUEST.json OUT.engine` (used by build_engine_isolated)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    request = json.loads(Path(argv[0]).read_text())
+    try:
+        trt = trt_api.load_trt(request["flavour"])
+        config = BuildConfig.from_dict(request["config"])
+        data = build_engine(trt, Path(request["onnx"]), request["key"], config, request["component"])
+    except LdmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with atomic_file(Path(argv[1])) as f:
+        f.write(data)
+    return 0
+
+
 def _progress_monitor(trt, component: str):
     """An IProgressMonitor logging the top two levels of build phases, when the module has one."""
     base = getattr(trt, "IProgressMonitor", None)
@@ -408,3 +458,7 @@ def _progress_monitor(trt, component: str):
             self.depth.pop(phase_name, None)
 
     return Monitor()
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
