@@ -335,17 +335,19 @@ class Pipeline:
             lat = np.shape(latents)
             if len(lat) != 4:
                 raise UsageError(f"latents must be 4-D [N, {self.latent_channels}, H/8, W/8], got shape {list(lat)}")
-            height = height or lat[2] * f
-            width = width or lat[3] * f
+            height = lat[2] * f if height is None else height
+            width = lat[3] * f if width is None else width
         if init is not None:
-            height = height or init.shape[1]
-            width = width or init.shape[2]
+            height = init.shape[1] if height is None else height
+            width = init.shape[2] if width is None else width
             if (init.shape[1], init.shape[2]) != (height, width):
                 raise UsageError(f"init image is {init.shape[2]}x{init.shape[1]} but {width}x{height} was asked",
                                  hint="resize the init image or drop --height/--width")
         prof = self.profiles or {}
-        height = height or (prof.get("height") or {}).get("opt") or 512
-        width = width or (prof.get("width") or {}).get("opt") or 512
+        if height is None:  # an explicit 0 is an error below, not "the default"
+            height = (prof.get("height") or {}).get("opt") or 512
+        if width is None:
+            width = (prof.get("width") or {}).get("opt") or 512
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % f:
                 raise UsageError(f"{name} must be a positive multiple of {f}, got {value!r}")

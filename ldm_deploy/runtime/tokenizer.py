@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.errors import LdmError
+from ldm_deploy.errors import LdmError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,13 @@ class ClipTokenizer:
             prompts = [prompts]
         prompts = list(prompts)
         if not all(isinstance(p, str) for p in prompts):
-            raise LdmError("prompts must be strings")
+            raise UsageError("prompts must be strings")
+        for i, p in enumerate(prompts):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. undecodable bytes in argv
+                raise UsageError(f"prompt {i} is not valid Unicode text ({e.reason} at position {e.start})",
+                                 hint="pass the prompt as UTF-8") from None
         out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)  # (N, 77)
         for row, enc in enumerate(self._tok.encode_batch(prompts, add_special_tokens=True)):
             ids = enc.ids  # BOS + content + EOS

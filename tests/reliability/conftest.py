@@ -5,6 +5,7 @@ as what it is: a signal or a timeout, never a passing test).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,9 +34,8 @@ class Ran:
         lines = self.stderr.strip().splitlines()
         assert len(lines) == 1, f"want one line on stderr, got {len(lines)}:\n{self.stderr}"
         assert "Traceback" not in self.stderr + self.stdout
-        assert lines[0].startswith(("ldm-deploy: error: ", "ldm-train: error: ")), lines[0]
+        assert re.match(r"ldm-(deploy|train)( \w+)?: error: ", lines[0]), lines[0]
         if match is not None:
-            import re
             assert re.search(match, lines[0]), f"{match!r} not in {lines[0]!r}"
         return lines[0]
 
