@@ -73,7 +73,7 @@ def test_export_writes_variants_with_hashes(fp32_fused):
 
 def test_unet_variant_has_the_sd_fusions(fp32_fused):
     fused = json.loads((fp32_fused / "manifest.json").read_text())["components"]["unet"]["variants"][VARIANT]["fused_ops"]
-    for op in ("GroupNorm", "NhwcConv", "BiasSplitGelu"):
+    for op in ("MultiHeadAttention", "GroupNorm", "NhwcConv", "BiasSplitGelu"):
         assert fused.get(op, 0) > 0, f"{op} not fused: {fused}"
     import onnx
     g = onnx.load(str(fp32_fused / "unet" / FILE_NAME)).graph
@@ -151,3 +151,25 @@ def test_config_key_without_ort_cuda_is_unchanged():
     """Artifacts exported before `ort_cuda` existed stay cached: the key leaves the default out."""
     assert "ort_cuda" not in json.loads(ExportConfig().key())
     assert json.loads(ExportConfig(ort_cuda=True).key())["ort_cuda"] is True
+
+
+def test_attention_fusion_is_exact_on_cpu(fp32_fused):
+    """fuse_attention alone (MultiHeadAttention has a CPU kernel in fp32) gives the plain graph's output."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from ldm_deploy.compare import assert_close
+    from ldm_deploy.export.attention_fusion import fuse_attention
+
+    plain = fp32_fused / "unet" / "model.onnx"
+    model = onnx.load(str(plain))
+    assert fuse_attention(model) == 4 * 2        # tiny preset: 4 transformer blocks, self + cross each
+    assert not any(n.op_type == "Softmax" for n in model.graph.node)
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), np.float32), "timestep": np.array([999.0, 3.5], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), np.float32)}
+    cpu = ["CPUExecutionProvider"]
+    want = ort.InferenceSession(str(plain), providers=cpu).run(None, feeds)[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=cpu).run(None, feeds)[0]
+    assert_close(got, want, atol=1e-5, name="MultiHeadAttention-fused U-Net")
