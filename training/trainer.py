@@ -305,40 +305,42 @@ class Trainer:
         if env.is_main:
             self._start_log(step)
         bar = _progress(self.name, step, cfg.steps, disable=not env.is_main)
-        losses: list[tuple[int, float]] = []
-        t0, timed_from = time.perf_counter(), None
-        metrics: dict = {}
-        self.objective.train()
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            total, sums = self._step(step)
-            step += 1
-            if env.is_main:
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss, metrics = self._reduce(step, total, sums)
-                losses.append((step, loss))
+        try:  # close the bar on errors too, so an error message starts on its own line
+            losses: list[tuple[int, float]] = []
+            t0, timed_from = time.perf_counter(), None
+            metrics: dict = {}
+            self.objective.train()
+            while step < cfg.steps:
+                lr = lr_at(step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                total, sums = self._step(step)
+                step += 1
                 if env.is_main:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    self._log(step, loss, lr, metrics)
-            if env.is_main:
-                if timed_from is None and step >= min(cfg.steps, 3):
-                    if env.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    timed_from = (step, time.perf_counter())
-                elif timed_from is not None and step == timed_from[0] + 20:
-                    if env.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    rate = (time.perf_counter() - timed_from[1]) / 20
-                    bar.write(f"[{self.name}] {rate * 1000:.1f} ms/step; about "
-                              f"{_fmt_time(rate * (cfg.steps - step))} left")
-            if self.on_step is not None:
-                self.on_step(step, self)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                self.save_checkpoint(step, metrics)
-        bar.close()
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    loss, metrics = self._reduce(step, total, sums)
+                    losses.append((step, loss))
+                    if env.is_main:
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                        self._log(step, loss, lr, metrics)
+                if env.is_main:
+                    if timed_from is None and step >= min(cfg.steps, 3):
+                        if env.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        timed_from = (step, time.perf_counter())
+                    elif timed_from is not None and step == timed_from[0] + 20:
+                        if env.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        rate = (time.perf_counter() - timed_from[1]) / 20
+                        bar.write(f"[{self.name}] {rate * 1000:.1f} ms/step; about "
+                                  f"{_fmt_time(rate * (cfg.steps - step))} left")
+                if self.on_step is not None:
+                    self.on_step(step, self)
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    self.save_checkpoint(step, metrics)
+        finally:
+            bar.close()
         for key, ema in self.ema.items():
             ema.copy_to(self.trainable[key])
         return TrainResult(step, losses, time.perf_counter() - t0, self.trainable)
