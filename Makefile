@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: 2.13.0 is the CPU build this environment serves; a looser spec would fetch a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev demo test test-fast clean
+.PHONY: setup setup-dev demo tour test test-fast clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,12 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[train,dev,tensorrt-rtx]"
 
-# Until `ldm-deploy demo` lands (issue 7), the demo is the end-to-end quickstart on the tiny preset.
+# The shipped shapes model (models/shapes-demo, or $LDM_DEPLOY_DEMO_MODEL) -> outputs/demo/{grid.png,images/,report.json}.
 demo: setup
+	$(BIN)/ldm-deploy demo
+
+# The README's tour on the tiny preset: train -> export -> validate -> build -> generate, about a minute on CPU.
+tour: setup
 	BIN=$(BIN) bash scripts/quickstart.sh
 
 test: setup-dev
