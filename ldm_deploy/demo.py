@@ -156,6 +156,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     pipe = Pipeline.from_artifact(artifact_dir, backend=backend)
     report["timings"]["load_s"] = round(time.perf_counter() - t0, 3)
     report["scheduler"] = config.scheduler or _scheduler_name(pipe)
+    size = _native_size(model, pipe)
+    report["height"] = report["width"] = size
 
     # 3. generate + analyse
     from training.data.analyser import analyse, score
@@ -165,7 +167,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
         t_all = time.perf_counter()
         for i, row in enumerate(rows):
             result = pipe(row["prompt"], steps=config.steps, guidance=config.guidance,
-                          scheduler=config.scheduler, seed=config.seed + i)
+                          scheduler=config.scheduler, seed=config.seed + i, height=size, width=size)
             images.append(result.images[0])
             first = first or result
             analysis = analyse(result.images[0])
@@ -213,6 +215,22 @@ def _export(model: Path, artifact_dir: Path, export_config: str):
     return artifact_dir, result
 
 
+def _native_size(model: Path, pipe) -> int:
+    """The size the model was trained at (U-Net sample_size x VAE factor) when the artifact's profile
+    allows it, else the profile's opt size."""
+    import json
+
+    any_size = {"min": 1, "opt": 512, "max": 1 << 30}
+    profile, width = ((pipe.profiles or {}).get(k) or any_size for k in ("height", "width"))
+    try:
+        sample = json.loads((model / "unet" / "config.json").read_text(encoding="utf-8"))["sample_size"]
+        size = int(sample if isinstance(sample, int) else sample[0]) * pipe.vae_scale_factor
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return int(profile["opt"])
+    fits = all(p["min"] <= size <= p["max"] for p in (profile, width))
+    return size if fits else int(min(profile["opt"], width["opt"]))
+
+
 def _scheduler_name(pipe) -> str:
     from ldm_deploy.runtime.schedulers import default_name
 
@@ -228,7 +246,8 @@ def _parity(model: Path, profiles, prompt: str, config: DemoConfig, actual) -> d
     except ImportError as e:
         raise LdmError(f"the parity check needs torch: {e}", hint="install torch or pass --no-parity") from None
     ref = pipeline_from_model_folder(model, profiles=profiles)
-    kwargs = dict(steps=config.steps, guidance=config.guidance, scheduler=config.scheduler, seed=config.seed)
+    kwargs = dict(steps=config.steps, guidance=config.guidance, scheduler=config.scheduler, seed=config.seed,
+                  height=actual.params["height"], width=actual.params["width"])
     t0 = time.perf_counter()
     expected = ref(prompt, **kwargs)
     torch_s = time.perf_counter() - t0

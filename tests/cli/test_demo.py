@@ -25,6 +25,7 @@ def test_demo_writes_grid_images_and_report(demo):
     assert demo.grid.is_file() and len(demo.images) == 8 and all(p.is_file() for p in demo.images)
     assert [r["split"] for r in report["images"]] == ["seen"] * 4 + ["holdout"] * 4
     assert report["backend"] == "ort-cpu" and report["timings"]["export_cached"] is False
+    assert report["height"] == 128  # the tiny U-Net (sample_size 4 -> 32 px) is below the demo profile: its opt
     assert report["timings"]["images_per_s"] > 0 and report["timings"]["load_s"] > 0
     assert set(report["accuracy"]) == {"seen", "holdout"} and report["accuracy"]["holdout"]["n"] == 4
     for row in report["images"]:
@@ -103,3 +104,16 @@ def test_captioned_grid_layout():
     assert grid.dtype == np.uint8 and grid.shape[1] == 3 * 36 + 4 and grid.shape[0] > 2 * 32
     with pytest.raises(Exception, match="captions"):
         captioned_grid(images, ["one"])
+
+
+def test_images_are_made_at_the_models_native_size_when_the_profile_allows(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm_deploy.demo import _native_size
+
+    (tmp_path / "unet").mkdir()
+    pipe = SimpleNamespace(vae_scale_factor=8, profiles={"height": {"min": 64, "opt": 128, "max": 128},
+                                                         "width": {"min": 64, "opt": 128, "max": 128}})
+    for sample, expected in ((8, 64), (16, 128), (4, 128), (32, 128)):
+        (tmp_path / "unet" / "config.json").write_text(json.dumps({"sample_size": sample}))
+        assert _native_size(tmp_path, pipe) == expected, sample
