@@ -146,11 +146,15 @@ def export(folder: Path, out: Path, precision: str) -> dict:
     from ldm_deploy.export.config import load_config
     from ldm_deploy.export.exporter import export_model
 
+    import importlib.util
+
+    # onnxslim (the plain graphs' cleanup) may be missing on a GPU image: export uncleaned then, and say so
+    cleanup = importlib.util.find_spec("onnxslim") is not None
     config = load_config("tiny").replace(precision=precision, keep_fp32_unet=precision == "fp16", ort_cuda=True,
-                                         measure_runtime=False)
+                                         measure_runtime=False, optimize=cleanup)
     result = export_model(folder, out, config, force=True)
     m = result.artifact.manifest
-    return {"path": str(out), "seconds": round(result.seconds, 1),
+    return {"path": str(out), "seconds": round(result.seconds, 1), "onnxslim_cleanup": cleanup,
             "variants": {c: {k: e["variants"]["ort-cuda"][k] for k in ("precision", "fused_ops", "nodes_before",
                                                                         "nodes_after")}
                          for c, e in m["components"].items() if "variants" in e}}

@@ -124,3 +124,17 @@ def test_ort_cuda_pipeline_fused_equals_cpu(artifacts):
     pipe("a cat", steps=2, seed=1)
     gpu = pipe("a cat", steps=6, seed=0)
     assert_close(gpu.latents, cpu.latents, atol=5e-2, rtol=5e-2, name="fused fp16 latents vs cpu")
+
+
+def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
+    """Output dims the manifest cannot size (an export without onnxslim names them oddly): the first call
+    runs with ORT-allocated outputs (gpu_graph_id -1 under CUDA graphs: no capture), later calls use
+    preallocated buffers."""
+    runner = cpu_bound(artifacts["fp32"], "text_encoder", variant=None, enable_cuda_graph=True)
+    runner.spec = {**runner.spec, "outputs": [{**o, "shape": ["batch", "odd_dim_1", "odd_dim_2"]}
+                                              for o in runner.spec["outputs"]]}
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "text_encoder")
+    for seed in (0, 1, 2):
+        x = feeds("text_encoder", seed=seed)
+        assert_close(runner(x)["last_hidden_state"], cpu(x)["last_hidden_state"], name=f"seed {seed}")
+        assert set(runner._out) == set(runner.output_names)

@@ -232,17 +232,17 @@ class OrtCudaRunner(OrtCpuRunner):
         key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.input_names)
         shapes = self._output_shapes(key, inputs)
         if shapes is None:
-            if self.enable_cuda_graph:
-                # the capture records output addresses: ORT-allocated outputs would be replayed into
-                # buffers we no longer hold
-                raise LdmError(f"cannot size the {self.component} outputs from the manifest before the CUDA graph "
-                               "capture", hint="pass enable_cuda_graph=False for this component")
-            # First call with these shapes and outputs we can't size: let ORT allocate, then learn the
-            # shapes so later calls write into our own buffers.
+            # First call with these shapes and outputs we can't size from the manifest: let ORT allocate,
+            # learn the shapes, and write into our own buffers from the next call on. Under CUDA graphs
+            # this probe runs with gpu_graph_id -1 (no capture: a capture records the output addresses,
+            # and ORT-allocated ones would not stay ours); the next call captures with our buffers bound.
+            if self._out and self.enable_cuda_graph:
+                raise LdmError(f"{self.component} inputs changed shape under a captured CUDA graph",
+                               hint="CUDA graphs need static shapes; pass enable_cuda_graph=False")
             for name in self.output_names:
                 self.binding.bind_output(name, "cuda", self.device_id)
                 self._out.pop(name, None)
-            self._run()
+            self._run(capture=False)
             values = self.binding.get_outputs()
             self._out_shapes[key] = {n: tuple(v.shape()) for n, v in zip(self.output_names, values)}
             arrays = [v.numpy() for v in values]
@@ -271,10 +271,15 @@ class OrtCudaRunner(OrtCpuRunner):
                 self._out[name] = held
                 self.binding.bind_ortvalue_output(name, held)
 
-    def _run(self) -> None:
+    def _run(self, capture: bool = True) -> None:
+        ort = _ort()
         self.binding.synchronize_inputs()
+        options = None
+        if self.enable_cuda_graph and not capture:
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", "-1")   # this run neither captures nor replays
         try:
-            self.session.run_with_iobinding(self.binding)
+            self.session.run_with_iobinding(self.binding, options)
         except Exception as e:  # onnxruntime raises its own exception types
             what = "CUDA graph capture/replay" if self.enable_cuda_graph else "run"
             raise LdmError(f"onnxruntime CUDA {what} of {self.model_path} failed: {str(e).splitlines()[0]}",
