@@ -219,6 +219,8 @@ class Pipeline:
                 if latents.shape != shape:
                     raise UsageError(f"latents have shape {list(latents.shape)}, expected {list(shape)} "
                                      f"([num_prompts*num_images, {self.latent_channels}, height/8, width/8])")
+                if not np.isfinite(latents).all():
+                    raise UsageError("latents contain NaN or Inf values", hint="pass finite N(0, I) noise")
             x = (latents * np.float32(schedule.init_noise_sigma)).astype(np.float32)
 
         # 3. denoise

@@ -63,6 +63,7 @@ def test_undecodable_prompt_is_a_usage_error(pipe):
     (dict(latents=np.zeros((1, 3, 4, 4), np.float32)), "latents have shape"),
     (dict(latents=np.zeros((1, 4, 3, 3), np.float32)), "outside the artifact's profile"),
     (dict(eta=math.nan), "eta must be"),
+    (dict(latents=np.full((1, 4, 4, 4), np.nan, np.float32)), "latents contain NaN"),
 ])
 def test_pipeline_refuses(pipe, kwargs, match):
     with pytest.raises(UsageError, match=match) as e:

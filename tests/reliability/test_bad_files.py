@@ -86,6 +86,41 @@ def test_generate_on_an_intact_copy_works(artifact_copy, tmp_path):
     assert out.is_file()
 
 
+# --------------------------------------------------------------------------------------------- --latents / --image
+
+def _npy(path: Path, kind: str) -> None:
+    import numpy as np
+
+    good = path.with_name("good.npy")
+    np.save(good, np.zeros((1, 4, 4, 4), np.float32))
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[:100])
+    elif kind == "random":
+        path.write_bytes(random_bytes(500))
+    else:  # an object array: loading it would unpickle
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+
+
+INPUT_FILES = {
+    "latents truncated": ("--latents", "x.npy", lambda p: _npy(p, "truncated"), "not a plain .npy array"),
+    "latents random bytes": ("--latents", "x.npy", lambda p: _npy(p, "random"), "not a plain .npy array"),
+    "latents pickled objects": ("--latents", "x.npy", lambda p: _npy(p, "object"), "not a plain .npy array"),
+    "init image random bytes": ("--image", "x.png", lambda p: p.write_bytes(random_bytes(300)), "cannot read image"),
+    "init image empty": ("--image", "x.png", lambda p: p.write_bytes(b""), "cannot read image"),
+}
+
+
+@pytest.mark.parametrize("case", list(INPUT_FILES))
+def test_generate_refuses_damaged_input_files(artifact, tmp_path, case):
+    flag, name, make, match = INPUT_FILES[case]
+    make(tmp_path / name)
+    out = tmp_path / "out.png"
+    ran = cli("generate", artifact, "--prompt", "a", "--steps", "2", "--height", "32", "--width", "32",
+              flag, tmp_path / name, "--out", out)
+    ran.assert_clean_failure(1, match)
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------- model folder
 
 def _unet_weights(folder: Path) -> Path:
