@@ -1,0 +1,4 @@
+"""`python -m training ...` is `ldm-train ...`."""
+from training.cli import main
+
+raise SystemExit(main())
