@@ -4,6 +4,7 @@ OrtCudaRunner(variant="auto") only. Executing the fused graphs needs CUDA (tests
 from __future__ import annotations
 
 import json
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from ldm_deploy.export.ort_optimize import FILE_NAME, VARIANT, add_ort_cuda_vari
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+# GPU images may lack onnxslim (the plain graphs' cleanup): export uncleaned there
+HAS_ONNXSLIM = importlib.util.find_spec("onnxslim") is not None
 
 
 def make_sd_like_folder(folder: Path) -> Path:
@@ -46,13 +50,15 @@ def sd_like_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fp32_fused(sd_like_folder, tmp_path_factory) -> Path:
-    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, ort_cuda=True)
+    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=HAS_ONNXSLIM,
+                                         ort_cuda=True)
     return export_model(sd_like_folder, tmp_path_factory.mktemp("art") / "fp32", config).path
 
 
 @pytest.fixture(scope="module")
 def fp16_plain(sd_like_folder, tmp_path_factory) -> Path:
-    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, precision="fp16",
+    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=HAS_ONNXSLIM,
+                                         precision="fp16",
                                          keep_fp32_unet=True)
     return export_model(sd_like_folder, tmp_path_factory.mktemp("art") / "fp16", config).path
 

@@ -3,6 +3,7 @@ run for real with CPU "device" buffers; on a GPU (marker `gpu`) the plain and fu
 without CUDA graphs, against ort-cpu."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,16 @@ from ldm_deploy.export.exporter import export_model
 from ldm_deploy.runtime.runners.base import open_runner
 from tests.export.test_ort_optimize import make_sd_like_folder
 
+# GPU images may lack onnxslim (the plain graphs' cleanup): export uncleaned there
+HAS_ONNXSLIM = importlib.util.find_spec("onnxslim") is not None
+
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ortcuda")
     folder = make_sd_like_folder(root / "model")
     base = load_config("tiny").replace(components=("text_encoder", "unet", "vae_decoder"), measure_runtime=False,
+                                       optimize=HAS_ONNXSLIM,
                                        ort_cuda=True)
     return {p: export_model(folder, root / p, base.replace(precision=p, keep_fp32_unet=p == "fp16")).path
             for p in ("fp32", "fp16")}
