@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     from ldm_deploy.bench.harness import ratio, run_bench
     from ldm_deploy.bench.prepare import add_ort_cuda_variants, export_for_bench, random_model_folder
-    from ldm_deploy.bench.spec import BenchSpec
+    from ldm_deploy.bench.spec import TORCH_SIDES, BenchSpec
 
     kind = "tiny" if args.quick else "sd15"
     steps = args.steps or (3 if args.quick else 50)
@@ -84,6 +84,11 @@ def main(argv=None) -> int:
 
     # 1. the model folder
     model = args.model_dir
+    if model is None and args.artifact is not None:   # the folder the artifact was exported from, if it is here
+        import json
+
+        src = json.loads((args.artifact / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("path")
+        model = Path(src) if src and (Path(src) / "model_index.json").is_file() else None
     if model is None:
         say(f"building the {kind} random-weight model folder in {args.work / 'model'} ...")
         model, seconds = random_model_folder(kind, args.work / f"{kind}-model")
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
 
     # 2. the fp16 artifact (with the ORT CUDA fused variants)
     artifact = args.artifact
-    if artifact is None:
+    deployed = any(s not in TORCH_SIDES for s in sides)
+    if artifact is None and deployed:
         artifact = args.work / f"{kind}-onnx-fp16"
         say(f"exporting {model} -> {artifact} (fp16, ort-cuda variants) ...")
         try:
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
         say(f"artifact {artifact} " + ("up to date (cached)" if e["cached"] else f"exported in {e['seconds']} s"))
 
     # 3. the fused variants, when the artifact lacks them and ONNX Runtime CUDA will run
-    if any(s.startswith("ort-cuda") for s in sides) and (has_cuda_ep() or args.quick):
+    if artifact is not None and any(s.startswith("ort-cuda") for s in sides) and (has_cuda_ep() or args.quick):
         try:
             export["ort_cuda_variants"] = add_ort_cuda_variants(artifact)
             say(f"ort-cuda variants: {str(export['ort_cuda_variants'])[:300]}")
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     export["prepare_wall_s"] = round(time.perf_counter() - t_start, 1)
 
     # 4. every side
-    spec = BenchSpec(model_dir=str(model), artifact=str(artifact), sides=sides, batches=batches, steps=steps,
+    spec = BenchSpec(model_dir=str(model), artifact=str(artifact) if artifact else None, sides=sides, batches=batches, steps=steps,
                      guidance=7.5, height=64 if args.quick else 512, width=64 if args.quick else 512,
                      warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
                      component_warmup=2 if args.quick else 3, component_repeats=5 if args.quick else 10,

@@ -18,16 +18,23 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="*", type=Path, help="results JSON files (default benchmarks/results/*.json)")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--print", dest="print_only", action="store_true", help="print the table, change nothing")
+    ap.add_argument("--stages", action="store_true",
+                    help="also print, per result file and batch, where the end-to-end time goes (vs the FLOP floor)")
     args = ap.parse_args(argv)
 
-    from ldm_deploy.bench.report import load_results, markdown_table, replace_block
+    from ldm_deploy.bench.report import load_results, markdown_table, replace_block, stage_table
     from ldm_deploy.fileio import atomic_file
 
     paths = args.results or sorted((ROOT / "benchmarks" / "results").glob("*.json"))
     if not paths:
         print("no results JSON found", file=sys.stderr)
         return 1
-    table = markdown_table(load_results(paths))
+    runs = load_results(paths)
+    table = markdown_table(runs)
+    if args.stages:
+        for run in runs:
+            for batch in sorted({r["batch"] for r in run["results"]}):
+                print(f"\n{run['name']}:\n{stage_table(run, batch)}")
     if args.print_only:
         print(table)
         return 0

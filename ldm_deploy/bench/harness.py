@@ -75,7 +75,7 @@ def floor_view(record: dict, flops: dict, machine: dict) -> dict | None:
     if record.get("status") != "ok" or record.get("device", "cpu") == "cpu" or not machine.get("gpus"):
         return None
     peak = gpu_peak_tflops(machine["gpus"][0], record.get("dtype") or "fp32")
-    view = {"peak_tflops": peak, "peak_dtype": record.get("dtype") or "fp32"}
+    view = {"peak_tflops": peak, "peak_dtype": "fp16" if record.get("dtype") == "fp16" else "tf32"}
     for stage, timing in (("unet_step", record["components_ms"]["unet_step"]), ("end_to_end", record["end_to_end"])):
         tflops = flops[stage] / (timing["median_ms"] * 1e-3) / 1e12
         view[f"{stage}_tflops"] = round(tflops, 2)

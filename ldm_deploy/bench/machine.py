@@ -95,16 +95,17 @@ def gpu_used_mib(device: int = 0) -> tuple[float, str] | None:
 
 
 def gpu_peak_tflops(gpu_name: str, dtype: str) -> float | None:
-    """Dense peak TFLOP/s of a known card for fp16 (tensor cores) or fp32 (no TF32); None if unknown.
+    """Dense peak TFLOP/s of a known card: fp16 tensor cores, or TF32 tensor cores for "fp32" (cuDNN
+    convolutions in PyTorch and ONNX Runtime's CUDA EP run fp32 on TF32 by default). None if unknown.
 
     Data-sheet numbers without sparsity. The FLOP floor of a run is its FLOPs over this.
     """
     name = gpu_name.upper()
-    table = [  # (substring, fp16 tensor dense, fp32 non-tensor)
-        ("H200", 989.4, 66.9), ("H100 NVL", 835.0, 60.0), ("H100 PCIE", 756.0, 51.2), ("H100", 989.4, 66.9),
-        ("A100", 312.0, 19.5), ("L40S", 362.1, 91.6), ("L4", 121.0, 30.3), ("A10", 125.0, 31.2),
+    table = [  # (substring, fp16 tensor dense, tf32 tensor dense)
+        ("H200", 989.4, 494.7), ("H100 NVL", 835.0, 417.5), ("H100 PCIE", 756.0, 378.0), ("H100", 989.4, 494.7),
+        ("A100", 312.0, 156.0), ("L40S", 362.1, 181.0), ("L4", 121.0, 60.0), ("A10", 125.0, 62.5),
     ]
-    for key, fp16, fp32 in table:
+    for key, fp16, tf32 in table:
         if key in name:
-            return fp16 if dtype == "fp16" else fp32
+            return fp16 if dtype == "fp16" else tf32
     return None

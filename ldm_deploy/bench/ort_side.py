@@ -31,6 +31,11 @@ def _skip_reason(spec, side: str) -> str | None:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CUDAExecutionProvider here (needs onnxruntime-gpu and an NVIDIA GPU)"
+        if hasattr(ort, "preload_dlls"):   # cuDNN / cuBLAS from the nvidia-* wheels, when the system has none
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - the runner's own provider check reports a real failure
+                pass
     if side == "tensorrt":
         from ldm_deploy.engine import trt_api
 

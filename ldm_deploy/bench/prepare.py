@@ -31,7 +31,9 @@ def model_dicts(kind: str) -> dict:
         cfg = load_config(ROOT / "training" / "configs" / "shapes.yaml")
         dicts = merged(cfg)
         size = cfg.data.resolution                                        # 128 px -> 16x16 latents
-        dicts["unet"] = {**dicts["unet"], "sample_size": size // 8}
+        # as training/stages/unet.py builds it: cross-attention over the text encoder's width
+        dicts["unet"] = {**dicts["unet"], "sample_size": size // 8,
+                         "cross_attention_dim": dicts["text_encoder"]["hidden_size"]}
         dicts["vae"] = {**dicts["vae"], "sample_size": size}
     elif kind in ("sd15", "tiny"):
         from training.models.presets import preset

@@ -85,6 +85,26 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stage_table(run: dict, batch: int = 1) -> str:
+    """Where the end-to-end time goes, per side: text encoder, N U-Net steps, VAE decode, the rest, and the
+    FLOP floor (the run's FLOPs at the card's dense peak for the side's dtype)."""
+    steps = run.get("model", {}).get("steps", 0)
+    lines = [f"| side (B={batch}) | text enc (ms) | {steps} x U-Net (ms) | VAE dec (ms) | rest (ms) | end to end (ms) "
+             "| FLOP floor (ms) | x floor |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in _ok(run):
+        if r["batch"] != batch:
+            continue
+        comp = r["components_ms"]
+        te, unet, vae = (comp["text_encoder"]["median_ms"], steps * comp["unet_step"]["median_ms"],
+                         comp["vae_decoder"]["median_ms"])
+        e2e = r["end_to_end"]["median_ms"]
+        floor = (r.get("floor") or {}).get("end_to_end_floor_ms")
+        lines.append(f"| {r['side']} | {te:.1f} | {unet:.0f} | {vae:.1f} | {e2e - te - unet - vae:.1f} | {e2e:.0f} | "
+                     + (f"{floor:.0f} | {e2e / floor:.1f}x |" if floor else "- | - |"))
+    return "\n".join(lines)
+
+
 def replace_block(text: str, block: str) -> str:
     """`text` with everything between the bench markers replaced by `block` (markers kept)."""
     start, end = text.find(START), text.find(END)
@@ -124,7 +144,8 @@ def write_chart(results: dict, path: str | Path) -> Path:
         ax.set_xticklabels(sides, rotation=25, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ys or ax.containers:
+            ax.legend(fontsize=8)
     model = results.get("model", {})
     fig.suptitle(f"{results.get('name')}: {model.get('height')}x{model.get('width')}, {model.get('steps')} steps, "
                  f"guidance {model.get('guidance')} - {_machine(results)}", fontsize=10)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ldm_deploy.bench.harness import finish_record, floor_view, flop_counts, ratio
-from ldm_deploy.bench.report import END, START, load_results, markdown_table, replace_block, write_chart
+from ldm_deploy.bench.report import END, START, load_results, markdown_table, replace_block, stage_table, write_chart
 from ldm_deploy.bench.spec import BenchSpec
 from ldm_deploy.bench.timing import from_samples, measure_within
 from ldm_deploy.compare import assert_close
@@ -60,7 +60,7 @@ def test_floor_view_is_flops_over_time_over_peak():
     assert view["unet_step_fraction_of_peak"] == pytest.approx(expected, abs=1e-4)
     assert view["unet_step_floor_ms"] == pytest.approx(flops["unet_step"] / 989.4e12 * 1e3, abs=1e-3)
     fp32 = floor_view(_record("torch-eager-fp32", 1, 60.0, 3000.0, dtype="fp32"), flops, H100)
-    assert fp32["peak_tflops"] == pytest.approx(66.9)
+    assert fp32["peak_tflops"] == pytest.approx(494.7) and fp32["peak_dtype"] == "tf32"
     assert floor_view(_record("ort-cpu", 1, 60.0, 3000.0, device="cpu"), flops, H100) is None
     assert floor_view({"status": "error"}, flops, H100) is None
 
@@ -84,6 +84,17 @@ def test_markdown_table_rows(tmp_path):
     assert "baseline" in next(line for line in lines if "| torch-eager-fp16 |" in line)
     assert "skipped: TensorRT cannot execute here" in table
     assert "RuntimeError: boom / pipe" in table                     # a '|' in an error cannot break the table
+
+
+def test_stage_table_splits_the_end_to_end_time():
+    run = _sample_run()
+    table = stage_table(run, 1)
+    ort = next(line for line in table.splitlines() if line.startswith("| ort-cuda |"))
+    cells = [c.strip() for c in ort.strip("|").split("|")]
+    # 3.0 + 50 * 20.0 + 40.0 = 1043 ms of stages in 1100 ms end to end: 57 ms of rest
+    assert cells[1:6] == ["3.0", "1000", "40.0", "57.0", "1100"]
+    floor = run["results"][0]["floor"]["end_to_end_floor_ms"]
+    assert cells[6] == f"{floor:.0f}" and cells[7] == f"{1100 / floor:.1f}x"
 
 
 def test_load_results_rejects_other_json(tmp_path):
