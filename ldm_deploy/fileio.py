@@ -3,6 +3,11 @@
 Files go to a temporary name in the same directory and are renamed into place; directories are
 built under a temporary sibling and renamed (the previous directory, if any, is replaced only once
 the new one is complete).
+
+Temporaries are named `.NAME.<host>-<pid>.*.tmp` (and `.old` for a directory being replaced). A
+writer that was killed leaves its temporary behind; the next write to the same path on the same
+host deletes temporaries whose process is gone, and puts back a `.old` directory if the kill came
+in the instant between its two renames (so the previous directory is never lost).
 """
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -24,12 +31,48 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete the temporaries of killed writers of `path` on this host; restore an orphaned `.old`."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.{socket.gethostname()}-") + r"(\d+)\..*\.(tmp|old)$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.match(p.name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        if m.group(2) == "old" and not path.exists():
+            os.replace(p, path)  # killed between moving the old directory aside and renaming the new one in
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path`; on success fsync and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -57,12 +100,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)

@@ -3,11 +3,13 @@
 Every writer builds under a temporary name beside its target and renames it into place
 (fileio.atomic_dir / atomic_file): `ldm-deploy export` (the artifact folder), `ldm-train` (each
 checkpoint folder, then latest.json), `ldm-deploy build` (each engine, then its sidecar). A killed
-run may leave a stray `.NAME.*.tmp` beside the target; it is never read.
+run leaves its `.NAME.<host>-<pid>.*.tmp` beside the target; it is never read, and the next write
+of the same path deletes it (fileio.remove_stale_temporaries).
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -72,6 +74,7 @@ def test_killed_export_keeps_the_previous_artifact(model_folder, artifact_copy, 
     after = Artifact.open(artifact_copy, verify=True)
     assert set(after.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert (artifact_copy / "manifest.json").read_bytes() != before  # a new export (new `created`)
+    assert not list(parent.glob(f".{artifact_copy.name}.*")), "the killed run's temporary was not cleaned up"
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -116,6 +119,7 @@ def test_killed_training_resumes_to_the_same_losses(tmp_path):
     assert resumed.rc == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
     assert _verify_checkpoint(run) == 40
+    assert not list((run / "checkpoints" / "vae").glob(".*.tmp")), "the killed run's temporary was not cleaned up"
     assert _final_loss(resumed.stdout) == _final_loss(reference.stdout)  # exact resume: bit-identical loss
 
 
@@ -147,3 +151,31 @@ def test_killed_build_keeps_consistent_engines(artifact, tmp_path):
     again = cli("build", artifact, "--out", engines, "--opt-level", "0", timeout=300)
     assert again.rc == 0, again.stderr
     assert consistent() == names
+
+
+# ------------------------------------------------------------------------------------------------ fileio
+
+def test_stale_temporaries_are_removed_and_an_orphaned_old_dir_restored(tmp_path):
+    """A writer killed between atomic_dir's two renames leaves only `.NAME.*.old`: the next writer restores it."""
+    import socket
+
+    from ldm_deploy.fileio import atomic_dir, remove_stale_temporaries
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is no longer running
+    host = socket.gethostname()
+    target = tmp_path / "artifact"
+    orphan = tmp_path / f".artifact.{host}-{dead.pid}.abc.old"
+    orphan.mkdir()
+    (orphan / "manifest.json").write_text("previous")
+    stray = tmp_path / f".artifact.{host}-{dead.pid}.def.tmp"
+    stray.mkdir()
+    live = tmp_path / f".artifact.{host}-{os.getpid()}.ghi.tmp"  # a live writer's temporary is left alone
+    live.mkdir()
+    remove_stale_temporaries(target)
+    assert (target / "manifest.json").read_text() == "previous"
+    assert not orphan.exists() and not stray.exists() and live.exists()
+    with atomic_dir(target) as tmp:
+        (tmp / "manifest.json").write_text("new")
+    assert (target / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["artifact", live.name])
