@@ -8,6 +8,7 @@ the checks past "no GPU" are reached on a machine without one.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -93,6 +94,5 @@ def test_generate_tensorrt_refuses(copies, tmp_path, monkeypatch, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
     assert err[0].startswith("ldm-deploy: error: ") and "Traceback" not in err[0]
-    import re
     assert re.search(match, err[0]), err[0]
     assert not out.exists()
