@@ -158,6 +158,8 @@ class OrtCudaRunner(OrtCpuRunner):
         self._out: dict[str, object] = {}          # name -> device OrtValue (preallocated)
         self._out_shapes: dict[tuple, dict[str, tuple]] = {}
         self._runs = 0
+        self._uploaded = False
+        self._sync = None                          # host->device copy fence (see _sync_uploads)
 
     def _check_provider(self) -> None:
         """ORT falls back to the CPU silently when the CUDA libraries fail to load: refuse that."""
@@ -196,8 +198,25 @@ class OrtCudaRunner(OrtCpuRunner):
         elif self.reuse_unchanged_inputs and name in self._in_host and np.array_equal(self._in_host[name], array):
             return  # the device copy already holds these values (e.g. the text embeddings every step)
         held.update_inplace(array)
+        self._uploaded = True
         if self.reuse_unchanged_inputs:
             self._in_host[name] = array.copy() if array is value else array
+
+    def _sync_uploads(self) -> None:
+        """`update_inplace` is a cudaMemcpy from pageable memory on the legacy default stream, which may
+        return before its DMA lands, and ORT computes on a non-blocking stream: wait for the copy (a
+        few microseconds) so the run never reads a half-written input. Needs cuda-bindings; without
+        it ORT's own stream synchronisation is all there is."""
+        if self._sync is None:
+            self._sync = False
+            if any(v.device_name().lower() == "cuda" for v in self._in.values()):
+                try:
+                    from cuda.bindings import runtime as cudart
+                    self._sync = lambda: cudart.cudaStreamSynchronize(0)
+                except ImportError:
+                    pass
+        if self._sync:
+            self._sync()
 
     def _output_shapes(self, key: tuple, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple] | None:
         """Output shapes for these input shapes: learned from an earlier run, or from the manifest's
@@ -227,8 +246,11 @@ class OrtCudaRunner(OrtCpuRunner):
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
+        self._uploaded = False
         for name in self.input_names:
             self._bind_input(name, inputs[name])
+        if self._uploaded:
+            self._sync_uploads()
         key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.input_names)
         shapes = self._output_shapes(key, inputs)
         if shapes is None:
