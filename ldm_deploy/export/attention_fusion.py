@@ -147,7 +147,9 @@ def fuse_attention(model: onnx.ModelProto) -> int:
             continue
         v = _heads_split(gr, pv.input[1], [0, 2, 1, 3])
         out_t = gr.only_consumer(pv.output[0], "Transpose")
-        out_r = gr.only_consumer(out_t.output[0], "Reshape") if out_t is not None and _perm(out_t) == [0, 2, 1, 3] else None
+        out_r = None
+        if out_t is not None and _perm(out_t) == [0, 2, 1, 3]:
+            out_r = gr.only_consumer(out_t.output[0], "Reshape")
         if v is None or out_r is None or len(gr.cons.get(pv.output[0], [])) != 1:
             continue
         heads = _num_heads(gr, q[1], q[0], scale)

@@ -3,9 +3,10 @@
 Our own pass (attention_fusion.py) first rewrites the U-Net's attention blocks to com.microsoft
 MultiHeadAttention (ORT's matcher expects diffusers' traced pattern, not ours); then ONNX Runtime's
 transformer optimizer fuses GroupNorm / SkipGroupNorm, BiasSplitGelu, BiasAdd and NHWC convolutions
-(U-Net, VAE) and SkipLayerNormalization / QuickGelu (CLIP). Its pattern matchers need the fp32 graph as exported from PyTorch (before any fp16 conversion), so the
-variant is made from `fp32_file` (fp16 exports with `keep_fp32_unet`) or from the main file of an fp32
-component, and written beside it as `<component>/model.ort-cuda.onnx`. The manifest records it under
+(U-Net, VAE) and SkipLayerNormalization / QuickGelu (CLIP). The matchers need an fp32 graph before
+any fp16 conversion: at export (`ort_cuda: true`) the traced graph, before onnxslim; afterwards
+(`add_ort_cuda_variants`) `fp32_file` (fp16 exports with `keep_fp32_unet`) or an fp32 component's
+main file. The result is `<component>/model.ort-cuda.onnx`; the manifest records it under
 `components[name]["variants"]["ort-cuda"]` with its own inputs/outputs (the fused graph's IO dtypes),
 and `OrtCudaRunner(variant="auto")` runs it.
 
@@ -135,7 +136,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     except Exception as e:  # the optimizer raises assorted exception types from its matchers
         raise LdmError(f"ONNX Runtime's transformer optimizer failed on the {component} graph {src}: "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                       hint="export without --ort-cuda (the plain graph runs on ort-cuda too) and report this") from None
+                       hint="export without --ort-cuda (the plain graph runs on ort-cuda too) and report this"
+                       ) from None
     after = op_counts(m.model)
     # write beside dst under a temporary folder, then move graph (+ data) into place
     work = dst.parent / f".{dst.name}.tmp"
