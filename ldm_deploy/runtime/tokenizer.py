@@ -106,8 +106,12 @@ def read_vocab(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
         if not line or (lineno == 1 and line.startswith("#version")):
             continue
         pair = line.split(" ")
-        if len(pair) != 2:
+        if len(pair) != 2 or not all(pair):
             raise LdmError(f"tokenizer file {merges_file} line {lineno} is not a merge pair: {line[:40]!r}")
+        missing = [t for t in pair if t not in vocab]
+        if missing:
+            raise LdmError(f"tokenizer file {merges_file} line {lineno}: {missing[0][:40]!r} is not in vocab.json",
+                           hint="vocab.json and merges.txt come from different tokenizers")
         if pair[0] + pair[1] not in vocab:
             raise LdmError(f"tokenizer file {merges_file} line {lineno}: merge {line!r} is not in vocab.json",
                            hint="vocab.json and merges.txt come from different tokenizers")
@@ -205,7 +209,11 @@ class ClipTokenizer:
         # transformers adds its specials in this order, and a later one with the same content replaces
         # the flags of an earlier one (so SD 1.x's string pad <|endoftext|> makes EOS normalized=False)
         by_content = {_content(specials[k]): specials[k] for k in SPECIAL_KEYS}
-        self._tok = build_clip_tokenizer(vocab, merges, [_added_token(v) for v in by_content.values()])
+        try:
+            self._tok = build_clip_tokenizer(vocab, merges, [_added_token(v) for v in by_content.values()])
+        except Exception as e:  # tokenizers raises plain Exception for an inconsistent vocabulary
+            raise LdmError(f"cannot build the CLIP tokenizer: {' '.join(str(e).split())[:200]}",
+                           hint="vocab.json / merges.txt are corrupt or from different tokenizers") from None
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike, max_length: int | None = None) -> "ClipTokenizer":
