@@ -48,6 +48,25 @@ def has_cuda_ep() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def variants_in_subprocess(artifact: Path, timeout_s: float) -> dict:
+    """add_ort_cuda_variants in a child process: a crash or a hang there costs the variants, not the run."""
+    import json
+    import subprocess
+
+    code = ("import json, sys; from ldm_deploy.bench.prepare import add_ort_cuda_variants; "
+            "print('RESULT ' + json.dumps(add_ort_cuda_variants(sys.argv[1]), default=str))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(artifact)], cwd=str(ROOT), capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s; ort-cuda runs the plain graphs"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-3:] if line.strip())
+    return {"error": f"exit code {proc.returncode}: {tail[-400:]}; ort-cuda runs the plain graphs"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/ldm-bench-sd15"), help="model folder / artifact go here")
@@ -65,13 +84,15 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=420.0,
                     help="no side starts after this many seconds since the script started, export included "
                          "(default 420; sides not started are recorded as skipped)")
+    ap.add_argument("--variants-timeout", type=float, default=240.0,
+                    help="seconds allowed for writing the ORT CUDA fused variants (default 240)")
     ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/<machine>-sd15.json)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 64 px, 3 steps, CPU sides too: a smoke test")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
     from ldm_deploy.bench.harness import ratio, run_bench
-    from ldm_deploy.bench.prepare import add_ort_cuda_variants, export_for_bench, random_model_folder
+    from ldm_deploy.bench.prepare import export_for_bench, random_model_folder
     from ldm_deploy.bench.spec import TORCH_SIDES, BenchSpec
 
     kind = "tiny" if args.quick else "sd15"
@@ -118,12 +139,9 @@ def main(argv=None) -> int:
 
     # 3. the fused variants, when the artifact lacks them and ONNX Runtime CUDA will run
     if artifact is not None and any(s.startswith("ort-cuda") for s in sides) and (has_cuda_ep() or args.quick):
-        try:
-            export["ort_cuda_variants"] = add_ort_cuda_variants(artifact)
-            say(f"ort-cuda variants: {str(export['ort_cuda_variants'])[:300]}")
-        except Exception as e:  # noqa: BLE001 - without variants ort-cuda runs the plain graphs (recorded)
-            export["ort_cuda_variants"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            say(f"ort-cuda variants failed: {e}")
+        say("adding the ONNX Runtime CUDA fused variants (if missing) ...")
+        export["ort_cuda_variants"] = variants_in_subprocess(artifact, args.variants_timeout)
+        say(f"ort-cuda variants: {str(export['ort_cuda_variants'])[:300]}")
     export["prepare_wall_s"] = round(time.perf_counter() - t_start, 1)
 
     # 4. every side

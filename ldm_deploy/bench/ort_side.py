@@ -67,9 +67,36 @@ def _runner_options(spec, side: str) -> tuple[str, dict]:
     return backend, opts
 
 
+def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, log):
+    """Pipeline over text_encoder / unet / vae_decoder runners. CUDA graphs go on the U-Net only (50 replays
+    a run; the others run once). If ORT refuses the U-Net's graph capture at load, the side runs without it
+    and says so (`cuda_graph_error`), so the deployed path still gets a number."""
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.runtime.pipeline import Pipeline
+    from ldm_deploy.runtime.runners.base import open_runner
+    from ldm_deploy.runtime.tokenizer import ClipTokenizer
+
+    graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}.get(backend)
+    plain = {k: v for k, v in opts.items() if k != graph_key}
+    artifact = Artifact.open(artifact_dir, verify=False)
+    runners = {c: open_runner(backend, artifact, c, **plain) for c in ("text_encoder", "vae_decoder")}
+    try:
+        runners["unet"] = open_runner(backend, artifact, "unet", **opts)
+    except Exception as e:  # noqa: BLE001 - e.g. nodes ORT cannot put on the GPU block graph capture
+        if not (graph_key and opts.get(graph_key)):
+            raise
+        record["cuda_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        log(f"U-Net CUDA graph refused ({record['cuda_graph_error']}); running without it")
+        runners["unet"] = open_runner(backend, artifact, "unet", **plain)
+    record["cuda_graph"] = bool(graph_key and opts.get(graph_key) and "cuda_graph_error" not in record)
+    m = artifact.manifest
+    return Pipeline(ClipTokenizer.from_dir(artifact.tokenizer_dir), runners, m["scheduler"], m["scaling_factor"],
+                    m.get("prediction_type", "epsilon"), m.get("profiles"), latent_channels=m.get("latent_channels", 4),
+                    vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend)
+
+
 def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     from ldm_deploy.bench.machine import gpu_used_mib
-    from ldm_deploy.runtime.pipeline import Pipeline
 
     reason = _skip_reason(spec, side)
     if reason:
@@ -81,12 +108,11 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
               "runner_options": {k: v for k, v in opts.items()}}
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_artifact(spec.artifact, backend=backend, verify=False, **opts)
+    pipe = _open_pipeline(spec.artifact, backend, opts, record, log)
     record["load_s"] = round(time.perf_counter() - t0, 3)
     record["dtype"] = pipe.runners["unet"].spec.get("precision", "fp32") if hasattr(pipe.runners["unet"], "spec") else None
-    record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?")))
-                             for c, r in pipe.runners.items() if c != "vae_encoder"}
-    record["variants"] = {c: getattr(r, "variant", None) for c, r in pipe.runners.items() if c != "vae_encoder"}
+    record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?"))) for c, r in pipe.runners.items()}
+    record["variants"] = {c: getattr(r, "variant", None) for c, r in pipe.runners.items()}
     if backend == "ort-cpu":
         record["threads"] = spec.threads or "onnxruntime default (all cores)"
     log(f"{side} b{batch}: loaded in {record['load_s']} s ({record['model_files'].get('unet')})")
@@ -99,6 +125,19 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
                                            dtype=np.float32),
              "timestep": np.full((emb.shape[0],), 500.0, dtype=np.float32), "encoder_hidden_states": emb}
     latent = rng.standard_normal((batch, pipe.latent_channels, height // 8, width // 8), dtype=np.float32)
+    try:
+        pipe.runners["unet"](feeds)                 # first run: ORT allocates, then captures the CUDA graph
+    except Exception as e:  # noqa: BLE001 - a capture failure: measure the deployed path without the graph
+        if not record["cuda_graph"]:
+            raise
+        record["cuda_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        record["cuda_graph"] = False
+        log(f"{side} b{batch}: U-Net CUDA graph capture failed ({record['cuda_graph_error']}); running without it")
+        from ldm_deploy.runtime.runners.base import open_runner
+
+        graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}[backend]
+        pipe.runners["unet"] = open_runner(backend, spec.artifact, "unet",
+                                           **{k: v for k, v in opts.items() if k != graph_key})
     unet, vae = pipe.runners["unet"], pipe.runners["vae_decoder"]
 
     def text():

@@ -109,7 +109,8 @@ def add_ort_cuda_variants(artifact) -> dict:
 
     manifest = json.loads((Path(artifact) / "manifest.json").read_text(encoding="utf-8"))
     have = {name for name, c in manifest["components"].items() if (c.get("variants") or {}).get("ort-cuda")}
-    if {"unet", "text_encoder", "vae_decoder"} <= have:
+    missing = [c for c in ("unet", "text_encoder", "vae_decoder") if c in manifest["components"] and c not in have]
+    if not missing:
         return {"already_present": sorted(have)}
     try:
         from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add
@@ -117,5 +118,6 @@ def add_ort_cuda_variants(artifact) -> dict:
         log.warning("ort-cuda variants skipped: %s", e)
         return {"skipped": f"ldm_deploy.export.ort_optimize.add_ort_cuda_variants unavailable: {e}"}
     start = time.perf_counter()
-    stats = add(artifact)
-    return {"seconds": round(time.perf_counter() - start, 1), "components": stats}
+    stats = add(artifact, components=tuple(missing))
+    return {"seconds": round(time.perf_counter() - start, 1), "components": stats, "already_present": sorted(have),
+            "without_fp32_graph": [c for c in missing if c not in stats]}
