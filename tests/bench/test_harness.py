@@ -77,3 +77,35 @@ def test_time_budget_skips_the_rest(tiny, tmp_path):
     results = run_bench(spec, tmp_path / "r.json", log=lambda m: None)
     assert [r["status"] for r in results["results"]] == ["skipped", "skipped"]
     assert "budget" in results["results"][0]["reason"]
+
+
+class _NoGraphRunner:
+    """Stands in for OrtCudaRunner on CPU: refuses CUDA graphs the way ORT does for unsupported graphs."""
+
+    def __new__(cls, artifact, component, *, enable_cuda_graph=False, **opts):
+        from ldm_deploy.runtime.runners.ort import OrtCpuRunner
+
+        if enable_cuda_graph:
+            raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user")
+        return OrtCpuRunner(artifact, component, **opts)
+
+
+def test_a_refused_cuda_graph_falls_back_and_says_so(tiny, monkeypatch):
+    import sys
+    import types
+
+    from ldm_deploy.bench.ort_side import _open_pipeline
+    from ldm_deploy.runtime.runners import base
+
+    module = types.ModuleType("h1_fake_runner")
+    module.Runner = _NoGraphRunner
+    monkeypatch.setitem(sys.modules, "h1_fake_runner", module)
+    monkeypatch.setitem(base.BACKENDS, "ort-cuda", "h1_fake_runner:Runner")
+    record = {}
+    pipe = _open_pipeline(str(tiny[1]), "ort-cuda", {"enable_cuda_graph": True}, record, lambda m: None)
+    assert record["cuda_graph"] is False and "CUDA Graph" in record["cuda_graph_error"]
+    out = pipe("a red circle", steps=2, guidance=7.5, scheduler="ddim", seed=0)
+    assert out.images.shape == (1, 64, 64, 3)
+    record = {}
+    _open_pipeline(str(tiny[1]), "ort-cuda", {"enable_cuda_graph": False}, record, lambda m: None)
+    assert record == {"cuda_graph": False}
