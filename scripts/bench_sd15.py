@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         src = json.loads((args.artifact / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("path")
         model = Path(src) if src and (Path(src) / "model_index.json").is_file() else None
     if model is None:
-        say(f"building the {kind} random-weight model folder in {args.work / 'model'} ...")
+        say(f"building the {kind} random-weight model folder in {args.work / (kind + '-model')} ...")
         model, seconds = random_model_folder(kind, args.work / f"{kind}-model")
         export["make_folder_s"] = seconds
         say(f"model folder {model} " + (f"built in {seconds} s" if seconds else "reused"))
