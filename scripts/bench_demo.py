@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, help="diffusers model folder (default: models/shapes-demo, else random)")
     ap.add_argument("--artifact", type=Path, help="exported artifact of --model (default: export into --work)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ldm-bench-demo"))
-    ap.add_argument("--sides", default="ort-cpu,torch-eager-fp32,torch-compile")
+    ap.add_argument("--sides", default="ort-cpu,ort-cpu-no-spin,torch-eager-fp32,torch-compile")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--repeats", type=int, default=3)
@@ -62,10 +62,11 @@ def main(argv=None) -> int:
     results = run_bench(spec, args.out, chart=args.out.with_suffix(".png"), export=export, name=args.out.stem,
                         log=lambda m: print(m, flush=True))
     for b in batches:
-        for base in ("torch-eager-fp32", "torch-compile"):
-            r = ratio(results, "ort-cpu", base, b)
-            if r is not None:
-                print(f"[bench] B={b}: ort-cpu is {r:.2f}x {base} end to end", flush=True)
+        for ours in ("ort-cpu", "ort-cpu-no-spin"):
+            for base in ("torch-eager-fp32", "torch-compile"):
+                r = ratio(results, ours, base, b)
+                if r is not None:
+                    print(f"[bench] B={b}: {ours} is {r:.2f}x {base} end to end", flush=True)
     print(f"[bench] wrote {args.out}", flush=True)
     return 0
 

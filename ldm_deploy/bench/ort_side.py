@@ -18,6 +18,7 @@ from ldm_deploy.bench.timing import measure, measure_within
 # side -> (backend, runner options)
 _OPTIONS = {
     "ort-cpu": ("ort-cpu", {}),
+    "ort-cpu-no-spin": ("ort-cpu", {"session_options": {"session.intra_op.allow_spinning": "0"}}),
     "ort-cuda": ("ort-cuda", {"enable_cuda_graph": True}),
     "ort-cuda-no-graph": ("ort-cuda", {"enable_cuda_graph": False}),
     "ort-cuda-plain": ("ort-cuda", {"enable_cuda_graph": True, "variant": None}),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ldm_deploy.errors import UsageError
 
 TORCH_SIDES = ("torch-eager-fp32", "torch-eager-fp16", "torch-compile")
-ORT_SIDES = ("ort-cpu", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain")
+ORT_SIDES = ("ort-cpu", "ort-cpu-no-spin", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain")
 SIDES = TORCH_SIDES + ORT_SIDES + ("tensorrt",)
 # What each side is, for the JSON, the chart and the table.
 SIDE_NOTES = {
@@ -20,6 +20,7 @@ SIDE_NOTES = {
     "torch-eager-fp16": "PyTorch eager, fp16 (.half()), SDPA attention; CUDA only",
     "torch-compile": "torch.compile(unet) default mode; fp16 on CUDA, fp32 on CPU",
     "ort-cpu": "ldm-deploy Pipeline, ONNX Runtime CPUExecutionProvider",
+    "ort-cpu-no-spin": "as ort-cpu with intra-op thread spinning off (three sessions' pools share the cores)",
     "ort-cuda": "ldm-deploy Pipeline, ONNX Runtime CUDA: IO binding, CUDA graphs, fused variant when present",
     "ort-cuda-no-graph": "as ort-cuda without CUDA graphs",
     "ort-cuda-plain": "as ort-cuda on the plain graphs (no ORT transformer fusions)",
