@@ -59,10 +59,20 @@ def machine_info() -> dict:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux: ru_maxrss is KiB)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: VmHWM from /proc/self/status. Not getrusage's ru_maxrss, which Linux carries over exec from the
+    parent that forked us (a benchmark worker would report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def gpu_used_mib(device: int = 0) -> tuple[float, str] | None:
