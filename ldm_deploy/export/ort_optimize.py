@@ -44,6 +44,16 @@ ATTENTION_COMPONENTS = ("unet", "vae_decoder", "vae_encoder")
 FP32_OPS = {"text_encoder": ["SkipLayerNormalization", "LayerNormalization"]}
 # inputs kept fp32 so fractional timesteps keep their precision
 KEEP_FP32_IO = {"unet": ["timestep"]}
+# Shapes ONNX Runtime's CUDA kernels accept (onnxruntime/contrib_ops/cuda/diffusion/*.cc, ORT 1.31): a fused
+# node outside them fails at run time, so a fusion is declined for the whole graph when any of its nodes
+# would be. The sets are SD's sizes; tiny/demo models get the unfused ops instead.
+BIAS_SPLIT_GELU_HIDDEN = (2560, 5120, 6144, 10240, 12288)   # GEGLU proj width (2 x ff inner), bias length
+BIAS_ADD_CHANNELS = (320, 640, 1280)                          # BiasAdd's last dimension
+GROUP_NORM_MAX_CHANNELS_PER_GROUP = 512                       # and channels per group even (2 per thread)
+# the FusionOptions switches behind each op (GroupNorm and SkipGroupNorm share a kernel)
+_FUSION_SWITCHES = {"BiasSplitGelu": ("enable_bias_splitgelu",), "BiasAdd": ("enable_bias_add",),
+                    "GroupNorm": ("enable_group_norm", "enable_skip_group_norm"),
+                    "SkipGroupNorm": ("enable_group_norm", "enable_skip_group_norm")}
 FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd",
              "NhwcConv", "SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu",
              "QuickGelu")
@@ -53,8 +63,8 @@ def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def fusion_options(component: str, float16: bool):
-    """ORT FusionOptions for `component`, as ORT's SD demo sets them."""
+def fusion_options(component: str, float16: bool, declined=()):
+    """ORT FusionOptions for `component`, as ORT's SD demo sets them, less the fused ops in `declined`."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(MODEL_TYPES[component])
@@ -65,7 +75,90 @@ def fusion_options(component: str, float16: bool):
         options.enable_packed_qkv = float16
         options.enable_bias_add = True
     options.group_norm_channels_last = True   # GroupNorm in NHWC, matching NhwcConv around it
+    for op in declined:
+        for switch in _FUSION_SWITCHES[op]:
+            setattr(options, switch, False)
     return options
+
+
+def _const_shape(graph: onnx.GraphProto, name: str) -> tuple[int, ...] | None:
+    for t in graph.initializer:
+        if t.name == name:
+            return tuple(t.dims)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            for a in n.attribute:
+                if a.name == "value":
+                    return tuple(a.t.dims)
+    return None
+
+
+def unsupported_fusions(model: onnx.ModelProto) -> dict[str, str]:
+    """Fused contrib ops of `model` whose sizes ONNX Runtime's CUDA kernels refuse: {op: why}. Sizes come
+    from the constant bias / gamma inputs; one that is not constant counts as unsupported (unverifiable).
+    MultiHeadAttention (any head size: flash / memory-efficient kernels need head_size % 8 == 0 and
+    fall back to the unfused kernel otherwise), NhwcConv (cuDNN), SkipLayerNormalization and QuickGelu
+    have no size limit to check."""
+    graph = model.graph
+    bad: dict[str, set] = {}
+    for node in graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in _FUSION_SWITCHES:
+            continue
+        if node.op_type in ("BiasSplitGelu", "BiasAdd"):
+            shape = _const_shape(graph, node.input[1])
+            size = shape[0] if shape is not None and len(shape) == 1 else None
+            allowed = BIAS_SPLIT_GELU_HIDDEN if node.op_type == "BiasSplitGelu" else BIAS_ADD_CHANNELS
+            if size not in allowed:
+                bad.setdefault(node.op_type, set()).add(f"size {size if size is not None else '?'} "
+                                                        f"not in {list(allowed)}")
+        else:
+            shape = _const_shape(graph, node.input[1])
+            groups = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "groups"), None)
+            channels = shape[0] if shape is not None and len(shape) == 1 else None
+            per_group = channels // groups if channels and groups and channels % groups == 0 else None
+            if per_group is None or per_group % 2 or per_group > GROUP_NORM_MAX_CHANNELS_PER_GROUP:
+                bad.setdefault(node.op_type, set()).add(
+                    f"{channels} channels / {groups} groups (needs an even count <= "
+                    f"{GROUP_NORM_MAX_CHANNELS_PER_GROUP} per group)")
+    return {op: "; ".join(sorted(why)) for op, why in sorted(bad.items())}
+
+
+def unique_node_names(graph: onnx.GraphProto) -> int:
+    """Rename nodes whose name repeats an earlier one (`<name>_<k>`); ONNX Runtime refuses to load a graph
+    with two nodes of one name (onnxruntime <= 1.31's float16 converter names every `_cast_to_fp32`
+    Cast after its input, once per consumer). Returns how many were renamed."""
+    taken = {n.name for n in graph.node if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.node:
+        if not node.name:
+            continue
+        if node.name in seen:
+            k = 1
+            while f"{node.name}_{k}" in taken:
+                k += 1
+            node.name = f"{node.name}_{k}"
+            taken.add(node.name)
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
+def repair_converted_graph(graph: onnx.GraphProto) -> dict:
+    """After ORT's float16 converter: drop exact duplicate Cast nodes, rename clashing node names, re-sort
+    (the converter appends its Casts at the end). Raises LdmError when two different nodes still write
+    one tensor (the graph is not SSA and no renaming can fix it)."""
+    from ldm_deploy.export.fp16 import drop_duplicate_nodes, topological_sort
+
+    dropped = drop_duplicate_nodes(graph)
+    renamed = unique_node_names(graph)
+    writers = Counter(o for n in graph.node for o in n.output if o)
+    clash = [o for o, k in writers.items() if k > 1]
+    if clash:
+        raise LdmError(f"the float16 conversion left {len(clash)} tensors written by several nodes "
+                       f"(first: {clash[0]!r})", hint="export the component fp32 (--precision fp32) and report this")
+    topological_sort(graph)
+    return {"duplicate_nodes_dropped": dropped, "nodes_renamed": renamed}
 
 
 @contextlib.contextmanager
@@ -126,18 +219,34 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     try:
         # our attention traces to a pattern ORT's U-Net matcher does not know: fuse it ourselves first
         attention = fuse_attention(model) if component in ATTENTION_COMPONENTS else 0
-        with _quickgelu_guard():
-            m = optimize_model(model, model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
-                               opt_level=0, optimization_options=fusion_options(component, float16),
-                               use_gpu=True)
-            if float16:
-                m.convert_float_to_float16(keep_io_types=KEEP_FP32_IO.get(component, False),
-                                           op_block_list=FP32_OPS.get(component))
+        declined: dict[str, str] = {}
+        while True:   # fuse; when a fused op has sizes the CUDA kernels refuse, fuse again without it
+            with _quickgelu_guard():
+                m = optimize_model(copy.deepcopy(model), model_type=MODEL_TYPES[component], num_heads=0,
+                                   hidden_size=0, opt_level=0, use_gpu=True,
+                                   optimization_options=fusion_options(component, float16, declined))
+            refused = {op: why for op, why in unsupported_fusions(m.model).items() if op not in declined}
+            if not refused:
+                break
+            for op, why in refused.items():
+                log.info("ort-cuda %s: %s fusion declined: %s", component, op, why)
+            declined.update(refused)
+        repaired = {}
+        if float16:
+            m.convert_float_to_float16(keep_io_types=KEEP_FP32_IO.get(component, False),
+                                       op_block_list=FP32_OPS.get(component))
+            repaired = repair_converted_graph(m.model.graph)
+    except LdmError:
+        raise
     except Exception as e:  # the optimizer raises assorted exception types from its matchers
         raise LdmError(f"ONNX Runtime's transformer optimizer failed on the {component} graph {src}: "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                        hint="export without --ort-cuda (the plain graph runs on ort-cuda too) and report this"
                        ) from None
+    domains = {n.domain for n in m.model.graph.node if n.domain not in ("", "ai.onnx")}
+    declared = {o.domain for o in m.model.opset_import}
+    for domain in sorted(domains - declared):   # ORT's fusions may leave the contrib domain undeclared
+        m.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     after = op_counts(m.model)
     # write beside dst under a temporary folder, then move graph (+ data) into place
     work = dst.parent / f".{dst.name}.tmp"
@@ -157,6 +266,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
         "seconds": round(time.perf_counter() - t0, 2),
         "external_data": data is not None,
         "attention_fused": attention,
+        "declined_fusions": declined,
+        **repaired,
     }
     log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s", component, stats["precision"],
              stats["nodes_before"], stats["nodes_after"], stats["fused_ops"])
@@ -173,7 +284,8 @@ def variant_entry(root: Path, path: Path, stats: dict) -> dict:
     return {"file": path.relative_to(root).as_posix(),
             "external_data": data.relative_to(root).as_posix() if data.exists() else None,
             "precision": stats["precision"], "inputs": ins, "outputs": outs,
-            "fused_ops": stats["fused_ops"], "nodes_before": stats["nodes_before"],
+            "fused_ops": stats["fused_ops"], "declined_fusions": stats.get("declined_fusions", {}),
+            "nodes_before": stats["nodes_before"],
             "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}
 
 
@@ -229,4 +341,4 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
 
 
 __all__ = ["add_ort_cuda_variants", "optimize_for_ort_cuda", "variant_entry", "fp32_source", "VARIANT",
-           "FILE_NAME", "DEFAULT_COMPONENTS"]
+           "FILE_NAME", "DEFAULT_COMPONENTS", "unsupported_fusions", "unique_node_names", "repair_converted_graph"]
