@@ -16,6 +16,17 @@ never rebound, and a shape change is an error (open a runner per shape).
 (`model.ort-cuda.onnx`, see ldm_deploy/export/ort_optimize.py) when the manifest lists one, with that
 graph's IO dtypes; `variant=None` forces the plain graph. `runner.model_path` / `runner.variant` say
 which ran. The CPU runner never picks a variant (its contrib ops have CUDA kernels only).
+
+Defaults measured on real runs:
+- `allow_spinning=None`: intra-op thread spinning off on machines with at most `FEW_CORES` cores. The
+  pipeline holds three sessions, each with a thread pool as wide as the machine; spinning workers of one
+  keep burning the cores the next one (and numpy's scheduler) needs. On 2 cores turning it off made the
+  demo ~25 % faster at batch 1 (benchmarks/README.md, `ort-cpu-no-spin`); `True`/`False` force it.
+- `use_tf32=None` (CUDA): TF32 tensor-core math (ORT's own default) off when the artifact was exported
+  fp32 -- that export is the accuracy choice, and TF32 (10-bit mantissa, unit roundoff 2^-11) moved the
+  tiny VAE decoder 1.3e-3 (plain) / 2.1e-3 (fused) max-relative from ORT CPU on an H200, over the 1e-3
+  fp32 parity tolerance -- and on for an fp16 export's fp32 components (the VAE), where speed was asked
+  for. `True`/`False` force it; `runner.use_tf32` says which ran.
 """
 from __future__ import annotations
 
@@ -26,6 +37,9 @@ from typing import Mapping
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+
+FEW_CORES = 4      # at most this many cores: intra-op spinning off by default (see the module docstring)
+SPINNING_KEY = "session.intra_op.allow_spinning"
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -73,7 +87,8 @@ class OrtCpuRunner:
 
     def __init__(self, artifact, component: str, *, graph_optimization_level: str = "all",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 output_dtype=np.float32, session_options: Mapping | None = None):
+                 output_dtype=np.float32, session_options: Mapping | None = None,
+                 allow_spinning: bool | None = None):
         ort = _ort()
         self.component = component
         artifact = _open(artifact)
@@ -93,7 +108,12 @@ class OrtCpuRunner:
             so.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads:
             so.inter_op_num_threads = int(inter_op_threads)
-        for key, value in (session_options or {}).items():
+        if allow_spinning is None:
+            allow_spinning = (os.cpu_count() or 1) > FEW_CORES
+        session_options = dict(session_options or {})
+        session_options.setdefault(SPINNING_KEY, "1" if allow_spinning else "0")   # an explicit key wins
+        self.allow_spinning = str(session_options[SPINNING_KEY]) != "0"
+        for key, value in session_options.items():
             so.add_session_config_entry(key, str(value))
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=self._providers())
@@ -138,7 +158,7 @@ class OrtCudaRunner(OrtCpuRunner):
 
     def __init__(self, artifact, component: str, *, device_id: int = 0, enable_cuda_graph: bool = False,
                  reuse_unchanged_inputs: bool = True, cuda_options: Mapping | None = None,
-                 variant: str | None = "auto", **opts):
+                 variant: str | None = "auto", use_tf32: bool | None = None, **opts):
         ort = _ort()
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise LdmError("onnxruntime has no CUDAExecutionProvider here",
@@ -150,6 +170,11 @@ class OrtCudaRunner(OrtCpuRunner):
         self.cuda_options = {"device_id": str(self.device_id), **{k: str(v) for k, v in (cuda_options or {}).items()}}
         if self.enable_cuda_graph:
             self.cuda_options["enable_cuda_graph"] = "1"
+        artifact = _open(artifact)
+        if use_tf32 is None:   # off for an fp32 export (its parity is the point), ORT's default (on) otherwise
+            use_tf32 = artifact.manifest.get("precision") != "fp32"
+        self.cuda_options.setdefault("use_tf32", "1" if use_tf32 else "0")   # an explicit cuda_options key wins
+        self.use_tf32 = self.cuda_options["use_tf32"] not in ("0", "False", "false")
         super().__init__(artifact, component, **opts)
         self._check_provider()
         self.binding = self.session.io_binding()
