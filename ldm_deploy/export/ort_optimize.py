@@ -214,16 +214,20 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
                        hint=f"choose from {', '.join(MODEL_TYPES)}")
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
-    model = onnx.load(str(src), load_external_data=True)
-    before = op_counts(model)
-    try:
+
+    def load():   # the optimizer rewrites its input: a retry reads the file again (no in-memory copy)
+        model = onnx.load(str(src), load_external_data=True)
+        counts = op_counts(model)
         # our attention traces to a pattern ORT's U-Net matcher does not know: fuse it ourselves first
-        attention = fuse_attention(model) if component in ATTENTION_COMPONENTS else 0
+        return model, counts, fuse_attention(model) if component in ATTENTION_COMPONENTS else 0
+
+    try:
+        model, before, attention = load()
         declined: dict[str, str] = {}
         while True:   # fuse; when a fused op has sizes the CUDA kernels refuse, fuse again without it
             with _quickgelu_guard():
-                m = optimize_model(copy.deepcopy(model), model_type=MODEL_TYPES[component], num_heads=0,
-                                   hidden_size=0, opt_level=0, use_gpu=True,
+                m = optimize_model(model, model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
+                                   opt_level=0, use_gpu=True,
                                    optimization_options=fusion_options(component, float16, declined))
             refused = {op: why for op, why in unsupported_fusions(m.model).items() if op not in declined}
             if not refused:
@@ -231,6 +235,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
             for op, why in refused.items():
                 log.info("ort-cuda %s: %s fusion declined: %s", component, op, why)
             declined.update(refused)
+            del m
+            model, before, attention = load()
         repaired = {}
         if float16:
             m.convert_float_to_float16(keep_io_types=KEEP_FP32_IO.get(component, False),

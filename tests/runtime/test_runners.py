@@ -105,7 +105,8 @@ def test_ort_cuda_fp16_unet_equals_cpu(fp16_artifact, cuda_graph):
     gpu = open_runner("ort-cuda", fp16_artifact, "unet", enable_cuda_graph=cuda_graph)
     emb = inputs_for("unet", batch=1, size=64)["encoder_hidden_states"]
     for step in range(3):  # buffers reused across steps; the graph is captured and then replayed
-        x = dict(inputs_for("unet", batch=1, size=64, seed=step), encoder_hidden_states=emb)  # same object: no re-upload
+        # the same embeddings object every step: not uploaded again
+        x = dict(inputs_for("unet", batch=1, size=64, seed=step), encoder_hidden_states=emb)
         out = gpu(x)["noise_pred"]
         assert out.dtype == np.float32
         assert_close(out, cpu(x)["noise_pred"], atol=2e-2, rtol=2e-2, name=f"unet step {step}")
