@@ -39,6 +39,9 @@ class _Denoiser:
     """`model(x_in, t) -> raw U-Net output` for the samplers: CFG over one 2B batch, rescale, NaN check.
 
     Also accounts time: `unet_s` is spent inside the runner, the rest of the loop is scheduler + CFG.
+    Per step it allocates one latent-sized array (the guided output, which a multistep sampler may keep):
+    the 2B U-Net input and the timestep vector are buffers reused across steps, so a runner must not
+    keep references to its inputs past the call (none does; ORT/TensorRT copy them to the device).
     """
 
     def __init__(self, unet, embeddings: np.ndarray, guidance: float, guidance_rescale: float):
@@ -49,21 +52,40 @@ class _Denoiser:
         self.rescale = float(guidance_rescale)
         self.unet_s = 0.0
         self.calls = 0
+        self._sample: np.ndarray | None = None      # (2B, 4, h, w) float32 U-Net input, reused
+        self._timestep: np.ndarray | None = None    # (2B,) float32, reused
+
+    def _buffers(self, x_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = 2 * x_in.shape[0] if self.cfg else x_in.shape[0]
+        if self._timestep is None or self._timestep.shape[0] != rows or (
+                self.cfg and self._sample.shape[1:] != x_in.shape[1:]):
+            self._sample = np.empty((rows, *x_in.shape[1:]), np.float32) if self.cfg else None
+            self._timestep = np.empty(rows, np.float32)
+        return self._sample, self._timestep
 
     def __call__(self, x_in: np.ndarray, t) -> np.ndarray:
         x_in = np.asarray(x_in, dtype=np.float32)
-        sample = np.concatenate([x_in, x_in]) if self.cfg else x_in                    # (2B, 4, h, w)
-        timestep = np.broadcast_to(np.asarray(t, dtype=np.float32), (sample.shape[0],)).copy()  # (2B,)
+        sample, timestep = self._buffers(x_in)
+        n = x_in.shape[0]
+        if self.cfg:
+            sample[:n] = x_in                                                   # [uncond, cond] rows: (2B, 4, h, w)
+            sample[n:] = x_in
+        else:
+            sample = x_in
+        timestep.fill(np.float32(t))                                            # (2B,)
         start = time.perf_counter()
         out = self.unet({"sample": sample, "timestep": timestep, "encoder_hidden_states": self.embeddings})
         self.unet_s += time.perf_counter() - start
         self.calls += 1
         pred = np.asarray(out["noise_pred"], dtype=np.float32)
-        check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
+        if not finite_fast(pred):
+            check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
         if not self.cfg:
             return pred
-        uncond, cond = np.split(pred, 2)
-        guided = uncond + self.guidance * (cond - uncond)
+        uncond, cond = pred[:n], pred[n:]
+        guided = np.subtract(cond, uncond)                      # uncond + g (cond - uncond), one new array
+        guided *= self.guidance
+        guided += uncond
         if self.rescale > 0:
             guided = rescale_noise_cfg(guided, cond, self.rescale)
         return guided
@@ -76,6 +98,15 @@ def rescale_noise_cfg(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.nd
     std_cfg = guided.std(axis=axes, keepdims=True, ddof=1)
     rescaled = guided * (std_cond / std_cfg)
     return (phi * rescaled + (1 - phi) * guided).astype(np.float32)
+
+
+def finite_fast(x: np.ndarray) -> bool:
+    """True when float `x` surely holds no NaN/Inf: its sum of squares is finite (one BLAS pass, no temporary).
+
+    A NaN or Inf anywhere makes it non-finite; False can also mean a finite sum overflowed (|x| ~ 1e19),
+    so on False call `check_finite`, which decides exactly. ~2x faster than np.isfinite(x).all().
+    """
+    return x.dtype.kind == "f" and math.isfinite(np.vdot(x, x))
 
 
 def check_finite(x: np.ndarray, stage: str, where: str = "") -> None:

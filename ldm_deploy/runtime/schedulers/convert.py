@@ -28,11 +28,20 @@ def _bad_prediction(prediction_type: str) -> LdmError:
 
 # --- VP form: a = alphas_cumprod[t] ----------------------------------------------------------------
 
-def vp_x0_eps(out: np.ndarray, x: np.ndarray, a: float, prediction_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x0, eps) from the raw model output at VP sample x with cumulative alpha a."""
+def vp_x0_eps(out: np.ndarray, x: np.ndarray, a: float, prediction_type: str,
+              x0_buf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x0, eps) from the raw model output at VP sample x with cumulative alpha a.
+
+    `x0_buf` (float32, x's shape) receives x0 for epsilon prediction, the samplers' hot path: the same
+    ufuncs in the same order, so the bits match the allocating form.
+    """
     a, b = float(a), 1.0 - float(a)
     if prediction_type == "epsilon":
-        return (x - b**0.5 * out) / a**0.5, out
+        if x0_buf is None:
+            return (x - b**0.5 * out) / a**0.5, out
+        np.multiply(out, b**0.5, out=x0_buf)
+        np.subtract(x, x0_buf, out=x0_buf)
+        return np.divide(x0_buf, a**0.5, out=x0_buf), out
     if prediction_type == "v_prediction":
         return a**0.5 * x - b**0.5 * out, a**0.5 * out + b**0.5 * x
     if prediction_type == "sample":
@@ -57,11 +66,15 @@ def velocity(x0: np.ndarray, eps: np.ndarray, a: float) -> np.ndarray:
 
 # --- VE form: sigma -------------------------------------------------------------------------------
 
-def ve_x0(out: np.ndarray, x: np.ndarray, sigma: float, prediction_type: str) -> np.ndarray:
-    """x0 from the raw model output at VE sample x (Euler / LMS form)."""
+def ve_x0(out: np.ndarray, x: np.ndarray, sigma: float, prediction_type: str,
+          x0_buf: np.ndarray | None = None) -> np.ndarray:
+    """x0 from the raw model output at VE sample x (Euler / LMS form); `x0_buf` as in `vp_x0_eps`."""
     s = float(sigma)
     if prediction_type == "epsilon":
-        return x - s * out
+        if x0_buf is None:
+            return x - s * out
+        np.multiply(out, s, out=x0_buf)
+        return np.subtract(x, x0_buf, out=x0_buf)
     if prediction_type == "v_prediction":
         return out * (-s / (s * s + 1.0) ** 0.5) + x / (s * s + 1.0)
     if prediction_type == "sample":

@@ -23,22 +23,26 @@ def sample_dpmpp_2m(model, x, schedule, *, rng=None, callback=None) -> np.ndarra
     sigmas, n = schedule.sigmas, len(schedule.timesteps)
     order, heun = schedule.params["solver_order"], schedule.params["solver_type"] == "heun"
     x0_prev = None
+    bufs = (np.empty_like(x), np.empty_like(x))   # x0 of this step and the last, ping-ponged
+    d_buf = np.empty_like(x)
     for i, t in enumerate(schedule.timesteps):
         alpha_s, s_s = alpha_sigma_vp(sigmas[i])
         alpha_t, s_t = alpha_sigma_vp(sigmas[i + 1])
-        x0, _ = vp_x0_eps(evaluate(model, x, t), x, alpha_s**2, schedule.prediction_type)
+        x0, _ = vp_x0_eps(evaluate(model, x, t), x, alpha_s**2, schedule.prediction_type, bufs[i % 2])
         h = log_snr(sigmas[i + 1]) - log_snr(sigmas[i])
         phi = math.exp(-h) - 1.0                                  # e^-h - 1 (diffusers, not expm1)
-        x_next = (s_t / s_s) * x - (alpha_t * phi) * x0
+        # x_next = (s_t / s_s) * x - (alpha_t * phi) * x0, with one new array (callbacks may keep x)
+        x_next = np.multiply(x, s_t / s_s)
+        x_next -= np.multiply(x0, alpha_t * phi, out=d_buf)
         first_order = order == 1 or x0_prev is None or (i == n - 1 and schedule.params["first_order_final"])
         if not first_order:
             r0 = (log_snr(sigmas[i]) - log_snr(sigmas[i - 1])) / h
-            d1 = (1.0 / r0) * (x0 - x0_prev)
+            d1 = np.multiply(np.subtract(x0, x0_prev, out=d_buf), 1.0 / r0, out=d_buf)
             if heun:
-                x_next = x_next + (alpha_t * (phi / h + 1.0)) * d1
+                x_next += np.multiply(d1, alpha_t * (phi / h + 1.0), out=d1)
             else:
-                x_next = x_next - (0.5 * alpha_t * phi) * d1
-        x, x0_prev = x_next.astype(np.float32), x0
+                x_next -= np.multiply(d1, 0.5 * alpha_t * phi, out=d1)
+        x, x0_prev = x_next.astype(np.float32, copy=False), x0
         if callback is not None:
             callback(i, float(t), x)
     return x

@@ -19,16 +19,29 @@ def sample_euler(model, x, schedule, *, rng=None, callback=None, s_churn: float 
     x = np.asarray(x, np.float32)
     sigmas = schedule.sigmas
     noise = noise_source(rng, noise_fn, "euler with s_churn > 0") if s_churn > 0 else None
+    x_in = np.empty_like(x)       # model input and x0, reused: each step allocates only the new x
+    x0_buf = np.empty_like(x)
     for i, t in enumerate(schedule.timesteps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        out = evaluate(model, x * np.float32(ve_input_scale(sigma)), t)
+        out = evaluate(model, np.multiply(x, np.float32(ve_input_scale(sigma)), out=x_in), t)
         gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
             x = x + noise(i, x.shape) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        if gamma == 0 and schedule.prediction_type == "epsilon":
+            # x0 = x - sigma eps, d = (x - x0) / sigma = eps: x' = x + eps (sigma_next - sigma), one pass + one add
+            x = np.add(x, np.multiply(out, np.float32(sigma_next - sigma), out=x0_buf))
+            if callback is not None:
+                callback(i, float(t), x)
+            continue
         # diffusers uses sigma_hat for eps but sigma for v (its own quirk; equal when gamma = 0)
-        x0 = ve_x0(out, x, sigma_hat if schedule.prediction_type == "epsilon" else sigma, schedule.prediction_type)
-        x = x + (x - x0) / np.float32(sigma_hat) * np.float32(sigma_next - sigma_hat)
+        x0 = ve_x0(out, x, sigma_hat if schedule.prediction_type == "epsilon" else sigma, schedule.prediction_type,
+                   x0_buf)
+        # x = x + (x - x0) / sigma_hat * (sigma_next - sigma_hat), the same ufuncs in place
+        d = np.subtract(x, x0, out=x0_buf)
+        np.divide(d, np.float32(sigma_hat), out=d)
+        np.multiply(d, np.float32(sigma_next - sigma_hat), out=d)
+        x = np.add(x, d)
         if callback is not None:
             callback(i, float(t), x)
     return x
