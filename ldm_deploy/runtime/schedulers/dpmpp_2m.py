@@ -31,18 +31,20 @@ def sample_dpmpp_2m(model, x, schedule, *, rng=None, callback=None) -> np.ndarra
         x0, _ = vp_x0_eps(evaluate(model, x, t), x, alpha_s**2, schedule.prediction_type, bufs[i % 2])
         h = log_snr(sigmas[i + 1]) - log_snr(sigmas[i])
         phi = math.exp(-h) - 1.0                                  # e^-h - 1 (diffusers, not expm1)
-        # x_next = (s_t / s_s) * x - (alpha_t * phi) * x0, with one new array (callbacks may keep x)
-        x_next = np.multiply(x, s_t / s_s)
-        x_next -= np.multiply(x0, alpha_t * phi, out=d_buf)
         first_order = order == 1 or x0_prev is None or (i == n - 1 and schedule.params["first_order_final"])
+        # x_next = (s_t / s_s) x - alpha_t phi x0 [+ c2 D1], D1 = (x0 - x0_prev) / r0, folded into per-step
+        # coefficients on x, x0 and x0_prev (float64): one new array (callbacks may keep x), no temporaries
+        c_x0 = alpha_t * phi
+        c_prev = 0.0
         if not first_order:
             r0 = (log_snr(sigmas[i]) - log_snr(sigmas[i - 1])) / h
-            d1 = np.multiply(np.subtract(x0, x0_prev, out=d_buf), 1.0 / r0, out=d_buf)
-            if heun:
-                x_next += np.multiply(d1, alpha_t * (phi / h + 1.0), out=d1)
-            else:
-                x_next -= np.multiply(d1, 0.5 * alpha_t * phi, out=d1)
-        x, x0_prev = x_next.astype(np.float32, copy=False), x0
+            c2 = -alpha_t * (phi / h + 1.0) if heun else 0.5 * alpha_t * phi
+            c_x0, c_prev = c_x0 + c2 / r0, c2 / r0
+        x_next = np.multiply(x, s_t / s_s)
+        x_next -= np.multiply(x0, c_x0, out=d_buf)
+        if c_prev:
+            x_next += np.multiply(x0_prev, c_prev, out=d_buf)
+        x, x0_prev = x_next, x0
         if callback is not None:
             callback(i, float(t), x)
     return x
