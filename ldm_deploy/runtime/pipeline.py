@@ -78,14 +78,18 @@ class _Denoiser:
         self.unet_s += time.perf_counter() - start
         self.calls += 1
         pred = np.asarray(out["noise_pred"], dtype=np.float32)
-        if not finite_fast(pred):
-            check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
         if not self.cfg:
+            if not finite_fast(pred):
+                check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
             return pred
         uncond, cond = pred[:n], pred[n:]
         guided = np.subtract(cond, uncond)                      # uncond + g (cond - uncond), one new array
         guided *= self.guidance
         guided += uncond
+        # a NaN/Inf in either half leaves the guided output non-finite (g > 1), so checking the B rows of
+        # `guided` covers all 2B rows of `pred`; the exact check then names the U-Net's bad values
+        if not finite_fast(guided):
+            check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
         if self.rescale > 0:
             guided = rescale_noise_cfg(guided, cond, self.rescale)
         return guided
