@@ -38,7 +38,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TOKENIZER = REPO / "tests" / "data" / "clip_tokenizer"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 FUSED = ("text_encoder", "unet", "vae_decoder")
 PROMPT = "a red circle on a blue square"
@@ -124,22 +123,9 @@ def environment() -> dict:
 
 def make_model_folder(folder: Path) -> Path:
     """The `tiny` preset with seeded weights and non-zero norm biases (as trained models have)."""
-    import torch
+    from ldm_deploy.bench.prepare import random_model_folder
 
-    from training.checkpoint import Components, save_components
-    from training.models.presets import build_models, preset
-
-    p = preset("tiny")
-    p["text_encoder"]["vocab_size"] = 49408     # the real CLIP vocabulary of tests/data/clip_tokenizer
-    unet, vae, text_encoder = build_models(p, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for model in (unet, vae):
-            for name, param in model.named_parameters():
-                if "norm" in name and name.endswith("bias"):
-                    param.copy_(0.1 * torch.randn(param.shape, generator=g))
-    return save_components(Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer_dir=TOKENIZER,
-                                      scheduler_config=p["scheduler"]), folder)
+    return random_model_folder("tiny", folder, norm_bias_std=0.1)[0]
 
 
 def export(folder: Path, out: Path, precision: str) -> dict:

@@ -45,8 +45,13 @@ def model_dicts(kind: str) -> dict:
     return dicts
 
 
-def random_model_folder(kind: str, folder: Path, seed: int = 0) -> tuple[Path, float | None]:
-    """A diffusers folder with seeded random weights (reused when `folder` already holds one)."""
+def random_model_folder(kind: str, folder: Path, seed: int = 0, *,
+                        norm_bias_std: float = 0.0) -> tuple[Path, float | None]:
+    """A diffusers folder with seeded random weights (reused when `folder` already holds one).
+
+    `norm_bias_std` > 0 draws the U-Net's and VAE's norm biases from N(0, std) instead of zeros, as a trained
+    model has them: a zero bias lets the exporter's cleanup drop the Add that ONNX Runtime's GroupNorm
+    fusion matches."""
     from training.checkpoint import Components, save_components
     from training.models.presets import build_models
 
@@ -56,6 +61,15 @@ def random_model_folder(kind: str, folder: Path, seed: int = 0) -> tuple[Path, f
     start = time.perf_counter()
     dicts = model_dicts(kind)
     unet, vae, text_encoder = build_models(dicts, seed=seed)
+    if norm_bias_std:
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for model in (unet, vae):
+                for name, param in model.named_parameters():
+                    if "norm" in name and name.endswith("bias"):
+                        param.copy_(norm_bias_std * torch.randn(param.shape, generator=g))
     save_components(Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer_dir=TOKENIZER,
                                scheduler_config=dicts["scheduler"]), folder)
     return folder, round(time.perf_counter() - start, 2)

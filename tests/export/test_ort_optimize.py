@@ -15,7 +15,6 @@ from ldm_deploy.export.config import ExportConfig, load_config
 from ldm_deploy.export.exporter import export_model
 from ldm_deploy.export.ort_optimize import FILE_NAME, VARIANT, add_ort_cuda_variants
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 # GPU images may lack onnxslim (the plain graphs' cleanup): export uncleaned there
@@ -23,24 +22,11 @@ HAS_ONNXSLIM = importlib.util.find_spec("onnxslim") is not None
 
 
 def make_sd_like_folder(folder: Path) -> Path:
-    """The `tiny` preset (with the real CLIP vocabulary) with non-zero norm biases, as any trained model has (a zero beta lets the
-    exporter's cleanup drop the Add that ORT's GroupNorm matcher needs)."""
-    import torch
+    """The `tiny` preset (with the real CLIP vocabulary) with non-zero norm biases, as any trained model has (a
+    zero beta lets the exporter's cleanup drop the Add that ORT's GroupNorm matcher needs)."""
+    from ldm_deploy.bench.prepare import random_model_folder
 
-    from training.checkpoint import Components, save_components
-    from training.models.presets import build_models, preset
-
-    p = preset("tiny")
-    p["text_encoder"]["vocab_size"] = 49408     # the real CLIP vocabulary of tests/data/clip_tokenizer
-    unet, vae, text_encoder = build_models(p, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for model in (unet, vae):
-            for name, param in model.named_parameters():
-                if "norm" in name and name.endswith("bias"):
-                    param.copy_(0.1 * torch.randn(param.shape, generator=g))
-    return save_components(Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer_dir=TOKENIZER,
-                                      scheduler_config=p["scheduler"]), folder)
+    return random_model_folder("tiny", folder, norm_bias_std=0.1)[0]
 
 
 @pytest.fixture(scope="module")
