@@ -72,6 +72,8 @@ class VAEStageConfig(StageConfig):
     path: str | None = None         # reuse this VAE folder (diffusers layout) instead of training one
     loss: str = "l1"                # reconstruction loss: "l1" or "l2"
     kl_weight: float = 1e-6         # weight of the KL term against N(0, I)
+    foreground_balance: float = 0.0 # share of the reconstruction loss given to foreground pixels (0 = plain mean)
+    foreground_threshold: float = 0.1   # foreground: a channel differs from the image's median colour by more
     lr: float = 2e-4
     eval_images: int = 64           # held-out images for the reconstruction-PSNR report
 

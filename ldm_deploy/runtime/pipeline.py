@@ -231,6 +231,7 @@ class Pipeline:
         t0 = time.perf_counter()
         cond = self._encode_text(rows)                                     # (B, 77, D)
         emb = np.concatenate([self._encode_text(neg_rows), cond]) if cfg else cond   # (2B, 77, D)
+        emb.setflags(write=False)      # constant over the loop: runners may skip re-uploading it by identity
         timings["text_encoder"] = time.perf_counter() - t0
 
         # 2. schedule and initial latents

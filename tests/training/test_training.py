@@ -65,6 +65,8 @@ def test_every_stage_ran_and_reported(runs):
     a, _, reports = runs
     assert reports["tokenizer"]["vocab_size"] > 514
     assert np.isfinite(reports["vae"]["psnr_db"]) and reports["vae"]["scaling_factor"] > 0
+    roundtrip = reports["vae"]["roundtrip_analyser"]["all"]
+    assert roundtrip["images"] == 4 and 0 <= roundtrip["colour"] <= 1 and 0 <= roundtrip["shape"] <= 1
     for stage in STAGES:
         losses = _losses(a, stage)
         assert [s for s, _ in losses] == [1, 2, 3, 4]

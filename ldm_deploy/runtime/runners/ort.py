@@ -180,6 +180,7 @@ class OrtCudaRunner(OrtCpuRunner):
         self.binding = self.session.io_binding()
         self._in: dict[str, object] = {}           # name -> device OrtValue (bound once per shape)
         self._in_host: dict[str, np.ndarray] = {}  # name -> host copy of what the device buffer holds
+        self._in_frozen: dict[str, np.ndarray] = {}  # name -> the read-only caller array last uploaded
         self._out: dict[str, object] = {}          # name -> device OrtValue (preallocated)
         self._out_shapes: dict[tuple, dict[str, tuple]] = {}
         self._runs = 0
@@ -209,6 +210,8 @@ class OrtCudaRunner(OrtCpuRunner):
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cuda", self.device_id)
 
     def _bind_input(self, name: str, value: np.ndarray) -> None:
+        if self.reuse_unchanged_inputs and self._in_frozen.get(name) is value and name in self._in_host:
+            return  # the same read-only array as last call (the pipeline's text embeddings): no cast, no compare
         array = np.ascontiguousarray(value, dtype=self.input_dtypes[name])
         held = self._in.get(name)
         if held is None or tuple(held.shape()) != array.shape:
@@ -219,6 +222,7 @@ class OrtCudaRunner(OrtCpuRunner):
             held = self._device_value(array.shape, array.dtype)
             self._in[name] = held
             self._in_host.pop(name, None)
+            self._in_frozen.pop(name, None)
             self.binding.bind_ortvalue_input(name, held)
         elif self.reuse_unchanged_inputs and name in self._in_host and np.array_equal(self._in_host[name], array):
             return  # the device copy already holds these values (e.g. the text embeddings every step)
@@ -226,6 +230,10 @@ class OrtCudaRunner(OrtCpuRunner):
         self._uploaded = True
         if self.reuse_unchanged_inputs:
             self._in_host[name] = array.copy() if array is value else array
+            # A read-only array is taken as unchanged while it is passed again (its owner promises so by
+            # making it read-only); keeping a reference to it is then safe, unlike to a reused buffer.
+            frozen = isinstance(value, np.ndarray) and not value.flags.writeable
+            self._in_frozen[name] = value if frozen else None
 
     def _sync_uploads(self) -> None:
         """`update_inplace` is a cudaMemcpy from pageable memory on the legacy default stream, which may
