@@ -30,6 +30,7 @@ import onnx
 
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export.attention_fusion import fuse_attention
+from ldm_deploy.export.cfg_fold import fold_cfg
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,11 @@ def _quickgelu_guard():
             cls.fuse = original
 
 
-def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True) -> dict:
+def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
+                          fold_guidance: bool = True) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
-    (+ `dst.data` when the weights pass protobuf's 2 GB limit).
+    (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
+    classifier-free guidance into the graph (ldm_deploy/export/cfg_fold.py): B latents in, guided out.
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
@@ -242,6 +245,9 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
             m.convert_float_to_float16(keep_io_types=KEEP_FP32_IO.get(component, False),
                                        op_block_list=FP32_OPS.get(component))
             repaired = repair_converted_graph(m.model.graph)
+        folded = component == "unet" and fold_guidance
+        if folded:
+            fold_cfg(m.model)
     except LdmError:
         raise
     except Exception as e:  # the optimizer raises assorted exception types from its matchers
@@ -273,6 +279,7 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
         "external_data": data is not None,
         "attention_fused": attention,
         "declined_fusions": declined,
+        "cfg_folded": folded,
         **repaired,
     }
     log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s", component, stats["precision"],
@@ -291,6 +298,7 @@ def variant_entry(root: Path, path: Path, stats: dict) -> dict:
             "external_data": data.relative_to(root).as_posix() if data.exists() else None,
             "precision": stats["precision"], "inputs": ins, "outputs": outs,
             "fused_ops": stats["fused_ops"], "declined_fusions": stats.get("declined_fusions", {}),
+            "cfg_folded": bool(stats.get("cfg_folded")),
             "nodes_before": stats["nodes_before"],
             "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}
 
@@ -304,12 +312,14 @@ def fp32_source(root: Path, entry: dict) -> Path | None:
     return None
 
 
-def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float16: bool | None = None) -> dict:
+def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float16: bool | None = None,
+                          fold_guidance: bool = True) -> dict:
     """Write `<component>/model.ort-cuda.onnx` for each of `components` the artifact has an fp32 graph of
     and record it in the manifest (entry + file hashes, rewritten atomically). Returns per-component stats.
 
     `float16=None` keeps each component's exported precision (the VAE stays fp32 unless exported fp16);
-    True/False forces it. Components without an fp32 graph are skipped with a log line.
+    True/False forces it. Components without an fp32 graph are skipped with a log line. `fold_guidance`:
+    the U-Net variant takes B latents and the guidance scale and returns the guided prediction (cfg_fold.py).
     """
     from ldm_deploy.artifact import MANIFEST, Artifact
     from ldm_deploy.fileio import sha256_file, write_json
@@ -335,7 +345,7 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
         if old:   # forget the previous variant's files before they are overwritten
             for rel in filter(None, (old.get("file"), old.get("external_data"))):
                 manifest["files"].pop(rel, None)
-        stats = optimize_for_ort_cuda(src, dst, name, float16=half)
+        stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance)
         variant = variant_entry(root, dst, stats)
         entry.setdefault("variants", {})[VARIANT] = variant
         for rel in filter(None, (variant["file"], variant["external_data"])):

@@ -54,6 +54,15 @@ class _Denoiser:
         self.calls = 0
         self._sample: np.ndarray | None = None      # (2B, 4, h, w) float32 U-Net input, reused
         self._timestep: np.ndarray | None = None    # (2B,) float32, reused
+        # A U-Net graph with CFG folded in (ldm_deploy/export/cfg_fold.py) takes the B latents, the 2B (or B)
+        # embeddings and the guidance, and returns the guided prediction: no 2B copies or CFG on the host.
+        self.folded = "guidance_scale" in (getattr(unet, "input_names", None) or ())
+        if self.folded:
+            self._guidance_feeds = {
+                "guidance_scale": np.array([self.guidance if self.cfg else 1.0], np.float32),
+                "guidance_rescale": np.array([self.rescale if self.cfg else 0.0], np.float32)}
+            for value in self._guidance_feeds.values():
+                value.setflags(write=False)     # constant over the loop, as the embeddings
 
     def _buffers(self, x_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = 2 * x_in.shape[0] if self.cfg else x_in.shape[0]
@@ -65,6 +74,8 @@ class _Denoiser:
 
     def __call__(self, x_in: np.ndarray, t) -> np.ndarray:
         x_in = np.asarray(x_in, dtype=np.float32)
+        if self.folded:
+            return self._folded(x_in, t)
         sample, timestep = self._buffers(x_in)
         n = x_in.shape[0]
         if self.cfg:
@@ -92,6 +103,20 @@ class _Denoiser:
             check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
         if self.rescale > 0:
             guided = rescale_noise_cfg(guided, cond, self.rescale)
+        return guided
+
+    def _folded(self, x_in: np.ndarray, t) -> np.ndarray:
+        if self._timestep is None or self._timestep.shape[0] != x_in.shape[0]:
+            self._timestep = np.empty(x_in.shape[0], np.float32)
+        self._timestep.fill(np.float32(t))                                      # (B,)
+        start = time.perf_counter()
+        out = self.unet({"sample": x_in, "timestep": self._timestep, "encoder_hidden_states": self.embeddings,
+                         **self._guidance_feeds})
+        self.unet_s += time.perf_counter() - start
+        self.calls += 1
+        guided = np.asarray(out["noise_pred"], dtype=np.float32)                # (B, 4, h, w), guided in-graph
+        if not finite_fast(guided):
+            check_finite(guided, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
         return guided
 
 

@@ -58,7 +58,10 @@ def test_export_writes_variants_with_hashes(fp32_fused):
         assert m["files"][v["file"]], "the variant's sha256 is in the manifest's file list"
         assert v["precision"] == "fp32"
         assert v["nodes_before"] > 0 and v["nodes_after"] > 0
-        assert [i["name"] for i in v["inputs"]] == [i["name"] for i in m["components"][name]["inputs"]]
+        # the U-Net variant has CFG folded in: two more inputs (guidance_scale, guidance_rescale)
+        extra = ["guidance_scale", "guidance_rescale"] if name == "unet" else []
+        assert v["cfg_folded"] is (name == "unet")
+        assert [i["name"] for i in v["inputs"]] == [i["name"] for i in m["components"][name]["inputs"]] + extra
         assert [o["name"] for o in v["outputs"]] == [o["name"] for o in m["components"][name]["outputs"]]
     assert m["export_config"]["ort_cuda"] is True
 
@@ -88,7 +91,13 @@ def test_add_variants_afterwards_fp16(fp16_plain, caplog):
     unet = art.manifest["components"]["unet"]["variants"][VARIANT]
     assert unet["precision"] == "fp16" and stats["unet"]["precision"] == "fp16"
     dtypes = {i["name"]: i["dtype"] for i in unet["inputs"]}
-    assert dtypes == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16"}
+    # CFG folded: the latents come in float32 (cast in the graph), the guided prediction leaves float32
+    assert dtypes == {"sample": "float32", "timestep": "float32", "encoder_hidden_states": "float16",
+                      "guidance_scale": "float32", "guidance_rescale": "float32"}
+    assert unet["outputs"][0]["dtype"] == "float32"
+    add_ort_cuda_variants(fp16_plain, ["unet"], fold_guidance=False)
+    unet = Artifact.open(fp16_plain, verify=True).manifest["components"]["unet"]["variants"][VARIANT]
+    assert not unet["cfg_folded"] and [i["dtype"] for i in unet["inputs"]] == ["float16", "float32", "float16"]
     assert unet["outputs"][0]["dtype"] == "float16"
     assert art.manifest["components"]["vae_decoder"]["variants"][VARIANT]["precision"] == "fp32"
     assert "variants" not in art.manifest["components"]["text_encoder"]

@@ -6,7 +6,8 @@ come back as float32 unless `output_dtype=None` asks for the manifest dtype.
 
 `OrtCudaRunner` keeps device buffers between calls: each input lives in a CUDA `OrtValue` that is
 updated in place (`update_inplace`, host -> device), an input equal to what was uploaded last call
-(the text embeddings during the denoising loop) is not uploaded again, and outputs are written into
+(the text embeddings during the denoising loop) is not uploaded again -- an input whose values changed on
+`VOLATILE_AFTER` calls in a row (the latents) is then uploaded without the compare -- and outputs are written into
 preallocated device buffers. With `enable_cuda_graph=True` ORT's first `run_with_iobinding` runs once
 for allocations and captures a CUDA graph that later calls replay: the graph holds the device
 addresses of every bound input and output, so all of them are preallocated before that first run and
@@ -38,6 +39,7 @@ import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
 
+VOLATILE_AFTER = 3   # an input new on this many calls in a row is uploaded without comparing from then on
 FEW_CORES = 4      # at most this many cores: intra-op spinning off by default (see the module docstring)
 SPINNING_KEY = "session.intra_op.allow_spinning"
 
@@ -181,6 +183,8 @@ class OrtCudaRunner(OrtCpuRunner):
         self._in: dict[str, object] = {}           # name -> device OrtValue (bound once per shape)
         self._in_host: dict[str, np.ndarray] = {}  # name -> host copy of what the device buffer holds
         self._in_frozen: dict[str, np.ndarray] = {}  # name -> the read-only caller array last uploaded
+        self._changed: dict[str, int] = {}         # name -> calls in a row on which its values changed
+        self._volatile: set[str] = set()           # inputs no longer compared (changed VOLATILE_AFTER calls in a row)
         self._out: dict[str, object] = {}          # name -> device OrtValue (preallocated)
         self._out_shapes: dict[tuple, dict[str, tuple]] = {}
         self._runs = 0
@@ -223,12 +227,23 @@ class OrtCudaRunner(OrtCpuRunner):
             self._in[name] = held
             self._in_host.pop(name, None)
             self._in_frozen.pop(name, None)
+            self._changed.pop(name, None)
+            self._volatile.discard(name)
             self.binding.bind_ortvalue_input(name, held)
         elif self.reuse_unchanged_inputs and name in self._in_host and np.array_equal(self._in_host[name], array):
+            self._changed[name] = 0
             return  # the device copy already holds these values (e.g. the text embeddings every step)
         held.update_inplace(array)
         self._uploaded = True
-        if self.reuse_unchanged_inputs:
+        if self.reuse_unchanged_inputs and name not in self._volatile:
+            if name in self._in_host:   # compared and found different
+                self._changed[name] = self._changed.get(name, 0) + 1
+                if self._changed[name] >= VOLATILE_AFTER:
+                    # new values every call (the latents, the timestep): stop paying a compare and a host copy
+                    self._volatile.add(name)
+                    self._in_host.pop(name)
+                    self._in_frozen.pop(name, None)
+                    return
             self._in_host[name] = array.copy() if array is value else array
             # A read-only array is taken as unchanged while it is passed again (its owner promises so by
             # making it read-only); keeping a reference to it is then safe, unlike to a reused buffer.
