@@ -129,7 +129,8 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     record["cfg_folded"] = "guidance_scale" in (getattr(pipe.runners["unet"], "input_names", None) or ())
     if record["cfg_folded"]:   # the U-Net graph does CFG itself: B latents in (as the pipeline calls it)
         feeds = {"sample": latent.copy(), "timestep": np.full((batch,), 500.0, dtype=np.float32),
-                 "encoder_hidden_states": emb, "guidance_scale": np.array([spec.guidance if cfg else 1.0], np.float32),
+                 "encoder_hidden_states": emb if cfg else np.concatenate([emb, emb]),
+                 "guidance_scale": np.array([spec.guidance if cfg else 1.0], np.float32),
                  "guidance_rescale": np.zeros(1, np.float32)}
     try:
         pipe.runners["unet"](feeds)                 # first run: ORT allocates, then captures the CUDA graph

@@ -6,17 +6,21 @@ al. when asked). `fold_cfg` moves all of it into the graph, where it costs a few
 
     inputs   sample           float32 (batch, C, h, w)          the B latents, as the sampler holds them
              timestep         as the U-Net's  (batch,)
-             encoder_hidden_states            (rows, 77, D)     rows = 2B [uncond; cond], or B without CFG
+             encoder_hidden_states            (2 batch, 77, D)  [uncond; cond]
              guidance_scale   float32 (1,)
              guidance_rescale float32 (1,)                      0 = off (diffusers' guidance_rescale)
     output   noise_pred       float32 (batch, C_out, h, w)      guided
 
-Inside: k = rows / batch (2 under CFG, 1 without); the sample and timestep are tiled k times and cast to
-the U-Net's dtype; its output is cast to float32, `first` = rows [0, B), `last` = rows [rows - B, rows);
-`guided = (last - first) * g + first` -- with k = 1 first is last, so guided is the plain prediction for
-any g. The rescale (std over C, h, w with ddof = 1, as diffusers' `rescale_noise_cfg`) is applied where
-guidance_rescale > 0 (`Where`, so a zero std never leaks NaN into the unrescaled path). No control flow
-and no shape-dependent branches: the graph stays capturable by CUDA graphs.
+Inside: the sample and timestep are concatenated with themselves and cast to the U-Net's dtype; its output
+is cast to float32 and split into uncond / cond; `guided = (cond - uncond) * g + uncond`, as the numpy
+loop computes it. The rescale (std over C, h, w with ddof = 1, as diffusers' `rescale_noise_cfg`) is
+applied where guidance_rescale > 0 (`Where`, so a zero std never leaks NaN into the unrescaled path).
+
+The graph holds no shape arithmetic (no Shape / Gather / Div on int64): ONNX Runtime places such nodes on
+the CPU, and a session with any CPU node cannot be captured as a CUDA graph (an H200 refused the first
+version of this fold, which tiled by rows / batch). So the batch is always CFG's two halves: without
+guidance the pipeline passes the embeddings twice and g = 1 (cond - cond = 0 exactly), at twice the
+U-Net work; fold_guidance=False at export keeps the plain B-row graph for such serving.
 
 Standard ONNX ops only (opset >= 13), so the folded graph runs on every ONNX Runtime provider; the
 pipeline uses it whenever the U-Net runner takes a `guidance_scale` input (ldm_deploy/runtime/pipeline.py).
@@ -94,42 +98,36 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(helper.make_node(op_type, inputs, [PREFIX + name], name=PREFIX + name, **attrs))
         return PREFIX + name
 
-    zero, axis0 = const("zero", np.array([0], np.int64)), const("axis0", np.array([0], np.int64))
-    axis1 = const("axis1", np.array([1], np.int64))
-    b = op("Gather", [op("Shape", ["sample"], "sample_shape"), zero], "b", axis=0)          # (1,) = B
-    rows = op("Gather", [op("Shape", ["encoder_hidden_states"], "ehs_shape"), zero], "rows", axis=0)
-    k = op("Div", [rows, b], "k")                                                            # 2 (CFG) or 1
-    reps = op("Concat", [k, const("ones3", np.array([1, 1, 1], np.int64))], "reps", axis=0)
+    # No shape arithmetic anywhere: ORT places Shape/Gather/Div on int64 on the CPU, and a graph with any
+    # CPU node cannot be captured as a CUDA graph. So the batch is always two halves (CFG's [uncond; cond]).
     x = "sample" if sample_type == TensorProto.FLOAT else op("Cast", ["sample"], "sample_cast", to=sample_type)
-    nodes.append(helper.make_node("Tile", [x, reps], [inner["sample"]], name=PREFIX + "tile_sample"))
-    nodes.append(helper.make_node("Tile", ["timestep", k], [inner["timestep"]], name=PREFIX + "tile_timestep"))
+    nodes.append(helper.make_node("Concat", [x, x], [inner["sample"]], name=PREFIX + "sample_pair", axis=0))
+    nodes.append(helper.make_node("Concat", ["timestep", "timestep"], [inner["timestep"]],
+                                  name=PREFIX + "timestep_pair", axis=0))
     head, nodes = nodes, []     # the head feeds the U-Net, the tail reads it: keep the node list topological
     pred = inner_out if out_type == TensorProto.FLOAT else op("Cast", [inner_out], "pred_fp32", to=TensorProto.FLOAT)
-    first = op("Slice", [pred, zero, b, axis0], "first")                                    # uncond (or the only)
-    last = op("Slice", [pred, op("Sub", [rows, b], "rows_minus_b"), rows, axis0], "last")   # cond
+    halves = [PREFIX + "uncond", PREFIX + "cond"]
+    split_attrs = {"num_outputs": 2} if opset >= 18 else {}     # opset 13-17: no `split` input = equal parts
+    nodes.append(helper.make_node("Split", [pred], halves, name=PREFIX + "split", axis=0, **split_attrs))
+    first, last = halves
     guided = op("Add", [op("Mul", [op("Sub", [last, first], "diff"), "guidance_scale"], "scaled"), first], "guided")
 
     # rescale (diffusers' rescale_noise_cfg): phi * guided * std(cond) / std(guided) + (1 - phi) * guided
-    flat_shape = const("flat_shape", np.array([0, -1], np.int64))
+    axes = const("axes_chw", np.array([1, 2, 3], np.int64))
+    one = const("one_f", np.array([1.0], np.float32))
 
-    def std(x: str, tag: str) -> str:
-        flat = op("Reshape", [x, flat_shape], f"{tag}_flat")
-        n = op("Cast", [op("Gather", [op("Shape", [flat], f"{tag}_flat_shape"), const(f"{tag}_one", np.array([1], np.int64))],
-                            f"{tag}_n", axis=0)], f"{tag}_n_f", to=TensorProto.FLOAT)
-        mean = op("Div", [op("ReduceSum", [flat, axis1], f"{tag}_sum", keepdims=1), n], f"{tag}_mean")
-        centred = op("Sub", [flat, mean], f"{tag}_centred")
-        ss = op("ReduceSum", [op("Mul", [centred, centred], f"{tag}_sq"), axis1], f"{tag}_ss", keepdims=1)
-        one = const(f"{tag}_1f", np.array([1.0], np.float32))
-        return op("Sqrt", [op("Div", [ss, op("Sub", [n, one], f"{tag}_n1")], f"{tag}_var")], f"{tag}_std")  # (B, 1)
+    def std(x: str, tag: str) -> str:   # unbiased (ddof = 1) over C, h, w; the count without a Shape op
+        n = op("ReduceSum", [op("Add", [op("Mul", [x, const(f"{tag}_0f", np.array([0.0], np.float32))], f"{tag}_zeros"),
+                                        one], f"{tag}_ones"), axes], f"{tag}_n", keepdims=1)
+        mean = op("Div", [op("ReduceSum", [x, axes], f"{tag}_sum", keepdims=1), n], f"{tag}_mean")
+        centred = op("Sub", [x, mean], f"{tag}_centred")
+        ss = op("ReduceSum", [op("Mul", [centred, centred], f"{tag}_sq"), axes], f"{tag}_ss", keepdims=1)
+        return op("Sqrt", [op("Div", [ss, op("Sub", [n, one], f"{tag}_n1")], f"{tag}_var")], f"{tag}_std")
 
-    factor = op("Div", [std(last, "cond"), std(guided, "guided")], "factor")
-    guided_flat = op("Reshape", [guided, flat_shape], "guided_flat_r")
-    rescaled = op("Reshape", [op("Mul", [guided_flat, factor], "rescaled_flat"), op("Shape", [guided], "guided_shape")],
-                  "rescaled")
+    rescaled = op("Mul", [guided, op("Div", [std(last, "cond"), std(guided, "guided")], "factor")], "rescaled")
     phi = "guidance_rescale"
     blended = op("Add", [op("Mul", [phi, rescaled], "phi_rescaled"),
-                         op("Mul", [op("Sub", [const("one_f", np.array([1.0], np.float32)), phi], "one_minus_phi"),
-                                    guided], "keep")], "blended")
+                         op("Mul", [op("Sub", [one, phi], "one_minus_phi"), guided], "keep")], "blended")
     on = op("Greater", [phi, const("zero_f", np.array([0.0], np.float32))], "rescale_on")
     nodes.append(helper.make_node("Where", [on, blended, guided], ["noise_pred"], name=PREFIX + "select"))
 

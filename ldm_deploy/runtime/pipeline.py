@@ -58,6 +58,9 @@ class _Denoiser:
         # embeddings and the guidance, and returns the guided prediction: no 2B copies or CFG on the host.
         self.folded = "guidance_scale" in (getattr(unet, "input_names", None) or ())
         if self.folded:
+            if not self.cfg:   # the folded graph is CFG-shaped: the same rows twice and g = 1 give cond exactly
+                self.embeddings = np.concatenate([embeddings, embeddings])
+                self.embeddings.setflags(write=False)
             self._guidance_feeds = {
                 "guidance_scale": np.array([self.guidance if self.cfg else 1.0], np.float32),
                 "guidance_rescale": np.array([self.rescale if self.cfg else 0.0], np.float32)}
