@@ -66,7 +66,10 @@ class TorchRunner:
         self.module = module.to(device=self.device, dtype=dtype).eval()
 
     def _tensor(self, x: np.ndarray, dtype=None) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, dtype or self.dtype)
+        x = np.ascontiguousarray(x)
+        if not x.flags.writeable:   # the pipeline freezes its text embeddings; torch wants a writable buffer
+            x = x.copy()
+        return torch.from_numpy(x).to(self.device, dtype or self.dtype)
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

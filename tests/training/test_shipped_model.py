@@ -1,8 +1,9 @@
 """The shipped demo model (models/shapes-demo): size, diffusers compatibility, and what it draws.
 
-Numbers from `ldm-train eval` on 200 held-out prompts (docs/demo_model/eval_report.json): colour 73 %,
-shape 66.5 %, position 100 %, background 100 %. The bars below are set under those rates for a 16-prompt
-sample; the sampler is seeded, so a failure means the model or the sampling path changed.
+Numbers from `ldm-train eval` on 200 held-out prompts (docs/demo_model/eval_report.json): colour 100 %,
+shape 99.5 %, position 100 %, background 100 %. The bars below are the issue's aims (>= 90 % colour and
+shape, >= 80 % position) on a 16-prompt sample; the sampler is seeded, so a failure means the model or the
+sampling path changed.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "shapes-demo"
 N_PROMPTS = 16
-BARS = {"position": 15, "background": 15, "colour": 10, "shape": 10}  # of 16 (this seed reads 16, 16, 13, 13)
+BARS = {"position": 13, "background": 15, "colour": 15, "shape": 15}  # of 16 (this seed reads 16 of 16 for all four)
 
 
 def test_shipped_model_fits_in_12_mb():
