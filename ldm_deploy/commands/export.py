@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), help="torch exporter (default torchscript)")
     p.add_argument("--ort-cuda", action="store_true", default=None,
                    help="also write ONNX Runtime CUDA fused variants (model.ort-cuda.onnx; config key ort_cuda)")
+    p.add_argument("--no-cfg-fold", dest="ort_cuda_fold_cfg", action="store_false", default=None,
+                   help="keep the ORT CUDA U-Net variant CFG-free (2B rows in, raw prediction out), for serving "
+                        "without guidance (config key ort_cuda_fold_cfg; default: CFG folded in)")
     p.add_argument("--force", action="store_true", help="re-export even when an up-to-date artifact exists")
 
 
@@ -36,7 +39,7 @@ def run(args) -> int:
 
     config = load_config(args.config)
     flags = {"precision": args.precision, "vae_precision": args.vae_precision, "components": args.components,
-             "exporter": args.exporter, "ort_cuda": args.ort_cuda}
+             "exporter": args.exporter, "ort_cuda": args.ort_cuda, "ort_cuda_fold_cfg": args.ort_cuda_fold_cfg}
     if args.exporter == "dynamo" and config.opset < 18:
         flags["opset"] = 18
     config = config.replace(**{k: v for k, v in flags.items() if v is not None})

@@ -48,6 +48,7 @@ class ExportConfig:
     optimize: bool = True                       # onnxslim: constant folding, shape inference, dead-node removal
     keep_fp32_unet: bool = False                # fp16 exports also keep unet/model_fp32.onnx (for ORT fusions)
     ort_cuda: bool = False                      # also write <component>/model.ort-cuda.onnx (ORT CUDA fusions)
+    ort_cuda_fold_cfg: bool = True              # ... with CFG folded into the U-Net variant (export/cfg_fold.py)
     pooled_output: bool = False                 # text encoder also returns pooler_output
     measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
@@ -95,6 +96,7 @@ class ExportConfig:
         d.pop("name")
         if not d["ort_cuda"]:
             d.pop("ort_cuda")   # keeps artifacts exported before the key existed cached
+            d.pop("ort_cuda_fold_cfg")   # only shapes the ort-cuda variant
         return json.dumps(d, sort_keys=True)
 
     @classmethod

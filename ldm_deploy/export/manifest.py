@@ -94,6 +94,7 @@ def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
     old.pop("name", None)
     if not old.get("ort_cuda"):
         old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out
+        old.pop("ort_cuda_fold_cfg", None)
     return json.dumps(old, sort_keys=True) == config.key()
 
 

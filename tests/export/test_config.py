@@ -53,3 +53,22 @@ def test_round_trip_and_key():
     assert again == cfg and again.key() == cfg.key()
     assert cfg.replace(name="other").key() == cfg.key()          # the name does not change the graphs
     assert cfg.replace(precision="fp32").key() != cfg.key()
+
+
+def test_cfg_fold_key_only_shapes_the_ort_cuda_variant():
+    """`ort_cuda_fold_cfg` changes the cache key only when ort-cuda variants are written; `--no-cfg-fold`
+    reaches the config."""
+    import json
+
+    from ldm_deploy.cli import build_parser
+    from ldm_deploy.export.config import load_config
+
+    base = load_config("tiny")
+    assert base.ort_cuda_fold_cfg is True
+    assert base.key() == base.replace(ort_cuda_fold_cfg=False).key()          # no variants: same artifact
+    fused = base.replace(ort_cuda=True)
+    assert fused.key() != fused.replace(ort_cuda_fold_cfg=False).key()
+    assert json.loads(fused.key())["ort_cuda_fold_cfg"] is True
+    args = build_parser().parse_args(["export", "m", "--out", "o", "--ort-cuda", "--no-cfg-fold"])
+    assert args.ort_cuda is True and args.ort_cuda_fold_cfg is False
+    assert build_parser().parse_args(["export", "m", "--out", "o"]).ort_cuda_fold_cfg is None
