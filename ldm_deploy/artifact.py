@@ -243,9 +243,10 @@ def _component(name: str, d: dict) -> ComponentSpec:
         spec = ComponentSpec(name=name, file=d["file"], external_data=d.get("external_data"),
                              precision=d["precision"], inputs=tensors(d["inputs"]), outputs=tensors(d["outputs"]),
                              batch_multiplier=int(d.get("batch_multiplier", 1)), profile=d.get("profile", {}))
-        for rel in filter(None, (spec.file, spec.external_data)):
-            if not isinstance(rel, str):
-                raise TypeError(f"file {rel!r}")
+        if not isinstance(spec.file, str) or not spec.file:
+            raise TypeError(f"file {spec.file!r}")
+        if spec.external_data is not None and not isinstance(spec.external_data, str):
+            raise TypeError(f"external_data {spec.external_data!r}")
         if not isinstance(spec.precision, str) or not isinstance(spec.profile, dict) or spec.batch_multiplier < 1:
             raise TypeError("precision / profile / batch_multiplier")
     except (KeyError, TypeError, ValueError, OverflowError) as e:

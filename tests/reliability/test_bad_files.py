@@ -37,6 +37,11 @@ def rehash(root: Path) -> None:
     (root / "manifest.json").write_text(json.dumps(m))
 
 
+def _set_file(manifest: dict, component: str, value) -> dict:
+    manifest["components"][component]["file"] = value
+    return manifest
+
+
 def generate(artifact: Path, out: Path, *extra):
     return cli("generate", artifact, "--prompt", "a red cube", "--steps", "2", "--seed", "0",
                "--height", "32", "--width", "32", "--out", out, *extra, timeout=120)
@@ -50,6 +55,8 @@ ARTIFACT_DAMAGE = {
                               "cannot read .*manifest.json"),
     "manifest wrong types": (lambda r: (r / "manifest.json").write_text(json.dumps(
         {**json.loads((r / "manifest.json").read_text()), "profiles": [1, 2]})), "malformed: `profiles`"),
+    "manifest component without a file": (lambda r: (r / "manifest.json").write_text(json.dumps(_set_file(
+        json.loads((r / "manifest.json").read_text()), "vae_decoder", None))), "component 'vae_decoder' is malformed"),
     "manifest missing": (lambda r: (r / "manifest.json").unlink(), "manifest.json is missing"),
     "unet onnx truncated (hash mismatch)": (lambda r: truncate(r / "unet" / "model.onnx"),
                                             "unet/model.onnx .* does not match its sha256"),
