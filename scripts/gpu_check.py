@@ -201,22 +201,18 @@ GUIDANCE = 7.5
 
 
 def folded_feeds(runner, feeds: dict) -> dict:
-    """Feeds for `runner`: unchanged, or for a U-Net with CFG folded in, the first half's latents and
-    timesteps (the rows repeat over the halves), the 2B embeddings and the guidance."""
-    if "guidance_scale" not in runner.input_names:
-        return feeds
-    b = len(feeds["sample"]) // 2
-    return {"sample": feeds["sample"][:b], "timestep": feeds["timestep"][:b],
-            "encoder_hidden_states": feeds["encoder_hidden_states"],
-            "guidance_scale": np.array([GUIDANCE], np.float32), "guidance_rescale": np.zeros(1, np.float32)}
+    """Feeds for `runner`: unchanged, or for a U-Net with CFG folded in, B latents + 2B embeddings + g."""
+    from ldm_deploy.export.cfg_fold import folded_inputs, takes_guidance
+
+    return folded_inputs(feeds, GUIDANCE) if takes_guidance(runner) else feeds
 
 
 def folded_reference(runner, reference: dict) -> dict:
-    """The plain graph's 2B output as the folded graph returns it: uncond + g (cond - uncond), B rows."""
-    if "guidance_scale" not in runner.input_names:
-        return reference
-    from ldm_deploy.export.cfg_fold import reference_cfg
+    """The plain graph's 2B output as a folded graph returns it: uncond + g (cond - uncond), B rows."""
+    from ldm_deploy.export.cfg_fold import reference_cfg, takes_guidance
 
+    if not takes_guidance(runner):
+        return reference
     pred = reference["noise_pred"]
     return {"noise_pred": reference_cfg(pred, len(pred) // 2, GUIDANCE)}
 

@@ -150,6 +150,31 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def takes_guidance(runner) -> bool:
+    """True when `runner` (any backend) runs a U-Net graph with CFG folded in."""
+    return "guidance_scale" in (getattr(runner, "input_names", None) or ())
+
+
+def symmetric_unet_inputs(inputs: dict) -> dict:
+    """2B-row U-Net inputs whose latents and timesteps repeat over the two CFG halves (as the pipeline
+    feeds them), so that the plain graph's output on them is what a folded graph guides."""
+    rows = len(inputs["sample"])
+    half = max(rows // 2, 1)
+    return {**inputs, "sample": np.concatenate([inputs["sample"][:half]] * 2),
+            "timestep": np.concatenate([np.asarray(inputs["timestep"])[:half]] * 2),
+            "encoder_hidden_states": np.concatenate([inputs["encoder_hidden_states"][:half],
+                                                     inputs["encoder_hidden_states"][-half:]])}
+
+
+def folded_inputs(inputs: dict, guidance: float, rescale: float = 0.0) -> dict:
+    """The folded graph's feeds for symmetric 2B-row U-Net inputs: the first half's latents and timesteps,
+    all 2B embeddings, the guidance."""
+    half = len(inputs["sample"]) // 2
+    return {"sample": inputs["sample"][:half], "timestep": np.asarray(inputs["timestep"])[:half],
+            "encoder_hidden_states": inputs["encoder_hidden_states"],
+            "guidance_scale": np.array([guidance], np.float32), "guidance_rescale": np.array([rescale], np.float32)}
+
+
 def reference_cfg(pred_rows: np.ndarray, batch: int, guidance: float, rescale: float = 0.0) -> np.ndarray:
     """What the folded graph computes, from the plain U-Net's output on the tiled rows (numpy, float32):
     the check for a folded graph against its plain one."""
@@ -162,4 +187,5 @@ def reference_cfg(pred_rows: np.ndarray, batch: int, guidance: float, rescale: f
     return guided
 
 
-__all__ = ["fold_cfg", "is_folded", "reference_cfg", "GUIDANCE_INPUTS"]
+__all__ = ["fold_cfg", "is_folded", "reference_cfg", "takes_guidance", "symmetric_unet_inputs", "folded_inputs",
+           "GUIDANCE_INPUTS"]

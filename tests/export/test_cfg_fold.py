@@ -122,3 +122,23 @@ def test_pipeline_uses_the_folded_unet_and_matches(artifact, guidance, rescale):
     assert np.abs(b.latents - a.latents).max() <= (1e-4 if fp32 else 5e-3) * scale
     assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= (1 if fp32 else 4)
     assert b.timings["unet_calls"] == len(runner.calls) == a.timings["unet_calls"]
+
+
+def test_validate_checks_a_folded_unet_against_torch(artifact, model_folder, monkeypatch):
+    """`ldm-deploy validate` on a backend whose U-Net has CFG folded in (ORT CUDA's variant) feeds it B
+    latents + guidance and compares with the PyTorch U-Net's guided output; here the folded graph runs on
+    ORT CPU in place of the CUDA runner."""
+    from ldm_deploy.export.validate import validate
+    from ldm_deploy.runtime.runners import base
+
+    real = base.open_runner
+
+    def open_runner(backend, art, component, **opts):
+        if component == "unet":
+            return _FoldedRunner(fold_cfg(onnx.load(str(artifact / "unet" / "model.onnx"))))
+        return real(backend, art, component, **opts)
+
+    monkeypatch.setattr(base, "open_runner", open_runner)
+    report = validate(model_folder, artifact, components=["unet"])
+    assert report.checks and all(c.component == "unet" for c in report.checks)
+    assert report.passed, report.table()
