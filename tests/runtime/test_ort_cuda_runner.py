@@ -162,11 +162,9 @@ def test_ort_cuda_equals_cpu(artifacts, precision, component, variant, cuda_grap
         x = feeds(component, seed=seed)
         expected = cpu(x)
         if folded:
-            from ldm_deploy.export.cfg_fold import reference_cfg
+            from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg
 
-            x = {"sample": x["sample"][:1], "timestep": x["timestep"][:1],
-                 "encoder_hidden_states": x["encoder_hidden_states"],
-                 "guidance_scale": np.array([7.5], np.float32), "guidance_rescale": np.zeros(1, np.float32)}
+            x = folded_inputs(x, 7.5)
             expected = {"noise_pred": reference_cfg(expected["noise_pred"], 1, 7.5)}
         for k, v in expected.items():
             assert_close(gpu(x)[k], v, atol=(2 if folded else 1) * tol * float(np.abs(v).max()),
