@@ -73,12 +73,12 @@ class Report:
         self.save()
 
     def save(self) -> None:
-        if self.path is None:
-            return
         counts: dict = {}
         for e in self.data["checks"].values():
             counts[e["status"]] = counts.get(e["status"], 0) + 1
-        self.data["summary"] = counts
+        self.data["summary"] = counts      # also without --json: the last line prints it
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
@@ -184,13 +184,14 @@ def component_inputs(artifact, component: str, batch: int = 1, seed: int = 0) ->
     if component == "unet":
         n = spec.batch_multiplier * batch
         d = next(t.shape[-1] for t in spec.inputs if t.name == "encoder_hidden_states")
+        from ldm_deploy.export.cfg_fold import symmetric_unet_inputs
+
         # the latents and timesteps repeat over the two CFG halves, as the pipeline feeds them (so a U-Net
         # graph with CFG folded in can be checked against the plain one: folded_feeds / folded_reference)
-        half = rng.standard_normal((n // 2 or 1, artifact.latent_channels, size[0] // f, size[1] // f), np.float32)
-        reps = n // len(half)
-        return {"sample": np.concatenate([half] * reps),
-                "timestep": np.tile(np.linspace(999, 1.5, len(half)).astype(np.float32), reps),
-                "encoder_hidden_states": rng.standard_normal((n, 77, d), np.float32)}
+        return symmetric_unet_inputs({
+            "sample": rng.standard_normal((n, artifact.latent_channels, size[0] // f, size[1] // f), np.float32),
+            "timestep": np.linspace(999, 1.5, n).astype(np.float32),
+            "encoder_hidden_states": rng.standard_normal((n, 77, d), np.float32)})
     if component == "vae_decoder":
         return {"latent": rng.standard_normal((batch, artifact.latent_channels, size[0] // f, size[1] // f),
                                               np.float32)}
@@ -202,14 +203,16 @@ GUIDANCE = 7.5
 
 def folded_feeds(runner, feeds: dict) -> dict:
     """Feeds for `runner`: unchanged, or for a U-Net with CFG folded in, B latents + 2B embeddings + g."""
-    from ldm_deploy.export.cfg_fold import folded_inputs, takes_guidance
+    from ldm_deploy.export.cfg_fold import folded_inputs
+    from ldm_deploy.runtime.runners.base import takes_guidance
 
     return folded_inputs(feeds, GUIDANCE) if takes_guidance(runner) else feeds
 
 
 def folded_reference(runner, reference: dict) -> dict:
     """The plain graph's 2B output as a folded graph returns it: uncond + g (cond - uncond), B rows."""
-    from ldm_deploy.export.cfg_fold import reference_cfg, takes_guidance
+    from ldm_deploy.export.cfg_fold import reference_cfg
+    from ldm_deploy.runtime.runners.base import takes_guidance
 
     if not takes_guidance(runner):
         return reference
@@ -220,7 +223,7 @@ def folded_reference(runner, reference: dict) -> dict:
 def check_components(report: Report, name: str, art_dir: Path, dry: bool) -> None:
     """(a) each component: ort-cuda (plain / fused, graph off / on) vs ort-cpu plain."""
     from ldm_deploy.artifact import Artifact
-    from ldm_deploy.runtime.runners.base import open_runner
+    from ldm_deploy.runtime.runners.base import open_runner, takes_guidance
 
     artifact = Artifact.open(art_dir)
     for component in artifact.components:
@@ -241,7 +244,7 @@ def check_components(report: Report, name: str, art_dir: Path, dry: bool) -> Non
                     runner = open_runner("ort-cuda", artifact, component, variant=variant, enable_cuda_graph=graph)
                     e["model"] = runner.model_path.name
                     e["io_dtypes"] = {k: str(v) for k, v in runner.input_dtypes.items()}
-                    e["cfg_folded"] = "guidance_scale" in runner.input_names
+                    e["cfg_folded"] = takes_guidance(runner)
                     run_feeds, expected = folded_feeds(runner, feeds), folded_reference(runner, reference)
                     outs = [runner(run_feeds) for _ in range(3)]       # warm-up/capture, then replays
                     e["stats"] = {k: stats(outs[-1][k], expected[k]) for k in expected}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.bench.timing import measure, measure_within
+from ldm_deploy.runtime.runners.base import takes_guidance
 
 # side -> (backend, runner options)
 _OPTIONS = {
@@ -126,7 +127,7 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
                                            dtype=np.float32),
              "timestep": np.full((emb.shape[0],), 500.0, dtype=np.float32), "encoder_hidden_states": emb}
     latent = rng.standard_normal((batch, pipe.latent_channels, height // 8, width // 8), dtype=np.float32)
-    record["cfg_folded"] = "guidance_scale" in (getattr(pipe.runners["unet"], "input_names", None) or ())
+    record["cfg_folded"] = takes_guidance(pipe.runners["unet"])
     if record["cfg_folded"]:   # the U-Net graph does CFG itself: B latents in (as the pipeline calls it)
         feeds = {"sample": latent.copy(), "timestep": np.full((batch,), 500.0, dtype=np.float32),
                  "encoder_hidden_states": emb if cfg else np.concatenate([emb, emb]),

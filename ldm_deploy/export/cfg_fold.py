@@ -33,7 +33,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ldm_deploy.errors import LdmError
 
-GUIDANCE_INPUTS = ("guidance_scale", "guidance_rescale")
 PREFIX = "cfg/"
 
 
@@ -150,11 +149,6 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def takes_guidance(runner) -> bool:
-    """True when `runner` (any backend) runs a U-Net graph with CFG folded in."""
-    return "guidance_scale" in (getattr(runner, "input_names", None) or ())
-
-
 def symmetric_unet_inputs(inputs: dict) -> dict:
     """2B-row U-Net inputs whose latents and timesteps repeat over the two CFG halves (as the pipeline
     feeds them), so that the plain graph's output on them is what a folded graph guides."""
@@ -187,5 +181,4 @@ def reference_cfg(pred_rows: np.ndarray, batch: int, guidance: float, rescale: f
     return guided
 
 
-__all__ = ["fold_cfg", "is_folded", "reference_cfg", "takes_guidance", "symmetric_unet_inputs", "folded_inputs",
-           "GUIDANCE_INPUTS"]
+__all__ = ["fold_cfg", "is_folded", "reference_cfg", "symmetric_unet_inputs", "folded_inputs"]

@@ -20,7 +20,7 @@ import torch
 
 from ldm_deploy.artifact import Artifact
 from ldm_deploy.compare import ErrorStats, error_stats
-from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg, symmetric_unet_inputs, takes_guidance
+from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg, symmetric_unet_inputs
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.onnx_export import graph_module, random_inputs
 from ldm_deploy.export.source import folder_sha256, load_source, math_attention
@@ -78,7 +78,7 @@ class ValidationReport:
 def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None, seed: int = 0,
              tolerances: dict | None = None) -> ValidationReport:
     """Compare each component of the artifact (on each backend) with the PyTorch model in `model_dir`."""
-    from ldm_deploy.runtime.runners.base import open_runner
+    from ldm_deploy.runtime.runners.base import open_runner, takes_guidance
 
     artifact = Artifact.open(artifact_dir)
     tol = {**TOLERANCES, **(tolerances or {})}

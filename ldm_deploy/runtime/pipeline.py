@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.runtime.runners.base import takes_guidance
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
@@ -56,7 +57,7 @@ class _Denoiser:
         self._timestep: np.ndarray | None = None    # (2B,) float32, reused
         # A U-Net graph with CFG folded in (ldm_deploy/export/cfg_fold.py) takes the B latents, the 2B (or B)
         # embeddings and the guidance, and returns the guided prediction: no 2B copies or CFG on the host.
-        self.folded = "guidance_scale" in (getattr(unet, "input_names", None) or ())
+        self.folded = takes_guidance(unet)
         if self.folded:
             if not self.cfg:   # the folded graph is CFG-shaped: the same rows twice and g = 1 give cond exactly
                 self.embeddings = np.concatenate([embeddings, embeddings])

@@ -13,7 +13,7 @@ from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export.config import load_config
 from ldm_deploy.export.exporter import export_model
-from ldm_deploy.runtime.runners.base import open_runner
+from ldm_deploy.runtime.runners.base import open_runner, takes_guidance
 from tests.export.test_ort_optimize import make_sd_like_folder
 
 # GPU images may lack onnxslim (the plain graphs' cleanup): export uncleaned there
@@ -37,10 +37,11 @@ def feeds(component: str, batch: int = 1, seed: int = 0) -> dict:
         ids = rng.integers(0, 999, (batch, 77)).astype(np.int32)
         return {"input_ids": ids}
     if component == "unet":   # latents / timesteps repeat over the CFG halves, as the pipeline feeds them
-        half = rng.standard_normal((batch, 4, 8, 8), np.float32)
-        return {"sample": np.concatenate([half, half]),
-                "timestep": np.tile(np.linspace(999, 0.5, batch).astype(np.float32), 2),
-                "encoder_hidden_states": rng.standard_normal((2 * batch, 77, 32), np.float32)}
+        from ldm_deploy.export.cfg_fold import symmetric_unet_inputs
+
+        return symmetric_unet_inputs({"sample": rng.standard_normal((2 * batch, 4, 8, 8), np.float32),
+                                      "timestep": np.linspace(999, 0.5, 2 * batch).astype(np.float32),
+                                      "encoder_hidden_states": rng.standard_normal((2 * batch, 77, 32), np.float32)})
     return {"latent": rng.standard_normal((batch, 4, 8, 8), np.float32)}
 
 
@@ -156,7 +157,7 @@ def test_ort_cuda_equals_cpu(artifacts, precision, component, variant, cuda_grap
     # (10-bit mantissa, unit roundoff 2^-11 ~ 4.9e-4 per product): an H200 measured 1.3e-3 / 2.1e-3 there
     assert gpu.use_tf32 == (precision == "fp16")
     tol = 3e-2 if half else (5e-3 if gpu.use_tf32 else 1e-3)
-    folded = "guidance_scale" in gpu.input_names        # the fused U-Net has CFG folded in (cfg_fold.py)
+    folded = takes_guidance(gpu)                         # the fused U-Net has CFG folded in (cfg_fold.py)
     assert folded == (component == "unet" and variant == "ort-cuda")
     for seed in (0, 1, 2):      # run 1 captures (with graphs), 2 and 3 replay with new inputs
         x = feeds(component, seed=seed)

@@ -27,6 +27,13 @@ class Runner(Protocol):
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def takes_guidance(runner) -> bool:
+    """True when `runner` is a U-Net with classifier-free guidance folded into its graph
+    (ldm_deploy/export/cfg_fold.py): it takes B latents, the 2B embeddings, `guidance_scale` and
+    `guidance_rescale`, and returns the guided prediction."""
+    return "guidance_scale" in (getattr(runner, "input_names", None) or ())
+
+
 # backend name -> "module:factory"; factory(artifact, component, **options) -> Runner
 BACKENDS: dict[str, str] = {
     "ort-cpu": "ldm_deploy.runtime.runners.ort:OrtCpuRunner",
