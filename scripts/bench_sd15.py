@@ -3,12 +3,20 @@
     python scripts/bench_sd15.py                                   # build + export + all sides, 512x512, 50 steps
     python scripts/bench_sd15.py --artifact /tmp/sd15/onnx-fp16 --model-dir /tmp/sd15/model
     python scripts/bench_sd15.py --quick                           # tiny preset, 64 px, 3 steps: a CPU smoke test
+    python scripts/bench_sd15.py --levers --artifact ... --model-dir ...   # the GPU levers one at a time, B=1
 
 Steps: (1) the model folder (`--model-dir`, else the sd15 preset with seeded random weights in `--work`),
 (2) the fp16 artifact (`--artifact`, else `export_configs/sd15.yaml` in fp16 with the ONNX Runtime CUDA
 fused variants), (3) the fused variants added if the artifact lacks them, (4) every side at each batch
 (batch 1 for all sides first), each in its own subprocess; the JSON is rewritten after every side, so
 a run cut short keeps what finished. Writes benchmarks/results/<machine>-sd15.json and .png.
+
+`--levers` runs the lever ladder instead (ldm_deploy.bench.spec.LEVERS: fp32 -> fp16 -> IO binding ->
+CUDA graph -> ORT fusions -> NHWC conv -> CFG fold = ort-cuda, each row adding one lever to the U-Net),
+then the full path less one lever (ort-cuda-no-graph, ort-cuda-plain) and PyTorch eager fp16 /
+torch.compile for reference; step (3) adds the U-Net lever variants. Writes
+benchmarks/results/levers/<machine>-sd15-levers.json, which `scripts/bench_table.py` renders as
+the README's lever table.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 GPU_SIDES = "ort-cuda,torch-eager-fp16,torch-compile,torch-eager-fp32,ort-cuda-no-graph,ort-cuda-plain,tensorrt"
 QUICK_SIDES = "ort-cpu,torch-eager-fp32,torch-compile,ort-cuda,torch-eager-fp16,tensorrt"
+LEVER_EXTRA = "ort-cuda,ort-cuda-no-graph,ort-cuda-plain,torch-eager-fp16,torch-compile"
 
 
 def say(message: str) -> None:
@@ -48,13 +57,14 @@ def has_cuda_ep() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def variants_in_subprocess(artifact: Path, timeout_s: float) -> dict:
-    """add_ort_cuda_variants in a child process: a crash or a hang there costs the variants, not the run."""
+def variants_in_subprocess(artifact: Path, timeout_s: float, function: str = "add_ort_cuda_variants") -> dict:
+    """ldm_deploy.bench.prepare.<function>(artifact) in a child process: a crash or a hang there costs the
+    variants, not the run."""
     import json
     import subprocess
 
-    code = ("import json, sys; from ldm_deploy.bench.prepare import add_ort_cuda_variants; "
-            "print('RESULT ' + json.dumps(add_ort_cuda_variants(sys.argv[1]), default=str))")
+    code = (f"import json, sys; from ldm_deploy.bench.prepare import {function}; "
+            f"print('RESULT ' + json.dumps({function}(sys.argv[1]), default=str))")
     try:
         proc = subprocess.run([sys.executable, "-c", code, str(artifact)], cwd=str(ROOT), capture_output=True,
                               text=True, timeout=timeout_s)
@@ -74,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, help="an existing fp16 artifact (default: export WORK/onnx-fp16)")
     ap.add_argument("--sides", help=f"comma-separated (default: {GPU_SIDES})")
     ap.add_argument("--steps", type=int, help="denoising steps (default 50; --quick 3)")
-    ap.add_argument("--batches", default="1,4", help="comma-separated image batch sizes (default 1,4)")
+    ap.add_argument("--batches", help="comma-separated image batch sizes (default 1,4; --levers: 1)")
     ap.add_argument("--warmup", type=int, default=0,
                     help="untimed end-to-end runs (default 0: the component timings just before ran every "
                          "kernel at the same shapes, CUDA graph captured, torch.compile done)")
@@ -88,19 +98,23 @@ def main(argv=None) -> int:
                     help="seconds allowed for writing the ORT CUDA fused variants (default 240)")
     ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/<machine>-sd15.json)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 64 px, 3 steps, CPU sides too: a smoke test")
+    ap.add_argument("--levers", action="store_true",
+                    help="the lever ladder (one lever at a time) instead of the side-by-side run; default batch 1")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
     from ldm_deploy.bench.harness import ratio, run_bench
     from ldm_deploy.bench.prepare import export_for_bench, random_model_folder
-    from ldm_deploy.bench.spec import TORCH_SIDES, BenchSpec
+    from ldm_deploy.bench.spec import LEVERS, TORCH_SIDES, BenchSpec
 
     kind = "tiny" if args.quick else "sd15"
     steps = args.steps or (3 if args.quick else 50)
-    batches = tuple(int(b) for b in args.batches.split(","))
-    sides = tuple((args.sides or (QUICK_SIDES if args.quick else GPU_SIDES)).split(","))
-    out = args.out or (args.work / "quick-sd15.json" if args.quick
-                       else ROOT / "benchmarks" / "results" / f"{machine_slug()}-sd15.json")
+    batches = tuple(int(b) for b in (args.batches or ("1" if args.levers else "1,4")).split(","))
+    default_sides = (",".join([*LEVERS, LEVER_EXTRA]) if args.levers else QUICK_SIDES if args.quick else GPU_SIDES)
+    sides = tuple((args.sides or default_sides).split(","))
+    suffix = "sd15-levers" if args.levers else "sd15"
+    out = args.out or (args.work / f"quick-{suffix}.json" if args.quick
+                       else ROOT / "benchmarks" / "results" / ("levers" if args.levers else "") / f"{machine_slug()}-{suffix}.json")
     export: dict = {}
 
     # 1. the model folder
@@ -120,15 +134,17 @@ def main(argv=None) -> int:
     artifact = args.artifact
     deployed = any(s not in TORCH_SIDES for s in sides)
     if artifact is None and deployed:
-        artifact = args.work / f"{kind}-onnx-fp16"
+        artifact = args.work / f"{kind}-onnx-fp16{'-levers' if args.levers else ''}"
         say(f"exporting {model} -> {artifact} (fp16, ort-cuda variants) ...")
         try:
             if args.quick:
                 export["export"] = export_for_bench(model, artifact, batch_max=max(batches), precision="fp16",
-                                                    ort_cuda=True)
+                                                    ort_cuda=True, keep_fp32_unet=args.levers,
+                                                    optimize=False if args.levers else None)
             else:
                 export["export"] = export_for_bench(model, artifact, "sd15", batch_max=max(batches),
-                                                    precision="fp16", ort_cuda=True)
+                                                    precision="fp16", ort_cuda=True,
+                                                    optimize=False if args.levers else None)
         except Exception as e:  # noqa: BLE001 - e.g. an ldm-deploy without the ort_cuda option: export without
             say(f"export with ort-cuda variants failed ({type(e).__name__}: {e}); exporting without them")
             export["export_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -139,9 +155,14 @@ def main(argv=None) -> int:
 
     # 3. the fused variants, when the artifact lacks them and ONNX Runtime CUDA will run
     if artifact is not None and any(s.startswith("ort-cuda") for s in sides) and (has_cuda_ep() or args.quick):
-        say("adding the ONNX Runtime CUDA fused variants (if missing) ...")
-        export["ort_cuda_variants"] = variants_in_subprocess(artifact, args.variants_timeout)
-        say(f"ort-cuda variants: {str(export['ort_cuda_variants'])[:300]}")
+        if args.levers:
+            say("adding the ONNX Runtime CUDA fused variants and the U-Net lever variants (if missing) ...")
+            export["lever_variants"] = variants_in_subprocess(artifact, 3 * args.variants_timeout, "add_lever_variants")
+            say(f"lever variants: {str(export['lever_variants'])[:300]}")
+        else:
+            say("adding the ONNX Runtime CUDA fused variants (if missing) ...")
+            export["ort_cuda_variants"] = variants_in_subprocess(artifact, args.variants_timeout)
+            say(f"ort-cuda variants: {str(export['ort_cuda_variants'])[:300]}")
     export["prepare_wall_s"] = round(time.perf_counter() - t_start, 1)
 
     # 4. every side
@@ -152,6 +173,7 @@ def main(argv=None) -> int:
                      timeout_s=420.0, total_budget_s=max(60.0, args.time_limit - (time.perf_counter() - t_start)),
                      note=("quick smoke test (tiny preset)" if args.quick else
                            "SD 1.5 architecture with random weights; DDIM, CFG as one 2B batch"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     say(f"benchmarking {', '.join(sides)} at batches {batches} -> {out}")
     results = run_bench(spec, out, chart=out.with_suffix(".png"), export=export, name=out.stem,
                         log=lambda m: print(m, flush=True))
@@ -170,6 +192,11 @@ def main(argv=None) -> int:
             o = rec["scheduler_overhead"]
             say(f"{rec['side']} B={rec['batch']}: numpy scheduler+CFG {o['ms_per_step']:.3f} ms/step = "
                 f"{o['fraction_of_step']:.2%} of a U-Net step")
+    if args.levers:
+        from ldm_deploy.bench.report import lever_table
+
+        for b in batches:
+            print(lever_table(results, b), flush=True)
     say(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_deploy.bench.spec import LEVERS
 from ldm_deploy.bench.timing import measure, measure_within
 from ldm_deploy.runtime.runners.base import takes_guidance
 
@@ -24,6 +25,7 @@ _OPTIONS = {
     "ort-cuda-no-graph": ("ort-cuda", {"enable_cuda_graph": False}),
     "ort-cuda-plain": ("ort-cuda", {"enable_cuda_graph": True, "variant": None}),
     "tensorrt": ("tensorrt", {"cuda_graph": True}),
+    **{side: ("ort-cuda", {}) for side in LEVERS},   # text encoder / VAE as ort-cuda; the U-Net per LEVERS
 }
 
 
@@ -33,6 +35,14 @@ def _skip_reason(spec, side: str) -> str | None:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CUDAExecutionProvider here (needs onnxruntime-gpu and an NVIDIA GPU)"
+        variant = LEVERS.get(side, (None, {}))[1].get("variant")
+        if variant and variant != "ort-cuda":
+            import json
+
+            unet = json.loads((Path(spec.artifact) / "manifest.json").read_text(encoding="utf-8"))["components"]["unet"]
+            if variant not in (unet.get("variants") or {}):
+                return (f"the artifact's U-Net has no {variant!r} variant "
+                        "(scripts/bench_sd15.py --levers, or ldm_deploy.bench.prepare.add_lever_variants, adds it)")
         if hasattr(ort, "preload_dlls"):   # cuDNN / cuBLAS from the nvidia-* wheels, when the system has none
             try:
                 ort.preload_dlls()
@@ -54,11 +64,13 @@ def _skip_reason(spec, side: str) -> str | None:
     return None
 
 
-def _runner_options(spec, side: str) -> tuple[str, dict]:
+def _runner_options(spec, side: str) -> tuple[str, dict, dict]:
+    """(backend, options for every runner, extra options for the U-Net's)."""
     from ldm_deploy.runtime.runners import ort as ort_runners
 
     backend, opts = _OPTIONS[side]
     opts = dict(opts)
+    unet_opts = dict(LEVERS[side][1]) if side in LEVERS else {}
     if backend == "ort-cpu" and spec.threads:
         opts["intra_op_threads"] = int(spec.threads)
     if "variant" in opts and "variant" not in inspect.signature(ort_runners.OrtCudaRunner.__init__).parameters:
@@ -66,13 +78,14 @@ def _runner_options(spec, side: str) -> tuple[str, dict]:
                            "so ort-cuda-plain would repeat ort-cuda")
     if backend == "tensorrt" and spec.engine_dir:
         opts["engine_dir"] = spec.engine_dir
-    return backend, opts
+    return backend, opts, unet_opts
 
 
-def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, log):
+def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, log, unet_opts: dict | None = None):
     """Pipeline over text_encoder / unet / vae_decoder runners. CUDA graphs go on the U-Net only (50 replays
-    a run; the others run once). If ORT refuses the U-Net's graph capture at load, the side runs without it
-    and says so (`cuda_graph_error`), so the deployed path still gets a number."""
+    a run; the others run once); `unet_opts` override `opts` for the U-Net (the lever sides). If ORT refuses
+    the U-Net's graph capture at load, the side runs without it and says so (`cuda_graph_error`), so the
+    deployed path still gets a number."""
     from ldm_deploy.artifact import Artifact
     from ldm_deploy.runtime.pipeline import Pipeline
     from ldm_deploy.runtime.runners.base import open_runner
@@ -80,6 +93,7 @@ def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, lo
 
     graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}.get(backend)
     plain = {k: v for k, v in opts.items() if k != graph_key}
+    opts = {**opts, **(unet_opts or {})}
     artifact = Artifact.open(artifact_dir, verify=False)
     runners = {c: open_runner(backend, artifact, c, **plain) for c in ("text_encoder", "vae_decoder")}
     try:
@@ -89,7 +103,7 @@ def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, lo
             raise
         record["cuda_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         log(f"U-Net CUDA graph refused ({record['cuda_graph_error']}); running without it")
-        runners["unet"] = open_runner(backend, artifact, "unet", **plain)
+        runners["unet"] = open_runner(backend, artifact, "unet", **{k: v for k, v in opts.items() if k != graph_key})
     record["cuda_graph"] = bool(graph_key and opts.get(graph_key) and "cuda_graph_error" not in record)
     m = artifact.manifest
     return Pipeline(ClipTokenizer.from_dir(artifact.tokenizer_dir), runners, m["scheduler"], m["scaling_factor"],
@@ -103,18 +117,22 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     reason = _skip_reason(spec, side)
     if reason:
         return {"status": "skipped", "reason": reason}
-    backend, opts = _runner_options(spec, side)
+    backend, opts, unet_opts = _runner_options(spec, side)
     gpu = backend != "ort-cpu"
     gpu_before = gpu_used_mib() if gpu else None
     record = {"device": "cuda" if gpu else "cpu", "backend": backend,
               "runner_options": {k: v for k, v in opts.items()}}
+    if unet_opts:
+        record["unet_runner_options"] = dict(unet_opts)
 
     t0 = time.perf_counter()
-    pipe = _open_pipeline(spec.artifact, backend, opts, record, log)
+    pipe = _open_pipeline(spec.artifact, backend, opts, record, log, unet_opts)
     record["load_s"] = round(time.perf_counter() - t0, 3)
     record["dtype"] = pipe.runners["unet"].spec.get("precision", "fp32") if hasattr(pipe.runners["unet"], "spec") else None
     record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?"))) for c, r in pipe.runners.items()}
     record["variants"] = {c: getattr(r, "variant", None) for c, r in pipe.runners.items()}
+    record["unet_io_binding"] = getattr(pipe.runners["unet"], "io_binding", None)
+    record["unet_tf32"] = getattr(pipe.runners["unet"], "use_tf32", None)
     if backend == "ort-cpu":
         record["threads"] = spec.threads or "onnxruntime default (all cores)"
     log(f"{side} b{batch}: loaded in {record['load_s']} s ({record['model_files'].get('unet')})")
@@ -145,7 +163,7 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
 
         graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}[backend]
         pipe.runners["unet"] = open_runner(backend, spec.artifact, "unet",
-                                           **{k: v for k, v in opts.items() if k != graph_key})
+                                           **{k: v for k, v in {**opts, **unet_opts}.items() if k != graph_key})
     unet, vae = pipe.runners["unet"], pipe.runners["vae_decoder"]
 
     def text():

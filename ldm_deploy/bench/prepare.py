@@ -83,7 +83,8 @@ def default_size(model_dir: str | Path) -> int:
 
 
 def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: int = 1, height: int | None = None,
-                     width: int | None = None, precision: str | None = None, ort_cuda: bool = False) -> dict:
+                     width: int | None = None, precision: str | None = None, ort_cuda: bool = False,
+                     keep_fp32_unet: bool = False, optimize: bool | None = None) -> dict:
     """Export `model_dir` to `out` (skipped when up to date) and return what it took.
 
     Without `config`: a static-size export at (height, width) (default: the U-Net's sample_size * 8),
@@ -102,6 +103,10 @@ def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: in
         cfg = ExportConfig(name="bench", batch=Range(1, 1, max(1, batch_max)), height=Range(size_h, size_h, size_h),
                            width=Range(size_w, size_w, size_w), measure_runtime=False)
     changes = {"precision": precision} if precision else {}
+    if keep_fp32_unet:   # the lever variants start from it
+        changes["keep_fp32_unet"] = True
+    if optimize is not None:   # False: model_fp32.onnx is the traced graph, whose patterns ORT's fusions match
+        changes["optimize"] = bool(optimize)
     if ort_cuda:
         if "ort_cuda" not in {f for f in cfg.__dataclass_fields__}:
             raise LdmError("this ldm-deploy's export config has no ort_cuda option")
@@ -135,3 +140,62 @@ def add_ort_cuda_variants(artifact) -> dict:
     stats = add(artifact, components=tuple(missing))
     return {"seconds": round(time.perf_counter() - start, 1), "components": stats, "already_present": sorted(have),
             "without_fp32_graph": [c for c in missing if c not in stats]}
+
+
+# the U-Net variants the lever sides (ldm_deploy.bench.spec.LEVERS) run, beyond the plain graph and "ort-cuda"
+LEVER_VARIANTS = ("lever-fp32", "lever-fused-nchw", "lever-fused")
+
+
+def add_lever_variants(artifact) -> dict:
+    """Add the U-Net variants the lever ladder needs to `artifact` (an fp16 export that kept its fp32 U-Net):
+    `lever-fp32` (the kept fp32 graph itself, no new file), `lever-fused-nchw` (ORT fusions, NCHW
+    convolutions, CFG not folded) and `lever-fused` (fusions with NHWC convolutions, CFG not folded);
+    plus the full "ort-cuda" variants when missing. Variants already present are kept. Returns what was
+    done, with seconds per variant."""
+    import json
+
+    from ldm_deploy.artifact import MANIFEST, Artifact
+    from ldm_deploy.export.manifest import graph_io
+    from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add, fp32_source
+    from ldm_deploy.fileio import write_json
+
+    root = Path(artifact)
+    done = {"ort-cuda": add_ort_cuda_variants(root)}
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    unet = manifest["components"]["unet"]
+    src = fp32_source(root, unet)
+    if src is None:
+        raise LdmError(f"{root} keeps no fp32 U-Net graph, which the lever variants start from",
+                       hint="export with `keep_fp32_unet: true` (export_configs/sd15.yaml has it)")
+    have = set(unet.get("variants") or {})
+    if "lever-fp32" not in have:
+        Artifact.open(root, verify=True)   # the entry reuses a hashed file: check it before pointing at it
+        from ldm_deploy.export.onnx_io import data_file
+
+        ins, outs = graph_io(src)
+        rel = src.relative_to(root).as_posix()
+        data = data_file(src)
+        unet.setdefault("variants", {})["lever-fp32"] = {
+            "file": rel, "external_data": data.relative_to(root).as_posix() if data.exists() else None,
+            "precision": "fp32",
+            "inputs": ins, "outputs": outs, "fused_ops": {}, "cfg_folded": False, "nhwc_conv": False}
+        write_json(root / MANIFEST, manifest)
+        done["lever-fp32"] = {"file": rel}
+    for name, nhwc in (("lever-fused-nchw", False), ("lever-fused", True)):
+        if name not in have:
+            start = time.perf_counter()
+            stats = add(root, components=("unet",), fold_guidance=False, nhwc_conv=nhwc, variant=name)
+            done[name] = {"seconds": round(time.perf_counter() - start, 1), **stats.get("unet", {})}
+    # the ladder credits each lever with the difference between two rows: the fused variants must fuse the
+    # same ops (an ort-cuda variant fused from the traced graph at export can hold more than these, which
+    # start from the kept, onnxslim-cleaned fp32 graph)
+    variants = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["components"]["unet"]["variants"]
+    ops = {name: {op: n for op, n in (variants.get(name, {}).get("fused_ops") or {}).items() if op != "NhwcConv"}
+           for name in ("ort-cuda", "lever-fused-nchw", "lever-fused")}
+    done["fused_ops_match"] = len({json.dumps(v, sort_keys=True) for v in ops.values()}) == 1
+    if not done["fused_ops_match"]:
+        log.warning("the U-Net variants fuse different ops (%s): the fusion / NHWC / CFG-fold rows of the lever "
+                    "ladder are not comparable; export with `optimize: false` so all start from the traced graph",
+                    ops)
+        done["fused_ops"] = ops
+    return done

@@ -3,6 +3,7 @@
     write_chart(results, "benchmarks/results/cpu-demo.png")
     markdown_table([results_a, results_b])      # one row per (run, side, batch)
     replace_block(readme_text, table)           # between <!-- bench:start --> and <!-- bench:end -->
+    lever_table(results)                        # the GPU levers one at a time (scripts/bench_sd15.py --levers)
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from ldm_deploy.errors import LdmError
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+LEVERS_START, LEVERS_END = "<!-- levers:start -->", "<!-- levers:end -->"
 # The baseline each run's speed-up column is measured against: the strongest plain PyTorch side that ran.
 BASELINES = ("torch-eager-fp16", "torch-eager-fp32")
 
@@ -105,12 +107,65 @@ def stage_table(run: dict, batch: int = 1) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
-    """`text` with everything between the bench markers replaced by `block` (markers kept)."""
-    start, end = text.find(START), text.find(END)
+def lever_table(run: dict, batch: int = 1) -> str:
+    """The lever ladder of one run (spec.LEVERS, then ort-cuda): each row adds one lever to the U-Net, with
+    its U-Net step and end-to-end time and the gain over the row above; then the full path less one lever
+    and the PyTorch references, when the run has them."""
+    from ldm_deploy.bench.spec import LEVER_FINAL, LEVERS, SIDE_NOTES
+
+    by = {r["side"]: r for r in _ok(run) if r["batch"] == batch}
+    failed = {r["side"]: r for r in run["results"] if r["batch"] == batch and r.get("status") != "ok"}
+    eager, compiled = by.get("torch-eager-fp16"), by.get("torch-compile")
+    steps = run.get("model", {}).get("steps")
+
+    def vs(r, base):
+        return f"{base['end_to_end']['median_ms'] / r['end_to_end']['median_ms']:.2f}x" if base else "-"
+
+    def floor(r):
+        f = (r.get("floor") or {}).get("unet_step_fraction_of_peak")
+        return f"{f:.1%}" if f is not None else "-"
+
+    lines = [f"| # | U-Net lever (B={batch}, CFG batch {2 * batch}) | U-Net step (ms) | step gain | "
+             f"end to end, {steps} steps (s) | e2e gain | vs PyTorch eager fp16 | vs torch.compile | U-Net % of peak |",
+             "|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+    ladder = [(side, what) for side, (what, _) in LEVERS.items()] + [LEVER_FINAL]
+    above = None
+    for i, (side, what) in enumerate(ladder):
+        r = by.get(side)
+        if r is None:
+            why = failed.get(side, {})
+            why = why.get("error") or why.get("reason") or "not run"
+            lines.append(f"| {i} | {what} | {str(why)[:80].replace('|', '/')} |  |  |  |  |  |  |")
+            continue
+        step, e2e = r["components_ms"]["unet_step"]["median_ms"], r["end_to_end"]["median_ms"]
+        gain = (f"{above['components_ms']['unet_step']['median_ms'] / step:.2f}x" if above else "-",
+                f"{above['end_to_end']['median_ms'] / e2e:.2f}x" if above else "-")
+        lines.append(f"| {i} | {what} | {_ms(r['components_ms']['unet_step'])} | {gain[0]} | {e2e / 1e3:.3f} | "
+                     f"{gain[1]} | {vs(r, eager)} | {vs(r, compiled)} | {floor(r)} |")
+        above = r
+    full = by.get(LEVER_FINAL[0])
+    others = [("ort-cuda-no-graph", "full path less the CUDA graph"),
+              ("ort-cuda-plain", "full path on the plain graphs, all components (no fusions, no CFG fold)"),
+              ("torch-eager-fp16", SIDE_NOTES["torch-eager-fp16"]), ("torch-compile", SIDE_NOTES["torch-compile"])]
+    for side, what in others:
+        r = by.get(side)
+        if r is None:
+            continue
+        step, e2e = r["components_ms"]["unet_step"]["median_ms"], r["end_to_end"]["median_ms"]
+        gain = (f"{full['components_ms']['unet_step']['median_ms'] / step:.2f}x vs full" if full else "-",
+                f"{full['end_to_end']['median_ms'] / e2e:.2f}x vs full" if full else "-")
+        lines.append(f"| - | {side}: {what} | {_ms(r['components_ms']['unet_step'])} | {gain[0]} | {e2e / 1e3:.3f} | "
+                     f"{gain[1]} | {vs(r, eager)} | {vs(r, compiled)} | {floor(r)} |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, start_marker: str = START, end_marker: str = END) -> str:
+    """`text` with everything between the markers (default: the bench table's) replaced by `block`."""
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < 0 or end < start:
-        raise LdmError(f"README has no {START} ... {END} block", hint="add both markers in the Performance section")
-    return text[: start + len(START)] + "\n" + block.strip("\n") + "\n" + text[end:]
+        raise LdmError(f"README has no {start_marker} ... {end_marker} block",
+                       hint="add both markers in the Performance section")
+    return text[: start + len(start_marker)] + "\n" + block.strip("\n") + "\n" + text[end:]
 
 
 def write_chart(results: dict, path: str | Path) -> Path:

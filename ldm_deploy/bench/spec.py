@@ -12,7 +12,25 @@ from dataclasses import dataclass
 from ldm_deploy.errors import UsageError
 
 TORCH_SIDES = ("torch-eager-fp32", "torch-eager-fp16", "torch-compile")
-ORT_SIDES = ("ort-cpu", "ort-cpu-no-spin", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain")
+# The GPU speed levers, added one at a time to the U-Net (it is ~95 % of a run); the text encoder and the
+# VAE decoder run as on `ort-cuda` in every row, so a row's change is its lever's alone. The last step,
+# folding CFG into the graph, is `ort-cuda` itself. side -> (what it adds, U-Net runner options); the
+# `lever-*` variants are written by ldm_deploy.bench.prepare.add_lever_variants.
+LEVERS = {
+    "ort-cuda-l0-fp32": ("fp32 plain graph (TF32 on), session.run with host arrays, no CUDA graph",
+                         {"variant": "lever-fp32", "io_binding": False, "enable_cuda_graph": False}),
+    "ort-cuda-l1-fp16": ("+ fp16 weights and activations (the exported fp16 graph)",
+                         {"variant": None, "io_binding": False, "enable_cuda_graph": False}),
+    "ort-cuda-l2-iobinding": ("+ IO binding (device-resident inputs and outputs, unchanged inputs not re-sent)",
+                              {"variant": None, "enable_cuda_graph": False}),
+    "ort-cuda-l3-cuda-graph": ("+ CUDA graph (one launch per step)", {"variant": None, "enable_cuda_graph": True}),
+    "ort-cuda-l4-fusions": ("+ ORT transformer fusions: fused attention, GroupNorm/SkipGroupNorm, BiasSplitGelu, "
+                            "BiasAdd (convolutions still NCHW)",
+                            {"variant": "lever-fused-nchw", "enable_cuda_graph": True}),
+    "ort-cuda-l5-nhwc": ("+ NHWC convolutions", {"variant": "lever-fused", "enable_cuda_graph": True}),
+}
+LEVER_FINAL = ("ort-cuda", "+ classifier-free guidance folded into the graph (= ort-cuda)")
+ORT_SIDES = ("ort-cpu", "ort-cpu-no-spin", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain") + tuple(LEVERS)
 SIDES = TORCH_SIDES + ORT_SIDES + ("tensorrt",)
 # What each side is, for the JSON, the chart and the table.
 SIDE_NOTES = {
@@ -25,6 +43,7 @@ SIDE_NOTES = {
     "ort-cuda-no-graph": "as ort-cuda without CUDA graphs",
     "ort-cuda-plain": "as ort-cuda on the plain graphs (no ORT transformer fusions)",
     "tensorrt": "ldm-deploy Pipeline, TensorRT engines",
+    **{side: f"lever ladder, U-Net: {what}" for side, (what, _) in LEVERS.items()},
 }
 FORMAT = "ldm-deploy-bench"
 FORMAT_VERSION = 1

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from ldm_deploy.errors import LdmError
+from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.export.attention_fusion import fuse_attention
 from ldm_deploy.export.cfg_fold import fold_cfg
 
@@ -64,8 +64,10 @@ def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def fusion_options(component: str, float16: bool, declined=()):
-    """ORT FusionOptions for `component`, as ORT's SD demo sets them, less the fused ops in `declined`."""
+def fusion_options(component: str, float16: bool, declined=(), *, nhwc_conv: bool = True):
+    """ORT FusionOptions for `component`, as ORT's SD demo sets them, less the fused ops in `declined`.
+    `nhwc_conv=False` keeps convolutions NCHW (ORT's demo `--disable_nhwc_conv`; GroupNorm stays
+    channels-last with transposes around it: its CUDA kernel has no NCHW layout)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(MODEL_TYPES[component])
@@ -76,6 +78,8 @@ def fusion_options(component: str, float16: bool, declined=()):
         options.enable_packed_qkv = float16
         options.enable_bias_add = True
     options.group_norm_channels_last = True   # GroupNorm in NHWC, matching NhwcConv around it
+    if hasattr(options, "enable_nhwc_conv"):   # unet / vae model types only
+        options.enable_nhwc_conv = bool(nhwc_conv)
     for op in declined:
         for switch in _FUSION_SWITCHES[op]:
             setattr(options, switch, False)
@@ -198,10 +202,11 @@ def _quickgelu_guard():
 
 
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
-                          fold_guidance: bool = True) -> dict:
+                          fold_guidance: bool = True, nhwc_conv: bool = True) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
     (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
     classifier-free guidance into the graph (ldm_deploy/export/cfg_fold.py): B latents in, guided out.
+    `nhwc_conv=False` leaves the convolutions NCHW (the benchmark's layout lever; slower on tensor cores).
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
@@ -231,7 +236,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
             with _quickgelu_guard():
                 m = optimize_model(model, model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
                                    opt_level=0, use_gpu=True,
-                                   optimization_options=fusion_options(component, float16, declined))
+                                   optimization_options=fusion_options(component, float16, declined,
+                                                                       nhwc_conv=nhwc_conv))
             refused = {op: why for op, why in unsupported_fusions(m.model).items() if op not in declined}
             if not refused:
                 break
@@ -280,6 +286,7 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
         "attention_fused": attention,
         "declined_fusions": declined,
         "cfg_folded": folded,
+        "nhwc_conv": bool(after.get("NhwcConv")),
         **repaired,
     }
     log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s", component, stats["precision"],
@@ -288,7 +295,7 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
 
 
 def variant_entry(root: Path, path: Path, stats: dict) -> dict:
-    """The manifest's `variants["ort-cuda"]` entry for the fused graph at `path` (relative to `root`)."""
+    """The manifest's `variants[name]` entry for the fused graph at `path` (relative to `root`)."""
     from ldm_deploy.export import manifest as mf
     from ldm_deploy.export import onnx_io
 
@@ -298,7 +305,7 @@ def variant_entry(root: Path, path: Path, stats: dict) -> dict:
             "external_data": data.relative_to(root).as_posix() if data.exists() else None,
             "precision": stats["precision"], "inputs": ins, "outputs": outs,
             "fused_ops": stats["fused_ops"], "declined_fusions": stats.get("declined_fusions", {}),
-            "cfg_folded": bool(stats.get("cfg_folded")),
+            "cfg_folded": bool(stats.get("cfg_folded")), "nhwc_conv": bool(stats.get("nhwc_conv")),
             "nodes_before": stats["nodes_before"],
             "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}
 
@@ -313,17 +320,21 @@ def fp32_source(root: Path, entry: dict) -> Path | None:
 
 
 def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float16: bool | None = None,
-                          fold_guidance: bool = True) -> dict:
-    """Write `<component>/model.ort-cuda.onnx` for each of `components` the artifact has an fp32 graph of
+                          fold_guidance: bool = True, nhwc_conv: bool = True, variant: str = VARIANT) -> dict:
+    """Write `<component>/model.<variant>.onnx` for each of `components` the artifact has an fp32 graph of
     and record it in the manifest (entry + file hashes, rewritten atomically). Returns per-component stats.
 
     `float16=None` keeps each component's exported precision (the VAE stays fp32 unless exported fp16);
     True/False forces it. Components without an fp32 graph are skipped with a log line. `fold_guidance`:
     the U-Net variant takes B latents and the guidance scale and returns the guided prediction (cfg_fold.py).
+    `nhwc_conv=False` keeps convolutions NCHW. `variant` names the entry: `OrtCudaRunner(variant="auto")`
+    runs "ort-cuda" only; other names (the benchmark's lever variants) run when asked for by name.
     """
     from ldm_deploy.artifact import MANIFEST, Artifact
     from ldm_deploy.fileio import sha256_file, write_json
 
+    if not variant or not all(ch.isalnum() or ch in "-_" for ch in variant):
+        raise UsageError(f"variant name {variant!r} must be letters, digits, '-' or '_' (it names a file)")
     artifact = Artifact.open(artifact_dir, verify=True)    # never rewrite hashes over a tampered folder
     root = Path(artifact.path)
     manifest = copy.deepcopy(artifact.manifest)
@@ -340,15 +351,15 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
                      root, name, entry.get("precision"))
             continue
         half = entry.get("precision") == "fp16" if float16 is None else bool(float16)
-        dst = root / name / FILE_NAME
-        old = entry.get("variants", {}).get(VARIANT)
+        dst = root / name / f"model.{variant}.onnx"
+        old = entry.get("variants", {}).get(variant)
         if old:   # forget the previous variant's files before they are overwritten
             for rel in filter(None, (old.get("file"), old.get("external_data"))):
                 manifest["files"].pop(rel, None)
-        stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance)
-        variant = variant_entry(root, dst, stats)
-        entry.setdefault("variants", {})[VARIANT] = variant
-        for rel in filter(None, (variant["file"], variant["external_data"])):
+        stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance, nhwc_conv=nhwc_conv)
+        made = variant_entry(root, dst, stats)
+        entry.setdefault("variants", {})[variant] = made
+        for rel in filter(None, (made["file"], made["external_data"])):
             manifest["files"][rel] = sha256_file(root / rel)
         results[name] = stats
     if results:

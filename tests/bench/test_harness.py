@@ -109,3 +109,35 @@ def test_a_refused_cuda_graph_falls_back_and_says_so(tiny, monkeypatch):
     record = {}
     _open_pipeline(str(tiny[1]), "ort-cuda", {"enable_cuda_graph": False}, record, lambda m: None)
     assert record == {"cuda_graph": False}
+
+
+def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
+    """A lever side's options (spec.LEVERS) go to the U-Net runner; the text encoder and VAE run as ort-cuda."""
+    import sys
+    import types
+
+    from ldm_deploy.bench.ort_side import _open_pipeline, _runner_options
+    from ldm_deploy.bench.spec import LEVERS
+    from ldm_deploy.runtime.runners import base
+    from ldm_deploy.runtime.runners.ort import OrtCpuRunner
+
+    seen = {}
+
+    class Recorder:
+        def __new__(cls, artifact, component, **opts):
+            seen[component] = opts
+            return OrtCpuRunner(artifact, component)
+
+    module = types.ModuleType("lever_fake_runner")
+    module.Runner = Recorder
+    monkeypatch.setitem(sys.modules, "lever_fake_runner", module)
+    monkeypatch.setitem(base.BACKENDS, "ort-cuda", "lever_fake_runner:Runner")
+    spec = BenchSpec(artifact=str(tiny[1]), sides=tuple(LEVERS))
+    for side, (_, unet_opts) in LEVERS.items():
+        backend, opts, extra = _runner_options(spec, side)
+        assert backend == "ort-cuda" and extra == unet_opts
+        record = {}
+        _open_pipeline(str(tiny[1]), backend, opts, record, lambda m: None, extra)
+        assert seen["unet"] == unet_opts and seen["text_encoder"] == seen["vae_decoder"] == {}
+        assert record["cuda_graph"] == unet_opts["enable_cuda_graph"]
+    assert _runner_options(spec.replace(sides=("ort-cuda",)), "ort-cuda")[2] == {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,60 @@ def test_spec_rejects_unknown_sides_and_keys():
         BenchSpec.from_dict({"sides": ["ort-cpu"], "stepz": 3})
     spec = BenchSpec(sides=("ort-cuda",), batches=(1, 4))
     assert BenchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def _lever_run() -> dict:
+    """A lever run: l0..l5 and ort-cuda with halving / shrinking U-Net steps, one failed row, references."""
+    from ldm_deploy.bench.spec import LEVERS
+
+    flops = flop_counts(_sd15_configs(), 1, 512, 512, 50, 7.5)
+    steps = dict(zip([*LEVERS, "ort-cuda"], (40.0, 20.0, 18.0, 12.0, 10.0, 9.0, 8.0)))
+    results = [finish_record(_record(side, 1, ms, 100.0 + 50 * ms), flops, H100, 1) for side, ms in steps.items()
+               if side != "ort-cuda-l2-iobinding"]
+    results.append({"side": "ort-cuda-l2-iobinding", "batch": 1, "status": "error", "error": "boom"})
+    results += [finish_record(_record(side, 1, ms, 100.0 + 50 * ms), flops, H100, 1)
+                for side, ms in (("ort-cuda-no-graph", 11.0), ("torch-eager-fp16", 36.0), ("torch-compile", 19.0))]
+    return {"format": "ldm-deploy-bench", "format_version": 1, "name": "h200-sd15-levers", "machine": H100,
+            "model": {"height": 512, "width": 512, "steps": 50, "guidance": 7.5}, "results": results}
+
+
+def test_lever_table_rows_gain_over_the_row_above():
+    from ldm_deploy.bench.report import lever_table
+
+    table = lever_table(_lever_run(), 1)
+    lines = table.splitlines()
+    assert all(line.count("|") == lines[0].count("|") for line in lines), table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:9]}
+    assert rows["0"][3] == "-" and rows["1"][3] == "2.00x"          # fp16: 40 -> 20 ms
+    assert "boom" in rows["2"][2]                                   # a failed row says why ...
+    assert rows["3"][3] == "1.67x"                                  # ... and the next compares with the last one that ran
+    assert rows["6"][1].endswith("(= ort-cuda)") and rows["6"][3] == "1.12x"
+    e2e_full, e2e_eager = 100 + 50 * 8.0, 100 + 50 * 36.0
+    assert rows["6"][6] == f"{e2e_eager / e2e_full:.2f}x"
+    no_graph = next(line for line in lines if "ort-cuda-no-graph" in line)
+    assert f"{8.0 / 11.0:.2f}x vs full" in no_graph
+    assert "ort-cuda-plain" not in table                             # not in the run: no row
+
+
+def test_bench_table_renders_the_lever_block(tmp_path):
+    """scripts/bench_table.py puts the lever runs (results/levers/*.json) in their own README block."""
+    import importlib.util
+
+    from ldm_deploy.bench.report import LEVERS_END, LEVERS_START
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_table", root / "scripts" / "bench_table.py")
+    bench_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_table)
+    fake_root = tmp_path / "repo"
+    (fake_root / "benchmarks" / "results" / "levers").mkdir(parents=True)
+    (fake_root / "benchmarks" / "results" / "h100-sd15.json").write_text(json.dumps(_sample_run()))
+    (fake_root / "benchmarks" / "results" / "levers" / "h200-sd15-levers.json").write_text(json.dumps(_lever_run()))
+    readme = fake_root / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\n\n{LEVERS_START}\nold\n{LEVERS_END}\nrest\n")
+    bench_table.ROOT = fake_root
+    assert bench_table.main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    levers = text[text.index(LEVERS_START):text.index(LEVERS_END)]
+    assert "h200-sd15-levers" in levers and "(= ort-cuda)" in levers and "ort-cuda-l0" not in text[:text.index(END)]
+    assert "| ort-cuda |" in text[:text.index(END)] and text.endswith("rest\n")

@@ -276,3 +276,70 @@ def test_converter_duplicates_are_repaired():
     h = np.maximum(x, 0).astype(np.float32)
     from ldm_deploy.compare import assert_close
     assert_close(y, 1 / (1 + np.exp(-h)) + np.tanh(h), atol=1e-6, name="repaired graph")
+
+
+@pytest.fixture(scope="module")
+def lever_artifact(sd_like_folder, tmp_path_factory) -> Path:
+    """fp16, fp32 U-Net kept, traced graphs (optimize off), ort-cuda variants at export: what --levers exports."""
+    from ldm_deploy.bench.prepare import add_lever_variants
+
+    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=False,
+                                         ort_cuda=True, precision="fp16", keep_fp32_unet=True)
+    out = export_model(sd_like_folder, tmp_path_factory.mktemp("levers") / "a", config).path
+    done = add_lever_variants(out)
+    assert done["fused_ops_match"], done
+    return out
+
+
+def test_lever_variants_add_one_lever_each(lever_artifact):
+    """The benchmark's lever ladder: fp32 plain graph, fused NCHW, fused NHWC (no CFG fold), then ort-cuda."""
+    from ldm_deploy.bench.prepare import LEVER_VARIANTS
+    from ldm_deploy.bench.spec import LEVERS
+
+    artifact = Artifact.open(lever_artifact, verify=True)     # hashes of the new files recorded
+    unet = artifact.manifest["components"]["unet"]
+    variants = unet["variants"]
+    assert set(LEVER_VARIANTS) | {VARIANT} == set(variants)
+    # every variant a lever side asks for exists
+    assert {o["variant"] for _, o in LEVERS.values() if o.get("variant")} <= set(variants)
+    fp32 = variants["lever-fp32"]
+    assert fp32["file"] == unet["fp32_file"] and fp32["precision"] == "fp32"
+    assert {i["dtype"] for i in fp32["inputs"]} == {"float32"}
+    nchw, nhwc, full = variants["lever-fused-nchw"], variants["lever-fused"], variants[VARIANT]
+    assert "NhwcConv" not in nchw["fused_ops"] and not nchw["nhwc_conv"]
+    assert nhwc["fused_ops"]["NhwcConv"] == full["fused_ops"]["NhwcConv"] > 0 and nhwc["nhwc_conv"]
+    # the same fusions in all three, so each row's gain is its lever's
+    drop = lambda ops: {k: v for k, v in ops.items() if k != "NhwcConv"}  # noqa: E731
+    assert drop(nchw["fused_ops"]) == drop(nhwc["fused_ops"]) == drop(full["fused_ops"])
+    assert {"MultiHeadAttention", "GroupNorm", "SkipGroupNorm"} <= set(nchw["fused_ops"])
+    names = lambda v: [i["name"] for i in v["inputs"]]  # noqa: E731
+    assert names(nchw) == names(nhwc) == ["sample", "timestep", "encoder_hidden_states"]
+    assert "guidance_scale" in names(full) and full["cfg_folded"] and not nhwc["cfg_folded"]
+    for v in (nchw, nhwc):
+        assert (lever_artifact / v["file"]).is_file()
+
+
+def test_lever_variants_are_kept_on_a_second_call(lever_artifact):
+    from ldm_deploy.bench.prepare import add_lever_variants
+
+    before = (lever_artifact / "manifest.json").read_bytes()
+    done = add_lever_variants(lever_artifact)
+    assert set(done) == {"ort-cuda", "fused_ops_match"} and done["fused_ops_match"]
+    assert (lever_artifact / "manifest.json").read_bytes() == before
+
+
+def test_variant_name_must_be_a_file_name(lever_artifact):
+    from ldm_deploy.errors import UsageError
+
+    with pytest.raises(UsageError, match="variant name"):
+        add_ort_cuda_variants(lever_artifact, components=("unet",), variant="../x")
+
+
+def test_lever_variants_need_the_fp32_unet(tmp_path, sd_like_folder):
+    from ldm_deploy.bench.prepare import add_lever_variants
+
+    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=False,
+                                         precision="fp16", keep_fp32_unet=False)
+    out = export_model(sd_like_folder, tmp_path / "a", config).path
+    with pytest.raises(LdmError, match="keep_fp32_unet"):
+        add_lever_variants(out)

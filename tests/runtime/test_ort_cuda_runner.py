@@ -198,6 +198,44 @@ def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
         assert set(runner._out) == set(runner.output_names)
 
 
+def test_without_io_binding_runs_session_run(artifacts, cpu_bound, monkeypatch):
+    """io_binding=False (the benchmark's "no IO binding" lever): plain session.run with host arrays, the same
+    outputs, the binding never used; a CUDA graph needs the binding."""
+    from ldm_deploy.errors import UsageError
+
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "unet")
+    runner = cpu_bound(artifacts["fp32"], "unet", variant=None, io_binding=False)
+    monkeypatch.setattr(runner, "_run", lambda *a, **k: pytest.fail("the IO binding ran"))
+    for seed in (0, 1):
+        x = feeds("unet", seed=seed)
+        assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"seed {seed}")
+    assert not runner._in and not runner._out
+    with pytest.raises(UsageError, match="io_binding"):
+        cpu_bound(artifacts["fp32"], "unet", variant=None, io_binding=False, enable_cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_lever_variants_equal_cpu(artifacts, tmp_path):
+    """Every U-Net the lever ladder runs (scripts/bench_sd15.py --levers) computes what ORT CPU computes on
+    the plain graph, with the runner options of its row."""
+    import shutil
+
+    from ldm_deploy.bench.prepare import add_lever_variants
+    from ldm_deploy.bench.spec import LEVERS
+
+    art = tmp_path / "a"
+    shutil.copytree(artifacts["fp16"], art)
+    add_lever_variants(art)
+    cpu = open_runner("ort-cpu", art, "unet")
+    for side, (_, opts) in LEVERS.items():
+        gpu = open_runner("ort-cuda", art, "unet", **opts)
+        assert gpu.variant == opts["variant"] and gpu.io_binding == opts.get("io_binding", True)
+        for seed in (0, 1, 2):
+            x = feeds("unet", seed=seed)
+            v = cpu(x)["noise_pred"]
+            assert_close(gpu(x)["noise_pred"], v, atol=3e-2 * float(np.abs(v).max()), name=f"{side} seed {seed}")
+
+
 def test_tf32_default_follows_the_export_precision(artifacts, cpu_bound):
     """use_tf32=None: off for an fp32 export, ORT's default (on) for an fp16 one; explicit values win."""
     plain = {"variant": None}   # the fused graphs' contrib ops have no CPU kernels

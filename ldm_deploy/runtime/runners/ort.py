@@ -11,7 +11,9 @@ updated in place (`update_inplace`, host -> device), an input equal to what was 
 preallocated device buffers. With `enable_cuda_graph=True` ORT's first `run_with_iobinding` runs once
 for allocations and captures a CUDA graph that later calls replay: the graph holds the device
 addresses of every bound input and output, so all of them are preallocated before that first run and
-never rebound, and a shape change is an error (open a runner per shape).
+never rebound, and a shape change is an error (open a runner per shape). `io_binding=False` runs the
+plain `session.run` with host arrays instead (ORT copies every input in and every output out each
+call; no CUDA graph): the benchmark's "no IO binding" lever, and a way to rule the binding out.
 
 `OrtCudaRunner(variant="auto")` runs the component's ONNX Runtime CUDA fused graph
 (`model.ort-cuda.onnx`, see ldm_deploy/export/ort_optimize.py) when the manifest lists one, with that
@@ -160,14 +162,17 @@ class OrtCudaRunner(OrtCpuRunner):
 
     def __init__(self, artifact, component: str, *, device_id: int = 0, enable_cuda_graph: bool = False,
                  reuse_unchanged_inputs: bool = True, cuda_options: Mapping | None = None,
-                 variant: str | None = "auto", use_tf32: bool | None = None, **opts):
+                 variant: str | None = "auto", use_tf32: bool | None = None, io_binding: bool = True, **opts):
         ort = _ort()
+        if enable_cuda_graph and not io_binding:
+            raise UsageError("enable_cuda_graph=True needs io_binding=True (a CUDA graph replays bound device buffers)")
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise LdmError("onnxruntime has no CUDAExecutionProvider here",
                            hint="pip install 'ldm-deploy[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU")
         self.requested_variant = variant
         self.device_id = int(device_id)
         self.enable_cuda_graph = bool(enable_cuda_graph)
+        self.io_binding = bool(io_binding)
         self.reuse_unchanged_inputs = bool(reuse_unchanged_inputs)
         self.cuda_options = {"device_id": str(self.device_id), **{k: str(v) for k, v in (cuda_options or {}).items()}}
         if self.enable_cuda_graph:
@@ -291,6 +296,8 @@ class OrtCudaRunner(OrtCpuRunner):
         return shapes
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.io_binding:
+            return super().__call__(inputs)   # session.run: ORT copies host arrays in and out
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
