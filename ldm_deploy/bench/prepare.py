@@ -163,6 +163,10 @@ def add_lever_variants(artifact) -> dict:
     done = {"ort-cuda": add_ort_cuda_variants(root)}
     manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     unet = manifest["components"]["unet"]
+    if unet.get("precision") != "fp16":
+        raise LdmError(f"the U-Net of {root} is {unet.get('precision')}; the lever ladder's fp16 row runs the "
+                       "exported graph, so it needs an fp16 export",
+                       hint="export with `precision: fp16` and `keep_fp32_unet: true` (export_configs/sd15.yaml)")
     src = fp32_source(root, unet)
     if src is None:
         raise LdmError(f"{root} keeps no fp32 U-Net graph, which the lever variants start from",

@@ -32,8 +32,13 @@ def add_arguments(p) -> None:
                         "or an exported artifact (its source folder serves the torch sides unless --model-dir)")
     p.add_argument("--model-dir", metavar="DIR", help="diffusers model folder for the torch sides")
     p.add_argument("--artifact", metavar="DIR", help="exported artifact for the deployed sides")
-    p.add_argument("--sides", type=_csv, default=("ort-cpu", "torch-eager-fp32", "torch-compile"), metavar="A,B",
-                   help=f"comma-separated, run in this order: {', '.join(SIDES)} (default ort-cpu,torch-eager-fp32,torch-compile)")
+    p.add_argument("--sides", type=_csv, default=None, metavar="A,B",
+                   help=f"comma-separated, run in this order: {', '.join(SIDES)} (default ort-cpu,torch-eager-fp32,"
+                        "torch-compile; with --levers the ladder, ort-cuda, ort-cuda-no-graph, torch-eager-fp16, "
+                        "torch-compile)")
+    p.add_argument("--levers", action="store_true",
+                   help="the GPU lever ladder: add the U-Net lever variants to the artifact (an fp16 export that "
+                        "kept its fp32 U-Net), run one lever at a time, print the lever table")
     p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="batch sizes (images; default 1)")
     p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="CFG scale (default 7.5)")
@@ -58,10 +63,16 @@ def _is_artifact(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
+LEVER_REFERENCES = ("ort-cuda", "ort-cuda-no-graph", "torch-eager-fp16", "torch-compile")
+
+
 def run(args) -> int:
     from ldm_deploy.bench.harness import run_bench, summary_line
-    from ldm_deploy.bench.spec import TORCH_SIDES, BenchSpec
-    from ldm_deploy.bench.prepare import export_for_bench
+    from ldm_deploy.bench.spec import LEVERS, TORCH_SIDES, BenchSpec
+    from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
+
+    if args.sides is None:
+        args.sides = (*LEVERS, *LEVER_REFERENCES) if args.levers else ("ort-cpu", "torch-eager-fp32", "torch-compile")
 
     source = Path(args.source)
     if not source.is_dir():
@@ -77,9 +88,17 @@ def run(args) -> int:
     export = None
     if artifact is None and any(s not in TORCH_SIDES for s in args.sides):
         work = Path(args.work or Path(args.out).with_suffix(".artifact"))
+        # the ladder starts from the traced fp32 U-Net (optimize off) beside the fp16 graphs
         export = export_for_bench(model_dir, work, args.export_config, batch_max=max(args.batch),
-                                  height=args.height, width=args.width)
+                                  height=args.height, width=args.width,
+                                  **({"precision": "fp16", "keep_fp32_unet": True, "optimize": False}
+                                     if args.levers else {}))
         artifact = str(work)
+    if args.levers and artifact is not None:
+        done = add_lever_variants(artifact)
+        export = {**(export or {}), "lever_variants": done}
+        log.info("lever variants: %s", ", ".join(k for k in done if k not in ("ort-cuda", "fused_ops_match"))
+                 or "already present")
     spec = BenchSpec(model_dir=model_dir, artifact=artifact, sides=args.sides, batches=tuple(args.batch),
                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                      warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
@@ -88,5 +107,10 @@ def run(args) -> int:
     results = run_bench(spec, args.out, chart=args.chart, export=export, log=log.info)
     for r in results["results"]:
         print(f"{r['side']:<20} B={r['batch']}: {summary_line(r)}")
+    if args.levers:
+        from ldm_deploy.bench.report import lever_table
+
+        for b in spec.batches:
+            print(lever_table(results, b))
     print(f"wrote {args.out}" + (f" and {args.chart}" if args.chart else ""))
     return 0

@@ -141,3 +141,30 @@ def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
         assert seen["unet"] == unet_opts and seen["text_encoder"] == seen["vae_decoder"] == {}
         assert record["cuda_graph"] == unet_opts["enable_cuda_graph"]
     assert _runner_options(spec.replace(sides=("ort-cuda",)), "ort-cuda")[2] == {}
+
+
+def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, capsys):
+    """`ldm-deploy bench MODEL_DIR --levers`: an fp16 export keeping the traced fp32 U-Net, the lever variants
+    added, one record per ladder side (skipped here: no CUDA), the lever table printed; an fp32 artifact
+    is refused in one line."""
+    import onnxruntime as ort
+
+    from ldm_deploy.cli import main
+    from ldm_deploy.bench.spec import LEVERS
+
+    model, fp32_artifact, _ = tiny
+    out = tmp_path / "levers.json"
+    sides = ",".join([*LEVERS, "ort-cuda"])
+    assert main(["bench", str(model), "--levers", "--sides", sides, "--steps", "1", "--out", str(out),
+                 "--work", str(tmp_path / "art")]) == 0
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert {"lever-fp32", "lever-fused-nchw", "lever-fused"} <= set(manifest["components"]["unet"]["variants"])
+    results = json.loads(out.read_text())
+    assert [r["side"] for r in results["results"]] == sides.split(",")
+    assert results["export"]["lever_variants"]["fused_ops_match"]
+    printed = capsys.readouterr().out
+    assert "(= ort-cuda)" in printed and "+ NHWC convolutions" in printed
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert all(r["status"] == "skipped" for r in results["results"])
+    assert main(["bench", str(fp32_artifact), "--levers", "--out", str(tmp_path / "x.json")]) != 0
+    assert "needs an fp16 export" in capsys.readouterr().err
