@@ -121,9 +121,14 @@ def lever_table(run: dict, batch: int = 1) -> str:
     def vs(r, base):
         return f"{base['end_to_end']['median_ms'] / r['end_to_end']['median_ms']:.2f}x" if base else "-"
 
-    def floor(r):
-        f = (r.get("floor") or {}).get("unet_step_fraction_of_peak")
-        return f"{f:.1%}" if f is not None else "-"
+    def row(number, what, r, ref, suffix=""):
+        """One ladder row: the U-Net step and end to end, each with its gain over `ref` (a record or None)."""
+        step, e2e = r["components_ms"]["unet_step"], r["end_to_end"]["median_ms"]
+        gains = [f"{ref['components_ms']['unet_step']['median_ms'] / step['median_ms']:.2f}x{suffix}",
+                 f"{ref['end_to_end']['median_ms'] / e2e:.2f}x{suffix}"] if ref else ["-", "-"]
+        peak = (r.get("floor") or {}).get("unet_step_fraction_of_peak")
+        return (f"| {number} | {what} | {_ms(step)} | {gains[0]} | {e2e / 1e3:.3f} | {gains[1]} | {vs(r, eager)} | "
+                f"{vs(r, compiled)} | {f'{peak:.1%}' if peak is not None else '-'} |")
 
     lines = [f"| # | U-Net lever (B={batch}, CFG batch {2 * batch}) | U-Net step (ms) | step gain | "
              f"end to end, {steps} steps (s) | e2e gain | vs PyTorch eager fp16 | vs torch.compile | U-Net % of peak |",
@@ -137,25 +142,13 @@ def lever_table(run: dict, batch: int = 1) -> str:
             why = why.get("error") or why.get("reason") or "not run"
             lines.append(f"| {i} | {what} | {str(why)[:80].replace('|', '/')} |  |  |  |  |  |  |")
             continue
-        step, e2e = r["components_ms"]["unet_step"]["median_ms"], r["end_to_end"]["median_ms"]
-        gain = (f"{above['components_ms']['unet_step']['median_ms'] / step:.2f}x" if above else "-",
-                f"{above['end_to_end']['median_ms'] / e2e:.2f}x" if above else "-")
-        lines.append(f"| {i} | {what} | {_ms(r['components_ms']['unet_step'])} | {gain[0]} | {e2e / 1e3:.3f} | "
-                     f"{gain[1]} | {vs(r, eager)} | {vs(r, compiled)} | {floor(r)} |")
+        lines.append(row(i, what, r, above))
         above = r
     full = by.get(LEVER_FINAL[0])
     others = [("ort-cuda-no-graph", "full path less the CUDA graph"),
               ("ort-cuda-plain", "full path on the plain graphs, all components (no fusions, no CFG fold)"),
               ("torch-eager-fp16", SIDE_NOTES["torch-eager-fp16"]), ("torch-compile", SIDE_NOTES["torch-compile"])]
-    for side, what in others:
-        r = by.get(side)
-        if r is None:
-            continue
-        step, e2e = r["components_ms"]["unet_step"]["median_ms"], r["end_to_end"]["median_ms"]
-        gain = (f"{full['components_ms']['unet_step']['median_ms'] / step:.2f}x vs full" if full else "-",
-                f"{full['end_to_end']['median_ms'] / e2e:.2f}x vs full" if full else "-")
-        lines.append(f"| - | {side}: {what} | {_ms(r['components_ms']['unet_step'])} | {gain[0]} | {e2e / 1e3:.3f} | "
-                     f"{gain[1]} | {vs(r, eager)} | {vs(r, compiled)} | {floor(r)} |")
+    lines += [row("-", f"{side}: {what}", by[side], full, " vs full") for side, what in others if side in by]
     return "\n".join(lines)
 
 
