@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 GPU_SIDES = "ort-cuda,torch-eager-fp16,torch-compile,torch-eager-fp32,ort-cuda-no-graph,ort-cuda-plain,tensorrt"
 QUICK_SIDES = "ort-cpu,torch-eager-fp32,torch-compile,ort-cuda,torch-eager-fp16,tensorrt"
-LEVER_EXTRA = "ort-cuda,ort-cuda-no-graph,ort-cuda-plain,torch-eager-fp16,torch-compile"
 
 
 def say(message: str) -> None:
@@ -105,12 +104,12 @@ def main(argv=None) -> int:
 
     from ldm_deploy.bench.harness import ratio, run_bench
     from ldm_deploy.bench.prepare import export_for_bench, random_model_folder
-    from ldm_deploy.bench.spec import LEVERS, TORCH_SIDES, BenchSpec
+    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, BenchSpec
 
     kind = "tiny" if args.quick else "sd15"
     steps = args.steps or (3 if args.quick else 50)
     batches = tuple(int(b) for b in (args.batches or ("1" if args.levers else "1,4")).split(","))
-    default_sides = (",".join([*LEVERS, LEVER_EXTRA]) if args.levers else QUICK_SIDES if args.quick else GPU_SIDES)
+    default_sides = (",".join([*LEVERS, *LEVER_REFERENCES]) if args.levers else QUICK_SIDES if args.quick else GPU_SIDES)
     sides = tuple((args.sides or default_sides).split(","))
     suffix = "sd15-levers" if args.levers else "sd15"
     out = args.out or (args.work / f"quick-{suffix}.json" if args.quick

@@ -156,14 +156,13 @@ def add_lever_variants(artifact) -> dict:
 
     from ldm_deploy.artifact import MANIFEST, Artifact
     from ldm_deploy.export.manifest import graph_io
+    from ldm_deploy.export.onnx_io import data_file
     from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add, fp32_source
     from ldm_deploy.fileio import write_json
 
     root = Path(artifact)
-    done = {"ort-cuda": add_ort_cuda_variants(root)}
-    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    unet = manifest["components"]["unet"]
-    if unet.get("precision") != "fp16":
+    unet = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["components"]["unet"]
+    if unet.get("precision") != "fp16":   # refused before anything is written
         raise LdmError(f"the U-Net of {root} is {unet.get('precision')}; the lever ladder's fp16 row runs the "
                        "exported graph, so it needs an fp16 export",
                        hint="export with `precision: fp16` and `keep_fp32_unet: true` (export_configs/sd15.yaml)")
@@ -171,11 +170,12 @@ def add_lever_variants(artifact) -> dict:
     if src is None:
         raise LdmError(f"{root} keeps no fp32 U-Net graph, which the lever variants start from",
                        hint="export with `keep_fp32_unet: true` (export_configs/sd15.yaml has it)")
+    done = {"ort-cuda": add_ort_cuda_variants(root)}
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    unet = manifest["components"]["unet"]
     have = set(unet.get("variants") or {})
     if "lever-fp32" not in have:
         Artifact.open(root, verify=True)   # the entry reuses a hashed file: check it before pointing at it
-        from ldm_deploy.export.onnx_io import data_file
-
         ins, outs = graph_io(src)
         rel = src.relative_to(root).as_posix()
         data = data_file(src)

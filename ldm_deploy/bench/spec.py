@@ -30,6 +30,9 @@ LEVERS = {
     "ort-cuda-l5-nhwc": ("+ NHWC convolutions", {"variant": "lever-fused", "enable_cuda_graph": True}),
 }
 LEVER_FINAL = ("ort-cuda", "+ classifier-free guidance folded into the graph (= ort-cuda)")
+# what a lever run compares the ladder with: the full path (the last rung), the full path less one lever,
+# and PyTorch
+LEVER_REFERENCES = ("ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain", "torch-eager-fp16", "torch-compile")
 ORT_SIDES = ("ort-cpu", "ort-cpu-no-spin", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain") + tuple(LEVERS)
 SIDES = TORCH_SIDES + ORT_SIDES + ("tensorrt",)
 # What each side is, for the JSON, the chart and the table.

@@ -34,8 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--artifact", metavar="DIR", help="exported artifact for the deployed sides")
     p.add_argument("--sides", type=_csv, default=None, metavar="A,B",
                    help=f"comma-separated, run in this order: {', '.join(SIDES)} (default ort-cpu,torch-eager-fp32,"
-                        "torch-compile; with --levers the ladder, ort-cuda, ort-cuda-no-graph, torch-eager-fp16, "
-                        "torch-compile)")
+                        "torch-compile; with --levers the ladder, ort-cuda, ort-cuda-no-graph, ort-cuda-plain, "
+                        "torch-eager-fp16, torch-compile)")
     p.add_argument("--levers", action="store_true",
                    help="the GPU lever ladder: add the U-Net lever variants to the artifact (an fp16 export that "
                         "kept its fp32 U-Net), run one lever at a time, print the lever table")
@@ -63,12 +63,9 @@ def _is_artifact(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
-LEVER_REFERENCES = ("ort-cuda", "ort-cuda-no-graph", "torch-eager-fp16", "torch-compile")
-
-
 def run(args) -> int:
     from ldm_deploy.bench.harness import run_bench, summary_line
-    from ldm_deploy.bench.spec import LEVERS, TORCH_SIDES, BenchSpec
+    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, BenchSpec
     from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
 
     if args.sides is None:

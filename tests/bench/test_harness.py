@@ -166,5 +166,7 @@ def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, caps
     assert "(= ort-cuda)" in printed and "+ NHWC convolutions" in printed
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert all(r["status"] == "skipped" for r in results["results"])
+    before = (fp32_artifact / "manifest.json").read_bytes()
     assert main(["bench", str(fp32_artifact), "--levers", "--out", str(tmp_path / "x.json")]) != 0
     assert "needs an fp16 export" in capsys.readouterr().err
+    assert (fp32_artifact / "manifest.json").read_bytes() == before      # refused before anything is written

@@ -341,5 +341,7 @@ def test_lever_variants_need_the_fp32_unet(tmp_path, sd_like_folder):
     config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=False,
                                          precision="fp16", keep_fp32_unet=False)
     out = export_model(sd_like_folder, tmp_path / "a", config).path
+    before = (out / "manifest.json").read_bytes()
     with pytest.raises(LdmError, match="keep_fp32_unet"):
         add_lever_variants(out)
+    assert (out / "manifest.json").read_bytes() == before      # refused before any variant is written
