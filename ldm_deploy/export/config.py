@@ -168,17 +168,8 @@ DEFAULT_SIZE = 512  # pixels, when the model folder does not say (no unet/config
 def native_size(model_dir: str | Path) -> tuple[int, int] | None:
     """(height, width) the model was trained at, as diffusers' pipelines default to it: the U-Net's
     `sample_size` x the VAE scale factor 2 ** (len(vae.block_out_channels) - 1); None when unknown."""
-    model_dir = Path(model_dir)
-
-    def read(part: str) -> dict:
-        try:
-            obj = json.loads((model_dir / part / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return obj if isinstance(obj, dict) else {}
-
-    sample = read("unet").get("sample_size")
-    blocks = read("vae").get("block_out_channels")
+    sample = (_part_config(model_dir, "unet") or {}).get("sample_size")
+    blocks = (_part_config(model_dir, "vae") or {}).get("block_out_channels")
     factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
     if isinstance(sample, int) and not isinstance(sample, bool) and sample > 0:
         return sample * factor, sample * factor
@@ -188,12 +179,21 @@ def native_size(model_dir: str | Path) -> tuple[int, int] | None:
     return None
 
 
+def _part_config(model_dir: str | Path, part: str) -> dict | None:
+    """`part/config.json` as a dict, None when missing or unreadable (the export reports those)."""
+    try:
+        obj = json.loads((Path(model_dir) / part / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def default_config(model_dir: str | Path) -> ExportConfig:
     """The export config without `--config`: built-in defaults with a static profile at the model's
     native size (U-Net sample_size x VAE scale factor, diffusers' default height/width), else 512."""
     size = native_size(model_dir)
     if size is None:
-        if Path(model_dir).is_dir():  # (a missing folder gets its own error from the export)
+        if _part_config(model_dir, "unet") is not None:  # (a missing/bad config gets the export's error)
             log.warning("%s/unet/config.json gives no sample_size: exporting a %dx%d profile", model_dir,
                         DEFAULT_SIZE, DEFAULT_SIZE)
         size = (DEFAULT_SIZE, DEFAULT_SIZE)

@@ -169,9 +169,19 @@ def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str
 
 
 def read_tokenizer_files(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], list[dict], str]:
-    """(vocab, merges, added_tokens, source) from tokenizer.json, else vocab.json + merges.txt."""
+    """(vocab, merges, added_tokens, source) from tokenizer.json, else vocab.json + merges.txt.
+
+    When both forms are there they must agree (transformers would silently use tokenizer.json; a stale
+    or corrupt pair beside it is more likely a mistake than intended)."""
     if (folder / "tokenizer.json").is_file():
-        return (*read_tokenizer_json(folder / "tokenizer.json"), "tokenizer.json")
+        vocab, merges, added = read_tokenizer_json(folder / "tokenizer.json")
+        if (folder / "vocab.json").is_file() or (folder / "merges.txt").is_file():
+            vocab2, merges2 = read_vocab(folder)
+            if vocab2 != vocab or merges2 != merges:
+                what = "vocabularies" if vocab2 != vocab else "merges"
+                raise LdmError(f"tokenizer folder {folder}: tokenizer.json and vocab.json + merges.txt hold "
+                               f"different {what}", hint="keep one form (transformers reads tokenizer.json)")
+        return vocab, merges, added, "tokenizer.json"
     if not (folder / "vocab.json").is_file() and not (folder / "merges.txt").is_file():
         raise LdmError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.json + merges.txt",
                        hint="point at the tokenizer/ folder of a diffusers Stable Diffusion model")

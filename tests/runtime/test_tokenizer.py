@@ -191,6 +191,11 @@ def test_tokenizer_json_errors(tmp_path):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(LdmError, match="neither tokenizer.json nor vocab.json"):
         ClipTokenizer.from_dir(folder)
+    both = saved_by_transformers(tmp_path, "both", EOS, "both")
+    (both / "merges.txt").write_text("#version: 0.2\n" + "\n".join(
+        (CLIP_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()[1:-1]) + "\n", encoding="utf-8")
+    with pytest.raises(LdmError, match="tokenizer.json and vocab.json \\+ merges.txt hold different merges"):
+        ClipTokenizer.from_dir(both)
 
 
 def test_truncation_keeps_eos_and_warns(sd1, caplog):
