@@ -302,3 +302,12 @@ def test_copy_tokenizer(tmp_path):
     assert (ClipTokenizer.from_dir(out)(PROMPTS[:3]) == ClipTokenizer.from_dir(CLIP_DIR)(PROMPTS[:3])).all()
     with pytest.raises(LdmError):
         copy_tokenizer(tmp_path / "missing", tmp_path / "copy2")
+
+
+def test_training_reads_tokenizer_json_folders(tmp_path):
+    """Training tokenizes with the runtime's loader, so a transformers 5 folder works there too."""
+    from training.stages.common import has_tokenizer, load_tokenizer
+
+    folder = saved_by_transformers(tmp_path, "saved", "!", "tokenizer.json")
+    assert has_tokenizer(folder) and not has_tokenizer(tmp_path)
+    assert (load_tokenizer(folder)(["a !"]) == hf_ids(folder, ["a !"])).all()
