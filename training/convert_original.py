@@ -220,9 +220,12 @@ def detect(sd: dict, global_step: int | None = None) -> dict:
 
 def _refuse_unsupported(sd: dict) -> None:
     """One clear line for checkpoints of families `convert` does not handle (before any mapping)."""
-    if any(k.startswith("conditioner.embedders.") for k in sd) or UNET + "label_emb.0.0.weight" in sd:
-        raise LdmError("this is an SDXL checkpoint (conditioner.embedders. / label_emb keys): SDXL is not "
-                       "supported by convert yet", hint="convert SD 1.x / 2.x checkpoints, or use a diffusers folder")
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise LdmError("this is an SDXL checkpoint (conditioner.embedders. keys): SDXL is not supported by convert "
+                       "yet", hint="convert SD 1.x / 2.x checkpoints, or use a diffusers folder")
+    if any(k.startswith(UNET + "label_emb.") for k in sd):
+        raise LdmError(f"the U-Net is class-conditioned ({UNET}label_emb.: SDXL, unCLIP or an upscaler): its shapes "
+                       "match no family convert supports (SD 1.x / 2.x)", hint="use a diffusers folder of an SD 1.x / 2.x model")
     for marker, name in (("joint_blocks.", "SD 3"), ("double_blocks.", "Flux")):
         if any(k.startswith(UNET + marker) for k in sd):
             raise LdmError(f"this looks like an {name} checkpoint ({UNET}{marker}...): its shapes match no "
@@ -282,7 +285,8 @@ def infer_unet(sd: dict, family: str) -> tuple[dict, list[str]]:
     levels.append(level)
     for i, lv in enumerate(levels):
         if not lv["channels"] or len(set(lv["channels"])) > 1 or len(set(lv["attn"])) > 1 or len(set(lv["depth"])) > 1:
-            raise LdmError(f"U-Net level {i} of the checkpoint mixes block shapes ({lv}): not an SD 1.x / 2.x layout",
+            raise LdmError(f"U-Net level {i} of the checkpoint mixes block shapes (channels {lv['channels']}, "
+                           f"attention {lv['attn']}, depth {lv['depth']}): not an SD 1.x / 2.x layout",
                            hint="pass the matching --config")
     channels = [lv["channels"][0] for lv in levels]
     attn = [lv["attn"][0] for lv in levels]

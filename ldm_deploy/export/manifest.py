@@ -100,10 +100,3 @@ def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
         old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out
         old.pop("ort_cuda_fold_cfg", None)
     return json.dumps(old, sort_keys=True) == config.key()
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
