@@ -162,6 +162,24 @@ def test_every_folder_form_equals_transformers(tmp_path, form, pad):
     assert long[76] == 49407 and (long[1:76] == long[1]).all()
 
 
+@pytest.mark.parametrize("form", ["tokenizer.json", "vocab+merges", "both"])
+def test_shipped_demo_tokenizer_every_form_equals_transformers(tmp_path, form):
+    """models/shapes-demo/tokenizer (a trained 1000-token BPE), as shipped and as transformers 5 re-saves it."""
+    from transformers import CLIPTokenizer
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "shapes-demo" / "tokenizer"
+    folder = demo
+    if form != "vocab+merges":
+        folder = tmp_path / "saved"
+        CLIPTokenizer.from_pretrained(str(demo)).save_pretrained(str(folder))
+        if form == "both":
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(demo / f, folder / f)
+    prompts = FORM_PROMPTS + ["a small red triangle at the top left on a white background"]
+    ours, theirs = ClipTokenizer.from_dir(folder)(prompts), hf_ids(folder, prompts)
+    assert (ours == theirs).all()
+
+
 def test_tokenizer_json_added_tokens_keep_their_ids(tmp_path):
     """A textual-inversion word saved in tokenizer.json (id 49408) is one token, as in transformers."""
     from transformers import CLIPTokenizer
