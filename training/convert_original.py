@@ -223,9 +223,6 @@ def _refuse_unsupported(sd: dict) -> None:
     if any(k.startswith("conditioner.embedders.") for k in sd):
         raise LdmError("this is an SDXL checkpoint (conditioner.embedders. keys): SDXL is not supported by convert "
                        "yet", hint="convert SD 1.x / 2.x checkpoints, or use a diffusers folder")
-    if any(k.startswith(UNET + "label_emb.") for k in sd):
-        raise LdmError(f"the U-Net is class-conditioned ({UNET}label_emb.: SDXL, unCLIP or an upscaler): its shapes "
-                       "match no family convert supports (SD 1.x / 2.x)", hint="use a diffusers folder of an SD 1.x / 2.x model")
     for marker, name in (("joint_blocks.", "SD 3"), ("double_blocks.", "Flux")):
         if any(k.startswith(UNET + marker) for k in sd):
             raise LdmError(f"this looks like an {name} checkpoint ({UNET}{marker}...): its shapes match no "
@@ -373,6 +370,9 @@ def infer_config(sd: dict, info: dict) -> tuple[dict, list[str]]:
     """
     from training.models.presets import preset
 
+    if any(k.startswith(UNET + "label_emb.") for k in sd):
+        raise LdmError(f"the U-Net is class-conditioned ({UNET}label_emb.: SDXL, unCLIP or an upscaler): its shapes "
+                       "match no family convert supports (SD 1.x / 2.x)", hint="use a diffusers folder of an SD 1.x / 2.x model")
     family = info["family"]
     v = info["prediction_type"] == "v_prediction"
     base = preset("sd15" if family == "sd1" else "sd21")

@@ -172,9 +172,10 @@ def test_sdxl_and_other_families_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(LdmError, match="SD 3 checkpoint"):
         co.detect(_stub({"model.diffusion_model.joint_blocks.0.x": (1,)}))
-    with pytest.raises(LdmError, match="class-conditioned"):  # an SDXL U-Net alone (no text encoders)
-        co.detect(_stub({"model.diffusion_model.label_emb.0.0.weight": (4, 2), "first_stage_model.x": (1,),
-                         "cond_stage_model.transformer.x": (1,)}))
+    stub = _stub({"model.diffusion_model.label_emb.0.0.weight": (4, 2), "first_stage_model.x": (1,),
+                  "cond_stage_model.transformer.x": (1,)})   # a class-conditioned U-Net (SDXL's, without its encoders)
+    with pytest.raises(LdmError, match="class-conditioned"):
+        co.infer_config(stub, co.detect(stub))
 
 
 def test_shapes_that_match_no_family_are_refused(tmp_path):
