@@ -11,6 +11,11 @@ under `state_dict`) with these prefixes (reference §2.1):
                                     of which SD uses the penultimate output -> a 23-layer CLIPTextModel)
     betas, alphas_cumprod, ...  the training schedule (not weights; dropped)
 
+Without a config the architecture is inferred from the tensor shapes (`infer_config`): levels,
+channels, layers per block, attention levels, projections, cross-attention and text encoder sizes;
+head counts, which shapes do not carry, follow diffusers' SD 1.x (8 heads) / SD 2.x (head width 64)
+configs. SDXL and other families are refused in one line.
+
 Every mapping is an explicit bijection between the diffusers names of the modules built from the
 config and the LDM names, derived from the config (levels, layers per block, which levels have
 attention), so any depth converts, tiny test models included. A checkpoint key that no rule claims
@@ -187,6 +192,7 @@ def load_original_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = Fa
 
 def detect(sd: dict, global_step: int | None = None) -> dict:
     """What the checkpoint is: text encoder family, prediction type, attention upcast, VAE prefix, EMA."""
+    _refuse_unsupported(sd)
     if any(k.startswith(OPENCLIP) for k in sd):
         family = "sd2"
     elif any(k.startswith(CLIP) for k in sd):
@@ -212,21 +218,196 @@ def detect(sd: dict, global_step: int | None = None) -> dict:
     }
 
 
+def _refuse_unsupported(sd: dict) -> None:
+    """One clear line for checkpoints of families `convert` does not handle (before any mapping)."""
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise LdmError("this is an SDXL checkpoint (conditioner.embedders. keys): SDXL is not supported by convert "
+                       "yet", hint="convert SD 1.x / 2.x checkpoints, or use a diffusers folder")
+    for marker, name in (("joint_blocks.", "SD 3"), ("double_blocks.", "Flux")):
+        if any(k.startswith(UNET + marker) for k in sd):
+            raise LdmError(f"this looks like an {name} checkpoint ({UNET}{marker}...): its shapes match no "
+                           "family convert supports (SD 1.x / 2.x)", hint="use a diffusers folder of an SD 1.x / 2.x model")
+
+
+def _shape(sd: dict, key: str, what: str) -> tuple[int, ...]:
+    t = sd.get(key)
+    if t is None:
+        raise LdmError(f"cannot infer the {what} from the checkpoint: it has no {key}",
+                       hint="its shapes match no SD 1.x / 2.x layout; pass the matching --config")
+    return tuple(t.shape)
+
+
+def _count(sd: dict, prefix: str, pattern: str = r"(\d+)\.") -> int:
+    """Number of consecutive indices i with keys `prefix` + i + '.' (0, 1, ...)."""
+    idx = {int(m[1]) for k in sd if k.startswith(prefix) and (m := re.match(pattern, k[len(prefix):]))}
+    n = 0
+    while n in idx:
+        n += 1
+    return n
+
+
+def _heads(channels: int, head_dim: int = 64, fallback: int = 8) -> int:
+    """Head count by head width `head_dim` when it divides `channels`, else `fallback` (or 1)."""
+    if channels % head_dim == 0:
+        return channels // head_dim
+    return fallback if channels % fallback == 0 else 1
+
+
+def _groups(channels: list[int]) -> int:
+    """GroupNorm groups (not in the shapes): SD's 32, or the largest count dividing every channel width."""
+    import math
+
+    g = math.gcd(*channels)
+    return 32 if g % 32 == 0 else max(d for d in range(1, 33) if g % d == 0)
+
+
+def infer_unet(sd: dict, family: str) -> tuple[dict, list[str]]:
+    """U-Net config fields the LDM U-Net's tensor shapes determine, plus the head-count convention used."""
+    u = UNET
+    c0, in_ch = _shape(sd, u + "input_blocks.0.0.weight", "U-Net input channels")[:2]
+    out_ch = _shape(sd, u + "out.2.weight", "U-Net output channels")[0]
+    levels: list[dict] = []
+    level: dict = {"channels": [], "attn": [], "depth": []}
+    k = 1
+    while any(key.startswith(f"{u}input_blocks.{k}.") for key in sd):
+        if f"{u}input_blocks.{k}.0.op.weight" in sd:      # downsample: closes the level
+            levels.append(level)
+            level = {"channels": [], "attn": [], "depth": []}
+        else:
+            level["channels"].append(_shape(sd, f"{u}input_blocks.{k}.0.out_layers.3.weight", "U-Net channels")[0])
+            depth = _count(sd, f"{u}input_blocks.{k}.1.transformer_blocks.")
+            level["attn"].append(depth > 0)
+            level["depth"].append(depth)
+        k += 1
+    levels.append(level)
+    for i, lv in enumerate(levels):
+        if not lv["channels"] or len(set(lv["channels"])) > 1 or len(set(lv["attn"])) > 1 or len(set(lv["depth"])) > 1:
+            raise LdmError(f"U-Net level {i} of the checkpoint mixes block shapes (channels {lv['channels']}, "
+                           f"attention {lv['attn']}, depth {lv['depth']}): not an SD 1.x / 2.x layout",
+                           hint="pass the matching --config")
+    channels = [lv["channels"][0] for lv in levels]
+    attn = [lv["attn"][0] for lv in levels]
+    if channels[0] != c0:
+        raise LdmError(f"U-Net conv_in has {c0} channels but the first level {channels[0]}: not an SD 1.x / 2.x layout")
+    first = next((j for j in range(1, k) if f"{u}input_blocks.{j}.1.proj_in.weight" in sd), None)
+    if first is None:
+        raise LdmError("the checkpoint's U-Net has no attention blocks: not an SD 1.x / 2.x layout",
+                       hint="pass the matching --config")
+    linear = len(_shape(sd, f"{u}input_blocks.{first}.1.proj_in.weight", "projection")) == 2
+    cross = _shape(sd, f"{u}input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight", "cross-attention width")[1]
+    if family == "sd1":   # diffusers' SD 1.x configs: 8 heads on every level
+        heads, note = [8 if c % 8 == 0 else 1 for c in channels], "8 heads per level (SD 1.x convention)"
+    else:                 # SD 2.x: head width 64 ([5, 10, 20, 20] for 320..1280 channels)
+        heads, note = [_heads(c) for c in channels], "head width 64 (SD 2.x convention)"
+
+    def per_level(values):
+        return values[0] if len(set(values)) == 1 else list(values)
+
+    cfg = {
+        "in_channels": in_ch, "out_channels": out_ch, "block_out_channels": channels,
+        "layers_per_block": per_level([len(lv["channels"]) for lv in levels]),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "transformer_layers_per_block": per_level([max(lv["depth"][0], 1) for lv in levels]),
+        "attention_head_dim": per_level(heads), "cross_attention_dim": cross, "use_linear_projection": linear,
+        "norm_num_groups": _groups(channels),
+    }
+    return cfg, [f"U-Net heads are not in the tensor shapes: {note}, {per_level(heads)}",
+                 f"U-Net GroupNorm groups are not in the tensor shapes: {cfg['norm_num_groups']}"]
+
+
+def infer_vae(sd: dict, prefix: str) -> dict:
+    e = prefix + "encoder."
+    n = _count(sd, e + "down.")
+    if n == 0:
+        raise LdmError(f"cannot infer the VAE from the checkpoint: no {e}down.0 keys", hint="pass the matching --config")
+    channels = [_shape(sd, f"{e}down.{i}.block.0.conv2.weight", "VAE channels")[0] for i in range(n)]
+    return {
+        "block_out_channels": channels, "norm_num_groups": _groups(channels),
+        "in_channels": _shape(sd, e + "conv_in.weight", "VAE input channels")[1],
+        "out_channels": _shape(sd, prefix + "decoder.conv_out.weight", "VAE output channels")[0],
+        "layers_per_block": _count(sd, e + "down.0.block."),
+        "latent_channels": _shape(sd, e + "conv_out.weight", "VAE latent channels")[0] // 2,
+        "use_quant_conv": prefix + "quant_conv.weight" in sd,
+        "use_post_quant_conv": prefix + "post_quant_conv.weight" in sd,
+        "mid_block_add_attention": any(k.startswith(e + "mid.attn_1.") for k in sd),
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+    }
+
+
+def infer_text_encoder(sd: dict, family: str) -> tuple[dict, list[str]]:
+    if family == "sd1":
+        p = CLIP + (TEXT_MODEL_PREFIX if any(k.startswith(CLIP + TEXT_MODEL_PREFIX) for k in sd) else "")
+        vocab, width = _shape(sd, p + "embeddings.token_embedding.weight", "text encoder width")
+        positions = _shape(sd, p + "embeddings.position_embedding.weight", "text positions")[0]
+        layers = _count(sd, p + "encoder.layers.")
+        inner = _shape(sd, p + "encoder.layers.0.mlp.fc1.weight", "text MLP width")[0]
+        act, note = "quick_gelu", "CLIP ViT-L convention"
+    else:
+        p = OPENCLIP
+        vocab, width = _shape(sd, p + "token_embedding.weight", "text encoder width")
+        positions = _shape(sd, p + "positional_embedding", "text positions")[0]
+        blocks = _count(sd, p + "transformer.resblocks.")
+        # original SD 2.x files keep OpenCLIP's last block (unused: SD conditions on the penultimate layer)
+        # and text_projection; diffusers' convert_diffusers_to_original script writes only the used blocks
+        layers = blocks - 1 if p + "text_projection" in sd else blocks
+        inner = _shape(sd, p + "transformer.resblocks.0.mlp.c_fc.weight", "text MLP width")[0]
+        act, note = "gelu", "OpenCLIP ViT-H convention"
+    heads = _heads(width)
+    cfg = {"vocab_size": vocab, "hidden_size": width, "max_position_embeddings": positions, "num_hidden_layers": layers,
+           "intermediate_size": inner, "num_attention_heads": heads, "hidden_act": act}
+    return cfg, [f"text encoder heads are not in the tensor shapes: head width 64 ({note}), {heads}"]
+
+
+def infer_config(sd: dict, info: dict) -> tuple[dict, list[str]]:
+    """A preset-style config {unet, vae, text_encoder, scheduler, tokenizer} from the tensor shapes.
+
+    Shapes give channels, levels, layers per block, attention levels, transformer depth, linear vs conv
+    projections, cross-attention width, VAE channels and the text encoder's width, depth, MLP width,
+    vocabulary and positions. What shapes cannot tell follows the family's diffusers configs (SD 1.5 /
+    SD 2.1): head counts (SD 1.x: 8 per level; SD 2.x: head width 64), GroupNorm groups (32), the
+    activation (quick_gelu / gelu), scaling factor, scheduler; the returned notes say so.
+    """
+    from training.models.presets import preset
+
+    if any(k.startswith(UNET + "label_emb.") for k in sd):
+        raise LdmError(f"the U-Net is class-conditioned ({UNET}label_emb.: SDXL, unCLIP or an upscaler): its shapes "
+                       "match no family convert supports (SD 1.x / 2.x)", hint="use a diffusers folder of an SD 1.x / 2.x model")
+    family = info["family"]
+    v = info["prediction_type"] == "v_prediction"
+    base = preset("sd15" if family == "sd1" else "sd21")
+    unet, notes = infer_unet(sd, family)
+    vae = infer_vae(sd, info["vae_prefix"])
+    if vae["norm_num_groups"] != 32:
+        notes.append(f"VAE GroupNorm groups are not in the tensor shapes: {vae['norm_num_groups']}")
+    text, text_notes = infer_text_encoder(sd, family)
+    if unet["cross_attention_dim"] != text["hidden_size"]:
+        raise LdmError(f"the U-Net attends to {unet['cross_attention_dim']}-wide text features but the text encoder "
+                       f"is {text['hidden_size']} wide: not an SD 1.x / 2.x checkpoint", hint="pass the matching --config")
+    # native size: SD 2.x-v models are 768 px (latent 96), SD 1.x and SD 2.x-base 512 px (latent 64)
+    sample = 96 if family == "sd2" and v else 64
+    cfg = {
+        "unet": {**base["unet"], **unet, "sample_size": sample, "upcast_attention": info["upcast_attention"]},
+        "vae": {**base["vae"], **vae, "sample_size": sample * 8},
+        "text_encoder": {**base["text_encoder"], **text},
+        "scheduler": {**base["scheduler"], "prediction_type": info["prediction_type"]},
+        "tokenizer": {**base["tokenizer"], "vocab_size": text["vocab_size"]},
+    }
+    return cfg, notes + text_notes
+
+
 def _resolve_config(config, info: dict, sd: dict) -> dict:
     from training.models.presets import preset
 
-    auto = config is None
-    if config is None:
-        config = "sd15" if info["family"] == "sd1" else "sd21"
+    if config is None:  # the architecture from the tensor shapes; an explicit config is taken as given
+        cfg, notes = infer_config(sd, info)
+        conventional = cfg["unet"]["norm_num_groups"] == 32 and cfg["vae"]["norm_num_groups"] == 32
+        for note in notes:  # a non-SD width (groups != 32) is a custom model: say it louder
+            log.log(logging.INFO if conventional else logging.WARNING, "%s; pass --config if the model differs", note)
+        return cfg
     cfg = preset(config) if isinstance(config, str) else config
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
-    if auto:  # the reference's detection rules; an explicit config is taken as given
-        cfg["unet"]["upcast_attention"] = info["upcast_attention"]
-        cfg["scheduler"]["prediction_type"] = info["prediction_type"]
-        conv_in = sd.get(UNET + "input_blocks.0.0.weight")
-        if conv_in is not None and conv_in.ndim == 4:
-            cfg["unet"]["in_channels"] = int(conv_in.shape[1])  # 9 for inpainting U-Nets
-    elif info["global_step"] is not None and info["family"] == "sd2":
+    if info["global_step"] is not None and info["family"] == "sd2":
         cfg["scheduler"]["prediction_type"] = info["prediction_type"]
     return cfg
 
@@ -297,12 +478,18 @@ def _clip_sd(claims: _Claims, module) -> dict:
 def _openclip_sd(claims: _Claims, module) -> dict:
     n = module.config.num_hidden_layers
     blocks = {int(m[1]) for k in claims.sd if (m := re.match(re.escape(OPENCLIP) + r"transformer\.resblocks\.(\d+)\.", k))}
-    if blocks != set(range(n + 1)):
+    # original files keep the unused last block with text_projection; diffusers' script writes n blocks only
+    want = n + 1 if OPENCLIP + "text_projection" in claims.sd else n
+    if blocks != set(range(want)):
         raise LdmError(
             f"the OpenCLIP text encoder has {len(blocks)} blocks but the config's text encoder has "
-            f"num_hidden_layers={n}; SD 2.x uses the penultimate block, so the checkpoint must have {n + 1}",
+            f"num_hidden_layers={n}; SD 2.x uses the penultimate block, so the checkpoint must have {n + 1} "
+            f"(with text_projection) or {n} (without)",
             hint="pass the matching --config",
         )
+    for k in list(claims.sd):
+        if k.startswith(OPENCLIP) and k.endswith("embeddings.position_ids"):
+            claims.drop(k)  # a buffer some writers keep; always recomputed
     for k in claims.sd:
         if k.startswith(f"{OPENCLIP}transformer.resblocks.{n}.") or k in (
                 OPENCLIP + "text_projection", OPENCLIP + "logit_scale", OPENCLIP + "attn_mask"):
@@ -402,6 +589,8 @@ def convert_checkpoint(
         raise LdmError(f"unknown prediction type {prediction_type!r}", hint="use epsilon or v_prediction")
     sd, step = load_original_checkpoint(path, allow_pickle=allow_pickle)
     info = detect(sd, step)
+    if prediction_type:  # the user's word wins over the step-based guess (and sets SD 2.x's native size)
+        info["prediction_type"] = prediction_type
     cfg = _resolve_config(config, info, sd)
     if prediction_type:
         cfg["scheduler"]["prediction_type"] = prediction_type

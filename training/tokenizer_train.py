@@ -26,7 +26,8 @@ from ldm_deploy.runtime.tokenizer import (BOS, EOS, MODEL_MAX_LENGTH, PAD_TOKENS
                                           clip_normalizer, clip_pre_tokenizer, write_tokenizer_configs)
 
 N_BASE = 2 * 256 + 2  # byte symbols, byte symbols + </w>, BOS, EOS
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json")
 
 
 def _train_merges(captions: Iterable[str], vocab_size: int, min_frequency: int) -> list[tuple[str, str]]:

@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
                         "single-file checkpoints hold none")
     p.add_argument("--config", metavar="PRESET|FILE",
                    help="architecture: a preset name (sd15, sd21, tiny, ...) or a JSON/YAML file with "
-                        "{unet, vae, text_encoder, scheduler} configs (default: detect SD 1.x / 2.x)")
+                        "{unet, vae, text_encoder, scheduler} configs (default: inferred from the tensor shapes, SD 1.x / 2.x)")
     p.add_argument("--extract-ema", action="store_true", help="convert the EMA U-Net weights (model_ema.*)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickled .ckpt (read with torch.load(weights_only=True)); only for files you trust")

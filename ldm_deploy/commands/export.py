@@ -19,7 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers-format folder (unet/, vae/, text_encoder/, ...)")
     p.add_argument("--out", required=True, metavar="ONNX_DIR", help="artifact folder to write")
     p.add_argument("--config", metavar="YAML",
-                   help="export config file, or a bundled name: tiny, demo, sd15, sd21 (default: built-in defaults)")
+                   help="export config file, or a bundled name: tiny, demo, sd15, sd21 (default: built-in defaults "
+                        "with a static profile at the model's native size, U-Net sample_size x VAE scale factor)")
     p.add_argument("--precision", choices=("fp32", "fp16"), help="U-Net and text encoder precision (overrides the config)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16"), help="VAE precision (default fp32: the SD VAE overflows in fp16)")
     p.add_argument("--components", type=_csv, metavar="NAME,...",
@@ -34,10 +35,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.config import default_config, load_config
     from ldm_deploy.export.exporter import export_model
 
-    config = load_config(args.config)
+    config = load_config(args.config) if args.config else default_config(args.model_dir)
     flags = {"precision": args.precision, "vae_precision": args.vae_precision, "components": args.components,
              "exporter": args.exporter, "ort_cuda": args.ort_cuda, "ort_cuda_fold_cfg": args.ort_cuda_fold_cfg}
     if args.exporter == "dynamo" and config.opset < 18:

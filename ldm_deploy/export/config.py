@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_deploy.errors import LdmError, UsageError
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32", "fp16")
@@ -135,7 +138,9 @@ def _range(v, where: str) -> Range:
 
 
 def load_config(path_or_name: str | Path | None) -> ExportConfig:
-    """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21)."""
+    """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21).
+
+    None gives the built-in defaults (512x512); `default_config(model_dir)` sizes them to the model."""
     import yaml
 
     if path_or_name is None:
@@ -157,6 +162,45 @@ def load_config(path_or_name: str | Path | None) -> ExportConfig:
     return ExportConfig.from_dict(data, where=str(path))
 
 
+DEFAULT_SIZE = 512  # pixels, when the model folder does not say (no unet/config.json sample_size)
+
+
+def native_size(model_dir: str | Path) -> tuple[int, int] | None:
+    """(height, width) the model was trained at, as diffusers' pipelines default to it: the U-Net's
+    `sample_size` x the VAE scale factor 2 ** (len(vae.block_out_channels) - 1); None when unknown."""
+    sample = (_part_config(model_dir, "unet") or {}).get("sample_size")
+    blocks = (_part_config(model_dir, "vae") or {}).get("block_out_channels")
+    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+    if isinstance(sample, int) and not isinstance(sample, bool) and sample > 0:
+        return sample * factor, sample * factor
+    if (isinstance(sample, list) and len(sample) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in sample)):
+        return sample[0] * factor, sample[1] * factor  # diffusers allows [height, width]
+    return None
+
+
+def _part_config(model_dir: str | Path, part: str) -> dict | None:
+    """`part/config.json` as a dict, None when missing or unreadable (the export reports those)."""
+    try:
+        obj = json.loads((Path(model_dir) / part / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def default_config(model_dir: str | Path) -> ExportConfig:
+    """The export config without `--config`: built-in defaults with a static profile at the model's
+    native size (U-Net sample_size x VAE scale factor, diffusers' default height/width), else 512."""
+    size = native_size(model_dir)
+    if size is None:
+        if _part_config(model_dir, "unet") is not None:  # (a missing/bad config gets the export's error)
+            log.warning("%s/unet/config.json gives no sample_size: exporting a %dx%d profile", model_dir,
+                        DEFAULT_SIZE, DEFAULT_SIZE)
+        size = (DEFAULT_SIZE, DEFAULT_SIZE)
+    h, w = size
+    return ExportConfig(name="default", height=Range(h, h, h), width=Range(w, w, w))
+
+
 def write_config(config: ExportConfig, path: Path) -> None:
     import yaml
 
@@ -167,4 +211,4 @@ def write_config(config: ExportConfig, path: Path) -> None:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
 
-__all__ = ["ExportConfig", "Range", "load_config", "write_config", "COMPONENTS"]
+__all__ = ["ExportConfig", "Range", "load_config", "default_config", "native_size", "write_config", "COMPONENTS"]

@@ -18,7 +18,7 @@ from ldm_deploy.artifact import MANIFEST, Artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import manifest as mf
 from ldm_deploy.export import onnx_io, ort_optimize
-from ldm_deploy.export.config import ExportConfig, write_config
+from ldm_deploy.export.config import ExportConfig, default_config, write_config
 from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
@@ -36,12 +36,16 @@ class ExportResult:
     seconds: float
 
 
-def export_model(model_dir, out, config: ExportConfig = ExportConfig(), *, force: bool = False) -> ExportResult:
-    """Export `config.components` of the model folder `model_dir` into the artifact folder `out`."""
+def export_model(model_dir, out, config: ExportConfig | None = None, *, force: bool = False) -> ExportResult:
+    """Export `config.components` of the model folder `model_dir` into the artifact folder `out`.
+
+    `config` None: `default_config(model_dir)`, a static profile at the model's native size."""
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise LdmError(f"model folder {model_dir} does not exist")
+    if config is None:
+        config = default_config(model_dir)
     missing = sorted({PARTS[c] for c in config.components} - {p.name for p in model_dir.iterdir()})
     if missing:
         raise LdmError(f"{model_dir} lacks {', '.join(missing)}/ needed for {', '.join(config.components)}",
@@ -56,10 +60,10 @@ def export_model(model_dir, out, config: ExportConfig = ExportConfig(), *, force
                      "the ONNX export")
     source = load_source(model_dir, config.components)
     with atomic_dir(out) as tmp:
+        tokenizer = mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer")  # first: fails fast
         work = tmp / ".work"
         components = {c: _export_component(c, source, config, tmp, work) for c in config.components}
         shutil.rmtree(work)
-        tokenizer = mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer")
         write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
         write_config(config, tmp / "export_config.yaml")
         write_json(tmp / MANIFEST, mf.build_manifest(tmp, source=source, config=config, components=components,

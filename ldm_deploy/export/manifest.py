@@ -32,18 +32,22 @@ def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> dict:
-    """Copy the tokenizer files into the artifact; return the manifest's tokenizer entry."""
+    """Check that the tokenizer folder loads in the runtime, copy its files, return the manifest entry.
+
+    A folder saved by transformers 5 has tokenizer.json (+ tokenizer_config.json), older ones
+    vocab.json + merges.txt; whichever is there is copied, and the entry names it (`source`, `files`).
+    """
+    from ldm_deploy.runtime.tokenizer import ClipTokenizer
+
+    tok = ClipTokenizer.from_dir(src)  # the runtime's own loader: a folder it cannot read fails the export
     dst.mkdir(parents=True, exist_ok=True)
+    copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    cfg = _read(src / "tokenizer_config.json")
-    special = _read(src / "special_tokens_map.json")
-    pad = special.get("pad_token", cfg.get("pad_token", "<|endoftext|>"))
-    if isinstance(pad, dict):
-        pad = pad.get("content")
-    max_len = cfg.get("model_max_length", 77)
-    return {"dir": dst.name, "model_max_length": int(max_len) if max_len and max_len < 10**6 else 77, "pad_token": pad}
+            copied.append(name)
+    return {"dir": dst.name, "source": tok.source, "files": copied, "model_max_length": tok.max_length,
+            "pad_token": tok.pad_token, "pad_id": tok.pad_id, "vocab_size": tok.vocab_size}
 
 
 def tool_versions() -> dict:
@@ -96,10 +100,3 @@ def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
         old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out
         old.pop("ort_cuda_fold_cfg", None)
     return json.dumps(old, sort_keys=True) == config.key()
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}

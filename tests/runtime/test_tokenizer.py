@@ -121,6 +121,101 @@ def test_equals_transformers(tmp_path, style):
     assert (ours[:, 0] == 49406).all()
 
 
+def saved_by_transformers(tmp_path, name, pad, form):
+    """A tokenizer folder as transformers 5's CLIPTokenizer.save_pretrained writes it (tokenizer.json +
+    tokenizer_config.json), optionally with the vocab.json + merges.txt of older saves beside it."""
+    from transformers import CLIPTokenizer
+
+    out = tmp_path / name
+    CLIPTokenizer.from_pretrained(str(CLIP_DIR), pad_token=pad).save_pretrained(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    if form == "both":
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(CLIP_DIR / f, out / f)
+    return out
+
+
+# truncation at 77 (prompts 12, 13 and the 76-word one), padding (every short row), unicode, empty
+FORM_PROMPTS = PROMPTS + ["word " * 76, "!", "a ! b"]
+
+
+@pytest.mark.parametrize("pad", ["sd1", "sd2"])
+@pytest.mark.parametrize("form", ["tokenizer.json", "vocab+merges", "both"])
+def test_every_folder_form_equals_transformers(tmp_path, form, pad):
+    pad_token = EOS if pad == "sd1" else "!"
+    if form == "vocab+merges":
+        folder = CLIP_DIR if pad == "sd1" else folder_with(tmp_path, "sd2", pad="zero")
+    else:
+        folder = saved_by_transformers(tmp_path, "saved", pad_token, form)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert cfg["pad_token"] == pad_token  # how both libraries record SD 1.x / SD 2.x padding
+    tok = ClipTokenizer.from_dir(folder)
+    assert tok.source == ("vocab.json+merges.txt" if form == "vocab+merges" else "tokenizer.json")
+    ours, theirs = tok(FORM_PROMPTS), hf_ids(folder, FORM_PROMPTS)
+    bad = [FORM_PROMPTS[i][:40] for i in np.flatnonzero((ours != theirs).any(axis=1))]
+    assert not bad, f"{form}/{pad}: ids differ from transformers for {bad}"
+    pad_id = 49407 if pad == "sd1" else 0
+    assert tok.pad_id == pad_id
+    empty = ours[PROMPTS.index("")]
+    assert empty[:2].tolist() == [49406, 49407] and (empty[2:] == pad_id).all()
+    long = ours[-3]
+    assert long[76] == 49407 and (long[1:76] == long[1]).all()
+
+
+@pytest.mark.parametrize("form", ["tokenizer.json", "vocab+merges", "both"])
+def test_shipped_demo_tokenizer_every_form_equals_transformers(tmp_path, form):
+    """models/shapes-demo/tokenizer (a trained 1000-token BPE), as shipped and as transformers 5 re-saves it."""
+    from transformers import CLIPTokenizer
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "shapes-demo" / "tokenizer"
+    folder = demo
+    if form != "vocab+merges":
+        folder = tmp_path / "saved"
+        CLIPTokenizer.from_pretrained(str(demo)).save_pretrained(str(folder))
+        if form == "both":
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(demo / f, folder / f)
+    prompts = FORM_PROMPTS + ["a small red triangle at the top left on a white background"]
+    ours, theirs = ClipTokenizer.from_dir(folder)(prompts), hf_ids(folder, prompts)
+    assert (ours == theirs).all()
+
+
+def test_tokenizer_json_added_tokens_keep_their_ids(tmp_path):
+    """A textual-inversion word saved in tokenizer.json (id 49408) is one token, as in transformers."""
+    from transformers import CLIPTokenizer
+
+    hf = CLIPTokenizer.from_pretrained(str(CLIP_DIR))
+    hf.add_tokens(["<cat-toy>"])
+    hf.save_pretrained(str(tmp_path / "ti"))
+    tok = ClipTokenizer.from_dir(tmp_path / "ti")
+    prompts = ["a <cat-toy> on a beach", "<CAT-TOY>", ""]
+    ours = tok(prompts)
+    assert (ours == hf_ids(tmp_path / "ti", prompts)).all()
+    assert 49408 in ours[0].tolist() and tok.vocab_size == 49409
+
+
+def test_tokenizer_json_errors(tmp_path):
+    folder = saved_by_transformers(tmp_path, "bad", EOS, "tokenizer.json")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["model"]["type"] = "WordPiece"
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(LdmError, match="WordPiece model, not CLIP's byte-level BPE"):
+        ClipTokenizer.from_dir(folder)
+    data["model"]["type"] = "BPE"
+    data["model"]["merges"][3] = "zzzq qqq"
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(LdmError, match="merge 3: 'zzzq' is not in its vocab"):
+        ClipTokenizer.from_dir(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(LdmError, match="neither tokenizer.json nor vocab.json"):
+        ClipTokenizer.from_dir(folder)
+    both = saved_by_transformers(tmp_path, "both", EOS, "both")
+    (both / "merges.txt").write_text("#version: 0.2\n" + "\n".join(
+        (CLIP_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()[1:-1]) + "\n", encoding="utf-8")
+    with pytest.raises(LdmError, match="tokenizer.json and vocab.json \\+ merges.txt hold different merges"):
+        ClipTokenizer.from_dir(both)
+
+
 def test_truncation_keeps_eos_and_warns(sd1, caplog):
     with caplog.at_level(logging.WARNING, logger="ldm_deploy.runtime.tokenizer"):
         ids = sd1(["word " * 100, "word " * 75, "word " * 76])
@@ -163,8 +258,19 @@ def test_runtime_tokenizer_is_torch_free():
     import subprocess
 
     code = ("import sys, ldm_deploy.runtime.tokenizer as t; "
-            "t.ClipTokenizer.from_dir(sys.argv[1])(['x']); assert 'torch' not in sys.modules")
+            "t.ClipTokenizer.from_dir(sys.argv[1])(['x']); "
+            "assert not {'torch', 'transformers'} & set(sys.modules), 'imported torch / transformers'")
     subprocess.run([sys.executable, "-c", code, str(CLIP_DIR)], check=True)
+
+
+def test_runtime_tokenizer_json_needs_no_transformers(tmp_path):
+    import subprocess
+
+    folder = saved_by_transformers(tmp_path, "saved", "!", "tokenizer.json")
+    code = ("import sys, ldm_deploy.runtime.tokenizer as t; "
+            "assert t.ClipTokenizer.from_dir(sys.argv[1])(['a !'])[0, :4].tolist() == [49406, 320, 0, 49407]; "
+            "assert not {'torch', 'transformers'} & set(sys.modules), 'imported torch / transformers'")
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
 
 
 # ---- trained tokenizers (training/tokenizer_train.py) --------------------------------------------
@@ -214,3 +320,12 @@ def test_copy_tokenizer(tmp_path):
     assert (ClipTokenizer.from_dir(out)(PROMPTS[:3]) == ClipTokenizer.from_dir(CLIP_DIR)(PROMPTS[:3])).all()
     with pytest.raises(LdmError):
         copy_tokenizer(tmp_path / "missing", tmp_path / "copy2")
+
+
+def test_training_reads_tokenizer_json_folders(tmp_path):
+    """Training tokenizes with the runtime's loader, so a transformers 5 folder works there too."""
+    from training.stages.common import has_tokenizer, load_tokenizer
+
+    folder = saved_by_transformers(tmp_path, "saved", "!", "tokenizer.json")
+    assert has_tokenizer(folder) and not has_tokenizer(tmp_path)
+    assert (load_tokenizer(folder)(["a !"]) == hf_ids(folder, ["a !"])).all()

@@ -231,16 +231,25 @@ def test_cli_convert(sd1, tmp_path, tokenizer_dir, capsys):
     assert "--tokenizer DIR" in capsys.readouterr().err
 
 
-def test_auto_config_uses_the_full_size_presets():
-    pytest.importorskip("training.models.presets")
-    info = co.detect({co.UNET + "x": torch.zeros(1), "first_stage_model.x": torch.zeros(1), co.CLIP + "x": torch.zeros(1)})
-    inpaint = {co.UNET + "input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}
-    cfg = co._resolve_config(None, info, inpaint)
+def test_auto_config_infers_full_size_models():
+    """No --config: SD 1.5 (here as an inpainting U-Net, 9 input channels) and SD 2.x-base from their shapes."""
+    presets = pytest.importorskip("training.models.presets")
+    from training.checkpoint import BUILDERS
+
+    def original(p):
+        with torch.device("meta"):
+            return co.to_original_state_dict(ck.Components(**{part: BUILDERS[part](p[part]) for part in ck.PARTS}))
+
+    p = presets.preset("sd15")
+    p["unet"]["in_channels"] = 9
+    sd = original(p)
+    cfg = co._resolve_config(None, co.detect(sd), sd)
     assert cfg["unet"]["cross_attention_dim"] == 768 and cfg["unet"]["in_channels"] == 9
-    info2 = co.detect({co.UNET + "x": torch.zeros(1), "first_stage_model.x": torch.zeros(1), co.OPENCLIP + "x": torch.zeros(1)}, 875000)
-    cfg2 = co._resolve_config(None, info2, {})
-    assert cfg2["unet"]["cross_attention_dim"] == 1024
+    sd2 = original(presets.preset("sd21"))
+    cfg2 = co._resolve_config(None, co.detect(sd2, 875000), sd2)
+    assert cfg2["unet"]["cross_attention_dim"] == 1024 and cfg2["unet"]["attention_head_dim"] == [5, 10, 20, 20]
     assert cfg2["scheduler"]["prediction_type"] == "epsilon" and cfg2["unet"]["upcast_attention"] is False
+    assert cfg2["unet"]["sample_size"] == 64  # SD 2.x-base is a 512-px model
     from training.models.presets import preset
     assert preset("sd21")["scheduler"]["prediction_type"] == "v_prediction"  # the resolved copy, not the preset, changed
 

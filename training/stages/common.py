@@ -116,11 +116,16 @@ def tokenizer_path(cfg: TrainConfig) -> Path:
     return Path(cfg.tokenizer.path) if cfg.tokenizer.path else stage_dir(cfg, "tokenizer")
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """A CLIP tokenizer folder: vocab.json (+ merges.txt), or tokenizer.json as transformers 5 saves it."""
+    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
 def load_tokenizer(folder: Path):
     """The runtime's ClipTokenizer (ldm_deploy.runtime.tokenizer): training tokenizes as deployment does."""
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
-    if not (folder / "vocab.json").is_file():
+    if not has_tokenizer(folder):
         raise LdmError(f"no tokenizer at {folder}", hint="run `ldm-train tokenizer` first, or set tokenizer.path")
     return ClipTokenizer.from_dir(folder)
 

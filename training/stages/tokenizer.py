@@ -20,14 +20,15 @@ def train_tokenizer_stage(cfg: TrainConfig, resume: bool = False) -> dict:
     out = common.stage_dir(cfg, "tokenizer")
     if cfg.tokenizer.path:
         src = Path(cfg.tokenizer.path)
-        src = src / "tokenizer" if (src / "tokenizer" / "vocab.json").is_file() else src
-        if not (src / "vocab.json").is_file():
-            raise LdmError(f"tokenizer.path {src} has no vocab.json", hint="point at a CLIP tokenizer folder")
+        src = src / "tokenizer" if common.has_tokenizer(src / "tokenizer") else src
+        if not common.has_tokenizer(src):
+            raise LdmError(f"tokenizer.path {src} has no tokenizer.json or vocab.json",
+                           hint="point at a CLIP tokenizer folder")
         with atomic_dir(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         report = {"source": str(src)}
     else:
-        if resume and (out / "vocab.json").is_file():
+        if resume and common.has_tokenizer(out):
             return {"reused": str(out)}
         from training.tokenizer_train import train_tokenizer
 
