@@ -108,7 +108,7 @@ def test_a_refused_cuda_graph_falls_back_and_says_so(tiny, monkeypatch):
     assert out.images.shape == (1, 64, 64, 3)
     record = {}
     _open_pipeline(str(tiny[1]), "ort-cuda", {"enable_cuda_graph": False}, record, lambda m: None)
-    assert record == {"cuda_graph": False}
+    assert record == {"cuda_graph": False, "cuda_graph_components": []}
 
 
 def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
@@ -141,6 +141,43 @@ def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
         assert seen["unet"] == unet_opts and seen["text_encoder"] == seen["vae_decoder"] == {}
         assert record["cuda_graph"] == unet_opts["enable_cuda_graph"]
     assert _runner_options(spec.replace(sides=("ort-cuda",)), "ort-cuda")[2] == {}
+
+
+def test_tuning_sides_pass_provider_options_to_every_runner(tiny, monkeypatch):
+    """A profile lever (spec.TUNING) is ort-cuda plus one CUDA provider option on all three runners, through the
+    runner's generic cuda_options; ort-cuda-graph-all puts the CUDA graph on the text encoder and VAE too."""
+    import sys
+    import types
+
+    from ldm_deploy.bench.ort_side import _open_pipeline, _runner_options
+    from ldm_deploy.bench.spec import TUNING
+    from ldm_deploy.runtime.runners import base
+    from ldm_deploy.runtime.runners.ort import OrtCpuRunner
+
+    seen = {}
+
+    class Recorder:
+        def __new__(cls, artifact, component, **opts):
+            seen[component] = opts
+            return OrtCpuRunner(artifact, component)
+
+    module = types.ModuleType("tuning_fake_runner")
+    module.Runner = Recorder
+    monkeypatch.setitem(sys.modules, "tuning_fake_runner", module)
+    monkeypatch.setitem(base.BACKENDS, "ort-cuda", "tuning_fake_runner:Runner")
+    spec = BenchSpec(artifact=str(tiny[1]), sides=tuple(TUNING))
+    assert {"ort-cuda-conv-heuristic", "ort-cuda-attn-flash", "ort-cuda-graph-all"} <= set(TUNING)
+    for side, (_, tuning) in TUNING.items():
+        backend, opts, extra = _runner_options(spec, side)
+        assert backend == "ort-cuda" and extra == {}
+        seen.clear()
+        _open_pipeline(str(tiny[1]), backend, opts, {}, lambda m: None, extra, graph_all=bool(tuning.get("graph_all")))
+        assert seen["unet"]["enable_cuda_graph"] is True
+        for component in ("unet", "text_encoder", "vae_decoder"):
+            assert seen[component].get("cuda_options") == tuning.get("provider_options")
+        graphs = {c: bool(seen[c].get("enable_cuda_graph")) for c in ("text_encoder", "vae_decoder")}
+        assert graphs == {"text_encoder": side == "ort-cuda-graph-all", "vae_decoder": side == "ort-cuda-graph-all"}
+    assert TUNING["ort-cuda-attn-flash"][1]["provider_options"] == {"sdpa_kernel": "1"}
 
 
 def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, capsys):
