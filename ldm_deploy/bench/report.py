@@ -159,7 +159,8 @@ def lever_table(run: dict, batch: int = 1) -> str:
     full = by.get(LEVER_FINAL[0])
     others = [("ort-cuda-no-graph", "full path less the CUDA graph"),
               ("ort-cuda-plain", "full path on the plain graphs, all components (no fusions, no CFG fold)"),
-              ("torch-eager-fp16", SIDE_NOTES["torch-eager-fp16"]), ("torch-compile", SIDE_NOTES["torch-compile"])]
+              ("torch-eager-fp16", SIDE_NOTES["torch-eager-fp16"]), ("torch-compile", SIDE_NOTES["torch-compile"]),
+              ("torch-compile-ro", SIDE_NOTES["torch-compile-ro"])]
     lines += [row("-", f"{side}: {what}", by[side], full, " vs full") for side, what in others if side in by]
     if any(_uneven(r) for r in by.values()):
         lines += ["", UNEVEN_NOTE]
@@ -194,13 +195,12 @@ def tuning_table(run: dict, batch: int = 1, reference: str = "ort-cuda") -> str:
 
 def versus_torch_table(run: dict, batch: int = 1, deployed: tuple[str, ...] = ()) -> str:
     """Every PyTorch side of the run (compile mode, compile time or timeout, attention kernel) against the
-    fastest deployed side (default: the fastest ort-cuda* / tensorrt side by end to end): the deployed path's
+    fastest deployed side (default: the fastest non-PyTorch side by end to end): the deployed path's
     speed-up per U-Net step and end to end (> 1: deployed is faster), and the best PyTorch side named."""
-    from ldm_deploy.bench.spec import TORCH_SIDES
+    from ldm_deploy.bench.spec import COMPILE_SIDES, TORCH_SIDES
 
     ok = [r for r in _ok(run) if r["batch"] == batch]
-    mine = [r for r in ok if (r["side"] in deployed if deployed else
-                              r["side"].startswith("ort-cuda") or r["side"] == "tensorrt")]
+    mine = [r for r in ok if (r["side"] in deployed if deployed else r["side"] not in TORCH_SIDES)]
     best = min(mine, key=lambda r: r["end_to_end"]["median_ms"], default=None)
     lines = [f"| PyTorch side (B={batch}) | compile | compile time (s) | attention | U-Net step (ms) | end to end (s) "
              f"| {best['side'] if best else 'deployed'} step speed-up | e2e speed-up |",
@@ -208,7 +208,8 @@ def versus_torch_table(run: dict, batch: int = 1, deployed: tuple[str, ...] = ()
     torch_records = [r for r in run["results"] if r["batch"] == batch and r["side"] in TORCH_SIDES]
     for r in torch_records:
         comp = r.get("compile") or {}
-        mode = f"{comp['mode']}{' + channels_last' if comp.get('channels_last') else ''}" if comp else "eager"
+        recipe = (comp["mode"], comp.get("channels_last")) if comp else COMPILE_SIDES.get(r["side"])
+        mode = f"{recipe[0]}{' + channels_last' if recipe[1] else ''}" if recipe else "eager"
         cs = r.get("compile_s")
         ctime = f"{cs['total']:.0f}" if isinstance(cs, dict) and "total" in cs else (f"{cs:.0f}" if isinstance(cs, (int, float)) else "-")
         attn = ", ".join(f"{k} x{v}" for k, v in ((r.get("attention") or {}).get("used") or {}).items()) or "-"

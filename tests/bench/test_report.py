@@ -253,3 +253,23 @@ def test_versus_torch_and_tuning_tables():
     tuning = tuning_table(run, 1)
     assert "`ort-cuda-conv-heuristic`: cuDNN convolution algorithm search HEURISTIC | 7.50 | 1.07x | 0.420 | 1.05x |" in tuning
     assert "`ort-cuda-attn-cudnn-flash`" in tuning and "error: RuntimeError: no kernel" in tuning
+
+
+def test_cli_levers_and_tuning_are_two_runs(tmp_path, capsys):
+    from ldm_deploy.cli import main
+
+    assert main(["bench", str(tmp_path), "--levers", "--tuning", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--levers and --tuning are two runs" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_spec_checks_compile_budget_and_slack():
+    from ldm_deploy.bench.spec import COMPILE_SIDES, TORCH_SIDES, TUNING, TUNING_RUN
+
+    with pytest.raises(UsageError, match="compile_budget_s"):
+        BenchSpec(compile_budget_s=0)
+    with pytest.raises(UsageError, match="timing_slack"):
+        BenchSpec(timing_slack=-0.1)
+    assert set(COMPILE_SIDES) <= set(TORCH_SIDES) and COMPILE_SIDES["torch-compile-ro"] == ("reduce-overhead", True)
+    assert TUNING_RUN[:3] == ("ort-cuda", "torch-compile-ro", "torch-eager-fp16") and set(TUNING) <= set(TUNING_RUN)
+    BenchSpec(sides=TUNING_RUN)   # every side is known
