@@ -35,19 +35,27 @@ def say(message: str) -> None:
     print(f"[profile_unet] {message}", flush=True)
 
 
-def torch_in_subprocess(args, mode: str, batch: int) -> dict:
-    """One torch profile in a child process (its own group): a compile past the budget costs the budget."""
+def in_subprocess(args, what: str, batch: int, mode: str | None = None, device: str | None = None) -> dict:
+    """One profile (`what`: "ort" or "torch") in a child process of its own group: a crash is recorded, and a
+    torch.compile past the budget costs the budget (the child records the timeout, the group is ended)."""
     with tempfile.TemporaryDirectory(prefix="ldm-profile-") as tmp:
-        out = Path(tmp) / "torch.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--model-dir", str(args.model_dir), "--one-torch", mode,
-               "--batch", str(batch), "--device", args.device, "--iters", str(args.iters), "--warmup", str(args.warmup),
-               "--compile-budget", str(args.compile_budget), "--out", str(out)]
+        out = Path(tmp) / f"{what}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--batch", str(batch), "--device", device or args.device,
+               "--iters", str(args.iters), "--warmup", str(args.warmup), "--compile-budget", str(args.compile_budget),
+               "--out", str(out)]
+        if what == "torch":
+            cmd += ["--model-dir", str(args.model_dir), "--one-torch", mode]
+        else:
+            cmd += ["--artifact", str(args.artifact), "--one-ort", "--ort-variant", args.ort_variant]
+            cmd += [f"--provider-option={o}" for o in args.provider_option]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
         for flag, value in (("--height", args.height), ("--width", args.width)):
             if value:
                 cmd += [flag, str(value)]
         proc = subprocess.Popen(cmd, cwd=str(ROOT), start_new_session=True)
         try:
-            proc.wait(timeout=args.compile_budget + 300)
+            proc.wait(timeout=args.compile_budget + 120 if what == "torch" else 600)
         except subprocess.TimeoutExpired:
             pass
         try:
@@ -57,7 +65,7 @@ def torch_in_subprocess(args, mode: str, batch: int) -> dict:
         proc.wait()
         if out.is_file():
             return json.loads(out.read_text(encoding="utf-8"))
-        return {"side": "torch", "mode": mode, "batch": batch, "status": "error",
+        return {"side": "torch" if what == "torch" else "onnxruntime", "mode": mode, "batch": batch, "status": "error",
                 "error": f"profile process exited with code {proc.returncode} and no result"}
 
 
@@ -109,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--render", type=Path, help="render an existing profile JSON (no profiling)")
     ap.add_argument("--docs", type=Path, help=f"replace the {START} ... {END} block of this Markdown file")
     ap.add_argument("--one-torch", help=argparse.SUPPRESS)
+    ap.add_argument("--one-ort", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     from ldm_deploy.errors import UsageError
@@ -126,6 +135,29 @@ def main(argv=None) -> int:
         write_json(args.out, {**result, "status": "ok"})
         return 0
 
+    if args.one_ort:   # child: the ONNX Runtime profile at one batch
+        if args.device == "cuda":
+            try:   # torch (CUPTI) before onnxruntime: ORT then finds the CUDA / cuDNN libraries torch loaded
+                import torch  # noqa: F401
+            except ImportError:
+                pass
+            import onnxruntime as ort
+
+            if hasattr(ort, "preload_dlls"):
+                try:
+                    ort.preload_dlls()
+                except Exception:  # noqa: BLE001 - the session's own provider check reports a real failure
+                    pass
+        from ldm_deploy.bench.profile import profile_ort
+
+        variant = None if args.ort_variant == "plain" else args.ort_variant
+        options = dict(o.split("=", 1) for o in args.provider_option)
+        result = profile_ort(args.artifact, batch=args.batch[0], height=args.height, width=args.width,
+                             backend="ort-cuda" if args.device == "cuda" else "ort-cpu", variant=variant,
+                             provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads)
+        write_json(args.out, {**result, "status": "ok"})
+        return 0
+
     if args.render:
         data = json.loads(args.render.read_text(encoding="utf-8"))
     else:
@@ -135,38 +167,28 @@ def main(argv=None) -> int:
             src = json.loads((args.artifact / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("path")
             args.model_dir = Path(src) if src else None
         from ldm_deploy.bench.machine import machine_info
-        from ldm_deploy.bench.profile import profile_ort
 
         cuda = args.device == "cuda"
         if args.device == "auto":
             import onnxruntime as ort
 
             cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-            if cuda and hasattr(ort, "preload_dlls"):
-                try:
-                    ort.preload_dlls()
-                except Exception:  # noqa: BLE001 - the session's own provider check reports a real failure
-                    pass
         recipes = [r for r in (args.torch or ("reduce-overhead" if cuda else "eager")).split(",") if r and r != "none"]
         unknown = [r for r in recipes if r not in CHANNELS_LAST]
         if unknown:
             raise UsageError(f"unknown torch recipes {unknown}; choose from {', '.join(CHANNELS_LAST)}")
-        options = dict(o.split("=", 1) for o in args.provider_option)
-        variant = None if args.ort_variant == "plain" else args.ort_variant
+        bad = [o for o in args.provider_option if "=" not in o]
+        if bad:
+            raise UsageError(f"--provider-option takes KEY=VALUE, got {bad}")
         data = {"format": "ldm-deploy-profile", "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "machine": machine_info(), "note": args.note, "batches": {}}
         for batch in args.batch:
             entry = data["batches"].setdefault(str(batch), {"profiles": []})
             say(f"B={batch}: ONNX Runtime ({'ort-cuda' if cuda else 'ort-cpu'}) ...")
-            try:
-                p = profile_ort(args.artifact, batch=batch, height=args.height, width=args.width,
-                                backend="ort-cuda" if cuda else "ort-cpu", variant=variant, provider_options=options,
-                                iters=args.iters, warmup=args.warmup, threads=args.threads)
-                entry["profiles"].append({**p, "status": "ok"})
-                say(f"B={batch}: ORT step {p['wall_ms_per_call']:.3f} ms ({p['source']})")
-            except Exception as e:  # noqa: BLE001 - record it; the torch side still runs
-                entry["profiles"].append({"side": "onnxruntime", "status": "error", "error": f"{type(e).__name__}: {e}"[:400]})
-                say(f"B={batch}: ORT profile failed: {e}")
+            p = in_subprocess(args, "ort", batch, device="cuda" if cuda else "cpu")
+            entry["profiles"].append({"status": "ok", **p})
+            say(f"B={batch}: ORT " + (f"step {p['wall_ms_per_call']:.3f} ms ({p['source']})" if "wall_ms_per_call" in p
+                                      else f"{p.get('status')}: {p.get('error')}"))
             if args.out:
                 write_json(args.out, data)
             for mode in recipes:
@@ -175,7 +197,7 @@ def main(argv=None) -> int:
                                               "error": "no model folder (--model-dir)"})
                     continue
                 say(f"B={batch}: torch {mode} ...")
-                p = torch_in_subprocess(args, mode, batch)
+                p = in_subprocess(args, "torch", batch, mode=mode)
                 entry["profiles"].append({"status": "ok", **p})
                 say(f"B={batch}: torch {mode}: " + (f"step {p['wall_ms_per_call']:.3f} ms" if "wall_ms_per_call" in p
                                                     else f"{p.get('status')}: {p.get('error')}"))

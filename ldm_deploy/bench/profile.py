@@ -269,12 +269,14 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
                 session.run(names, feeds)
         for _ in range(warmup):
             run()
-        kernels, wall_cupti = [], None
+        kernels, wall_cupti, cupti_error = [], None, None
         if cuda:
             try:
                 kernels, wall_cupti = _cupti_profile(run, iters)
-            except ImportError:
-                kernels = []
+            except Exception as e:  # noqa: BLE001 - no torch / CUPTI here: the node profile still stands
+                cupti_error = f"{type(e).__name__}: {str(e).strip()[:200]}"
+                for _ in range(iters):
+                    run()
         else:
             t0 = time.perf_counter()
             for _ in range(iters):
@@ -289,8 +291,8 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
     else:
         result = summarize(nodes, wall_ms, runs, "onnxruntime-nodes", overlap=False)
         if cuda:
-            result["caveat"] = ("no GPU kernel events (torch with CUDA missing for CUPTI): node times are host "
-                                "launch times, not GPU time")
+            result["caveat"] = ("no GPU kernel events from CUPTI (" + (cupti_error or "none recorded") + "): node "
+                                "times are host launch times, not GPU time")
     node_types: dict[str, int] = {}
     for n in nodes:
         node_types[n["op_type"] or "?"] = node_types.get(n["op_type"] or "?", 0) + 1

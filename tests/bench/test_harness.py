@@ -207,3 +207,22 @@ def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, caps
     assert main(["bench", str(fp32_artifact), "--levers", "--out", str(tmp_path / "x.json")]) != 0
     assert "needs an fp16 export" in capsys.readouterr().err
     assert (fp32_artifact / "manifest.json").read_bytes() == before      # refused before anything is written
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_on_all_components_gpu(tiny, tmp_path):
+    """On a GPU: ort-cuda keeps its graph on the U-Net; ort-cuda-graph-all captures the text encoder and the VAE
+    decoder too, and both add up (timing_check)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and an NVIDIA GPU")
+    model, artifact, _ = tiny
+    spec = BenchSpec(model_dir=str(model), artifact=str(artifact), steps=3, warmup=1, repeats=2, component_warmup=2,
+                     component_repeats=3, sides=("ort-cuda", "ort-cuda-graph-all"))
+    results = run_bench(spec, tmp_path / "r.json", log=lambda m: None)
+    by = {r["side"]: r for r in results["results"]}
+    assert all(r["status"] == "ok" for r in by.values()), by
+    assert by["ort-cuda"]["cuda_graph_components"] == ["unet"]
+    assert sorted(by["ort-cuda-graph-all"]["cuda_graph_components"]) == ["text_encoder", "unet", "vae_decoder"]
+    assert all(r["timing_check"]["ok"] for r in by.values())
