@@ -51,7 +51,7 @@ part1() {   # B=1: the core sides, then each profile lever on ort-cuda
 
 part2() {   # B=4 core sides + CUDA graphs everywhere (about half the limit), then the profiles
   "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --tuning --batches 4 --sides "ort-cuda,ort-cuda-graph-all,torch-eager-fp16,torch-compile-ro" \
-    --time-limit $((LIMIT / 2)) --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log"
+    --time-limit $((LIMIT / 2)) --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log" || echo "bench exited $?: profiles next"
   "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --batch 1 4 "${PROFILE_ARGS[@]}" \
     --note "scripts/gpu_perf_run.sh part2" --out "$OUT/profile.json" --md "$OUT/profile.md" 2>&1 | tee -a "$OUT/part2.log"
 }
@@ -63,9 +63,10 @@ part3() {   # the launch-bound demo model, then the autotuning recipes at B=1, e
   [[ $TINY == 1 ]] && demo_sides="ort-cpu,$demo_sides"
   "$PYTHON" -m ldm_deploy.cli bench models/shapes-demo --sides "$demo_sides" --steps $demo_steps --batch $demo_batch \
     --warmup 1 --repeats 3 --budget 20 --work "$WORK/demo-onnx" --note "demo model, scripts/gpu_perf_run.sh part3" \
-    --out "$OUT/demo.json" 2>&1 | tee "$OUT/part3.log"
+    --out "$OUT/demo.json" 2>&1 | tee "$OUT/part3.log" || echo "demo bench exited $?"
   "$PYTHON" scripts/profile_unet.py --artifact "$WORK/demo-onnx" --batch $demo_batch --torch none --iters 10 --warmup 3 \
-    --note "demo model" --out "$OUT/demo-profile.json" --md "$OUT/demo-profile.md" 2>&1 | tee -a "$OUT/part3.log"
+    --note "demo model" --out "$OUT/demo-profile.json" --md "$OUT/demo-profile.md" 2>&1 | tee -a "$OUT/part3.log" \
+    || echo "demo profile exited $?"
   "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --batches 1 \
     --sides "torch-compile-max-autotune-no-cg,torch-compile-max-autotune" --compile-budget "$budget" \
     --side-timeout $((budget + 150)) --time-limit $((LIMIT - 60)) --out "$OUT/part3.json" 2>&1 | tee -a "$OUT/part3.log"

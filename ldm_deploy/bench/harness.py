@@ -11,9 +11,11 @@ rewritten after each side, so a run cut short keeps what finished. Results JSON 
      "model": {"height", "width", "steps", "guidance", "scheduler", "params": {...}},
      "flops": {"<B>": {"text_encoder", "unet_step", "vae_decoder", "end_to_end"}},   # analytic, flops.py
      "export": {...} | null,                                                      # export / variant timings
-     "results": [{"side", "batch", "status": ok|error|skipped, "error"|"reason",
-                  "components_ms": {"text_encoder"|"unet_step"|"vae_decoder": Timing},
-                  "end_to_end": Timing, "images_per_s", "load_s", "compile_s", "peak_rss_mib",
+     "results": [{"side", "batch", "status": ok|error|skipped|timeout, "error"|"reason",
+                  "components_ms": {"text_encoder"|"unet_step"|"vae_decoder": Timing + "windows_median_ms"},
+                  "end_to_end": Timing, "images_per_s", "load_s", "load_avg_1min",
+                  "compile": {"mode", "channels_last", ...}, "compile_s": {"unet", "text_encoder", "vae_decoder",
+                  "total"}, "attention": {"used": {...}}, "timing_check": {"ok", ...}, "peak_rss_mib",
                   "peak_gpu_mib", "gpu_memory_method", "scheduler_overhead", "floor": {...}, ...}]}
 """
 from __future__ import annotations
@@ -115,7 +117,7 @@ def run_side(case: dict, timeout_s: float, log: Callable[[str], None]) -> dict:
                     "error": f"timed out after {timeout_s:.0f} s", "wall_s": round(time.perf_counter() - start, 1)}
         if out_file.is_file():
             return json.loads(out_file.read_text(encoding="utf-8"))
-        tail = [line for line in stderr.splitlines() if line.strip()][-3:]
+        tail = [line for line in stderr.splitlines() if line.strip() and not line.startswith("USDT:")][-3:]
         return {"side": side, "batch": batch, "status": "error",
                 "error": f"worker exited with code {proc.returncode}: {' | '.join(tail)[-500:]}",
                 "wall_s": round(time.perf_counter() - start, 1)}

@@ -190,13 +190,12 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     record["load_s"] = round(time.perf_counter() - t0, 3)
 
     with torch.inference_mode(), attention_backend("sdpa"):
-        emb = pipe.encode_text([""] * batch + [spec.prompt] * batch)                 # (2B, 77, D)
-        if spec.guidance <= 1:
-            emb = emb[batch:]
+        # the rows one run encodes: uncond + cond under CFG (2B), else the B prompts
+        prompts = ([""] * batch if spec.guidance > 1 else []) + [spec.prompt] * batch
+        emb = pipe.encode_text(prompts)                                              # (2B or B, 77, D)
         x = torch.randn((batch, pipe.in_channels, height // 8, width // 8), device=device, dtype=dtype)
         t_mid = pipe.steps[len(pipe.steps) // 2][0]
         record["attention"] = sdpa_backends(lambda: pipe.unet_step(x, t_mid, emb, spec.guidance))
-        prompts = [""] * batch + [spec.prompt] * batch
         z = torch.randn((batch, pipe.latent_channels, height // 8, width // 8), device=device, dtype=dtype)
         if mode:
             pipe.compile(mode, channels_last)

@@ -99,7 +99,12 @@ def main(argv=None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     case = json.loads(open(argv[0], encoding="utf-8").read())
-    _CASE.update(result=argv[1], side=case.get("side"), batch=case.get("batch"), start=time.perf_counter())
+    # run as `python -m`, this file is __main__; the sides import ldm_deploy.bench.worker, a second module
+    # object, for `deadline`: fill both
+    import ldm_deploy.bench.worker as imported
+
+    for target in {id(_CASE): _CASE, id(imported._CASE): imported._CASE}.values():
+        target.update(result=argv[1], side=case.get("side"), batch=case.get("batch"), start=time.perf_counter())
     result = run_case(case)
     with open(argv[1], "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

@@ -64,6 +64,24 @@ def test_a_failing_side_is_recorded_and_the_rest_run(tiny, tmp_path):
     assert trt["status"] == "skipped" and trt["reason"]
 
 
+def test_a_compile_past_its_budget_is_recorded_as_a_timeout(tiny, tmp_path):
+    """torch-compile with a compile budget no compile can meet (1 ms; tracing the tiny U-Net alone takes
+    ~1000x that): the worker records status timeout with what it was doing, the harness gets that record
+    (not a crash) and the next side runs."""
+    model, artifact, _ = tiny
+    spec = BenchSpec(model_dir=str(model), artifact=str(artifact), steps=2, warmup=0, repeats=1, component_warmup=0,
+                     component_repeats=1, device="cpu", threads=1, compile_budget_s=0.001,
+                     sides=("torch-compile", "ort-cpu"))
+    results = run_bench(spec, tmp_path / "r.json", log=lambda m: None)
+    by = {r["side"]: r for r in results["results"]}
+    rec = by["torch-compile"]
+    assert rec["status"] == "timeout", rec
+    assert rec["error"] == "torch.compile mode=default did not finish within 0.001 s (timeout after 0.001 s)"
+    assert rec["compile"]["mode"] == "default" and rec["compile"]["budget_s"] == 0.001
+    assert rec["attention"]["used"] and rec["side"] == "torch-compile" and rec["batch"] == 1
+    assert by["ort-cpu"]["status"] == "ok"
+
+
 def test_a_crashing_worker_is_recorded(tmp_path):
     case = {"spec": {"sides": ["ort-cpu"], "no_such_key": 1}, "side": "ort-cpu", "batch": 1, "height": 64, "width": 64}
     rec = run_side(case, 60, print)
