@@ -25,6 +25,10 @@ cd "$(dirname "$0")/.."
 TINY=0
 if [[ "${1:-}" == "--tiny" ]]; then TINY=1; shift; fi
 PART="${1:-}"
+case "$PART" in
+  part1|part2|part3|all) ;;
+  *) echo "usage: bash scripts/gpu_perf_run.sh [--tiny] part1|part2|part3|all" >&2; exit 2 ;;
+esac
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-gpu-perf-out}"
 WORK="${WORK:-build/gpu-perf}"
@@ -77,5 +81,4 @@ case "$PART" in
   part2) part2 ;;
   part3) part3 ;;
   all) part1; part2; part3 ;;
-  *) echo "usage: bash scripts/gpu_perf_run.sh [--tiny] part1|part2|part3|all" >&2; exit 2 ;;
 esac

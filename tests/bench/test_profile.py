@@ -165,3 +165,13 @@ def test_deadline_records_a_timeout_and_ends_the_process_group(tmp_path):
             break
         time.sleep(0.05)
     assert not running(child)
+
+
+def test_gpu_perf_run_script_parses_and_refuses_an_unknown_part():
+    """The GPU plan's shell script: valid bash, and a wrong part name is a usage error before anything runs
+    (`bash scripts/gpu_perf_run.sh --tiny all` is its full CPU smoke test, minutes long)."""
+    assert subprocess.run(["bash", "-n", "scripts/gpu_perf_run.sh"]).returncode == 0
+    proc = subprocess.run(["bash", "scripts/gpu_perf_run.sh", "--tiny", "part9"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "OUT": "/nonexistent-not-created",
+                               "WORK": "/nonexistent-not-created"})
+    assert proc.returncode == 2 and "usage: bash scripts/gpu_perf_run.sh" in proc.stderr
