@@ -14,6 +14,7 @@ from ldm_deploy.errors import LdmError
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 LEVERS_START, LEVERS_END = "<!-- levers:start -->", "<!-- levers:end -->"
+TUNING_START, TUNING_END = "<!-- tuning:start -->", "<!-- tuning:end -->"
 # The baseline each run's speed-up column is measured against: the strongest plain PyTorch side that ran.
 BASELINES = ("torch-eager-fp16", "torch-eager-fp32")
 
@@ -159,8 +160,9 @@ def lever_table(run: dict, batch: int = 1) -> str:
     full = by.get(LEVER_FINAL[0])
     others = [("ort-cuda-no-graph", "full path less the CUDA graph"),
               ("ort-cuda-plain", "full path on the plain graphs, all components (no fusions, no CFG fold)"),
-              ("torch-eager-fp16", SIDE_NOTES["torch-eager-fp16"]), ("torch-compile", SIDE_NOTES["torch-compile"]),
-              ("torch-compile-ro", SIDE_NOTES["torch-compile-ro"])]
+              # a run's own note of what a side was (what torch-compile compiled changed with issue 23)
+              *((side, (run.get("sides") or {}).get(side, SIDE_NOTES[side]))
+                for side in ("torch-eager-fp16", "torch-compile", "torch-compile-ro"))]
     lines += [row("-", f"{side}: {what}", by[side], full, " vs full") for side, what in others if side in by]
     if any(_uneven(r) for r in by.values()):
         lines += ["", UNEVEN_NOTE]

@@ -174,7 +174,7 @@ def test_bench_table_renders_the_lever_block(tmp_path):
     """scripts/bench_table.py puts the lever runs (results/levers/*.json) in their own README block."""
     import importlib.util
 
-    from ldm_deploy.bench.report import LEVERS_END, LEVERS_START
+    from ldm_deploy.bench.report import LEVERS_END, LEVERS_START, TUNING_END, TUNING_START
 
     root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("bench_table", root / "scripts" / "bench_table.py")
@@ -185,13 +185,24 @@ def test_bench_table_renders_the_lever_block(tmp_path):
     (fake_root / "benchmarks" / "results" / "h100-sd15.json").write_text(json.dumps(_sample_run()))
     (fake_root / "benchmarks" / "results" / "levers" / "h200-sd15-levers.json").write_text(json.dumps(_lever_run()))
     readme = fake_root / "README.md"
-    readme.write_text(f"# x\n{START}\nold\n{END}\n\n{LEVERS_START}\nold\n{LEVERS_END}\nrest\n")
+    (fake_root / "benchmarks" / "results" / "tuning").mkdir()
+    tuning_run = {**_sample_run(), "name": "h100-sd15-tuning-b1",
+                  "results": [*_sample_run()["results"], {**_record("torch-compile-ro", 1, 7.0, 400.0),
+                                                          "compile": {"mode": "reduce-overhead", "channels_last": True},
+                                                          "compile_s": {"total": 70.0}}]}
+    (fake_root / "benchmarks" / "results" / "tuning" / "h100-sd15-tuning-b1.json").write_text(json.dumps(tuning_run))
+    readme = fake_root / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\n\n{LEVERS_START}\nold\n{LEVERS_END}\n"
+                      f"{TUNING_START}\nold\n{TUNING_END}\nrest\n")
     bench_table.ROOT = fake_root
     assert bench_table.main(["--readme", str(readme)]) == 0
     text = readme.read_text()
     levers = text[text.index(LEVERS_START):text.index(LEVERS_END)]
     assert "h200-sd15-levers" in levers and "(= ort-cuda)" in levers and "ort-cuda-l0" not in text[:text.index(END)]
     assert "| ort-cuda |" in text[:text.index(END)] and text.endswith("rest\n")
+    tuning = text[text.index(TUNING_START):text.index(TUNING_END)]
+    assert "**h100-sd15-tuning-b1**" in tuning and "| `ort-cuda`: reference |" in tuning
+    assert "| torch-compile-ro | reduce-overhead + channels_last | 70 |" in tuning and "old" not in tuning
 
 
 def test_timing_check_flags_components_that_exceed_the_end_to_end():
