@@ -18,7 +18,8 @@
 #
 # Environment: PYTHON (default python3; PYTHONPATH may point at an onnxruntime-gpu install), WORK (default
 # build/gpu-perf: git-ignored, kept between device calls on a warm machine), OUT, PART_LIMIT_S (default 480:
-# no side starts after it; one started late gets at most 60 s more).
+# no side starts after it; one started late gets at most 60 s more), SIDES_B1 / SIDES_B4 (override part1's /
+# part2's side lists, e.g. to rerun the sides a slow export left skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,12 +50,13 @@ CORE="ort-cuda,torch-compile-ro,torch-eager-fp16"
 LEVERS=$("$PYTHON" -c "from ldm_deploy.bench.spec import TUNING; print(','.join(TUNING))")
 
 part1() {   # B=1: the core sides, then each profile lever on ort-cuda
-  "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --tuning --batches 1 --sides "$CORE,$LEVERS" \
+  "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --tuning --batches 1 --sides "${SIDES_B1:-$CORE,$LEVERS}" \
     --time-limit "$LIMIT" --out "$OUT/part1.json" 2>&1 | tee "$OUT/part1.log"
 }
 
 part2() {   # B=4 core sides + CUDA graphs everywhere (about half the limit), then the profiles
-  "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --tuning --batches 4 --sides "ort-cuda,ort-cuda-graph-all,torch-eager-fp16,torch-compile-ro" \
+  "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --tuning --batches 4 \
+    --sides "${SIDES_B4:-ort-cuda,ort-cuda-graph-all,torch-eager-fp16,torch-compile-ro}" \
     --time-limit $((LIMIT / 2)) --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log" || echo "bench exited $?: profiles next"
   "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --batch 1 4 "${PROFILE_ARGS[@]}" \
     --note "scripts/gpu_perf_run.sh part2" --out "$OUT/profile.json" --md "$OUT/profile.md" 2>&1 | tee -a "$OUT/part2.log"
