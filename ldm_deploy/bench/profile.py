@@ -73,7 +73,8 @@ _NAME_RULES = (
                         r"_mm_|splitk|xmma", re.I)),
     ("layout_cast", re.compile(r"transpose|permute|nchw|nhwc|cast|copy|convert|contiguous|concat|aten::cat$|"
                                r"_cat_|pad|upsample|resize|slice|split|gather|expand|aten::(view|reshape|chunk|"
-                               r"unflatten|flatten|as_strided|empty|empty_strided|t|to|_to_copy|narrow|select|unsqueeze|squeeze|"
+                               r"unflatten|flatten|as_strided|empty|empty_strided|t|to|_to_copy|narrow|select|"
+                               r"unsqueeze|squeeze|"
                                r"clone|repeat|_unsafe_view|split_with_sizes)$", re.I)),
     ("elementwise", re.compile(r"elementwise|triton_(poi|red|per)_|vectorized|unrolled|binary|unary|silu|gelu|"
                                r"sigmoid|bias|aten::(add|sub|mul|div|neg|exp|sin|cos|pow|sqrt|rsqrt|mean|sum|"
@@ -239,8 +240,9 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
 
         variant = VARIANT if cuda and VARIANT in (m["components"]["unet"].get("variants") or {}) else None
     model_path, spec = component_spec(art, "unet", variant)
-    height = height or ((m.get("profiles") or {}).get("height") or {}).get("opt") or 8 * m["model"]["unet"].get("sample_size", 64)
-    width = width or ((m.get("profiles") or {}).get("width") or {}).get("opt") or height
+    profiles = m.get("profiles") or {}
+    height = height or (profiles.get("height") or {}).get("opt") or 8 * m["model"]["unet"].get("sample_size", 64)
+    width = width or (profiles.get("width") or {}).get("opt") or height
     hidden = int(m["model"]["unet"].get("cross_attention_dim") or m["model"]["text_encoder"]["hidden_size"])
     feeds = _unet_feeds(spec, batch, int(height), int(width), hidden)
     with tempfile.TemporaryDirectory(prefix="ldm-profile-") as tmp:

@@ -140,7 +140,8 @@ def lever_table(run: dict, batch: int = 1) -> str:
         gains = [f"{ref['components_ms']['unet_step']['median_ms'] / step['median_ms']:.2f}x{suffix}",
                  f"{ref['end_to_end']['median_ms'] / e2e:.2f}x{suffix}"] if ref else ["-", "-"]
         peak = (r.get("floor") or {}).get("unet_step_fraction_of_peak")
-        return (f"| {number} | {what} | {_ms(step)}{_uneven(r)} | {gains[0]} | {e2e / 1e3:.3f} | {gains[1]} | {vs(r, eager)} | "
+        return (f"| {number} | {what} | {_ms(step)}{_uneven(r)} | {gains[0]} | {e2e / 1e3:.3f} | {gains[1]} | "
+                f"{vs(r, eager)} | "
                 f"{vs(r, compiled)} | {f'{peak:.1%}' if peak is not None else '-'} |")
 
     lines = [f"| # | U-Net lever (B={batch}, CFG batch {2 * batch}) | U-Net step (ms) | step gain | "
@@ -213,7 +214,8 @@ def versus_torch_table(run: dict, batch: int = 1, deployed: tuple[str, ...] = ()
         recipe = (comp["mode"], comp.get("channels_last")) if comp else COMPILE_SIDES.get(r["side"])
         mode = f"{recipe[0]}{' + channels_last' if recipe[1] else ''}" if recipe else "eager"
         cs = r.get("compile_s")
-        ctime = f"{cs['total']:.0f}" if isinstance(cs, dict) and "total" in cs else (f"{cs:.0f}" if isinstance(cs, (int, float)) else "-")
+        total = cs.get("total") if isinstance(cs, dict) else cs   # a dict since issue 23, a number before
+        ctime = f"{total:.0f}" if isinstance(total, (int, float)) else "-"
         attn = ", ".join(f"{k} x{v}" for k, v in ((r.get("attention") or {}).get("used") or {}).items()) or "-"
         if r.get("status") != "ok":
             why = r.get("error") or r.get("reason") or r.get("status")
@@ -229,8 +231,9 @@ def versus_torch_table(run: dict, batch: int = 1, deployed: tuple[str, ...] = ()
     if best and ok_torch:
         fastest_step = min(ok_torch, key=lambda r: r["components_ms"]["unet_step"]["median_ms"])
         fastest_e2e = min(ok_torch, key=lambda r: r["end_to_end"]["median_ms"])
-        lines += ["", f"{best['side']} against the best PyTorch side at B={batch}: U-Net step "
-                      f"{fastest_step['components_ms']['unet_step']['median_ms'] / best['components_ms']['unet_step']['median_ms']:.2f}x "
+        step_ratio = (fastest_step["components_ms"]["unet_step"]["median_ms"]
+                      / best["components_ms"]["unet_step"]["median_ms"])
+        lines += ["", f"{best['side']} against the best PyTorch side at B={batch}: U-Net step {step_ratio:.2f}x "
                       f"({fastest_step['side']}), end to end "
                       f"{fastest_e2e['end_to_end']['median_ms'] / best['end_to_end']['median_ms']:.2f}x ({fastest_e2e['side']})."]
     return "\n".join(lines)
