@@ -17,6 +17,13 @@ then the full path less one lever (ort-cuda-no-graph, ort-cuda-plain) and PyTorc
 torch.compile for reference; step (3) adds the U-Net lever variants. Writes
 benchmarks/results/levers/<machine>-sd15-levers.json, which `scripts/bench_table.py` renders as
 the README's lever table.
+
+`--tuning` runs the profile levers instead (ldm_deploy.bench.spec.TUNING_RUN: ort-cuda, torch.compile
+mode=reduce-overhead + channels_last, eager fp16, then ort-cuda with one CUDA provider option -- cuDNN
+algorithm search, workspace, prefer_nhwc, fuse_conv_bias, TF32, the attention kernel -- or CUDA graphs on
+all three components) and prints the lever table and the PyTorch comparison. Torch compile sides get
+`--compile-budget` seconds for their compiles, else they are recorded as a timeout.
+`scripts/gpu_perf_run.sh` is the one-shot GPU plan built on this (issue 23).
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GPU_SIDES = "ort-cuda,torch-eager-fp16,torch-compile,torch-eager-fp32,ort-cuda-no-graph,ort-cuda-plain,tensorrt"
+GPU_SIDES = ("ort-cuda,torch-eager-fp16,torch-compile,torch-compile-ro,ort-cuda-graph-all,torch-eager-fp32,"
+             "ort-cuda-no-graph,ort-cuda-plain,tensorrt")
 QUICK_SIDES = "ort-cpu,torch-eager-fp32,torch-compile,ort-cuda,torch-eager-fp16,tensorrt"
 
 
@@ -99,19 +107,30 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny preset, 64 px, 3 steps, CPU sides too: a smoke test")
     ap.add_argument("--levers", action="store_true",
                     help="the lever ladder (one lever at a time) instead of the side-by-side run; default batch 1")
+    ap.add_argument("--tuning", action="store_true",
+                    help="the profile levers (spec.TUNING_RUN) instead of the side-by-side run; default batch 1")
+    ap.add_argument("--compile-budget", type=float, default=240.0,
+                    help="seconds for all torch.compile compiles of one side, else recorded as a timeout (default 240)")
+    ap.add_argument("--side-timeout", type=float, default=420.0,
+                    help="one (side, batch) process is ended after this many seconds (default 420)")
+    ap.add_argument("--no-chart", action="store_true", help="write the JSON only")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
     from ldm_deploy.bench.harness import ratio, run_bench
     from ldm_deploy.bench.prepare import export_for_bench, random_model_folder
-    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, BenchSpec
+    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, TUNING_RUN, BenchSpec
+
+    if args.levers and args.tuning:
+        ap.error("--levers and --tuning are two runs; pick one")
 
     kind = "tiny" if args.quick else "sd15"
     steps = args.steps or (3 if args.quick else 50)
-    batches = tuple(int(b) for b in (args.batches or ("1" if args.levers else "1,4")).split(","))
-    default_sides = (",".join([*LEVERS, *LEVER_REFERENCES]) if args.levers else QUICK_SIDES if args.quick else GPU_SIDES)
+    batches = tuple(int(b) for b in (args.batches or ("1" if args.levers or args.tuning else "1,4")).split(","))
+    default_sides = (",".join([*LEVERS, *LEVER_REFERENCES]) if args.levers else ",".join(TUNING_RUN) if args.tuning
+                     else QUICK_SIDES if args.quick else GPU_SIDES)
     sides = tuple((args.sides or default_sides).split(","))
-    suffix = "sd15-levers" if args.levers else "sd15"
+    suffix = "sd15-levers" if args.levers else "sd15-tuning" if args.tuning else "sd15"
     out = args.out or (args.work / f"quick-{suffix}.json" if args.quick
                        else ROOT / "benchmarks" / "results" / ("levers" if args.levers else "") / f"{machine_slug()}-{suffix}.json")
     export: dict = {}
@@ -169,16 +188,18 @@ def main(argv=None) -> int:
                      guidance=7.5, height=64 if args.quick else 512, width=64 if args.quick else 512,
                      warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
                      component_warmup=2 if args.quick else 3, component_repeats=5 if args.quick else 10,
-                     timeout_s=420.0, total_budget_s=max(60.0, args.time_limit - (time.perf_counter() - t_start)),
+                     timeout_s=args.side_timeout, compile_budget_s=args.compile_budget,
+                     total_budget_s=max(60.0, args.time_limit - (time.perf_counter() - t_start)),
                      note=("quick smoke test (tiny preset)" if args.quick else
                            "SD 1.5 architecture with random weights; DDIM, CFG as one 2B batch"))
     out.parent.mkdir(parents=True, exist_ok=True)
     say(f"benchmarking {', '.join(sides)} at batches {batches} -> {out}")
-    results = run_bench(spec, out, chart=out.with_suffix(".png"), export=export, name=out.stem,
-                        log=lambda m: print(m, flush=True))
+    chart = None if args.no_chart else out.with_suffix(".png")
+    results = run_bench(spec, out, chart=chart, export=export, name=out.stem, log=lambda m: print(m, flush=True))
 
     for b in batches:
-        for base in ("torch-eager-fp16", "torch-compile", "torch-eager-fp32"):
+        for base in ("torch-eager-fp16", "torch-compile", "torch-compile-ro", "torch-compile-max-autotune-no-cg",
+                     "torch-compile-max-autotune", "torch-eager-fp32"):
             r = ratio(results, "ort-cuda", base, b)
             if r is not None:
                 say(f"B={b}: ort-cuda end to end is {r:.2f}x {base}")
@@ -191,12 +212,19 @@ def main(argv=None) -> int:
             o = rec["scheduler_overhead"]
             say(f"{rec['side']} B={rec['batch']}: numpy scheduler+CFG {o['ms_per_step']:.3f} ms/step = "
                 f"{o['fraction_of_step']:.2%} of a U-Net step")
-    if args.levers:
-        from ldm_deploy.bench.report import lever_table
+    from ldm_deploy.bench.report import lever_table, tuning_table, versus_torch_table
 
-        for b in batches:
+    for b in batches:
+        if args.levers:
             print(lever_table(results, b), flush=True)
-    say(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - t_start:.0f} s")
+        if args.tuning:
+            print(tuning_table(results, b), flush=True)
+        if any(s in TORCH_SIDES for s in sides):
+            print(versus_torch_table(results, b), flush=True)
+    for rec in results["results"]:
+        if (rec.get("timing_check") or {}).get("ok") is False:
+            say(f"WARNING {rec['side']} B={rec['batch']}: {rec['timing_check']['message']}")
+    say(f"wrote {out}" + (f" and {chart}" if chart else "") + f" in {time.perf_counter() - t_start:.0f} s")
     return 0
 
 

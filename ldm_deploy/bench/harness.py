@@ -11,9 +11,11 @@ rewritten after each side, so a run cut short keeps what finished. Results JSON 
      "model": {"height", "width", "steps", "guidance", "scheduler", "params": {...}},
      "flops": {"<B>": {"text_encoder", "unet_step", "vae_decoder", "end_to_end"}},   # analytic, flops.py
      "export": {...} | null,                                                      # export / variant timings
-     "results": [{"side", "batch", "status": ok|error|skipped, "error"|"reason",
-                  "components_ms": {"text_encoder"|"unet_step"|"vae_decoder": Timing},
-                  "end_to_end": Timing, "images_per_s", "load_s", "compile_s", "peak_rss_mib",
+     "results": [{"side", "batch", "status": ok|error|skipped|timeout, "error"|"reason",
+                  "components_ms": {"text_encoder"|"unet_step"|"vae_decoder": Timing + "windows_median_ms"},
+                  "end_to_end": Timing, "images_per_s", "load_s", "load_avg_1min",
+                  "compile": {"mode", "channels_last", ...}, "compile_s": {"unet", "text_encoder", "vae_decoder",
+                  "total"}, "attention": {"used": {...}}, "timing_check": {"ok", ...}, "peak_rss_mib",
                   "peak_gpu_mib", "gpu_memory_method", "scheduler_overhead", "floor": {...}, ...}]}
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,18 +99,37 @@ def run_side(case: dict, timeout_s: float, log: Callable[[str], None]) -> dict:
         case_file, out_file = Path(tmp) / "case.json", Path(tmp) / "result.json"
         case_file.write_text(json.dumps(case), encoding="utf-8")
         start = time.perf_counter()
-        try:
-            proc = subprocess.run([sys.executable, "-m", "ldm_deploy.bench.worker", str(case_file), str(out_file)],
-                                  cwd=str(ROOT), env=env, timeout=timeout_s, stderr=subprocess.PIPE, text=True)
-        except subprocess.TimeoutExpired:
+        # the worker leads its own process group, so a timeout ends it with every process it started
+        # (torch.compile's compile workers); stderr goes to a file, which no leftover child can hold open
+        with open(Path(tmp) / "stderr.txt", "w+", encoding="utf-8") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "ldm_deploy.bench.worker", str(case_file), str(out_file)],
+                                    cwd=str(ROOT), env=env, stderr=err, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill_group(proc)
+            err.seek(0)
+            stderr = err.read()
+        if timed_out:
             return {"side": side, "batch": batch, "status": "error",
                     "error": f"timed out after {timeout_s:.0f} s", "wall_s": round(time.perf_counter() - start, 1)}
         if out_file.is_file():
             return json.loads(out_file.read_text(encoding="utf-8"))
-        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-3:]
+        tail = [line for line in stderr.splitlines() if line.strip() and not line.startswith("USDT:")][-3:]
         return {"side": side, "batch": batch, "status": "error",
                 "error": f"worker exited with code {proc.returncode}: {' | '.join(tail)[-500:]}",
                 "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End what is left of the worker's process group (its own id, from start_new_session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def _check_inputs(spec: BenchSpec) -> None:
@@ -156,10 +178,12 @@ def run_bench(spec: BenchSpec, out: str | Path, *, chart: str | Path | None = No
             if spec.total_budget_s is not None:   # leave the last side enough to finish, not unbounded
                 timeout = min(timeout, max(60.0, spec.total_budget_s + 60.0 - elapsed))
             record = run_side(case, timeout, log)
-            record = finish_record(record, results["flops"][str(batch)], machine, batch)
+            record = finish_record(record, results["flops"][str(batch)], machine, batch, spec)
             results["results"].append(record)
             write_json(out, results)
             log(f"[bench] {side} batch {batch}: {summary_line(record)}")
+            if (record.get("timing_check") or {}).get("ok") is False:
+                log(f"[bench] WARNING {side} batch {batch}: {record['timing_check']['message']}")
     if chart:
         from ldm_deploy.bench.report import write_chart
 
@@ -170,13 +194,46 @@ def run_bench(spec: BenchSpec, out: str | Path, *, chart: str | Path | None = No
     return results
 
 
-def finish_record(record: dict, flops: dict, machine: dict, batch: int) -> dict:
+def finish_record(record: dict, flops: dict, machine: dict, batch: int, spec: BenchSpec | None = None) -> dict:
     if record.get("status") == "ok" and "end_to_end" in record:
         record["images_per_s"] = round(batch / (record["end_to_end"]["median_ms"] * 1e-3), 4)
         floor = floor_view(record, flops, machine)
         if floor:
             record["floor"] = floor
+        if spec is not None:
+            check = timing_check(record, spec.steps, spec.timing_slack)
+            if check:
+                record["timing_check"] = check
     return record
+
+
+def timing_check(record: dict, steps: int, slack: float) -> dict | None:
+    """Do the component timings add up? steps x U-Net step + text encoder + VAE decoder is what one end-to-end
+    run must at least spend (it runs each of them, plus the scheduler and copies), so it may not exceed the
+    end-to-end median by more than `slack` (a fraction; the components are timed in isolation and the
+    medians of two samples of a noisy machine differ by run-to-run noise). A record that fails was timed
+    while the load on the machine changed (a component median from a loaded window, the end to end from a
+    quiet one, or the reverse), or counts a cost twice: its numbers are not to be quoted. None when the
+    record lacks the timings."""
+    comp, e2e = record.get("components_ms") or {}, (record.get("end_to_end") or {}).get("median_ms")
+    if not e2e or any(k not in comp for k in ("text_encoder", "unet_step", "vae_decoder")):
+        return None
+    parts = {"unet_steps_ms": steps * comp["unet_step"]["median_ms"], "text_encoder_ms": comp["text_encoder"]["median_ms"],
+             "vae_decoder_ms": comp["vae_decoder"]["median_ms"]}
+    total = sum(parts.values())
+    ok = total <= e2e * (1 + slack)
+    check = {"ok": ok, "components_sum_ms": round(total, 3), "end_to_end_ms": round(e2e, 3),
+             "ratio": round(total / e2e, 4), "slack": slack, **{k: round(v, 3) for k, v in parts.items()}}
+    if not ok:
+        windows = comp["unet_step"].get("windows_median_ms")
+        load = record.get("load_avg_1min") or {}
+        busy = [v for v in (load.get("before"), load.get("after")) if v is not None]
+        check["message"] = (f"{steps} steps x U-Net step {comp['unet_step']['median_ms']:.1f} ms + text encoder + "
+                            f"VAE decoder = {total:.0f} ms exceeds the end-to-end median {e2e:.0f} ms by more "
+                            f"than {slack:.0%}: the timings do not add up (machine load changed during the run?"
+                            + (f" U-Net step window medians {windows} ms" if windows else "")
+                            + (f"; load average {max(busy):.1f} on {load.get('cores')} cores" if busy else "") + ")")
+    return check
 
 
 def summary_line(record: dict) -> str:
@@ -184,7 +241,8 @@ def summary_line(record: dict) -> str:
         return f"{record.get('status')}: {record.get('error') or record.get('reason')}"
     e2e = record["end_to_end"]["median_ms"] / 1e3
     unet = record["components_ms"]["unet_step"]["median_ms"]
-    return f"end to end {e2e:.3f} s ({record['images_per_s']:.3f} img/s), U-Net step {unet:.2f} ms"
+    flag = " [timings do not add up]" if (record.get("timing_check") or {}).get("ok") is False else ""
+    return f"end to end {e2e:.3f} s ({record['images_per_s']:.3f} img/s), U-Net step {unet:.2f} ms{flag}"
 
 
 def _param_counts(configs: dict) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.bench.spec import LEVERS
-from ldm_deploy.bench.timing import measure, measure_within
+from ldm_deploy.bench.spec import LEVERS, TUNING
+from ldm_deploy.bench.timing import measure_samples, measure_within, windowed
 from ldm_deploy.runtime.runners.base import takes_guidance
 
 # side -> (backend, runner options)
@@ -26,6 +26,10 @@ _OPTIONS = {
     "ort-cuda-plain": ("ort-cuda", {"enable_cuda_graph": True, "variant": None}),
     "tensorrt": ("tensorrt", {"cuda_graph": True}),
     **{side: ("ort-cuda", {}) for side in LEVERS},   # text encoder / VAE as ort-cuda; the U-Net per LEVERS
+    # ort-cuda plus one provider option on every runner (spec.TUNING), through the runner's cuda_options
+    **{side: ("ort-cuda", {"enable_cuda_graph": True,
+                           **({"cuda_options": dict(t["provider_options"])} if t.get("provider_options") else {})})
+       for side, (_, t) in TUNING.items()},
 }
 
 
@@ -81,18 +85,20 @@ def _runner_options(spec, side: str) -> tuple[str, dict, dict]:
     return backend, opts, unet_opts
 
 
-def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, log, unet_opts: dict | None = None):
+def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, log, unet_opts: dict | None = None,
+                   graph_all: bool = False):
     """Pipeline over text_encoder / unet / vae_decoder runners. CUDA graphs go on the U-Net only (50 replays
-    a run; the others run once); `unet_opts` override `opts` for the U-Net (the lever sides). If ORT refuses
-    the U-Net's graph capture at load, the side runs without it and says so (`cuda_graph_error`), so the
-    deployed path still gets a number."""
+    a run; the others run once) unless `graph_all` (every component's shapes are static within a run, so
+    a graph each replaces their many small launches: the launch-bound demo model's case); `unet_opts`
+    override `opts` for the U-Net (the lever sides). If ORT refuses the U-Net's graph capture at load, the
+    side runs without it and says so (`cuda_graph_error`), so the deployed path still gets a number."""
     from ldm_deploy.artifact import Artifact
     from ldm_deploy.runtime.pipeline import Pipeline
     from ldm_deploy.runtime.runners.base import open_runner
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
     graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}.get(backend)
-    plain = {k: v for k, v in opts.items() if k != graph_key}
+    plain = opts if graph_all else {k: v for k, v in opts.items() if k != graph_key}
     opts = {**opts, **(unet_opts or {})}
     artifact = Artifact.open(artifact_dir, verify=False)
     runners = {c: open_runner(backend, artifact, c, **plain) for c in ("text_encoder", "vae_decoder")}
@@ -105,6 +111,8 @@ def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, lo
         log(f"U-Net CUDA graph refused ({record['cuda_graph_error']}); running without it")
         runners["unet"] = open_runner(backend, artifact, "unet", **{k: v for k, v in opts.items() if k != graph_key})
     record["cuda_graph"] = bool(graph_key and opts.get(graph_key) and "cuda_graph_error" not in record)
+    record["cuda_graph_components"] = [c for c, r in runners.items()
+                                       if getattr(r, "enable_cuda_graph", getattr(r, "cuda_graph", False))]
     m = artifact.manifest
     return Pipeline(ClipTokenizer.from_dir(artifact.tokenizer_dir), runners, m["scheduler"], m["scaling_factor"],
                     m.get("prediction_type", "epsilon"), m.get("profiles"), latent_channels=m.get("latent_channels", 4),
@@ -118,6 +126,7 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     if reason:
         return {"status": "skipped", "reason": reason}
     backend, opts, unet_opts = _runner_options(spec, side)
+    tuning = TUNING.get(side, (None, {}))[1]
     gpu = backend != "ort-cpu"
     gpu_before = gpu_used_mib() if gpu else None
     record = {"device": "cuda" if gpu else "cpu", "backend": backend,
@@ -126,7 +135,9 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
         record["unet_runner_options"] = dict(unet_opts)
 
     t0 = time.perf_counter()
-    pipe = _open_pipeline(spec.artifact, backend, opts, record, log, unet_opts)
+    if tuning:
+        record["tuning"] = dict(tuning)
+    pipe = _open_pipeline(spec.artifact, backend, opts, record, log, unet_opts, graph_all=bool(tuning.get("graph_all")))
     record["load_s"] = round(time.perf_counter() - t0, 3)
     record["dtype"] = pipe.runners["unet"].spec.get("precision", "fp32") if hasattr(pipe.runners["unet"], "spec") else None
     record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?"))) for c, r in pipe.runners.items()}
@@ -170,14 +181,20 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
         pipe._encode_text(negatives)
         pipe._encode_text(prompts)
 
-    record["components_ms"] = {
-        "text_encoder": measure(text if cfg else (lambda: pipe._encode_text(prompts)),
-                                warmup=spec.component_warmup, repeats=spec.component_repeats).as_dict(),
-        "unet_step": measure(lambda: unet(feeds), warmup=spec.component_warmup,
-                             repeats=spec.component_repeats).as_dict(),
-        "vae_decoder": measure(lambda: vae({"latent": latent}), warmup=min(spec.component_warmup, 1),
-                               repeats=max(1, spec.component_repeats // 3)).as_dict(),
-    }
+    windows: dict[str, list[list[float]]] = {}
+
+    def components(window: int) -> None:
+        for name, call, warmup, repeats in (
+                ("text_encoder", text if cfg else (lambda: pipe._encode_text(prompts)), spec.component_warmup,
+                 spec.component_repeats),
+                ("unet_step", lambda: unet(feeds), spec.component_warmup, spec.component_repeats),
+                ("vae_decoder", lambda: vae({"latent": latent}), min(spec.component_warmup, 1),
+                 max(1, spec.component_repeats // 3))):
+            windows.setdefault(name, []).append(measure_samples(call, warmup=warmup if window == 0 else 1,
+                                                                repeats=repeats))
+
+    components(0)
+    record["components_ms"] = {name: windowed(w, spec.component_warmup) for name, w in windows.items()}
     log(f"{side} b{batch}: U-Net step {record['components_ms']['unet_step']['median_ms']:.1f} ms; end to end ...")
     results = []
 
@@ -187,6 +204,8 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
 
     timing = measure_within(e2e, budget_s=spec.e2e_budget_s, warmup=spec.warmup, repeats=spec.repeats)
     record["end_to_end"] = timing.as_dict()
+    components(1)   # a second window after the end-to-end runs (timing.windowed)
+    record["components_ms"] = {name: windowed(w, spec.component_warmup) for name, w in windows.items()}
     timed = results[spec.warmup:] or results
     per_step = [r.timings for r in timed if r.timings.get("unet_calls")]
     if per_step:

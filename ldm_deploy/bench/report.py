@@ -14,6 +14,7 @@ from ldm_deploy.errors import LdmError
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 LEVERS_START, LEVERS_END = "<!-- levers:start -->", "<!-- levers:end -->"
+TUNING_START, TUNING_END = "<!-- tuning:start -->", "<!-- tuning:end -->"
 # The baseline each run's speed-up column is measured against: the strongest plain PyTorch side that ran.
 BASELINES = ("torch-eager-fp16", "torch-eager-fp32")
 
@@ -52,8 +53,18 @@ def _ms(timing: dict | None) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.2f}" if v < 10 else f"{v:.1f}"
 
 
+UNEVEN = " (!)"
+UNEVEN_NOTE = ("(!) the record's steps x U-Net step + text encoder + VAE decoder exceeds its end-to-end time by more "
+               "than the stated slack (`timing_check` in the JSON): its timings do not add up, do not quote them")
+
+
+def _uneven(r: dict) -> str:
+    return UNEVEN if (r.get("timing_check") or {}).get("ok") is False else ""
+
+
 def markdown_table(runs: list[dict]) -> str:
-    """One row per (run, side, batch): end to end, img/s, per stage, memory, FLOP fraction, speed-up."""
+    """One row per (run, side, batch): end to end, img/s, per stage, memory, FLOP fraction, speed-up; a record
+    whose timings do not add up (harness.timing_check) is marked (!) with a note under the table."""
     lines = [
         "| run | machine | side | B | end to end (s) | img/s | U-Net step (ms) | text enc (ms) | VAE dec (ms) "
         "| sched. overhead | peak GPU (MiB) | peak RSS (MiB) | U-Net % of peak | vs PyTorch eager |",
@@ -77,13 +88,15 @@ def markdown_table(runs: list[dict]) -> str:
             lines.append(" | ".join([
                 f"| {label}", _machine(run), r["side"], str(r["batch"]),
                 f"{r['end_to_end']['median_ms'] / 1e3:.3f}", f"{r['images_per_s']:.3f}",
-                _ms(comp.get("unet_step")), _ms(comp.get("text_encoder")), _ms(comp.get("vae_decoder")),
+                _ms(comp.get("unet_step")) + _uneven(r), _ms(comp.get("text_encoder")), _ms(comp.get("vae_decoder")),
                 f"{overhead:.2%}" if overhead is not None else "-",
                 f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") is not None else "-",
                 f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") is not None else "-",
                 f"{floor:.1%}" if floor is not None else "-",
                 f"{speed} |",
             ]))
+    if any(_uneven(r) for run in runs for r in run["results"]):
+        lines += ["", UNEVEN_NOTE]
     return "\n".join(lines)
 
 
@@ -127,7 +140,8 @@ def lever_table(run: dict, batch: int = 1) -> str:
         gains = [f"{ref['components_ms']['unet_step']['median_ms'] / step['median_ms']:.2f}x{suffix}",
                  f"{ref['end_to_end']['median_ms'] / e2e:.2f}x{suffix}"] if ref else ["-", "-"]
         peak = (r.get("floor") or {}).get("unet_step_fraction_of_peak")
-        return (f"| {number} | {what} | {_ms(step)} | {gains[0]} | {e2e / 1e3:.3f} | {gains[1]} | {vs(r, eager)} | "
+        return (f"| {number} | {what} | {_ms(step)}{_uneven(r)} | {gains[0]} | {e2e / 1e3:.3f} | {gains[1]} | "
+                f"{vs(r, eager)} | "
                 f"{vs(r, compiled)} | {f'{peak:.1%}' if peak is not None else '-'} |")
 
     lines = [f"| # | U-Net lever (B={batch}, CFG batch {2 * batch}) | U-Net step (ms) | step gain | "
@@ -147,8 +161,81 @@ def lever_table(run: dict, batch: int = 1) -> str:
     full = by.get(LEVER_FINAL[0])
     others = [("ort-cuda-no-graph", "full path less the CUDA graph"),
               ("ort-cuda-plain", "full path on the plain graphs, all components (no fusions, no CFG fold)"),
-              ("torch-eager-fp16", SIDE_NOTES["torch-eager-fp16"]), ("torch-compile", SIDE_NOTES["torch-compile"])]
+              # a run's own note of what a side was (what torch-compile compiled changed with issue 23)
+              *((side, (run.get("sides") or {}).get(side, SIDE_NOTES[side]))
+                for side in ("torch-eager-fp16", "torch-compile", "torch-compile-ro"))]
     lines += [row("-", f"{side}: {what}", by[side], full, " vs full") for side, what in others if side in by]
+    if any(_uneven(r) for r in by.values()):
+        lines += ["", UNEVEN_NOTE]
+    return "\n".join(lines)
+
+
+def tuning_table(run: dict, batch: int = 1, reference: str = "ort-cuda") -> str:
+    """The profile levers (spec.TUNING), each one change on top of `reference`: U-Net step and end to end with
+    the gain over the reference (> 1: the lever helps)."""
+    from ldm_deploy.bench.spec import TUNING
+
+    by = {r["side"]: r for r in _ok(run) if r["batch"] == batch}
+    failed = {r["side"]: r for r in run["results"] if r["batch"] == batch and r.get("status") != "ok"}
+    ref = by.get(reference)
+    lines = [f"| lever on {reference} (B={batch}) | U-Net step (ms) | step gain | end to end (s) | e2e gain |",
+             "|---|--:|--:|--:|--:|"]
+    for side in [reference, *TUNING]:
+        r = by.get(side)
+        what = f"`{side}`: " + (TUNING[side][0] if side in TUNING else "reference")
+        if r is None:
+            if side in failed:
+                why = failed[side].get("error") or failed[side].get("reason") or failed[side].get("status")
+                lines.append(f"| {what} | {failed[side].get('status')}: {str(why)[:80].replace('|', '/')} |  |  |  |")
+            continue
+        step, e2e = r["components_ms"]["unet_step"]["median_ms"], r["end_to_end"]["median_ms"]
+        gain = (f"{ref['components_ms']['unet_step']['median_ms'] / step:.2f}x",
+                f"{ref['end_to_end']['median_ms'] / e2e:.2f}x") if ref and r is not ref else ("-", "-")
+        lines.append(f"| {what} | {_ms(r['components_ms']['unet_step'])}{_uneven(r)} | {gain[0]} | {e2e / 1e3:.3f} "
+                     f"| {gain[1]} |")
+    return "\n".join(lines)
+
+
+def versus_torch_table(run: dict, batch: int = 1, deployed: tuple[str, ...] = ()) -> str:
+    """Every PyTorch side of the run (compile mode, compile time or timeout, attention kernel) against the
+    fastest deployed side (default: the fastest non-PyTorch side by end to end): the deployed path's
+    speed-up per U-Net step and end to end (> 1: deployed is faster), and the best PyTorch side named."""
+    from ldm_deploy.bench.spec import COMPILE_SIDES, TORCH_SIDES
+
+    ok = [r for r in _ok(run) if r["batch"] == batch]
+    mine = [r for r in ok if (r["side"] in deployed if deployed else r["side"] not in TORCH_SIDES)]
+    best = min(mine, key=lambda r: r["end_to_end"]["median_ms"], default=None)
+    lines = [f"| PyTorch side (B={batch}) | compile | compile time (s) | attention | U-Net step (ms) | end to end (s) "
+             f"| {best['side'] if best else 'deployed'} step speed-up | e2e speed-up |",
+             "|---|---|--:|---|--:|--:|--:|--:|"]
+    torch_records = [r for r in run["results"] if r["batch"] == batch and r["side"] in TORCH_SIDES]
+    for r in torch_records:
+        comp = r.get("compile") or {}
+        recipe = (comp["mode"], comp.get("channels_last")) if comp else COMPILE_SIDES.get(r["side"])
+        mode = f"{recipe[0]}{' + channels_last' if recipe[1] else ''}" if recipe else "eager"
+        cs = r.get("compile_s")
+        total = cs.get("total") if isinstance(cs, dict) else cs   # a dict since issue 23, a number before
+        ctime = f"{total:.0f}" if isinstance(total, (int, float)) else "-"
+        attn = ", ".join(f"{k} x{v}" for k, v in ((r.get("attention") or {}).get("used") or {}).items()) or "-"
+        if r.get("status") != "ok":
+            why = r.get("error") or r.get("reason") or r.get("status")
+            lines.append(f"| {r['side']} | {mode} | {ctime} | {attn} | {r.get('status')}: "
+                         f"{str(why)[:70].replace('|', '/')} |  |  |  |")
+            continue
+        step, e2e = r["components_ms"]["unet_step"]["median_ms"], r["end_to_end"]["median_ms"]
+        su = (f"{step / best['components_ms']['unet_step']['median_ms']:.2f}x",
+              f"{e2e / best['end_to_end']['median_ms']:.2f}x") if best else ("-", "-")
+        lines.append(f"| {r['side']} | {mode} | {ctime} | {attn} | {_ms(r['components_ms']['unet_step'])}{_uneven(r)} "
+                     f"| {e2e / 1e3:.3f} | {su[0]} | {su[1]} |")
+    ok_torch = [r for r in torch_records if r.get("status") == "ok"]
+    if best and ok_torch:
+        fastest_step = min(ok_torch, key=lambda r: r["components_ms"]["unet_step"]["median_ms"])
+        fastest_e2e = min(ok_torch, key=lambda r: r["end_to_end"]["median_ms"])
+        step_ratio = (fastest_step["components_ms"]["unet_step"]["median_ms"]
+                      / best["components_ms"]["unet_step"]["median_ms"])
+        lines += ["", f"{best['side']} against the best PyTorch side at B={batch}: U-Net step {step_ratio:.2f}x "
+                      f"({fastest_step['side']}), end to end "
+                      f"{fastest_e2e['end_to_end']['median_ms'] / best['end_to_end']['median_ms']:.2f}x ({fastest_e2e['side']})."]
     return "\n".join(lines)
 
 

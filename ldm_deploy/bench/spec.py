@@ -11,7 +11,17 @@ from dataclasses import dataclass
 
 from ldm_deploy.errors import UsageError
 
-TORCH_SIDES = ("torch-eager-fp32", "torch-eager-fp16", "torch-compile")
+# torch.compile recipes: side -> (mode, channels_last). Each compiles the U-Net, the text encoder and the VAE
+# decoder the same way (so end to end compares like with like) within BenchSpec.compile_budget_s.
+COMPILE_SIDES = {
+    "torch-compile": ("default", False),
+    "torch-compile-ro": ("reduce-overhead", True),
+    "torch-compile-max-autotune-no-cg": ("max-autotune-no-cudagraphs", True),
+    "torch-compile-max-autotune": ("max-autotune", True),
+}
+TORCH_SIDES = ("torch-eager-fp32", "torch-eager-fp16", *COMPILE_SIDES)
+# The strongest PyTorch recipes, for the GPU preset and the lever run's references.
+STRONG_TORCH_SIDES = ("torch-compile-ro", "torch-compile-max-autotune-no-cg", "torch-compile-max-autotune")
 # The GPU speed levers, added one at a time to the U-Net (it is ~95 % of a run); the text encoder and the
 # VAE decoder run as on `ort-cuda` in every row, so a row's change is its lever's alone. The last step,
 # folding CFG into the graph, is `ort-cuda` itself. side -> (what it adds, U-Net runner options); the
@@ -32,14 +42,51 @@ LEVERS = {
 LEVER_FINAL = ("ort-cuda", "+ classifier-free guidance folded into the graph (= ort-cuda)")
 # what a lever run compares the ladder with: the full path (the last rung), the full path less one lever,
 # and PyTorch
-LEVER_REFERENCES = ("ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain", "torch-eager-fp16", "torch-compile")
-ORT_SIDES = ("ort-cpu", "ort-cpu-no-spin", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain") + tuple(LEVERS)
+LEVER_REFERENCES = ("ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain", "torch-eager-fp16", "torch-compile",
+                    "torch-compile-ro")
+# Levers from the U-Net profile (docs/performance.md), each one change on top of `ort-cuda`: ONNX Runtime CUDA
+# provider options (cuDNN convolution search / workspace / layout / bias fusion, TF32, the attention kernel
+# of the fused MultiHeadAttention: `sdpa_kernel` bit flags, AttentionBackend in ORT's attention_common.h)
+# and CUDA graphs over all three components. side -> (what it changes, {"provider_options": for every
+# runner's CUDA provider, "graph_all": CUDA graphs on the text encoder and VAE decoder too}). They are
+# bench-only: the production runner takes them through its generic `cuda_options` pass-through.
+SDPA_KERNEL = {"flash": 1, "efficient": 2, "cudnn-flash": 8, "math": 16}
+TUNING = {
+    "ort-cuda-graph-all": ("CUDA graphs on all three components (text encoder, U-Net, VAE decoder)",
+                           {"graph_all": True}),
+    "ort-cuda-conv-heuristic": ("cuDNN convolution algorithm search HEURISTIC",
+                                {"provider_options": {"cudnn_conv_algo_search": "HEURISTIC"}}),
+    "ort-cuda-conv-default-algo": ("cuDNN convolution algorithm search DEFAULT (no search)",
+                                   {"provider_options": {"cudnn_conv_algo_search": "DEFAULT"}}),
+    "ort-cuda-conv-small-workspace": ("cuDNN convolution workspace capped (cudnn_conv_use_max_workspace=0)",
+                                      {"provider_options": {"cudnn_conv_use_max_workspace": "0"}}),
+    "ort-cuda-prefer-nhwc": ("ORT's NHWC layout transformer for the remaining NCHW ops (prefer_nhwc=1)",
+                             {"provider_options": {"prefer_nhwc": "1"}}),
+    "ort-cuda-fuse-conv-bias": ("cuDNN frontend conv + bias fusion (fuse_conv_bias=1)",
+                                {"provider_options": {"fuse_conv_bias": "1"}}),
+    "ort-cuda-no-tf32": ("TF32 off for the fp32 parts (use_tf32=0)", {"provider_options": {"use_tf32": "0"}}),
+    **{f"ort-cuda-attn-{name}": (f"attention kernel pinned to {name} (sdpa_kernel={flag})",
+                                 {"provider_options": {"sdpa_kernel": str(flag)}})
+       for name, flag in SDPA_KERNEL.items() if name != "math"},
+}
+# the profile-lever run (`ldm-deploy bench --tuning`, scripts/bench_sd15.py --tuning), most telling first so
+# a run cut short by its time budget keeps them: the deployed path, the strongest one-line PyTorch recipe
+# and eager, then each lever on ort-cuda. (cuDNN's EXHAUSTIVE search is ORT's default: ort-cuda runs it.)
+TUNING_RUN = ("ort-cuda", "torch-compile-ro", "torch-eager-fp16", *TUNING)
+ORT_SIDES = (("ort-cpu", "ort-cpu-no-spin", "ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain") + tuple(LEVERS)
+             + tuple(TUNING))
 SIDES = TORCH_SIDES + ORT_SIDES + ("tensorrt",)
 # What each side is, for the JSON, the chart and the table.
 SIDE_NOTES = {
     "torch-eager-fp32": "PyTorch eager, fp32, SDPA attention",
     "torch-eager-fp16": "PyTorch eager, fp16 (.half()), SDPA attention; CUDA only",
-    "torch-compile": "torch.compile(unet) default mode; fp16 on CUDA, fp32 on CPU",
+    "torch-compile": "torch.compile default mode on U-Net, text encoder and VAE decoder; fp16 on CUDA, fp32 on CPU",
+    "torch-compile-ro": "torch.compile mode=reduce-overhead (CUDA graphs), channels_last U-Net and VAE; "
+                        "text encoder and VAE decoder compiled the same way",
+    "torch-compile-max-autotune-no-cg": "torch.compile mode=max-autotune-no-cudagraphs, channels_last; "
+                                        "text encoder and VAE decoder compiled the same way",
+    "torch-compile-max-autotune": "torch.compile mode=max-autotune (autotuned kernels + CUDA graphs), channels_last; "
+                                  "text encoder and VAE decoder compiled the same way",
     "ort-cpu": "ldm-deploy Pipeline, ONNX Runtime CPUExecutionProvider",
     "ort-cpu-no-spin": "as ort-cpu with intra-op thread spinning off (three sessions' pools share the cores)",
     "ort-cuda": "ldm-deploy Pipeline, ONNX Runtime CUDA: IO binding, CUDA graphs, fused variant when present",
@@ -47,6 +94,7 @@ SIDE_NOTES = {
     "ort-cuda-plain": "as ort-cuda on the plain graphs (no ORT transformer fusions)",
     "tensorrt": "ldm-deploy Pipeline, TensorRT engines",
     **{side: f"lever ladder, U-Net: {what}" for side, (what, _) in LEVERS.items()},
+    **{side: f"ort-cuda with one profile lever: {what}" for side, (what, _) in TUNING.items()},
 }
 FORMAT = "ldm-deploy-bench"
 FORMAT_VERSION = 1
@@ -73,6 +121,10 @@ class BenchSpec:
     threads: int | None = None          # CPU threads for ort-cpu and torch-on-CPU (None: library default)
     engine_dir: str | None = None       # tensorrt: engines folder (default ARTIFACT/engines)
     timeout_s: float = 900.0            # one (side, batch) subprocess is killed after this long
+    compile_budget_s: float = 300.0     # torch.compile sides: all compiles of a side; past it the side is
+                                        # recorded as status "timeout" ("compile did not finish within N s")
+    timing_slack: float = 0.25          # flag a record whose steps x U-Net step + text encoder + VAE decoder
+                                        # exceeds end to end by more than this fraction (harness.timing_check)
     total_budget_s: float | None = None  # no (side, batch) starts after this many seconds of the run
     note: str = ""                      # free text stored in the JSON (e.g. "2 shared cores, busy machine")
 
@@ -84,6 +136,8 @@ class BenchSpec:
             raise UsageError(f"batches must be positive integers, got {list(self.batches)}")
         if self.steps < 1 or self.repeats < 1 or self.component_repeats < 1:
             raise UsageError("steps, repeats and component_repeats must be >= 1")
+        if self.compile_budget_s <= 0 or self.timing_slack < 0:
+            raise UsageError("compile_budget_s must be > 0 and timing_slack >= 0")
         if self.warmup < 0 or self.component_warmup < 0:
             raise UsageError("warm-up counts must be >= 0")
         if self.device not in ("auto", "cuda", "cpu"):

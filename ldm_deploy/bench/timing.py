@@ -33,6 +33,12 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
 def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10,
             sync: Callable[[], None] | None = None) -> Timing:
     """Run `fn` `warmup` times untimed, then `repeats` times timed; `sync` waits for the device."""
+    return from_samples(measure_samples(fn, warmup=warmup, repeats=repeats, sync=sync), warmup)
+
+
+def measure_samples(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10,
+                    sync: Callable[[], None] | None = None) -> list[float]:
+    """As `measure`, returning the raw per-call milliseconds."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     for _ in range(warmup):
@@ -46,7 +52,17 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10,
         if sync:
             sync()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return from_samples(samples, warmup)
+    return samples
+
+
+def windowed(windows: list[list[float]], warmup: int = 0) -> dict:
+    """A component's Timing over samples taken in several windows (before and after the end-to-end runs),
+    with each window's median: one window's median alone says only how loaded the machine was then, and
+    a component timed during a burst of load elsewhere while the end-to-end runs were not (or the reverse)
+    gave per-step times that did not add up to the end-to-end time (benchmarks/README.md)."""
+    timing = from_samples([x for w in windows for x in w], warmup).as_dict()
+    timing["windows_median_ms"] = [round(statistics.median(w), 4) for w in windows]
+    return timing
 
 
 def measure_within(fn: Callable[[], object], *, budget_s: float, warmup: int = 1, repeats: int = 3,

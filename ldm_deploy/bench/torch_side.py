@@ -1,10 +1,20 @@
-"""The PyTorch baseline sides: eager fp32, eager fp16 (CUDA), torch.compile.
+"""The PyTorch baseline sides: eager fp32, eager fp16 (CUDA), and torch.compile recipes (spec.COMPILE_SIDES).
 
 A fair baseline, the way a PyTorch user would write it: modules from `training.checkpoint.load_components`
 (our U-Net / VAE with diffusers names, SDPA attention), cast with `.half()` (no autocast), latents on
 the device, CFG as one 2B batch, the DDIM step done in torch on the device with the same timesteps and
 alphas as the numpy sampler (taken from `make_schedule`, the one place they are computed), everything
 under `torch.inference_mode()` and timed with `torch.cuda.synchronize()`.
+
+The compile sides compile the U-Net, the text encoder and the VAE decoder the same way (mode, and
+channels_last for the convolutional ones where the recipe has it), so their end to end compares with a
+deployed path that optimises all three. Each component's first call (the compile) is timed into
+`compile_s`; all of them must finish within `BenchSpec.compile_budget_s`, else the worker records
+`status: "timeout"` and exits (`worker.deadline`) instead of hanging. Under the CUDA-graph modes
+(reduce-overhead, max-autotune) each top-level call starts with `torch.compiler.cudagraph_mark_step_begin()`
+and an output kept across calls (the text embeddings) is cloned, as torch's documentation asks.
+The record states the attention kernel: which SDPA backends are enabled and which aten kernel the U-Net
+dispatches to at these shapes (`attention`).
 
 Imports torch: only the side workers load this module.
 """
@@ -14,7 +24,7 @@ import time
 
 import numpy as np
 
-from ldm_deploy.bench.timing import measure, measure_within
+from ldm_deploy.bench.timing import from_samples, measure_samples, measure_within, windowed
 
 
 def _device(spec) -> "torch.device":
@@ -37,6 +47,11 @@ class TorchTxt2Img:
         self.unet = components.unet.to(device=device, dtype=dtype).eval()
         self.vae = components.vae.to(device=device, dtype=dtype).eval()
         self.text_encoder = components.text_encoder.to(device=device, dtype=dtype).eval()
+        self.in_channels = int(self.unet.config.in_channels)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        # what the loop calls; compile() swaps in compiled versions
+        self.unet_fn, self.text_fn, self.decode_fn = self.unet, self.text_encoder, self.vae.decode
+        self.cudagraphs = False
         self.tokenizer = tokenizer
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.schedule = make_schedule("ddim", scheduler_config, steps)
@@ -47,9 +62,27 @@ class TorchTxt2Img:
         self.timestep_cache = {}
         self._torch = torch
 
+    def compile(self, mode: str, channels_last: bool) -> None:
+        """torch.compile the U-Net, the text encoder and the VAE decode the same way (lazy: each compiles on
+        its first call)."""
+        torch = self._torch
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self.unet_fn = torch.compile(self.unet, mode=mode)
+        self.text_fn = torch.compile(self.text_encoder, mode=mode)
+        self.decode_fn = torch.compile(self.vae.decode, mode=mode)
+        self.cudagraphs = self.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+    def _step_begin(self) -> None:
+        if self.cudagraphs:
+            self._torch.compiler.cudagraph_mark_step_begin()
+
     def encode_text(self, prompts: list[str]):
         ids = self._torch.from_numpy(np.asarray(self.tokenizer(prompts), dtype=np.int64)).to(self.device)
-        return self.text_encoder(ids).last_hidden_state                              # (N, 77, D)
+        self._step_begin()
+        hidden = self.text_fn(ids).last_hidden_state                                  # (N, 77, D)
+        return hidden.clone() if self.cudagraphs else hidden   # kept across U-Net calls: not graph memory
 
     def unet_step(self, x, t: float, emb, guidance: float):
         """One CFG evaluation: U-Net at 2B, guided eps (or v) at B."""
@@ -58,36 +91,72 @@ class TorchTxt2Img:
         key = (t, sample.shape[0])
         if key not in self.timestep_cache:
             self.timestep_cache[key] = torch.full((sample.shape[0],), t, device=self.device, dtype=torch.float32)
-        out = self.unet(sample, self.timestep_cache[key], emb)
+        self._step_begin()
+        out = self.unet_fn(sample, self.timestep_cache[key], emb)
         if guidance <= 1:
-            return out
+            return out.clone() if self.cudagraphs else out
         uncond, cond = out.chunk(2)
         return uncond + guidance * (cond - uncond)
 
     def decode(self, latents):
-        image = self.vae.decode(latents / self.scaling_factor)                       # (B, 3, H, W) in [-1, 1]
+        self._step_begin()
+        image = self.decode_fn(latents / self.scaling_factor)                        # (B, 3, H, W) in [-1, 1]
         return ((image.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(self._torch.uint8)
 
     def __call__(self, prompt: str, batch: int, height: int, width: int, guidance: float, seed: int = 0):
+        from training.noise import pred_to_eps, pred_to_x0
+
         torch = self._torch
-        cond = self.encode_text([prompt] * batch)
-        emb = self.encode_text([""] * batch + [prompt] * batch) if guidance > 1 else cond  # (2B, 77, D)
+        # CFG: one text-encoder call over the 2B rows (uncond, cond), as the component timing runs it
+        emb = self.encode_text([""] * batch + [prompt] * batch) if guidance > 1 else self.encode_text([prompt] * batch)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.randn((batch, self.unet.config.in_channels, height // 8, width // 8), generator=gen,
+        x = torch.randn((batch, self.in_channels, height // 8, width // 8), generator=gen,
                         device=self.device, dtype=torch.float32) * float(self.schedule.init_noise_sigma)
         for t, a, a_prev in self.steps:
             out = self.unet_step(x.to(self.dtype), t, emb, guidance).float()
-            if self.prediction_type == "v_prediction":
-                x0, eps = a**0.5 * x - (1 - a) ** 0.5 * out, a**0.5 * out + (1 - a) ** 0.5 * x
-            else:
-                x0, eps = (x - (1 - a) ** 0.5 * out) / a**0.5, out
+            # the model's output (eps, v or x0) -> (x0, eps): training/noise.py's conversions
+            x0, eps = pred_to_x0(self.prediction_type, x, out, a), pred_to_eps(self.prediction_type, x, out, a)
             x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
         return self.decode(x.to(self.dtype)).permute(0, 2, 3, 1).cpu().numpy()     # uint8 (B, H, W, 3)
+
+
+SDPA_KERNELS = (  # aten op -> backend, most specific first
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "flash (CPU)"),
+    ("aten::_scaled_dot_product_flash_attention", "flash"),
+    ("aten::_scaled_dot_product_efficient_attention", "efficient"),
+    ("aten::_scaled_dot_product_cudnn_attention", "cudnn"),
+    ("aten::_scaled_dot_product_fused_attention_overrideable", "overrideable"),
+    ("aten::_scaled_dot_product_attention_math", "math"),
+)
+
+
+def sdpa_backends(fn) -> dict:
+    """Which SDPA backends torch may use, and which aten attention kernels one call of `fn` dispatched to
+    (with counts), from a CPU-side torch.profiler trace of an eager call. Inductor calls the same aten kernel
+    for SDPA, so this holds for the compiled module at these shapes too."""
+    import torch
+
+    enabled = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+               "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+               "math": torch.backends.cuda.math_sdp_enabled()}
+    if hasattr(torch.backends.cuda, "cudnn_sdp_enabled"):
+        enabled["cudnn"] = torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    used: dict[str, int] = {}
+    for event in prof.events():
+        for op, backend in SDPA_KERNELS:
+            if event.name == op:
+                used[backend] = used.get(backend, 0) + 1
+                break
+    return {"kind": "sdpa", "enabled_cuda_backends": enabled, "used": used}
 
 
 def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     import torch
 
+    from ldm_deploy.bench.spec import COMPILE_SIDES
+    from ldm_deploy.bench.worker import deadline
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
     from training.checkpoint import load_components
     from training.models.attention import attention_backend
@@ -96,12 +165,20 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     cuda = device.type == "cuda"
     if side == "torch-eager-fp16" and not cuda:
         return {"status": "skipped", "reason": "fp16 eager needs CUDA (CPU fp16 convolutions are not a baseline)"}
-    dtype = torch.float16 if (side == "torch-eager-fp16" or (side == "torch-compile" and cuda)) else torch.float32
+    mode, channels_last = COMPILE_SIDES.get(side, (None, False))
+    if mode and mode != "default" and not cuda:
+        return {"status": "skipped", "reason": f"torch.compile mode={mode} is a CUDA recipe (CUDA graphs / GPU "
+                                               "kernel autotuning); on CPU torch-compile is the compiled side"}
+    dtype = torch.float16 if (side == "torch-eager-fp16" or (mode and cuda)) else torch.float32
     if spec.threads and not cuda:
         torch.set_num_threads(int(spec.threads))
     sync = torch.cuda.synchronize if cuda else None
     record = {"device": str(device), "dtype": "fp16" if dtype == torch.float16 else "fp32",
-              "attention": "sdpa", "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if mode:
+        record["compile"] = {"mode": mode, "channels_last": channels_last,
+                             "components": ["unet", "text_encoder", "vae_decoder"],
+                             "budget_s": spec.compile_budget_s}
 
     t0 = time.perf_counter()
     comps = load_components(spec.model_dir)
@@ -113,37 +190,52 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     record["load_s"] = round(time.perf_counter() - t0, 3)
 
     with torch.inference_mode(), attention_backend("sdpa"):
-        emb = pipe.encode_text([""] * batch + [spec.prompt] * batch)                 # (2B, 77, D)
-        if spec.guidance <= 1:
-            emb = emb[batch:]
-        x = torch.randn((batch, pipe.unet.config.in_channels, height // 8, width // 8), device=device, dtype=dtype)
+        # the rows one run encodes: uncond + cond under CFG (2B), else the B prompts
+        prompts = ([""] * batch if spec.guidance > 1 else []) + [spec.prompt] * batch
+        emb = pipe.encode_text(prompts)                                              # (2B or B, 77, D)
+        x = torch.randn((batch, pipe.in_channels, height // 8, width // 8), device=device, dtype=dtype)
         t_mid = pipe.steps[len(pipe.steps) // 2][0]
-        if side == "torch-compile":
-            pipe.unet = torch.compile(pipe.unet)
-            log(f"{side} b{batch}: compiling the U-Net")
-            t0 = time.perf_counter()
-            pipe.unet_step(x, t_mid, emb, spec.guidance)
-            if sync:
-                sync()
-            record["compile_s"] = round(time.perf_counter() - t0, 2)
-            log(f"{side} b{batch}: compiled in {record['compile_s']} s")
-        prompts = [""] * batch + [spec.prompt] * batch
-        z = torch.randn((batch, pipe.vae.config.latent_channels, height // 8, width // 8), device=device, dtype=dtype)
-        record["components_ms"] = {
-            "text_encoder": measure(lambda: pipe.encode_text(prompts), warmup=spec.component_warmup,
-                                    repeats=spec.component_repeats, sync=sync).as_dict(),
-            "unet_step": measure(lambda: pipe.unet_step(x, t_mid, emb, spec.guidance), warmup=spec.component_warmup,
-                                 repeats=spec.component_repeats, sync=sync).as_dict(),
-            "vae_decoder": measure(lambda: pipe.decode(z), warmup=min(spec.component_warmup, 1),
-                                   repeats=max(1, spec.component_repeats // 3), sync=sync).as_dict(),
-        }
-        log(f"{side} b{batch}: U-Net step {record['components_ms']['unet_step']['median_ms']:.1f} ms; end to end ...")
+        record["attention"] = sdpa_backends(lambda: pipe.unet_step(x, t_mid, emb, spec.guidance))
+        z = torch.randn((batch, pipe.latent_channels, height // 8, width // 8), device=device, dtype=dtype)
+        if mode:
+            pipe.compile(mode, channels_last)
+            record["compile_s"] = {}
+            log(f"{side} b{batch}: compiling U-Net, text encoder, VAE decoder (mode={mode}, "
+                f"budget {spec.compile_budget_s:.0f} s)")
+            first_calls = (("unet", lambda: pipe.unet_step(x, t_mid, emb, spec.guidance)),
+                           ("text_encoder", lambda: pipe.encode_text(prompts)), ("vae_decoder", lambda: pipe.decode(z)))
+            with deadline(spec.compile_budget_s, record, what=f"torch.compile mode={mode}"):
+                for name, call in first_calls:
+                    t0 = time.perf_counter()
+                    call()
+                    if sync:
+                        sync()
+                    record["compile_s"][name] = round(time.perf_counter() - t0, 2)
+            record["compile_s"]["total"] = round(sum(record["compile_s"].values()), 2)
+            log(f"{side} b{batch}: compiled in {record['compile_s']['total']} s")
+        record["components_ms"] = {}
+
+        def components(window: int) -> None:
+            for name, call, warmup, repeats in (
+                    ("text_encoder", lambda: pipe.encode_text(prompts), spec.component_warmup, spec.component_repeats),
+                    ("unet_step", lambda: pipe.unet_step(x, t_mid, emb, spec.guidance), spec.component_warmup,
+                     spec.component_repeats),
+                    ("vae_decoder", lambda: pipe.decode(z), min(spec.component_warmup, 1),
+                     max(1, spec.component_repeats // 3))):
+                samples = measure_samples(call, warmup=warmup if window == 0 else 1, repeats=repeats, sync=sync)
+                windows.setdefault(name, []).append(samples)
+
+        windows: dict[str, list[list[float]]] = {}
+        components(0)
+        log(f"{side} b{batch}: U-Net step {from_samples(windows['unet_step'][0]).median_ms:.1f} ms; end to end ...")
         images = []
 
         def e2e():
             images[:] = [pipe(spec.prompt, batch, height, width, spec.guidance)]
 
         timing = measure_within(e2e, budget_s=spec.e2e_budget_s, warmup=spec.warmup, repeats=spec.repeats, sync=sync)
+        components(1)   # a second window after the end-to-end runs: a load change between them shows
+    record["components_ms"] = {name: windowed(w, spec.component_warmup) for name, w in windows.items()}
     record["end_to_end"] = timing.as_dict()
     record["images_shape"] = list(images[0].shape)
     if cuda:

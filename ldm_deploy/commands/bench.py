@@ -39,6 +39,13 @@ def add_arguments(p) -> None:
     p.add_argument("--levers", action="store_true",
                    help="the GPU lever ladder: add the U-Net lever variants to the artifact (an fp16 export that "
                         "kept its fp32 U-Net), run one lever at a time, print the lever table")
+    p.add_argument("--tuning", action="store_true",
+                   help="the profile levers (GPU): ort-cuda, torch.compile reduce-overhead, eager fp16, then ort-cuda "
+                        "with one CUDA provider option / CUDA graphs on all components each; prints the lever and "
+                        "PyTorch tables")
+    p.add_argument("--compile-budget", type=float, default=300.0, metavar="S",
+                   help="torch.compile sides: seconds for all compiles of a side, else recorded as a timeout "
+                        "(default 300)")
     p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="batch sizes (images; default 1)")
     p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="CFG scale (default 7.5)")
@@ -65,11 +72,14 @@ def _is_artifact(path: Path) -> bool:
 
 def run(args) -> int:
     from ldm_deploy.bench.harness import run_bench, summary_line
-    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, BenchSpec
+    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, TUNING_RUN, BenchSpec
     from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
 
+    if args.levers and args.tuning:
+        raise UsageError("--levers and --tuning are two runs; pick one")
     if args.sides is None:
-        args.sides = (*LEVERS, *LEVER_REFERENCES) if args.levers else ("ort-cpu", "torch-eager-fp32", "torch-compile")
+        args.sides = ((*LEVERS, *LEVER_REFERENCES) if args.levers else TUNING_RUN if args.tuning
+                      else ("ort-cpu", "torch-eager-fp32", "torch-compile"))
 
     source = Path(args.source)
     if not source.is_dir():
@@ -100,14 +110,18 @@ def run(args) -> int:
                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                      warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
                      component_repeats=args.component_repeats, device=args.device, threads=args.threads,
-                     engine_dir=args.engine_dir, note=args.note)
+                     engine_dir=args.engine_dir, note=args.note, compile_budget_s=args.compile_budget)
     results = run_bench(spec, args.out, chart=args.chart, export=export, log=log.info)
     for r in results["results"]:
         print(f"{r['side']:<20} B={r['batch']}: {summary_line(r)}")
-    if args.levers:
-        from ldm_deploy.bench.report import lever_table
+    from ldm_deploy.bench.report import lever_table, tuning_table, versus_torch_table
 
-        for b in spec.batches:
+    for b in spec.batches:
+        if args.levers:
             print(lever_table(results, b))
+        if args.tuning:
+            print(tuning_table(results, b))
+        if any(s in TORCH_SIDES for s in spec.sides):
+            print(versus_torch_table(results, b))
     print(f"wrote {args.out}" + (f" and {args.chart}" if args.chart else ""))
     return 0

@@ -64,6 +64,24 @@ def test_a_failing_side_is_recorded_and_the_rest_run(tiny, tmp_path):
     assert trt["status"] == "skipped" and trt["reason"]
 
 
+def test_a_compile_past_its_budget_is_recorded_as_a_timeout(tiny, tmp_path):
+    """torch-compile with a compile budget no compile can meet (1 ms; tracing the tiny U-Net alone takes
+    ~1000x that): the worker records status timeout with what it was doing, the harness gets that record
+    (not a crash) and the next side runs."""
+    model, artifact, _ = tiny
+    spec = BenchSpec(model_dir=str(model), artifact=str(artifact), steps=2, warmup=0, repeats=1, component_warmup=0,
+                     component_repeats=1, device="cpu", threads=1, compile_budget_s=0.001,
+                     sides=("torch-compile", "ort-cpu"))
+    results = run_bench(spec, tmp_path / "r.json", log=lambda m: None)
+    by = {r["side"]: r for r in results["results"]}
+    rec = by["torch-compile"]
+    assert rec["status"] == "timeout", rec
+    assert rec["error"] == "torch.compile mode=default did not finish within 0.001 s (timeout after 0.001 s)"
+    assert rec["compile"]["mode"] == "default" and rec["compile"]["budget_s"] == 0.001
+    assert rec["attention"]["used"] and rec["side"] == "torch-compile" and rec["batch"] == 1
+    assert by["ort-cpu"]["status"] == "ok"
+
+
 def test_a_crashing_worker_is_recorded(tmp_path):
     case = {"spec": {"sides": ["ort-cpu"], "no_such_key": 1}, "side": "ort-cpu", "batch": 1, "height": 64, "width": 64}
     rec = run_side(case, 60, print)
@@ -108,7 +126,7 @@ def test_a_refused_cuda_graph_falls_back_and_says_so(tiny, monkeypatch):
     assert out.images.shape == (1, 64, 64, 3)
     record = {}
     _open_pipeline(str(tiny[1]), "ort-cuda", {"enable_cuda_graph": False}, record, lambda m: None)
-    assert record == {"cuda_graph": False}
+    assert record == {"cuda_graph": False, "cuda_graph_components": []}
 
 
 def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
@@ -143,6 +161,43 @@ def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
     assert _runner_options(spec.replace(sides=("ort-cuda",)), "ort-cuda")[2] == {}
 
 
+def test_tuning_sides_pass_provider_options_to_every_runner(tiny, monkeypatch):
+    """A profile lever (spec.TUNING) is ort-cuda plus one CUDA provider option on all three runners, through the
+    runner's generic cuda_options; ort-cuda-graph-all puts the CUDA graph on the text encoder and VAE too."""
+    import sys
+    import types
+
+    from ldm_deploy.bench.ort_side import _open_pipeline, _runner_options
+    from ldm_deploy.bench.spec import TUNING
+    from ldm_deploy.runtime.runners import base
+    from ldm_deploy.runtime.runners.ort import OrtCpuRunner
+
+    seen = {}
+
+    class Recorder:
+        def __new__(cls, artifact, component, **opts):
+            seen[component] = opts
+            return OrtCpuRunner(artifact, component)
+
+    module = types.ModuleType("tuning_fake_runner")
+    module.Runner = Recorder
+    monkeypatch.setitem(sys.modules, "tuning_fake_runner", module)
+    monkeypatch.setitem(base.BACKENDS, "ort-cuda", "tuning_fake_runner:Runner")
+    spec = BenchSpec(artifact=str(tiny[1]), sides=tuple(TUNING))
+    assert {"ort-cuda-conv-heuristic", "ort-cuda-attn-flash", "ort-cuda-graph-all"} <= set(TUNING)
+    for side, (_, tuning) in TUNING.items():
+        backend, opts, extra = _runner_options(spec, side)
+        assert backend == "ort-cuda" and extra == {}
+        seen.clear()
+        _open_pipeline(str(tiny[1]), backend, opts, {}, lambda m: None, extra, graph_all=bool(tuning.get("graph_all")))
+        assert seen["unet"]["enable_cuda_graph"] is True
+        for component in ("unet", "text_encoder", "vae_decoder"):
+            assert seen[component].get("cuda_options") == tuning.get("provider_options")
+        graphs = {c: bool(seen[c].get("enable_cuda_graph")) for c in ("text_encoder", "vae_decoder")}
+        assert graphs == {"text_encoder": side == "ort-cuda-graph-all", "vae_decoder": side == "ort-cuda-graph-all"}
+    assert TUNING["ort-cuda-attn-flash"][1]["provider_options"] == {"sdpa_kernel": "1"}
+
+
 def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, capsys):
     """`ldm-deploy bench MODEL_DIR --levers`: an fp16 export keeping the traced fp32 U-Net, the lever variants
     added, one record per ladder side (skipped here: no CUDA), the lever table printed; an fp32 artifact
@@ -170,3 +225,22 @@ def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, caps
     assert main(["bench", str(fp32_artifact), "--levers", "--out", str(tmp_path / "x.json")]) != 0
     assert "needs an fp16 export" in capsys.readouterr().err
     assert (fp32_artifact / "manifest.json").read_bytes() == before      # refused before anything is written
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_on_all_components_gpu(tiny, tmp_path):
+    """On a GPU: ort-cuda keeps its graph on the U-Net; ort-cuda-graph-all captures the text encoder and the VAE
+    decoder too, and both add up (timing_check)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and an NVIDIA GPU")
+    model, artifact, _ = tiny
+    spec = BenchSpec(model_dir=str(model), artifact=str(artifact), steps=3, warmup=1, repeats=2, component_warmup=2,
+                     component_repeats=3, sides=("ort-cuda", "ort-cuda-graph-all"))
+    results = run_bench(spec, tmp_path / "r.json", log=lambda m: None)
+    by = {r["side"]: r for r in results["results"]}
+    assert all(r["status"] == "ok" for r in by.values()), by
+    assert by["ort-cuda"]["cuda_graph_components"] == ["unet"]
+    assert sorted(by["ort-cuda-graph-all"]["cuda_graph_components"]) == ["text_encoder", "unet", "vae_decoder"]
+    assert all(r["timing_check"]["ok"] for r in by.values())

@@ -174,7 +174,7 @@ def test_bench_table_renders_the_lever_block(tmp_path):
     """scripts/bench_table.py puts the lever runs (results/levers/*.json) in their own README block."""
     import importlib.util
 
-    from ldm_deploy.bench.report import LEVERS_END, LEVERS_START
+    from ldm_deploy.bench.report import LEVERS_END, LEVERS_START, TUNING_END, TUNING_START
 
     root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("bench_table", root / "scripts" / "bench_table.py")
@@ -185,10 +185,102 @@ def test_bench_table_renders_the_lever_block(tmp_path):
     (fake_root / "benchmarks" / "results" / "h100-sd15.json").write_text(json.dumps(_sample_run()))
     (fake_root / "benchmarks" / "results" / "levers" / "h200-sd15-levers.json").write_text(json.dumps(_lever_run()))
     readme = fake_root / "README.md"
-    readme.write_text(f"# x\n{START}\nold\n{END}\n\n{LEVERS_START}\nold\n{LEVERS_END}\nrest\n")
+    (fake_root / "benchmarks" / "results" / "tuning").mkdir()
+    tuning_run = {**_sample_run(), "name": "h100-sd15-tuning-b1",
+                  "results": [*_sample_run()["results"], {**_record("torch-compile-ro", 1, 7.0, 400.0),
+                                                          "compile": {"mode": "reduce-overhead", "channels_last": True},
+                                                          "compile_s": {"total": 70.0}}]}
+    (fake_root / "benchmarks" / "results" / "tuning" / "h100-sd15-tuning-b1.json").write_text(json.dumps(tuning_run))
+    readme = fake_root / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\n\n{LEVERS_START}\nold\n{LEVERS_END}\n"
+                      f"{TUNING_START}\nold\n{TUNING_END}\nrest\n")
     bench_table.ROOT = fake_root
     assert bench_table.main(["--readme", str(readme)]) == 0
     text = readme.read_text()
     levers = text[text.index(LEVERS_START):text.index(LEVERS_END)]
     assert "h200-sd15-levers" in levers and "(= ort-cuda)" in levers and "ort-cuda-l0" not in text[:text.index(END)]
     assert "| ort-cuda |" in text[:text.index(END)] and text.endswith("rest\n")
+    tuning = text[text.index(TUNING_START):text.index(TUNING_END)]
+    assert "**h100-sd15-tuning-b1**" in tuning and "| `ort-cuda`: reference |" in tuning
+    assert "| torch-compile-ro | reduce-overhead + channels_last | 70 |" in tuning and "old" not in tuning
+
+
+def test_timing_check_flags_components_that_exceed_the_end_to_end():
+    """The issue's CPU record: a 2780 ms U-Net step in a 25-step run that took 1.68 s end to end cannot add up."""
+    from ldm_deploy.bench.harness import summary_line, timing_check
+
+    spec = BenchSpec(steps=25)
+    bad = _record("torch-eager-fp32", 1, 2780.0, 1680.0, dtype="fp32", device="cpu")
+    bad["components_ms"]["unet_step"]["windows_median_ms"] = [2780.0, 19.0]
+    bad["load_avg_1min"] = {"before": 6.1, "after": 1.2, "cores": 2}
+    rec = finish_record(bad, {}, {"gpus": []}, 1, spec)
+    check = rec["timing_check"]
+    assert check["ok"] is False and check["slack"] == spec.timing_slack
+    # 25 x 2780 x (0.98 + 1 + 1.03)/3 medians: the median of the three samples is the middle one
+    assert check["components_sum_ms"] == pytest.approx(25 * 2780.0 + 3.0 + 40.0)
+    assert "do not add up" in check["message"] and "[2780.0, 19.0]" in check["message"] and "6.1 on 2 cores" in check["message"]
+    assert "[timings do not add up]" in summary_line(rec)
+    run = {**_sample_run(), "results": [rec]}
+    table = markdown_table([run])
+    assert "2780 (!)" in table and "do not quote them" in table
+    # a record whose parts fit within the end to end (plus the slack) passes and is not marked
+    good = finish_record(_record("ort-cpu", 1, 20.0, 25 * 20.0 + 43.0), {}, {"gpus": []}, 1, spec)
+    assert good["timing_check"]["ok"] is True and "(!)" not in markdown_table([{**run, "results": [good]}])
+    # within the slack: 25 % over still passes, more does not
+    edge = 25 * 20.0 + 43.0
+    assert timing_check(_record("x", 1, 20.0, edge / 1.25), 25, 0.25)["ok"] is True
+    assert timing_check(_record("x", 1, 20.0, edge / 1.26), 25, 0.25)["ok"] is False
+    assert timing_check({"status": "ok"}, 25, 0.25) is None
+
+
+def test_windowed_timing_keeps_each_window_median():
+    from ldm_deploy.bench.timing import windowed
+
+    t = windowed([[10.0, 11.0, 12.0], [100.0, 101.0, 99.0]], warmup=3)
+    assert t["windows_median_ms"] == [11.0, 100.0] and t["repeats"] == 6 and t["warmup"] == 3
+    assert t["median_ms"] == pytest.approx((12.0 + 99.0) / 2)
+
+
+def test_versus_torch_and_tuning_tables():
+    from ldm_deploy.bench.report import tuning_table, versus_torch_table
+
+    flops = flop_counts(_sd15_configs(), 1, 512, 512, 50, 7.5)
+    ro = _record("torch-compile-ro", 1, 7.0, 400.0)
+    ro.update(compile={"mode": "reduce-overhead", "channels_last": True}, compile_s={"unet": 50.0, "total": 70.0},
+              attention={"used": {"flash": 32}})
+    results = [finish_record(_record("ort-cuda", 1, 8.0, 440.0), flops, H100, 1),
+               finish_record(_record("ort-cuda-conv-heuristic", 1, 7.5, 420.0), flops, H100, 1),
+               {"side": "ort-cuda-attn-cudnn-flash", "batch": 1, "status": "error", "error": "RuntimeError: no kernel"},
+               finish_record(_record("torch-eager-fp16", 1, 17.0, 900.0), flops, H100, 1),
+               finish_record(ro, flops, H100, 1),
+               {"side": "torch-compile-max-autotune", "batch": 1, "status": "timeout",
+                "compile": {"mode": "max-autotune", "channels_last": True},
+                "error": "torch.compile mode=max-autotune did not finish within 180 s (timeout after 180 s)"}]
+    run = {**_sample_run(), "results": results}
+    table = versus_torch_table(run, 1)
+    assert "reduce-overhead + channels_last | 70 | flash x32 | 7.00 | 0.400 | 0.93x | 0.95x |" in table
+    assert "timeout: torch.compile mode=max-autotune did not finish within 180 s" in table
+    assert "ort-cuda-conv-heuristic against the best PyTorch side at B=1: U-Net step 0.93x (torch-compile-ro)" in table
+    tuning = tuning_table(run, 1)
+    assert "`ort-cuda-conv-heuristic`: cuDNN convolution algorithm search HEURISTIC | 7.50 | 1.07x | 0.420 | 1.05x |" in tuning
+    assert "`ort-cuda-attn-cudnn-flash`" in tuning and "error: RuntimeError: no kernel" in tuning
+
+
+def test_cli_levers_and_tuning_are_two_runs(tmp_path, capsys):
+    from ldm_deploy.cli import main
+
+    assert main(["bench", str(tmp_path), "--levers", "--tuning", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--levers and --tuning are two runs" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_spec_checks_compile_budget_and_slack():
+    from ldm_deploy.bench.spec import COMPILE_SIDES, TORCH_SIDES, TUNING, TUNING_RUN
+
+    with pytest.raises(UsageError, match="compile_budget_s"):
+        BenchSpec(compile_budget_s=0)
+    with pytest.raises(UsageError, match="timing_slack"):
+        BenchSpec(timing_slack=-0.1)
+    assert set(COMPILE_SIDES) <= set(TORCH_SIDES) and COMPILE_SIDES["torch-compile-ro"] == ("reduce-overhead", True)
+    assert TUNING_RUN[:3] == ("ort-cuda", "torch-compile-ro", "torch-eager-fp16") and set(TUNING) <= set(TUNING_RUN)
+    BenchSpec(sides=TUNING_RUN)   # every side is known

@@ -1,0 +1,177 @@
+"""Per-op-type profiles from real traces: ONNX Runtime's profiler on the tiny U-Net (CPU) and torch.profiler on the
+same module; the bucketing of kernel names from cuDNN / cuBLAS / ORT / inductor; the worker's compile deadline."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ldm_deploy.bench.profile import BUCKETS, bucket_of, parse_ort_trace, profile_table, reading, summarize
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ldm_deploy.bench.prepare import export_for_bench, random_model_folder
+
+    work = tmp_path_factory.mktemp("profile")
+    model, _ = random_model_folder("tiny", work / "model")
+    export_for_bench(model, work / "onnx", batch_max=1)
+    return model, work / "onnx"
+
+
+@pytest.mark.parametrize("name, bucket", [
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
+    ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("GroupNormNHWCSumKernel", "groupnorm"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half>", "groupnorm"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize", "gemm"),
+    ("void onnxruntime::cuda::_BinaryElementWise<__half>", "elementwise"),
+    ("void onnxruntime::cuda::_UnaryElementWise<float, __half, OP_Cast<float, __half>>", "layout_cast"),
+    ("void cudnn::ops::nchwToNhwcKernel<__half>", "layout_cast"),
+    ("Memcpy HtoD (Pageable -> Device)", "memcpy"),
+    ("triton_poi_fused_add_convolution_silu_12", "elementwise"),
+    ("triton_poi_fused_convolution_0", "layout_cast"),
+    ("triton_red_fused_native_group_norm_3", "groupnorm"),
+    ("triton_tem_fused_convolution_4", "convolution"),
+    ("triton_tem_fused_addmm_7", "gemm"),
+    ("aten::copy_", "layout_cast"),
+    ("something_unheard_of", "other"),
+])
+def test_bucket_of_kernel_names(name, bucket):
+    assert bucket_of(name) == bucket
+
+
+def test_op_type_wins_over_the_node_name():
+    assert bucket_of("/down_blocks.0/attentions.0/Softmax", "Softmax") == "attention"
+    assert bucket_of("/conv_in/Conv", "NhwcConv") == "convolution"
+    assert bucket_of("anything", "SkipGroupNorm") == "groupnorm"
+
+
+def test_summarize_overlapping_kernels_and_gaps():
+    # two calls, 10 ms wall each; kernels overlap on two streams within each call
+    events = []
+    for call in range(2):
+        base = call * 10_000.0
+        events += [{"name": "sm90_xmma_fprop_implicit_gemm", "ts_us": base, "dur_us": 4000.0},
+                   {"name": "flash_fwd_kernel", "ts_us": base + 2000.0, "dur_us": 4000.0}]   # overlaps 2 ms
+    s = summarize(events, wall_ms=20.0, calls=2, source="cupti-kernels")
+    assert s["busy_ms_per_call"] == pytest.approx(6.0)        # union: 0..6 ms
+    assert s["buckets"]["gaps"]["ms_per_call"] == pytest.approx(4.0)
+    # the 6 ms busy are split in proportion to the summed durations (4 + 4)
+    assert s["buckets"]["convolution"]["ms_per_call"] == pytest.approx(3.0)
+    assert s["buckets"]["attention"]["ms_per_call"] == pytest.approx(3.0)
+    assert sum(b["ms_per_call"] for b in s["buckets"].values()) == pytest.approx(10.0)
+    assert s["buckets"]["gaps"]["share"] == pytest.approx(0.4)
+
+
+def test_ort_cpu_profile_of_the_tiny_unet(tiny):
+    """A real ONNX Runtime trace: every node of the kept runs lands in a bucket, warm-up runs are dropped, and
+    the buckets plus the gaps make up the wall time."""
+    from ldm_deploy.bench.profile import profile_ort
+
+    p = profile_ort(tiny[1], batch=1, iters=3, warmup=2, threads=1)
+    assert p["source"] == "onnxruntime-nodes" and p["calls"] == 3 and p["unet_rows"] == 2
+    assert p["nodes_per_call"]["Conv"] > 0 and p["buckets"]["convolution"]["ms_per_call"] > 0
+    assert p["buckets"]["gemm"]["ms_per_call"] > 0 and p["buckets"]["layout_cast"]["events_per_call"] > 0
+    total = sum(b["ms_per_call"] for b in p["buckets"].values())
+    # nodes run one after another: buckets + gaps = the runs' wall time (rounding of 9 values at 1e-4 ms)
+    assert total == pytest.approx(p["wall_ms_per_call"], abs=1e-3)
+    assert p["events_per_call"] == pytest.approx(sum(p["nodes_per_call"].values()))
+
+
+def test_parse_ort_trace_drops_warmup_runs(tmp_path):
+    trace = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},
+             {"cat": "Node", "name": "a_kernel_time", "ts": 10, "dur": 50, "args": {"op_name": "Conv"}},
+             {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100},
+             {"cat": "Node", "name": "b_kernel_time", "ts": 210, "dur": 30, "args": {"op_name": "MatMul"}},
+             {"cat": "Node", "name": "b_fence_before", "ts": 209, "dur": 1, "args": {"op_name": "MatMul"}}]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))
+    nodes, kernels, wall, runs = parse_ort_trace(path, skip_runs=1)
+    assert [n["name"] for n in nodes] == ["b"] and nodes[0]["op_type"] == "MatMul"
+    assert kernels == [] and wall == pytest.approx(0.1) and runs == 1
+
+
+def test_torch_cpu_profile_and_table(tiny):
+    from ldm_deploy.bench.profile import profile_ort, profile_torch
+
+    t = profile_torch(tiny[0], batch=1, device="cpu", iters=2, warmup=1)
+    assert t["source"] == "torch-cpu-ops" and t["mode"] == "eager" and t["dtype"] == "fp32"
+    assert t["buckets"]["convolution"]["ms_per_call"] > 0 and t["buckets"]["groupnorm"]["ms_per_call"] > 0
+    assert t["attention"]["used"] == {"flash (CPU)": t["attention"]["used"]["flash (CPU)"]}
+    o = profile_ort(tiny[1], batch=1, iters=2, warmup=1, threads=1)
+    table = profile_table([o, t])
+    assert table.count("\n") == len(BUCKETS) + 3 and "torch eager (fp32, torch-cpu-ops)" in table
+    lines = reading(o, t)
+    assert lines[0].startswith("step wall")
+
+
+def test_profile_script_writes_json_and_markdown(tiny, tmp_path):
+    out, md, docs = tmp_path / "p.json", tmp_path / "p.md", tmp_path / "doc.md"
+    docs.write_text("# perf\n<!-- profile:start -->\nold\n<!-- profile:end -->\ntail\n")
+    proc = subprocess.run([sys.executable, "scripts/profile_unet.py", "--artifact", str(tiny[1]), "--model-dir",
+                           str(tiny[0]), "--device", "cpu", "--iters", "2", "--warmup", "1", "--threads", "1",
+                           "--out", str(out), "--md", str(md)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    profiles = data["batches"]["1"]["profiles"]
+    assert [p["side"] for p in profiles] == ["onnxruntime", "torch"] and all(p["status"] == "ok" for p in profiles)
+    assert "| convolution |" in md.read_text() and "Reading (ONNX Runtime against torch eager)" in md.read_text()
+    proc = subprocess.run([sys.executable, "scripts/profile_unet.py", "--render", str(out), "--docs", str(docs)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = docs.read_text()
+    assert "old" not in text and "| gaps |" in text and text.endswith("<!-- profile:end -->\ntail\n")
+
+
+def test_deadline_records_a_timeout_and_ends_the_process_group(tmp_path):
+    """A block that never finishes (an Event nobody sets) under `deadline`: the worker writes the record with
+    status timeout and exits, and the child it started (standing in for a compile worker) goes with it."""
+    result, pidfile = tmp_path / "result.json", tmp_path / "child.pid"
+    code = textwrap.dedent(f"""
+        import subprocess, sys, threading
+        from ldm_deploy.bench import worker
+        worker._CASE.update(result={str(result)!r}, side="torch-compile-max-autotune", batch=1, start=0.0)
+        child = subprocess.Popen([sys.executable, "-c", "import threading; threading.Event().wait()"])
+        open({str(pidfile)!r}, "w").write(str(child.pid))
+        with worker.deadline(0.5, {{"compile": {{"mode": "max-autotune"}}}}, what="torch.compile mode=max-autotune"):
+            threading.Event().wait()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], start_new_session=True, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -9   # SIGKILL of its own group
+    record = json.loads(result.read_text())
+    assert record["status"] == "timeout" and record["side"] == "torch-compile-max-autotune"
+    assert record["error"] == "torch.compile mode=max-autotune did not finish within 0.5 s (timeout after 0.5 s)"
+    assert record["compile"] == {"mode": "max-autotune"}
+    child = int(pidfile.read_text())
+
+    def running(pid: int) -> bool:   # a SIGKILLed child is gone, or a zombie until its new parent reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    for _ in range(200):   # SIGKILL is delivered asynchronously: wait for it to land
+        if not running(child):
+            break
+        time.sleep(0.05)
+    assert not running(child)
+
+
+def test_gpu_perf_run_script_parses_and_refuses_an_unknown_part():
+    """The GPU plan's shell script: valid bash, and a wrong part name is a usage error before anything runs
+    (`bash scripts/gpu_perf_run.sh --tiny all` is its full CPU smoke test, minutes long)."""
+    assert subprocess.run(["bash", "-n", "scripts/gpu_perf_run.sh"]).returncode == 0
+    proc = subprocess.run(["bash", "scripts/gpu_perf_run.sh", "--tiny", "part9"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "OUT": "/nonexistent-not-created",
+                               "WORK": "/nonexistent-not-created"})
+    assert proc.returncode == 2 and "usage: bash scripts/gpu_perf_run.sh" in proc.stderr
