@@ -145,6 +145,8 @@ def quiet_polygraphy():
 
     old = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
+    import warnings
+    warnings.filterwarnings("ignore", message="invalid value encountered", module="polygraphy")
     try:
         yield
     finally:
@@ -207,7 +209,10 @@ def time_graph(path: Path, feed: dict[str, np.ndarray], providers: Sequence[str]
     """Median latency in ms of the unmarked graph at `path` (after one warm-up run), through Polygraphy's runner."""
     import time
 
-    runner = ort_runner(path, "timing", providers)
+    with quiet_polygraphy():
+        runner = ort_runner(path, "timing", providers)
+    types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in runner._sess.get_inputs()}
+    feed = {k: v.astype(types[k]) if types.get(k) else v for k, v in feed.items()}
     with quiet_polygraphy(), runner:
         runner.infer(feed)
         times = []
