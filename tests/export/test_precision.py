@@ -1,0 +1,132 @@
+"""debug-precision on a tiny SD-shaped model made to overflow fp16 in a known place, and on a clean one.
+
+The fault: the U-Net's down_blocks.0.resnets.0.conv1 weight and bias scaled by 1e5. Its output then
+reaches ~1.8e5 in fp32 (> 65504, the largest fp16), the Add of the time embedding carries it on, and
+norm2 (GroupNorm) normalises it back, so the fp32 model still works while its fp16 conversion makes
+inf -> NaN (ONNX Runtime CPU computes the Conv in fp32 behind casts; the Cast of its output to fp16
+is where inf appears, as on a GPU's fp16 kernels).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm_deploy.cli import main
+from tests.runtime.tiny_model import PROFILES, make_tiny_folder
+
+FAULT = "down_blocks.0.resnets.0.conv1"
+FAULT_NODE = "/unet/down_blocks.0/resnets.0/conv1/Conv"
+SCALE = 1e5     # conv1 output max is ~1.8 at this seed: ~1.8e5 after scaling; weights stay < 1e4 (fp16-safe)
+FAST = ["--inputs", "2", "--steps", "2", "--no-timing", "-q"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("precision")
+    clean = make_tiny_folder(root / "clean")
+    bad = root / "bad"
+    shutil.copytree(clean, bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    for key in (f"{FAULT}.weight", f"{FAULT}.bias"):
+        sd[key] = sd[key] * SCALE
+    assert float(sd[f"{FAULT}.weight"].abs().max()) < 65504
+    save_file(sd, str(weights))
+    config = root / "tiny.yaml"
+    config.write_text(json.dumps({"profiles": PROFILES, "components": ["text_encoder", "unet", "vae_decoder"]}))
+    return clean, bad, config
+
+
+@pytest.mark.slow   # ~35 s on 2 shared cores: fp32 export, trajectories, two per-layer comparisons, fp16 export
+def test_finds_the_overflow_and_the_written_config_fixes_it(folders, tmp_path):
+    from ldm_deploy.errors import LdmError
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+    from ldm_deploy.export.validate import validate
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    _, bad, config = folders
+    fix, report = tmp_path / "fixed.yaml", tmp_path / "report.json"
+    rc = main(["debug-precision", str(bad), "--component", "unet", "--config", str(config),
+               "--write-config", str(fix), "--json", str(report), *FAST])
+    assert rc == 0
+    r = json.loads(report.read_text())
+    assert r["first_failure"]["node"] == FAULT_NODE and r["first_failure"]["op"] == "Conv"
+    over = {o["node"]: o for o in r["overflows"]}
+    assert FAULT_NODE in over and over[FAULT_NODE]["fp32_max"] > 65504
+    assert over[FAULT_NODE]["overflow_inputs"] == [0, 1]          # both picked inputs overflow
+    assert r["outputs_before"]["noise_pred"]["nonfinite"] > 0     # the unfixed fp16 U-Net makes NaN
+    assert FAULT_NODE in r["keep_nodes"] and len(r["keep_nodes"]) <= 6   # the region, not the graph
+    assert r["outputs_after"]["noise_pred"]["passed"]
+
+    # today's fp16 export refuses the model (non-finite outputs); the written config exports and validates
+    base = load_config(config)
+    with pytest.raises(LdmError, match="non-finite"):
+        export_model(bad, tmp_path / "plain", base.replace(precision="fp16"))
+    fixed = load_config(fix)
+    assert fixed.precision == "fp16" and FAULT_NODE in fixed.fp16_keep_nodes["unet"]
+    art = export_model(bad, tmp_path / "fixed", fixed).path
+    check = validate(bad, art, components=["unet"])
+    assert check.passed, check.table()
+    images = Pipeline.from_artifact(art)("a red circle", steps=3, seed=0).images
+    assert images.std() > 1.0             # not NaN (the pipeline would raise), not black or flat
+
+
+@pytest.mark.slow   # ~35 s on 2 shared cores
+def test_clean_model_gets_a_clean_report(folders, tmp_path):
+    clean, _, config = folders
+    report = tmp_path / "report.json"
+    assert main(["debug-precision", str(clean), "--config", str(config), "--json", str(report), *FAST]) == 0
+    r = json.loads(report.read_text())
+    assert r["clean"] and r["keep_nodes"] == [] and r["first_failure"] is None and r["overflows"] == []
+    # fp16 rounding only: each layer's error is a few fp16 ulps of its scale (2^-11 ~ 4.9e-4 per rounding)
+    assert max(layer["max_rel"] for layer in r["layers"]) < 2e-2
+
+
+def test_timestep_island_stays_fp32(folders, tmp_path):
+    """The converter's fp32 -> fp16 -> fp32 round trips between kept nodes are gone: the sinusoid's
+    argument (t * freq, up to ~1000 rad) reaches Cos/Sin in fp32."""
+    import onnx
+
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    art = export_model(clean, tmp_path / "a", load_config(config).replace(precision="fp16", components=("unet",)))
+    model = onnx.load(str(art.path / "unet" / "model.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    cos = next(n for n in model.graph.node if n.op_type == "Cos")
+    assert producer[cos.input[0]].op_type == "Mul"
+
+
+def test_unknown_keep_node_and_bf16_are_refused(folders, tmp_path):
+    from ldm_deploy.errors import LdmError
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    bad_config = load_config(config).replace(precision="fp16", components=("unet",),
+                                             fp16_keep_nodes={"unet": ["/unet/no_such/Conv"]})
+    with pytest.raises(LdmError, match="fp16_keep_nodes names 1 nodes"):
+        export_model(clean, tmp_path / "x", bad_config)
+    assert not (tmp_path / "x").exists()
+    assert main(["debug-precision", str(clean), "--precision", "bf16", "-q"]) == 2
+
+
+def test_layer_report_orders_and_flags():
+    from ldm_deploy.export.layers import LayerReport, LayerStat
+
+    layers = [LayerStat(0, "a", "A", "Conv", "float16", ref_max=40000.0, input_max=[40000.0]),
+              LayerStat(1, "b", "B", "Add", "float16", ref_max=70000.0, max_rel=1.0, passed=False,
+                        input_max=[1.0, 70000.0]),
+              LayerStat(2, "c", "C", "Mul", "float32", ref_max=1e6, input_max=[1e6])]
+    report = LayerReport("fp32", "fp16", 2e-2, ["i0", "i1"], ["c"], layers)
+    assert report.first_failure().node == "B"
+    assert [s.node for s in report.overflows(0.5)] == ["A", "B"]      # C is fp32 in the test graph
+    assert [s.node for s in report.overflows(1.0)] == ["B"] and layers[1].over(65504) == [1]
