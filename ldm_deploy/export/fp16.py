@@ -106,7 +106,8 @@ def drop_cast_round_trips(graph: onnx.GraphProto) -> int:
     """Remove the converter's fp32 -> fp16 -> fp32 Cast pairs between two fp32-kept nodes.
 
     The converter renames a kept node's output `X` to `X_cast_to_fp16`, adds `Cast(to=fp16) -> X`, and
-    a kept consumer reads it back through `Cast(to=fp32) -> X_cast_to_fp32`. Those consumers are
+    a kept consumer reads it back through `Cast(to=fp32) -> X_cast_to_fp32`; an fp32 graph input
+    (keep_io_types, e.g. `timestep`) is likewise cast to fp16 and back before a kept node reads it. Those consumers are
     rewired to the fp32 tensor; when nothing else reads the fp16 `X`, its Cast goes too and the kept
     node's output gets its original name `X` back (in fp32), so reports name the same tensors as the
     fp32 graph. Returns the number of Cast nodes removed.
@@ -116,11 +117,15 @@ def drop_cast_round_trips(graph: onnx.GraphProto) -> int:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
+    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     removed: set[int] = set()
     inputs_to: dict[str, str] = {}      # tensor read by a consumer -> the tensor it reads instead
     outputs_to: dict[str, str] = {}     # a kept node's output -> its restored original name
     for cast16 in graph.node:
-        if cast16.op_type != "Cast" or not cast16.output or cast16.input[0] != cast16.output[0] + "_cast_to_fp16":
+        if cast16.op_type != "Cast" or not cast16.output:
+            continue
+        kept_output = cast16.input[0] == cast16.output[0] + "_cast_to_fp16"
+        if not kept_output and cast16.input[0] not in fp32_inputs:   # keep_io_types: an fp32 input cast to fp16
             continue
         fp32, fp16 = cast16.input[0], cast16.output[0]
         readers = consumers.get(fp16, [])
@@ -129,13 +134,14 @@ def drop_cast_round_trips(graph: onnx.GraphProto) -> int:
         if not trips:
             continue
         whole = len(trips) == len(readers) and fp16 not in graph_outputs
-        target = fp16 if whole else fp32
+        target = fp16 if whole and kept_output else fp32
         for c in trips:
             inputs_to[c.output[0]] = target
             removed.add(id(c))
         if whole:
             removed.add(id(cast16))
-            outputs_to[fp32] = fp16
+            if kept_output:
+                outputs_to[fp32] = fp16
     if not removed:
         return 0
     keep = []

@@ -103,6 +103,10 @@ def test_timestep_island_stays_fp32(folders, tmp_path):
     producer = {o: n for n in model.graph.node for o in n.output}
     cos = next(n for n in model.graph.node if n.op_type == "Cos")
     assert producer[cos.input[0]].op_type == "Mul"
+    # the fp32 `timestep` input is read as is, not rounded through fp16 first (fractional t from
+    # Karras-style schedules would lose up to 0.25 near t = 999)
+    readers = [n for n in model.graph.node if "timestep" in n.input]
+    assert readers and all(n.op_type != "Cast" for n in readers)
 
 
 def test_unknown_keep_node_and_bf16_are_refused(folders, tmp_path):
@@ -130,3 +134,30 @@ def test_layer_report_orders_and_flags():
     assert report.first_failure().node == "B"
     assert [s.node for s in report.overflows(0.5)] == ["A", "B"]      # C is fp32 in the test graph
     assert [s.node for s in report.overflows(1.0)] == ["B"] and layers[1].over(65504) == [1]
+
+
+def test_validate_layers_per_layer_view(folders, tmp_path, capsys):
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    cfg = load_config(config).replace(precision="fp16", components=("unet",), measure_runtime=False)
+    art = export_model(clean, tmp_path / "a", cfg).path
+    assert main(["validate", str(clean), str(art), "--layers", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "unet: fp32-ort-cpu: model.onnx vs fp16-ort-cpu: model.onnx" in out
+    assert "first node over tolerance: none" in out and "/unet/" in out
+
+
+@pytest.mark.tensorrt
+def test_validate_layers_against_a_tensorrt_engine(folders, tmp_path):
+    pytest.importorskip("tensorrt")
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+    from ldm_deploy.export.validate_layers import validate_layers
+
+    clean, _, config = folders
+    cfg = load_config(config).replace(precision="fp16", components=("unet",), measure_runtime=False)
+    art = export_model(clean, tmp_path / "a", cfg).path
+    report = validate_layers(clean, art, "tensorrt")["unet"]
+    assert report.layers and report.passed, report.table()
