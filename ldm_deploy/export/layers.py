@@ -29,6 +29,7 @@ import numpy as np
 from ldm_deploy.export import onnx_io
 
 FP16_MAX = 65504.0          # the largest finite float16
+SENTINEL = 1e38             # |x| above this is float32's max used as "infinity" (attention masks)
 
 
 @dataclass
@@ -44,6 +45,13 @@ class LayerStat:
     nonfinite: int = 0          # non-finite values the test graph produced, over all inputs
     passed: bool = True         # Polygraphy's verdict, on every input
     input_max: list[float] = field(default_factory=list)   # max |reference| per input
+
+    @property
+    def sentinel(self) -> bool:
+        """Holds float32's extreme value on purpose: an attention mask's `finfo(float32).min` ("-inf").
+        fp16 stores it as -inf / -65504 and the Softmax after it gives the same result, so such a
+        tensor is neither an overflow nor an error (the outputs' comparison still covers it)."""
+        return self.ref_max >= SENTINEL
 
     def over(self, limit: float) -> list[int]:
         """Inputs on which the reference activation's magnitude exceeds `limit`."""
@@ -65,11 +73,14 @@ class LayerReport:
 
     def first_failure(self) -> LayerStat | None:
         """The earliest tensor (topological order) whose error exceeds the tolerance."""
-        return next((s for s in self.layers if not s.passed), None)
+        return next((s for s in self.layers if not s.passed and not s.sentinel), None)
 
     def overflows(self, margin: float = 1.0) -> list[LayerStat]:
         """fp16 tensors of the test graph whose fp32 magnitude exceeds margin * 65504 on some input."""
-        return [s for s in self.layers if s.dtype == "float16" and s.ref_max > margin * FP16_MAX]
+        return [s for s in self.layers if s.dtype == "float16" and s.ref_max > margin * FP16_MAX and not s.sentinel]
+
+    def sentinels(self) -> list[LayerStat]:
+        return [s for s in self.layers if s.sentinel]
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -80,7 +91,8 @@ class LayerReport:
 
     def table(self, limit: int = 15) -> str:
         """The worst `limit` layers by relative error, in graph order."""
-        worst = sorted(sorted(self.layers, key=lambda s: -s.max_rel)[:limit], key=lambda s: s.order)
+        ranked = sorted((s for s in self.layers if not s.sentinel), key=lambda s: -s.max_rel)
+        worst = sorted(ranked[:limit], key=lambda s: s.order)
         head = ("#", "node", "op", "dtype", "max |fp32|", "max abs", "max rel", "non-finite", "result")
         rows = [(str(s.order), s.node, s.op, s.dtype, f"{s.ref_max:.3g}", f"{s.max_abs:.2e}", f"{s.max_rel:.2e}",
                  str(s.nonfinite), "ok" if s.passed else "FAIL") for s in worst]

@@ -113,6 +113,7 @@ class PrecisionReport:
             "outputs_before": _outputs(self.before), "outputs_after": _outputs(self.after) if self.after else None,
             "first_failure": None if first is None else _layer(first, self.margin),
             "overflows": [_layer(s, self.margin) for s in over],
+            "mask_sentinels": [s.node for s in self.before.sentinels()],
             "keep_nodes": self.keep_nodes, "cost": self.cost,
             "layers": [_layer(s, self.margin) for s in self.before.layers],
         }
@@ -136,6 +137,10 @@ class PrecisionReport:
             hit = s.over(FP16_MAX)
             lines.append(f"  #{s.order} {s.node} ({s.op}): max |fp32| {s.ref_max:.4g}"
                          + (f", OVERFLOWS fp16 on inputs {hit}" if hit else ", within the margin"))
+        masks = self.before.sentinels()
+        if masks:
+            lines.append(f"mask tensors holding float32's extreme value (not overflows; fp16 stores -inf / -65504 and "
+                         f"the Softmax agrees): {', '.join(s.node for s in masks)}")
         lines += ["worst layers:", self.before.table(limit)]
         if self.clean:
             lines.append("clean: no layer over tolerance, no activation near the fp16 range")

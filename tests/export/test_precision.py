@@ -161,3 +161,13 @@ def test_validate_layers_against_a_tensorrt_engine(folders, tmp_path):
     art = export_model(clean, tmp_path / "a", cfg).path
     report = validate_layers(clean, art, "tensorrt")["unet"]
     assert report.layers and report.passed, report.table()
+
+
+def test_mask_sentinels_are_not_overflows():
+    """CLIP's causal mask holds finfo(float32).min; fp16 stores -inf / -65504 with the same Softmax."""
+    from ldm_deploy.export.layers import LayerReport, LayerStat
+
+    mask = LayerStat(0, "m", "/text_encoder/Where_1", "Where", "float16", ref_max=3.4028235e38, max_rel=1.0,
+                     passed=False, input_max=[3.4028235e38])
+    report = LayerReport("fp32", "fp16", 2e-2, ["i0"], ["out"], [mask])
+    assert report.first_failure() is None and report.overflows(0.5) == [] and report.sentinels() == [mask]
