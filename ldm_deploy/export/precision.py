@@ -279,7 +279,6 @@ def debug_precision(config: PrecisionDebugConfig, work_dir: Path | None = None) 
         after = None
         if not before.passed or before.overflows(config.margin):
             keep = [n for n in overflow_closure(before, fp32_graph, config.margin) if n not in today]
-            report = before
             for round_ in range(MAX_ROUNDS):
                 fixed = convert(fp32_graph, work / f"fix{round_}" / "model.onnx", base, config.component,
                                 (*today, *keep))
@@ -292,8 +291,6 @@ def debug_precision(config: PrecisionDebugConfig, work_dir: Path | None = None) 
                 if first is None or first.node in keep or first.order < 0:
                     break
                 keep.append(first.node)   # error without an overflow: precision loss; keep where it starts
-                report = full
-            del report
         keep_all = [*today, *[n for n in keep if n not in today]]
         nodes = {**base.fp16_keep_nodes, config.component: keep_all}
         precision_key = "vae_precision" if config.component.startswith("vae") else "precision"
