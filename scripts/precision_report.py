@@ -65,7 +65,8 @@ def main() -> int:
                 device=args.device))
             d = report.as_dict()
             d.pop("layers")
-            d["worst_layers"] = sorted(report.as_dict()["layers"], key=lambda s: -s["max_rel"])[:10]
+            layers = [s for s in report.as_dict()["layers"] if s["node"] not in d["mask_sentinels"]]
+            d["worst_layers"] = sorted(layers, key=lambda s: -s["max_rel"])[:10]
             d["seconds"] = round(time.perf_counter() - start, 1)
             entry["components"][component] = d
             print(report.summary(limit=10), flush=True)
