@@ -187,3 +187,20 @@ def test_mask_sentinels_are_not_overflows():
                      passed=False, input_max=[3.4028235e38])
     report = LayerReport("fp32", "fp16", 2e-2, ["i0"], ["out"], [mask])
     assert report.first_failure() is None and report.overflows(0.5) == [] and report.sentinels() == [mask]
+
+
+def test_artifact_source_needs_fp32_graphs(folders, tmp_path):
+    """An fp32 artifact is debugged directly (no re-export); an fp16 one is refused with the way out."""
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    base = load_config(config).replace(measure_runtime=False)
+    fp16 = export_model(clean, tmp_path / "fp16", base.replace(precision="fp16", components=("unet",))).path
+    assert main(["debug-precision", str(fp16), "-q"]) == 2
+    fp32 = export_model(clean, tmp_path / "fp32", base).path
+    report = tmp_path / "r.json"
+    assert main(["debug-precision", str(fp32), "--component", "text_encoder", "--inputs", "2", "--steps", "1",
+                 "--json", str(report), *FAST]) == 0
+    r = json.loads(report.read_text())
+    assert r["clean"] and len(r["inputs"]) == 2 and r["mask_sentinels"]   # CLIP's causal mask, not an overflow
