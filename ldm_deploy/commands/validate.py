@@ -18,6 +18,8 @@ def add_arguments(p) -> None:
                    help="runners to check: ort-cpu (default), ort-cuda, tensorrt (comma-separated)")
     p.add_argument("--components", type=_csv, metavar="NAME,...", help="check only these components")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--layers", action="store_true",
+                   help="also compare every intermediate tensor with the fp32 graph (Polygraphy; one backend)")
 
 
 def run(args) -> int:
@@ -26,4 +28,9 @@ def run(args) -> int:
     report = validate(args.model_dir, args.onnx_dir, backends=args.backend, components=args.components,
                       seed=args.seed)
     print(report.table())
+    if args.layers:
+        from ldm_deploy.export.validate_layers import layers_text, validate_layers
+
+        print(layers_text(validate_layers(args.model_dir, args.onnx_dir, args.backend[-1],
+                                          components=args.components, seed=args.seed)))
     return 0 if report.passed else 1

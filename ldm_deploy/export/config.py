@@ -57,6 +57,9 @@ class ExportConfig:
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
     fp16_keep_ops: tuple[str, ...] = ("InstanceNormalization", "GroupNormalization", "LayerNormalization",
                                       "Softmax")
+    # Nodes kept in fp32 per component, by node name in the fp32 graph: {unet: [names], vae_decoder: [...]}.
+    # Written by `ldm-deploy debug-precision --write-config` (docs/precision.md); empty = none.
+    fp16_keep_nodes: dict = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         unknown = [c for c in self.components if c not in COMPONENTS]
@@ -66,6 +69,11 @@ class ExportConfig:
             value = getattr(self, key)
             if value is not None and value not in PRECISIONS:
                 raise UsageError(f"{key} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+        bad = [k for k, v in self.fp16_keep_nodes.items() if k not in COMPONENTS or isinstance(v, str)
+               or not all(isinstance(n, str) for n in v)]
+        if bad:
+            raise UsageError(f"fp16_keep_nodes must map components ({', '.join(COMPONENTS)}) to lists of node "
+                             f"names; bad entry {bad[0]!r}")
         if self.exporter not in EXPORTERS:
             raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
         if self.opset < 17:
@@ -90,6 +98,9 @@ class ExportConfig:
         d = dataclasses.asdict(self)
         d["components"] = list(self.components)
         d["fp16_keep_ops"] = list(self.fp16_keep_ops)
+        d["fp16_keep_nodes"] = {k: list(v) for k, v in self.fp16_keep_nodes.items() if v}
+        if not d["fp16_keep_nodes"]:
+            d.pop("fp16_keep_nodes")   # keeps configs (and cached artifacts) from before the key unchanged
         d["profiles"] = {k: d.pop(k) for k in ("batch", "height", "width")}
         return d
 
@@ -120,6 +131,10 @@ class ExportConfig:
                 v = _range(v, f"{where}: profiles.{k}")
             elif k in ("components", "fp16_keep_ops"):
                 v = tuple(v)
+            elif k == "fp16_keep_nodes":
+                if not isinstance(v, dict):
+                    raise LdmError(f"{where}: `fp16_keep_nodes` must map component names to lists of node names")
+                v = {c: tuple(names or ()) if not isinstance(names, str) else names for c, names in v.items()}
             kwargs[k] = v
         try:
             return cls(**kwargs)
@@ -201,13 +216,14 @@ def default_config(model_dir: str | Path) -> ExportConfig:
     return ExportConfig(name="default", height=Range(h, h, h), width=Range(w, w, w))
 
 
-def write_config(config: ExportConfig, path: Path) -> None:
+def write_config(config: ExportConfig, path: Path,
+                 header: str = "the resolved export config this artifact was made with") -> None:
     import yaml
 
     from ldm_deploy.fileio import atomic_file
 
     with atomic_file(path, "w") as f:
-        f.write("# the resolved export config this artifact was made with\n")
+        f.write("".join(f"# {line}\n" for line in header.splitlines()))
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
 

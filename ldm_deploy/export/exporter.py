@@ -89,14 +89,17 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         onnx_io.save_model(onnx.load(str(raw)), fp32)
         clean = {"tool": None, "applied": False, "nodes_before": node_count(raw), "nodes_after": node_count(fp32)}
     if precision == "fp16":
+        keep_nodes = tuple(config.fp16_keep_nodes.get(component, ()))
         if config.optimize and not clean["applied"]:
             # onnxslim cannot serialize an fp32 graph over 2 GB (the SD 1.5 U-Net is 3.4 GB); its fp16
             # conversion is half that size, so slim the fp16 graph instead
             fp16_raw = work / component / "fp16_raw.onnx"
-            convert_to_fp16(fp32, fp16_raw, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",))
+            convert_to_fp16(fp32, fp16_raw, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",),
+                            keep_nodes=keep_nodes)
             clean["fp16"] = cleanup(fp16_raw, final)
         else:
-            convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",))
+            convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",),
+                            keep_nodes=keep_nodes)
     onnx_io.check_model(final)
     variants = {}
     if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:

@@ -8,7 +8,14 @@ fp16 kernels), and we choose exactly what stays fp32:
 - normalisations and softmax (`ExportConfig.fp16_keep_ops`): casts around them, fp32 inside;
 - the timestep path of the U-Net: `timestep` stays a float32 input and everything from it up to the
   time-embedding's first linear layer (sinusoid arguments reach 1000 rad; fp16 would lose the
-  fractional part) runs in fp32, as diffusers computes `t_emb` in float32.
+  fractional part) runs in fp32, as diffusers computes `t_emb` in float32;
+- named nodes (`ExportConfig.fp16_keep_nodes`, written by `ldm-deploy debug-precision --write-config`):
+  the activations found to overflow fp16, and the nodes that consume them.
+
+The converter casts every fp32-kept node's output to fp16 and back before the next fp32-kept node;
+`drop_cast_round_trips` removes those round trips, so a chain of kept nodes really stays in fp32
+(without it the timestep island's 1000-rad arguments, and any overflowing activation, still pass
+through fp16).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from pathlib import Path
 
 import onnx
 
+from ldm_deploy.errors import LdmError
 from ldm_deploy.export import onnx_io
 
 log = logging.getLogger(__name__)
@@ -94,8 +102,77 @@ def drop_duplicate_nodes(graph: onnx.GraphProto) -> int:
     return dropped
 
 
-def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inputs: tuple[str, ...] = ()) -> None:
-    """Write an fp16 copy of the fp32 graph at `src` to `dst` (external data when over 2 GB)."""
+def drop_cast_round_trips(graph: onnx.GraphProto) -> int:
+    """Remove the converter's fp32 -> fp16 -> fp32 Cast pairs between two fp32-kept nodes.
+
+    The converter renames a kept node's output `X` to `X_cast_to_fp16`, adds `Cast(to=fp16) -> X`, and
+    a kept consumer reads it back through `Cast(to=fp32) -> X_cast_to_fp32`; an fp32 graph input
+    (keep_io_types, e.g. `timestep`) is likewise cast to fp16 and back before a kept node reads it. Those consumers are
+    rewired to the fp32 tensor; when nothing else reads the fp16 `X`, its Cast goes too and the kept
+    node's output gets its original name `X` back (in fp32), so reports name the same tensors as the
+    fp32 graph. Returns the number of Cast nodes removed.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    removed: set[int] = set()
+    inputs_to: dict[str, str] = {}      # tensor read by a consumer -> the tensor it reads instead
+    outputs_to: dict[str, str] = {}     # a kept node's output -> its restored original name
+    for cast16 in graph.node:
+        if cast16.op_type != "Cast" or not cast16.output:
+            continue
+        kept_output = cast16.input[0] == cast16.output[0] + "_cast_to_fp16"
+        if not kept_output and cast16.input[0] not in fp32_inputs:   # keep_io_types: an fp32 input cast to fp16
+            continue
+        fp32, fp16 = cast16.input[0], cast16.output[0]
+        readers = consumers.get(fp16, [])
+        trips = [c for c in readers if c.op_type == "Cast" and c.output[0] == fp16 + "_cast_to_fp32"
+                 and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in c.attribute)]
+        if not trips:
+            continue
+        whole = len(trips) == len(readers) and fp16 not in graph_outputs
+        target = fp16 if whole and kept_output else fp32
+        for c in trips:
+            inputs_to[c.output[0]] = target
+            removed.add(id(c))
+        if whole:
+            removed.add(id(cast16))
+            if kept_output:
+                outputs_to[fp32] = fp16
+    if not removed:
+        return 0
+    keep = []
+    for node in graph.node:
+        if id(node) in removed:
+            continue
+        for i, name in enumerate(node.input):
+            if name in inputs_to:
+                node.input[i] = inputs_to[name]
+            elif name in outputs_to:
+                node.input[i] = outputs_to[name]
+        for i, name in enumerate(node.output):
+            if name in outputs_to:
+                node.output[i] = outputs_to[name]
+        keep.append(node)
+    retyped = set(inputs_to) | set(outputs_to) | set(outputs_to.values())
+    value_info = [v for v in graph.value_info if v.name not in retyped]   # shape inference redoes them
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+    del graph.node[:]
+    graph.node.extend(keep)
+    log.info("fp16: removed %d fp32 -> fp16 -> fp32 Cast round trips between fp32-kept nodes", len(removed))
+    return len(removed)
+
+
+def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inputs: tuple[str, ...] = (),
+                    keep_nodes: tuple[str, ...] = ()) -> None:
+    """Write an fp16 copy of the fp32 graph at `src` to `dst` (external data when over 2 GB).
+
+    `keep_nodes` names nodes of the fp32 graph to keep in fp32 (an unknown name is an error: the
+    config was written for another graph)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     big = onnx_io.model_bytes(src) >= onnx_io.PROTO_LIMIT
@@ -108,12 +185,21 @@ def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inp
     present = [i.name for i in model.graph.input]
     keep_inputs = [n for n in fp32_inputs if n in present]
     island = fp32_island(model, keep_inputs)
+    if keep_nodes:
+        names = {n.name for n in model.graph.node}
+        missing = [n for n in keep_nodes if n not in names]
+        if missing:
+            raise LdmError(f"fp16_keep_nodes names {len(missing)} nodes this graph lacks, e.g. {missing[0]!r}",
+                           hint="the export config was written for another model or export settings; "
+                                "rerun `ldm-deploy debug-precision --write-config` on this model")
     model16 = convert_float_to_float16(
         model, keep_io_types=keep_inputs, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_ops),
-        node_block_list=island, disable_shape_infer=big)
+        node_block_list=island + [n for n in keep_nodes if n not in island], disable_shape_infer=big)
     drop_duplicate_nodes(model16.graph)
+    drop_cast_round_trips(model16.graph)
     topological_sort(model16.graph)    # the converter appends its Cast nodes at the end
-    log.info("fp16: %d nodes kept fp32 on the %s path, ops kept fp32: %s", len(island), keep_inputs, keep_ops)
+    log.info("fp16: %d nodes kept fp32 on the %s path, %d named nodes kept fp32, ops kept fp32: %s", len(island),
+             keep_inputs, len(keep_nodes), keep_ops)
     onnx_io.save_model(model16, dst)
     if big:
         inferred.unlink(missing_ok=True)

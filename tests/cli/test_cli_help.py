@@ -24,19 +24,26 @@ FAILURES = {
     "inspect": (["{nope}"], 1),
     "convert": (["{nope}", "--out", "{out}"], 1),
     "demo": (["--model", "{nope}", "--out", "{out}"], 1),
+    "debug-precision": (["{nope}", "--write-config", "{out}"], 2),
 }
+
+
+def _cli_name(module: str) -> str:
+    """The subcommand of a command module (`debug_precision` -> `debug-precision`)."""
+    return importlib.import_module(f"ldm_deploy.commands.{module}").NAME
 
 
 def test_every_listed_command_exists():
     for name in COMMANDS:
         mod = importlib.import_module(f"ldm_deploy.commands.{name}")
-        assert mod.NAME == name and mod.HELP and mod.EXAMPLE.startswith(f"ldm-deploy {name}"), name
-    assert set(FAILURES) == set(COMMANDS)
+        assert mod.NAME == name.replace("_", "-") and mod.HELP and mod.EXAMPLE.startswith(f"ldm-deploy {mod.NAME}"), name
+    assert set(FAILURES) == {_cli_name(c) for c in COMMANDS}
 
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_subcommand_conventions(name, tmp_path, capsys):
     mod = importlib.import_module(f"ldm_deploy.commands.{name}")
+    name = mod.NAME
     assert main([name, "--help"]) == 0
     out = capsys.readouterr().out
     assert f"example:\n  {mod.EXAMPLE}" in out and "--quiet" in out and "--verbose" in out
@@ -63,7 +70,7 @@ def test_subcommand_conventions(name, tmp_path, capsys):
 def test_top_level_help_usage_and_flags(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in COMMANDS) and "example:" in out
+    assert all(_cli_name(name) in out for name in COMMANDS) and "example:" in out
     assert main([]) == 2 and "COMMAND" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

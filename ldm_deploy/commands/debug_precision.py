@@ -1,0 +1,57 @@
+"""`ldm-deploy debug-precision`: fp32 vs fp16 layer by layer, with Polygraphy; proposes and writes the
+export config that keeps the offending nodes in fp32 (Python twin:
+ldm_deploy.export.precision.debug_precision; see docs/precision.md)."""
+from __future__ import annotations
+
+NAME = "debug-precision"
+HELP = "find the layers that break fp16 (per-layer error, fp16 overflows) and write the export config that fixes them"
+EXAMPLE = ("ldm-deploy debug-precision models/shapes-demo --component unet --inputs 4 "
+           "--write-config export_configs/demo-fp16-fixed.yaml")
+
+
+def add_arguments(p) -> None:
+    from ldm_deploy.export.precision import DEFAULT_MARGIN, DEFAULT_TOLERANCE
+
+    p.add_argument("source", metavar="MODEL_OR_ARTIFACT",
+                   help="a diffusers-format model folder (exported in fp32 to a temporary folder) or an fp32 artifact")
+    p.add_argument("--component", choices=("unet", "vae_decoder", "text_encoder"), default="unet")
+    p.add_argument("--inputs", type=int, default=4, metavar="N",
+                   help="representative inputs to compare, picked along real sampling trajectories (default 4)")
+    p.add_argument("--precision", choices=("fp16", "bf16"), default="fp16",
+                   help="reduced precision (fp16; bf16 is refused: see docs/precision.md)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"per tensor: max |fp16 - fp32| / max |fp32| (default {DEFAULT_TOLERANCE:g}, validate's)")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"flag activations above MARGIN x 65504 in fp32 (default {DEFAULT_MARGIN:g})")
+    p.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                   help="prompt for the trajectories (repeatable; default: two built-in prompts)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps per trajectory (default 10)")
+    p.add_argument("--height", type=int, help="image height (default: the profile's opt)")
+    p.add_argument("--width", type=int, help="image width (default: the profile's opt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", metavar="YAML", help="base export config for a model folder (as `export --config`)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime device of the comparison")
+    p.add_argument("--write-config", metavar="FILE", help="write the export config with the fix (fp16_keep_nodes)")
+    p.add_argument("--json", metavar="FILE", help="write the full report (every layer) as JSON")
+    p.add_argument("--no-timing", dest="measure", action="store_false", help="skip the latency measurement")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ldm_deploy.export.precision import PrecisionDebugConfig, debug_precision, write_fix
+    from ldm_deploy.fileio import write_json
+
+    kwargs = {k: getattr(args, k) for k in ("component", "inputs", "precision", "tolerance", "margin", "steps",
+                                            "height", "width", "seed", "device", "measure")}
+    if args.prompts:
+        kwargs["prompts"] = tuple(args.prompts)
+    config = PrecisionDebugConfig(args.source, export_config=args.config, **kwargs)
+    report = debug_precision(config)
+    print(report.summary())
+    if args.json:
+        write_json(Path(args.json), report.as_dict())
+    if args.write_config:
+        write_fix(report, Path(args.write_config), args.source)
+        print(f"wrote {args.write_config}: `ldm-deploy export {args.source} --config {args.write_config}` applies it")
+    return 0 if report.fixed else 1

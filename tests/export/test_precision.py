@@ -1,0 +1,206 @@
+"""debug-precision on a tiny SD-shaped model made to overflow fp16 in a known place, and on a clean one.
+
+The fault overflows only at large timesteps. The slowest sinusoid of the timestep embedding,
+sin(t * 1.78e-4) (index 31 of the 32-wide `[cos, sin]` embedding), is routed alone through
+time_embedding.linear_1 row 0 (x100), linear_2 row 0 (x100) and down_blocks.0.resnets.0.time_emb_proj
+row 0 (x63.5): that channel's time offset is ~113 t (SiLU is ~identity there), so the Gemm output is
+~85,000 at t=751 (> 65504, the largest fp16), ~57,000 at t=501 (within the 0.5 margin), ~28,000 at
+t=251. The resnet's Add carries it on and norm2 (GroupNorm) normalises it back, so the fp32 model
+works while the fp16 conversion makes inf -> NaN at early steps only. (ONNX Runtime CPU computes the
+Gemm in fp32 behind casts; the Cast of its output to fp16 is where inf appears, as on a GPU.)
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ldm_deploy.cli import main
+from tests.runtime.tiny_model import PROFILES, make_tiny_folder
+
+FAULT = (("time_embedding.linear_1", 31, 100.0), ("time_embedding.linear_2", 0, 100.0),
+         ("down_blocks.0.resnets.0.time_emb_proj", 0, 63.5))     # (layer, input column, weight) of row 0
+FAULT_NODE = "/unet/down_blocks.0/resnets.0/time_emb_proj/Gemm"
+FAST = ["--no-timing", "-q"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("precision")
+    clean = make_tiny_folder(root / "clean")
+    bad = root / "bad"
+    shutil.copytree(clean, bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    for layer, column, weight in FAULT:
+        sd[f"{layer}.weight"][0] = 0.0
+        sd[f"{layer}.weight"][0, column] = weight
+        sd[f"{layer}.bias"][0] = 0.0
+    save_file(sd, str(weights))
+    config = root / "tiny.yaml"
+    config.write_text(json.dumps({"profiles": PROFILES, "components": ["text_encoder", "unet", "vae_decoder"]}))
+    return clean, bad, config
+
+
+@pytest.mark.slow   # ~35 s on 2 shared cores: fp32 export, trajectories, two per-layer comparisons, fp16 export
+def test_finds_the_overflow_and_the_written_config_fixes_it(folders, tmp_path):
+    from ldm_deploy.errors import LdmError
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+    from ldm_deploy.export.validate import validate
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    _, bad, config = folders
+    fix, report = tmp_path / "fixed.yaml", tmp_path / "report.json"
+    rc = main(["debug-precision", str(bad), "--component", "unet", "--config", str(config), "--inputs", "4",
+               "--steps", "4", "--write-config", str(fix), "--json", str(report), *FAST])
+    assert rc == 0
+    r = json.loads(report.read_text())
+    assert r["first_failure"]["node"] == FAULT_NODE and r["first_failure"]["op"] == "Gemm"
+    over = {o["node"]: o for o in r["overflows"]}
+    assert FAULT_NODE in over and over[FAULT_NODE]["fp32_max"] > 65504
+    # only the early, large-t inputs overflow; t ~ 500 is flagged by the 0.5 margin; late steps are clean
+    ts = [float(re.search(r"t=([0-9.]+)", d).group(1)) for d in r["inputs"]]
+    assert over[FAULT_NODE]["overflow_inputs"] == [i for i, t in enumerate(ts) if t > 700] != []
+    assert over[FAULT_NODE]["near_inputs"] == [i for i, t in enumerate(ts) if t > 400]
+    assert any(t < 300 for t in ts)
+    assert r["outputs_before"]["noise_pred"]["nonfinite"] > 0     # the unfixed fp16 U-Net makes NaN
+    assert FAULT_NODE in r["keep_nodes"] and len(r["keep_nodes"]) <= 6   # the region, not the graph
+    assert r["outputs_after"]["noise_pred"]["passed"]
+
+    # today's fp16 export either refuses the model (its own finite check, when its random example
+    # timestep is large) or makes NaN at the first sampling steps; the written config exports and validates
+    base = load_config(config)
+    try:
+        plain = export_model(bad, tmp_path / "plain", base.replace(precision="fp16")).path
+    except LdmError as e:
+        assert "non-finite" in str(e)
+    else:
+        with pytest.raises(LdmError, match="unet produced .* non-finite"):
+            Pipeline.from_artifact(plain)("a red circle", steps=3, seed=0)
+    fixed = load_config(fix)
+    assert fixed.precision == "fp16" and FAULT_NODE in fixed.fp16_keep_nodes["unet"]
+    art = export_model(bad, tmp_path / "fixed", fixed).path
+    check = validate(bad, art, components=["unet"])
+    assert check.passed, check.table()
+    images = Pipeline.from_artifact(art)("a red circle", steps=3, seed=0).images
+    assert images.std() > 1.0             # not NaN (the pipeline would raise), not black or flat
+
+
+@pytest.mark.slow   # ~35 s on 2 shared cores
+def test_clean_model_gets_a_clean_report(folders, tmp_path):
+    clean, _, config = folders
+    report = tmp_path / "report.json"
+    assert main(["debug-precision", str(clean), "--config", str(config), "--json", str(report), "--inputs", "2",
+                 "--steps", "2", *FAST]) == 0
+    r = json.loads(report.read_text())
+    assert r["clean"] and r["keep_nodes"] == [] and r["first_failure"] is None and r["overflows"] == []
+    # fp16 rounding only: each layer's error is a few fp16 ulps of its scale (2^-11 ~ 4.9e-4 per rounding)
+    assert max(layer["max_rel"] for layer in r["layers"]) < 2e-2
+
+
+def test_timestep_island_stays_fp32(folders, tmp_path):
+    """The converter's fp32 -> fp16 -> fp32 round trips between kept nodes are gone: the sinusoid's
+    argument (t * freq, up to ~1000 rad) reaches Cos/Sin in fp32."""
+    import onnx
+
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    art = export_model(clean, tmp_path / "a", load_config(config).replace(precision="fp16", components=("unet",)))
+    model = onnx.load(str(art.path / "unet" / "model.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    cos = next(n for n in model.graph.node if n.op_type == "Cos")
+    assert producer[cos.input[0]].op_type == "Mul"
+    # the fp32 `timestep` input is read as is, not rounded through fp16 first (fractional t from
+    # Karras-style schedules would lose up to 0.25 near t = 999)
+    readers = [n for n in model.graph.node if "timestep" in n.input]
+    assert readers and all(n.op_type != "Cast" for n in readers)
+
+
+def test_unknown_keep_node_and_bf16_are_refused(folders, tmp_path):
+    from ldm_deploy.errors import LdmError
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    bad_config = load_config(config).replace(precision="fp16", components=("unet",),
+                                             fp16_keep_nodes={"unet": ["/unet/no_such/Conv"]})
+    with pytest.raises(LdmError, match="fp16_keep_nodes names 1 nodes"):
+        export_model(clean, tmp_path / "x", bad_config)
+    assert not (tmp_path / "x").exists()
+    assert main(["debug-precision", str(clean), "--precision", "bf16", "-q"]) == 2
+
+
+def test_layer_report_orders_and_flags():
+    from ldm_deploy.export.layers import LayerReport, LayerStat
+
+    layers = [LayerStat(0, "a", "A", "Conv", "float16", ref_max=40000.0, input_max=[40000.0]),
+              LayerStat(1, "b", "B", "Add", "float16", ref_max=70000.0, max_rel=1.0, passed=False,
+                        input_max=[1.0, 70000.0]),
+              LayerStat(2, "c", "C", "Mul", "float32", ref_max=1e6, input_max=[1e6])]
+    report = LayerReport("fp32", "fp16", 2e-2, ["i0", "i1"], ["c"], layers)
+    assert report.first_failure().node == "B"
+    assert [s.node for s in report.overflows(0.5)] == ["A", "B"]      # C is fp32 in the test graph
+    assert [s.node for s in report.overflows(1.0)] == ["B"] and layers[1].over(65504) == [1]
+
+
+@pytest.mark.slow   # ~35 s on 2 shared cores
+def test_validate_layers_per_layer_view(folders, tmp_path, capsys):
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    cfg = load_config(config).replace(precision="fp16", components=("unet",), measure_runtime=False)
+    art = export_model(clean, tmp_path / "a", cfg).path
+    assert main(["validate", str(clean), str(art), "--layers", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "unet: fp32-ort-cpu: model.onnx vs fp16-ort-cpu: model.onnx" in out
+    assert "first node over tolerance: none" in out and "/unet/" in out
+
+
+@pytest.mark.tensorrt
+def test_validate_layers_against_a_tensorrt_engine(folders, tmp_path):
+    pytest.importorskip("tensorrt")
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+    from ldm_deploy.export.validate_layers import validate_layers
+
+    clean, _, config = folders
+    cfg = load_config(config).replace(precision="fp16", components=("unet",), measure_runtime=False)
+    art = export_model(clean, tmp_path / "a", cfg).path
+    report = validate_layers(clean, art, "tensorrt")["unet"]
+    assert report.layers and report.passed, report.table()
+
+
+def test_mask_sentinels_are_not_overflows():
+    """CLIP's causal mask holds finfo(float32).min; fp16 stores -inf / -65504 with the same Softmax."""
+    from ldm_deploy.export.layers import LayerReport, LayerStat
+
+    mask = LayerStat(0, "m", "/text_encoder/Where_1", "Where", "float16", ref_max=3.4028235e38, max_rel=1.0,
+                     passed=False, input_max=[3.4028235e38])
+    report = LayerReport("fp32", "fp16", 2e-2, ["i0"], ["out"], [mask])
+    assert report.first_failure() is None and report.overflows(0.5) == [] and report.sentinels() == [mask]
+
+
+def test_artifact_source_needs_fp32_graphs(folders, tmp_path):
+    """An fp32 artifact is debugged directly (no re-export); an fp16 one is refused with the way out."""
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    base = load_config(config).replace(measure_runtime=False)
+    fp16 = export_model(clean, tmp_path / "fp16", base.replace(precision="fp16", components=("unet",))).path
+    assert main(["debug-precision", str(fp16), "-q"]) == 2
+    fp32 = export_model(clean, tmp_path / "fp32", base).path
+    report = tmp_path / "r.json"
+    assert main(["debug-precision", str(fp32), "--component", "text_encoder", "--inputs", "2", "--steps", "1",
+                 "--json", str(report), *FAST]) == 0
+    r = json.loads(report.read_text())
+    assert r["clean"] and len(r["inputs"]) == 2 and r["mask_sentinels"]   # CLIP's causal mask, not an overflow
