@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.paths import check_tree
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ class ClipTokenizer:
         if not folder.is_dir():
             raise LdmError(f"tokenizer folder {folder} does not exist",
                            hint="point at a folder with vocab.json, merges.txt and tokenizer_config.json")
+        check_tree(folder)   # no file of it is a link out of the folder
         vocab, merges = read_vocab(folder)
         specials, model_max_length = read_special_tokens(folder)
         return cls(vocab, merges, specials=specials, max_length=max_length or model_max_length)
