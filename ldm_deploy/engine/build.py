@@ -251,10 +251,10 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
                   *, config_file: str | None = None) -> BuildReport:
     """Build (or reuse) one engine per component of the artifact at `artifact_dir` into `engine_dir`."""
     artifact_dir = Path(artifact_dir).resolve()
+    manifest = load_manifest(artifact_dir)
     # ARTIFACT/engines is the documented place for engines, the one folder inside the input allowed
     engine_dir = check_out_dir(engine_dir, sc.ENGINES_OUTPUT, inputs=[artifact_dir], force=config.force,
                                allow_inside=[artifact_dir / "engines"])
-    manifest = load_manifest(artifact_dir)
     trt = trt_api.load_trt(config.backend)
     flavour, version = trt_api.flavour_of(trt), trt_api.version(trt)
     from ldm_deploy.runtime.cuda import gpu_info  # noqa: PLC0415
