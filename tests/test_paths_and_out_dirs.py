@@ -72,6 +72,8 @@ def test_check_out_dir_rules(tmp_path):
     (mine / MARKER).write_text('{"kind": "thing"}')
     assert check_out_dir(mine, KIND) == mine.resolve()                     # its own kind
     assert check_out_dir(tmp_path / "new", KIND) == (tmp_path / "new").resolve()
+    (tmp_path / "empty").mkdir()
+    assert check_out_dir(tmp_path / "empty", KIND) == (tmp_path / "empty").resolve()
     for out, rel in ((inp, "is the input"), (inp / "x", "is inside the input"), (tmp_path, "holds the input")):
         with pytest.raises(UsageError, match=rel):
             check_out_dir(out, KIND, inputs=[inp], force=True)
