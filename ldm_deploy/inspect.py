@@ -78,7 +78,7 @@ def inspect_artifact(root: Path) -> dict:
         "export_config": (m.get("export_config") or {}).get("name"),
     }
     if (root / "engines").is_dir() and any((root / "engines").glob("*.engine.json")):
-        info["engines"] = inspect_engines(root / "engines")
+        info["engines"] = inspect_engines(inside(root, "engines"))   # not a link out of the artifact
     return info
 
 
