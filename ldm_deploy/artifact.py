@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.fileio import sha256_file
+from ldm_deploy.fileio import sha256_regular
+from ldm_deploy.paths import check_tree, inside, inside_file
 
 FORMAT = "ldm-deploy-artifact"
 FORMAT_VERSION = 1
@@ -123,7 +124,9 @@ class Artifact:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.path / self.manifest["tokenizer"]["dir"]
+        folder = inside(self.path, self.manifest["tokenizer"]["dir"], named_in=self.path / MANIFEST)
+        check_tree(folder, root=self.path)   # no file of it links out of the artifact
+        return folder
 
     @property
     def model_configs(self) -> dict:
@@ -138,7 +141,7 @@ class Artifact:
 
     def file(self, component: str) -> Path:
         """Path of the component's ONNX graph."""
-        return self.path / self.component(component).file
+        return inside(self.path, self.component(component).file, named_in=self.path / MANIFEST)
 
     def check_shape(self, height: int, width: int, batch: int = 1) -> None:
         """Raise UsageError, naming the profile, when (height, width, batch) is outside the export's."""
@@ -164,10 +167,10 @@ class Artifact:
                     raise LdmError(f"manifest of {self.path} lists component file {rel} without a hash",
                                    hint="re-run the export")
         for rel, digest in files.items():
-            p = self.path / rel
+            p = inside_file(self.path, rel, named_in=self.path / MANIFEST)   # no link out of the artifact
             if not p.is_file():
                 raise LdmError(f"artifact file {rel} is missing from {self.path}", hint="re-run the export")
-            if hashes and sha256_file(p) != digest:
+            if hashes and sha256_regular(p.resolve()) != digest:
                 raise LdmError(f"artifact file {rel} in {self.path} does not match its sha256 in {MANIFEST} "
                                "(modified or corrupted)", hint="re-run the export")
 
@@ -222,11 +225,8 @@ class Artifact:
 
 
 def _check_relative(rel: str, root: Path) -> None:
-    """Refuse manifest paths that leave the artifact folder (absolute, or with `..`)."""
-    p = Path(rel)
-    if not rel or p.is_absolute() or ".." in p.parts or "\0" in rel:
-        raise LdmError(f"manifest of {root} names the path {rel[:80]!r}, which is not inside the artifact",
-                       hint="re-run the export; never edit manifest.json by hand")
+    """Refuse manifest paths that leave the artifact folder (absolute, `..`, or a link out of it)."""
+    inside(root, rel, named_in=root / MANIFEST, hint="re-run the export; never edit manifest.json by hand")
 
 
 def _component(name: str, d: dict) -> ComponentSpec:

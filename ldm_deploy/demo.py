@@ -49,6 +49,7 @@ class DemoConfig:
     parity: bool = True                  # compare prompt 0 with the PyTorch reference (needs torch)
     export_config: str = "demo"          # bundled name or YAML path (export_configs/demo.yaml)
     progress: bool = True                # tqdm bars
+    force: bool = False                  # re-export, replacing an out/onnx that is not an artifact
 
 
 @dataclass
@@ -144,7 +145,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
                     "guidance": config.guidance, "seed": config.seed, "timings": {}}
 
     # 1. export (reused when the model folder's hash and the export config match)
-    artifact_dir, exported = _export(model, out / "onnx", config.export_config)
+    artifact_dir, exported = _export(model, out / "onnx", config.export_config, config.force)
     report["artifact"] = str(artifact_dir)
     report["timings"]["export_s"] = round(exported.seconds, 3)
     report["timings"]["export_cached"] = exported.cached
@@ -202,7 +203,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     return DemoResult(out=out, grid=grid_path, images=paths, report_path=report_path, report=report)
 
 
-def _export(model: Path, artifact_dir: Path, export_config: str):
+def _export(model: Path, artifact_dir: Path, export_config: str, force: bool = False):
     try:
         from ldm_deploy.export.config import load_config
         from ldm_deploy.export.exporter import export_model
@@ -210,7 +211,7 @@ def _export(model: Path, artifact_dir: Path, export_config: str):
         raise LdmError(f"the demo's export step needs the PyTorch side: {e}",
                        hint="pip install torch 'ldm-deploy[train]' (or run `make demo`)") from None
     config = load_config(export_config)
-    result = export_model(model, artifact_dir, config)
+    result = export_model(model, artifact_dir, config, force=force)
     log.debug("export %s: %s (%.1f s)", "reused (cached)" if result.cached else "done", artifact_dir, result.seconds)
     return artifact_dir, result
 

@@ -8,6 +8,13 @@ Temporaries are named `.NAME.<host>-<pid>.*.tmp` (and `.old` for a directory bei
 writer that was killed leaves its temporary behind; the next write to the same path on the same
 host deletes temporaries whose process is gone, and puts back a `.old` directory if the kill came
 in the instant between its two renames (so the previous directory is never lost).
+
+Replacing a folder is guarded (`check_out_dir`, called by `atomic_dir(path, kind=...)` and early by
+every command that writes a folder): an existing folder is replaced only when it is empty or of the
+writer's own kind (an artifact for export, a model folder we wrote for convert and training, ...),
+or with `force=True`; a folder that is, lies inside, or holds one of the command's inputs is never
+replaced. A `path` that is a symbolic link is written through: the folder it points to is replaced
+and the link is kept.
 """
 from __future__ import annotations
 
@@ -18,9 +25,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -28,6 +37,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_regular(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a regular file, without following a symbolic link and reading at most its size
+    at open time (a FIFO, a device or a link is refused: LdmError)."""
+    from ldm_deploy.errors import LdmError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if Path(path).is_symlink():
+            raise LdmError(f"{path} is a symbolic link to {os.readlink(path)}; it is not hashed",
+                           hint="copy the file in place of the link") from None
+        raise LdmError(f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise LdmError(f"{path} is not a regular file (a FIFO, device or socket)", hint="remove it")
+        h, left = hashlib.sha256(), st.st_size
+        while left > 0 and (block := f.read(min(chunk, left))):
+            h.update(block)
+            left -= len(block)
     return h.hexdigest()
 
 
@@ -91,27 +123,118 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
         f.write("\n")
 
 
+# ----------------------------------------------------------------------------- replacing a folder
+
+MARKER = ".ldm-deploy.json"   # {"kind": ...}: written by atomic_dir into the folders it writes for a kind
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes at --out, and how to recognise a folder of that kind it may replace."""
+
+    name: str                                  # marker kind: "model", "training-run", ...
+    what: str                                  # for messages: "a model folder written by ldm-deploy"
+    recognise: Callable[[Path], bool] | None = None  # a folder of this kind without the marker (older ones)
+    marker: bool = True                        # atomic_dir writes MARKER into the new folder
+
+    def owns(self, folder: Path) -> bool:
+        if self.marker and has_marker(folder, self.name):
+            return True
+        return self.recognise is not None and self.recognise(folder)
+
+
+def has_marker(folder: Path, kind: str) -> bool:
+    p = folder / MARKER
+    try:
+        if p.is_symlink() or not p.is_file() or p.stat().st_size > 4096:
+            return False
+        return json.loads(p.read_text(encoding="utf-8")).get("kind") == kind
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    write_json(folder / MARKER, {"kind": kind, "written_by": "ldm-deploy"})
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if out.is_relative_to(inp):
+        return "is inside"
+    if inp.is_relative_to(out):
+        return "holds"
+    return None
+
+
+def check_out_dir(out: str | os.PathLike, kind: OutputKind, *, inputs: Iterable = (), force: bool = False,
+                  allow_inside: Iterable = ()) -> Path:
+    """Refuse (UsageError, nothing touched) to write the folder `out` where that would destroy files
+    that are not ours; return the real folder to write (a symbolic link is written through).
+
+    - `out` that is, lies inside or holds one of `inputs` (files or folders the command reads) is
+      refused even with `force` (`allow_inside`: real paths inside an input that are allowed, such as
+      an artifact's own engines/ folder);
+    - an existing `out` that is not a folder is refused;
+    - an existing non-empty folder that `kind` does not recognise as its own is refused unless `force`.
+    """
+    from ldm_deploy.errors import UsageError
+
+    given = Path(out)
+    real = given.resolve()
+    allowed = {Path(a).resolve() for a in allow_inside}
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp_real = Path(inp).resolve()
+        rel = _relation(real, inp_real)
+        if rel is not None and not (rel == "is inside" and real in allowed):
+            shown = f"{given} (-> {real})" if given.is_symlink() else str(given)
+            raise UsageError(f"--out {shown} {rel} the input {inp}; writing it would destroy what is being read",
+                             hint="choose an --out outside the inputs (--force does not apply)")
+    if not real.exists():
+        return real
+    if not real.is_dir():
+        raise UsageError(f"--out {given} exists and is not a folder", hint="choose a folder name for --out")
+    if force or kind.owns(real) or not any(real.iterdir()):
+        return real
+    raise UsageError(f"--out {given} already exists and is not {kind.what}; refusing to replace it",
+                     hint="choose another --out, or pass --force to replace that folder and everything in it")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: OutputKind | None = None, *, force: bool = False,
+               inputs: Iterable = (), allow_inside: Iterable = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
 
     If `path` exists it is moved aside first and deleted only after the new one is in place,
     so a crash leaves either the old directory or the new one (plus a stray temporary).
+    With `kind`, `check_out_dir` guards the replacement first and the new folder gets the kind's
+    marker. A symbolic link `path` is written through: the folder it points to is replaced.
     """
     path = Path(path)
+    if kind is not None:
+        path = check_out_dir(path, kind, inputs=inputs, force=force, allow_inside=allow_inside)
+    elif path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        if kind is not None and kind.marker:
+            write_marker(tmp, kind.name)
         old = None
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink() or not old.is_dir():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

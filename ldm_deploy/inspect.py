@@ -1,7 +1,9 @@
 """`inspect_path`: what an artifact folder, an engine folder, one .onnx file or a diffusers model folder holds.
 
 Reads metadata only (manifest.json, engine sidecars, ONNX graph IO without its weights, safetensors
-headers and config.json files): fast on SD-sized folders, and torch-free.
+headers and config.json files): fast on SD-sized folders, and torch-free. Every path it reads from a
+manifest or sidecar, and every file it looks at, must lie inside the folder (ldm_deploy.paths.inside),
+as when the artifact is loaded: a path or link leading out is refused, never reported as present.
 
     info = inspect_path("out/sd15-onnx")     # {"kind": "artifact", ...}
     print(format_inspection(info))
@@ -14,6 +16,7 @@ import struct
 from pathlib import Path
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.paths import inside
 
 KINDS = ("artifact", "engines", "onnx", "model")
 
@@ -41,12 +44,14 @@ def inspect_path(path: str | Path) -> dict:
 
 
 def inspect_artifact(root: Path) -> dict:
+    manifest = inside(root, "manifest.json")
     try:
-        m = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+        m = json.loads(manifest.read_text(encoding="utf-8"))
     except ValueError as e:
         raise LdmError(f"{root / 'manifest.json'} is not valid JSON: {e}") from None
-    if m.get("format") != "ldm-deploy-artifact":
-        raise LdmError(f"{root / 'manifest.json'} is not an ldm-deploy artifact manifest (format {m.get('format')!r})")
+    if not isinstance(m, dict) or m.get("format") != "ldm-deploy-artifact":
+        raise LdmError(f"{root / 'manifest.json'} is not an ldm-deploy artifact manifest")
+    _check_manifest_paths(root, m, manifest)
     components = {}
     for name, c in m.get("components", {}).items():
         variants = {"fp32": {"file": c["fp32_file"]}} if c.get("fp32_file") else {}
@@ -73,20 +78,39 @@ def inspect_artifact(root: Path) -> dict:
         "export_config": (m.get("export_config") or {}).get("name"),
     }
     if (root / "engines").is_dir() and any((root / "engines").glob("*.engine.json")):
-        info["engines"] = inspect_engines(root / "engines")
+        info["engines"] = inspect_engines(inside(root, "engines"))   # not a link out of the artifact
     return info
+
+
+def _check_manifest_paths(root: Path, m: dict, manifest: Path) -> None:
+    """The artifact's own path checks (Artifact): every path the manifest names lies inside `root`."""
+    rels = list(m.get("files") or {})
+    for c in (m.get("components") or {}).values():
+        if isinstance(c, dict):
+            entries = [c, *((c.get("variants") or {}).values() if isinstance(c.get("variants"), dict) else ())]
+            rels += [e.get(k) for e in entries if isinstance(e, dict) for k in ("file", "external_data")]
+            rels.append(c.get("fp32_file"))
+    if isinstance(m.get("tokenizer"), dict):
+        rels.append(m["tokenizer"].get("dir"))
+    for rel in rels:
+        if rel is not None:
+            inside(root, rel, named_in=manifest, hint="re-run the export; never edit manifest.json by hand")
 
 
 def inspect_engines(folder: Path) -> dict:
     engines = {}
     for sidecar in sorted(folder.glob("*.engine.json")):
+        sidecar = inside(folder, sidecar.name)
         try:
             s = json.loads(sidecar.read_text(encoding="utf-8"))
         except ValueError as e:
             raise LdmError(f"engine sidecar {sidecar} is not valid JSON: {e}",
                            hint="rebuild the engines with `ldm-deploy build`") from None
-        key, engine = s.get("key", {}), s.get("engine", {})
-        file = folder / engine.get("file", sidecar.name[: -len(".json")])
+        if not isinstance(s, dict):
+            raise LdmError(f"engine sidecar {sidecar} is not a JSON object", hint="rebuild the engines with `ldm-deploy build`")
+        key, engine = s.get("key") or {}, s.get("engine") or {}
+        file = inside(folder, engine.get("file", sidecar.name[: -len(".json")]), named_in=sidecar,
+                      hint="rebuild the engines with `ldm-deploy build`")
         engines[s.get("component", sidecar.name.split(".")[0])] = {
             "flavour": key.get("flavour"), "tensorrt_version": key.get("tensorrt_version"),
             "targets": key.get("compute_capabilities"), "gpu": key.get("gpu"), "precision": key.get("precision"),
@@ -142,11 +166,13 @@ def inspect_model(root: Path) -> dict:
     """Per part: class, parameter count and dtypes from the safetensors headers, bytes, key config values."""
     from ldm_deploy import flops
 
-    index = _read_json(root / "model_index.json") or {}
+    index = _read_json(inside(root, "model_index.json")) or {}
     parts = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        config = _read_json(sub / "config.json") or _read_json(sub / "scheduler_config.json")
-        weights = sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin")) + sorted(sub.glob("*.ckpt"))
+        sub = inside(root, sub.name)   # a part folder linked from outside the model is refused
+        config = _read_json(inside(sub, "config.json")) or _read_json(inside(sub, "scheduler_config.json"))
+        weights = [inside(sub, w.name) for w in
+                   sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin")) + sorted(sub.glob("*.ckpt"))]
         entry = {"class": (config or {}).get("_class_name") or ((config or {}).get("architectures") or [None])[0]
                  or (index.get(sub.name) or [None, None])[-1],
                  "files": [w.name for w in weights], "bytes": sum(w.stat().st_size for w in weights)}
@@ -196,7 +222,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _size(root: Path, files: list[str]) -> int:
-    return sum((root / f).stat().st_size for f in files if (root / f).is_file())
+    return sum(p.stat().st_size for p in (inside(root, f) for f in files) if p.is_file())
 
 
 # --- text output -------------------------------------------------------------------------------------

@@ -30,11 +30,14 @@ from pathlib import Path
 import torch
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.fileio import atomic_dir, check_free_space, sha256_file, write_json
+from ldm_deploy.fileio import OutputKind, atomic_dir, check_free_space, check_out_dir, sha256_regular, write_json
+from ldm_deploy.paths import check_tree, inside
 
 log = logging.getLogger(__name__)
 
 PARTS = ("unet", "vae", "text_encoder")
+# save_components (convert, ldm-train) replaces an existing folder only when it wrote it (fileio.MARKER), or with force
+MODEL_OUTPUT = OutputKind("model", "a model folder written by ldm-deploy (convert or ldm-train)")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 TEXT_MODEL_PREFIX = "text_model."  # on-disk CLIPTextModel keys carry it; transformers >= 5.6 modules don't
 _SHOW = 5  # offending keys listed per kind in an error message
@@ -167,8 +170,11 @@ def _load_sharded(index: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]
     if not isinstance(weight_map, dict) or not weight_map:
         raise LdmError(f"{index} has no weight_map")
     out: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        part = load_state_dict_file(index.parent / shard, allow_pickle=allow_pickle)
+    shards = set(weight_map.values())
+    if not all(isinstance(s, str) for s in shards):
+        raise LdmError(f"{index} has a weight_map whose values are not shard file names")
+    for shard in sorted(shards):   # each shard must lie in the index's folder, links followed
+        part = load_state_dict_file(inside(index.parent, shard, named_in=index), allow_pickle=allow_pickle)
         out.update(part)
     missing = sorted(set(weight_map) - set(out))
     if missing:
@@ -189,7 +195,7 @@ def find_weight_file(directory: Path, stem: str, *, variant: str | None = None) 
         candidates += [f"{pstem}{mid}.bin", f"{pstem}{mid}.bin.index.json", f"{pstem}{mid}.ckpt"]
     for name in candidates:
         if (directory / name).is_file():
-            return directory / name
+            return inside(directory, name)   # a weight file linked from outside the folder is refused
     raise LdmError(
         f"no weights in {directory}",
         hint=f"expected one of {', '.join(candidates[:4])}",
@@ -298,7 +304,7 @@ def text_encoder_state_dict(module: torch.nn.Module, sd: dict[str, torch.Tensor]
 def _load_part(part: str, directory: Path, *, dtype: torch.dtype, allow_pickle: bool, variant: str | None):
     if not directory.is_dir():
         raise LdmError(f"missing {directory}", hint=f"a diffusers model folder needs a {directory.name}/ folder with config.json and weights")
-    config = _read_json(directory / "config.json")
+    config = _read_json(inside(directory, "config.json"))
     module = build_for_loading(part, config)
     sd = load_state_dict_file(find_weight_file(directory, _WEIGHT_STEMS[part], variant=variant), allow_pickle=allow_pickle)
     if part == "text_encoder":
@@ -339,18 +345,19 @@ def load_components(
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise LdmError(f"unknown model parts {sorted(unknown)}", hint=f"choose from {', '.join(PARTS)}")
-    comps = Components(model_index=_read_json(folder / "model_index.json"))
-    sched = folder / "scheduler" / "scheduler_config.json"
+    comps = Components(model_index=_read_json(inside(folder, "model_index.json")))
+    sched = inside(folder, "scheduler/scheduler_config.json")
     comps.scheduler_config = _read_json(sched)
-    tok = folder / "tokenizer"
+    tok = inside(folder, "tokenizer")
     if not tok.is_dir():
         raise LdmError(f"missing {tok}", hint="a model folder needs tokenizer/ with vocab.json and merges.txt")
+    check_tree(tok, root=folder)
     comps.tokenizer_dir = tok
     for part in parts:
         sub = "unet_ema" if part == "unet" and use_ema else part
         if sub == "unet_ema" and not (folder / sub).is_dir():
             raise LdmError(f"use_ema: {folder / sub} does not exist", hint="this folder has no EMA U-Net; load without EMA")
-        module, config = _load_part(part, folder / sub, dtype=dtype, allow_pickle=allow_pickle, variant=variant)
+        module, config = _load_part(part, inside(folder, sub), dtype=dtype, allow_pickle=allow_pickle, variant=variant)
         setattr(comps, part, module)
         setattr(comps, f"{part}_config", config)
     return comps
@@ -398,8 +405,12 @@ def _save_weights(sd: dict[str, torch.Tensor], path: Path, fp16: bool) -> None:
     save_file(out, str(path), metadata={"format": "pt"})
 
 
-def save_components(components: Components, folder: str | os.PathLike, *, fp16: bool = False) -> Path:
-    """Write the diffusers layout atomically: a crash leaves the old folder (if any) or the complete new one."""
+def save_components(components: Components, folder: str | os.PathLike, *, fp16: bool = False,
+                    force: bool = False, inputs=()) -> Path:
+    """Write the diffusers layout atomically: a crash leaves the old folder (if any) or the complete new one.
+
+    An existing `folder` is replaced only when ldm-deploy wrote it (or it is empty), or with `force`;
+    never when it is, holds or lies inside the tokenizer folder or one of `inputs` (fileio.check_out_dir)."""
     folder = Path(folder)
     c = components
     for part in PARTS:
@@ -407,13 +418,16 @@ def save_components(components: Components, folder: str | os.PathLike, *, fp16: 
             raise LdmError(f"cannot save {folder}: components.{part} is not loaded")
     if c.tokenizer_dir is None or not Path(c.tokenizer_dir).is_dir():
         raise LdmError(f"cannot save {folder}: no tokenizer folder", hint="set components.tokenizer_dir")
+    inputs = [c.tokenizer_dir, *inputs]
+    check_out_dir(folder, MODEL_OUTPUT, inputs=inputs, force=force)
+    check_tree(c.tokenizer_dir)   # copied below: no link out of it is followed
     need = sum(t.numel() * (2 if fp16 and t.is_floating_point() else t.element_size())
                for part in PARTS for t in getattr(c, part).state_dict().values())
     check_free_space(folder, need + (64 << 20), f"writing {folder}")
     scheduler = dict(c.scheduler_config)
     scheduler.setdefault("_class_name", "PNDMScheduler")
     scheduler.setdefault("_diffusers_version", _diffusers_version())
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, MODEL_OUTPUT, inputs=inputs, force=force) as tmp:
         for part in ("unet", "vae"):
             module = getattr(c, part)
             (tmp / part).mkdir()
@@ -437,10 +451,23 @@ def save_components(components: Components, folder: str | os.PathLike, *, fp16: 
 
 
 def folder_hash(folder: str | os.PathLike) -> str:
-    """sha256 over (relative path, file sha256) for every file, sorted: a model folder's identity."""
+    """sha256 over (relative path, file sha256) for every file, sorted: a model folder's identity.
+
+    Links are not followed: a symbolic link leading out of the folder (or a FIFO, device or socket in
+    it) is refused (LdmError); a link inside it counts as its target's relative path, and each regular
+    file is read up to its size (fileio.sha256_regular)."""
     folder = Path(folder)
+    check_tree(folder)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(folder):     # followlinks=False
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                entries.append((rel, "link:" + os.path.relpath(path.resolve(), folder.resolve())))
+            elif path.is_file():
+                entries.append((rel, sha256_regular(path)))
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        h.update(f"{rel}\0{sha256_file(path)}\n".encode())
+    for rel, digest in sorted(entries, key=lambda e: e[0].split("/")):  # Path order, as before
+        h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="training seed")
         if name != "eval":
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+            p.add_argument("--force", action="store_true",
+                           help="write into an existing --out that is not an ldm-train run folder (its "
+                                "stages/, model/, ... are replaced; never one that is or holds an input path)")
         else:
             p.add_argument("--model", help="model folder to evaluate (default <out>/model)")
             p.add_argument("--prompts", type=int, help="held-out prompts to sample (default eval.prompts)")
@@ -73,9 +76,9 @@ def run(args) -> int:
         from training.stages.estimate import print_estimate
 
         print_estimate(cfg)
-        report = run_all(cfg, resume=args.resume)
+        report = run_all(cfg, resume=args.resume, force=args.force)
     else:
-        report = run_stage(args.command, cfg, resume=args.resume)
+        report = run_stage(args.command, cfg, resume=args.resume, force=args.force)
     from training.trainer import dist_env
 
     if dist_env().is_main:

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.fileio import check_out_dir
 from training.checkpoint import (
     Components, TEXT_MODEL_PREFIX, build_for_loading, load_pickle_file, load_strict,
-    load_state_dict_file, save_components, text_encoder_state_dict,
+    MODEL_OUTPUT, load_state_dict_file, save_components, text_encoder_state_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -578,13 +579,18 @@ def convert_checkpoint(
     allow_pickle: bool = False,
     prediction_type: str | None = None,
     fp16: bool = False,
+    force: bool = False,
 ) -> Path:
     """Convert an original SD 1.x / 2.x single-file checkpoint into a diffusers folder at `out_dir` (atomically).
 
     `config`: None (detect SD 1.x -> preset "sd15", SD 2.x -> "sd21"), a preset name, or a preset-style dict
     {unet, vae, text_encoder, scheduler}. `prediction_type` overrides the detected/configured one.
+    An existing `out_dir` is replaced only when ldm-deploy wrote it (or it is empty), or with `force`;
+    never when it is, holds or lies inside the checkpoint or the tokenizer folder.
     """
     tok = _check_tokenizer(tokenizer)
+    inputs = [path, tok]
+    check_out_dir(out_dir, MODEL_OUTPUT, inputs=inputs, force=force)   # before the (long) load
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise LdmError(f"unknown prediction type {prediction_type!r}", hint="use epsilon or v_prediction")
     sd, step = load_original_checkpoint(path, allow_pickle=allow_pickle)
@@ -613,7 +619,7 @@ def convert_checkpoint(
         scheduler_config=cfg["scheduler"], unet_config=cfg["unet"], vae_config=cfg["vae"],
         text_encoder_config=cfg["text_encoder"],
     )
-    return save_components(comps, out_dir, fp16=fp16)
+    return save_components(comps, out_dir, fp16=fp16, force=force, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--components", type=_csv, metavar="NAME,...", help="build only these components")
     p.add_argument("--unet-max-batch", type=int, metavar="N", help="cap the U-Net batch (default 2 x batch.max)")
     p.add_argument("--vae-max-batch", type=int, metavar="N", help="cap the VAE batch (default batch.max)")
-    p.add_argument("--force", action="store_true", help="rebuild even engines that are up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even engines that are up to date, and write into an existing --out that is not "
+                        "an engines folder (never one that is or holds ONNX_DIR)")
 
 
 def run(args) -> int:

@@ -19,7 +19,8 @@ log = logging.getLogger("ldm_deploy")
 
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="original checkpoint: .safetensors, or .ckpt with --allow-pickle")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="diffusers folder to write (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR",
+                   help="diffusers folder to write (replaced atomically; an existing one only if ldm-deploy wrote it)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="CLIP tokenizer folder (vocab.json + merges.txt, or tokenizer.json) to copy into the model; "
                         "single-file checkpoints hold none")
@@ -32,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override the detected prediction type (SD 2.x 768 models: v_prediction)")
     p.add_argument("--fp16", action="store_true", help="store the weights in float16")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that ldm-deploy did not write (never one that is or holds "
+                        "CKPT or the tokenizer folder)")
 
 
 def _config(value: str | None):
@@ -54,7 +58,7 @@ def run(args) -> int:
     out = convert_checkpoint(
         args.checkpoint, args.out, config=_config(args.config), tokenizer=args.tokenizer,
         extract_ema=args.extract_ema, allow_pickle=args.allow_pickle, prediction_type=args.prediction_type,
-        fp16=args.fp16,
+        fp16=args.fp16, force=args.force,
     )
     log.info("wrote %s", out)
     return 0

@@ -28,13 +28,15 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="image i uses seed S + i (default 0)")
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: 4 seen + 4 held-out prompts)")
     p.add_argument("--no-parity", action="store_true", help="skip the PyTorch reference check")
+    p.add_argument("--force", action="store_true",
+                   help="re-export OUT/onnx, replacing it even when it is not an ldm-deploy artifact")
 
 
 def run(args) -> int:
     config = DemoConfig(model=args.model, out=args.out, backend=args.backend, steps=args.steps,
                         guidance=args.guidance, seed=args.seed,
                         prompts=read_prompts(args.prompts) if args.prompts else None,
-                        parity=not args.no_parity, progress=not args.quiet)
+                        parity=not args.no_parity, progress=not args.quiet, force=args.force)
     result = run_demo(config)
     r = result.report
     t = r["timings"]

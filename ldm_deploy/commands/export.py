@@ -17,7 +17,8 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def add_arguments(p) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers-format folder (unet/, vae/, text_encoder/, ...)")
-    p.add_argument("--out", required=True, metavar="ONNX_DIR", help="artifact folder to write")
+    p.add_argument("--out", required=True, metavar="ONNX_DIR",
+                   help="artifact folder to write; an existing one is replaced only if it is an artifact or empty")
     p.add_argument("--config", metavar="YAML",
                    help="export config file, or a bundled name: tiny, demo, sd15, sd21 (default: built-in defaults "
                         "with a static profile at the model's native size, U-Net sample_size x VAE scale factor)")
@@ -31,7 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cfg-fold", dest="ort_cuda_fold_cfg", action="store_false", default=None,
                    help="keep the ORT CUDA U-Net variant CFG-free (2B rows in, raw prediction out), for serving "
                         "without guidance (config key ort_cuda_fold_cfg; default: CFG folded in)")
-    p.add_argument("--force", action="store_true", help="re-export even when an up-to-date artifact exists")
+    p.add_argument("--force", action="store_true",
+                   help="re-export even when an up-to-date artifact exists, and replace an existing --out that is "
+                        "not an ldm-deploy artifact (never one that is, holds or lies inside MODEL_DIR)")
 
 
 def run(args) -> int:

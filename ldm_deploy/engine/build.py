@@ -35,7 +35,7 @@ import ldm_deploy
 from ldm_deploy.engine import sidecar as sc
 from ldm_deploy.engine import trt_api
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.fileio import atomic_file, check_free_space, sha256_file, write_json
+from ldm_deploy.fileio import atomic_file, check_free_space, check_out_dir, sha256_file, write_json
 
 log = logging.getLogger("ldm_deploy")
 
@@ -57,7 +57,7 @@ class BuildConfig:
     batch: dict | None = None           # {min, opt, max} images, narrows the manifest's profile
     height: dict | None = None          # {min, opt, max} pixels, narrows the manifest's profile
     width: dict | None = None           # {min, opt, max} pixels, narrows the manifest's profile
-    force: bool = False                 # rebuild even when the sidecar says the engine is up to date
+    force: bool = False                 # rebuild even when up to date; write into an --out that holds no engines
     verbose: bool = False               # TensorRT's verbose log
 
     def __post_init__(self):
@@ -250,8 +250,11 @@ def _rebuild_command(artifact_dir: Path, engine_dir: Path, flavour: str, config:
 def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: BuildConfig = BuildConfig(),
                   *, config_file: str | None = None) -> BuildReport:
     """Build (or reuse) one engine per component of the artifact at `artifact_dir` into `engine_dir`."""
-    artifact_dir, engine_dir = Path(artifact_dir).resolve(), Path(engine_dir).resolve()
+    artifact_dir = Path(artifact_dir).resolve()
     manifest = load_manifest(artifact_dir)
+    # ARTIFACT/engines is the documented place for engines, the one folder inside the input allowed
+    engine_dir = check_out_dir(engine_dir, sc.ENGINES_OUTPUT, inputs=[artifact_dir], force=config.force,
+                               allow_inside=[artifact_dir / "engines"])
     trt = trt_api.load_trt(config.backend)
     flavour, version = trt_api.flavour_of(trt), trt_api.version(trt)
     from ldm_deploy.runtime.cuda import gpu_info  # noqa: PLC0415

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.fileio import OutputKind
+from ldm_deploy.paths import inside
 
 FORMAT = "ldm-deploy-engine"
 FORMAT_VERSION = 1
@@ -32,6 +34,21 @@ def sidecar_path(engine_dir: str | Path, component: str) -> Path:
     return Path(engine_dir) / f"{component}.engine.json"
 
 
+def _is_engines_folder(folder: Path) -> bool:
+    for p in folder.glob("*.engine.json"):
+        try:
+            if not p.is_symlink() and json.loads(p.read_bytes()[: 1 << 20]).get("format") == FORMAT:
+                return True
+        except (OSError, ValueError, RecursionError, AttributeError):
+            continue
+    return False
+
+
+# `ldm-deploy build --out` writes into an existing folder only when it holds our sidecars (or is empty), or with --force
+ENGINES_OUTPUT = OutputKind("engines", "an engines folder written by `ldm-deploy build` (no *.engine.json sidecars)",
+                            _is_engines_folder, marker=False)
+
+
 @dataclass(frozen=True)
 class Environment:
     """The TensorRT and GPU that would load an engine here and now."""
@@ -44,7 +61,7 @@ class Environment:
 
 def read_sidecar(engine_dir: str | Path, component: str) -> dict:
     """The sidecar of `component`'s engine, checked for format; LdmError when missing or unreadable."""
-    path = sidecar_path(engine_dir, component)
+    path = inside(engine_dir, sidecar_path(engine_dir, component).name)   # not a link out of the folder
     if not path.is_file():
         raise LdmError(f"no engine for {component!r} in {engine_dir} ({path.name} is missing)",
                        hint=f"build it: ldm-deploy build ARTIFACT_DIR --out {engine_dir}")
@@ -134,8 +151,9 @@ def check_loadable(sidecar: dict, env: Environment, onnx_sha256: str | None = No
 
 def read_engine(engine_dir: str | Path, sidecar: dict) -> bytes:
     """The engine's bytes, after checking size and sha256 against the sidecar."""
-    path = Path(engine_dir) / sidecar["engine"]["file"]
     hint = f"rebuild it: {rebuild_command(sidecar)}"
+    path = inside(engine_dir, sidecar["engine"]["file"], named_in=sidecar_path(engine_dir, sidecar["component"]),
+                  hint=hint)
     if not path.is_file():
         raise LdmError(f"engine file {path} is missing", hint=hint)
     data = path.read_bytes()

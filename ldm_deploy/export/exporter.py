@@ -6,6 +6,7 @@ artifact made from the same source files with the same config is already there, 
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.artifact import MANIFEST, Artifact
+from ldm_deploy.artifact import FORMAT, MANIFEST, Artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import manifest as mf
 from ldm_deploy.export import onnx_io, ort_optimize
@@ -23,7 +24,7 @@ from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
 from ldm_deploy.export.source import PARTS, folder_sha256, load_source
-from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
+from ldm_deploy.fileio import OutputKind, atomic_dir, check_free_space, check_out_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,30 @@ class ExportResult:
     seconds: float
 
 
+def _is_artifact(folder: Path) -> bool:
+    try:
+        m = json.loads((folder / MANIFEST).read_bytes()[: 1 << 24])
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
+# an existing --out is replaced only when it is an artifact (or empty), or with force
+ARTIFACT_OUTPUT = OutputKind("artifact", "an ldm-deploy artifact (no manifest.json of one)", _is_artifact, marker=False)
+
+
 def export_model(model_dir, out, config: ExportConfig | None = None, *, force: bool = False) -> ExportResult:
     """Export `config.components` of the model folder `model_dir` into the artifact folder `out`.
 
-    `config` None: `default_config(model_dir)`, a static profile at the model's native size."""
+    `config` None: `default_config(model_dir)`, a static profile at the model's native size.
+    `force`: re-export even when `out` is up to date, and replace an `out` that is not an artifact."""
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise LdmError(f"model folder {model_dir} does not exist")
     if config is None:
         config = default_config(model_dir)
+    check_out_dir(out, ARTIFACT_OUTPUT, inputs=[model_dir], force=force)
     missing = sorted({PARTS[c] for c in config.components} - {p.name for p in model_dir.iterdir()})
     if missing:
         raise LdmError(f"{model_dir} lacks {', '.join(missing)}/ needed for {', '.join(config.components)}",
@@ -59,7 +74,7 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(model_dir, config),
                      "the ONNX export")
     source = load_source(model_dir, config.components)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, ARTIFACT_OUTPUT, inputs=[model_dir], force=force) as tmp:
         tokenizer = mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer")  # first: fails fast
         work = tmp / ".work"
         components = {c: _export_component(c, source, config, tmp, work) for c in config.components}

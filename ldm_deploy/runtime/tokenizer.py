@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.paths import check_tree
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,7 @@ class ClipTokenizer:
             raise LdmError(f"tokenizer folder {folder} does not exist",
                            hint="point at a folder with tokenizer.json or vocab.json + merges.txt, "
                                 "and tokenizer_config.json")
+        check_tree(folder)   # no file of it is a link out of the folder
         vocab, merges, added, source = read_tokenizer_files(folder)
         specials, model_max_length = read_special_tokens(folder, added)
         return cls(vocab, merges, specials=specials, max_length=max_length or model_max_length,

@@ -24,9 +24,13 @@ STAGES = {
 }
 
 
-def run_stage(name: str, cfg: TrainConfig, resume: bool = False) -> dict:
+def run_stage(name: str, cfg: TrainConfig, resume: bool = False, force: bool = False) -> dict:
+    """`force`: write into an existing `cfg.out` that is not an ldm-train run folder (training.stages.common.claim_run_dir)."""
     if name not in STAGES:
         raise UsageError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
+    from training.stages.common import claim_run_dir
+
+    claim_run_dir(cfg, force=force)
     module, fn = STAGES[name].split(":")
     start = time.perf_counter()
     report = getattr(importlib.import_module(module), fn)(cfg, resume=resume)
@@ -38,6 +42,6 @@ def run_stage(name: str, cfg: TrainConfig, resume: bool = False) -> dict:
     return report
 
 
-def run_all(cfg: TrainConfig, resume: bool = False) -> dict:
+def run_all(cfg: TrainConfig, resume: bool = False, force: bool = False) -> dict:
     """Every stage in order; a stage whose result already exists is redone only when it is resumable."""
-    return {name: run_stage(name, cfg, resume=resume) for name in STAGES}
+    return {name: run_stage(name, cfg, resume=resume, force=force) for name in STAGES}

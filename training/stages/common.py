@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
+from ldm_deploy.fileio import (MARKER, OutputKind, atomic_dir, check_free_space, check_out_dir, has_marker, write_json,
+                               write_marker)
 from training.config import TrainConfig
 
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -30,6 +31,33 @@ SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "be
 
 def run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out)
+
+
+# What a run folder holds; one holding nothing else (with stages/, checkpoints/ or reports/) is a run folder
+# written before runs carried fileio.MARKER.
+RUN_ENTRIES = {"stages", "checkpoints", "logs", "reports", "samples", "model", "cache", "eval", "train_config.json", MARKER}
+
+
+def _is_older_run_dir(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    return names <= RUN_ENTRIES and bool(names & {"stages", "checkpoints", "reports"})
+
+
+RUN_OUTPUT = OutputKind("training-run", "an ldm-train run folder", _is_older_run_dir)
+
+
+def claim_run_dir(cfg: TrainConfig, force: bool = False) -> Path:
+    """Check that `cfg.out` may be written (fileio.check_out_dir: an ldm-train run folder or a new or empty
+    one, or any folder with `force`; never one that is, holds or lies inside an input path of the config),
+    then create it with its marker. Every stage calls this first: the run's sub-folders are then ours."""
+    inputs = [p for p in (cfg.data.path, cfg.tokenizer.path, cfg.vae.path, cfg.text_encoder.path) if p]
+    out = check_out_dir(run_dir(cfg), RUN_OUTPUT, inputs=inputs, force=force)
+    from training.trainer import dist_env
+
+    if dist_env().is_main and not has_marker(out, RUN_OUTPUT.name):
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, RUN_OUTPUT.name)
+    return out
 
 
 def stage_dir(cfg: TrainConfig, part: str) -> Path:

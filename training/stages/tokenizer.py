@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ldm_deploy.errors import LdmError
 from ldm_deploy.fileio import atomic_dir
+from ldm_deploy.paths import check_tree
 from training.config import TrainConfig
 from training.stages import common
 
@@ -24,6 +25,7 @@ def train_tokenizer_stage(cfg: TrainConfig, resume: bool = False) -> dict:
         if not common.has_tokenizer(src):
             raise LdmError(f"tokenizer.path {src} has no tokenizer.json or vocab.json",
                            hint="point at a CLIP tokenizer folder")
+        check_tree(src)   # copied below: no link out of it is followed
         with atomic_dir(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         report = {"source": str(src)}

@@ -142,7 +142,8 @@ def save_model(cfg: TrainConfig, unet, vae, te, tok_dir: Path, scheduler_config:
 
     comps = Components(unet=_plain_module(unet), vae=vae.float().cpu(), text_encoder=te.float().cpu(),
                        tokenizer_dir=tok_dir, scheduler_config=scheduler_config)
-    folder = save_components(comps, common.run_dir(cfg) / "model", fp16=cfg.unet.save_fp16)
+    # force: the run folder was claimed (common.claim_run_dir), so its model/ is ours, marker or not
+    folder = save_components(comps, common.run_dir(cfg) / "model", fp16=cfg.unet.save_fp16, force=True)
     from ldm_deploy.fileio import write_json
 
     write_json(common.run_dir(cfg) / "train_config.json", cfg.to_dict())

@@ -81,7 +81,9 @@ def component_spec(artifact, component: str, variant: str | None = None) -> tupl
                            hint="export with --ort-cuda, or call ldm_deploy.export.ort_optimize."
                                 "add_ort_cuda_variants(ARTIFACT); variant=None runs the plain graph")
         spec.update(variants[variant])
-    return Path(artifact.path) / spec["file"], spec
+    from ldm_deploy.paths import inside
+
+    return inside(artifact.path, spec["file"], named_in=Path(artifact.path) / "manifest.json"), spec
 
 
 class OrtCpuRunner:
