@@ -463,6 +463,7 @@ def _plain_state(state: dict) -> dict:
 def _progress(name: str, initial: int, total: int, disable: bool):
     from tqdm import tqdm
 
+    disable = disable or os.environ.get("TQDM_DISABLE", "") not in ("", "0")   # ldm-train -q (an explicit arg wins over tqdm's env)
     return tqdm(total=total, initial=initial, desc=name, unit="step", disable=disable, dynamic_ncols=True)
 
 

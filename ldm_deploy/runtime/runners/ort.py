@@ -108,10 +108,12 @@ class OrtCpuRunner:
                              f"choose one of: {', '.join(_OPT_LEVELS)}")
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization_level])
-        if intra_op_threads:
-            so.intra_op_num_threads = int(intra_op_threads)
+        from ldm_deploy.limits import check_threads
+
+        if intra_op_threads:   # None or 0: onnxruntime's default (one per core)
+            so.intra_op_num_threads = check_threads(intra_op_threads, "intra_op_threads")
         if inter_op_threads:
-            so.inter_op_num_threads = int(inter_op_threads)
+            so.inter_op_num_threads = check_threads(inter_op_threads, "inter_op_threads")
         if allow_spinning is None:
             allow_spinning = (os.cpu_count() or 1) > FEW_CORES
         session_options = dict(session_options or {})
