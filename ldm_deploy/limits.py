@@ -73,7 +73,7 @@ def check_config_sizes(config: Mapping[str, Any], where: str) -> None:
             shown = str(value)[:60]
             raise LdmError(f"{where}: {key} = {shown} is outside ldm-deploy's limit (integers 1..{hi}"
                            f"{', at most ' + str(CONFIG_LIMITS['levels']) + ' of them' if isinstance(value, (list, tuple)) else ''})",
-                           hint="the file is damaged or edited; restore it (limits: docs/DESIGN.md, Limits)")
+                           hint="the file is damaged or edited; restore it; the limits are in docs/DESIGN.md, Limits")
 
 
 def estimated_parameters(config: Mapping[str, Any]) -> float:
