@@ -89,6 +89,7 @@ class Artifact:
         self._check_format()
         self.components = {name: _component(name, d) for name, d in self.manifest["components"].items()}
         self.profiles = _profiles(self.manifest["profiles"], self.path)
+        _check_profiles_digest(self.manifest, self.path)
         self.check_files(hashes=verify)
 
     @classmethod
@@ -233,6 +234,26 @@ def _check_numbers(m: dict, root: Path) -> None:
     s = m["scheduler"]
     limits.check_scheduler_numbers(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
                                    s.get("beta_end", 0.012), f"manifest of {root}: scheduler")
+
+
+def profiles_digest(m: dict) -> str:
+    """sha256 of the manifest's shape profiles (top-level and per component), as the exporter wrote them."""
+    import hashlib
+
+    covered = {"profiles": m.get("profiles"),
+               "components": {name: (c or {}).get("profile") for name, c in sorted((m.get("components") or {}).items())
+                              if isinstance(c, dict)}}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_profiles_digest(m: dict, root: Path) -> None:
+    """The profiles size every buffer and engine, and manifest.json is not in its own file hashes: the exporter
+    records `profiles_sha256` over them, and a profile edited after export is refused. (Older artifacts
+    without the key rely on the bounds of ldm_deploy/limits.py alone.)"""
+    want = m.get("profiles_sha256")
+    if want is not None and want != profiles_digest(m):
+        raise LdmError(f"manifest of {root}: the shape profiles were edited after export "
+                       "(they no longer match profiles_sha256)", hint="re-run the export with the profiles you need")
 
 
 def not_an_artifact(path: Path) -> LdmError:

@@ -93,6 +93,17 @@ def test_widened_manifest_profiles_are_refused(artifact_copy, tmp_path, axis, va
     assert not out.exists()
 
 
+def test_profiles_edited_after_export_are_refused(artifact_copy, tmp_path):
+    """Inside the limits, a widened profile is caught by the manifest's profiles_sha256 (the exporter writes it)."""
+    assert "profiles_sha256" in json.loads((artifact_copy / "manifest.json").read_text())
+    _edit_json(artifact_copy / "manifest.json", lambda m: m["profiles"]["height"].update(max=128))
+    out = tmp_path / "x.png"
+    ran = cli("generate", artifact_copy, "--prompt", "a", "--steps", "2", "--height", "128", "--width", "32",
+              "--out", out, timeout=60)
+    ran.assert_clean_failure(1, "shape profiles were edited after export")
+    assert not out.exists()
+
+
 CONFIG_EDITS = {   # the issue's cases, through the CLI: model folder part, changes, message
     "1e6 channels": ("unet", {"block_out_channels": [10**6, 10**6]}, "block_out_channels"),
     "1e9 vocabulary": ("text_encoder", {"vocab_size": 10**9}, "vocab_size"),
