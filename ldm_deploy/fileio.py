@@ -7,8 +7,8 @@ the new one is complete).
 Temporaries are named `.NAME.<host>-<pid>.*.tmp` (and `.old` for a directory being replaced); a NAME
 too long for that to fit in NAME_MAX (255 bytes) is cut and ends in `~` and 8 hex digits of its
 hash. Files and folders are created with the process umask (0o666 / 0o777 minus it), as `open` and
-`mkdir` would, not mkstemp's private 0600 / 0700. A writer that was killed leaves its temporary behind; the next write to the same path on the same
-host deletes temporaries whose process is gone, and puts back a `.old` directory if the kill came
+`mkdir` would, not mkstemp's private 0600 / 0700. A writer that was killed leaves its temporary
+behind; the next write to the same path on the same host deletes temporaries whose process is gone, and puts back a `.old` directory if the kill came
 in the instant between its two renames (so the previous directory is never lost).
 """
 from __future__ import annotations

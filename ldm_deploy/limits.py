@@ -70,9 +70,8 @@ def check_config_sizes(config: Mapping[str, Any], where: str) -> None:
         if key == "sample_size" and isinstance(value, (list, tuple)) and len(items) != 2:
             items = [None]
         if not items or len(items) > CONFIG_LIMITS["levels"] or not all(_int_in(v, 1, hi) for v in items):
-            shown = str(value)[:60]
-            raise LdmError(f"{where}: {key} = {shown} is outside ldm-deploy's limit (integers 1..{hi}"
-                           f"{', at most ' + str(CONFIG_LIMITS['levels']) + ' of them' if isinstance(value, (list, tuple)) else ''})",
+            many = f", at most {CONFIG_LIMITS['levels']} of them" if isinstance(value, (list, tuple)) else ""
+            raise LdmError(f"{where}: {key} = {str(value)[:60]} is outside ldm-deploy's limit (integers 1..{hi}{many})",
                            hint="the file is damaged or edited; restore it; the limits are in docs/DESIGN.md, Limits")
 
 
@@ -112,11 +111,16 @@ def check_seed(value: Any) -> int:
     return int(value)
 
 
-def check_scheduler_numbers(T: Any, beta_start: Any, beta_end: Any, where: str = "the scheduler config") -> None:
-    """num_train_timesteps and the beta range: LdmError naming the key before any table is built."""
+def check_train_timesteps(T: Any, where: str = "the scheduler config") -> int:
     if not _int_in(T, 2, MAX_TRAIN_TIMESTEPS):
         raise LdmError(f"{where} has num_train_timesteps = {str(T)[:40]}, outside 2..{MAX_TRAIN_TIMESTEPS}",
                        hint="SD models use 1000; restore the scheduler config")
+    return T
+
+
+def check_scheduler_numbers(T: Any, beta_start: Any, beta_end: Any, where: str = "the scheduler config") -> None:
+    """num_train_timesteps and the beta range: LdmError naming the key before any table is built."""
+    check_train_timesteps(T, where)
     for key, value in (("beta_start", beta_start), ("beta_end", beta_end)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1 or math.isnan(value):
             raise LdmError(f"{where} has {key} = {str(value)[:40]}, not a number in (0, 1)",

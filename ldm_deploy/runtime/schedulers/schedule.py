@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.limits import check_scheduler_numbers
+from ldm_deploy.limits import check_scheduler_numbers, check_train_timesteps
 from ldm_deploy.runtime.schedulers import convert
 
 # Which diffusers class each sampler mirrors, and that class's defaults for every key we read.
@@ -204,7 +204,7 @@ def train_alphas_cumprod(cfg: SchedulerConfig, class_name: str) -> np.ndarray:
     if trained is None:
         check_scheduler_numbers(n, start, end)
     else:                               # the betas come from the list; only T sizes a table
-        check_scheduler_numbers(n, 0.5, 0.5)
+        check_train_timesteps(n)
     n, start, end = int(n), float(start), float(end)
     if trained is not None:
         try:
@@ -466,12 +466,13 @@ def make_schedule(name: str, config: SchedulerConfig | Mapping[str, Any], steps:
     if name not in _BUILDERS:
         raise UsageError(f"unknown scheduler {name!r}; choose one of: {', '.join(_BUILDERS)}")
     cfg = as_config(config)
-    T = cfg.get("num_train_timesteps", SAMPLER_CLASS[name])
-    check_scheduler_numbers(T, 0.5, 0.5)
-    check_steps(steps, strength, int(T))
+    T = check_train_timesteps(cfg.get("num_train_timesteps", SAMPLER_CLASS[name]))
+    check_steps(steps, strength, T)
     offset = int(cfg.get("steps_offset", SAMPLER_CLASS[name]) or 0)
-    if (name in ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "lms") and cfg.get("timestep_spacing", SAMPLER_CLASS[name]) == "leading"
-            and (steps - 1) * (T // steps) + offset > T - 1):   # diffusers indexes alphas_cumprod[T] (or repeats a sigma)
+    leading = cfg.get("timestep_spacing", SAMPLER_CLASS[name]) == "leading"
+    # leading spacing reaches t = T at steps = T: diffusers indexes alphas_cumprod[T] (or repeats a sigma)
+    if (name in ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "lms") and leading
+            and (steps - 1) * (T // steps) + offset > T - 1):
         most = max(s for s in range(1, T + 1) if (s - 1) * (T // s) + offset <= T - 1)
         raise UsageError(f"{steps} steps with {name}'s leading spacing and steps_offset {offset} reach timestep "
                          f"{(steps - 1) * (T // steps) + offset}, past the model's {T} training timesteps",
