@@ -259,11 +259,11 @@ def _check_profiles_digest(m: dict, root: Path) -> None:
 def not_an_artifact(path: Path) -> LdmError:
     """The error for a folder without manifest.json: a path that does not exist, a model folder, or other."""
     if not path.exists():
-        return UsageError(f"{path} does not exist", hint="check the path to the exported artifact folder")
+        return LdmError(f"{path} does not exist", hint="check the path to the exported artifact folder")
     if not path.is_dir():
-        return UsageError(f"{path} is a file, not an exported artifact folder")
+        return LdmError(f"{path} is a file, not an exported artifact folder")
     if (path / "model_index.json").is_file():
-        return UsageError(f"{path} is a model folder, not an exported artifact: export it first",
+        return LdmError(f"{path} is a model folder, not an exported artifact: export it first",
                           hint=f"ldm-deploy export {path} --out DIR, then use DIR")
     return LdmError(f"{path} is not an ldm-deploy artifact: {MANIFEST} is missing",
                     hint="run `ldm-deploy export MODEL_DIR --out DIR` to make one")

@@ -52,7 +52,10 @@ def check_model_config(config: Mapping[str, Any], where: str) -> None:
     """Refuse (LdmError) a config whose sizes are outside CONFIG_LIMITS or whose parameter count, estimated
     from the config alone, exceeds MAX_PARAMETERS. `where` names the file for the message."""
     check_config_sizes(config, where)
-    n = estimated_parameters(config)
+    try:
+        n = estimated_parameters(config)
+    except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):
+        return   # a malformed config (a null block list, ...): the loader that reads it names the key
     if n > MAX_PARAMETERS:
         raise LdmError(f"{where} describes a network of ~{n:.2g} parameters, over ldm-deploy's limit of "
                        f"{MAX_PARAMETERS:.0e}", hint="the file is damaged or edited; restore it")

@@ -231,7 +231,6 @@ OUT_CASES = {
     "jpg": ("x.jpg", "writes PNG only", False),
     "existing dir named .png": ("d.png", "is an existing directory", True),
     "file where a folder is wanted": ("afile", "exists and is not a directory", True),
-    "missing parent": ("no/such/x.png", "does not exist", False),
 }
 
 
@@ -274,11 +273,12 @@ def test_tensorrt_hint_names_the_real_flag(artifact, tmp_path):
 
 def test_paths_that_are_not_artifacts_say_what_they_are(artifact, model_folder, tmp_path):
     out = tmp_path / "x.png"
-    cli("generate", tmp_path / "typo", "--prompt", "a", "--out", out).assert_clean_failure(2, "typo does not exist")
+    cli("generate", tmp_path / "typo", "--prompt", "a", "--out", out).assert_clean_failure(1, "typo does not exist")
     cli("generate", model_folder, "--prompt", "a", "--out", out).assert_clean_failure(
-        2, "is a model folder, not an exported artifact: export it first")
+        1, "is a model folder, not an exported artifact: export it first")
     cli("validate", artifact, model_folder, timeout=120).assert_clean_failure(2, "arguments swapped")
-    cli("validate", tmp_path / "typo", artifact, timeout=120).assert_clean_failure(2, "typo does not exist")
+    cli("validate", tmp_path / "typo", artifact, timeout=120).assert_clean_failure(1, "typo does not exist")
+    cli("inspect", tmp_path / "typo").assert_clean_failure(1)
 
 
 def test_inspect_json_into_a_closed_pipe(artifact):
