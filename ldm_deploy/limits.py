@@ -11,6 +11,7 @@ Torch-free: the runtime, `inspect` and the FLOP model (ldm_deploy/flops.py) use 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -45,7 +46,7 @@ CONFIG_LIMITS: dict[str, int] = {
 
 
 def _int_in(value: Any, lo: int, hi: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value <= hi
 
 
 def check_model_config(config: Mapping[str, Any], where: str) -> None:
@@ -105,7 +106,7 @@ def check_threads(value: Any, flag: str = "--threads") -> int:
     if not _int_in(value, 1, hi):
         raise UsageError(f"{flag} must be an integer from 1 to {hi} ({THREADS_PER_CORE} x the {os.cpu_count()} "
                          f"CPUs), got {value!r}", hint=f"omit {flag} for onnxruntime's default (one per core)")
-    return value
+    return int(value)
 
 
 def check_seed(value: Any) -> int:
@@ -118,7 +119,7 @@ def check_train_timesteps(T: Any, where: str = "the scheduler config") -> int:
     if not _int_in(T, 2, MAX_TRAIN_TIMESTEPS):
         raise LdmError(f"{where} has num_train_timesteps = {str(T)[:40]}, outside 2..{MAX_TRAIN_TIMESTEPS}",
                        hint="SD models use 1000; restore the scheduler config")
-    return T
+    return int(T)
 
 
 def check_scheduler_numbers(T: Any, beta_start: Any, beta_end: Any, where: str = "the scheduler config") -> None:

@@ -41,6 +41,15 @@ def test_seed_out_of_range_is_a_usage_error(artifact, tmp_path, seed):
     ran.assert_clean_failure(2, "seed must be an integer from 0 to 2\\*\\*63-1")
 
 
+def test_seed_api_bound(artifact):
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_artifact(artifact)
+    for bad in (-1, 2**63, 1.5):
+        with pytest.raises(UsageError, match="seed must be an integer"):
+            pipe("a", steps=1, seed=bad, height=32, width=32)
+
+
 def test_threads_api_bound():
     from ldm_deploy.limits import THREADS_PER_CORE, check_threads
 
