@@ -82,8 +82,7 @@ class Artifact:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            raise LdmError(f"{self.path} is not an ldm-deploy artifact: {MANIFEST} is missing",
-                           hint="run `ldm-deploy export MODEL_DIR --out DIR` to make one")
+            raise not_an_artifact(self.path)
         try:
             self.manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
@@ -91,6 +90,7 @@ class Artifact:
         self._check_format()
         self.components = {name: _component(name, d) for name, d in self.manifest["components"].items()}
         self.profiles = _profiles(self.manifest["profiles"], self.path)
+        _check_profiles_digest(self.manifest, self.path)
         self.check_files(hashes=verify)
 
     @classmethod
@@ -217,11 +217,59 @@ class Artifact:
             v = m[key]
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise bad(f"`{key}` {v!r} is not a positive integer")
+        _check_numbers(m, self.path)
 
     def __repr__(self) -> str:
         p = self.profiles
         return (f"Artifact({str(self.path)!r}, {self.precision}, components={list(self.components)}, "
                 f"batch {p.batch}, {p.height} x {p.width})")
+
+
+def _check_numbers(m: dict, root: Path) -> None:
+    """Sizes the runtime and `inspect` compute with, bounded (ldm_deploy/limits.py) before anything uses them."""
+    from ldm_deploy import limits
+
+    if m["latent_channels"] > limits.CONFIG_LIMITS["latent_channels"] or m["vae_scale_factor"] > 64:
+        raise LdmError(f"manifest of {root} is malformed: latent_channels {m['latent_channels']} / vae_scale_factor "
+                       f"{m['vae_scale_factor']} over the limits 64 / 64", hint="re-run the export")
+    for part, config in (m.get("model") or {}).items() if isinstance(m.get("model"), dict) else ():
+        limits.check_model_config(config, f"manifest of {root}: model.{part}")
+    s = m["scheduler"]
+    limits.check_scheduler_numbers(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
+                                   s.get("beta_end", 0.012), f"manifest of {root}: scheduler")
+
+
+def profiles_digest(m: dict) -> str:
+    """sha256 of the manifest's shape profiles (top-level and per component), as the exporter wrote them."""
+    import hashlib
+
+    covered = {"profiles": m.get("profiles"),
+               "components": {name: (c or {}).get("profile") for name, c in sorted((m.get("components") or {}).items())
+                              if isinstance(c, dict)}}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_profiles_digest(m: dict, root: Path) -> None:
+    """The profiles size every buffer and engine, and manifest.json is not in its own file hashes: the exporter
+    records `profiles_sha256` over them, and a profile edited after export is refused. (Older artifacts
+    without the key rely on the bounds of ldm_deploy/limits.py alone.)"""
+    want = m.get("profiles_sha256")
+    if want is not None and want != profiles_digest(m):
+        raise LdmError(f"manifest of {root}: the shape profiles were edited after export "
+                       "(they no longer match profiles_sha256)", hint="re-run the export with the profiles you need")
+
+
+def not_an_artifact(path: Path) -> LdmError:
+    """The error for a folder without manifest.json: a path that does not exist, a model folder, or other."""
+    if not path.exists():
+        return LdmError(f"{path} does not exist", hint="check the path to the exported artifact folder")
+    if not path.is_dir():
+        return LdmError(f"{path} is a file, not an exported artifact folder")
+    if (path / "model_index.json").is_file():
+        return LdmError(f"{path} is a model folder, not an exported artifact: export it first",
+                          hint=f"ldm-deploy export {path} --out DIR, then use DIR")
+    return LdmError(f"{path} is not an ldm-deploy artifact: {MANIFEST} is missing",
+                    hint="run `ldm-deploy export MODEL_DIR --out DIR` to make one")
 
 
 def _check_relative(rel: str, root: Path) -> None:
@@ -255,6 +303,8 @@ def _component(name: str, d: dict) -> ComponentSpec:
 
 
 def _profiles(p: dict, root: Path) -> Profiles:
+    from ldm_deploy import limits
+
     ranges = {}
     for k in ("batch", "height", "width"):
         r = p.get(k)
@@ -263,5 +313,6 @@ def _profiles(p: dict, root: Path) -> Profiles:
                 and 1 <= r["min"] <= r["opt"] <= r["max"]):
             raise LdmError(f"manifest of {root} is malformed: profiles.{k} is not {{min, opt, max}} integers "
                            f"with 1 <= min <= opt <= max (got {str(r)[:80]})", hint="re-run the export")
+        limits.check_profile_range(k, r["min"], r["max"], f"manifest of {root}")
         ranges[k] = Range(r["min"], r["opt"], r["max"])
     return Profiles(**ranges)

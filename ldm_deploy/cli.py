@@ -4,15 +4,19 @@ Conventions every subcommand gets from here:
   * `--help` ends with an example; `-q/--quiet` and `-v/--verbose` work before or after the subcommand;
   * exit 0 on success, 1 on a failure (LdmError, or any other error), 2 on a usage error (argparse or
     UsageError), 130 on Ctrl-C; errors are one line on stderr, tracebacks only with --verbose;
-  * --quiet: log level WARNING and no tqdm bars (TQDM_DISABLE); --verbose: DEBUG.
+  * --quiet: log level WARNING, no tqdm bars (TQDM_DISABLE) and no library warnings (numpy, torch: Python
+    `warnings`), so a failing run's stderr is its one error line; --verbose: DEBUG;
+  * a closed stdout (`ldm-deploy inspect --json | head`) ends the command quietly with exit 141 (128 + SIGPIPE).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
+import warnings
 
 from ldm_deploy import __version__
 from ldm_deploy.commands import COMMANDS
@@ -80,6 +84,15 @@ def configure_output(quiet: bool, verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, ours and libraries', reads this (tqdm >= 4.66)
+        warnings.simplefilter("ignore")   # numpy / torch / onnx warnings; ours are log records (still shown)
+
+
+def stdout_closed() -> int:
+    """The reader of our stdout went away (`| head`): point stdout at /dev/null so the interpreter's final
+    flush does not raise again, and exit as a SIGPIPE-killed tool would."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     tqdm_env = os.environ.get("TQDM_DISABLE")
+    saved_filters = warnings.filters[:]
     configure_output(args.quiet, args.verbose)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except LdmError as e:
         if args.verbose:
             raise
@@ -110,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:  # main() may be called in-process (tests, notebooks): leave the environment as it was
+        warnings.filters[:] = saved_filters
         if tqdm_env is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:

@@ -4,9 +4,11 @@ Files go to a temporary name in the same directory and are renamed into place; d
 built under a temporary sibling and renamed (the previous directory, if any, is replaced only once
 the new one is complete).
 
-Temporaries are named `.NAME.<host>-<pid>.*.tmp` (and `.old` for a directory being replaced). A
-writer that was killed leaves its temporary behind; the next write to the same path on the same
-host deletes temporaries whose process is gone, and puts back a `.old` directory if the kill came
+Temporaries are named `.NAME.<host>-<pid>.*.tmp` (and `.old` for a directory being replaced); a NAME
+too long for that to fit in NAME_MAX (255 bytes) is cut and ends in `~` and 8 hex digits of its
+hash. Files and folders are created with the process umask (0o666 / 0o777 minus it), as `open` and
+`mkdir` would, not mkstemp's private 0600 / 0700. A writer that was killed leaves its temporary
+behind; the next write to the same path on the same host deletes temporaries whose process is gone, and puts back a `.old` directory if the kill came
 in the instant between its two renames (so the previous directory is never lost).
 
 Replacing a folder is guarded (`check_out_dir`, called by `atomic_dir(path, kind=...)` and early by
@@ -22,8 +24,10 @@ import contextlib
 import hashlib
 import json
 import os
+import fnmatch
 import re
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -63,8 +67,56 @@ def sha256_regular(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+NAME_MAX = 255   # bytes in one path component (Linux, macOS)
+
+
+def _stem(name: str) -> str:
+    """`name` as it appears in its temporaries: cut (+ `~` and 8 hex of its sha256) so that
+    `.STEM.<host>-<pid>.<8 random>.tmp` fits NAME_MAX whatever the pid (up to 7 digits)."""
+    room = NAME_MAX - len(f"..{socket.gethostname()}-{'9' * 7}.{'x' * 8}.tmp".encode())
+    if len(name.encode()) <= room:
+        return name
+    tag = "~" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    cut = name
+    while len((cut + tag).encode("utf-8", "surrogateescape")) > room:
+        cut = cut[:-1]
+    return cut + tag
+
+
 def _prefix(path: Path) -> str:
-    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+    return f".{_stem(path.name)}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux >= 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_STOPS: dict[str, int] = {}
+
+
+def _stop_point(event: str) -> None:
+    """Kill tests' synchronisation hook (tests/reliability/test_atomic_kill.py); a no-op unless
+    LDM_DEPLOY_STOP_AT="PATTERN[#N]" is set. The N-th event (default 1st) that matches PATTERN
+    (fnmatch) stops the process with SIGSTOP, so the test can SIGKILL it at exactly that point.
+    Events: "file:NAME" (a file is complete under its temporary name, not yet renamed) and
+    "dir:NAME" (the previous folder was moved aside, the new one not yet renamed in)."""
+    spec = os.environ.get("LDM_DEPLOY_STOP_AT")
+    if not spec:
+        return
+    pattern, _, nth = spec.partition("#")
+    if fnmatch.fnmatchcase(event, pattern):
+        _STOPS[pattern] = _STOPS.get(pattern, 0) + 1
+        if _STOPS[pattern] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _alive(pid: int) -> bool:
@@ -80,7 +132,7 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(path: str | os.PathLike) -> None:
     """Delete the temporaries of killed writers of `path` on this host; restore an orphaned `.old`."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.{socket.gethostname()}-") + r"(\d+)\..*\.(tmp|old)$")
+    pattern = re.compile(re.escape(f".{_stem(path.name)}.{socket.gethostname()}-") + r"(\d+)\..*\.(tmp|old)$")
     try:
         entries = list(path.parent.iterdir())
     except OSError:
@@ -106,10 +158,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _stop_point(f"file:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -220,6 +274,7 @@ def atomic_dir(path: str | os.PathLike, kind: OutputKind | None = None, *, force
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if kind is not None and kind.marker:
@@ -229,6 +284,7 @@ def atomic_dir(path: str | os.PathLike, kind: OutputKind | None = None, *, force
             old = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
+            _stop_point(f"dir:{path.name}")
         os.replace(tmp, path)
         if old is not None:
             if old.is_symlink() or not old.is_dir():

@@ -9,8 +9,20 @@ manifest without importing the training code.
 
     unet_flops(sd15_unet_config, 64, 64)       # ~0.80e12: one SD 1.5 U-Net call at 512x512, batch 1
     # a CFG step runs the U-Net at batch 2B.
+
+Every function first checks the config's sizes against ldm_deploy/limits.py (LdmError outside them), so
+a damaged config (layers_per_block 1e9) is refused instead of looping for hours.
 """
 from __future__ import annotations
+
+from ldm_deploy.limits import MAX_BATCH, MAX_IMAGE_SIDE, check_config_sizes
+
+
+def _checked(config: dict, what: str, *sizes: int) -> None:
+    check_config_sizes(config, f"the {what} config")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max(MAX_IMAGE_SIDE, MAX_BATCH, 16384):
+            raise ValueError(f"flops: size {n!r} out of range")
 
 
 def _conv(batch: int, c_in: int, c_out: int, k: int, h_out: int, w_out: int) -> int:
@@ -50,6 +62,7 @@ def _spatial_transformer(b: int, c: int, h: int, w: int, depth: int, text_len: i
 
 def unet_flops(config: dict, height: int, width: int, batch: int = 1, text_len: int = 77) -> int:
     """One `UNet2DConditionModel` forward on (batch, C, height, width) latents and `text_len` tokens."""
+    _checked(config, "U-Net", height, width, batch, text_len)
     ch = list(config.get("block_out_channels", (320, 640, 1280, 1280)))
     levels = len(ch)
     layers = _per_level(config.get("layers_per_block", 2), levels)
@@ -103,6 +116,7 @@ def _vae_mid(b: int, c: int, h: int, w: int, attention: bool) -> int:
 
 def vae_decoder_flops(config: dict, height: int, width: int, batch: int = 1) -> int:
     """`AutoencoderKL.decode` (post_quant_conv + decoder) of (batch, latent, height, width) latents."""
+    _checked(config, "VAE", height, width, batch)
     ch = list(reversed(config.get("block_out_channels", (128, 256, 512, 512))))
     layers, latent, b = config.get("layers_per_block", 2) + 1, config.get("latent_channels", 4), batch
     h, w = height, width
@@ -122,6 +136,7 @@ def vae_decoder_flops(config: dict, height: int, width: int, batch: int = 1) -> 
 
 def vae_encoder_flops(config: dict, height: int, width: int, batch: int = 1) -> int:
     """`AutoencoderKL.encode` (encoder + quant_conv) of (batch, 3, height, width) images."""
+    _checked(config, "VAE", height, width, batch)
     ch = list(config.get("block_out_channels", (128, 256, 512, 512)))
     layers, latent, b = config.get("layers_per_block", 2), config.get("latent_channels", 4), batch
     h, w = height, width
@@ -143,6 +158,7 @@ def vae_encoder_flops(config: dict, height: int, width: int, batch: int = 1) -> 
 
 def text_encoder_flops(config: dict, seq_len: int = 77, batch: int = 1) -> int:
     """`CLIPTextModel` forward (no projection head) over (batch, seq_len) token ids."""
+    _checked(config, "text encoder", seq_len, batch)
     d, inner = config.get("hidden_size", 512), config.get("intermediate_size", 2048)
     rows = batch * seq_len
     layer = 4 * _linear(rows, d, d) + _attention(batch, seq_len, seq_len, d) + 2 * _linear(rows, d, inner)

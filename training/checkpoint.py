@@ -249,6 +249,9 @@ def _build_vae(config: dict) -> torch.nn.Module:
 def _build_text_encoder(config: dict) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ldm_deploy.limits import check_model_config
+
+    check_model_config(config, "the text encoder config")   # a 1e9 vocabulary is refused before allocation
     try:
         return CLIPTextModel(CLIPTextConfig.from_dict(config))
     except (TypeError, ValueError) as e:

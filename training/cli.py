@@ -19,8 +19,10 @@ EXAMPLE = "example: ldm-train all --config shapes --out runs/shapes"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ldm_deploy.cli import _add_verbosity
+
     parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__.split("\n\n")[0], epilog=EXAMPLE)
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    _add_verbosity(parser, dest_prefix="global_")   # -q / -v as ldm-deploy's, before or after the subcommand
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"tokenizer": "train a CLIP BPE tokenizer on the captions (or copy tokenizer.path)",
              "vae": "train the VAE (reconstruction + KL), report held-out PSNR",
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="run directory (overrides the config's `out`)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set unet.steps=100 (repeatable)")
-        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        _add_verbosity(p)
         p.add_argument("--steps", type=int, help="steps of this stage (all: of every stage)")
         p.add_argument("--seed", type=int, help="training seed")
         if name != "eval":
@@ -87,9 +89,25 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import warnings
+
+    from ldm_deploy.cli import configure_output, stdout_closed
+
     args = build_parser().parse_args(argv)
+    args.quiet = args.quiet or args.global_quiet
+    args.verbose = args.verbose or args.global_verbose
+    if args.quiet and args.verbose:
+        print("ldm-train: error: --quiet and --verbose exclude each other (see --help)", file=sys.stderr)
+        return 2
+    tqdm_env, saved_filters = os.environ.get("TQDM_DISABLE"), warnings.filters[:]
+    configure_output(args.quiet, args.verbose)
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except LdmError as e:
         if getattr(args, "verbose", False):
             raise
@@ -98,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ldm-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    finally:  # in-process callers get their environment back
+        warnings.filters[:] = saved_filters
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 if __name__ == "__main__":

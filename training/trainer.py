@@ -463,6 +463,8 @@ def _plain_state(state: dict) -> dict:
 def _progress(name: str, initial: int, total: int, disable: bool):
     from tqdm import tqdm
 
+    # ldm-train -q sets TQDM_DISABLE; an explicit `disable=` would win over tqdm's own reading of it
+    disable = disable or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
     return tqdm(total=total, initial=initial, desc=name, unit="step", disable=disable, dynamic_ncols=True)
 
 

@@ -57,7 +57,8 @@ def add_arguments(p) -> None:
                    help="max seconds of timed end-to-end runs per side and batch (default 120)")
     p.add_argument("--component-repeats", type=int, default=10, metavar="N", help="per-component timed runs (default 10)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="torch sides' device")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort-cpu and torch on CPU")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for ort-cpu and torch on CPU, 1 to 4 x the CPU count")
     p.add_argument("--engine-dir", metavar="DIR", help="tensorrt: engines folder (default ARTIFACT/engines)")
     p.add_argument("--export-config", metavar="YAML", help="when exporting MODEL_DIR: export config (name or file)")
     p.add_argument("--work", metavar="DIR", help="when exporting MODEL_DIR: where the artifact goes (default OUT.artifact/)")
@@ -77,6 +78,9 @@ def run(args) -> int:
 
     if args.levers and args.tuning:
         raise UsageError("--levers and --tuning are two runs; pick one")
+    if args.threads is not None:
+        from ldm_deploy.limits import check_threads
+        check_threads(args.threads)
     if args.sides is None:
         args.sides = ((*LEVERS, *LEVER_REFERENCES) if args.levers else TUNING_RUN if args.tuning
                       else ("ort-cpu", "torch-eager-fp32", "torch-compile"))

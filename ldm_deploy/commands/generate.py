@@ -42,22 +42,27 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, metavar="W", help="image width (default: the profile's opt)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--image", metavar="INIT.png", help="init image for img2img")
-    p.add_argument("--strength", type=float, default=0.8, metavar="S",
-                   help="img2img: how much of the schedule to run, (0, 1] (default 0.8)")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help="img2img (needs --image): how much of the schedule to run, (0, 1] (default 0.8)")
+    p.add_argument("--resize", action="store_true",
+                   help="img2img: resize the init image to --height x --width (default: its size rounded to "
+                        "multiples of 8)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="R",
                    help="rescale guided output toward the conditional std (Lin et al.; default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="runner backend (default ort-cpu)")
-    p.add_argument("--threads", type=int, metavar="N", help="ort-cpu: intra-op threads")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="ort-cpu: intra-op threads, 1 to 4 x the CPU count (default: onnxruntime's, one per core)")
     p.add_argument("--cuda-graph", action="store_true", help="ort-cuda / tensorrt: capture the U-Net as a CUDA graph")
     p.add_argument("--engine-dir", metavar="DIR", help="tensorrt: folder written by `ldm-deploy build`")
-    p.add_argument("--out", required=True, metavar="PATH", help="a .png for one image, or a directory")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="a .png for one image, or a directory (PNG only: the generation record is in its text chunks)")
 
 
 def _runner_options(args) -> dict:
     if args.backend == "ort-cpu":
-        return {"intra_op_threads": args.threads} if args.threads else {}
-    if args.threads:
+        return {"intra_op_threads": args.threads} if args.threads is not None else {}
+    if args.threads is not None:
         raise UsageError("--threads applies to --backend ort-cpu only")
     if args.backend == "ort-cuda":
         return {"enable_cuda_graph": True} if args.cuda_graph else {}
@@ -79,16 +84,71 @@ def _latents(path: str | None):
     return z
 
 
+# image formats Pillow writes that we refuse for --out: the generation record lives in PNG text chunks
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".jxl")
+
+
+def check_out(out: Path, images: int) -> None:
+    """Refuse an --out that could not be written, before any work: one line, exit 2."""
+    suffix = out.suffix.lower()
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        raise UsageError(f"--out {out}: generate writes PNG only (the seed, prompt and settings are stored in its "
+                         f"text chunks)", hint=f"use --out {out.with_suffix('.png')} and convert it if you need {suffix}")
+    if suffix == ".png":
+        if images > 1:
+            raise UsageError(f"--out {out} names one PNG but {images} images will be made",
+                             hint="give a directory to --out")
+        if out.is_dir():
+            raise UsageError(f"--out {out} is an existing directory", hint="give a file name, or remove the directory")
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory",
+                         hint="give a .png file name for one image, or a directory")
+
+
+def _init_image(args):
+    """The --image as uint8 (H, W, 3), resized with --resize; a size that is no multiple of 8 is refused."""
+    from ldm_deploy.runtime.image import load_image
+
+    if args.image is None:
+        if args.strength is not None or args.resize:
+            raise UsageError(f"{'--strength' if args.strength is not None else '--resize'} applies to img2img only",
+                             hint="pass --image INIT.png, or drop the flag")
+        return None
+    image = load_image(args.image)
+    h, w = image.shape[:2]
+    if args.resize:
+        size = (args.width or max(8, round(w / 8) * 8), args.height or max(8, round(h / 8) * 8))
+        if size != (w, h):
+            from PIL import Image
+
+            image = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+        return image
+    if (h % 8 or w % 8) and args.height is None and args.width is None:
+        raise UsageError(f"init image {args.image} is {w}x{h}; its sides must be multiples of 8",
+                         hint=f"pass --resize to scale it to {max(8, round(w / 8) * 8)}x{max(8, round(h / 8) * 8)}, "
+                              "or crop it")
+    if args.height is not None and args.width is not None and (h, w) != (args.height, args.width):
+        raise UsageError(f"init image {args.image} is {w}x{h} but --width {args.width} --height {args.height} "
+                         "was asked", hint="pass --resize to scale it, or drop --height/--width")
+    return image
+
+
 def run(args) -> int:
-    from ldm_deploy.runtime.image import load_image, save_images
+    from ldm_deploy.limits import check_seed, check_threads
+    from ldm_deploy.runtime.image import save_images
     from ldm_deploy.runtime.pipeline import Pipeline
 
     out = Path(args.out)
-    if len(args.prompt) * args.num_images > 1 and out.suffix.lower() == ".png":
-        raise UsageError(f"--out {out} names one PNG but {len(args.prompt) * args.num_images} images will be made",
-                         hint="give a directory to --out")
+    check_out(out, len(args.prompt) * args.num_images)
+    if args.seed is not None:
+        check_seed(args.seed)
+    if args.threads is not None:
+        check_threads(args.threads)
     latents = _latents(args.latents)
-    image = load_image(args.image) if args.image else None
+    image = _init_image(args)
+    if not Path(args.artifact).is_dir():
+        from ldm_deploy.artifact import not_an_artifact
+        raise not_an_artifact(Path(args.artifact))
     pipe = Pipeline.from_artifact(args.artifact, backend=args.backend, **_runner_options(args))
 
     bar = None
@@ -104,7 +164,8 @@ def run(args) -> int:
         result = pipe(args.prompt if len(args.prompt) > 1 else args.prompt[0], args.negative_prompt,
                       steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                       latents=latents, height=args.height, width=args.width, num_images=args.num_images,
-                      image=image, strength=args.strength, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                      image=image, strength=0.8 if args.strength is None else args.strength,
+                      guidance_rescale=args.guidance_rescale, eta=args.eta,
                       callback=progress)
     finally:
         if bar is not None:

@@ -347,6 +347,9 @@ def _why_rebuild(engine_dir: Path, component: str, key: dict, force: bool) -> st
 def _write(engine_dir: Path, component: str, data: bytes, key: dict, entry: dict, artifact_dir: Path,
            seconds: float, rebuild: str, config: BuildConfig) -> None:
     engine_file = sc.engine_path(engine_dir, component)
+    # the old sidecar goes first: a kill between the engine's rename and the new sidecar's must not leave a
+    # sidecar describing other bytes (an engine without a sidecar is "no engine yet" and gets rebuilt)
+    sc.sidecar_path(engine_dir, component).unlink(missing_ok=True)
     with atomic_file(engine_file) as f:
         f.write(data)
     write_json(sc.sidecar_path(engine_dir, component), {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from ldm_deploy.artifact import FORMAT, FORMAT_VERSION, MANIFEST
+from ldm_deploy.artifact import FORMAT, FORMAT_VERSION, MANIFEST, profiles_digest
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.fileio import sha256_file
 
@@ -68,7 +68,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def build_manifest(folder: Path, *, source, config: ExportConfig, components: dict, tokenizer: dict) -> dict:
     """The manifest dict; `components` maps name -> entry (file, precision, inputs, outputs, ...)."""
-    return {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -87,6 +87,8 @@ def build_manifest(folder: Path, *, source, config: ExportConfig, components: di
         "tools": tool_versions(),
         "export_config": config.to_dict(),
     }
+    manifest["profiles_sha256"] = profiles_digest(manifest)   # the profiles' integrity (artifact.py checks it)
+    return manifest
 
 
 def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ldm_deploy.artifact import Artifact
+from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.compare import ErrorStats, error_stats
 from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg, symmetric_unet_inputs
 from ldm_deploy.export.config import ExportConfig
@@ -80,6 +81,11 @@ def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None,
     """Compare each component of the artifact (on each backend) with the PyTorch model in `model_dir`."""
     from ldm_deploy.runtime.runners.base import open_runner, takes_guidance
 
+    if (Path(model_dir) / "manifest.json").is_file() and (Path(artifact_dir) / "model_index.json").is_file():
+        raise UsageError(f"arguments swapped: {model_dir} is the exported artifact and {artifact_dir} the model folder",
+                         hint=f"ldm-deploy validate {artifact_dir} {model_dir}")
+    if not Path(model_dir).exists():
+        raise LdmError(f"MODEL_DIR {model_dir} does not exist", hint="check the path to the model folder")
     artifact = Artifact.open(artifact_dir)
     tol = {**TOLERANCES, **(tolerances or {})}
     report = ValidationReport(Path(artifact_dir))

@@ -250,6 +250,9 @@ class Pipeline:
         self._check_batch(batch)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
+        else:
+            from ldm_deploy.limits import check_seed
+            seed = check_seed(seed)          # -1 or 2**63: a UsageError, not numpy's ValueError
         rng = np.random.default_rng(seed)
         timings: dict[str, float] = {}
 

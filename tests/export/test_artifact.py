@@ -72,7 +72,7 @@ def test_missing_file_and_bad_format(tmp_path):
         Artifact.open(_make(tmp_path / "b", format_version=2))
     with pytest.raises(LdmError, match="not an ldm-deploy artifact manifest"):
         Artifact.open(_make(tmp_path / "c", format="something"))
-    with pytest.raises(LdmError, match="manifest.json is missing"):
+    with pytest.raises(LdmError, match="nothing does not exist"):
         Artifact.open(tmp_path / "nothing")
 
 

@@ -5,6 +5,11 @@ Every writer builds under a temporary name beside its target and renames it into
 checkpoint folder, then latest.json), `ldm-deploy build` (each engine, then its sidecar). A killed
 run leaves its `.NAME.<host>-<pid>.*.tmp` beside the target; it is never read, and the next write
 of the same path deletes it (fileio.remove_stale_temporaries).
+
+Kill points are events the process reports, never elapsed time: with LDM_DEPLOY_STOP_AT="PATTERN#N"
+the writer stops itself (SIGSTOP) the N-th time it reaches a matching commit point of fileio
+("file:NAME": a file complete under its temporary name, not yet renamed; "dir:NAME": the previous
+folder moved aside, the new one not yet in place); the test waits for that stop and SIGKILLs it.
 """
 from __future__ import annotations
 
@@ -21,22 +26,30 @@ from ldm_deploy.artifact import Artifact
 from tests.reliability.conftest import KILLS, REPO, argv_of, cli, env
 
 
-def _start(*args, module: str = "ldm_deploy.cli") -> subprocess.Popen:
-    return subprocess.Popen(argv_of(*args, module=module), env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _kill_at(stop: str, *args, log: Path, module: str = "ldm_deploy.cli", timeout: float = 300) -> None:
+    """Run the CLI with LDM_DEPLOY_STOP_AT=`stop`, wait until it has stopped itself there, SIGKILL it.
 
-
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
-    """Poll `ready()` every 10 ms; SIGKILL `proc` as soon as it is true (fail if the run ended first)."""
+    Fails if the run ends before reaching the point. `timeout` only guards against a hang: the kill
+    lands at the reported event whatever the machine's speed."""
+    with open(log, "wb") as out:   # a file, not a pipe: a stopped child must never be blocked on a full pipe
+        proc = subprocess.Popen(argv_of(*args, module=module), env={**env(), "LDM_DEPLOY_STOP_AT": stop},
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point:\n{err[-2000:]}")
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{stop} not reached in {timeout} s:\n{log.read_text()[-2000:]}")
+        time.sleep(0.02)
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point {stop}:\n{log.read_text()[-2000:]}")
+    os.kill(proc.pid, signal.SIGKILL)
+    _, status = os.waitpid(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -56,15 +69,19 @@ def export_yaml(tmp_path) -> Path:
     return path
 
 
-def test_killed_export_keeps_the_previous_artifact(model_folder, artifact_copy, export_yaml):
+@pytest.mark.parametrize("stop", ["file:manifest.json", "dir:onnx"],
+                         ids=["new-artifact-complete-but-manifest", "between-the-two-renames"])
+def test_killed_export_keeps_the_previous_artifact(model_folder, artifact_copy, export_yaml, stop, tmp_path):
     before = (artifact_copy / "manifest.json").read_bytes()
     parent = artifact_copy.parent
 
-    def temp_dir_has_work():  # the new artifact is being built beside the old one
-        return any(p.is_dir() and any(p.iterdir()) for p in parent.glob(f".{artifact_copy.name}.*.tmp"))
-
-    proc = _start("export", model_folder, "--out", artifact_copy, "--config", export_yaml, "--force")
-    _kill_when(proc, temp_dir_has_work)
+    _kill_at(stop, "export", model_folder, "--out", artifact_copy, "--config", export_yaml, "--force",
+             log=tmp_path / "killed.log")
+    assert list(parent.glob(f".{artifact_copy.name}.*.tmp")), "the kill point was not inside the write"
+    if stop.startswith("dir:"):   # the old folder is aside as `.onnx.*.old`: the next write puts it back
+        assert not artifact_copy.exists()
+        from ldm_deploy.fileio import remove_stale_temporaries
+        remove_stale_temporaries(artifact_copy)
     assert (artifact_copy / "manifest.json").read_bytes() == before
     Artifact.open(artifact_copy, verify=True)  # every file still matches its recorded sha256
     _count("export")
@@ -109,10 +126,10 @@ def test_killed_training_resumes_to_the_same_losses(tmp_path):
 
     run = tmp_path / "run"
     latest = run / "checkpoints" / "vae" / "latest.json"
-    proc = _start(*TRAIN, "--out", run, module="training.cli")
-    _kill_when(proc, lambda: latest.is_file() and json.loads(latest.read_text() or "{}").get("step", 0) >= 10)
-    step = _verify_checkpoint(run)
-    assert 10 <= step < 40
+    # the 3rd latest.json (step 15) is complete under its temporary name: the kill leaves step 10's
+    _kill_at("file:latest.json#3", *TRAIN, "--out", run, module="training.cli", log=tmp_path / "killed.log")
+    assert json.loads(latest.read_text())["step"] == 10
+    assert _verify_checkpoint(run) == 10
     _count("training")
 
     resumed = cli(*TRAIN, "--out", run, "--resume", module="training.cli", timeout=300)
@@ -142,11 +159,13 @@ def test_killed_build_keeps_consistent_engines(artifact, tmp_path):
 
     names = consistent()
     assert len(names) == 4
-    for delay in (1.0, 3.0, 5.0):  # kill at different points of a forced rebuild
-        proc = _start("build", artifact, "--out", engines, "--opt-level", "0", "--force")
-        start = time.monotonic()
-        _kill_when(proc, lambda: time.monotonic() - start > delay)
-        assert consistent() == names
+    # kill at different points of a forced rebuild: an engine written but not renamed in, a sidecar
+    # written but not renamed in (its new engine already in place), and a later engine
+    for stop in ("file:*.engine#1", "file:*.engine.json#2", "file:*.engine#3"):
+        _kill_at(stop, "build", artifact, "--out", engines, "--opt-level", "0", "--force",
+                 log=tmp_path / "killed.log")
+        left = consistent()   # the component being written may have lost its sidecar: it is rebuilt below
+        assert set(left) <= set(names) and len(left) >= len(names) - 1
         _count("build")
     again = cli("build", artifact, "--out", engines, "--opt-level", "0", timeout=300)
     assert again.rc == 0, again.stderr

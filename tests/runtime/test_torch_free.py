@@ -1,5 +1,6 @@
-"""The runtime never imports torch: a fresh interpreter whose import system refuses `torch` generates
-images from a tiny artifact, through the API and through `ldm-deploy generate`."""
+"""The runtime never imports torch, onnx or `training`: a fresh interpreter whose import system refuses them
+generates images from a tiny artifact, through the API and through `ldm-deploy generate`, and opens the
+ORT CUDA runner's variant choice (`pip install 'ldm-deploy[gpu]'` has no onnx)."""
 from __future__ import annotations
 
 import json
@@ -18,10 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BLOCK_TORCH = textwrap.dedent("""
     import sys
 
+    BLOCKED = ("torch", "onnx", "training")   # onnxruntime is allowed: only these names and their submodules
+
     class NoTorch:
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in the torch-free runtime test")
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in the torch-free runtime test")
             return None
 
     sys.meta_path.insert(0, NoTorch())
@@ -46,7 +49,7 @@ def test_generate_api_without_torch(tiny_artifact, tmp_path):
         res2 = pipe("a red circle", image=init, strength=0.5, steps=4, seed=1)
         save_images(res.images, {str(tmp_path / "out")!r}, res.params)
         assert res.images.shape == (2, 32, 32, 3) and res2.images.shape == (1, 32, 32, 3)
-        assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
+        assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED], sorted(sys.modules)
         print("OK", sorted(res.timings))
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,7 +63,7 @@ def test_generate_cli_without_torch_is_reproducible(tiny_artifact, tmp_path):
     code = """
         from ldm_deploy.cli import main
         rc = main({args!r})
-        assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
+        assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED], sorted(sys.modules)
         sys.exit(rc)
     """
     for name in ("a.png", "b.png"):
@@ -73,6 +76,20 @@ def test_generate_cli_without_torch_is_reproducible(tiny_artifact, tmp_path):
     assert meta["prompt"] == "a red circle" and meta["seed"] == "42" and meta["scheduler"] == "euler"
     assert meta["size"] == "32x32" and meta["backend"] == "ort-cpu" and len(meta["artifact_hash"]) == 64
     assert json.loads(meta["parameters"])["steps"] == 3 and "ldm_deploy_version" in meta
+
+
+def test_ort_cuda_variant_choice_without_onnx(tiny_artifact, tmp_path):
+    """OrtCudaRunner's default variant="auto" looks the ort-cuda variant up in the manifest: no onnx import."""
+    proc = run_blocked(f"""
+        from ldm_deploy.artifact import Artifact
+        from ldm_deploy.runtime.runners.ort import OrtCudaRunner
+        runner = OrtCudaRunner.__new__(OrtCudaRunner)   # the CUDA session itself needs a GPU: only the choice
+        runner.requested_variant = "auto"
+        print("VARIANT", runner._choose_variant(Artifact.open({str(tiny_artifact)!r}), "unet"))
+        assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED], sorted(sys.modules)
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "VARIANT None" in proc.stdout   # the tiny artifact has no ort-cuda variant
 
 
 def test_generate_cli_latents_dir_and_errors(tiny_artifact, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.limits import check_model_config
 
 DIFFUSERS_VERSION = "0.30.0"  # written as `_diffusers_version`; any diffusers >= 0.30 reads these configs
 
@@ -170,6 +171,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
+        check_model_config(d, "the U-Net config")   # sizes bounded before any module is built
         _check_fixed("UNetConfig", d, _UNET_FIXED)
         kw = _known(cls, d, tuple(_UNET_FIXED) + _UNET_INERT +
                     ("attention_head_dim", "num_attention_heads"), internal=("num_heads",))
@@ -275,6 +277,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        check_model_config(d, "the VAE config")
         _check_fixed("VAEConfig", d, _VAE_FIXED)
         kw = _known(cls, d, tuple(_VAE_FIXED))
         for key in ("down_block_types", "up_block_types", "block_out_channels"):

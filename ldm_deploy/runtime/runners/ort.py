@@ -41,6 +41,8 @@ import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
 
+ORT_CUDA_VARIANT = "ort-cuda"   # the manifest variant ldm_deploy/export/ort_optimize.py writes (its VARIANT)
+
 VOLATILE_AFTER = 3   # an input new on this many calls in a row is uploaded without comparing from then on
 FEW_CORES = 4      # at most this many cores: intra-op spinning off by default (see the module docstring)
 SPINNING_KEY = "session.intra_op.allow_spinning"
@@ -110,10 +112,12 @@ class OrtCpuRunner:
                              f"choose one of: {', '.join(_OPT_LEVELS)}")
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization_level])
-        if intra_op_threads:
-            so.intra_op_num_threads = int(intra_op_threads)
+        from ldm_deploy.limits import check_threads
+
+        if intra_op_threads:   # None or 0: onnxruntime's default (one per core)
+            so.intra_op_num_threads = check_threads(intra_op_threads, "intra_op_threads")
         if inter_op_threads:
-            so.inter_op_num_threads = int(inter_op_threads)
+            so.inter_op_num_threads = check_threads(inter_op_threads, "inter_op_threads")
         if allow_spinning is None:
             allow_spinning = (os.cpu_count() or 1) > FEW_CORES
         session_options = dict(session_options or {})
@@ -207,10 +211,9 @@ class OrtCudaRunner(OrtCpuRunner):
 
     def _choose_variant(self, artifact, component: str) -> str | None:
         variant = self.requested_variant
-        if variant == "auto":
-            from ldm_deploy.export.ort_optimize import VARIANT
-            has = VARIANT in (artifact.manifest["components"][component].get("variants") or {})
-            return VARIANT if has else None
+        if variant == "auto":   # not ldm_deploy.export.ort_optimize's constant: that module needs onnx
+            has = ORT_CUDA_VARIANT in (artifact.manifest["components"][component].get("variants") or {})
+            return ORT_CUDA_VARIANT if has else None
         return variant
 
     def _providers(self) -> list:

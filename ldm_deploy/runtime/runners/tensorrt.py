@@ -137,7 +137,7 @@ def locate(source, component: str, engine_dir=None) -> tuple[Path, Path | None]:
             return path / "engines", path
         raise UsageError(f"{path} is an ONNX artifact; the tensorrt backend needs its engines",
                          hint=f"build them with `ldm-deploy build {path} --out ENGINE_DIR` and pass "
-                              "engine_dir=ENGINE_DIR (CLI: --engines ENGINE_DIR)")
+                              "engine_dir=ENGINE_DIR (CLI: --engine-dir ENGINE_DIR)")
     raise LdmError(f"no {component} engine in {path} ({sc.sidecar_path(path, component).name} is missing)",
                    hint=f"build it: ldm-deploy build ARTIFACT_DIR --out {path}")
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.limits import check_scheduler_numbers, check_train_timesteps
 from ldm_deploy.runtime.schedulers import convert
 
 # Which diffusers class each sampler mirrors, and that class's defaults for every key we read.
@@ -197,15 +198,24 @@ def _cumprod(a: np.ndarray) -> np.ndarray:
 
 def train_alphas_cumprod(cfg: SchedulerConfig, class_name: str) -> np.ndarray:
     """(T,) float32 alphas_cumprod as diffusers' `class_name` builds it from `cfg`."""
-    n = int(cfg.get("num_train_timesteps", class_name))
     trained = cfg.get("trained_betas", class_name)
     kind = cfg.get("beta_schedule", class_name)
-    start, end = float(cfg.get("beta_start", class_name)), float(cfg.get("beta_end", class_name))
+    n, start, end = (cfg.get(k, class_name) for k in ("num_train_timesteps", "beta_start", "beta_end"))
+    if trained is None:
+        check_scheduler_numbers(n, start, end)
+    else:                               # the betas come from the list; only T sizes a table
+        check_train_timesteps(n)
+    n, start, end = int(n), float(start), float(end)
     if trained is not None:
-        betas = np.asarray(trained, np.float32)
+        try:
+            betas = np.asarray(trained, np.float32)
+        except (TypeError, ValueError):
+            betas = np.zeros(0, np.float32)
         if betas.shape != (n,):
             raise LdmError(f"trained_betas has {betas.size} entries, num_train_timesteps is {n}",
                            hint="make them agree")
+        if not ((betas > 0) & (betas < 1)).all():
+            raise LdmError("trained_betas holds values outside (0, 1)", hint="restore the scheduler config")
     elif kind == "linear":
         betas = torch_linspace_f32(start, end, n)
     elif kind == "scaled_linear":
@@ -456,7 +466,17 @@ def make_schedule(name: str, config: SchedulerConfig | Mapping[str, Any], steps:
     if name not in _BUILDERS:
         raise UsageError(f"unknown scheduler {name!r}; choose one of: {', '.join(_BUILDERS)}")
     cfg = as_config(config)
-    check_steps(steps, strength, int(cfg.get("num_train_timesteps", SAMPLER_CLASS[name])))
+    T = check_train_timesteps(cfg.get("num_train_timesteps", SAMPLER_CLASS[name]))
+    check_steps(steps, strength, T)
+    offset = int(cfg.get("steps_offset", SAMPLER_CLASS[name]) or 0)
+    leading = cfg.get("timestep_spacing", SAMPLER_CLASS[name]) == "leading"
+    # leading spacing reaches t = T at steps = T: diffusers indexes alphas_cumprod[T] (or repeats a sigma)
+    if (name in ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "lms") and leading
+            and (steps - 1) * (T // steps) + offset > T - 1):
+        most = max(s for s in range(1, T + 1) if (s - 1) * (T // s) + offset <= T - 1)
+        raise UsageError(f"{steps} steps with {name}'s leading spacing and steps_offset {offset} reach timestep "
+                         f"{(steps - 1) * (T // steps) + offset}, past the model's {T} training timesteps",
+                         hint=f"use at most {most} steps, or another scheduler")
     return _BUILDERS[name](name, cfg, int(steps), float(strength))
 
 
