@@ -81,6 +81,9 @@ class Artifact:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
+            from ldm_deploy.interop.layout import refuse_onnx_folder
+
+            refuse_onnx_folder(self.path, "an ldm-deploy artifact")
             raise LdmError(f"{self.path} is not an ldm-deploy artifact: {MANIFEST} is missing",
                            hint="run `ldm-deploy export MODEL_DIR --out DIR` to make one")
         try:

@@ -75,6 +75,9 @@ def run(args) -> int:
     if not source.is_dir():
         raise UsageError(f"{source} is not a directory (a model folder or an exported artifact)")
     artifact, model_dir = args.artifact, args.model_dir
+    from ldm_deploy.interop.layout import refuse_onnx_folder
+
+    refuse_onnx_folder(source, "a model folder or an exported artifact")
     if _is_artifact(source):
         artifact = artifact or str(source)
         if model_dir is None:

@@ -24,6 +24,7 @@ from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
 from ldm_deploy.export.source import PARTS, folder_sha256, load_source
 from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
+from ldm_deploy.interop.layout import refuse_onnx_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def export_model(model_dir, out, config: ExportConfig = ExportConfig(), *, force
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise LdmError(f"model folder {model_dir} does not exist")
+    refuse_onnx_folder(model_dir, "a diffusers PyTorch model folder")
     missing = sorted({PARTS[c] for c in config.components} - {p.name for p in model_dir.iterdir()})
     if missing:
         raise LdmError(f"{model_dir} lacks {', '.join(missing)}/ needed for {', '.join(config.components)}",

@@ -99,11 +99,11 @@ def _feed(graph: onnx.GraphProto, name: str, elem: int, shape: list, make_nodes,
     """Replace graph input `name` by a new input `name` (elem, shape) feeding `make_nodes(new, internal)`."""
     internal = PREFIX + name
     old = _io(graph.input, name)
+    position = list(graph.input).index(old)
     _rename(graph, name, internal)              # the graph now reads `internal`
     graph.input.remove(old)
     nodes = make_nodes(name, internal)
-    new = helper.make_tensor_value_info(name, elem, shape)
-    graph.input.insert(0, new)
+    graph.input.insert(position, helper.make_tensor_value_info(name, elem, shape))
     for n in reversed(nodes):
         graph.node.insert(0, n)
     adapted.added.append(what)
