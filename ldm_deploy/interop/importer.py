@@ -107,7 +107,12 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
     # graphs in, adapted (in memory; SD-sized U-Nets take a few GB here)
     graphs, skipped = {}, {}
     for c in wanted:
-        model = onnx.load(str(folder.path / c / "model.onnx"))
+        try:
+            model = onnx.load(str(folder.path / c / "model.onnx"))
+        except Exception as e:  # protobuf DecodeError, missing external data, ...
+            raise LdmError(f"{folder.path / c / 'model.onnx'} is not a readable ONNX graph "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                           hint="re-download or re-export the folder") from None
         try:
             graphs[c] = adapt(c, model)
         except LdmError as e:
