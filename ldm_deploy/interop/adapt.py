@@ -57,11 +57,19 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
                 _rename(g, old, new)
 
 
+def _free(graph: onnx.GraphProto, name: str) -> None:
+    """Make `name` available: an inner value of that name (not a graph input/output) is renamed aside."""
+    if name not in _names(graph):
+        return
+    if _io(graph.input, name) is not None or _io(graph.output, name) is not None:
+        raise LdmError(f"the graph already has an input or output named {name}")
+    _rename(graph, name, PREFIX + "inner/" + name)
+
+
 def _rename_io(graph: onnx.GraphProto, old: str, new: str, adapted: Adapted) -> None:
     if old == new:
         return
-    if new in _names(graph):
-        raise LdmError(f"cannot rename {old} to {new}: the graph already has a value named {new}")
+    _free(graph, new)
     _rename(graph, old, new)
     adapted.added.append(f"rename {old} -> {new}")
 
@@ -232,6 +240,8 @@ def _vae_encoder(model: onnx.ModelProto) -> Adapted:
         raise LdmError(f"vae_encoder latent_parameters has {channels or 'a dynamic number of'} channels; "
                        "expected 2 x latent channels")
     c = channels // 2
+    _free(g, "mean")
+    _free(g, "logvar")
     split = _const(g, "moments_split", np.array([c, c], np.int64))
     lo, hi = _const(g, "logvar_min", np.array(-30.0, np.float32)), _const(g, "logvar_max", np.array(20.0, np.float32))
     g.node.extend([

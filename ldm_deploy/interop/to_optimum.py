@@ -104,10 +104,9 @@ def _timestep_from_one(g, a) -> None:
 def _concat_moments(g, a) -> None:
     from onnx import TensorProto, helper
 
-    from ldm_deploy.interop.adapt import _io, _names, _rename
+    from ldm_deploy.interop.adapt import _free, _io
 
-    if "latent_parameters" in _names(g):      # an imported artifact keeps the original value inside
-        _rename(g, "latent_parameters", PREFIX + "inner_latent_parameters")
+    _free(g, "latent_parameters")              # an imported artifact keeps the original value inside
     mean, logvar = _io(g.output, "mean"), _io(g.output, "logvar")
     if mean is None or logvar is None:
         raise LdmError("the vae_encoder graph has no mean / logvar outputs")

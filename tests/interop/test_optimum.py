@@ -128,3 +128,45 @@ def test_bad_input_is_one_line_and_writes_nothing(optimum_case, tmp_path, capsys
         assert not (tmp_path / "out").exists()
     assert main(["import", str(optimum_case["optimum"]), "--out", str(tmp_path / "out"), "--height", "30"]) == 2
     assert "multiples of the VAE scale factor 8" in capsys.readouterr().err
+
+
+# --- the other direction: `export --layout optimum` --------------------------------------------------------
+@pytest.fixture(scope="module")
+def optimum_layout(optimum_case, tmp_path_factory):
+    """Our export of the diffusers folder, written in the Optimum / OnnxStableDiffusionPipeline layout."""
+    out = tmp_path_factory.mktemp(f"layout-{optimum_case['family']}") / "sd-onnx"
+    config = out.parent / "profile.yaml"
+    config.write_text("precision: fp32\nprofiles:\n  batch: {min: 1, opt: 2, max: 2}\n"
+                      "  height: {min: 32, opt: 32, max: 32}\n  width: {min: 32, opt: 32, max: 32}\n")
+    assert main(["-q", "export", str(optimum_case["model"]), "--out", str(out), "--config", str(config),
+                 "--layout", "optimum"]) == 0
+    return out
+
+
+def test_export_layout_optimum_runs_in_optimum_and_diffusers(optimum_layout, interop_inputs, tmp_path):
+    from tests.interop.conftest import optimum_side
+
+    optimum_side("run-onnx", "--folder", str(optimum_layout), "--latents", interop_inputs["latents_file"],
+                 "--prompts", interop_inputs["prompts_file"], "--out", str(tmp_path / "onnx.npz"))
+    theirs = np.load(tmp_path / "onnx.npz")
+    ours = Pipeline.from_artifact(str(optimum_layout) + ".artifact")(
+        PROMPTS, negative_prompt=[NEGATIVE] * 2, steps=STEPS, guidance=GUIDANCE, scheduler="ddim",
+        latents=interop_inputs["latents"]).images
+    assert set(theirs.files) == {"diffusers-onnx", "optimum"}
+    for name in theirs.files:
+        assert theirs[name].std() > 10
+        assert psnr(theirs[name], ours) >= 48, (name, psnr(theirs[name], ours))
+
+
+def test_hub_layout_folder_imports_back(optimum_layout, interop_inputs, tmp_path):
+    """The folder `--layout optimum` writes is the Hub's OnnxStableDiffusionPipeline layout (timestep [1]):
+    importing it gives our images back."""
+    from ldm_deploy.interop.importer import import_onnx_folder
+
+    art = import_onnx_folder(optimum_layout, tmp_path / "back").artifact
+    assert art.manifest["import"]["layout"] == "onnx-pipeline"
+    kw = dict(negative_prompt=[NEGATIVE] * 2, steps=STEPS, guidance=GUIDANCE, scheduler="euler",
+              latents=interop_inputs["latents"])
+    a = Pipeline.from_artifact(art.path)(PROMPTS, **kw).images
+    b = Pipeline.from_artifact(str(optimum_layout) + ".artifact")(PROMPTS, **kw).images
+    assert psnr(a, b) >= 48
