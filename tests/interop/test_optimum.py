@@ -170,3 +170,26 @@ def test_hub_layout_folder_imports_back(optimum_layout, interop_inputs, tmp_path
     a = Pipeline.from_artifact(art.path)(PROMPTS, **kw).images
     b = Pipeline.from_artifact(str(optimum_layout) + ".artifact")(PROMPTS, **kw).images
     assert psnr(a, b) >= 48
+
+
+def test_import_needs_no_torch(optimum_case, tmp_path):
+    """`ldm-deploy import` and `generate` on the result with torch made unimportable."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ldm_deploy.cli import main\n"
+            f"assert main(['-q', 'import', {str(optimum_case['optimum'])!r}, '--out', {str(tmp_path / 'a')!r}]) == 0\n"
+            f"assert main(['-q', 'generate', {str(tmp_path / 'a')!r}, '--prompt', 'x', '--steps', '2', "
+            f"'--out', {str(tmp_path / 'x.png')!r}]) == 0\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bench_on_an_imported_artifact(imported, tmp_path, capsys):
+    assert main(["bench", str(imported), "--sides", "ort-cpu", "--batch", "1", "--steps", "2",
+                 "--out", str(tmp_path / "bench.json")]) == 0
+    assert "ort-cpu" in capsys.readouterr().out and (tmp_path / "bench.json").is_file()
+    assert main(["bench", str(imported), "--out", str(tmp_path / "b2.json")]) == 2   # torch sides need the weights
+    assert "--model-dir" in capsys.readouterr().err
