@@ -64,7 +64,8 @@ def read_folder(src) -> _Folder:
         hint = ("it looks like a diffusers PyTorch folder: use `ldm-deploy export` instead"
                 if (src / "unet" / "config.json").is_file() else
                 "import expects model_index.json and unet/model.onnx, text_encoder/model.onnx, vae_decoder/model.onnx")
-        raise LdmError(f"{src} is not an ONNX Stable Diffusion folder (no <part>/model.onnx)", hint=hint)
+        raise LdmError(f"{src} is not an ONNX Stable Diffusion folder (no model_index.json beside "
+                       "<part>/model.onnx)", hint=hint)
     sched = _json(src / "scheduler" / "scheduler_config.json")
     if sched is None:
         raise LdmError(f"{src} has no scheduler/scheduler_config.json", hint="the artifact needs the scheduler config")
