@@ -157,6 +157,9 @@ def _text_encoder(model: onnx.ModelProto) -> Adapted:
         _set_shape(ids, ["batch", TEXT_LENGTH])
     hidden = _need(g, g.output, "last_hidden_state", "text_encoder", "output")
     _set_shape(hidden, ["batch", TEXT_LENGTH, hidden.type.tensor_type.shape.dim[2].dim_value or "hidden"])
+    pooled = _io(g.output, "pooler_output")
+    if pooled is not None and _rank(pooled) == 2:
+        _set_shape(pooled, ["batch", pooled.type.tensor_type.shape.dim[1].dim_value or "hidden"])
     for out in [o for o in g.output if o.name not in ("last_hidden_state", "pooler_output")]:
         g.output.remove(out)
         a.added.append(f"drop output {out.name}")

@@ -105,11 +105,11 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
                        hint="text-to-image needs text_encoder, unet and vae_decoder")
     source_sha = _folder_sha256(folder.path)
 
-    # graphs in, adapted (in memory; SD-sized U-Nets take a few GB here)
+    # graphs in without their weights, adapted; the weights are read only when the artifact is written
     graphs, skipped = {}, {}
     for c in wanted:
         try:
-            model = onnx.load(str(folder.path / c / "model.onnx"))
+            model = onnx.load(str(folder.path / c / "model.onnx"), load_external_data=False)
         except Exception as e:  # protobuf DecodeError, missing external data, ...
             raise LdmError(f"{folder.path / c / 'model.onnx'} is not a readable ONNX graph "
                            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})",
@@ -136,6 +136,11 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
         entries = {}
         for c, adapted in graphs.items():
             path = tmp / c / "model.onnx"
+            try:   # external weights (Optimum's model.onnx_data, the Hub's weights.pb) join the graph here
+                onnx.load_external_data_for_model(adapted.model, str(folder.path / c))
+            except (OSError, ValueError) as e:
+                raise LdmError(f"cannot read the external weights of {folder.path / c / 'model.onnx'}: {e}",
+                               hint="re-download the folder; every file the graph names must be beside it") from None
             data = onnx_io.save_model(adapted.model, path)
             onnx_io.check_model(path)
             ins, outs = mf.graph_io(path)

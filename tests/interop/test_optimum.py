@@ -193,3 +193,28 @@ def test_bench_on_an_imported_artifact(imported, tmp_path, capsys):
     assert "ort-cpu" in capsys.readouterr().out and (tmp_path / "bench.json").is_file()
     assert main(["bench", str(imported), "--out", str(tmp_path / "b2.json")]) == 2   # torch sides need the weights
     assert "--model-dir" in capsys.readouterr().err
+
+
+def test_hub_style_external_weights_import(optimum_case, imported, interop_inputs, tmp_path):
+    """The Hub's large-U-Net form: weights in `unet/weights.pb` beside the graph, OnnxStableDiffusionPipeline
+    model_index; importing it gives the same images as the inline-weights folder."""
+    import shutil
+
+    import onnx
+
+    src = tmp_path / "hub"
+    shutil.copytree(optimum_case["optimum"], src)
+    unet = onnx.load(str(src / "unet" / "model.onnx"))
+    onnx.save_model(unet, str(src / "unet" / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.pb", size_threshold=0)
+    index = json.loads((src / "model_index.json").read_text())
+    (src / "model_index.json").write_text(json.dumps({**index, "_class_name": "OnnxStableDiffusionPipeline"}))
+    assert main(["-q", "import", str(src), "--out", str(tmp_path / "art")]) == 0
+    kw = dict(negative_prompt=[NEGATIVE] * 2, steps=STEPS, guidance=GUIDANCE, scheduler="ddim",
+              latents=interop_inputs["latents"])
+    a = Pipeline.from_artifact(tmp_path / "art")(PROMPTS, **kw).images
+    b = Pipeline.from_artifact(imported)(PROMPTS, **kw).images
+    np.testing.assert_array_equal(a, b)
+    (src / "unet" / "weights.pb").unlink()
+    assert main(["import", str(src), "--out", str(tmp_path / "art2")]) == 1
+    assert not (tmp_path / "art2").exists()
