@@ -218,3 +218,15 @@ def test_hub_style_external_weights_import(optimum_case, imported, interop_input
     (src / "unet" / "weights.pb").unlink()
     assert main(["import", str(src), "--out", str(tmp_path / "art2")]) == 1
     assert not (tmp_path / "art2").exists()
+
+
+@pytest.mark.trt_build
+def test_build_engines_from_an_imported_artifact(imported, tmp_path):
+    """TensorRT (for RTX, which builds on CPU) parses the adapted graphs and builds their engines."""
+    from ldm_deploy.engine.build import BuildConfig, build_engines
+    from tests.engine.conftest import FAST
+
+    report = build_engines(imported, tmp_path / "engines", BuildConfig(**FAST, components=("unet",)))
+    assert report.built == ["unet"]
+    sidecar = json.loads((tmp_path / "engines" / "unet.engine.json").read_text())
+    assert sidecar["key"]["profile"]["timestep"]["max"] == [8]      # 2 x batch.max
