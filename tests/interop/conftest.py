@@ -40,20 +40,42 @@ def interop_inputs(tmp_path_factory) -> dict:
     return {"latents": latents, "latents_file": str(d / "latents.npy"), "prompts_file": str(d / "prompts.json")}
 
 
+_CASES: dict = {}
+
+
+def _case(family: str, tmp_path_factory, inputs: dict) -> dict:
+    """{family, model (diffusers folder), optimum (its Optimum export), reference (scheduler -> uint8 images),
+    imported (the artifact `import` made of it)}; made once per session and family."""
+    if family not in _CASES:
+        from ldm_deploy.interop.importer import import_onnx_folder
+
+        out = tmp_path_factory.mktemp(f"optimum-{family}")
+        optimum_side("prepare", "--family", family, "--out", str(out),
+                     "--latents", inputs["latents_file"], "--prompts", inputs["prompts_file"])
+        ref = np.load(out / "reference.npz")
+        _CASES[family] = {"family": family, "model": out / "model", "optimum": out / "optimum",
+                          "reference": {k: ref[k] for k in ref.files},
+                          "imported": import_onnx_folder(out / "optimum", out / "imported").path}
+    return _CASES[family]
+
+
 @pytest.fixture(scope="session", params=["sd1", "sd2"])
 def optimum_case(request, tmp_path_factory, interop_inputs) -> dict:
-    """{family, model (diffusers folder), optimum (its Optimum export), reference (scheduler -> uint8 images)}."""
-    out = tmp_path_factory.mktemp(f"optimum-{request.param}")
-    optimum_side("prepare", "--family", request.param, "--out", str(out),
-                 "--latents", interop_inputs["latents_file"], "--prompts", interop_inputs["prompts_file"])
-    ref = np.load(out / "reference.npz")
-    return {"family": request.param, "model": out / "model", "optimum": out / "optimum",
-            "reference": {k: ref[k] for k in ref.files}}
+    """Both families: the parity tests."""
+    return _case(request.param, tmp_path_factory, interop_inputs)
 
 
 @pytest.fixture(scope="session")
-def imported(optimum_case, tmp_path_factory) -> Path:
-    from ldm_deploy.interop.importer import import_onnx_folder
+def optimum_sd1(tmp_path_factory, interop_inputs) -> dict:
+    """SD1 only: tests of behaviour that does not depend on the family (CLI, bad input, caching)."""
+    return _case("sd1", tmp_path_factory, interop_inputs)
 
-    out = tmp_path_factory.mktemp(f"imported-{optimum_case['family']}") / "artifact"
-    return import_onnx_folder(optimum_case["optimum"], out).path
+
+@pytest.fixture(scope="session")
+def imported(optimum_case) -> Path:
+    return optimum_case["imported"]
+
+
+@pytest.fixture(scope="session")
+def imported_sd1(optimum_sd1) -> Path:
+    return optimum_sd1["imported"]

@@ -61,27 +61,28 @@ def test_validate_imported_against_the_original_graphs(imported, optimum_case, c
     assert "original graphs" in out and out.strip().endswith("PASS") and "vae_encoder" in out
 
 
-def test_img2img_on_the_imported_vae_encoder(pipe):
+def test_img2img_on_the_imported_vae_encoder(imported_sd1):
+    pipe = Pipeline.from_artifact(imported_sd1)
     init = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     r = pipe("a red circle", image=init, strength=0.5, steps=4, seed=3)
     assert r.images.shape == (1, 32, 32, 3) and r.images.std() > 1
 
 
-def test_generate_and_inspect_cli(imported, tmp_path, capsys):
-    assert main(["generate", str(imported), "--prompt", "a red circle", "--out", str(tmp_path / "a.png"),
+def test_generate_and_inspect_cli(imported_sd1, tmp_path, capsys):
+    assert main(["generate", str(imported_sd1), "--prompt", "a red circle", "--out", str(tmp_path / "a.png"),
                  "--steps", "2"]) == 0
     assert (tmp_path / "a.png").is_file()
-    assert main(["inspect", str(imported)]) == 0
+    assert main(["inspect", str(imported_sd1)]) == 0
     assert "imported from an ONNX folder (optimum layout" in capsys.readouterr().out
 
 
-def test_import_is_cached_and_force_redoes_it(optimum_case, tmp_path):
+def test_import_is_cached_and_force_redoes_it(optimum_sd1, tmp_path):
     from ldm_deploy.interop.importer import import_onnx_folder
 
-    first = import_onnx_folder(optimum_case["optimum"], tmp_path / "a", height=(32, 32, 32), width=(32, 32, 32))
+    first = import_onnx_folder(optimum_sd1["optimum"], tmp_path / "a", height=(32, 32, 32), width=(32, 32, 32))
     assert not first.cached and first.artifact.profiles.height.static
-    assert import_onnx_folder(optimum_case["optimum"], tmp_path / "a", height=(32, 32, 32), width=(32, 32, 32)).cached
-    assert not import_onnx_folder(optimum_case["optimum"], tmp_path / "a", height=(32, 32, 32),
+    assert import_onnx_folder(optimum_sd1["optimum"], tmp_path / "a", height=(32, 32, 32), width=(32, 32, 32)).cached
+    assert not import_onnx_folder(optimum_sd1["optimum"], tmp_path / "a", height=(32, 32, 32),
                                   width=(32, 32, 32), force=True).cached
 
 
@@ -92,33 +93,33 @@ def test_import_is_cached_and_force_redoes_it(optimum_case, tmp_path):
     ["validate", "{model}", "{f}"],
     ["bench", "{f}", "--out", "{out}", "--sides", "ort-cpu"],
 ])
-def test_other_commands_point_at_import(optimum_case, tmp_path, capsys, argv):
-    argv = [a.format(f=optimum_case["optimum"], model=optimum_case["model"], out=tmp_path / "out") for a in argv]
+def test_other_commands_point_at_import(optimum_sd1, tmp_path, capsys, argv):
+    argv = [a.format(f=optimum_sd1["optimum"], model=optimum_sd1["model"], out=tmp_path / "out") for a in argv]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"ldm-deploy import {optimum_case['optimum']} --out ARTIFACT" in err, err
+    assert err.count("\n") == 1 and f"ldm-deploy import {optimum_sd1['optimum']} --out ARTIFACT" in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_inspect_names_the_folder_and_the_import_command(optimum_case, capsys):
-    assert main(["inspect", str(optimum_case["optimum"])]) == 0
+def test_inspect_names_the_folder_and_the_import_command(optimum_sd1, capsys):
+    assert main(["inspect", str(optimum_sd1["optimum"])]) == 0
     out = capsys.readouterr().out
     assert "ONNX pipeline folder" in out and "ldm-deploy import" in out and "out_sample" in out
-    assert main(["inspect", str(optimum_case["optimum"]), "--json"]) == 0
+    assert main(["inspect", str(optimum_sd1["optimum"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "onnx-folder" and info["parameters"] > 0
 
 
-def test_bad_input_is_one_line_and_writes_nothing(optimum_case, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(optimum_sd1, tmp_path, capsys):
     cases = [(tmp_path / "missing", "is not a folder"),
-             (optimum_case["model"], "use `ldm-deploy export` instead")]
+             (optimum_sd1["model"], "use `ldm-deploy export` instead")]
     partial = tmp_path / "partial"
     import shutil
-    shutil.copytree(optimum_case["optimum"], partial)
+    shutil.copytree(optimum_sd1["optimum"], partial)
     shutil.rmtree(partial / "unet")
     cases.append((partial, "lacks unet/model.onnx"))
     broken = tmp_path / "broken"
-    shutil.copytree(optimum_case["optimum"], broken)
+    shutil.copytree(optimum_sd1["optimum"], broken)
     (broken / "vae_decoder" / "model.onnx").write_bytes(b"not a protobuf")
     cases.append((broken, "vae_decoder"))
     for src, words in cases:
@@ -126,7 +127,7 @@ def test_bad_input_is_one_line_and_writes_nothing(optimum_case, tmp_path, capsys
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
-    assert main(["import", str(optimum_case["optimum"]), "--out", str(tmp_path / "out"), "--height", "30"]) == 2
+    assert main(["import", str(optimum_sd1["optimum"]), "--out", str(tmp_path / "out"), "--height", "30"]) == 2
     assert "multiples of the VAE scale factor 8" in capsys.readouterr().err
 
 
@@ -172,14 +173,14 @@ def test_hub_layout_folder_imports_back(optimum_layout, interop_inputs, tmp_path
     assert psnr(a, b) >= 48
 
 
-def test_import_needs_no_torch(optimum_case, tmp_path):
+def test_import_needs_no_torch(optimum_sd1, tmp_path):
     """`ldm-deploy import` and `generate` on the result with torch made unimportable."""
     import subprocess
     import sys
 
     code = ("import sys; sys.modules['torch'] = None\n"
             "from ldm_deploy.cli import main\n"
-            f"assert main(['-q', 'import', {str(optimum_case['optimum'])!r}, '--out', {str(tmp_path / 'a')!r}]) == 0\n"
+            f"assert main(['-q', 'import', {str(optimum_sd1['optimum'])!r}, '--out', {str(tmp_path / 'a')!r}]) == 0\n"
             f"assert main(['-q', 'generate', {str(tmp_path / 'a')!r}, '--prompt', 'x', '--steps', '2', "
             f"'--out', {str(tmp_path / 'x.png')!r}]) == 0\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
@@ -187,15 +188,15 @@ def test_import_needs_no_torch(optimum_case, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_bench_on_an_imported_artifact(imported, tmp_path, capsys):
-    assert main(["bench", str(imported), "--sides", "ort-cpu", "--batch", "1", "--steps", "2",
+def test_bench_on_an_imported_artifact(imported_sd1, tmp_path, capsys):
+    assert main(["bench", str(imported_sd1), "--sides", "ort-cpu", "--batch", "1", "--steps", "2",
                  "--out", str(tmp_path / "bench.json")]) == 0
     assert "ort-cpu" in capsys.readouterr().out and (tmp_path / "bench.json").is_file()
-    assert main(["bench", str(imported), "--out", str(tmp_path / "b2.json")]) == 2   # torch sides need the weights
+    assert main(["bench", str(imported_sd1), "--out", str(tmp_path / "b2.json")]) == 2   # torch sides need the weights
     assert "--model-dir" in capsys.readouterr().err
 
 
-def test_hub_style_external_weights_import(optimum_case, imported, interop_inputs, tmp_path):
+def test_hub_style_external_weights_import(optimum_sd1, imported_sd1, interop_inputs, tmp_path):
     """The Hub's large-U-Net form: weights in `unet/weights.pb` beside the graph, OnnxStableDiffusionPipeline
     model_index; importing it gives the same images as the inline-weights folder."""
     import shutil
@@ -203,7 +204,7 @@ def test_hub_style_external_weights_import(optimum_case, imported, interop_input
     import onnx
 
     src = tmp_path / "hub"
-    shutil.copytree(optimum_case["optimum"], src)
+    shutil.copytree(optimum_sd1["optimum"], src)
     unet = onnx.load(str(src / "unet" / "model.onnx"))
     onnx.save_model(unet, str(src / "unet" / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights.pb", size_threshold=0)
@@ -213,7 +214,7 @@ def test_hub_style_external_weights_import(optimum_case, imported, interop_input
     kw = dict(negative_prompt=[NEGATIVE] * 2, steps=STEPS, guidance=GUIDANCE, scheduler="ddim",
               latents=interop_inputs["latents"])
     a = Pipeline.from_artifact(tmp_path / "art")(PROMPTS, **kw).images
-    b = Pipeline.from_artifact(imported)(PROMPTS, **kw).images
+    b = Pipeline.from_artifact(imported_sd1)(PROMPTS, **kw).images
     np.testing.assert_array_equal(a, b)
     (src / "unet" / "weights.pb").unlink()
     assert main(["import", str(src), "--out", str(tmp_path / "art2")]) == 1
@@ -221,12 +222,12 @@ def test_hub_style_external_weights_import(optimum_case, imported, interop_input
 
 
 @pytest.mark.trt_build
-def test_build_engines_from_an_imported_artifact(imported, tmp_path):
+def test_build_engines_from_an_imported_artifact(imported_sd1, tmp_path):
     """TensorRT (for RTX, which builds on CPU) parses the adapted graphs and builds their engines."""
     from ldm_deploy.engine.build import BuildConfig, build_engines
     from tests.engine.conftest import FAST
 
-    report = build_engines(imported, tmp_path / "engines", BuildConfig(**FAST, components=("unet",)))
+    report = build_engines(imported_sd1, tmp_path / "engines", BuildConfig(**FAST, components=("unet",)))
     assert report.built == ["unet"]
     sidecar = json.loads((tmp_path / "engines" / "unet.engine.json").read_text())
     assert sidecar["key"]["profile"]["timestep"]["max"] == [8]      # 2 x batch.max
