@@ -12,7 +12,6 @@ config.json from the manifest, tokenizer/ and scheduler/ as in the artifact.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -71,6 +70,7 @@ def write_optimum_folder(artifact_dir, out) -> Path:
 
 def _model_index(art: Artifact) -> dict:
     sched = art.scheduler_config.get("_class_name", "PNDMScheduler")
+    # _diffusers_version: the release this layout was tested against (diffusers reads it for warnings only)
     index = {"_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": "0.39.0",
              "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
              "scheduler": ["diffusers", sched], "tokenizer": ["transformers", "CLIPTokenizer"]}
