@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
 # optimum 2.1 + optimum-onnx 0.1 pin transformers < 4.58 and diffusers 0.39: the interop tests
-# (tests/interop) run them in a venv of their own, so $(VENV) keeps testing current releases.
+# (tests/interop) run them in a venv of their own, so $(VENV) keeps testing current releases. It needs
+# no ldm-deploy: tests/interop/optimum_side.py runs there from the source tree (tiny folders, Optimum export,
+# diffusers' reference images); the tests themselves run in $(VENV).
 OPT_VENV ?= .venv-optimum
 OPTIMUM_PINS := "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" "transformers>=4.57,<4.58" "diffusers==0.39.*"
 
@@ -28,7 +30,7 @@ $(OPT_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(OPT_VENV)
 	$(OPT_VENV)/bin/pip install -q --upgrade pip
 	$(OPT_VENV)/bin/pip install -q "$(TORCH)"
-	$(OPT_VENV)/bin/pip install -q -e ".[train]" $(OPTIMUM_PINS) pytest
+	$(OPT_VENV)/bin/pip install -q $(OPTIMUM_PINS) pytest
 	touch $@
 
 setup-optimum: $(OPT_VENV)/.installed
