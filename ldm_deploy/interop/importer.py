@@ -82,7 +82,11 @@ def read_folder(src) -> _Folder:
 def import_onnx_folder(src, out, *, components=None, batch=None, height=None, width=None,
                        force: bool = False) -> ImportResult:
     """Import `src` into the artifact folder `out`; batch/height/width are (min, opt, max) or None (derived)."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise LdmError("`ldm-deploy import` needs the onnx package",
+                       hint="pip install 'ldm-deploy[train]' (or just `pip install onnx`; torch is not needed)") from None
 
     from ldm_deploy.export import manifest as mf
     from ldm_deploy.export import onnx_io

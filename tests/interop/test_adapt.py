@@ -94,3 +94,15 @@ def test_sdxl_style_unet_is_refused():
     m.graph.input.append(helper.make_tensor_value_info("time_ids", TensorProto.FLOAT, ["n", 6]))
     with pytest.raises(LdmError, match="time_ids"):
         adapt("unet", m)
+
+
+def test_import_without_onnx_says_what_to_install(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from ldm_deploy.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the onnx package" in err and "ldm-deploy[train]" in err
+    assert not (tmp_path / "out").exists()
