@@ -5,7 +5,14 @@ BIN := $(VENV)/bin
 # torch first, pinned: 2.13.0 is the CPU build this environment serves; a looser spec would fetch a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev demo tour test test-fast clean
+# optimum 2.1 + optimum-onnx 0.1 pin transformers < 4.58 and diffusers 0.39: the interop tests
+# (tests/interop) run them in a venv of their own, so $(VENV) keeps testing current releases. It needs
+# no ldm-deploy: tests/interop/optimum_side.py runs there from the source tree (tiny folders, Optimum export,
+# diffusers' reference images); the tests themselves run in $(VENV).
+OPT_VENV ?= .venv-optimum
+OPTIMUM_PINS := "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" "transformers>=4.57,<4.58" "diffusers==0.39.*"
+
+.PHONY: setup setup-dev setup-optimum demo tour test test-fast clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +26,15 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[train,dev,tensorrt-rtx]"
 
+$(OPT_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/pip install -q --upgrade pip
+	$(OPT_VENV)/bin/pip install -q "$(TORCH)"
+	$(OPT_VENV)/bin/pip install -q $(OPTIMUM_PINS) pytest
+	touch $@
+
+setup-optimum: $(OPT_VENV)/.installed
+
 # The shipped shapes model (models/shapes-demo, or $LDM_DEPLOY_DEMO_MODEL) -> outputs/demo/{grid.png,images/,report.json}.
 demo: setup
 	$(BIN)/ldm-deploy demo
@@ -27,11 +43,11 @@ demo: setup
 tour: setup
 	BIN=$(BIN) bash scripts/quickstart.sh
 
-test: setup-dev
+test: setup-dev setup-optimum
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-test-fast: setup-dev
+test-fast: setup-dev setup-optimum
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(OPT_VENV) outputs .pytest_cache

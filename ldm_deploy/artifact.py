@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.fileio import sha256_regular
+from ldm_deploy.fileio import OutputKind, sha256_regular
 from ldm_deploy.paths import check_tree, inside, inside_file
 
 FORMAT = "ldm-deploy-artifact"
@@ -82,6 +82,9 @@ class Artifact:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
+            from ldm_deploy.interop.layout import refuse_onnx_folder
+
+            refuse_onnx_folder(self.path, "an ldm-deploy artifact")
             raise not_an_artifact(self.path)
         try:
             self.manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
@@ -316,3 +319,15 @@ def _profiles(p: dict, root: Path) -> Profiles:
         limits.check_profile_range(k, r["min"], r["max"], f"manifest of {root}")
         ranges[k] = Range(r["min"], r["opt"], r["max"])
     return Profiles(**ranges)
+
+
+def _is_artifact(folder: Path) -> bool:
+    try:
+        m = json.loads((folder / MANIFEST).read_bytes()[: 1 << 24])
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
+# an existing --out is replaced only when it is an artifact (or empty), or with force
+ARTIFACT_OUTPUT = OutputKind("artifact", "an ldm-deploy artifact (no manifest.json of one)", _is_artifact, marker=False)

@@ -16,9 +16,10 @@ import struct
 from pathlib import Path
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.interop.layout import GRAPH_PARTS, onnx_layout
 from ldm_deploy.paths import inside
 
-KINDS = ("artifact", "engines", "onnx", "model")
+KINDS = ("artifact", "engines", "onnx", "model", "onnx-folder")
 
 
 def inspect_path(path: str | Path) -> dict:
@@ -37,6 +38,8 @@ def inspect_path(path: str | Path) -> dict:
         return inspect_artifact(path)
     elif any(path.glob("*.engine.json")):
         return inspect_engines(path)
+    elif onnx_layout(path):
+        return inspect_onnx_folder(path)
     elif (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
         return inspect_model(path)
     raise LdmError(f"{path} is not an artifact folder, engine folder, .onnx file or diffusers model folder",
@@ -76,6 +79,7 @@ def inspect_artifact(root: Path) -> dict:
         "scaling_factor": m.get("scaling_factor"), "scheduler": (m.get("scheduler") or {}).get("_class_name"),
         "components": components, "bytes": _size(root, list(m.get("files", {}))), "tools": m.get("tools"),
         "export_config": (m.get("export_config") or {}).get("name"),
+        "imported": {k: (m.get("import") or {}).get(k) for k in ("layout", "pipeline")} if m.get("import") else None,
     }
     if (root / "engines").is_dir() and any((root / "engines").glob("*.engine.json")):
         info["engines"] = inspect_engines(inside(root, "engines"))   # not a link out of the artifact
@@ -162,6 +166,17 @@ def _inspect_onnx_ort(path: Path) -> dict:
             "inputs": [spec(a) for a in sess.get_inputs()], "outputs": [spec(a) for a in sess.get_outputs()]}
 
 
+def inspect_onnx_folder(root: Path) -> dict:
+    """An Optimum / Hub ONNX pipeline folder: each part's graph IO, and the command that imports it."""
+    index = _read_json(root / "model_index.json") or {}
+    parts = {p: inspect_onnx(root / p / "model.onnx") for p in GRAPH_PARTS if (root / p / "model.onnx").is_file()}
+    return {"kind": "onnx-folder", "path": str(root), "layout": onnx_layout(root), "pipeline": index.get("_class_name"),
+            "diffusers_version": index.get("_diffusers_version"), "parts": parts,
+            "parameters": sum(p.get("parameters", 0) for p in parts.values()),
+            "bytes": sum(p["bytes"] for p in parts.values()),
+            "import": f"ldm-deploy import {root} --out ARTIFACT"}
+
+
 def inspect_model(root: Path) -> dict:
     """Per part: class, parameter count and dtypes from the safetensors headers, bytes, key config values."""
     from ldm_deploy import flops
@@ -228,7 +243,8 @@ def _size(root: Path, files: list[str]) -> int:
 # --- text output -------------------------------------------------------------------------------------
 
 def format_inspection(info: dict) -> str:
-    return {"artifact": _fmt_artifact, "engines": _fmt_engines, "onnx": _fmt_onnx, "model": _fmt_model}[info["kind"]](info)
+    return {"artifact": _fmt_artifact, "engines": _fmt_engines, "onnx": _fmt_onnx, "model": _fmt_model,
+            "onnx-folder": _fmt_onnx_folder}[info["kind"]](info)
 
 
 def _mb(n: int | None) -> str:
@@ -249,6 +265,8 @@ def _fmt_artifact(a: dict) -> str:
              f"scaling {a['scaling_factor']}, export config {a['export_config']}, {_mb(a['bytes'])}",
              f"  source {src.get('path')}  sha256 {str(src.get('sha256'))[:16]}...",
              f"  profiles (images, B = prompts x images): {ranges}"]
+    if a.get("imported"):
+        lines.append(f"  imported from an ONNX folder ({a['imported']['layout']} layout, {a['imported']['pipeline']})")
     if a["variants"]:
         lines.append(f"  variants: {', '.join(a['variants'])}")
     for name, c in a["components"].items():
@@ -284,6 +302,16 @@ def _fmt_onnx(o: dict) -> str:
         lines.append(f"  opsets {o['opsets']}, {o['nodes']} nodes, {o['parameters']:,} parameters, "
                      f"producer {o['producer']}")
     lines += [f"  in:  {_io(o['inputs'])}", f"  out: {_io(o['outputs'])}"]
+    return "\n".join(lines)
+
+
+def _fmt_onnx_folder(f: dict) -> str:
+    lines = [f"ONNX pipeline folder {f['path']}  ({f['layout']} layout, {f['pipeline']}, diffusers "
+             f"{f['diffusers_version']}): {f['parameters']:,} parameters, {_mb(f['bytes'])}",
+             f"  not an ldm-deploy artifact: import it with `{f['import']}`"]
+    for name, o in f["parts"].items():
+        lines += [f"  {name}: opsets {o.get('opsets')}, {o.get('nodes')} nodes",
+                  f"    in:  {_io(o['inputs'])}", f"    out: {_io(o['outputs'])}"]
     return "\n".join(lines)
 
 

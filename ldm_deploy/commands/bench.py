@@ -89,11 +89,21 @@ def run(args) -> int:
     if not source.is_dir():
         raise UsageError(f"{source} is not a directory (a model folder or an exported artifact)")
     artifact, model_dir = args.artifact, args.model_dir
+    from ldm_deploy.interop.layout import onnx_layout, refuse_onnx_folder
+
+    refuse_onnx_folder(source, "a model folder or an exported artifact")
     if _is_artifact(source):
         artifact = artifact or str(source)
         if model_dir is None:
             src = json.loads((source / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("path")
             model_dir = src if src and Path(src).is_dir() else None
+            if model_dir and onnx_layout(model_dir):     # imported from an ONNX folder: no PyTorch weights
+                model_dir = None
+                torch_sides = [s for s in args.sides if s in TORCH_SIDES]
+                if torch_sides:
+                    raise UsageError(f"{source} was imported from an ONNX folder; the PyTorch sides "
+                                     f"({', '.join(torch_sides)}) need the diffusers model folder",
+                                     hint="pass --model-dir DIFFUSERS_FOLDER, or --sides ort-cpu (or other deployed sides)")
     else:
         model_dir = model_dir or str(source)
     export = None

@@ -32,6 +32,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cfg-fold", dest="ort_cuda_fold_cfg", action="store_false", default=None,
                    help="keep the ORT CUDA U-Net variant CFG-free (2B rows in, raw prediction out), for serving "
                         "without guidance (config key ort_cuda_fold_cfg; default: CFG folded in)")
+    p.add_argument("--layout", choices=("artifact", "optimum"), default="artifact",
+                   help="artifact (default): ldm-deploy's folder with manifest.json; optimum: a folder that Optimum's "
+                        "ORTStableDiffusionPipeline and diffusers' OnnxStableDiffusionPipeline load (the artifact is "
+                        "exported to OUT.artifact/ first and kept, so re-runs are cached)")
     p.add_argument("--force", action="store_true",
                    help="re-export even when an up-to-date artifact exists, and replace an existing --out that is "
                         "not an ldm-deploy artifact (never one that is, holds or lies inside MODEL_DIR)")
@@ -47,10 +51,20 @@ def run(args) -> int:
     if args.exporter == "dynamo" and config.opset < 18:
         flags["opset"] = 18
     config = config.replace(**{k: v for k, v in flags.items() if v is not None})
-    result = export_model(args.model_dir, args.out, config, force=args.force)
+    target = args.out
+    if args.layout == "optimum":
+        from pathlib import Path
+
+        target = str(Path(args.out).with_name(Path(args.out).name + ".artifact"))
+    result = export_model(args.model_dir, target, config, force=args.force)
     if result.cached:
         log.info(f"export (cached): {result.path} is up to date")
     else:
         art = result.artifact
         log.info(f"exported {', '.join(art.components)} ({art.precision}) -> {result.path} in {result.seconds:.1f} s")
+    if args.layout == "optimum":
+        from ldm_deploy.interop.to_optimum import write_optimum_folder
+
+        write_optimum_folder(result.path, args.out, force=args.force)
+        log.info(f"wrote the Optimum / OnnxStableDiffusionPipeline layout -> {args.out}")
     return 0

@@ -12,7 +12,8 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="the diffusers-format folder that was exported")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the diffusers-format folder that was exported, or the Optimum / Hub ONNX "
+                        "folder that was imported (then its original graphs are the reference)")
     p.add_argument("onnx_dir", metavar="ONNX_DIR", help="artifact folder written by `ldm-deploy export`")
     p.add_argument("--backend", type=_csv, default=("ort-cpu",), metavar="NAME,...",
                    help="runners to check: ort-cpu (default), ort-cuda, tensorrt (comma-separated)")
@@ -23,7 +24,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ldm_deploy.export.validate import validate
+    from ldm_deploy.interop.layout import onnx_layout
+
+    if onnx_layout(args.model_dir):   # an imported artifact: checked against the folder's original graphs
+        from ldm_deploy.interop.check import validate_imported as validate
+    else:
+        from ldm_deploy.export.validate import validate
 
     report = validate(args.model_dir, args.onnx_dir, backends=args.backend, components=args.components,
                       seed=args.seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.artifact import FORMAT, MANIFEST, Artifact
+from ldm_deploy.artifact import ARTIFACT_OUTPUT, MANIFEST, Artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import manifest as mf
 from ldm_deploy.export import onnx_io, ort_optimize
@@ -24,7 +24,8 @@ from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
 from ldm_deploy.export.source import PARTS, folder_sha256, load_source
-from ldm_deploy.fileio import OutputKind, atomic_dir, check_free_space, check_out_dir, write_json
+from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write_json
+from ldm_deploy.interop.layout import refuse_onnx_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,6 @@ class ExportResult:
     seconds: float
 
 
-def _is_artifact(folder: Path) -> bool:
-    try:
-        m = json.loads((folder / MANIFEST).read_bytes()[: 1 << 24])
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(m, dict) and m.get("format") == FORMAT
-
-
-# an existing --out is replaced only when it is an artifact (or empty), or with force
-ARTIFACT_OUTPUT = OutputKind("artifact", "an ldm-deploy artifact (no manifest.json of one)", _is_artifact, marker=False)
-
-
 def export_model(model_dir, out, config: ExportConfig | None = None, *, force: bool = False) -> ExportResult:
     """Export `config.components` of the model folder `model_dir` into the artifact folder `out`.
 
@@ -58,6 +47,7 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise LdmError(f"model folder {model_dir} does not exist")
+    refuse_onnx_folder(model_dir, "a diffusers PyTorch model folder")
     if config is None:
         config = default_config(model_dir)
     check_out_dir(out, ARTIFACT_OUTPUT, inputs=[model_dir], force=force)

@@ -17,6 +17,7 @@ from ldm_deploy.errors import LdmError
 # A failing invocation of each command (inputs that do not exist) and its exit code; {out} must stay unwritten.
 FAILURES = {
     "export": (["{nope}", "--out", "{out}"], 1),
+    "import": (["{nope}", "--out", "{out}"], 1),
     "validate": (["{nope}", "{nope}", "--components", "unet"], 1),
     "build": (["{nope}", "--out", "{out}"], 1),
     "generate": (["{nope}", "--prompt", "a red circle", "--out", "{out}"], 1),
@@ -36,7 +37,7 @@ def _cli_name(module: str) -> str:
 def test_every_listed_command_exists():
     for name in COMMANDS:
         mod = importlib.import_module(f"ldm_deploy.commands.{name}")
-        assert mod.NAME == name.replace("_", "-") and mod.HELP and mod.EXAMPLE.startswith(f"ldm-deploy {mod.NAME}"), name
+        assert mod.NAME == name.rstrip("_").replace("_", "-") and mod.HELP and mod.EXAMPLE.startswith(f"ldm-deploy {mod.NAME}"), name
     assert set(FAILURES) == {_cli_name(c) for c in COMMANDS}
 
 
