@@ -391,6 +391,7 @@ def convert_checkpoint(
     allow_pickle: bool = False,
     prediction_type: str | None = None,
     fp16: bool = False,
+    tokenizer_2: str | os.PathLike | None = None,
 ) -> Path:
     """Convert an original SD 1.x / 2.x single-file checkpoint into a diffusers folder at `out_dir` (atomically).
 
@@ -401,6 +402,13 @@ def convert_checkpoint(
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise LdmError(f"unknown prediction type {prediction_type!r}", hint="use epsilon or v_prediction")
     sd, step = load_original_checkpoint(path, allow_pickle=allow_pickle)
+    from training.convert_sdxl import convert_sdxl_checkpoint, is_sdxl_checkpoint
+
+    if is_sdxl_checkpoint(sd):  # SDXL base / refiner: training/convert_sdxl.py (tokenizer_2 derived unless given)
+        if extract_ema:
+            raise LdmError("--extract-ema: SDXL checkpoints carry no LitEma copy", hint="convert without --extract-ema")
+        return convert_sdxl_checkpoint(sd, path, out_dir, config=config, tokenizer=tok, tokenizer_2=tokenizer_2,
+                                       prediction_type=prediction_type, fp16=fp16)
     info = detect(sd, step)
     cfg = _resolve_config(config, info, sd)
     if prediction_type:

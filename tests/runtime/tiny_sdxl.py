@@ -69,8 +69,20 @@ def make_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
 
     pipe = StableDiffusionXLPipeline(**_parts(seed, BASE_UNET, True), add_watermarker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    shutil.copytree(TOKENIZER, folder / "tokenizer", dirs_exist_ok=True)   # keep the exact tokenizer files
+    _hub_tokenizers(folder, ("tokenizer", "tokenizer_2"))
     return folder
+
+
+def _hub_tokenizers(folder: Path, names) -> None:
+    """The hub's SDXL tokenizer folders: vocab.json + merges.txt, tokenizer_2 padding with "!" (transformers 5
+    saves tokenizer.json only; the runtime tokenizer reads the BPE files)."""
+    from ldm_deploy.runtime.tokenizer import write_tokenizer_configs
+
+    for name in names:
+        shutil.copytree(TOKENIZER, folder / name, dirs_exist_ok=True)
+        if name == "tokenizer_2":
+            (folder / name / "tokenizer.json").unlink(missing_ok=True)
+            write_tokenizer_configs(folder / name, pad="zero")
 
 
 def make_tiny_sdxl_refiner(folder: Path, seed: int = 1) -> Path:
@@ -80,4 +92,5 @@ def make_tiny_sdxl_refiner(folder: Path, seed: int = 1) -> Path:
                                             requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
                                             add_watermarker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    _hub_tokenizers(folder, ("tokenizer_2",))
     return folder
