@@ -26,6 +26,7 @@ from ldm_deploy.export.source import PARTS, folder_sha256, load_source
 from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
 
 log = logging.getLogger(__name__)
+FP32_INPUTS = ("timestep", "time_ids")   # inputs (and the sinusoid paths behind them) kept fp32 in fp16 graphs
 
 
 @dataclass
@@ -42,6 +43,9 @@ def export_model(model_dir, out, config: ExportConfig = ExportConfig(), *, force
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise LdmError(f"model folder {model_dir} does not exist")
+    from ldm_deploy.export.sdxl import resolve_config
+
+    config = resolve_config(config, model_dir)      # SDXL: both text encoders by default, fp32 VAE
     missing = sorted({PARTS[c] for c in config.components} - {p.name for p in model_dir.iterdir()})
     if missing:
         raise LdmError(f"{model_dir} lacks {', '.join(missing)}/ needed for {', '.join(config.components)}",
@@ -59,11 +63,18 @@ def export_model(model_dir, out, config: ExportConfig = ExportConfig(), *, force
         work = tmp / ".work"
         components = {c: _export_component(c, source, config, tmp, work) for c in config.components}
         shutil.rmtree(work)
-        tokenizer = mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer")
+        extra = None
+        if source.sdxl:   # tokenizer_2 (pads with "!"); the refiner's only tokenizer is also the manifest's `tokenizer`
+            from ldm_deploy.export.sdxl import manifest_block
+
+            tok2 = mf.copy_tokenizer(source.tokenizer_2_dir, tmp / "tokenizer_2") if source.tokenizer_2_dir else None
+            extra = {"sdxl": manifest_block(source, config, tok2)}
+        tokenizer = (mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer") if source.tokenizer_dir is not None
+                     else extra["sdxl"]["tokenizer_2"])
         write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
         write_config(config, tmp / "export_config.yaml")
         write_json(tmp / MANIFEST, mf.build_manifest(tmp, source=source, config=config, components=components,
-                                                      tokenizer=tokenizer))
+                                                      tokenizer=tokenizer, extra=extra))
     artifact = Artifact.open(out, verify=False)
     seconds = time.perf_counter() - start
     log.info("exported %s -> %s in %.1f s", model_dir, out, seconds)
@@ -89,10 +100,10 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
             # onnxslim cannot serialize an fp32 graph over 2 GB (the SD 1.5 U-Net is 3.4 GB); its fp16
             # conversion is half that size, so slim the fp16 graph instead
             fp16_raw = work / component / "fp16_raw.onnx"
-            convert_to_fp16(fp32, fp16_raw, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",))
+            convert_to_fp16(fp32, fp16_raw, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS)
             clean["fp16"] = cleanup(fp16_raw, final)
         else:
-            convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",))
+            convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS)
     onnx_io.check_model(final)
     variants = {}
     if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:
