@@ -34,6 +34,11 @@ from ldm_deploy.runtime.pipeline import (
 )
 
 HIDDEN, POOLED = "penultimate_hidden_state", "text_embeds"
+# Samplers whose run over a slice of the schedule is what diffusers does across a hand-off (each step reads
+# only sigmas / alphas around it, or restarts its history the way diffusers' second pipeline does).
+# PNDM, UniPC and Karras DPM++ diverge from diffusers at the seam (their step counts or lower-order
+# steps depend on the whole schedule), DDPM and LCM special-case the last step: those are refused.
+HANDOFF_SAMPLERS = ("euler", "euler-ancestral", "ddim", "lms", "dpmpp-2m")
 
 
 def handoff_range(timesteps: np.ndarray, num_train_timesteps: int, denoising_start: float | None,
@@ -243,6 +248,9 @@ class SDXLPipeline(Pipeline):
             if not np.isfinite(latents).all():
                 raise UsageError("latents contain NaN or Inf values", hint="pass finite N(0, I) noise")
             x = (latents * np.float32(schedule.init_noise_sigma)).astype(np.float32)
+        if (a, b) != (0, len(schedule.timesteps)) and name not in HANDOFF_SAMPLERS:
+            raise UsageError(f"the base -> refiner hand-off (denoising_start / denoising_end) is not supported with "
+                             f"{name}", hint=f"use one of {', '.join(HANDOFF_SAMPLERS)} for the hand-off")
         stage = slice_schedule(schedule, a, b)
 
         # 3. denoise
@@ -260,6 +268,10 @@ class SDXLPipeline(Pipeline):
         timings["denoise"] = loop = time.perf_counter() - t0
         timings["unet"], timings["unet_calls"] = denoiser.unet_s, denoiser.calls
         timings["scheduler_overhead"] = loop - denoiser.unet_s
+        if denoiser.calls:
+            timings["unet_per_step"] = denoiser.unet_s / denoiser.calls
+            timings["scheduler_overhead_per_step"] = (loop - denoiser.unet_s) / denoiser.calls
+            timings["overhead_fraction"] = (loop - denoiser.unet_s) / max(denoiser.unet_s, 1e-12)
 
         # 4. decode (fp32 VAE unless the artifact says otherwise), unless a later stage takes the latents
         if decode:

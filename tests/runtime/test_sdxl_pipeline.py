@@ -120,7 +120,7 @@ def test_zero_negative_prompt_and_micro_conditioning(ours, ref, latents):
     assert "negative_prompt" not in got.params
 
 
-@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp-2m"])
+@pytest.mark.parametrize("name", ["euler", "ddim", "lms", "dpmpp-2m"])
 def test_base_then_refiner_equals_diffusers(ours, ref, latents, name):
     base, refiner = ref
     _set(base, name)
@@ -161,5 +161,20 @@ def test_handoff_ranges_and_errors(ours, latents):
         handoff_range(ts, 1000, None, 1.5)
     with pytest.raises(UsageError, match="go together"):
         ours[1](PROMPT, init_latents=latents[:1])
+    with pytest.raises(UsageError, match="not supported with unipc"):
+        ours[0](PROMPT, latents=latents[:1], denoising_end=0.5, decode=False, scheduler="unipc", steps=4)
     with pytest.raises(UsageError, match="init_latents have shape"):
         ours[1](PROMPT, init_latents=latents, denoising_start=0.5)
+
+
+def test_generate_cli_runs_base_then_refiner(artifacts, tmp_path):
+    from PIL import Image
+
+    from ldm_deploy.cli import main
+
+    out = tmp_path / "a.png"
+    rc = main(["generate", str(artifacts[0]), "--prompt", PROMPT, "--steps", "6", "--guidance", "5", "--seed", "1",
+               "--refiner", str(artifacts[1]), "--denoising-end", "0.7", "--out", str(out)])
+    assert rc == 0 and Image.open(out).size == (SIZE, SIZE)
+    assert main(["generate", str(artifacts[0]), "--prompt", PROMPT, "--refiner", str(artifacts[1]),
+                 "--out", str(tmp_path / "b.png")]) == 2                  # --denoising-end missing: usage error
