@@ -140,7 +140,7 @@ def _range(v, where: str) -> Range:
 
 
 def load_config(path_or_name: str | Path | None) -> ExportConfig:
-    """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21)."""
+    """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21, sdxl)."""
     import yaml
 
     if path_or_name is None:
@@ -150,7 +150,7 @@ def load_config(path_or_name: str | Path | None) -> ExportConfig:
         bundled = Path(__file__).resolve().parents[2] / "export_configs" / f"{path_or_name}.yaml"
         if not bundled.is_file():
             raise LdmError(f"export config {path_or_name} not found",
-                           hint="pass a YAML file or one of: tiny, demo, sd15, sd21")
+                           hint="pass a YAML file or one of: tiny, demo, sd15, sd21, sdxl")
         path = bundled
     try:
         data = yaml.safe_load(path.read_text()) or {}
