@@ -79,3 +79,18 @@ def test_sdxl_fp16_vae_needs_an_fp16_safe_vae(sdxl_models, tmp_path):
     with pytest.raises(UsageError, match="overflows in fp16"):
         export_model(sdxl_models[0], tmp_path / "x", CONFIG.replace(vae_precision="fp16"))
     assert not (tmp_path / "x").exists()
+
+
+def test_sdxl_config_resolution(sdxl_models):
+    from ldm_deploy.export.sdxl import resolve_config
+
+    base, refiner = sdxl_models
+    assert resolve_config(ExportConfig(), base).components == ("text_encoder", "text_encoder_2", "unet",
+                                                               "vae_decoder", "vae_encoder")
+    assert resolve_config(ExportConfig(), refiner).components[0] == "text_encoder_2"
+    assert resolve_config(ExportConfig(components=("unet",)), base).components == ("unet",)   # asked for: kept
+    safe = resolve_config(ExportConfig(vae_precision="fp16", vae_fp16_safe=True), base)     # an fp16-fix VAE
+    assert safe.component_precision("vae_decoder") == "fp16"
+    with pytest.raises(UsageError, match="ort_cuda"):
+        resolve_config(ExportConfig(ort_cuda=True), base)
+    assert "vae_fp16_safe" not in ExportConfig().key()        # SD artifacts exported before the key stay cached

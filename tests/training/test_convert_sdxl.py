@@ -114,3 +114,20 @@ def test_sdxl_checkpoint_with_a_stray_or_missing_tensor_fails(folders, tmp_path)
         save_file(original, str(tmp_path / "ok.safetensors"))
         convert_checkpoint(tmp_path / "ok.safetensors", tmp_path / "c", tokenizer=tok, config="tiny-sdxl-refiner")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_convert_cli_takes_a_second_tokenizer(folders, tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm_deploy.cli import main
+
+    save_file(to_original_state_dict(load_components(folders["refiner"])), str(tmp_path / "r.safetensors"))
+    cfg = tmp_path / "refiner.json"
+    cfg.write_text(json.dumps(folder_config(folders["refiner"])))
+    rc = main(["convert", str(tmp_path / "r.safetensors"), "--out", str(tmp_path / "out"), "--config", str(cfg),
+               "--tokenizer", str(folders["base"] / "tokenizer"), "--tokenizer-2",
+               str(folders["refiner"] / "tokenizer_2")])
+    assert rc == 0
+    comps = load_components(tmp_path / "out")
+    assert comps.text_encoder is None and comps.tokenizer_dir is None
+    assert json.loads((tmp_path / "out" / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
