@@ -36,9 +36,9 @@ from ldm_deploy.runtime.pipeline import (
 HIDDEN, POOLED = "penultimate_hidden_state", "text_embeds"
 # Samplers whose run over a slice of the schedule is what diffusers does across a hand-off (each step reads
 # only sigmas / alphas around it, or restarts its history the way diffusers' second pipeline does).
-# PNDM, UniPC and Karras DPM++ diverge from diffusers at the seam (their step counts or lower-order
-# steps depend on the whole schedule), DDPM and LCM special-case the last step: those are refused.
-HANDOFF_SAMPLERS = ("euler", "euler-ancestral", "ddim", "lms", "dpmpp-2m")
+# PNDM and UniPC diverge from diffusers at the seam (PNDM's step count, UniPC's lower-order steps depend
+# on the whole schedule), DDPM and LCM special-case the last step: those are refused.
+HANDOFF_SAMPLERS = ("euler", "euler-ancestral", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras")
 
 
 def handoff_range(timesteps: np.ndarray, num_train_timesteps: int, denoising_start: float | None,

@@ -120,7 +120,7 @@ def test_zero_negative_prompt_and_micro_conditioning(ours, ref, latents):
     assert "negative_prompt" not in got.params
 
 
-@pytest.mark.parametrize("name", ["euler", "ddim", "lms", "dpmpp-2m"])
+@pytest.mark.parametrize("name", ["euler", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras"])
 def test_base_then_refiner_equals_diffusers(ours, ref, latents, name):
     base, refiner = ref
     _set(base, name)
@@ -134,12 +134,13 @@ def test_base_then_refiner_equals_diffusers(ours, ref, latents, name):
                        guidance_scale=5.0, denoising_start=split, output_type="np").images
     a = ours[0](PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=5.0, latents=latents[:1],
                 denoising_end=split, decode=False, scheduler=name)
-    assert a.images.shape == (0, SIZE, SIZE, 3) and a.timings["unet_calls"] == 7
+    n_base = len([t for t in base.scheduler.timesteps if t >= round(1000 * (1 - split))])
+    assert a.images.shape == (0, SIZE, SIZE, 3) and a.timings["unet_calls"] == n_base
     # fp32 through ORT vs torch: ~1e-5 relative per step, 7 steps
     assert_close(a.latents, handoff.numpy(), atol=1e-3, name="hand-off latents")
     b = ours[1](PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=5.0, init_latents=a.latents,
                 denoising_start=split, scheduler=name)
-    assert b.timings["unet_calls"] == 3
+    assert b.timings["unet_calls"] == steps - n_base
     assert _uint8(want).std() > 10
     assert psnr(b.images, _uint8(want)) >= 48, name
 
