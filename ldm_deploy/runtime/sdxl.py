@@ -36,9 +36,9 @@ from ldm_deploy.runtime.pipeline import (
 HIDDEN, POOLED = "penultimate_hidden_state", "text_embeds"
 # Samplers whose run over a slice of the schedule is what diffusers does across a hand-off (each step reads
 # only sigmas / alphas around it, or restarts its history the way diffusers' second pipeline does).
-# PNDM and UniPC diverge from diffusers at the seam (PNDM's step count, UniPC's lower-order steps depend
-# on the whole schedule), DDPM and LCM special-case the last step: those are refused.
-HANDOFF_SAMPLERS = ("euler", "euler-ancestral", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras")
+# PNDM's step count differs from diffusers' at the seam, DDPM and LCM special-case the last step: those are
+# refused. UniPC keeps its global step indices through the slice (`tail_steps`).
+HANDOFF_SAMPLERS = ("euler", "euler-ancestral", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras", "unipc")
 
 
 def handoff_range(timesteps: np.ndarray, num_train_timesteps: int, denoising_start: float | None,
@@ -71,6 +71,9 @@ def slice_schedule(schedule, a: int, b: int):
     params = dict(schedule.params)
     if b < n and "first_order_final" in params:
         params["first_order_final"] = False
+    if "start_index" in params:                     # UniPC: global step indices and steps after the slice
+        params["start_index"] = params["start_index"] + a
+        params["tail_steps"] = n - b
     return dataclasses.replace(
         schedule, timesteps=schedule.timesteps[a:b], sigmas=schedule.sigmas[a:b + 1],
         alphas=schedule.alphas[a:b], alphas_prev=schedule.alphas_prev[a:b], params=params)

@@ -120,7 +120,7 @@ def test_zero_negative_prompt_and_micro_conditioning(ours, ref, latents):
     assert "negative_prompt" not in got.params
 
 
-@pytest.mark.parametrize("name", ["euler", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras"])
+@pytest.mark.parametrize("name", ["euler", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras", "unipc"])
 def test_base_then_refiner_equals_diffusers(ours, ref, latents, name):
     base, refiner = ref
     _set(base, name)
@@ -162,8 +162,8 @@ def test_handoff_ranges_and_errors(ours, latents):
         handoff_range(ts, 1000, None, 1.5)
     with pytest.raises(UsageError, match="go together"):
         ours[1](PROMPT, init_latents=latents[:1])
-    with pytest.raises(UsageError, match="not supported with unipc"):
-        ours[0](PROMPT, latents=latents[:1], denoising_end=0.5, decode=False, scheduler="unipc", steps=4)
+    with pytest.raises(UsageError, match="not supported with pndm"):
+        ours[0](PROMPT, latents=latents[:1], denoising_end=0.5, decode=False, scheduler="pndm", steps=4)
     with pytest.raises(UsageError, match="init_latents have shape"):
         ours[1](PROMPT, init_latents=latents, denoising_start=0.5)
 
