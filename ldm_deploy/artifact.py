@@ -22,7 +22,7 @@ from ldm_deploy.paths import check_tree, inside, inside_file
 FORMAT = "ldm-deploy-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2")   # text_encoder_2: SDXL
 
 
 @dataclass(frozen=True)

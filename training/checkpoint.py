@@ -9,6 +9,11 @@ A folder looks like what `StableDiffusionPipeline.save_pretrained` writes:
     tokenizer/                  vocab.json, merges.txt, ...
     scheduler/scheduler_config.json
 
+SDXL folders (`StableDiffusionXLPipeline` / `StableDiffusionXLImg2ImgPipeline`) add `text_encoder_2/`
+(transformers CLIPTextModelWithProjection) and `tokenizer_2/`; the refiner has no `text_encoder/` and
+`tokenizer/` (model_index.json says `[null, null]` for them). By default every part the folder's
+model_index.json declares is loaded.
+
 Loading is strict and never renames a key: every tensor in the file must be a parameter or buffer of
 the module built from config.json, with the same shape, and every parameter must be in the file.
 Anything else is one `LdmError` that lists the first offenders and the counts. Pickled weights
@@ -38,12 +43,14 @@ log = logging.getLogger(__name__)
 PARTS = ("unet", "vae", "text_encoder")
 # save_components (convert, ldm-train) replaces an existing folder only when it wrote it (fileio.MARKER), or with force
 MODEL_OUTPUT = OutputKind("model", "a model folder written by ldm-deploy (convert or ldm-train)")
+ALL_PARTS = PARTS + ("text_encoder_2",)   # text_encoder_2: SDXL's OpenCLIP bigG (CLIPTextModelWithProjection)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 TEXT_MODEL_PREFIX = "text_model."  # on-disk CLIPTextModel keys carry it; transformers >= 5.6 modules don't
 _SHOW = 5  # offending keys listed per kind in an error message
 
 # File names tried in order, per weight stem. Safetensors first; pickles last (refused without opt-in).
-_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                 "text_encoder_2": "model"}
 _PICKLE_NAMES = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
 
 
@@ -60,6 +67,14 @@ class Components:
     unet_config: dict | None = None                      # the raw config.json dicts, as read
     vae_config: dict | None = None
     text_encoder_config: dict | None = None
+    text_encoder_2: torch.nn.Module | None = None        # SDXL: transformers.CLIPTextModelWithProjection
+    tokenizer_2_dir: Path | None = None                  # SDXL: tokenizer_2/ (pads with "!")
+    text_encoder_2_config: dict | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL layout: a second text encoder (the base has both, the refiner only this one)."""
+        return self.text_encoder_2 is not None or self.text_encoder_2_config is not None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,7 +273,17 @@ def _build_text_encoder(config: dict) -> torch.nn.Module:
         raise LdmError(f"unsupported text encoder config: {e}") from None
 
 
-BUILDERS = {"unet": _build_unet, "vae": _build_vae, "text_encoder": _build_text_encoder}
+def _build_text_encoder_2(config: dict) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    try:
+        return CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise LdmError(f"unsupported text_encoder_2 config: {e}") from None
+
+
+BUILDERS = {"unet": _build_unet, "vae": _build_vae, "text_encoder": _build_text_encoder,
+            "text_encoder_2": _build_text_encoder_2}
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
                    "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
 
@@ -294,10 +319,14 @@ def text_encoder_state_dict(module: torch.nn.Module, sd: dict[str, torch.Tensor]
     don't. This is a layout difference of transformers versions, not a rename of weights. The
     `position_ids` buffer is non-persistent in current transformers and is dropped (always arange).
     """
-    own_prefixed = any(k.startswith(TEXT_MODEL_PREFIX) for k in module.state_dict())
+    own = module.state_dict()
+    own_prefixed = any(k.startswith(TEXT_MODEL_PREFIX) for k in own)
     out = {}
     for k, v in sd.items():
         if k.endswith("embeddings.position_ids"):
+            continue
+        if k in own:        # already the module's name (CLIPTextModelWithProjection's text_projection.weight)
+            out[k] = v
             continue
         bare = k[len(TEXT_MODEL_PREFIX):] if k.startswith(TEXT_MODEL_PREFIX) else k
         out[TEXT_MODEL_PREFIX + bare if own_prefixed else bare] = v
@@ -310,7 +339,7 @@ def _load_part(part: str, directory: Path, *, dtype: torch.dtype, allow_pickle: 
     config = _read_json(inside(directory, "config.json"))
     module = build_for_loading(part, config)
     sd = load_state_dict_file(find_weight_file(directory, _WEIGHT_STEMS[part], variant=variant), allow_pickle=allow_pickle)
-    if part == "text_encoder":
+    if part in ("text_encoder", "text_encoder_2"):
         sd = text_encoder_state_dict(module, sd)
     load_strict(module, sd, f"{part} weights in {directory}")
     return module.to(dtype).eval(), config
@@ -328,10 +357,30 @@ def load_text_encoder(directory, *, dtype=torch.float32, allow_pickle=False, var
     return _load_part("text_encoder", Path(directory), dtype=dtype, allow_pickle=allow_pickle, variant=variant)[0]
 
 
+def _declared(model_index: dict, name: str) -> bool | None:
+    """model_index.json's word on a part: True (a class is named), False ([null, null]), None (not listed)."""
+    entry = model_index.get(name)
+    if not isinstance(entry, (list, tuple)):
+        return None
+    return any(v is not None for v in entry)
+
+
+def default_parts(folder: str | os.PathLike, model_index: dict | None = None) -> tuple[str, ...]:
+    """The parts a folder holds: unet, vae, text_encoder unless model_index.json says [null, null] for them
+    (the SDXL refiner has no text_encoder), text_encoder_2 when model_index.json names it or the folder exists."""
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json") if model_index is None else model_index
+    parts = [p for p in PARTS if _declared(index, p) is not False]
+    if _declared(index, "text_encoder_2") or (_declared(index, "text_encoder_2") is None
+                                              and (folder / "text_encoder_2").is_dir()):
+        parts.append("text_encoder_2")
+    return tuple(parts)
+
+
 def load_components(
     folder: str | os.PathLike,
     *,
-    parts: tuple[str, ...] = PARTS,
+    parts: tuple[str, ...] | None = None,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     use_ema: bool = False,
@@ -339,23 +388,36 @@ def load_components(
 ) -> Components:
     """Load a diffusers-format folder strictly into our modules.
 
+    `parts=None` loads what the folder declares (`default_parts`: SDXL folders add text_encoder_2).
     `use_ema=True` reads the U-Net from `unet_ema/` (where training saves the EMA copy) instead of `unet/`.
     `variant="fp16"` picks `*.fp16.safetensors`; by default the plain file, else the fp16 one.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise LdmError(f"model folder {folder} does not exist")
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise LdmError(f"unknown model parts {sorted(unknown)}", hint=f"choose from {', '.join(PARTS)}")
     comps = Components(model_index=_read_json(inside(folder, "model_index.json")))
+    if parts is None:
+        parts = default_parts(folder, comps.model_index)
+    unknown = set(parts) - set(ALL_PARTS)
+    if unknown:
+        raise LdmError(f"unknown model parts {sorted(unknown)}", hint=f"choose from {', '.join(ALL_PARTS)}")
     sched = inside(folder, "scheduler/scheduler_config.json")
     comps.scheduler_config = _read_json(sched)
     tok = inside(folder, "tokenizer")
-    if not tok.is_dir():
-        raise LdmError(f"missing {tok}", hint="a model folder needs tokenizer/ with vocab.json and merges.txt")
-    check_tree(tok, root=folder)
-    comps.tokenizer_dir = tok
+    if _declared(comps.model_index, "tokenizer") is not False:   # the SDXL refiner has only tokenizer_2/
+        if not tok.is_dir():
+            raise LdmError(f"missing {tok}", hint="a model folder needs tokenizer/ with vocab.json and merges.txt")
+        check_tree(tok, root=folder)
+        comps.tokenizer_dir = tok
+    tok2 = inside(folder, "tokenizer_2")
+    if _declared(comps.model_index, "tokenizer_2") and not tok2.is_dir():
+        raise LdmError(f"missing {tok2}", hint="model_index.json names a tokenizer_2; an SDXL folder needs tokenizer_2/")
+    if tok2.is_dir():
+        check_tree(tok2, root=folder)
+    comps.tokenizer_2_dir = tok2 if tok2.is_dir() else None
+    cfg2 = inside(folder, "text_encoder_2/config.json")
+    if cfg2.is_file() and "text_encoder_2" not in parts:
+        comps.text_encoder_2_config = _read_json(cfg2)      # recorded (SDXL-ness) even when not loaded
     for part in parts:
         sub = "unet_ema" if part == "unet" and use_ema else part
         if sub == "unet_ema" and not (folder / sub).is_dir():
@@ -396,6 +458,47 @@ def model_index(scheduler_class: str) -> dict:
     }
 
 
+# SDXL pipeline flags model_index.json carries (diffusers reads them as pipeline config).
+SDXL_FLAGS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score", "add_watermarker")
+
+
+def sdxl_model_index(scheduler_class: str, *, base: bool, flags: dict | None = None) -> dict:
+    """model_index.json of an SDXL base (both text encoders) or refiner (text_encoder_2 only) folder.
+
+    Flags default to the hub's: the base zeroes the negative embeddings of empty negative prompts, the
+    refiner conditions on aesthetic scores instead of the target size.
+    """
+    none = [None, None]
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if base else "StableDiffusionXLImg2ImgPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "force_zeros_for_empty_prompt": base,
+        "requires_aesthetics_score": not base,
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"] if base else none,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if base else none,
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    index.update({k: v for k, v in (flags or {}).items() if k in SDXL_FLAGS})
+    if not base:
+        index.pop("add_watermarker", None)
+    return index
+
+
+def _save_text_encoder(te: torch.nn.Module, directory: Path, architecture: str, fp16: bool) -> None:
+    directory.mkdir()
+    te_cfg = te.config.to_dict()
+    te_cfg["architectures"] = [architecture]
+    write_json(directory / "config.json", te_cfg)
+    # `text_model.`-prefixed keys: what every transformers version and the hub layout read.
+    te_sd = {k if k.startswith(TEXT_MODEL_PREFIX) or k == "text_projection.weight" else TEXT_MODEL_PREFIX + k: v
+             for k, v in te.state_dict().items() if not k.endswith("position_ids")}
+    _save_weights(te_sd, directory / "model.safetensors", fp16)
+
+
 def _save_weights(sd: dict[str, torch.Tensor], path: Path, fp16: bool) -> None:
     from safetensors.torch import save_file
 
@@ -416,16 +519,24 @@ def save_components(components: Components, folder: str | os.PathLike, *, fp16: 
     never when it is, holds or lies inside the tokenizer folder or one of `inputs` (fileio.check_out_dir)."""
     folder = Path(folder)
     c = components
-    for part in PARTS:
+    sdxl = c.text_encoder_2 is not None
+    required = ("unet", "vae", "text_encoder_2") if sdxl else PARTS   # the SDXL refiner has no text_encoder
+    for part in required:
         if getattr(c, part) is None:
             raise LdmError(f"cannot save {folder}: components.{part} is not loaded")
-    if c.tokenizer_dir is None or not Path(c.tokenizer_dir).is_dir():
-        raise LdmError(f"cannot save {folder}: no tokenizer folder", hint="set components.tokenizer_dir")
-    inputs = [c.tokenizer_dir, *inputs]
+    parts = [p for p in ALL_PARTS if getattr(c, p) is not None]
+    tokenizers = [("tokenizer", c.tokenizer_dir)] if c.text_encoder is not None else []
+    if sdxl:
+        tokenizers.append(("tokenizer_2", c.tokenizer_2_dir))
+    for name, directory in tokenizers:
+        if directory is None or not Path(directory).is_dir():
+            raise LdmError(f"cannot save {folder}: no {name} folder", hint=f"set components.{name}_dir")
+    inputs = [d for _, d in tokenizers] + list(inputs)
     check_out_dir(folder, MODEL_OUTPUT, inputs=inputs, force=force)
-    check_tree(c.tokenizer_dir)   # copied below: no link out of it is followed
+    for _, directory in tokenizers:
+        check_tree(directory)   # copied below: no link out of it is followed
     need = sum(t.numel() * (2 if fp16 and t.is_floating_point() else t.element_size())
-               for part in PARTS for t in getattr(c, part).state_dict().values())
+               for part in parts for t in getattr(c, part).state_dict().values())
     check_free_space(folder, need + (64 << 20), f"writing {folder}")
     scheduler = dict(c.scheduler_config)
     scheduler.setdefault("_class_name", "PNDMScheduler")
@@ -436,19 +547,17 @@ def save_components(components: Components, folder: str | os.PathLike, *, fp16: 
             (tmp / part).mkdir()
             write_json(tmp / part / "config.json", module_config_dict(module))
             _save_weights(module.state_dict(), tmp / part / "diffusion_pytorch_model.safetensors", fp16)
-        te = c.text_encoder
-        (tmp / "text_encoder").mkdir()
-        te_cfg = te.config.to_dict()
-        te_cfg["architectures"] = ["CLIPTextModel"]
-        write_json(tmp / "text_encoder" / "config.json", te_cfg)
-        # `text_model.`-prefixed keys: what every transformers version and the hub layout read.
-        te_sd = {k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k: v for k, v in te.state_dict().items()
-                 if not k.endswith("position_ids")}
-        _save_weights(te_sd, tmp / "text_encoder" / "model.safetensors", fp16)
-        shutil.copytree(c.tokenizer_dir, tmp / "tokenizer")
+        if c.text_encoder is not None:
+            _save_text_encoder(c.text_encoder, tmp / "text_encoder", "CLIPTextModel", fp16)
+        if sdxl:
+            _save_text_encoder(c.text_encoder_2, tmp / "text_encoder_2", "CLIPTextModelWithProjection", fp16)
+        for name, directory in tokenizers:
+            shutil.copytree(directory, tmp / name)
         (tmp / "scheduler").mkdir()
         write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-        write_json(tmp / "model_index.json", model_index(scheduler["_class_name"]))
+        index = (sdxl_model_index(scheduler["_class_name"], base=c.text_encoder is not None, flags=c.model_index)
+                 if sdxl else model_index(scheduler["_class_name"]))
+        write_json(tmp / "model_index.json", index)
     log.info("wrote %s", folder)
     return folder
 

@@ -580,6 +580,7 @@ def convert_checkpoint(
     prediction_type: str | None = None,
     fp16: bool = False,
     force: bool = False,
+    tokenizer_2: str | os.PathLike | None = None,
 ) -> Path:
     """Convert an original SD 1.x / 2.x single-file checkpoint into a diffusers folder at `out_dir` (atomically).
 
@@ -594,6 +595,13 @@ def convert_checkpoint(
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise LdmError(f"unknown prediction type {prediction_type!r}", hint="use epsilon or v_prediction")
     sd, step = load_original_checkpoint(path, allow_pickle=allow_pickle)
+    from training.convert_sdxl import convert_sdxl_checkpoint, is_sdxl_checkpoint
+
+    if is_sdxl_checkpoint(sd):  # SDXL base / refiner: training/convert_sdxl.py (tokenizer_2 derived unless given)
+        if extract_ema:
+            raise LdmError("--extract-ema: SDXL checkpoints carry no LitEma copy", hint="convert without --extract-ema")
+        return convert_sdxl_checkpoint(sd, path, out_dir, config=config, tokenizer=tok, tokenizer_2=tokenizer_2,
+                                       prediction_type=prediction_type, fp16=fp16, force=force, inputs=inputs)
     info = detect(sd, step)
     if prediction_type:  # the user's word wins over the step-based guess (and sets SD 2.x's native size)
         info["prediction_type"] = prediction_type

@@ -10,7 +10,8 @@ PyTorch reference through the very loop it runs the deployed artifact with:
     ref("a cat", latents=z).images  vs  dep("a cat", latents=z).images
 
 Modules may be ours (training.models) or diffusers/transformers ones; outputs that are output objects
-(`.sample`, `.latent_dist`, `.last_hidden_state`) are unwrapped.
+(`.sample`, `.latent_dist`, `.last_hidden_state`) are unwrapped. SDXL models (a text_encoder_2) use the
+SDXL graphs' names (ldm_deploy/export/sdxl.py): penultimate hidden states, text_embeds, time_ids.
 """
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ IO = {
     "vae_decoder": (["latent"], ["image"]),
     "vae_encoder": (["image"], ["mean", "logvar"]),
 }
-_PART = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+SDXL_IO = {
+    "text_encoder": (["input_ids"], ["penultimate_hidden_state"]),
+    "text_encoder_2": (["input_ids"], ["penultimate_hidden_state", "text_embeds"]),
+    "unet": (["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["noise_pred"]),
+}
+_PART = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+         "text_encoder_2": "text_encoder_2"}
 
 
 def _components(source, dtype):
@@ -45,7 +52,9 @@ def _components(source, dtype):
 
 
 def _part(components, name: str):
-    return components[name] if isinstance(components, Mapping) else getattr(components, name)
+    if isinstance(components, Mapping):
+        return components.get(name) if name == "text_encoder_2" else components[name]
+    return getattr(components, name, None)
 
 
 class TorchRunner:
@@ -53,14 +62,17 @@ class TorchRunner:
 
     def __init__(self, components_or_model_folder, component: str, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, output_dtype=np.float32):
-        if component not in IO:
-            raise LdmError(f"unknown component {component!r}; choose one of: {', '.join(IO)}")
+        if component not in IO and component not in SDXL_IO:
+            raise LdmError(f"unknown component {component!r}; choose one of: {', '.join(IO)}, text_encoder_2")
         self.component = component
-        self.input_names, self.output_names = (list(x) for x in IO[component])
+        comps = _components(components_or_model_folder, dtype)
+        self.sdxl = _part(comps, "text_encoder_2") is not None
+        io = SDXL_IO if self.sdxl and component in SDXL_IO else IO
+        self.input_names, self.output_names = (list(x) for x in io[component])
         self.device = torch.device(device)
         self.dtype = dtype
         self.output_dtype = None if output_dtype is None else np.dtype(output_dtype)
-        module = _part(_components(components_or_model_folder, dtype), _PART[component])
+        module = _part(comps, _PART[component])
         if module is None:
             raise LdmError(f"the model has no {_PART[component]} to run the {component} with")
         self.module = module.to(device=self.device, dtype=dtype).eval()
@@ -84,12 +96,21 @@ class TorchRunner:
         return result
 
     def _run_text_encoder(self, inputs):
+        if self.sdxl:   # SDXL: the penultimate hidden states, no final LayerNorm
+            return [self.module(self._tensor(inputs["input_ids"], torch.long), output_hidden_states=True).hidden_states[-2]]
         out = self.module(self._tensor(inputs["input_ids"], torch.long))
         return [out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]]
 
+    def _run_text_encoder_2(self, inputs):
+        out = self.module(self._tensor(inputs["input_ids"], torch.long), output_hidden_states=True)
+        return [out.hidden_states[-2], out.text_embeds]
+
     def _run_unet(self, inputs):
+        extra = ()
+        if self.sdxl:
+            extra = (self._tensor(inputs["text_embeds"]), self._tensor(inputs["time_ids"], torch.float32))
         out = self.module(self._tensor(inputs["sample"]), self._tensor(inputs["timestep"], torch.float32),
-                          self._tensor(inputs["encoder_hidden_states"]))
+                          self._tensor(inputs["encoder_hidden_states"]), *extra)
         return [out.sample if hasattr(out, "sample") else out]
 
     def _run_vae_decoder(self, inputs):
@@ -118,6 +139,8 @@ def pipeline_from_model_folder(folder, device: str = "cpu", dtype: torch.dtype =
 
     folder = Path(folder)
     comps = components if components is not None else _components(folder, dtype)
+    if _part(comps, "text_encoder_2") is not None:
+        return _sdxl_pipeline(folder, comps, device, dtype, profiles)
     runners = {c: TorchRunner(comps, c, device=device, dtype=dtype) for c in IO}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
@@ -129,3 +152,32 @@ def pipeline_from_model_folder(folder, device: str = "cpu", dtype: torch.dtype =
         prediction_type=scheduler_config.get("prediction_type", "epsilon"), profiles=profiles,
         latent_channels=unet_config.get("in_channels", 4), vae_scale_factor=vae_scale, backend="torch",
     )
+
+
+def _sdxl_pipeline(folder: Path, comps, device, dtype, profiles):
+    """runtime.sdxl.SDXLPipeline over TorchRunners of an SDXL model folder (base or refiner)."""
+    import json
+
+    from ldm_deploy.export.sdxl import pooled_dim, time_ids_count
+    from ldm_deploy.runtime.sdxl import SDXLPipeline
+    from ldm_deploy.runtime.tokenizer import ClipTokenizer
+
+    names = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+             if _part(comps, _PART[c]) is not None]
+    runners = {c: TorchRunner(comps, c, device=device, dtype=dtype) for c in names}
+    tokenizers = {c: ClipTokenizer.from_dir(folder / ("tokenizer" if c == "text_encoder" else "tokenizer_2"))
+                  for c in ("text_encoder", "text_encoder_2") if c in runners}
+    read = lambda part: json.loads((folder / part / "config.json").read_text())   # noqa: E731
+    configs = {"unet": read("unet"), "text_encoder_2": read("text_encoder_2")}
+    index = json.loads((folder / "model_index.json").read_text())
+    sdxl = {"pooled_dim": pooled_dim(configs), "time_ids": time_ids_count(configs),
+            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    vae_config = read("vae")
+    return SDXLPipeline(tokenizers, runners, scheduler_config, sdxl,
+                        scaling_factor=vae_config.get("scaling_factor", 0.18215),
+                        prediction_type=scheduler_config.get("prediction_type", "epsilon"), profiles=profiles,
+                        latent_channels=configs["unet"].get("in_channels", 4),
+                        vae_scale_factor=2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1),
+                        backend="torch")

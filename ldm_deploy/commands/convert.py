@@ -1,4 +1,4 @@
-"""`ldm-deploy convert`: an original single-file SD 1.x / 2.x checkpoint -> a diffusers model folder.
+"""`ldm-deploy convert`: an original single-file SD 1.x / 2.x / XL checkpoint -> a diffusers model folder.
 
 Python twin: `training.convert_original.convert_checkpoint(ckpt, out, tokenizer=..., config=...)`.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from ldm_deploy.errors import LdmError
 
 NAME = "convert"
-HELP = "convert an original single-file SD 1.x/2.x checkpoint (.safetensors/.ckpt) into a diffusers model folder"
+HELP = "convert an original single-file SD 1.x/2.x/XL checkpoint (.safetensors/.ckpt) into a diffusers model folder"
 EXAMPLE = "ldm-deploy convert v1-5-pruned-emaonly.safetensors --out models/sd15 --tokenizer sd15/tokenizer"
 
 log = logging.getLogger("ldm_deploy")
@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", metavar="DIR",
                    help="CLIP tokenizer folder (vocab.json + merges.txt, or tokenizer.json) to copy into the model; "
                         "single-file checkpoints hold none")
+    p.add_argument("--tokenizer-2", metavar="DIR",
+                   help="SDXL: the second (OpenCLIP) tokenizer folder, padding with '!' (default: derived from "
+                        "--tokenizer)")
     p.add_argument("--config", metavar="PRESET|FILE",
                    help="architecture: a preset name (sd15, sd21, tiny, ...) or a JSON/YAML file with "
                         "{unet, vae, text_encoder, scheduler} configs (default: inferred from the tensor shapes, SD 1.x / 2.x)")
@@ -58,7 +61,7 @@ def run(args) -> int:
     out = convert_checkpoint(
         args.checkpoint, args.out, config=_config(args.config), tokenizer=args.tokenizer,
         extract_ema=args.extract_ema, allow_pickle=args.allow_pickle, prediction_type=args.prediction_type,
-        fp16=args.fp16, force=args.force,
+        fp16=args.fp16, force=args.force, tokenizer_2=args.tokenizer_2,
     )
     log.info("wrote %s", out)
     return 0

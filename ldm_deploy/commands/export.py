@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="ONNX_DIR",
                    help="artifact folder to write; an existing one is replaced only if it is an artifact or empty")
     p.add_argument("--config", metavar="YAML",
-                   help="export config file, or a bundled name: tiny, demo, sd15, sd21 (default: built-in defaults "
+                   help="export config file, or a bundled name: tiny, demo, sd15, sd21, sdxl (default: built-in defaults "
                         "with a static profile at the model's native size, U-Net sample_size x VAE scale factor)")
     p.add_argument("--precision", choices=("fp32", "fp16"), help="U-Net and text encoder precision (overrides the config)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16"), help="VAE precision (default fp32: the SD VAE overflows in fp16)")

@@ -50,6 +50,10 @@ def add_arguments(p) -> None:
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="R",
                    help="rescale guided output toward the conditional std (Lin et al.; default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--refiner", metavar="REFINER_DIR",
+                   help="SDXL: an exported refiner artifact that finishes the base's denoising (needs --denoising-end)")
+    p.add_argument("--denoising-end", type=float, metavar="F",
+                   help="SDXL with --refiner: the fraction of the schedule the base runs, e.g. 0.8")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="runner backend (default ort-cpu)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="ort-cpu: intra-op threads, 1 to 4 x the CPU count (default: onnxruntime's, one per core)")
@@ -160,13 +164,28 @@ def run(args) -> int:
             bar = tqdm(total=total, desc="denoising", unit="step", disable=args.quiet, leave=False)
         bar.update(1)
 
+    if (args.refiner is None) != (args.denoising_end is None):
+        raise UsageError("--refiner and --denoising-end go together (SDXL base -> refiner hand-off)")
+    if args.refiner and not hasattr(pipe, "encode_prompts"):
+        raise UsageError(f"--refiner: {args.artifact} is not an SDXL artifact", hint="export an SDXL base model")
+    handoff = {"denoising_end": args.denoising_end, "decode": False} if args.refiner else {}
     try:
-        result = pipe(args.prompt if len(args.prompt) > 1 else args.prompt[0], args.negative_prompt,
-                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                      latents=latents, height=args.height, width=args.width, num_images=args.num_images,
-                      image=image, strength=0.8 if args.strength is None else args.strength,
-                      guidance_rescale=args.guidance_rescale, eta=args.eta,
-                      callback=progress)
+        prompt = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+        kw = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, guidance_rescale=args.guidance_rescale,
+                  eta=args.eta, callback=progress)
+        result = pipe(prompt, args.negative_prompt, seed=args.seed, latents=latents, height=args.height,
+                      width=args.width, num_images=args.num_images, image=image,
+                      strength=0.8 if args.strength is None else args.strength,
+                      **kw, **handoff)
+        if args.refiner:   # runtime/sdxl.py: the refiner runs the rest of the same schedule from the base's latents
+            refiner = Pipeline.from_artifact(args.refiner, backend=args.backend, **_runner_options(args))
+            if bar is not None:
+                bar.close()
+                bar = None
+            seed = result.params["seed"]
+            result = refiner(prompt, args.negative_prompt, seed=seed, init_latents=result.latents,
+                             denoising_start=args.denoising_end, num_images=args.num_images, **kw)
+            result.params["seed"] = seed
     finally:
         if bar is not None:
             bar.close()

@@ -40,7 +40,7 @@ from ldm_deploy.fileio import atomic_file, check_free_space, check_out_dir, sha2
 log = logging.getLogger("ldm_deploy")
 
 PRECISIONS = ("fp16", "bf16", "fp32")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2")   # text_encoder_2: SDXL
 
 
 @dataclass(frozen=True)

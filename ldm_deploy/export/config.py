@@ -16,7 +16,8 @@ from ldm_deploy.errors import LdmError, UsageError
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")   # the default; SDXL folders add text_encoder_2
+ALL_COMPONENTS = COMPONENTS + ("text_encoder_2",)                        # SDXL's OpenCLIP bigG (export/sdxl.py)
 PRECISIONS = ("fp32", "fp16")
 EXPORTERS = ("torchscript", "dynamo")
 
@@ -53,6 +54,8 @@ class ExportConfig:
     ort_cuda: bool = False                      # also write <component>/model.ort-cuda.onnx (ORT CUDA fusions)
     ort_cuda_fold_cfg: bool = True              # ... with CFG folded into the U-Net variant (export/cfg_fold.py)
     pooled_output: bool = False                 # text encoder also returns pooler_output
+    vae_fp16_safe: bool = False                 # SDXL: the folder's VAE is fp16-safe (sdxl-vae-fp16-fix), so
+    #                                             vae_precision fp16 is allowed (SDXL's own VAE overflows)
     measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
     fp16_keep_ops: tuple[str, ...] = ("InstanceNormalization", "GroupNormalization", "LayerNormalization",
@@ -62,9 +65,9 @@ class ExportConfig:
     fp16_keep_nodes: dict = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
-        unknown = [c for c in self.components if c not in COMPONENTS]
+        unknown = [c for c in self.components if c not in ALL_COMPONENTS]
         if unknown or not self.components:
-            raise UsageError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
+            raise UsageError(f"unknown components {unknown}; choose from {', '.join(ALL_COMPONENTS)}")
         for key in ("precision", "vae_precision"):
             value = getattr(self, key)
             if value is not None and value not in PRECISIONS:
@@ -111,6 +114,8 @@ class ExportConfig:
         if not d["ort_cuda"]:
             d.pop("ort_cuda")   # keeps artifacts exported before the key existed cached
             d.pop("ort_cuda_fold_cfg")   # only shapes the ort-cuda variant
+        if not d["vae_fp16_safe"]:
+            d.pop("vae_fp16_safe")       # keeps artifacts exported before the key existed cached
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -153,7 +158,7 @@ def _range(v, where: str) -> Range:
 
 
 def load_config(path_or_name: str | Path | None) -> ExportConfig:
-    """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21).
+    """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21, sdxl).
 
     None gives the built-in defaults (512x512); `default_config(model_dir)` sizes them to the model."""
     import yaml
@@ -165,7 +170,7 @@ def load_config(path_or_name: str | Path | None) -> ExportConfig:
         bundled = Path(__file__).resolve().parents[2] / "export_configs" / f"{path_or_name}.yaml"
         if not bundled.is_file():
             raise LdmError(f"export config {path_or_name} not found",
-                           hint="pass a YAML file or one of: tiny, demo, sd15, sd21")
+                           hint="pass a YAML file or one of: tiny, demo, sd15, sd21, sdxl")
         path = bundled
     try:
         data = yaml.safe_load(path.read_text()) or {}

@@ -28,6 +28,7 @@ from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write
 from ldm_deploy.interop.layout import refuse_onnx_folder
 
 log = logging.getLogger(__name__)
+FP32_INPUTS = ("timestep", "time_ids")   # inputs (and the sinusoid paths behind them) kept fp32 in fp16 graphs
 
 
 @dataclass
@@ -50,6 +51,9 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
     refuse_onnx_folder(model_dir, "a diffusers PyTorch model folder")
     if config is None:
         config = default_config(model_dir)
+    from ldm_deploy.export.sdxl import resolve_config
+
+    config = resolve_config(config, model_dir)      # SDXL: both text encoders by default, fp32 VAE
     check_out_dir(out, ARTIFACT_OUTPUT, inputs=[model_dir], force=force)
     missing = sorted({PARTS[c] for c in config.components} - {p.name for p in model_dir.iterdir()})
     if missing:
@@ -65,14 +69,21 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
                      "the ONNX export")
     source = load_source(model_dir, config.components)
     with atomic_dir(out, ARTIFACT_OUTPUT, inputs=[model_dir], force=force) as tmp:
-        tokenizer = mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer")  # first: fails fast
+        extra = None   # tokenizers first: a folder the runtime cannot read fails fast
+        if source.sdxl:   # tokenizer_2 (pads with "!"); the refiner's only tokenizer is also the manifest's `tokenizer`
+            from ldm_deploy.export.sdxl import manifest_block
+
+            tok2 = mf.copy_tokenizer(source.tokenizer_2_dir, tmp / "tokenizer_2") if source.tokenizer_2_dir else None
+            extra = {"sdxl": manifest_block(source, config, tok2)}
+        tokenizer = (mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer") if source.tokenizer_dir is not None
+                     else extra["sdxl"]["tokenizer_2"])
         work = tmp / ".work"
         components = {c: _export_component(c, source, config, tmp, work) for c in config.components}
         shutil.rmtree(work)
         write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
         write_config(config, tmp / "export_config.yaml")
         write_json(tmp / MANIFEST, mf.build_manifest(tmp, source=source, config=config, components=components,
-                                                      tokenizer=tokenizer))
+                                                      tokenizer=tokenizer, extra=extra))
     artifact = Artifact.open(out, verify=False)
     seconds = time.perf_counter() - start
     log.info("exported %s -> %s in %.1f s", model_dir, out, seconds)
@@ -99,11 +110,11 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
             # onnxslim cannot serialize an fp32 graph over 2 GB (the SD 1.5 U-Net is 3.4 GB); its fp16
             # conversion is half that size, so slim the fp16 graph instead
             fp16_raw = work / component / "fp16_raw.onnx"
-            convert_to_fp16(fp32, fp16_raw, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",),
+            convert_to_fp16(fp32, fp16_raw, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                             keep_nodes=keep_nodes)
             clean["fp16"] = cleanup(fp16_raw, final)
         else:
-            convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",),
+            convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                             keep_nodes=keep_nodes)
     onnx_io.check_model(final)
     variants = {}

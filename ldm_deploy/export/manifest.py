@@ -66,15 +66,20 @@ def file_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def build_manifest(folder: Path, *, source, config: ExportConfig, components: dict, tokenizer: dict) -> dict:
-    """The manifest dict; `components` maps name -> entry (file, precision, inputs, outputs, ...)."""
+def build_manifest(folder: Path, *, source, config: ExportConfig, components: dict, tokenizer: dict,
+                   extra: dict | None = None) -> dict:
+    """The manifest dict; `components` maps name -> entry (file, precision, inputs, outputs, ...).
+
+    `extra`: model-family entries (SDXL: `sdxl`, see export/sdxl.py), written before `files`.
+    """
+    models = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if "text_encoder_2" in source.configs else ())
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": {"path": str(Path(source.folder).resolve()), "sha256": source.sha256},
         "precision": config.precision,
-        "model": {part: source.configs.get(part) for part in ("unet", "vae", "text_encoder")},
+        "model": {part: source.configs.get(part) for part in models},
         "scaling_factor": source.scaling_factor,
         "prediction_type": source.prediction_type,
         "latent_channels": source.latent_channels,
@@ -83,6 +88,7 @@ def build_manifest(folder: Path, *, source, config: ExportConfig, components: di
         "tokenizer": tokenizer,
         "profiles": config.to_dict()["profiles"],
         "components": components,
+        **(extra or {}),
         "files": file_hashes(folder),
         "tools": tool_versions(),
         "export_config": config.to_dict(),
@@ -101,4 +107,6 @@ def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
     if not old.get("ort_cuda"):
         old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out
         old.pop("ort_cuda_fold_cfg", None)
+    if not old.get("vae_fp16_safe"):
+        old.pop("vae_fp16_safe", None)
     return json.dumps(old, sort_keys=True) == config.key()

@@ -9,6 +9,9 @@ exporter is TorchScript-based by default (see docs/export.md for the measurement
                   encoder_hidden_states (2B, 77, D)             -> noise_pred (2B, C, h, w)
     vae_decoder   latent (B, 4, h, w)  [already / scaling]       -> image (B, 3, 8h, 8w)
     vae_encoder   image (B, 3, H, W)   in [-1, 1]                -> mean, logvar (B, 4, H/8, W/8)
+
+SDXL (export/sdxl.py): penultimate hidden states from both text encoders (+ text_embeds from
+text_encoder_2), and a U-Net that also takes text_embeds (2B, 1280) and time_ids (2B, 6 | 5).
 """
 from __future__ import annotations
 
@@ -112,6 +115,8 @@ def random_inputs(shapes: dict[str, tuple], seed: int = 0, vocab_size: int = 100
             out[name] = rng.uniform(0, 999, size=shape).astype(np.float32)     # fractional timesteps
         elif name == "image":
             out[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        elif name == "time_ids":                                              # SDXL sizes / crops / scores
+            out[name] = rng.uniform(0, 1024, size=shape).round().astype(np.float32)
         else:
             out[name] = rng.standard_normal(shape).astype(np.float32)
     return out
@@ -135,6 +140,14 @@ def graph_spec(component: str, source: Source, config: ExportConfig) -> GraphSpe
                 for k in ("min", "opt", "max")}
 
     c = source.latent_channels
+    sdxl = source.sdxl
+    if component in ("text_encoder", "text_encoder_2") and sdxl:
+        from ldm_deploy.export import sdxl as xl
+
+        shapes = {k: (n, TEXT_LENGTH) for k, (n, _, _) in sizes(1, 1).items()}
+        vocab = int(source.configs[component].get("vocab_size", 49408))
+        return GraphSpec(component, [IOSpec("input_ids", "int32", ["batch", TEXT_LENGTH], shapes)],
+                         xl.text_encoder_outputs(component, source), vocab_size=vocab)
     if component == "text_encoder":
         d = int(source.configs["text_encoder"]["hidden_size"])
         shapes = {k: (n, TEXT_LENGTH) for k, (n, _, _) in sizes(1, 1).items()}
@@ -148,11 +161,17 @@ def graph_spec(component: str, source: Source, config: ExportConfig) -> GraphSpe
         d = int(source.configs["unet"]["cross_attention_dim"])
         s = sizes(2, f)
         c_out = int(source.configs["unet"].get("out_channels", c))
+        extra = []
+        if sdxl:
+            from ldm_deploy.export import sdxl as xl
+
+            extra = xl.unet_extra_inputs(source, {k: n for k, (n, _, _) in s.items()})
         return GraphSpec(component, [
             IOSpec("sample", "float32", ["unet_batch", c, lh, lw], {k: (n, c, h, w) for k, (n, h, w) in s.items()}),
             IOSpec("timestep", "float32", ["unet_batch"], {k: (n,) for k, (n, _, _) in s.items()}),
             IOSpec("encoder_hidden_states", "float32", ["unet_batch", TEXT_LENGTH, d],
                    {k: (n, TEXT_LENGTH, d) for k, (n, _, _) in s.items()}),
+            *extra,
         ], [IOSpec("noise_pred", "float32", ["unet_batch", c_out, lh, lw])], batch_multiplier=2)
     vae_c = int(source.configs["vae"].get("latent_channels", 4))
     if component == "vae_decoder":
@@ -169,6 +188,10 @@ def graph_spec(component: str, source: Source, config: ExportConfig) -> GraphSpe
 
 
 def graph_module(component: str, source: Source, config: ExportConfig) -> torch.nn.Module:
+    if source.sdxl and component in ("text_encoder", "text_encoder_2", "unet"):
+        from ldm_deploy.export import sdxl as xl
+
+        return xl.graph_module(component, source)
     if component == "text_encoder":
         return TextEncoderGraph(source.text_encoder, config.pooled_output).eval()
     if component == "unet":
@@ -190,7 +213,7 @@ def export_onnx(component: str, source: Source, config: ExportConfig, path: Path
     names_out = [t.name for t in spec.outputs]
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with math_attention(source.text_encoder if component == "text_encoder" else None), torch.no_grad(), \
+    with math_attention(source.text_module(component)), torch.no_grad(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")          # tracer warnings about Python-side shape arithmetic
         if config.exporter == "torchscript":

@@ -16,7 +16,8 @@ import torch
 from ldm_deploy.errors import LdmError
 
 # export component -> model folder part
-PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+         "text_encoder_2": "text_encoder_2"}
 
 
 @dataclass
@@ -28,7 +29,20 @@ class Source:
     text_encoder: torch.nn.Module | None
     configs: dict                       # part -> the folder's config.json dict
     scheduler_config: dict
-    tokenizer_dir: Path
+    tokenizer_dir: Path | None          # None for the SDXL refiner (tokenizer_2 only)
+    text_encoder_2: torch.nn.Module | None = None    # SDXL: CLIPTextModelWithProjection
+    tokenizer_2_dir: Path | None = None
+    model_index: dict | None = None
+
+    @property
+    def sdxl(self) -> bool:
+        from ldm_deploy.export.sdxl import configs_are_sdxl
+
+        return configs_are_sdxl(self.configs)
+
+    def text_module(self, component: str):
+        """The transformers text encoder behind `component`, or None (for math_attention)."""
+        return getattr(self, component) if component in ("text_encoder", "text_encoder_2") else None
 
     @property
     def scaling_factor(self) -> float:
@@ -63,20 +77,22 @@ def load_source(folder, components) -> Source:
     parts = tuple(dict.fromkeys(PARTS[c] for c in components))
     comps = load_components(folder, parts=parts, dtype=torch.float32)
     configs = {}
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         cfg = getattr(comps, f"{part}_config", None)
         if cfg is None and (folder / part / "config.json").is_file():
             cfg = json.loads((folder / part / "config.json").read_text())  # recorded even when not exported
         if cfg is not None:
             configs[part] = cfg
-    for module in (comps.unet, comps.vae, comps.text_encoder):
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
         if module is not None:
             module.eval().requires_grad_(False)
-    if comps.tokenizer_dir is None or not Path(comps.tokenizer_dir).is_dir():
+    if (comps.tokenizer_dir is None or not Path(comps.tokenizer_dir).is_dir()) and comps.tokenizer_2_dir is None:
         raise LdmError(f"{folder} has no tokenizer/ folder", hint="the artifact needs the tokenizer files")
     return Source(folder=folder, sha256=folder_sha256(folder), unet=comps.unet, vae=comps.vae,
                   text_encoder=comps.text_encoder, configs=configs, scheduler_config=dict(comps.scheduler_config),
-                  tokenizer_dir=Path(comps.tokenizer_dir))
+                  tokenizer_dir=Path(comps.tokenizer_dir) if comps.tokenizer_dir else None,
+                  text_encoder_2=comps.text_encoder_2, tokenizer_2_dir=comps.tokenizer_2_dir,
+                  model_index=dict(comps.model_index))
 
 
 @contextlib.contextmanager

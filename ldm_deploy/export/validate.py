@@ -98,13 +98,14 @@ def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None,
         spec = artifact.component(name)
         module = graph_module(name, source, config)
         runners = {b: open_runner(b, artifact, name) for b in backends}
-        vocab = int(source.configs.get("text_encoder", {}).get("vocab_size", 1000))
+        text = name if name in ("text_encoder", "text_encoder_2") else "text_encoder"
+        vocab = int((source.configs.get(text) or source.configs.get("text_encoder_2") or {}).get("vocab_size", 1000))
         folded = {b for b, r in runners.items() if takes_guidance(r)}   # ORT CUDA U-Net with CFG in the graph
         for i, (case, shapes) in enumerate(_cases(artifact, spec).items()):
             inputs = random_inputs(shapes, seed + i, vocab)
             if folded:   # the halves repeat, so the plain outputs say what the folded graph must return
                 inputs = symmetric_unet_inputs(inputs)
-            expected = _torch_outputs(module, inputs, spec.output_names, source.text_encoder)
+            expected = _torch_outputs(module, inputs, spec.output_names, source.text_module(name))
             for backend, runner in runners.items():
                 if backend in folded:
                     actual = runner(folded_inputs(inputs, VALIDATE_GUIDANCE))

@@ -45,9 +45,11 @@ class _Denoiser:
     keep references to its inputs past the call (none does; ORT/TensorRT copy them to the device).
     """
 
-    def __init__(self, unet, embeddings: np.ndarray, guidance: float, guidance_rescale: float):
+    def __init__(self, unet, embeddings: np.ndarray, guidance: float, guidance_rescale: float,
+                 extra_inputs: Mapping[str, np.ndarray] | None = None):
         self.unet = unet
         self.embeddings = embeddings            # (2B, 77, D) under CFG, else (B, 77, D)
+        self.extra = dict(extra_inputs or {})   # SDXL (runtime/sdxl.py): text_embeds, time_ids, rows as embeddings
         self.cfg = guidance > 1.0
         self.guidance = float(guidance)
         self.rescale = float(guidance_rescale)
@@ -58,6 +60,9 @@ class _Denoiser:
         # A U-Net graph with CFG folded in (ldm_deploy/export/cfg_fold.py) takes the B latents, the 2B (or B)
         # embeddings and the guidance, and returns the guided prediction: no 2B copies or CFG on the host.
         self.folded = takes_guidance(unet)
+        if self.folded and self.extra:
+            raise LdmError("a CFG-folded U-Net graph takes no extra conditioning inputs",
+                           hint="export SDXL without ort_cuda variants")
         if self.folded:
             if not self.cfg:   # the folded graph is CFG-shaped: the same rows twice and g = 1 give cond exactly
                 self.embeddings = np.concatenate([embeddings, embeddings])
@@ -89,7 +94,8 @@ class _Denoiser:
             sample = x_in
         timestep.fill(np.float32(t))                                            # (2B,)
         start = time.perf_counter()
-        out = self.unet({"sample": sample, "timestep": timestep, "encoder_hidden_states": self.embeddings})
+        out = self.unet({"sample": sample, "timestep": timestep, "encoder_hidden_states": self.embeddings,
+                         **self.extra})
         self.unet_s += time.perf_counter() - start
         self.calls += 1
         pred = np.asarray(out["noise_pred"], dtype=np.float32)
@@ -206,6 +212,10 @@ class Pipeline:
 
         artifact = Artifact.open(path, verify=verify)
         m = artifact.manifest
+        if "sdxl" in m and cls is Pipeline:      # SDXL conditioning lives in runtime/sdxl.py
+            from ldm_deploy.runtime.sdxl import SDXLPipeline
+
+            return SDXLPipeline.from_artifact(path, backend, components, verify=False, **runner_opts)
         names = components or [c for c in COMPONENTS if c in m["components"]]
         runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
         tokenizer = ClipTokenizer.from_dir(artifact.tokenizer_dir)

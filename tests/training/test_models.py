@@ -82,7 +82,7 @@ def test_unet_config_round_trips_through_diffusers():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("act_fn", "gelu"), ("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
+    ("act_fn", "gelu"), ("class_embed_type", "timestep"), ("addition_embed_type", "text"),
     ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]), ("time_embedding_type", "fourier"),
     ("resnet_time_scale_shift", "scale_shift"), ("cross_attention_dim", [32, 32]), ("some_new_key", 1),
     ("attention_head_dim", [2, 2, 2]), ("only_cross_attention", True)])

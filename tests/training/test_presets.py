@@ -117,6 +117,6 @@ def test_presets_are_fresh_copies_and_unknown_names_fail():
     p = preset("tiny")
     p["unet"]["block_out_channels"].append(128)
     assert preset("tiny")["unet"]["block_out_channels"] == [32, 64]
-    assert set(PRESETS) == {"tiny", "tiny-sd2", "sd15", "sd21"}
+    assert set(PRESETS) == {"tiny", "tiny-sd2", "sd15", "sd21", "sdxl", "sdxl-refiner", "tiny-sdxl", "tiny-sdxl-refiner"}
     with pytest.raises(UsageError, match="sd3"):
         preset("sd3")

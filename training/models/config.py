@@ -30,10 +30,7 @@ _UNET_FIXED = {
     "mid_block_only_cross_attention": (None, False),
     "dual_cross_attention": (False, None),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False, None),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -50,8 +47,12 @@ _UNET_FIXED = {
     "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
 }
-# Keys that have no effect on the network while the keys above hold their supported values.
+# Keys that have no effect on the network while the keys above hold their supported values
+# (`addition_embed_type_num_heads` only matters for addition_embed_type "text", which we refuse).
 _UNET_INERT = ("addition_embed_type_num_heads",)
+# SDXL micro-conditioning (`addition_embed_type: "text_time"`): the pooled text embedding and the size/crop
+# (base) or size/crop/aesthetic-score (refiner) numbers, each number embedded like a timestep.
+UNET_ADDITION_EMBED_TYPES = (None, "text_time")
 
 _VAE_FIXED = {
     "act_fn": ("silu",),
@@ -64,7 +65,7 @@ _VAE_FIXED = {
 def _unsupported(cls: str, key: str, value, supported) -> LdmError:
     return LdmError(
         f"{cls} config key {key!r} = {value!r} is not supported (supported: {supported})",
-        hint="this network is not an SD 1.x/2.x-style model ldm-deploy can reproduce exactly",
+        hint="this network is not an SD 1.x/2.x/XL-style model ldm-deploy can reproduce exactly",
     )
 
 
@@ -112,7 +113,7 @@ def _known(cls, d: dict, extra: tuple, internal: tuple = ()) -> dict:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """An SD 1.x/2.x `UNet2DConditionModel`. Defaults are SD 1.5's."""
+    """An SD 1.x/2.x/XL `UNet2DConditionModel`. Defaults are SD 1.5's."""
 
     in_channels: int = 4                       # latent channels in (9 for inpainting U-Nets)
     out_channels: int = 4                      # eps / v prediction channels
@@ -135,6 +136,11 @@ class UNetConfig:
     mid_block_scale_factor: float = 1.0        # mid resnets divide their output by this
     dropout: float = 0.0                       # ResBlock dropout (training only)
     time_embedding_dim: int | None = None      # None -> 4 * block_out_channels[0]
+    # SDXL ("text_time"): add_embedding(cat(text_embeds, sinusoid(time_ids))) is added to the time embedding.
+    addition_embed_type: str | None = None     # None (SD 1.x/2.x) or "text_time" (SDXL base and refiner)
+    addition_time_embed_dim: int | None = None              # sinusoid width per time_id (256 for SDXL)
+    projection_class_embeddings_input_dim: int | None = None  # pooled text width + n_time_ids * the above
+    #                                                         (SDXL base 1280 + 6*256 = 2816, refiner 1280 + 5*256 = 2560)
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -160,10 +166,27 @@ class UNetConfig:
         if self.time_embedding_dim not in (None, 4 * self.block_out_channels[0]):
             raise _unsupported("UNetConfig", "time_embedding_dim", self.time_embedding_dim,
                                f"null or {4 * self.block_out_channels[0]}")
+        if self.addition_embed_type not in UNET_ADDITION_EMBED_TYPES:
+            raise _unsupported("UNetConfig", "addition_embed_type", self.addition_embed_type,
+                               " or ".join(map(repr, UNET_ADDITION_EMBED_TYPES)))
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise _unsupported("UNetConfig", name, value, "a positive int with addition_embed_type 'text_time'")
+        elif self.addition_time_embed_dim is not None or self.projection_class_embeddings_input_dim is not None:
+            bad = "addition_time_embed_dim" if self.addition_time_embed_dim is not None else \
+                "projection_class_embeddings_input_dim"
+            raise _unsupported("UNetConfig", bad, getattr(self, bad), "null unless addition_embed_type is 'text_time'")
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
+
+    @property
+    def text_time(self) -> bool:
+        """SDXL micro-conditioning: forward takes `text_embeds` and `time_ids`."""
+        return self.addition_embed_type == "text_time"
 
     @property
     def has_attention(self) -> tuple[bool, ...]:
@@ -195,6 +218,8 @@ class UNetConfig:
             raise _unsupported("UNetConfig", "cross_attention_dim", kw["cross_attention_dim"], "one int")
         if isinstance(kw.get("sample_size"), list):
             kw["sample_size"] = tuple(kw["sample_size"])
+        if "upcast_attention" in kw and kw["upcast_attention"] is None:
+            kw["upcast_attention"] = False      # SDXL's configs write null (diffusers: falsy, no upcast)
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -226,7 +251,9 @@ class UNetConfig:
             "dual_cross_attention": False,
             "use_linear_projection": self.use_linear_projection,
             "class_embed_type": None,
-            "addition_embed_type": None,
+            "addition_embed_type": self.addition_embed_type,
+            "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
             "num_class_embeds": None,
             "upcast_attention": self.upcast_attention,
             "resnet_time_scale_shift": "default",

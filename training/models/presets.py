@@ -14,12 +14,22 @@ express that with no special code: the SD2 text encoder is a `CLIPTextModel` wit
 layers, so its `last_hidden_state` is the penultimate output after `final_layer_norm`. `tiny-sd2` keeps
 that convention: its text encoder's config simply holds the layers that are used.
 
+SDXL presets add `text_encoder_2` (a transformers `CLIPTextModelWithProjection` config: OpenCLIP bigG,
+all 32 layers, whose penultimate hidden states and pooled projection SDXL uses) and `tokenizer_2`
+(pads with "!"), and `model_index` (the pipeline flags diffusers' `model_index.json` holds). The
+refiner has no first text encoder: `text_encoder` and `tokenizer` are None.
+
 Presets:
   tiny      SD1-like, ~0.8M-parameter U-Net, 64-px images (8x8 latents); for CI and tutorials
   tiny-sd2  SD2-like: linear projections, per-level head counts, upcast attention, gelu CLIP, "!" padding,
             v-prediction DDIM
   sd15      runwayml/stable-diffusion-v1-5, exactly (reference §1.1, §1.5, §1.6, §3.1)
   sd21      stabilityai/stable-diffusion-2-1 (768-v), exactly (reference §1.2, §1.7, §3.1)
+  sdxl          stabilityai/stable-diffusion-xl-base-1.0, exactly (the hub's unet/vae/text_encoder(_2)
+                /scheduler config.json files)
+  sdxl-refiner  stabilityai/stable-diffusion-xl-refiner-1.0, exactly
+  tiny-sdxl, tiny-sdxl-refiner   the same layouts at test size (SDXL-like U-Nets with text_time
+                micro-conditioning, no attention at the first level, deeper transformers below)
 """
 from __future__ import annotations
 
@@ -191,6 +201,157 @@ _PRESETS = {
              "scheduler": _DDIM_V, "tokenizer": _SD2_TOKENIZER},
 }
 
+# --- SDXL (hub files of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, key for key) ----------
+_SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.19.0.dev0",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],          # head COUNTS: head dim 64 everywhere
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,                # CLIP-L (768) + OpenCLIP bigG (1280), concatenated
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,   # 1280 pooled + 6 time_ids x 256
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],  # level 0 has no attention; the mid block uses 10
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+_SDXL_REFINER_UNET = {
+    **_SDXL_UNET,
+    "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,                # OpenCLIP bigG only
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560,   # 1280 pooled + 5 time_ids (size, crop, aesthetic score) x 256
+    "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+_SDXL_VAE = {
+    **_SD_VAE,
+    "_diffusers_version": "0.20.0.dev0",
+    "force_upcast": True,                       # SDXL's VAE overflows in fp16: decode in fp32
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+}
+
+_OPENCLIP_BIGG = {                              # text_encoder_2: OpenCLIP ViT-bigG/14 text tower + projection
+    **_CLIP_L,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+
+_SDXL_EULER = {                                 # scheduler/scheduler_config.json of both SDXL repositories
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+_SDXL_BASE_INDEX = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}
+_SDXL_REFINER_INDEX = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "force_zeros_for_empty_prompt": False,
+                       "requires_aesthetics_score": True}
+
+_TINY_SDXL_UNET = {
+    **_SDXL_UNET,
+    "_diffusers_version": "0.30.0",
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": [2, 4],
+    "block_out_channels": [32, 64],
+    "cross_attention_dim": 64,                  # 32 + 32
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+    "sample_size": 8,
+    "transformer_layers_per_block": [1, 2],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+_TINY_SDXL_REFINER_UNET = {
+    **_TINY_SDXL_UNET,
+    "attention_head_dim": [2, 4, 4],
+    "block_out_channels": [32, 64, 64],
+    "cross_attention_dim": 32,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 32 + 5 * 8,
+    "transformer_layers_per_block": 2,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+_TINY_BIGG = {**_TINY_CLIP, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+              "num_hidden_layers": 3}
+
+_PRESETS.update({
+    "sdxl": {"unet": _SDXL_UNET, "vae": _SDXL_VAE, "text_encoder": _CLIP_L, "text_encoder_2": _OPENCLIP_BIGG,
+             "scheduler": _SDXL_EULER, "tokenizer": _SD1_TOKENIZER, "tokenizer_2": _SD2_TOKENIZER,
+             "model_index": _SDXL_BASE_INDEX},
+    "sdxl-refiner": {"unet": _SDXL_REFINER_UNET, "vae": _SDXL_VAE, "text_encoder": None,
+                     "text_encoder_2": _OPENCLIP_BIGG, "scheduler": _SDXL_EULER, "tokenizer": None,
+                     "tokenizer_2": _SD2_TOKENIZER, "model_index": _SDXL_REFINER_INDEX},
+    "tiny-sdxl": {"unet": _TINY_SDXL_UNET, "vae": {**_TINY_VAE, "scaling_factor": 0.13025},
+                  "text_encoder": _TINY_CLIP, "text_encoder_2": _TINY_BIGG, "scheduler": _SDXL_EULER,
+                  "tokenizer": {**_SD1_TOKENIZER, "vocab_size": 1000},
+                  "tokenizer_2": {**_SD2_TOKENIZER, "vocab_size": 1000}, "model_index": _SDXL_BASE_INDEX},
+    "tiny-sdxl-refiner": {"unet": _TINY_SDXL_REFINER_UNET, "vae": {**_TINY_VAE, "scaling_factor": 0.13025},
+                          "text_encoder": None, "text_encoder_2": _TINY_BIGG, "scheduler": _SDXL_EULER,
+                          "tokenizer": None, "tokenizer_2": {**_SD2_TOKENIZER, "vocab_size": 1000},
+                          "model_index": _SDXL_REFINER_INDEX},
+})
+
 PRESETS = tuple(_PRESETS)
 
 
@@ -205,24 +366,37 @@ def build_models(preset_dict: dict, device="cpu", seed: int = 0):
     """(unet, vae, text_encoder) built from a preset-style dict with seeded random weights.
 
     `device="meta"` builds them without allocating memory (for parameter counts and FLOP counting).
-    The global torch RNG is left as it was.
+    The global torch RNG is left as it was. SDXL presets: see `build_all` (text_encoder_2; the refiner's
+    text_encoder is None).
     """
+    built = build_all(preset_dict, device, seed)
+    return built["unet"], built["vae"], built["text_encoder"]
+
+
+def build_all(preset_dict: dict, device="cpu", seed: int = 0) -> dict:
+    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} with seeded random weights (None where the preset has none)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from training.models.config import UNetConfig, VAEConfig
     from training.models.unet import UNet2DConditionModel
     from training.models.vae import AutoencoderKL
 
+    def text_config(d):
+        return CLIPTextConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+
     unet_cfg = UNetConfig.from_dict(preset_dict["unet"])
     vae_cfg = VAEConfig.from_dict(preset_dict["vae"])
-    text_cfg = CLIPTextConfig(**{k: v for k, v in preset_dict["text_encoder"].items()
-                                 if k not in ("architectures", "model_type")})
+    out = {"text_encoder": None}
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(unet_cfg)
+        out["unet"] = UNet2DConditionModel(unet_cfg)
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(vae_cfg)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(text_cfg)
-    return unet, vae, text_encoder
+        out["vae"] = AutoencoderKL(vae_cfg)
+        if preset_dict.get("text_encoder") is not None:
+            torch.manual_seed(seed + 2)
+            out["text_encoder"] = CLIPTextModel(text_config(preset_dict["text_encoder"]))
+        if preset_dict.get("text_encoder_2") is not None:
+            torch.manual_seed(seed + 3)
+            out["text_encoder_2"] = CLIPTextModelWithProjection(text_config(preset_dict["text_encoder_2"]))
+    return out

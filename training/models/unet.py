@@ -1,4 +1,4 @@
-"""The SD 1.x/2.x conditional U-Net (`UNet2DConditionModel`), top to bottom.
+"""The SD 1.x/2.x/XL conditional U-Net (`UNet2DConditionModel`), top to bottom.
 
 Parameter names equal diffusers', so `unet.load_state_dict(diffusers_unet.state_dict(), strict=True)`
 works unmapped. The forward pass is export-friendly: no Python branches on tensor values, no in-place
@@ -7,6 +7,11 @@ latent sizes that are not multiples of 2**levels work wherever diffusers' do).
 
     unet = UNet2DConditionModel(UNetConfig.from_dict(json.load(open("unet/config.json"))))
     eps = unet(latents, t, text_embeddings)          # (B, 4, h, w), t: () or (B,), int or float
+    eps = sdxl_unet(latents, t, context, text_embeds, time_ids)   # SDXL: + pooled (B, 1280), (B, 6 or 5)
+
+SDXL (`addition_embed_type: "text_time"`) adds `add_embedding(cat(text_embeds, sinusoid(time_ids)))` to
+the time embedding; the sinusoid is the timestep one, `addition_time_embed_dim` wide per number
+(diffusers' `add_time_proj`, no parameters; LDM's `label_emb`).
 """
 from __future__ import annotations
 
@@ -280,6 +285,8 @@ class UNet2DConditionModel(nn.Module):
         self.config = config
         c0 = config.block_out_channels[0]
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)   # time_proj has no parameters
+        if config.text_time:                                                  # add_time_proj has none either
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, config.time_embed_dim)
         self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
         self.down_blocks = nn.ModuleList()
         c_in = c0
@@ -299,12 +306,30 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config
         return timestep_embedding(timestep, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) latents, () or (B,) timesteps, (B, L, cross_attention_dim) text -> (B, C_out, h, w)."""
+    def add_time_proj(self, time_ids: torch.Tensor) -> torch.Tensor:
+        """(B, n) micro-conditioning numbers -> (B, n * addition_time_embed_dim) float32 sinusoids."""
+        cfg = self.config
+        emb = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        return emb.reshape(time_ids.shape[0], -1)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) latents, () or (B,) timesteps, (B, L, cross_attention_dim) text -> (B, C_out, h, w).
+
+        SDXL U-Nets also take `text_embeds` (B, pooled width) and `time_ids` (B, n) (diffusers'
+        `added_cond_kwargs`); other U-Nets refuse them.
+        """
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(timestep, device=sample.device)
         timestep = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])   # () | (1,) | (B,) -> (B,)
         temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))  # (B, 4*c0)
+        if self.config.text_time:
+            if text_embeds is None or time_ids is None:
+                raise TypeError("this SDXL U-Net (addition_embed_type 'text_time') needs text_embeds and time_ids")
+            add = torch.cat([text_embeds.float(), self.add_time_proj(time_ids)], dim=-1)   # (B, proj_in_dim)
+            temb = temb + self.add_embedding(add.to(sample.dtype))
+        elif text_embeds is not None or time_ids is not None:
+            raise TypeError("text_embeds / time_ids are only for SDXL U-Nets (addition_embed_type 'text_time')")
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 

@@ -65,7 +65,8 @@ def sample_unipc(model, x, schedule, *, rng=None, callback=None) -> np.ndarray:
         if last_x is not None and p["start_index"] + i - 1 not in p["disable_corrector"]:
             x = _update(last_x, sigmas, i - 1, i, ms, last_order, bh1, m_t=m).astype(np.float32)
         ms = (ms + [m])[-p["solver_order"]:]
-        order = min(p["solver_order"], n - i) if p["lower_order_final"] else p["solver_order"]
+        # steps left in the whole schedule (`tail_steps`: those after a hand-off slice, runtime/sdxl.py)
+        order = min(p["solver_order"], n - i + p.get("tail_steps", 0)) if p["lower_order_final"] else p["solver_order"]
         last_order = min(order, len(ms))
         last_x = x
         x = _update(x, sigmas, i, i + 1, ms, last_order, bh1).astype(np.float32)

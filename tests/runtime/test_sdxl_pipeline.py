@@ -1,0 +1,204 @@
+"""SDXL end to end on CPU, fp32: the numpy pipeline over ONNX Runtime against diffusers'
+StableDiffusionXLPipeline (and StableDiffusionXLImg2ImgPipeline as the refiner) on tiny random folders
+saved by diffusers, with the same initial latents. Deterministic samplers only (diffusers draws step
+noise from torch's RNG). Images must agree to PSNR >= 48 dB.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldm_deploy.compare import assert_close
+from ldm_deploy.errors import UsageError
+from ldm_deploy.runtime.pipeline import Pipeline
+from ldm_deploy.runtime.sdxl import SDXLPipeline, handoff_range
+from tests.runtime.tiny_model import psnr
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow   # two tiny SDXL exports (~1 min on 2 cores) set up the module
+diffusers = pytest.importorskip("diffusers")
+
+PROMPT, NEGATIVE = "a red circle on a blue square", "blurry"
+STEPS, SIZE = 5, 32
+DIFFUSERS = {  # CLI name -> (diffusers class, extra config)
+    "euler": ("EulerDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tests.runtime.tiny_sdxl import make_tiny_sdxl, make_tiny_sdxl_refiner
+
+    root = tmp_path_factory.mktemp("sdxl-e2e")
+    return make_tiny_sdxl(root / "base"), make_tiny_sdxl_refiner(root / "refiner")
+
+
+@pytest.fixture(scope="module")
+def artifacts(folders, tmp_path_factory):
+    from ldm_deploy.export.config import ExportConfig, Range
+    from ldm_deploy.export.exporter import export_model
+
+    cfg = ExportConfig(name="tiny-sdxl", batch=Range(1, 1, 2), height=Range(SIZE, SIZE, SIZE),
+                       width=Range(SIZE, SIZE, SIZE), measure_runtime=False)
+    root = tmp_path_factory.mktemp("sdxl-e2e-onnx")
+    return tuple(export_model(f, root / f.name, cfg).path for f in folders)
+
+
+@pytest.fixture(scope="module")
+def ours(artifacts):
+    return tuple(Pipeline.from_artifact(a) for a in artifacts)
+
+
+@pytest.fixture(scope="module")
+def ref(folders):
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folders[0]))
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(str(folders[1]))
+    for p in (base, refiner):
+        p.set_progress_bar_config(disable=True)
+        p.folder_scheduler_config = p.scheduler.config
+    return base, refiner
+
+
+@pytest.fixture(scope="module")
+def latents():
+    return np.random.default_rng(1234).standard_normal((2, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
+
+
+def _set(pipe, name):
+    cls, extra = DIFFUSERS[name]
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.folder_scheduler_config, **extra)
+
+
+def _uint8(images) -> np.ndarray:
+    return np.round(np.asarray(images) * 255).astype(np.uint8)
+
+
+def test_from_artifact_builds_the_sdxl_pipeline(ours):
+    base, refiner = ours
+    assert isinstance(base, SDXLPipeline) and base.encoders == ["text_encoder", "text_encoder_2"]
+    assert refiner.encoders == ["text_encoder_2"] and refiner.aesthetic and not refiner.force_zeros
+    assert base.tokenizers["text_encoder_2"](["a"])[0, 3] == 0          # the second tokenizer pads with "!"
+    assert base.tokenizers["text_encoder"](["a"])[0, 3] == 49407
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS))
+def test_base_equals_diffusers_every_deterministic_scheduler(ours, ref, latents, name):
+    pipe = ref[0]
+    _set(pipe, name)
+    kw = dict(negative_prompt=[NEGATIVE, ""], height=SIZE, width=SIZE, output_type="np")
+    with torch.no_grad():
+        want = pipe([PROMPT, "a green triangle"], num_inference_steps=STEPS, guidance_scale=5.0,
+                    latents=torch.from_numpy(latents), **kw).images
+    got = ours[0]([PROMPT, "a green triangle"], negative_prompt=[NEGATIVE, ""], steps=STEPS, guidance=5.0,
+                  scheduler=name, latents=latents).images
+    assert _uint8(want).std() > 10, "the tiny model should make images with structure"
+    assert psnr(got, _uint8(want)) >= 48, name
+
+
+def test_zero_negative_prompt_and_micro_conditioning(ours, ref, latents):
+    """No negative prompt: SDXL's zero negative embeddings (force_zeros_for_empty_prompt); non-default sizes."""
+    pipe = ref[0]
+    _set(pipe, "euler")
+    sizes = dict(original_size=(64, 48), crops_coords_top_left=(8, 4), target_size=(32, 32))
+    with torch.no_grad():
+        want = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=6.0, latents=torch.from_numpy(latents[:1]),
+                    height=SIZE, width=SIZE, output_type="np", **sizes).images
+        explicit = pipe(PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=6.0,
+                        latents=torch.from_numpy(latents[:1]), height=SIZE, width=SIZE, output_type="np",
+                        **sizes).images
+    got = ours[0](PROMPT, steps=STEPS, guidance=6.0, latents=latents[:1], **sizes)
+    got_explicit = ours[0](PROMPT, negative_prompt="", steps=STEPS, guidance=6.0, latents=latents[:1], **sizes)
+    assert psnr(got.images, _uint8(want)) >= 48
+    assert psnr(got_explicit.images, _uint8(explicit)) >= 48
+    assert not np.array_equal(got.images, got_explicit.images)         # zero vs encoded "" differ
+    assert "negative_prompt" not in got.params
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras", "unipc"])
+def test_base_then_refiner_equals_diffusers(ours, ref, latents, name):
+    base, refiner = ref
+    _set(base, name)
+    _set(refiner, name)
+    steps, split = 10, 0.7
+    with torch.no_grad():
+        handoff = base(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=5.0,
+                       latents=torch.from_numpy(latents[:1]), height=SIZE, width=SIZE, denoising_end=split,
+                       output_type="latent").images
+        want = refiner(PROMPT, negative_prompt=NEGATIVE, image=handoff, num_inference_steps=steps,
+                       guidance_scale=5.0, denoising_start=split, output_type="np").images
+    a = ours[0](PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=5.0, latents=latents[:1],
+                denoising_end=split, decode=False, scheduler=name)
+    n_base = len([t for t in base.scheduler.timesteps if t >= round(1000 * (1 - split))])
+    assert a.images.shape == (0, SIZE, SIZE, 3) and a.timings["unet_calls"] == n_base
+    # fp32 through ORT vs torch: ~1e-5 relative per step, 7 steps
+    assert_close(a.latents, handoff.numpy(), atol=1e-3, name="hand-off latents")
+    b = ours[1](PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=5.0, init_latents=a.latents,
+                denoising_start=split, scheduler=name)
+    assert b.timings["unet_calls"] == steps - n_base
+    assert _uint8(want).std() > 10
+    assert psnr(b.images, _uint8(want)) >= 48, name
+
+
+def test_refiner_img2img_runs_from_an_image(ours):
+    init = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    out = ours[1]("a photo", image=init, strength=0.5, steps=6, seed=3, aesthetic_score=7.0)
+    again = ours[1]("a photo", image=init, strength=0.5, steps=6, seed=3, aesthetic_score=7.0)
+    other = ours[1]("a photo", image=init, strength=0.5, steps=6, seed=3, aesthetic_score=2.0)
+    assert out.images.shape == (1, SIZE, SIZE, 3) and out.timings["unet_calls"] == 3
+    assert np.array_equal(out.images, again.images) and not np.array_equal(out.images, other.images)
+
+
+def test_handoff_ranges_and_errors(ours, latents):
+    ts = np.array([999, 899, 799, 699, 599, 499, 399, 299, 199, 99], np.float32)
+    assert handoff_range(ts, 1000, None, 0.8) == (0, 8)              # t >= 200 runs on the base
+    assert handoff_range(ts, 1000, 0.8, None) == (8, 10)            # t < 200 on the refiner
+    with pytest.raises(UsageError, match="denoising_end"):
+        handoff_range(ts, 1000, None, 1.5)
+    with pytest.raises(UsageError, match="go together"):
+        ours[1](PROMPT, init_latents=latents[:1])
+    with pytest.raises(UsageError, match="not supported with pndm"):
+        ours[0](PROMPT, latents=latents[:1], denoising_end=0.5, decode=False, scheduler="pndm", steps=4)
+    with pytest.raises(UsageError, match="init_latents have shape"):
+        ours[1](PROMPT, init_latents=latents, denoising_start=0.5)
+
+
+def test_generate_cli_runs_base_then_refiner(artifacts, tmp_path):
+    from PIL import Image
+
+    from ldm_deploy.cli import main
+
+    out = tmp_path / "a.png"
+    rc = main(["generate", str(artifacts[0]), "--prompt", PROMPT, "--steps", "6", "--guidance", "5", "--seed", "1",
+               "--refiner", str(artifacts[1]), "--denoising-end", "0.7", "--out", str(out)])
+    assert rc == 0 and Image.open(out).size == (SIZE, SIZE)
+    assert main(["generate", str(artifacts[0]), "--prompt", PROMPT, "--refiner", str(artifacts[1]),
+                 "--out", str(tmp_path / "b.png")]) == 2                  # --denoising-end missing: usage error
+
+
+@pytest.fixture(scope="module")
+def torch_ref(folders):
+    from training.runner import pipeline_from_model_folder
+
+    return tuple(pipeline_from_model_folder(f) for f in folders)
+
+
+@pytest.mark.parametrize("name", ["euler-ancestral", "ddpm", "lcm", "euler"])
+def test_ort_equals_torch_reference_stochastic_schedulers(ours, torch_ref, latents, name):
+    """Samplers that draw step noise: the same loop and seed over ORT and over the PyTorch modules."""
+    kw = dict(negative_prompt=NEGATIVE, steps=STEPS, scheduler=name, latents=latents[:1], seed=5, guidance=5.0)
+    a, b = ours[0](PROMPT, **kw), torch_ref[0](PROMPT, **kw)
+    assert b.images.std() > 10
+    assert psnr(a.images, b.images) >= 48, name
+
+
+def test_refiner_img2img_ort_equals_torch_reference(ours, torch_ref):
+    init = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    kw = dict(image=init, strength=0.6, steps=6, seed=9, guidance=5.0, aesthetic_score=7.0)
+    a, b = ours[1]("a photo", **kw), torch_ref[1]("a photo", **kw)
+    assert psnr(a.images, b.images) >= 48
