@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: 2.13.0 is the CPU build this environment serves; a looser spec would fetch a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev demo tour test test-fast clean
+.PHONY: setup setup-dev serve-venv demo tour test test-fast clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,17 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[train,dev,tensorrt-rtx]"
 
+# The serving environment (docs/serving.md): Triton's Python backend (2.51, from nvidia-pytriton) needs numpy < 2,
+# and runs the python3 first on PATH, so ldm-deploy is installed into a venv of its own; no torch (the runtime is torch-free).
+SERVE_VENV ?= .venv-serve
+
+$(SERVE_VENV)/bin/ldm-deploy:
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q "numpy<2" -e ".[serve]"
+
+serve-venv: $(SERVE_VENV)/bin/ldm-deploy
+
 # The shipped shapes model (models/shapes-demo, or $LDM_DEPLOY_DEMO_MODEL) -> outputs/demo/{grid.png,images/,report.json}.
 demo: setup
 	$(BIN)/ldm-deploy demo
@@ -27,11 +38,11 @@ demo: setup
 tour: setup
 	BIN=$(BIN) bash scripts/quickstart.sh
 
-test: setup-dev
+test: setup-dev serve-venv
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-test-fast: setup-dev
+test-fast: setup-dev serve-venv
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) outputs .pytest_cache

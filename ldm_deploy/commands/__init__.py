@@ -9,4 +9,5 @@ Each module defines:
 
 Subcommands are short: logic lives in the library, so every command has a Python twin.
 """
-COMMANDS = ["export", "validate", "build", "generate", "bench", "inspect", "convert", "demo"]
+COMMANDS = ["export", "validate", "build", "generate", "bench", "inspect", "convert", "demo",
+            "triton_repo", "serve", "client"]

@@ -150,6 +150,8 @@ class BatchSampler:
             return
         job.error = error
         job.done = True
+        if error is not None:
+            log.info(f"request with seed {job.request.seed}: {error}")
         if on_done is not None:
             try:
                 on_done(job)
@@ -181,6 +183,8 @@ class BatchSampler:
         r = batch[0].request
         for job in batch:
             job.batch_size = len(batch)
+        log.info(f"batch of {len(batch)}: {r.steps} steps, {r.scheduler}, guidance {r.guidance:g}, "
+                 f"{r.width}x{r.height}, seeds {[j.request.seed for j in batch]}")
 
         def on_step(i, total, x):
             for job in batch:

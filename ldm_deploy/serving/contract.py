@@ -8,8 +8,10 @@
       guidance         FP32   optional   finite, >= 0 (<= 1 turns CFG off); default 7.5
       scheduler        BYTES  optional   a sampler name (`ldm-deploy generate --scheduler`); default the artifact's
       height, width    INT32  optional   multiples of the VAE factor inside the artifact's profile; default its opt
-    output:
+    outputs:
       image            UINT8  H x W x 3
+      seed             INT64  the seed used
+      batch_size       INT32  how many requests shared its pipeline call
 
 `parse_request(limits, tensors)` checks every input and raises one `RequestError` (a UsageError: one line
 naming the input and the fix) for the first problem: a missing prompt, a wrong dtype, steps 0, a size outside
@@ -27,7 +29,7 @@ import numpy as np
 from ldm_deploy.errors import UsageError
 
 MAX_PROMPT_BYTES = 16384   # CLIP reads 77 tokens (a few hundred characters); anything far longer is a mistake
-MAX_STEPS = 1000           # the training schedule's length: more steps than timesteps is meaningless
+MAX_STEPS = 500            # half the usual 1000 training timesteps (at 1000 DDIM with steps_offset 1 runs past them)
 DEFAULT_STEPS = 50         # `ldm-deploy generate`'s defaults, so a request and the CLI agree on omitted values
 DEFAULT_GUIDANCE = 7.5
 
@@ -50,7 +52,9 @@ INPUTS: tuple[Input, ...] = (
     Input("height", "INT32", False, "image height (default the profile's opt)"),
     Input("width", "INT32", False, "image width (default the profile's opt)"),
 )
-OUTPUTS = (("image", "UINT8", (-1, -1, 3)), ("seed", "INT64", (1,)))
+OUTPUTS = (("image", "UINT8", (-1, -1, 3)),      # the image, H x W x 3
+           ("seed", "INT64", (1,)),              # the seed it was made with (drawn by the server if none was sent)
+           ("batch_size", "INT32", (1,)))        # requests in the pipeline call it ran in (observability)
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 _KIND = {"BYTES": ("O", "S"), "INT64": ("i", "u"), "INT32": ("i", "u"), "FP32": ("f",)}
 

@@ -24,24 +24,28 @@ FAILURES = {
     "inspect": (["{nope}"], 1),
     "convert": (["{nope}", "--out", "{out}"], 1),
     "demo": (["--model", "{nope}", "--out", "{out}"], 1),
+    "triton_repo": (["{nope}", "--out", "{out}"], 1),
+    "serve": (["{nope}"], 1),
+    "client": (["127.0.0.1:9", "--prompt", "a red circle", "--out", "{out}"], 1),   # nothing listens on port 9
 }
 
 
 def test_every_listed_command_exists():
     for name in COMMANDS:
         mod = importlib.import_module(f"ldm_deploy.commands.{name}")
-        assert mod.NAME == name and mod.HELP and mod.EXAMPLE.startswith(f"ldm-deploy {name}"), name
+        assert mod.NAME == name.replace("_", "-") and mod.HELP and mod.EXAMPLE.startswith(f"ldm-deploy {mod.NAME}"), name
     assert set(FAILURES) == set(COMMANDS)
 
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_subcommand_conventions(name, tmp_path, capsys):
     mod = importlib.import_module(f"ldm_deploy.commands.{name}")
-    assert main([name, "--help"]) == 0
+    cmd = mod.NAME                                           # the module triton_repo is the command triton-repo
+    assert main([cmd, "--help"]) == 0
     out = capsys.readouterr().out
     assert f"example:\n  {mod.EXAMPLE}" in out and "--quiet" in out and "--verbose" in out
 
-    assert main([name, "--no-such-flag"]) == 2
+    assert main([cmd, "--no-such-flag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ldm-deploy") and "error:" in err
 
@@ -49,21 +53,21 @@ def test_subcommand_conventions(name, tmp_path, capsys):
     codes = codes if isinstance(codes, tuple) else (codes,)
     argv = [a.format(nope=tmp_path / "missing", out=tmp_path / "out") for a in argv]
     for flags in ([], ["-q"], ["--quiet"]):                 # global flag before the subcommand
-        assert main([*flags, name, *argv]) in codes, (flags, name)
+        assert main([*flags, cmd, *argv]) in codes, (flags, name)
         captured = capsys.readouterr()
         assert captured.err.startswith("ldm-deploy") and captured.err.count("\n") == 1, captured.err
         assert "Traceback" not in captured.err
-    assert main([name, *argv, "--quiet"]) in codes             # and after it
+    assert main([cmd, *argv, "--quiet"]) in codes             # and after it
     capsys.readouterr()
     assert not (tmp_path / "out").exists(), f"{name} wrote output on failure"
     with pytest.raises(LdmError):                            # --verbose: the exception and its traceback
-        main([name, *argv, "--verbose"])
+        main([cmd, *argv, "--verbose"])
 
 
 def test_top_level_help_usage_and_flags(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in COMMANDS) and "example:" in out
+    assert all(name.replace("_", "-") in out for name in COMMANDS) and "example:" in out
     assert main([]) == 2 and "COMMAND" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -34,7 +34,7 @@ def test_full_request_and_defaults():
     ({}, "'prompt' is missing"),
     ({"prompt": np.array([[1]], np.int64)}, "'prompt' has datatype int64, expected BYTES"),
     ({"prompt": text("x"), "seed": np.array([[1.5]], np.float32)}, "'seed' has datatype float32, expected INT64"),
-    ({"prompt": text("x"), "steps": np.array([[0]], np.int32)}, "'steps' is 0; it must be in [1, 1000]"),
+    ({"prompt": text("x"), "steps": np.array([[0]], np.int32)}, "'steps' is 0; it must be in [1, 500]"),
     ({"prompt": text("x"), "seed": np.array([[-1]], np.int64)}, "'seed' is -1"),
     ({"prompt": text("x"), "height": np.array([[256]], np.int32)}, "'height' is 256; the artifact's profile"),
     ({"prompt": text("x"), "width": np.array([[100]], np.int32)}, "multiples of 8 in [64, 128]"),
