@@ -31,8 +31,9 @@ PROMPTS = ["a large red circle in the center on a white background",
            "a small purple triangle at the bottom right on a white background",
            "a large yellow star on the left on a blue background"]
 
-pytestmark = pytest.mark.skipif(not SERVE.is_file(), reason=f"no serving environment at {SERVE_VENV}: "
-                                "run `make serve-venv` (numpy<2, ldm-deploy[serve])")
+pytestmark = [pytest.mark.slow,   # the demo export (~20-60 s) and a server start; each test is seconds
+              pytest.mark.skipif(not SERVE.is_file(), reason=f"no serving environment at {SERVE_VENV}: "
+                                 "run `make serve-venv` (numpy<2, ldm-deploy[serve])")]
 
 
 def free_ports(n: int) -> list[int]:
