@@ -275,3 +275,28 @@ def test_sigterm_stops_cleanly_and_leaves_no_shared_memory(demo_artifact, tmp_pa
     assert shm_regions(prefix), "the Python backend should hold a shared-memory region while it runs"
     assert s.stop(signal.SIGTERM) == 0, s.log()
     assert shm_regions(prefix) == []
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_a_crashed_stub_leaves_no_shared_memory_after_stop(demo_artifact, tmp_path):
+    """SIGKILL the Python backend's stub (a crash): its region stays in /dev/shm until `serve` stops and removes it."""
+    from ldm_deploy.serving.server import shm_regions
+
+    s = Server(demo_artifact, tmp_path / "server.log")
+    prefix = f"ldm-deploy-{s.proc.pid}-"
+    (triton,) = children(s.proc.pid)
+    stubs = children(triton)
+    assert stubs and shm_regions(prefix)
+    for pid in stubs:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                         for pid in stubs), "the stub to die")
+    assert shm_regions(prefix), "the killed stub's region is still there while the server runs"
+    s.stop(signal.SIGTERM)
+    assert shm_regions(prefix) == []
