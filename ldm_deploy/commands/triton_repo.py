@@ -40,7 +40,7 @@ def add_model_arguments(p, default_backend: str = "ort-cuda") -> None:
     p.add_argument("--request-timeout", type=float, default=0.0, metavar="S",
                    help="seconds a request may wait and run before it fails (default 0: no limit)")
     p.add_argument("--runner-options", metavar="JSON", default="{}",
-                   help='options for every runner, e.g. \'{"enable_cuda_graph": true}\'')
+                   help='options for every runner, e.g. \'{"cuda_graph": true}\' (tensorrt)')
 
 
 def repo_config(args):

@@ -42,7 +42,7 @@ class RepoConfig:
     max_queue_size: int = 32             # waiting requests beyond this are rejected at once
     request_timeout_s: float = 0.0       # 0: none; else the queue timeout and the loop deadline
     artifact_path: str | None = None     # the artifact's path as the server sees it (default: its path here)
-    runner_options: dict = field(default_factory=dict)   # passed to every runner (e.g. {"enable_cuda_graph": true})
+    runner_options: dict = field(default_factory=dict)   # passed to every runner (e.g. {"cuda_graph": True}, tensorrt)
     verify: bool = True                  # check every artifact file's sha256 when an instance loads
 
 
@@ -57,6 +57,10 @@ def _check(config: RepoConfig, batch_max: int) -> int:
                         ("queue_delay_us", config.queue_delay_us, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise UsageError(f"{what} must be an integer >= {lo}, got {v!r}")
+    if config.backend == "ort-cuda" and config.runner_options.get("enable_cuda_graph"):
+        raise UsageError("ort-cuda CUDA graphs need one static shape, and a server's batches change size (requests "
+                         "come and go, sizes differ)", hint="use --backend tensorrt with "
+                         "--runner-options '{\"cuda_graph\": true}' (one graph per shape), or leave CUDA graphs off")
     if not config.request_timeout_s >= 0:
         raise UsageError(f"request timeout must be >= 0 seconds, got {config.request_timeout_s!r}")
     return max_batch

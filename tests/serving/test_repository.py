@@ -18,7 +18,7 @@ def test_cli_writes_config_and_shim(tiny_artifact, tmp_path):  # noqa: F811
     repo = tmp_path / "repo"
     assert main(["triton-repo", str(tiny_artifact), "--out", str(repo), "--backend", "ort-cuda", "--instances", "2",
                  "--max-batch", "3", "--max-queue-size", "5", "--queue-delay-ms", "7.5", "--request-timeout", "2",
-                 "--runner-options", '{"enable_cuda_graph": true}', "-q"]) == 0
+                 "--runner-options", '{"io_binding": true}', "-q"]) == 0
     text = (repo / "ldm" / "config.pbtxt").read_text()
     for line in ('name: "ldm"', 'backend: "python"', "max_batch_size: 3", "preferred_batch_size: [ 3 ]",
                  "max_queue_delay_microseconds: 7500", "max_queue_size: 5", "timeout_action: REJECT",
@@ -31,7 +31,7 @@ def test_cli_writes_config_and_shim(tiny_artifact, tmp_path):  # noqa: F811
     from ldm_deploy.runtime.pipeline import artifact_hash
 
     assert params["artifact_sha256"] == artifact_hash(tiny_artifact) and params["backend"] == "ort-cuda"
-    assert json.loads(params["runner_options"]) == {"enable_cuda_graph": True}
+    assert json.loads(params["runner_options"]) == {"io_binding": True}
     assert "from ldm_deploy.serving.triton_model import TritonPythonModel" in (repo / "ldm" / "1" / "model.py").read_text()
     assert main(["triton-repo", str(tiny_artifact), "--out", str(repo), "-q"]) == 2          # exists: refuse
     assert main(["triton-repo", str(tiny_artifact), "--out", str(repo), "--force", "--backend", "ort-cpu", "-q"]) == 0
@@ -41,7 +41,8 @@ def test_cli_writes_config_and_shim(tiny_artifact, tmp_path):  # noqa: F811
 def test_bad_options_are_usage_errors_and_write_nothing(tiny_artifact, tmp_path):  # noqa: F811
     for config, words in ((RepoConfig(max_batch=5), "outside the artifact's batch profile [1, 4]"),
                           (RepoConfig(instances=0), "instances must be an integer >= 1"),
-                          (RepoConfig(backend="torch"), "unknown backend 'torch'")):
+                          (RepoConfig(backend="torch"), "unknown backend 'torch'"),
+                          (RepoConfig(runner_options={"enable_cuda_graph": True}), "ort-cuda CUDA graphs need one")):
         with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("]", r"\]")):
             write_repository(tiny_artifact, tmp_path / "repo", config)
     assert not (tmp_path / "repo").exists()
