@@ -122,8 +122,9 @@ def pipe(demo_artifact):
 
 @pytest.fixture(scope="module")
 def server(demo_artifact, tmp_path_factory):
+    # a 400 ms batching window: requests sent together land in one batch even on a loaded CI machine
     s = Server(demo_artifact, tmp_path_factory.mktemp("serve") / "server.log", "--max-queue-size", str(QUEUE),
-               "--queue-delay-ms", "100")
+               "--queue-delay-ms", "400")
     yield s
     while _clients:
         _clients.pop().close()
@@ -236,7 +237,8 @@ def test_request_timeout(server):
 
     client = http_client(server)
     with pytest.raises(InferenceServerException, match=r"timed out after \d+ of 500 steps"):
-        client.infer("ldm", inputs(httpclient, PROMPTS[0], steps=np.int32(500)), timeout=300_000)   # 0.3 s, in µs
+        # 1.5 s (in µs): past the 0.4 s batching window, so the loop's deadline (not the queue's) ends it
+        client.infer("ldm", inputs(httpclient, PROMPTS[0], steps=np.int32(500)), timeout=1_500_000)
     assert http_status(server.url("/v2/health/ready")) == 200
 
 
