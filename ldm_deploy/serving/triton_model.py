@@ -131,7 +131,13 @@ class TritonPythonModel:
             timeouts = [t for t in (self.timeout_s, request.timeout() / 1e6 if request.timeout() else None) if t]
             jobs.append(Job(parsed, cancelled=request.is_cancelled, context=sender,
                             deadline=start + min(timeouts) if timeouts else None))
-        self.sampler.run(jobs, on_done=self._send)
+        try:
+            self.sampler.run(jobs, on_done=self._send)
+        finally:   # whatever happened, every request gets its one response
+            for job in jobs:
+                if not job.done:
+                    job.done = True
+                    self._error(job.context, LdmError("the request was not completed (see the server log)"), "INTERNAL")
         return None
 
     def finalize(self):
