@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 OPT_VENV ?= .venv-optimum
 OPTIMUM_PINS := "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" "transformers>=4.57,<4.58" "diffusers==0.39.*"
 
-.PHONY: setup setup-dev setup-optimum demo tour test test-fast clean
+.PHONY: setup setup-dev setup-optimum serve-venv demo tour test test-fast clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,17 @@ $(OPT_VENV)/.installed: pyproject.toml
 
 setup-optimum: $(OPT_VENV)/.installed
 
+# The serving environment (docs/serving.md): Triton's Python backend (2.51, from nvidia-pytriton) needs numpy < 2,
+# and runs the python3 first on PATH, so ldm-deploy is installed into a venv of its own; no torch (the runtime is torch-free).
+SERVE_VENV ?= .venv-serve
+
+$(SERVE_VENV)/bin/ldm-deploy:
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q "numpy<2" -e ".[serve]"
+
+serve-venv: $(SERVE_VENV)/bin/ldm-deploy
+
 # The shipped shapes model (models/shapes-demo, or $LDM_DEPLOY_DEMO_MODEL) -> outputs/demo/{grid.png,images/,report.json}.
 demo: setup
 	$(BIN)/ldm-deploy demo
@@ -43,11 +54,11 @@ demo: setup
 tour: setup
 	BIN=$(BIN) bash scripts/quickstart.sh
 
-test: setup-dev setup-optimum
+test: setup-dev setup-optimum serve-venv
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-test-fast: setup-dev setup-optimum
+test-fast: setup-dev setup-optimum serve-venv
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) $(OPT_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(OPT_VENV) $(SERVE_VENV) outputs .pytest_cache

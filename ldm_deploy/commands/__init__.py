@@ -10,4 +10,4 @@ Each module defines:
 Subcommands are short: logic lives in the library, so every command has a Python twin.
 """
 COMMANDS = ["export", "import_", "validate", "build", "generate", "bench", "inspect", "convert", "demo",
-            "debug_precision"]
+            "debug_precision", "triton_repo", "serve", "client"]

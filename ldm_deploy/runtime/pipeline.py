@@ -239,7 +239,8 @@ class Pipeline:
     # --- the loop ----------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 steps: int = 50, guidance: float = 7.5, scheduler: str | None = None, seed: int | None = None,
+                 steps: int = 50, guidance: float = 7.5, scheduler: str | None = None,
+                 seed: int | Sequence[int] | None = None,
                  latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
                  num_images: int = 1, image: np.ndarray | None = None, strength: float = 0.8,
                  guidance_rescale: float = 0.0, eta: float = 0.0,
@@ -262,8 +263,9 @@ class Pipeline:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         else:
             from ldm_deploy.limits import check_seed
-            seed = check_seed(seed)          # -1 or 2**63: a UsageError, not numpy's ValueError
-        rng = np.random.default_rng(seed)
+            # -1 or 2**63: a UsageError, not numpy's ValueError
+            seed = [check_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else check_seed(seed)
+        rng = _generator(seed, batch)   # one Generator, or one per row for a list of seeds (RowRNG)
         timings: dict[str, float] = {}
 
         # 1. text embeddings: [uncond, cond] as ONE batch of 2B rows when CFG is on
@@ -335,7 +337,7 @@ class Pipeline:
         params = {
             "prompt": prompts if len(prompts) > 1 else prompts[0],
             "negative_prompt": negatives if len(negatives) > 1 else negatives[0],
-            "seed": seed,
+            "seed": [int(v) for v in seed] if isinstance(seed, (list, tuple, np.ndarray)) else seed,
             "latents": "caller" if given_latents else None,
             "steps": steps, "guidance": guidance, "scheduler": name, "height": height, "width": width,
             "num_images": num_images, "guidance_rescale": guidance_rescale, "eta": eta,
@@ -442,6 +444,23 @@ class Pipeline:
         if lim and not (lim["min"] <= batch <= lim["max"]):
             raise UsageError(f"batch of {batch} images (prompts x num_images) is outside the artifact's profile "
                              f"[{lim['min']}, {lim['max']}]", hint="lower --num-images or re-export with a larger batch")
+
+
+def _generator(seed, batch: int):
+    """`default_rng(seed)` for one seed; for a list of `batch` seeds a RowRNG whose row i draws from
+    `default_rng(seed[i])`: row i then gets the start noise, img2img noise and sampler noise it gets alone."""
+    from ldm_deploy.runtime.schedulers.noise import RowRNG
+
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        if seed < 0:
+            raise UsageError(f"seed must be >= 0, got {seed}")
+        return np.random.default_rng(int(seed))
+    seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
+    if seeds is None or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
+        raise UsageError(f"seed must be a non-negative integer or a list of them, got {str(seed)[:80]}")
+    if len(seeds) != batch:
+        raise UsageError(f"{len(seeds)} seeds for a batch of {batch} images (prompts x num_images); give one per image")
+    return RowRNG(seeds)
 
 
 def _as_image_batch(image) -> np.ndarray:

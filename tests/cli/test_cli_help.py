@@ -26,6 +26,9 @@ FAILURES = {
     "convert": (["{nope}", "--out", "{out}"], 1),
     "demo": (["--model", "{nope}", "--out", "{out}"], 1),
     "debug-precision": (["{nope}", "--write-config", "{out}"], 2),
+    "triton-repo": (["{nope}", "--out", "{out}"], 1),
+    "serve": (["{nope}"], 1),
+    "client": (["127.0.0.1:9", "--prompt", "a red circle", "--out", "{out}"], 1),   # nothing listens on port 9
 }
 
 
@@ -49,7 +52,7 @@ def test_subcommand_conventions(name, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"example:\n  {mod.EXAMPLE}" in out and "--quiet" in out and "--verbose" in out
 
-    assert main([name, "--no-such-flag"]) == 2
+    assert main([cmd, "--no-such-flag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ldm-deploy") and "error:" in err
 
@@ -57,15 +60,15 @@ def test_subcommand_conventions(name, tmp_path, capsys):
     codes = codes if isinstance(codes, tuple) else (codes,)
     argv = [a.format(nope=tmp_path / "missing", out=tmp_path / "out") for a in argv]
     for flags in ([], ["-q"], ["--quiet"]):                 # global flag before the subcommand
-        assert main([*flags, name, *argv]) in codes, (flags, name)
+        assert main([*flags, cmd, *argv]) in codes, (flags, name)
         captured = capsys.readouterr()
         assert captured.err.startswith("ldm-deploy") and captured.err.count("\n") == 1, captured.err
         assert "Traceback" not in captured.err
-    assert main([name, *argv, "--quiet"]) in codes             # and after it
+    assert main([cmd, *argv, "--quiet"]) in codes             # and after it
     capsys.readouterr()
     assert not (tmp_path / "out").exists(), f"{name} wrote output on failure"
     with pytest.raises(LdmError):                            # --verbose: the exception and its traceback
-        main([name, *argv, "--verbose"])
+        main([cmd, *argv, "--verbose"])
 
 
 def test_top_level_help_usage_and_flags(capsys):
