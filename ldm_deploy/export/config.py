@@ -53,6 +53,7 @@ class ExportConfig:
     ort_cuda: bool = False                      # also write <component>/model.ort-cuda.onnx (ORT CUDA fusions)
     ort_cuda_fold_cfg: bool = True              # ... with CFG folded into the U-Net variant (export/cfg_fold.py)
     pooled_output: bool = False                 # text encoder also returns pooler_output
+    lora_switchable: bool = False               # U-Net / text encoder weights as graph inputs: LoRAs switch at run time
     measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
     fp16_keep_ops: tuple[str, ...] = ("InstanceNormalization", "GroupNormalization", "LayerNormalization",
@@ -70,6 +71,11 @@ class ExportConfig:
             raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
         if self.opset < 17:
             raise UsageError(f"opset must be >= 17, got {self.opset}")
+        if self.lora_switchable and self.ort_cuda:
+            raise UsageError("lora_switchable and ort_cuda cannot be combined: the ORT CUDA fused variant bakes "
+                             "the weights in", hint="export switchable weights without --ort-cuda")
+        if self.lora_switchable and self.exporter != "torchscript":
+            raise UsageError("lora_switchable needs the torchscript exporter", hint="set `exporter: torchscript`")
         if self.exporter == "dynamo" and self.opset < 18:
             raise UsageError("the dynamo exporter needs opset >= 18 (its opset-17 down-conversion writes "
                              "invalid Split nodes)", hint="set `opset: 18` or `exporter: torchscript`")
@@ -100,6 +106,8 @@ class ExportConfig:
         if not d["ort_cuda"]:
             d.pop("ort_cuda")   # keeps artifacts exported before the key existed cached
             d.pop("ort_cuda_fold_cfg")   # only shapes the ort-cuda variant
+        if not d["lora_switchable"]:
+            d.pop("lora_switchable")   # likewise: artifacts exported before the key existed stay cached
         return json.dumps(d, sort_keys=True)
 
     @classmethod

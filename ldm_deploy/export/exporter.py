@@ -11,18 +11,21 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from ldm_deploy.artifact import MANIFEST, Artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import manifest as mf
+from ldm_deploy.export import lora as lora_export
 from ldm_deploy.export import onnx_io, ort_optimize
 from ldm_deploy.export.config import ExportConfig, default_config, write_config
 from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
 from ldm_deploy.export.source import PARTS, folder_sha256, load_source
+from ldm_deploy.lora import LoraSpec
 from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,12 @@ class ExportResult:
     seconds: float
 
 
-def export_model(model_dir, out, config: ExportConfig | None = None, *, force: bool = False) -> ExportResult:
+def export_model(model_dir, out, config: ExportConfig | None = None, *, force: bool = False,
+                 loras: Sequence = ()) -> ExportResult:
     """Export `config.components` of the model folder `model_dir` into the artifact folder `out`.
 
-    `config` None: `default_config(model_dir)`, a static profile at the model's native size."""
+    `config` None: `default_config(model_dir)`, a static profile at the model's native size.
+    `loras`: `ldm_deploy.lora.LoraSpec`s (or "FILE[:SCALE]" strings) merged into the weights (export/lora.py)."""
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
@@ -51,14 +56,19 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
         raise LdmError(f"{model_dir} lacks {', '.join(missing)}/ needed for {', '.join(config.components)}",
                        hint="pass --components to export only what the folder has")
     source_sha = folder_sha256(model_dir)
+    loras = [s if isinstance(s, LoraSpec) else LoraSpec.parse(s) for s in loras]
+    lora_key = lora_export.cache_key(loras)
     if not force and (out / MANIFEST).is_file():
         cached = _cached(out, source_sha, config)
+        if cached is not None and lora_export.cache_key_of(cached.manifest) != lora_key:
+            cached = None
         if cached is not None:
             log.info("export (cached): %s matches %s with this config", out, model_dir)
             return ExportResult(out, True, cached, time.perf_counter() - start)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(model_dir, config),
                      "the ONNX export")
     source = load_source(model_dir, config.components)
+    lora_records = lora_export.merge(source, loras) if loras else []   # before tracing; fails before any write
     with atomic_dir(out) as tmp:
         tokenizer = mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer")  # first: fails fast
         work = tmp / ".work"
@@ -66,8 +76,10 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
         shutil.rmtree(work)
         write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
         write_config(config, tmp / "export_config.yaml")
-        write_json(tmp / MANIFEST, mf.build_manifest(tmp, source=source, config=config, components=components,
-                                                      tokenizer=tokenizer))
+        manifest = mf.build_manifest(tmp, source=source, config=config, components=components, tokenizer=tokenizer)
+        if lora_records:
+            manifest["loras"] = lora_records
+        write_json(tmp / MANIFEST, manifest)
     artifact = Artifact.open(out, verify=False)
     seconds = time.perf_counter() - start
     log.info("exported %s -> %s in %.1f s", model_dir, out, seconds)
@@ -107,6 +119,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused)
 
     inputs = spec.example_inputs("opt")
+    inputs.update({n: w.numpy() for n, w in spec.weight_inputs.items()})   # lora_switchable: the base weights
     stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
                    "cleanup": clean}
     if config.measure_runtime:
@@ -123,6 +136,9 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     shutil.rmtree(work / component, ignore_errors=True)
 
     ins, outs = mf.graph_io(final)
+    lora_weights = None
+    if spec.weight_inputs:
+        ins, lora_weights = lora_export.split_weight_inputs(ins, spec.weight_inputs, root, component)
     data = onnx_io.data_file(final)
     entry = {
         "file": final.relative_to(root).as_posix(),
@@ -135,6 +151,8 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     }
     if variants:
         entry["variants"] = variants
+    if lora_weights:
+        entry["lora_weights"] = lora_weights
     if keep_fp32:
         entry["fp32_file"] = fp32.relative_to(root).as_posix()
     log.info("%s: %s, %d -> %d nodes", component, precision, clean["nodes_before"], clean["nodes_after"])

@@ -99,4 +99,6 @@ def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
     if not old.get("ort_cuda"):
         old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out
         old.pop("ort_cuda_fold_cfg", None)
+    if not old.get("lora_switchable"):
+        old.pop("lora_switchable", None)
     return json.dumps(old, sort_keys=True) == config.key()
