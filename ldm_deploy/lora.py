@@ -30,7 +30,7 @@ import numpy as np
 from ldm_deploy.errors import LdmError, UsageError
 
 COMPONENTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}  # te1: kohya for one TE
 METADATA_KEY = "lora_adapter_metadata"       # diffusers' save_lora_weights(..., *_lora_adapter_metadata=)
 SHOW = 4                                     # how many offending keys an error names
 
@@ -209,7 +209,7 @@ def _module_table(targets: Mapping[str, Mapping[str, tuple]]) -> dict[str, dict[
 
 
 def _parse_kohya(tensors, targets):
-    table = {c: {m.replace(".", "_"): m for m in mods} for c, mods in _module_table(targets).items()}
+    table = {c: {k.replace(".", "_"): v for k, v in mods.items()} for c, mods in _module_table(targets).items()}
     groups: dict = {}
     unknown = []
     for key, value in tensors.items():
@@ -261,7 +261,7 @@ def _resolve(name: str, table: Mapping[str, Mapping[str, str]]) -> tuple[str, st
             break
     candidates = [component] if component else [c for c in COMPONENTS if name in table.get(c, {})]
     hits = [c for c in candidates if name in table.get(c, {})]
-    return (hits[0], name) if len(hits) == 1 else None
+    return (hits[0], table[hits[0]][name]) if len(hits) == 1 else None
 
 
 def _config_alphas(path: Path, metadata: dict) -> dict[str, dict]:

@@ -31,6 +31,12 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cfg-fold", dest="ort_cuda_fold_cfg", action="store_false", default=None,
                    help="keep the ORT CUDA U-Net variant CFG-free (2B rows in, raw prediction out), for serving "
                         "without guidance (config key ort_cuda_fold_cfg; default: CFG folded in)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA .safetensors (kohya or diffusers/peft layout) into the weights at SCALE "
+                        "(default 1); repeat to blend several; the manifest records each file's sha256 and scale")
+    p.add_argument("--lora-switchable", dest="lora_switchable", action="store_true", default=None,
+                   help="export the U-Net / text encoder weights as graph inputs so `generate --lora` and "
+                        "Pipeline.set_loras switch LoRAs at run time without a rebuild (config key lora_switchable)")
     p.add_argument("--force", action="store_true", help="re-export even when an up-to-date artifact exists")
 
 
@@ -40,11 +46,12 @@ def run(args) -> int:
 
     config = load_config(args.config) if args.config else default_config(args.model_dir)
     flags = {"precision": args.precision, "vae_precision": args.vae_precision, "components": args.components,
-             "exporter": args.exporter, "ort_cuda": args.ort_cuda, "ort_cuda_fold_cfg": args.ort_cuda_fold_cfg}
+             "exporter": args.exporter, "ort_cuda": args.ort_cuda, "ort_cuda_fold_cfg": args.ort_cuda_fold_cfg,
+             "lora_switchable": args.lora_switchable}
     if args.exporter == "dynamo" and config.opset < 18:
         flags["opset"] = 18
     config = config.replace(**{k: v for k, v in flags.items() if v is not None})
-    result = export_model(args.model_dir, args.out, config, force=args.force)
+    result = export_model(args.model_dir, args.out, config, force=args.force, loras=args.lora)
     if result.cached:
         log.info(f"export (cached): {result.path} is up to date")
     else:

@@ -51,6 +51,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="ort-cpu: intra-op threads")
     p.add_argument("--cuda-graph", action="store_true", help="ort-cuda / tensorrt: capture the U-Net as a CUDA graph")
     p.add_argument("--engine-dir", metavar="DIR", help="tensorrt: folder written by `ldm-deploy build`")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA .safetensors at SCALE (default 1) at run time; repeat to blend; the artifact "
+                        "must be exported with --lora-switchable")
     p.add_argument("--out", required=True, metavar="PATH", help="a .png for one image, or a directory")
 
 
@@ -90,6 +93,8 @@ def run(args) -> int:
     latents = _latents(args.latents)
     image = load_image(args.image) if args.image else None
     pipe = Pipeline.from_artifact(args.artifact, backend=args.backend, **_runner_options(args))
+    if args.lora:
+        pipe.set_loras(args.lora)
 
     bar = None
 
