@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
     ap.add_argument("--cuda-graph", action="store_true", help="ort-cuda: capture the U-Net as a CUDA graph")
+    ap.add_argument("--switchable", default="linear", choices=("linear", "all"), help="lora_switchable mode")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     plain = export_model(model, args.work / f"plain-{args.precision}", config).path
     t1 = time.perf_counter()
-    switch = export_model(model, args.work / f"switch-{args.precision}", config.replace(lora_switchable=True)).path
+    switch = export_model(model, args.work / f"switch-{args.switchable}-{args.precision}", config.replace(lora_switchable=args.switchable)).path
     t2 = time.perf_counter()
 
     import psutil
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
 
     result = {
         "machine": machine_info(),
-        "model": str(model), "backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph,
+        "model": str(model), "switchable": args.switchable, "backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph,
         "export_seconds": {"plain": round(t1 - t0, 1), "switchable": round(t2 - t1, 1)},
         "switchable_tensors": {c: len(r.base_weights) for c, r in runners.items()},
         "loras": lora_info, "rank": args.rank,

@@ -34,9 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors (kohya or diffusers/peft layout) into the weights at SCALE "
                         "(default 1); repeat to blend several; the manifest records each file's sha256 and scale")
-    p.add_argument("--lora-switchable", dest="lora_switchable", action="store_true", default=None,
+    p.add_argument("--lora-switchable", dest="lora_switchable", nargs="?", const="linear", choices=("linear", "all"),
                    help="export the U-Net / text encoder weights as graph inputs so `generate --lora` and "
-                        "Pipeline.set_loras switch LoRAs at run time without a rebuild (config key lora_switchable)")
+                        "Pipeline.set_loras switch LoRAs at run time without a rebuild: linear (default: Linear and "
+                        "1x1 conv weights) or all (+ 3x3 convs for LoCon; slower on CPU) (config key lora_switchable)")
     p.add_argument("--force", action="store_true", help="re-export even when an up-to-date artifact exists")
 
 

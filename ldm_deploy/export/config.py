@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32", "fp16")
 EXPORTERS = ("torchscript", "dynamo")
+SWITCHABLE = (None, "linear", "all")          # lora_switchable
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ class ExportConfig:
     ort_cuda: bool = False                      # also write <component>/model.ort-cuda.onnx (ORT CUDA fusions)
     ort_cuda_fold_cfg: bool = True              # ... with CFG folded into the U-Net variant (export/cfg_fold.py)
     pooled_output: bool = False                 # text encoder also returns pooler_output
-    lora_switchable: bool = False               # U-Net / text encoder weights as graph inputs: LoRAs switch at run time
+    # U-Net / text encoder weights as graph inputs so LoRAs switch at run time (export/lora.py): None (off),
+    # "linear" (Linear + 1x1 conv weights: what LoRAs touch by default) or "all" (+ 3x3 convs for LoCon;
+    # costs ORT CPU its NCHWc convolutions: 5x the demo U-Net step, docs/lora.md)
+    lora_switchable: str | None = None
     measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
     fp16_keep_ops: tuple[str, ...] = ("InstanceNormalization", "GroupNormalization", "LayerNormalization",
@@ -71,6 +75,9 @@ class ExportConfig:
             raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
         if self.opset < 17:
             raise UsageError(f"opset must be >= 17, got {self.opset}")
+        if self.lora_switchable not in SWITCHABLE:
+            raise UsageError(f"lora_switchable must be one of {', '.join(map(str, SWITCHABLE))}, "
+                             f"got {self.lora_switchable!r}")
         if self.lora_switchable and self.ort_cuda:
             raise UsageError("lora_switchable and ort_cuda cannot be combined: the ORT CUDA fused variant bakes "
                              "the weights in", hint="export switchable weights without --ort-cuda")

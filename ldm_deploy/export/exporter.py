@@ -138,7 +138,8 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     ins, outs = mf.graph_io(final)
     lora_weights = None
     if spec.weight_inputs:
-        ins, lora_weights = lora_export.split_weight_inputs(ins, spec.weight_inputs, root, component)
+        ins, lora_weights = lora_export.split_weight_inputs(ins, spec.weight_inputs, root, component,
+                                                            config.lora_switchable)
     data = onnx_io.data_file(final)
     entry = {
         "file": final.relative_to(root).as_posix(),

@@ -5,7 +5,8 @@ Merge (`export --lora FILE[:SCALE]`): `W += sum_i scale_i * delta_i` in float32 
 what diffusers' `fuse_lora(lora_scale=...)` does; the manifest's `loras` records each file's sha256 and
 scale (and the export cache compares them).
 
-Switchable (`lora_switchable: true`): every Linear / Conv2d weight of the U-Net and text encoder becomes
+Switchable (`lora_switchable: linear | all`): every Linear and 1x1 Conv2d weight (and with "all" every 3x3
+Conv2d weight, for LoCon) of the U-Net and text encoder becomes
 a graph input named by its parameter name (traced through `torch.func.functional_call`), its base
 values go to `<component>/lora_base.safetensors` in the graph's dtype, and the manifest entry's
 `lora_weights` lists them; the runners feed / bind them (runtime/lora_switch.py).
@@ -56,11 +57,11 @@ def merge(source, specs: Sequence[LoraSpec]) -> list[dict]:
     return [lora.record(scale) for lora, scale in loaded]
 
 
-def switchable_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def switchable_weights(module: torch.nn.Module, mode: str = "all") -> dict[str, torch.Tensor]:
     """graph parameter name -> tensor for the Linear / Conv2d weights of a component graph module
-    (`UNetGraph.unet.*`, `TextEncoderGraph.text_encoder.*`)."""
+    (`UNetGraph.unet.*`, `TextEncoderGraph.text_encoder.*`); mode "linear" leaves out kernels wider than 1x1."""
     return {name: p.detach() for name, p in module.named_parameters()
-            if name.endswith(".weight") and p.ndim in (2, 4)}
+            if name.endswith(".weight") and (p.ndim == 2 or (p.ndim == 4 and (mode == "all" or p.shape[-1] == 1)))}
 
 
 class WeightsAsInputs(torch.nn.Module):
@@ -117,7 +118,8 @@ def cache_key_of(manifest: dict) -> list[dict]:
     return [{"sha256": r.get("sha256"), "scale": float(r.get("scale", 1.0))} for r in manifest.get("loras") or []]
 
 
-def split_weight_inputs(ins: list[dict], weights: dict, root: Path, component: str) -> tuple[list[dict], dict]:
+def split_weight_inputs(ins: list[dict], weights: dict, root: Path, component: str,
+                        mode: str = "all") -> tuple[list[dict], dict]:
     """Graph inputs -> (the component's real inputs, the manifest's `lora_weights` entry); writes the base
     weights (in the graph input's dtype) to `<component>/lora_base.safetensors`."""
     real = [i for i in ins if i["name"] not in weights]
@@ -125,5 +127,5 @@ def split_weight_inputs(ins: list[dict], weights: dict, root: Path, component: s
     base = {i["name"]: weights[i["name"]].numpy().astype(i["dtype"]) for i in present}
     path = root / component / BASE_FILE
     write_base(path, base)
-    return real, {"file": path.relative_to(root).as_posix(),
+    return real, {"file": path.relative_to(root).as_posix(), "mode": mode,
                   "inputs": {i["name"]: {"dtype": i["dtype"], "shape": list(i["shape"])} for i in present}}

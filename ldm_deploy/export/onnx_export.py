@@ -192,7 +192,7 @@ def export_onnx(component: str, source: Source, config: ExportConfig, path: Path
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
     if config.lora_switchable and component in lora_export.SWITCHABLE:   # weights as graph inputs
-        weights = lora_export.switchable_weights(module)
+        weights = lora_export.switchable_weights(module, config.lora_switchable)
         module = lora_export.WeightsAsInputs(module, list(weights))
         spec.weight_inputs = {lora_export.input_name(n): w for n, w in weights.items()}
         example += tuple(spec.weight_inputs.values())

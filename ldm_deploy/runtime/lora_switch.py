@@ -1,4 +1,4 @@
-"""Switch LoRAs at run time on an artifact exported with `lora_switchable: true` (torch-free).
+"""Switch LoRAs at run time on an artifact exported with `lora_switchable: linear | all` (torch-free).
 
 Such an artifact's U-Net / text encoder take every Linear / Conv2d weight as a graph input (the manifest
 entry's `lora_weights` lists them; their base values are `<component>/lora_base.safetensors`). A runner
@@ -64,7 +64,15 @@ def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None)
         raise LdmError(f"the artifact {artifact_path or ''} was not exported with switchable weights".replace("  ", " "),
                        hint="re-export with `ldm-deploy export ... --lora-switchable`, or merge with `export --lora`")
     targets = {c: {n: w.shape for n, w in r.base_weights.items()} for c, r in targets_of.items()}
-    loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), s.scale) for s in specs]
+    try:
+        loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), s.scale) for s in specs]
+    except LdmError as e:
+        modes = {getattr(r, "spec", {}).get("lora_weights", {}).get("mode") for r in targets_of.values()}
+        if "linear" in modes and "not LoRA weights" in str(e):
+            raise LdmError(f"{e} -- this artifact switches Linear and 1x1 conv weights only",
+                           hint="re-export with `--lora-switchable all` for LoCon (3x3 conv) LoRAs, or merge "
+                                "them at export (export --lora)") from None
+        raise
     changed = {}
     for component, runner in targets_of.items():
         base = runner.base_weights

@@ -22,7 +22,7 @@ def switchable(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("refit")
     folder = make_tiny_folder(root / "model")
-    config = export_config("fp16").replace(components=("unet",), measure_runtime=False, lora_switchable=True)
+    config = export_config("fp16").replace(components=("unet",), measure_runtime=False, lora_switchable="all")
     return export_model(folder, root / "onnx", config).path, make_lora_files(folder, root / "loras")
 
 

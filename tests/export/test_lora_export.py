@@ -56,7 +56,7 @@ def merged(sd_folder, files, tmp_path_factory):
 def switchable(sd_folder, tmp_path_factory):
     from ldm_deploy.export.exporter import export_model
 
-    return export_model(sd_folder, tmp_path_factory.mktemp("lora-art") / "switch", _config(lora_switchable=True)).path
+    return export_model(sd_folder, tmp_path_factory.mktemp("lora-art") / "switch", _config(lora_switchable="all")).path
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ def setup(tmp_path_factory):
     folder = make_tiny_folder(root / "model")
     files = make_lora_files(folder, root / "loras")
     arts = {p: export_model(folder, root / p, export_config(p).replace(
-        components=("unet",), measure_runtime=False, lora_switchable=True)).path for p in ("fp32", "fp16")}
+        components=("unet",), measure_runtime=False, lora_switchable="all")).path for p in ("fp32", "fp16")}
+    arts["linear"] = export_model(folder, root / "linear", export_config().replace(
+        components=("text_encoder", "unet"), measure_runtime=False, lora_switchable="linear")).path
     return arts, files
 
 
@@ -78,3 +80,14 @@ def test_ort_cuda_switch(setup, precision, cuda_graph):
     tol = 3e-2 if precision == "fp16" else 1e-3     # as tests/runtime/test_ort_cuda_runner.py (TF32 off for fp32)
     for name, got, want in _switch_cycle(gpu, cpu, files):
         assert_close(got, want, atol=tol * float(np.abs(want).max()), name=f"{precision} {name} graph={cuda_graph}")
+
+
+def test_linear_mode_takes_linear_loras_and_names_locon(setup):
+    from ldm_deploy.errors import LdmError
+    arts, files = setup
+    runners = {c: open_runner("ort-cpu", arts["linear"], c) for c in ("text_encoder", "unet")}
+    assert not any(len(w.shape) == 4 and w.shape[-1] > 1 for w in runners["unet"].base_weights.values())
+    info = lora_switch.apply(runners, [f"{files['te']}:1.0"])          # q/v/fc1 of the text encoder: Linear
+    assert info["changed"] == {"text_encoder": 6, "unet": 0}
+    with pytest.raises(LdmError, match="Linear and 1x1 conv weights only.*--lora-switchable all"):
+        lora_switch.apply(runners, [f"{files['kohya']}:1.0"])          # LoCon: 3x3 conv2
