@@ -126,19 +126,17 @@ def main(argv=None) -> int:
     held_base = sum(w.nbytes for r in runners.values() for w in r.base_weights.values())
     held_merged = sum(w.nbytes for r in runners.values() for n, w in r.weights.items() if w is not r.base_weights[n])
 
-    def per_step(p):
-        out = []
-        for _ in range(args.repeats):
-            out.append(p("a red circle", **kw).timings["unet_per_step"])
-        return statistics.median(out)
-
-    step_switch_lora = per_step(pipe)
-    pipe.set_loras([])
-    step_switch_base = per_step(pipe)
-    del pipe
+    # per-step U-Net time, interleaved (plain, switchable base, switchable A) so machine load hits all three
     plain_pipe = Pipeline.from_artifact(plain, backend=args.backend, **opts)
     plain_pipe("warm up", **kw)
-    step_plain = per_step(plain_pipe)
+    steps = {"plain": [], "base": [], "a": []}
+    for _ in range(args.repeats):
+        steps["plain"].append(plain_pipe("a red circle", **kw).timings["unet_per_step"])
+        pipe.set_loras([])
+        steps["base"].append(pipe("a red circle", **kw).timings["unet_per_step"])
+        pipe.set_loras([f"{files['a']}:0.8"])
+        steps["a"].append(pipe("a red circle", **kw).timings["unet_per_step"])
+    step_plain, step_switch_base, step_switch_lora = (statistics.median(steps[k]) for k in ("plain", "base", "a"))
 
     result = {
         "machine": machine_info(),
@@ -156,6 +154,8 @@ def main(argv=None) -> int:
                        "gpu_used_after_switching": None if gpu3 is None else round(gpu3 - gpu0, 1)},
         "unet_ms_per_step": {"plain": round(step_plain * 1e3, 2), "switchable_base": round(step_switch_base * 1e3, 2),
                              "switchable_lora_a": round(step_switch_lora * 1e3, 2)},
+        "unet_ms_per_step_all": {k: [round(x * 1e3, 2) for x in v] for k, v in steps.items()},
+        "load_average_1m_at_end": round(__import__("os").getloadavg()[0], 2),
         "steps": args.steps, "repeats": args.repeats,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

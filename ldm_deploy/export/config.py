@@ -56,7 +56,7 @@ class ExportConfig:
     pooled_output: bool = False                 # text encoder also returns pooler_output
     # U-Net / text encoder weights as graph inputs so LoRAs switch at run time (export/lora.py): None (off),
     # "linear" (Linear + 1x1 conv weights: what LoRAs touch by default) or "all" (+ 3x3 convs for LoCon;
-    # costs ORT CPU its NCHWc convolutions: 5x the demo U-Net step, docs/lora.md)
+    # slower on ORT CPU, which loses its constant-weight conv optimizations: docs/lora.md)
     lora_switchable: str | None = None
     measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
