@@ -124,3 +124,24 @@ def test_combine_never_drifts(lora_files, targets, model):
     none = combine(base, [])
     assert all(none[k] is base[k] for k in base)
     assert any(not np.array_equal(once[k], base[k]) for k in base)
+
+
+def test_kohya_text_encoder_names(tiny_folder, lora_files, targets, model, tmp_path):
+    """lora_te(1)_text_model_encoder_layers_... (kohya) from diffusers' own converter == peft's merge."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    from tests.lora_files import te_peer
+
+    sd = load_file(str(lora_files["te"]))          # text_encoder.text_model.encoder...lora_A.weight
+    kohya = convert_state_dict_to_kohya(sd)
+    kohya = {k: (torch.tensor(5.0) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in kohya)
+    save_file(kohya, str(tmp_path / "te_kohya.safetensors"))
+    lora = load_lora(tmp_path / "te_kohya.safetensors", targets)
+    assert lora.layout == "kohya" and lora.components() == {"text_encoder"}
+    peer = te_peer(tiny_folder, lora_files["te"], SCALE)
+    base = {k: v.numpy() for k, v in model.text_encoder.state_dict().items()}
+    ours = combine(base, [lora.deltas("text_encoder", targets["text_encoder"], SCALE)])
+    for name, w in peer.items():
+        assert_close(ours[name], w.numpy(), rtol=1e-5, atol=1e-6, name=name)
