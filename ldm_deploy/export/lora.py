@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm_deploy.errors import UsageError
+from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.lora import LoraFile, LoraSpec, load_lora, torch_targets
 
 SWITCHABLE = ("unet", "text_encoder")
@@ -41,7 +41,14 @@ def merge(source, specs: Sequence[LoraSpec]) -> list[dict]:
     """Merge the LoRA files into `source`'s U-Net / text encoder in place; returns the manifest records."""
     modules = {"unet": source.unet, "text_encoder": source.text_encoder}
     targets = torch_targets(modules)
-    loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), float(s.scale)) for s in specs]
+    try:
+        loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), float(s.scale)) for s in specs]
+    except LdmError as e:
+        left_out = [c for c, m in modules.items() if m is None]
+        if left_out and "not LoRA weights" in str(e):
+            raise LdmError(f"{e} -- {', '.join(left_out)} is not among the exported components",
+                           hint="export it too (--components), or use a LoRA file without its keys") from None
+        raise
     for component, module in modules.items():
         if module is None:
             continue
