@@ -145,3 +145,19 @@ def test_kohya_text_encoder_names(tiny_folder, lora_files, targets, model, tmp_p
     ours = combine(base, [lora.deltas("text_encoder", targets["text_encoder"], SCALE)])
     for name, w in peer.items():
         assert_close(ours[name], w.numpy(), rtol=1e-5, atol=1e-6, name=name)
+
+
+def test_peft_save_pretrained_folder_alpha_from_adapter_config(lora_files, targets, tmp_path):
+    """peft's save_pretrained layout: base_model.model.<module>.lora_A.weight + adapter_config.json."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    sd = {k.replace("unet.", "base_model.model.", 1): v for k, v in load_file(str(lora_files["peft"])).items()}
+    save_file(sd, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "alpha_pattern": {"conv2": 2}}))
+    lora = load_lora(tmp_path / "adapter_model.safetensors", targets)
+    alphas = {m.param: m.alpha for m in lora.modules}
+    assert lora.components() == {"unet"}
+    assert {a for p, a in alphas.items() if ".conv2." in p} == {2.0}
+    assert {a for p, a in alphas.items() if ".conv2." not in p} == {8.0}
