@@ -4,6 +4,7 @@
     ldm-train unet --config shapes --set unet.steps=2000 --resume
     torchrun --nproc_per_node 8 -m training.cli unet --config shapes    # the same, on 8 GPUs
     ldm-train eval --config shapes                       # colour/shape/position accuracy, PSNR, report.json
+    ldm-train lora --base models/shapes-demo --config training/configs/lora-brown.yaml --out runs/lora-brown
 
 Each subcommand parses flags into a TrainConfig and calls one function (training.stages / evaluate).
 """
@@ -47,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--model", help="model folder to evaluate (default <out>/model)")
             p.add_argument("--prompts", type=int, help="held-out prompts to sample (default eval.prompts)")
+    lora = "train a LoRA on a finished model folder for a concept it never saw (training/lora.py)"
+    p = sub.add_parser("lora", help=lora, description=lora,
+                       epilog="example: ldm-train lora --base models/shapes-demo --config training/configs/lora-brown.yaml "
+                              "--out runs/lora-brown")
+    p.add_argument("--base", required=True, metavar="MODEL_DIR", help="the model folder to adapt (frozen)")
+    p.add_argument("--config", metavar="YAML", help="LoRA training config (training.lora.LoraTrainConfig keys)")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes pytorch_lora_weights.safetensors, report.json")
+    p.add_argument("--steps", type=int, help="training steps (overrides the config)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(overrides the config)")
+    p.add_argument("--eval-prompts", type=int, help="held-out prompts to evaluate (0: no evaluation)")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -67,6 +79,12 @@ def config_from_args(args):
 
 
 def run(args) -> int:
+    if args.command == "lora":
+        from training.lora import LoraTrainConfig, train_lora
+
+        config = LoraTrainConfig.load(args.config, steps=args.steps, device=args.device, eval_prompts=args.eval_prompts)
+        print(json.dumps(train_lora(args.base, args.out, config), indent=2, default=str))
+        return 0
     from training.stages import run_all, run_stage
 
     cfg = config_from_args(args)

@@ -32,6 +32,13 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cfg-fold", dest="ort_cuda_fold_cfg", action="store_false", default=None,
                    help="keep the ORT CUDA U-Net variant CFG-free (2B rows in, raw prediction out), for serving "
                         "without guidance (config key ort_cuda_fold_cfg; default: CFG folded in)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA .safetensors (kohya or diffusers/peft layout) into the weights at SCALE "
+                        "(default 1); repeat to blend several; the manifest records each file's sha256 and scale")
+    p.add_argument("--lora-switchable", dest="lora_switchable", nargs="?", const="linear", choices=("linear", "all"),
+                   help="export the U-Net / text encoder weights as graph inputs so `generate --lora` and "
+                        "Pipeline.set_loras switch LoRAs at run time without a rebuild: linear (default: Linear and "
+                        "1x1 conv weights) or all (+ 3x3 convs for LoCon; slower on CPU) (config key lora_switchable)")
     p.add_argument("--layout", choices=("artifact", "optimum"), default="artifact",
                    help="artifact (default): ldm-deploy's folder with manifest.json; optimum: a folder that Optimum's "
                         "ORTStableDiffusionPipeline and diffusers' OnnxStableDiffusionPipeline load (the artifact is "
@@ -47,7 +54,8 @@ def run(args) -> int:
 
     config = load_config(args.config) if args.config else default_config(args.model_dir)
     flags = {"precision": args.precision, "vae_precision": args.vae_precision, "components": args.components,
-             "exporter": args.exporter, "ort_cuda": args.ort_cuda, "ort_cuda_fold_cfg": args.ort_cuda_fold_cfg}
+             "exporter": args.exporter, "ort_cuda": args.ort_cuda, "ort_cuda_fold_cfg": args.ort_cuda_fold_cfg,
+             "lora_switchable": args.lora_switchable}
     if args.exporter == "dynamo" and config.opset < 18:
         flags["opset"] = 18
     config = config.replace(**{k: v for k, v in flags.items() if v is not None})
@@ -56,7 +64,7 @@ def run(args) -> int:
         from pathlib import Path
 
         target = str(Path(args.out).with_name(Path(args.out).name + ".artifact"))
-    result = export_model(args.model_dir, target, config, force=args.force)
+    result = export_model(args.model_dir, target, config, force=args.force, loras=args.lora)
     if result.cached:
         log.info(f"export (cached): {result.path} is up to date")
     else:

@@ -59,6 +59,9 @@ def add_arguments(p) -> None:
                    help="ort-cpu: intra-op threads, 1 to 4 x the CPU count (default: onnxruntime's, one per core)")
     p.add_argument("--cuda-graph", action="store_true", help="ort-cuda / tensorrt: capture the U-Net as a CUDA graph")
     p.add_argument("--engine-dir", metavar="DIR", help="tensorrt: folder written by `ldm-deploy build`")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA .safetensors at SCALE (default 1) at run time; repeat to blend; the artifact "
+                        "must be exported with --lora-switchable")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="a .png for one image, or a directory (PNG only: the generation record is in its text chunks)")
 
@@ -154,6 +157,8 @@ def run(args) -> int:
         from ldm_deploy.artifact import not_an_artifact
         raise not_an_artifact(Path(args.artifact))
     pipe = Pipeline.from_artifact(args.artifact, backend=args.backend, **_runner_options(args))
+    if args.lora:
+        pipe.set_loras(args.lora)
 
     bar = None
 

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import ldm_deploy
+from ldm_deploy.engine import refit
 from ldm_deploy.engine import sidecar as sc
 from ldm_deploy.engine import trt_api
 from ldm_deploy.errors import LdmError, UsageError
@@ -292,6 +293,9 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
             "onnx": _onnx_identity(artifact_dir, entry, manifest.get("files", {})),
             "build_options": {"opt_level": config.opt_level, "workspace_mb": config.workspace_mb},
         }
+        refit_key = refit.refit_key(artifact_dir, entry, manifest.get("files", {}))
+        if refit_key:   # lora_switchable artifact: a refittable engine (engine/refit.py)
+            key["refit"] = refit_key
         keys[component] = key
     for component, key in keys.items():
         entry = manifest["components"][component]
@@ -305,10 +309,14 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
         log.info(f"{component}: building ({reason})")
         check_free_space(engine_dir, _engine_bytes_estimate(artifact_dir, entry), f"the {component} engine")
         t0 = time.perf_counter()
-        if isolate:
-            data = build_engine_isolated(flavour, artifact_dir / entry["file"], key, config, component)
-        else:
-            data = build_engine(trt, artifact_dir / entry["file"], key, config, component)
+        with tempfile.TemporaryDirectory(prefix="ldm-refit-") as work:
+            onnx_path = artifact_dir / entry["file"]
+            if key.get("refit"):
+                onnx_path = refit.refittable_onnx(artifact_dir, entry, Path(work))
+            if isolate:
+                data = build_engine_isolated(flavour, onnx_path, key, config, component)
+            else:
+                data = build_engine(trt, onnx_path, key, config, component)
         seconds = time.perf_counter() - t0
         _write(engine_dir, component, data, key, entry, artifact_dir, seconds, rebuild, config)
         log.info(f"{component}: built in {seconds:.1f} s ({len(data) / 2**20:.1f} MiB)")
@@ -383,6 +391,9 @@ def build_engine(trt, onnx_path: Path, key: dict, config: BuildConfig, component
         bcfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
     if not key["strongly_typed"] and key["precision"] in ("fp16", "bf16"):
         bcfg.set_flag(getattr(trt.BuilderFlag, key["precision"].upper()))
+    if key.get("refit"):
+        log.info("%s: refittable (%s weights)", component,
+                 refit.mark_refittable(trt, network, bcfg, key["refit"]["names"]))
     if key["flavour"] == "tensorrt-rtx":
         targets = trt_api.rtx_targets(trt)
         bcfg.num_compute_capabilities = len(key["compute_capabilities"])
@@ -400,6 +411,11 @@ def build_engine(trt, onnx_path: Path, key: dict, config: BuildConfig, component
     if monitor is not None:
         bcfg.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, bcfg)
+    if serialized is None and key.get("refit"):
+        raise LdmError(f"TensorRT failed to build the refittable {component} engine (see the TensorRT errors above)",
+                       hint="TensorRT for RTX 1.7 builds refittable engines only on the target GPU (on CPU its "
+                            "Myelin compiler fails); build there, or switch LoRAs on ort-cpu / ort-cuda, or merge "
+                            "them at export (export --lora)")
     if serialized is None:
         raise LdmError(f"TensorRT failed to build the {component} engine (see the TensorRT errors above)",
                        hint="try --verbose, a larger --workspace-mb, or a narrower profile")

@@ -20,6 +20,7 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")   # the defa
 ALL_COMPONENTS = COMPONENTS + ("text_encoder_2",)                        # SDXL's OpenCLIP bigG (export/sdxl.py)
 PRECISIONS = ("fp32", "fp16")
 EXPORTERS = ("torchscript", "dynamo")
+SWITCHABLE = (None, "linear", "all")          # lora_switchable
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class ExportConfig:
     pooled_output: bool = False                 # text encoder also returns pooler_output
     vae_fp16_safe: bool = False                 # SDXL: the folder's VAE is fp16-safe (sdxl-vae-fp16-fix), so
     #                                             vae_precision fp16 is allowed (SDXL's own VAE overflows)
+    # U-Net / text encoder weights as graph inputs so LoRAs switch at run time (export/lora.py): None (off),
+    # "linear" (Linear + 1x1 conv weights: what LoRAs touch by default) or "all" (+ 3x3 convs for LoCon;
+    # slower on ORT CPU, which loses its constant-weight conv optimizations: docs/lora.md)
+    lora_switchable: str | None = None
     measure_runtime: bool = True                # time ORT CPU before/after cleanup into the manifest
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
     fp16_keep_ops: tuple[str, ...] = ("InstanceNormalization", "GroupNormalization", "LayerNormalization",
@@ -81,6 +86,14 @@ class ExportConfig:
             raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
         if self.opset < 17:
             raise UsageError(f"opset must be >= 17, got {self.opset}")
+        if self.lora_switchable not in SWITCHABLE:
+            raise UsageError(f"lora_switchable must be one of {', '.join(map(str, SWITCHABLE))}, "
+                             f"got {self.lora_switchable!r}")
+        if self.lora_switchable and self.ort_cuda:
+            raise UsageError("lora_switchable and ort_cuda cannot be combined: the ORT CUDA fused variant bakes "
+                             "the weights in", hint="export switchable weights without --ort-cuda")
+        if self.lora_switchable and self.exporter != "torchscript":
+            raise UsageError("lora_switchable needs the torchscript exporter", hint="set `exporter: torchscript`")
         if self.exporter == "dynamo" and self.opset < 18:
             raise UsageError("the dynamo exporter needs opset >= 18 (its opset-17 down-conversion writes "
                              "invalid Split nodes)", hint="set `opset: 18` or `exporter: torchscript`")
@@ -116,6 +129,8 @@ class ExportConfig:
             d.pop("ort_cuda_fold_cfg")   # only shapes the ort-cuda variant
         if not d["vae_fp16_safe"]:
             d.pop("vae_fp16_safe")       # keeps artifacts exported before the key existed cached
+        if not d["lora_switchable"]:
+            d.pop("lora_switchable")   # likewise: artifacts exported before the key existed stay cached
         return json.dumps(d, sort_keys=True)
 
     @classmethod

@@ -12,12 +12,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from ldm_deploy.artifact import ARTIFACT_OUTPUT, MANIFEST, Artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import manifest as mf
+from ldm_deploy.export import lora as lora_export
 from ldm_deploy.export import onnx_io, ort_optimize
 from ldm_deploy.export.config import ExportConfig, default_config, write_config
 from ldm_deploy.export.fp16 import convert_to_fp16
@@ -26,6 +28,7 @@ from ldm_deploy.export.optimize import cleanup, node_count, time_ort
 from ldm_deploy.export.source import PARTS, folder_sha256, load_source
 from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write_json
 from ldm_deploy.interop.layout import refuse_onnx_folder
+from ldm_deploy.lora import LoraSpec
 
 log = logging.getLogger(__name__)
 FP32_INPUTS = ("timestep", "time_ids")   # inputs (and the sinusoid paths behind them) kept fp32 in fp16 graphs
@@ -39,10 +42,12 @@ class ExportResult:
     seconds: float
 
 
-def export_model(model_dir, out, config: ExportConfig | None = None, *, force: bool = False) -> ExportResult:
+def export_model(model_dir, out, config: ExportConfig | None = None, *, force: bool = False,
+                 loras: Sequence = ()) -> ExportResult:
     """Export `config.components` of the model folder `model_dir` into the artifact folder `out`.
 
     `config` None: `default_config(model_dir)`, a static profile at the model's native size.
+    `loras`: `ldm_deploy.lora.LoraSpec`s (or "FILE[:SCALE]" strings) merged into the weights (export/lora.py).
     `force`: re-export even when `out` is up to date, and replace an `out` that is not an artifact."""
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -54,21 +59,27 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
     from ldm_deploy.export.sdxl import resolve_config
 
     config = resolve_config(config, model_dir)      # SDXL: both text encoders by default, fp32 VAE
-    check_out_dir(out, ARTIFACT_OUTPUT, inputs=[model_dir], force=force)
+    loras = [s if isinstance(s, LoraSpec) else LoraSpec.parse(s) for s in loras]
+    inputs = [model_dir, *(spec.path for spec in loras)]   # never replace a folder holding an input
+    check_out_dir(out, ARTIFACT_OUTPUT, inputs=inputs, force=force)
     missing = sorted({PARTS[c] for c in config.components} - {p.name for p in model_dir.iterdir()})
     if missing:
         raise LdmError(f"{model_dir} lacks {', '.join(missing)}/ needed for {', '.join(config.components)}",
                        hint="pass --components to export only what the folder has")
     source_sha = folder_sha256(model_dir)
+    lora_key = lora_export.cache_key(loras)
     if not force and (out / MANIFEST).is_file():
         cached = _cached(out, source_sha, config)
+        if cached is not None and lora_export.cache_key_of(cached.manifest) != lora_key:
+            cached = None
         if cached is not None:
             log.info("export (cached): %s matches %s with this config", out, model_dir)
             return ExportResult(out, True, cached, time.perf_counter() - start)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(model_dir, config),
                      "the ONNX export")
     source = load_source(model_dir, config.components)
-    with atomic_dir(out, ARTIFACT_OUTPUT, inputs=[model_dir], force=force) as tmp:
+    lora_records = lora_export.merge(source, loras) if loras else []   # before tracing; fails before any write
+    with atomic_dir(out, ARTIFACT_OUTPUT, inputs=inputs, force=force) as tmp:
         extra = None   # tokenizers first: a folder the runtime cannot read fails fast
         if source.sdxl:   # tokenizer_2 (pads with "!"); the refiner's only tokenizer is also the manifest's `tokenizer`
             from ldm_deploy.export.sdxl import manifest_block
@@ -82,8 +93,11 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
         shutil.rmtree(work)
         write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
         write_config(config, tmp / "export_config.yaml")
-        write_json(tmp / MANIFEST, mf.build_manifest(tmp, source=source, config=config, components=components,
-                                                      tokenizer=tokenizer, extra=extra))
+        manifest = mf.build_manifest(tmp, source=source, config=config, components=components, tokenizer=tokenizer,
+                                     extra=extra)
+        if lora_records:
+            manifest["loras"] = lora_records
+        write_json(tmp / MANIFEST, manifest)
     artifact = Artifact.open(out, verify=False)
     seconds = time.perf_counter() - start
     log.info("exported %s -> %s in %.1f s", model_dir, out, seconds)
@@ -126,6 +140,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused)
 
     inputs = spec.example_inputs("opt")
+    inputs.update({n: w.numpy() for n, w in spec.weight_inputs.items()})   # lora_switchable: the base weights
     stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
                    "cleanup": clean}
     if config.measure_runtime:
@@ -142,6 +157,10 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     shutil.rmtree(work / component, ignore_errors=True)
 
     ins, outs = mf.graph_io(final)
+    lora_weights = None
+    if spec.weight_inputs:
+        ins, lora_weights = lora_export.split_weight_inputs(ins, spec.weight_inputs, root, component,
+                                                            config.lora_switchable)
     data = onnx_io.data_file(final)
     entry = {
         "file": final.relative_to(root).as_posix(),
@@ -154,6 +173,8 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     }
     if variants:
         entry["variants"] = variants
+    if lora_weights:
+        entry["lora_weights"] = lora_weights
     if keep_fp32:
         entry["fp32_file"] = fp32.relative_to(root).as_posix()
     log.info("%s: %s, %d -> %d nodes", component, precision, clean["nodes_before"], clean["nodes_after"])

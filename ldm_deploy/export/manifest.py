@@ -109,4 +109,6 @@ def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
         old.pop("ort_cuda_fold_cfg", None)
     if not old.get("vae_fp16_safe"):
         old.pop("vae_fp16_safe", None)
+    if not old.get("lora_switchable"):
+        old.pop("lora_switchable", None)
     return json.dumps(old, sort_keys=True) == config.key()

@@ -15,6 +15,7 @@ text_encoder_2), and a U-Net that also takes text_embeds (2B, 1280) and time_ids
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.export import lora as lora_export
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.source import Source, math_attention
 
@@ -89,6 +91,7 @@ class GraphSpec:
     outputs: list[IOSpec]
     batch_multiplier: int = 1
     vocab_size: int = 1000          # input_ids are drawn below it
+    weight_inputs: dict = field(default_factory=dict)   # lora_switchable: input name -> base tensor (export/lora.py)
 
     @property
     def axes(self) -> dict[str, dict[int, str]]:
@@ -211,9 +214,15 @@ def export_onnx(component: str, source: Source, config: ExportConfig, path: Path
                     spec.example_inputs("max" if config.exporter == "dynamo" else "opt").values())
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
+    if config.lora_switchable and component in lora_export.SWITCHABLE:   # weights as graph inputs
+        weights = lora_export.switchable_weights(module, config.lora_switchable)
+        module = lora_export.WeightsAsInputs(module, list(weights))
+        spec.weight_inputs = {lora_export.input_name(n): w for n, w in weights.items()}
+        example += tuple(spec.weight_inputs.values())
+        names_in += list(spec.weight_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with math_attention(source.text_module(component)), torch.no_grad(), \
+    with getattr(module, "detached", contextlib.nullcontext)(), math_attention(source.text_module(component)), torch.no_grad(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")          # tracer warnings about Python-side shape arithmetic
         if config.exporter == "torchscript":

@@ -236,6 +236,16 @@ class Pipeline:
                      **kwargs) -> "Pipeline":
         return cls(tokenizer, runners, scheduler_config, **kwargs)
 
+    def set_loras(self, loras: Sequence = ()) -> dict:
+        """Switch LoRAs (`LoraSpec`, "FILE[:SCALE]" or (file, scale)) on an artifact exported with switchable
+        weights; `[]` restores the base model bit for bit. No re-trace, no re-export (runtime/lora_switch.py).
+        Returns {"loras": [records], "seconds": ..., "changed": {component: tensors rewritten}}."""
+        from ldm_deploy.runtime import lora_switch
+
+        info = lora_switch.apply(self.runners, loras)
+        self.loras = [{"file": r["file"], "sha256": r["sha256"], "scale": r["scale"]} for r in info["loras"]]
+        return info
+
     # --- the loop ----------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -343,6 +353,7 @@ class Pipeline:
             "num_images": num_images, "guidance_rescale": guidance_rescale, "eta": eta,
             "strength": strength if init is not None else None, "backend": self.backend,
             "artifact_hash": self.artifact_hash,
+            "loras": getattr(self, "loras", None) or None,
         }
         return GenerationResult(images=images, latents=x, timings=timings,
                                 params={k: v for k, v in params.items() if v is not None})

@@ -18,18 +18,21 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from training.data.shapes import CELL_CENTRES, COLOURS, POSITIONS, SHAPES, SIZES
+from training.data.shapes import CELL_CENTRES, COLOURS, NEW_COLOURS, POSITIONS, SHAPES, SIZES
 
 _PALETTE_NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float64)
+_EXTENDED_NAMES = _PALETTE_NAMES + tuple(NEW_COLOURS)       # + LoRA concept colours (opt-in)
+_EXTENDED = np.array([{**COLOURS, **NEW_COLOURS}[c] for c in _EXTENDED_NAMES], dtype=np.float64)
 _CANVAS = 48  # the mask is resampled so its larger side spans this many pixels
 _SIZE_NAMES = tuple(SIZES)
 _SIZE_VALUES = np.array([SIZES[s] for s in _SIZE_NAMES])
 
 
-def nearest_colour(rgb) -> str:
-    d = ((_PALETTE - np.asarray(rgb, dtype=np.float64)) ** 2).sum(1)
-    return _PALETTE_NAMES[int(d.argmin())]
+def nearest_colour(rgb, extra_colours: bool = False) -> str:
+    names, palette = (_EXTENDED_NAMES, _EXTENDED) if extra_colours else (_PALETTE_NAMES, _PALETTE)
+    d = ((palette - np.asarray(rgb, dtype=np.float64)) ** 2).sum(1)
+    return names[int(d.argmin())]
 
 
 def _border(img: np.ndarray, width: int) -> np.ndarray:
@@ -134,8 +137,10 @@ def classify_shape(features: dict[str, float]) -> tuple[str, dict[str, float]]:
     return min(dist, key=dist.get), dist
 
 
-def analyse(image: np.ndarray) -> dict:
+def analyse(image: np.ndarray, extra_colours: bool = False) -> dict:
     """Attributes of a shapes image: {background, colour, shape, position, size, ...diagnostics}.
+
+    `extra_colours`: the shape's colour may also be one of shapes.NEW_COLOURS (LoRA concepts).
 
     `image` is uint8 (H, W, 3). A blank image reports shape/colour/position/size None.
     """
@@ -159,7 +164,7 @@ def analyse(image: np.ndarray) -> dict:
     mask = _largest_blob(alpha > 0.5)
     alpha = np.where(_dilate(mask), alpha, 0.0)
     inner = mask & (alpha > 0.8)  # anti-aliased edge pixels are mixed with the background
-    result["colour"] = nearest_colour(np.median(img[inner if inner.any() else mask], axis=0))
+    result["colour"] = nearest_colour(np.median(img[inner if inner.any() else mask], axis=0), extra_colours)
     result["colour_rgb"] = fg.tolist()
     # sub-pixel extent: the alpha mass of the rows / columns, crossing 0.5 at the edges
     cols, rows = alpha.max(axis=0), alpha.max(axis=1)

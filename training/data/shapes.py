@@ -50,6 +50,9 @@ COLOURS = {  # name -> sRGB; pairwise far apart so a blurry generated image stil
     "black": (20, 20, 20),
 }
 COLOUR_NAMES = tuple(COLOURS)
+# Colours no shipped model saw: concepts for LoRA training (training/lora.py). Never drawn by `sample_attrs`,
+# never a background; `render` draws them and `analyser.analyse(image, extra_colours=True)` reads them.
+NEW_COLOURS = {"brown": (140, 80, 30)}   # >= 94 (sRGB distance) from every colour above
 BACKGROUNDS = ("white", "black", "grey", "yellow", "blue", "green")
 SIZES = {"small": 0.18, "medium": 0.25, "large": 0.32}  # larger bbox side / image side
 SIZE_JITTER = 0.03  # relative
@@ -162,7 +165,7 @@ def render(attrs: dict, resolution: int = 64, rng: np.random.Generator | None = 
         raise LdmError(f"shapes resolution {resolution} is out of range", hint="use 32..512")
     ss = 4 if resolution < 256 else 2  # supersampling factor
     big = resolution * ss
-    fg, bg = COLOURS[attrs["colour"]], COLOURS[attrs["background"]]
+    fg, bg = {**COLOURS, **NEW_COLOURS}[attrs["colour"]], COLOURS[attrs["background"]]
     extent = SIZES[attrs["size"]]
     row, col = POSITION_CELL[attrs["position"]]
     cy, cx = CELL_CENTRES[row], CELL_CENTRES[col]

@@ -40,6 +40,7 @@ from typing import Mapping
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.runtime import lora_switch
 
 ORT_CUDA_VARIANT = "ort-cuda"   # the manifest variant ldm_deploy/export/ort_optimize.py writes (its VARIANT)
 
@@ -135,6 +136,16 @@ class OrtCpuRunner:
         if missing:
             raise LdmError(f"{self.model_path} lacks the inputs {missing} its manifest lists",
                            hint="the manifest and the ONNX file disagree; re-export the artifact")
+        # lora_switchable artifacts: the weights LoRAs touch are graph inputs (runtime/lora_switch.py)
+        self.base_weights = lora_switch.load_base(artifact, self.spec)
+        self.weights = dict(self.base_weights)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> int:
+        """Replace the switchable weights (name -> array in the graph's dtype); returns how many changed."""
+        changed = [n for n, w in weights.items() if w is not self.weights[n]]
+        for name in changed:
+            self.weights[name] = weights[name]
+        return len(changed)
 
     def _choose_variant(self, artifact, component: str) -> str | None:
         return None   # fused variants use CUDA-only contrib ops
@@ -146,7 +157,9 @@ class OrtCpuRunner:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
-        return {n: np.ascontiguousarray(inputs[n], dtype=self.input_dtypes[n]) for n in self.input_names}
+        feeds = {n: np.ascontiguousarray(inputs[n], dtype=self.input_dtypes[n]) for n in self.input_names}
+        feeds.update(self.weights)
+        return feeds
 
     def _cast_out(self, arrays) -> dict[str, np.ndarray]:
         if self.output_dtype is None:
@@ -201,6 +214,31 @@ class OrtCudaRunner(OrtCpuRunner):
         self._runs = 0
         self._uploaded = False
         self._sync = None                          # host->device copy fence (see _sync_uploads)
+
+    _weights_bound = False
+
+    def _bind_weights(self, names) -> None:
+        """Upload the switchable weights `names` into their device buffers: allocated and bound once, then
+        rewritten in place, so the binding and a captured CUDA graph (which hold the addresses) stay valid."""
+        for name in names:
+            array = np.ascontiguousarray(self.weights[name])
+            held = self._in.get(name)
+            if held is None:
+                held = self._device_value(array.shape, array.dtype)
+                self._in[name] = held
+                self.binding.bind_ortvalue_input(name, held)
+            held.update_inplace(array)
+        self._weights_bound = True
+        self._uploaded = True
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> int:
+        changed = [n for n, w in weights.items() if w is not self.weights[n]]
+        for name in changed:
+            self.weights[name] = weights[name]
+        if self.io_binding and self._weights_bound and changed:
+            self._bind_weights(changed)
+            self._sync_uploads()
+        return len(changed)
 
     def _check_provider(self) -> None:
         """ORT falls back to the CPU silently when the CUDA libraries fail to load: refuse that."""
@@ -307,6 +345,8 @@ class OrtCudaRunner(OrtCpuRunner):
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
         self._uploaded = False
+        if self.weights and not self._weights_bound:
+            self._bind_weights(self.weights)
         for name in self.input_names:
             self._bind_input(name, inputs[name])
         if self._uploaded:

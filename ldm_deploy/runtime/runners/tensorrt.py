@@ -195,8 +195,31 @@ class TensorRTRunner:
 
         self.stream = cuda.Stream()
         self._allocate()
+        # a refittable engine of a lora_switchable artifact (engine/refit.py): LoRAs switch by refitting
+        self.base_weights, self.weights, self._refitter = {}, {}, None
+        artifact_dir = artifact_dir or (Path(self.sidecar["artifact"]) if self.sidecar.get("artifact") else None)
+        if self.sidecar["key"].get("refit") and artifact_dir is not None:
+            from ldm_deploy.artifact import Artifact
+            from ldm_deploy.engine.refit import Refitter
+            from ldm_deploy.runtime import lora_switch
+
+            artifact = Artifact.open(artifact_dir, verify=False)
+            self.base_weights = lora_switch.load_base(artifact, artifact.manifest["components"][component])
+            self.weights = dict(self.base_weights)
+            self._refitter = Refitter(trt, self.engine, self._logger)
         log.debug(f"{component}: TensorRT engine loaded, {sum(self._sizes.values()) / 2**20:.1f} MiB of I/O "
                   f"buffers; profile: {profile_text(self.tensors)}")
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> int:
+        """Refit the engine with the switchable weights that changed (runtime/lora_switch.py); returns how many."""
+        changed = {n: w for n, w in weights.items() if w is not self.weights[n]}
+        if changed:
+            self.stream.synchronize()
+            self._refitter.apply(changed)
+            self.weights.update(changed)
+            if self._graphs:
+                self._graphs.clear()   # captured graphs may hold the old weights' addresses: re-capture
+        return len(changed)
 
     def _allocate(self) -> None:
         """Device and pinned host buffers for the profile's max shapes, bound to the context once."""

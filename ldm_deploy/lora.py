@@ -1,0 +1,310 @@
+"""LoRA files as users have them -> per-parameter weight deltas (numpy + safetensors only, torch-free).
+
+Two layouts are read, for linear layers and 1x1 / 3x3 convolutions (LoCon):
+
+- kohya / A1111: `lora_unet_<module path, dots as underscores>.lora_down.weight` / `.lora_up.weight` /
+  `.alpha`, and `lora_te_...` for the text encoder (SD 1.x / 2.x module names, which are diffusers').
+- diffusers / peft: `unet.<module path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...`,
+  peft's own `base_model.model.<path>...` and prefix-less keys (resolved against the model), with or
+  without a `base_layer` segment; alpha from a `<path>.alpha` key, from the file's
+  `lora_adapter_metadata` (diffusers' `save_lora_weights`) or from an `adapter_config.json` beside it
+  (peft's `save_pretrained`), else alpha = rank (diffusers' default).
+
+A module's delta is `(alpha / r) * up @ down` (`alpha / sqrt(r)` with rsLoRA), r = down's rows; for a
+convolution down is [r, in, kh, kw] and up [out, r, 1, 1], and the product is reshaped to the kernel.
+`W' = W + sum_i scale_i * delta_i` is what `fuse_lora(lora_scale=...)` computes. Parameter names are
+ours, which are diffusers' (U-Net) and transformers' (CLIPTextModel). Only `.safetensors` files are
+read: no pickle, ever.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from ldm_deploy.errors import LdmError, UsageError
+
+COMPONENTS = ("unet", "text_encoder")
+KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}  # te1: kohya for one TE
+METADATA_KEY = "lora_adapter_metadata"       # diffusers' save_lora_weights(..., *_lora_adapter_metadata=)
+SHOW = 4                                     # how many offending keys an error names
+
+_KOHYA = re.compile(r"^(lora_[a-z0-9]+?_)(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_PEFT = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+_OLD_DIFFUSERS = re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+_ALPHA = re.compile(r"^(.+)\.alpha$")
+_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("base_model.model.", None))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora FILE[:SCALE]`."""
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        path, scale = str(text), 1.0
+        head, sep, tail = path.rpartition(":")
+        if sep and head and not tail.startswith(("/", "\\")):
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                raise UsageError(f"--lora {text!r}: the scale after ':' must be a number",
+                                 hint="write FILE or FILE:SCALE, e.g. style.safetensors:0.8") from None
+        if not math.isfinite(scale):
+            raise UsageError(f"--lora {text!r}: the scale must be finite")
+        return cls(Path(path), scale)
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: our parameter name (`....to_q.weight`), its low-rank factors and alpha."""
+    component: str
+    param: str
+    down: np.ndarray            # [r, in] or [r, in, kh, kw]
+    up: np.ndarray              # [out, r] or [out, r, 1, 1]
+    alpha: float | None         # None: alpha = r
+    rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self, shape: tuple) -> np.ndarray:
+        """float32 delta of the target weight's `shape` (scale 1)."""
+        r = self.rank
+        alpha = float(r if self.alpha is None else self.alpha)
+        factor = alpha / (math.sqrt(r) if self.rslora else r)
+        up = self.up.astype(np.float32).reshape(self.up.shape[0], -1)          # (out, r)
+        down = self.down.astype(np.float32).reshape(r, -1)                      # (r, in*kh*kw)
+        if up.shape[1] != r:
+            raise LdmError(f"LoRA for {self.component} {self.param}: up {self.up.shape} does not match down "
+                           f"{self.down.shape} (rank {r})", hint="the file is not a LoRA this loader reads")
+        d = (up @ down) * np.float32(factor)
+        if d.size != math.prod(shape):
+            raise LdmError(f"LoRA for {self.component} {self.param}: delta {d.shape} does not fit the weight "
+                           f"{tuple(shape)}", hint="the LoRA was trained for another model architecture")
+        return d.reshape(shape)
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    sha256: str
+    layout: str                                      # "kohya" | "peft"
+    modules: list[LoraModule] = field(default_factory=list)
+
+    def components(self) -> set[str]:
+        return {m.component for m in self.modules}
+
+    def deltas(self, component: str, shapes: Mapping[str, tuple], scale: float = 1.0) -> dict[str, np.ndarray]:
+        """param -> float32 `scale * delta` for the modules of `component`."""
+        out: dict[str, np.ndarray] = {}
+        for m in self.modules:
+            if m.component == component:
+                d = m.delta(tuple(shapes[m.param])) * np.float32(scale)
+                out[m.param] = out[m.param] + d if m.param in out else d
+        return out
+
+    def record(self, scale: float) -> dict:
+        """The manifest / metadata entry: file name, sha256, layout, scale, what it touches."""
+        return {"file": self.path.name, "sha256": self.sha256, "layout": self.layout, "scale": float(scale),
+                "components": sorted(self.components()), "modules": len(self.modules)}
+
+
+def load_lora(path, targets: Mapping[str, Mapping[str, tuple]]) -> LoraFile:
+    """Read the LoRA file `path` against `targets` (component -> {parameter name: shape}).
+
+    Every tensor of the file must belong to a layer of `targets`; otherwise one LdmError names a few of
+    the keys and their count."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UsageError(f"{path}: LoRA files are read from .safetensors only (no pickle)",
+                         hint="convert it with safetensors, e.g. save_file(torch.load(f, weights_only=True), ...)")
+    if not path.is_file():
+        raise UsageError(f"LoRA file {path} does not exist")
+    tensors, metadata = _read(path)
+    if not tensors:
+        raise LdmError(f"{path} holds no tensors", hint="this is not a LoRA file")
+    from ldm_deploy.fileio import sha256_file
+
+    kohya = any(k.startswith("lora_") for k in tensors)
+    parse = _parse_kohya if kohya else _parse_peft
+    groups, unknown = parse(tensors, targets)
+    if unknown:
+        raise LdmError(f"{path}: {len(unknown)} of {len(tensors)} keys are not LoRA weights of this model's "
+                       f"U-Net / text encoder (e.g. {', '.join(sorted(unknown)[:SHOW])})",
+                       hint="ldm-deploy reads kohya (lora_unet_*/lora_te_*) and diffusers/peft (lora_A/lora_B) "
+                            "LoRA/LoCon files for SD 1.x/2.x-style models; LoHa/LoKr/DoRA and SDXL files are not supported")
+    alphas = _config_alphas(path, metadata)
+    modules = []
+    incomplete = []
+    for (component, module), parts in sorted(groups.items()):
+        if "down" not in parts or "up" not in parts:
+            incomplete.append(f"{component}:{module}")
+            continue
+        alpha = parts.get("alpha")
+        if alpha is None:
+            alpha = _pattern_alpha(alphas.get(component), module)
+        rslora = bool((alphas.get(component) or {}).get("use_rslora", False))
+        modules.append(LoraModule(component, module + ".weight", parts["down"], parts["up"],
+                                  None if alpha is None else float(np.asarray(alpha, np.float64).reshape(-1)[0]),
+                                  rslora))
+    if incomplete:
+        raise LdmError(f"{path}: {len(incomplete)} LoRA modules lack their down/A or up/B half "
+                       f"(e.g. {', '.join(incomplete[:SHOW])})", hint="the file is truncated or not a LoRA")
+    for m in modules:   # shapes are checked now, not at the first switch
+        m.delta(tuple(targets[m.component][m.param]))
+    return LoraFile(path, sha256_file(path), "kohya" if kohya else "peft", modules)
+
+
+def combine(base: Mapping[str, np.ndarray], deltas: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`base[name] + sum(deltas)[name]`, in float32 then cast to the base dtype; names no delta touches are
+    the base arrays themselves, so no LoRA gives the base bit for bit (recomputed from the base every
+    time: no drift from adding and subtracting)."""
+    total: dict[str, np.ndarray] = {}
+    for d in deltas:
+        for name, value in d.items():
+            total[name] = total[name] + value if name in total else value
+    out = dict(base)
+    for name, value in total.items():
+        w = base[name]
+        out[name] = (w.astype(np.float32) + value).astype(w.dtype)
+    return out
+
+
+# --- parsing ----------------------------------------------------------------------------------------
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise LdmError(f"safetensors is not installed: {e}", hint="pip install safetensors") from None
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types on malformed files
+        raise LdmError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0][:200]}") from None
+    return tensors, metadata
+
+
+def _module_table(targets: Mapping[str, Mapping[str, tuple]]) -> dict[str, dict[str, str]]:
+    """component -> {module path as files name it: our module path} for every weight in targets.
+
+    transformers 5's CLIPTextModel names its parameters `encoder.layers...`; LoRA files (and transformers 4)
+    say `text_model.encoder.layers...`: both are accepted."""
+    table = {}
+    for c, names in targets.items():
+        mods = {p[: -len(".weight")]: p[: -len(".weight")] for p in names if p.endswith(".weight")}
+        if c == "text_encoder":
+            mods.update({f"text_model.{m}": m for m in list(mods) if not m.startswith("text_model.")})
+        table[c] = mods
+    return table
+
+
+def _parse_kohya(tensors, targets):
+    table = {c: {k.replace(".", "_"): v for k, v in mods.items()} for c, mods in _module_table(targets).items()}
+    groups: dict = {}
+    unknown = []
+    for key, value in tensors.items():
+        match = _KOHYA.match(key)
+        component = KOHYA_PREFIX.get(match.group(1)) if match else None
+        module = table.get(component, {}).get(match.group(2)) if component else None
+        if module is None:
+            unknown.append(key)
+            continue
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[match.group(3)]
+        groups.setdefault((component, module), {})[part] = value
+    return groups, unknown
+
+
+def _parse_peft(tensors, targets):
+    table = _module_table(targets)
+    groups: dict = {}
+    unknown = []
+    for key, value in tensors.items():
+        for pattern, parts in ((_PEFT, {"lora_A": "down", "lora_B": "up"}), (_OLD_DIFFUSERS, None),
+                               (_ALPHA, None)):
+            match = pattern.match(key)
+            if match:
+                break
+        if not match:
+            unknown.append(key)
+            continue
+        if pattern is _ALPHA:
+            part = "alpha"
+        elif pattern is _PEFT:
+            part = parts[match.group(2)]
+        else:
+            part = match.group(2)
+        resolved = _resolve(match.group(1), table)
+        if resolved is None:
+            unknown.append(key)
+            continue
+        groups.setdefault(resolved, {})[part] = value
+    return groups, unknown
+
+
+def _resolve(name: str, table: Mapping[str, Mapping[str, str]]) -> tuple[str, str] | None:
+    """(component, module path) for a peft/diffusers module name, or None."""
+    name = name.replace(".base_layer", "")
+    component = None
+    for prefix, comp in _PREFIXES:
+        if name.startswith(prefix):
+            name, component = name[len(prefix):], comp
+            break
+    candidates = [component] if component else [c for c in COMPONENTS if name in table.get(c, {})]
+    hits = [c for c in candidates if name in table.get(c, {})]
+    return (hits[0], table[hits[0]][name]) if len(hits) == 1 else None
+
+
+def _config_alphas(path: Path, metadata: dict) -> dict[str, dict]:
+    """component -> peft LoraConfig fields (lora_alpha, r, alpha_pattern, use_rslora) where the file says."""
+    out: dict[str, dict] = {}
+    raw = metadata.get(METADATA_KEY)
+    if raw:
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError:
+            raise LdmError(f"{path}: its {METADATA_KEY} metadata is not JSON") from None
+        for component in COMPONENTS:      # diffusers packs "<component>.<field>"
+            fields = {k[len(component) + 1:]: v for k, v in meta.items() if k.startswith(component + ".")}
+            if fields:
+                out[component] = fields
+    config = path.with_name("adapter_config.json")
+    if not out and config.is_file():      # peft's save_pretrained folder: one config for the wrapped model
+        try:
+            fields = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LdmError(f"{config} is not JSON") from None
+        out = {c: fields for c in COMPONENTS}
+    return out
+
+
+def _pattern_alpha(config: dict | None, module: str) -> float | None:
+    """peft's alpha for `module`: the longest matching alpha_pattern key, else lora_alpha; None without a config."""
+    if not config:
+        return None
+    pattern = config.get("alpha_pattern") or {}
+    hits = [k for k in pattern if re.fullmatch(rf"(.*\.)?{k}", module)]
+    if hits:
+        return float(pattern[max(hits, key=len)])
+    alpha = config.get("lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
+def torch_targets(modules: Mapping[str, object]) -> dict[str, dict[str, tuple]]:
+    """component -> {parameter name: shape} of the Linear / Conv2d weights of torch modules (export side)."""
+    out = {}
+    for component, module in modules.items():
+        if module is None:
+            continue
+        out[component] = {name: tuple(p.shape) for name, p in module.named_parameters()
+                          if name.endswith(".weight") and p.ndim in (2, 4)}
+    return out

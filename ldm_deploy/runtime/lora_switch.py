@@ -1,0 +1,91 @@
+"""Switch LoRAs at run time on an artifact exported with `lora_switchable: linear | all` (torch-free).
+
+Such an artifact's U-Net / text encoder take every Linear / Conv2d weight as a graph input (the manifest
+entry's `lora_weights` lists them; their base values are `<component>/lora_base.safetensors`). A runner
+feeds them with every call (ort-cpu: numpy arrays ORT reads in place) or binds them once as device
+buffers (ort-cuda with IO binding: switching rewrites those buffers in place, so the binding and a
+captured CUDA graph, which hold their addresses, stay valid). Switching never re-traces or re-exports.
+
+`Pipeline.set_loras([(file, scale), ...])` recomputes `W = W_base + sum_i scale_i * delta_i` from the
+stored base every time (`ldm_deploy.lora.combine`) and hands the runner only the arrays that change, so
+A, then B, then none gives the base model's outputs bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ldm_deploy.errors import LdmError
+from ldm_deploy.lora import LoraFile, LoraSpec, combine, load_lora
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+def load_base(artifact, spec: Mapping) -> dict[str, np.ndarray]:
+    """name -> base weight array of a switchable component ({} when the component is not switchable)."""
+    entry = spec.get("lora_weights")
+    if not entry:
+        return {}
+    path = Path(artifact.path) / entry["file"]
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as e:
+        raise LdmError(f"safetensors is not installed: {e}", hint="pip install safetensors") from None
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # safetensors' own error types
+        raise LdmError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0][:200]}",
+                       hint="re-export the artifact with lora_switchable") from None
+    missing = sorted(set(entry["inputs"]) - set(weights))
+    if missing:
+        raise LdmError(f"{path} lacks {len(missing)} weights its manifest lists (e.g. {', '.join(missing[:4])})",
+                       hint="re-export the artifact")
+    for name, arr in weights.items():
+        arr.setflags(write=False)     # read-only: the CUDA runner skips re-uploads by identity
+    return {name: weights[name] for name in entry["inputs"]}
+
+
+def switchable(runners: Mapping[str, object]) -> dict[str, object]:
+    """component -> runner for the runners that take LoRAs at run time."""
+    return {c: r for c, r in runners.items() if c in COMPONENTS and getattr(r, "base_weights", None)}
+
+
+def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None) -> dict:
+    """Set the LoRAs (LoraSpec / "FILE[:SCALE]" / (file, scale)) of the switchable runners; [] restores the base.
+
+    Returns {"loras": [records], "seconds": switch time, "changed": {component: tensors rewritten}}."""
+    start = time.perf_counter()
+    specs = [_spec(s) for s in loras]
+    targets_of = switchable(runners)
+    if not targets_of:
+        raise LdmError(f"the artifact {artifact_path or ''} was not exported with switchable weights".replace("  ", " "),
+                       hint="re-export with `ldm-deploy export ... --lora-switchable`, or merge with `export --lora`")
+    targets = {c: {n: w.shape for n, w in r.base_weights.items()} for c, r in targets_of.items()}
+    try:
+        loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), s.scale) for s in specs]
+    except LdmError as e:
+        modes = {getattr(r, "spec", {}).get("lora_weights", {}).get("mode") for r in targets_of.values()}
+        if "linear" in modes and "not LoRA weights" in str(e):
+            raise LdmError(f"{e} -- this artifact switches Linear and 1x1 conv weights only",
+                           hint="re-export with `--lora-switchable all` for LoCon (3x3 conv) LoRAs, or merge "
+                                "them at export (export --lora)") from None
+        raise
+    changed = {}
+    for component, runner in targets_of.items():
+        base = runner.base_weights
+        new = combine(base, [lora.deltas(component, targets[component], scale) for lora, scale in loaded])
+        changed[component] = runner.set_weights(new)
+    return {"loras": [lora.record(scale) for lora, scale in loaded], "seconds": time.perf_counter() - start,
+            "changed": changed}
+
+
+def _spec(item) -> LoraSpec:
+    if isinstance(item, LoraSpec):
+        return item
+    if isinstance(item, (tuple, list)):
+        path, scale = item
+        return LoraSpec(Path(path), float(scale))
+    return LoraSpec.parse(str(item))

@@ -1,0 +1,297 @@
+"""Train a LoRA on a finished model folder: a concept the model never saw (a new shapes colour), saved in
+the diffusers / peft layout that `ldm-deploy export --lora` and `Pipeline.set_loras` read.
+
+    ldm-train lora --base models/shapes-demo --config training/configs/lora-brown.yaml --out outputs/lora-brown
+
+The base weights stay frozen; rank-r adapters `W x + (alpha / r) * B A x` (B starts at zero, so step 0 is
+the base model) wrap the U-Net's attention, feed-forward and proj_in/proj_out layers, and optionally the
+text encoder's attention. Training images come from the shapes generator: `concept_fraction` of them in
+the concept colour (training/data/shapes.NEW_COLOURS), the rest drawn as the base model was trained, so
+the other colours are kept. For the concept, the (shape, position) pairs with `(7 * s + p) % 5 == 0` are
+never drawn: the evaluation prompts use exactly those (held-out compositions).
+
+Output `<out>/`: `pytorch_lora_weights.safetensors` (`unet.<module>.lora_A.weight` / `lora_B.weight`,
+`text_encoder.<module>...`, with diffusers' `lora_adapter_metadata`: r, lora_alpha, target_modules),
+`lora_config.json` (the resolved config), `report.json` (losses, time, evaluation).
+Evaluation (`evaluate_lora`): held-out concept prompts at scale 1 (colour, shape and both read right by
+the analyser with the concept colours) and the base's held-out prompts at scale 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm_deploy.errors import LdmError, UsageError
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    concept: str = "brown"                  # a training.data.shapes.NEW_COLOURS name
+    concept_fraction: float = 0.5           # share of training images in the concept colour
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                "ff.net.2")          # U-Net module name suffixes (Linear / 1x1 conv)
+    text_encoder: bool = False              # also adapt the text encoder (helps a word the tokenizer splits)
+    te_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    caption_dropout: float = 0.1            # as the base was trained (unconditional rows for CFG)
+    seed: int = 0
+    log_every: int = 50
+    eval_prompts: int = 50                  # held-out concept prompts (and as many base prompts); 0: no eval
+    eval_steps: int = 25
+    guidance: float = 5.0
+    device: str = "auto"                    # auto | cpu | cuda
+
+    def __post_init__(self):
+        from training.data.shapes import NEW_COLOURS
+
+        if self.concept not in NEW_COLOURS:
+            raise UsageError(f"unknown concept {self.concept!r}; choose one of {', '.join(NEW_COLOURS)}")
+        if not 0 < self.concept_fraction <= 1 or self.rank < 1 or self.steps < 1 or self.batch_size < 1:
+            raise UsageError("lora config: concept_fraction in (0, 1], rank, steps and batch_size >= 1")
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides) -> "LoraTrainConfig":
+        data = {}
+        if path:
+            import yaml
+
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise LdmError(f"cannot read LoRA config {path}: {e}") from None
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"{path}: unknown keys {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+        for k in ("targets", "te_targets"):
+            if k in data:
+                data[k] = tuple(data[k])
+        return cls(**data)
+
+
+# --- the adapters --------------------------------------------------------------------------------
+class LoraLayer(nn.Module):
+    """`base(x) + (alpha / r) * up(down(x))` for a Linear or Conv2d `base` (frozen)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))    # peft's init: A random, B zero
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x)) * self.scale
+
+
+def inject(module: nn.Module, suffixes, rank: int, alpha: float) -> dict[str, LoraLayer]:
+    """Wrap every Linear / Conv2d whose name ends with one of `suffixes`; returns name -> LoraLayer."""
+    found = {}
+    for name, child in list(module.named_modules()):
+        if isinstance(child, (nn.Linear, nn.Conv2d)) and any(name == s or name.endswith("." + s) for s in suffixes):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            layer = LoraLayer(child, rank, alpha).to(next(child.parameters()).device)
+            setattr(parent, attr, layer)
+            found[name] = layer
+    if not found:
+        raise UsageError(f"no Linear/Conv2d layer matches the targets {list(suffixes)}")
+    return found
+
+
+def save_lora(path: Path, layers: dict[str, dict[str, LoraLayer]], config: LoraTrainConfig) -> Path:
+    """The diffusers / peft layout with diffusers' adapter metadata (atomic write)."""
+    from ldm_deploy.fileio import atomic_file
+
+    tensors, meta = {}, {}
+    for component, found in layers.items():
+        for name, layer in found.items():
+            tensors[f"{component}.{name}.lora_A.weight"] = layer.down.weight.detach().float().cpu().contiguous()
+            tensors[f"{component}.{name}.lora_B.weight"] = layer.up.weight.detach().float().cpu().contiguous()
+        meta.update({f"{component}.r": config.rank, f"{component}.lora_alpha": config.alpha,
+                     f"{component}.target_modules": sorted(found)})
+    data = _serialize(tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    with atomic_file(path) as f:
+        f.write(data)
+    return path
+
+
+def _serialize(tensors, metadata) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=metadata)
+
+
+# --- data ----------------------------------------------------------------------------------------
+def concept_held_out(shape_index: int, position_index: int) -> bool:
+    return (7 * shape_index + position_index) % 5 == 0
+
+
+def training_attrs(rng: np.random.Generator, config: LoraTrainConfig) -> dict:
+    from training.data.shapes import POSITIONS, SHAPES, sample_attrs
+
+    attrs = sample_attrs(rng, "train")
+    if rng.random() < config.concept_fraction:
+        while True:
+            s, p = int(rng.integers(len(SHAPES))), int(rng.integers(len(POSITIONS)))
+            if not concept_held_out(s, p):
+                break
+        attrs.update(colour=config.concept, shape=SHAPES[s], position=POSITIONS[p])
+    return attrs
+
+
+def concept_prompts(n: int, config: LoraTrainConfig, seed: int = 0) -> list[tuple[str, dict]]:
+    """`n` prompts over the concept's held-out (shape, position) pairs, seeded sizes and backgrounds."""
+    from training.data.shapes import BACKGROUNDS, POSITIONS, SHAPES, SIZES, caption
+
+    pairs = [(s, p) for s in range(len(SHAPES)) for p in range(len(POSITIONS)) if concept_held_out(s, p)]
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    while len(out) < n:
+        for k in rng.permutation(len(pairs)):
+            s, p = pairs[k]
+            attrs = {"shape": SHAPES[s], "colour": config.concept, "position": POSITIONS[p],
+                     "size": tuple(SIZES)[rng.integers(len(SIZES))], "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))]}
+            out.append((caption(attrs), attrs))
+            if len(out) == n:
+                break
+    return out
+
+
+# --- training ------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig) -> dict:
+    """Train, save `<out>/pytorch_lora_weights.safetensors`, evaluate; returns the report."""
+    from training.checkpoint import load_components
+    from training.data.shapes import caption, render
+    from training.noise import NoiseSchedule
+    from training.stages import common
+    from training.stages.unet import DiffusionObjective
+
+    base, out = Path(base), Path(out)
+    if not (base / "model_index.json").is_file():
+        raise UsageError(f"{base} is not a model folder (no model_index.json)", hint="pass --base MODEL_DIR")
+    device = _device(config.device)
+    comps = load_components(base)
+    unet, vae, te = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
+    for m in (unet, vae, te):
+        m.requires_grad_(False).eval()
+    tokenizer = common.load_tokenizer(Path(comps.tokenizer_dir))
+    resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
+    torch.manual_seed(config.seed)
+    layers = {"unet": inject(unet, config.targets, config.rank, config.alpha)}
+    if config.text_encoder:
+        layers["text_encoder"] = inject(te, config.te_targets, config.rank, config.alpha)
+    params = [p for found in layers.values() for layer in found.values()
+              for p in (layer.down.weight, layer.up.weight)]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = NoiseSchedule.from_config(dict(comps.scheduler_config))
+    prediction = comps.scheduler_config.get("prediction_type", "epsilon")
+    with torch.no_grad():
+        empty = common.encode_text(te, common.tokenize(tokenizer, [""]).to(device))
+    objective = DiffusionObjective(unet, schedule, prediction, float(vae.config.scaling_factor),
+                                   config.caption_dropout, empty, vae)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 3])
+    unet.train()
+    losses, start = [], time.perf_counter()
+    for step in range(1, config.steps + 1):
+        attrs = [training_attrs(rng, config) for _ in range(config.batch_size)]
+        images = np.stack([render(a, resolution, rng) for a in attrs])                  # (B, H, W, 3) uint8
+        x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        ids = common.tokenize(tokenizer, [caption(a) for a in attrs]).to(device)
+        if config.text_encoder:
+            context = te(input_ids=ids.long()).last_hidden_state
+        else:
+            with torch.no_grad():
+                context = common.encode_text(te, ids)
+        loss, _ = objective((x, context), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if not math.isfinite(loss.item()):
+            raise LdmError(f"LoRA training diverged at step {step} (loss {loss.item()})", hint="lower lr")
+        if step % config.log_every == 0 or step == config.steps:
+            losses.append((step, round(loss.item(), 5)))
+            print(f"[lora] step {step}/{config.steps} loss {loss.item():.4f}", flush=True)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_lora(out / WEIGHTS_NAME, layers, config)
+    from ldm_deploy.fileio import write_json
+
+    write_json(out / "lora_config.json", {"base": str(base), **dataclasses.asdict(config)})
+    report = {"weights": str(path), "steps": config.steps, "seconds": round(seconds, 1), "losses": losses,
+              "device": str(device), "resolution": resolution,
+              "modules": {c: len(v) for c, v in layers.items()}}
+    if config.eval_prompts > 0:
+        report["eval"] = evaluate_lora(base, path, config)
+    write_json(out / "report.json", report)
+    return report
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConfig, *, scale: float = 1.0) -> dict:
+    """Concept prompts with the LoRA at `scale`; the base's held-out prompts at scale 0 (the base weights)."""
+    from ldm_deploy.lora import combine, load_lora, torch_targets
+    from training.checkpoint import load_components
+    from training.data.analyser import analyse, score
+    from training.data.shapes import holdout_prompts
+    from training.stages.sampling import generate
+
+    comps = load_components(Path(base))
+    modules = {"unet": comps.unet.eval(), "vae": comps.vae.eval(), "text_encoder": comps.text_encoder.eval()}
+    resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
+    kw = dict(steps=config.eval_steps, guidance=config.guidance, seed=config.seed, resolution=resolution)
+    prompts = holdout_prompts(config.eval_prompts, seed=config.seed)
+    base_images = generate(modules, Path(comps.tokenizer_dir), dict(comps.scheduler_config),
+                           float(comps.vae.config.scaling_factor), [p for p, _ in prompts], **kw)
+    base_scores = [score(a, analyse(im)) for (_, a), im in zip(prompts, base_images)]
+
+    targets = torch_targets({"unet": comps.unet, "text_encoder": comps.text_encoder})
+    lora = load_lora(lora_file, targets)
+    with torch.no_grad():
+        for component in ("unet", "text_encoder"):
+            module = modules[component]
+            base_sd = {k: v.numpy() for k, v in module.state_dict().items()}
+            merged = combine(base_sd, [lora.deltas(component, targets[component], scale)])
+            module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in merged.items()})
+    concept = concept_prompts(config.eval_prompts, config, seed=config.seed)
+    images = generate(modules, Path(comps.tokenizer_dir), dict(comps.scheduler_config),
+                      float(comps.vae.config.scaling_factor), [p for p, _ in concept], **kw)
+    scores = [score(a, analyse(im, extra_colours=True)) for (_, a), im in zip(concept, images)]
+
+    def rate(rows, key):
+        return round(sum(r[key] for r in rows) / max(len(rows), 1), 4)
+
+    return {"scale": scale, "prompts": config.eval_prompts,
+            "concept": {k: rate(scores, k) for k in ("colour", "shape", "position")}
+            | {"colour_and_shape": round(sum(r["colour"] and r["shape"] for r in scores) / max(len(scores), 1), 4)},
+            "base_at_scale_0": {k: rate(base_scores, k) for k in ("colour", "shape", "position")}
+            | {"colour_and_shape": round(sum(r["colour"] and r["shape"] for r in base_scores) / max(len(base_scores), 1), 4)},
+            "concept_examples": [p for p, _ in concept[:4]]}
