@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lora-switch-cpu-demo.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lora" / "lora-switch-cpu-demo.json")
     args = ap.parse_args(argv)
 
 
