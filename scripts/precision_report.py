@@ -39,7 +39,7 @@ def main() -> int:
 
     from ldm_deploy.bench.machine import machine_info
     from ldm_deploy.bench.prepare import random_model_folder
-    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.config import Range, load_config
     from ldm_deploy.export.exporter import export_model
     from ldm_deploy.export.precision import PrecisionDebugConfig, debug_precision
     from ldm_deploy.fileio import write_json
@@ -55,7 +55,8 @@ def main() -> int:
         # one fp32 export (cached by export_model) serves every component: debug-precision takes an fp32 artifact
         start = time.perf_counter()
         fp32 = load_config(config).replace(precision="fp32", vae_precision="fp32", ort_cuda=False,
-                                           components=("text_encoder", "unet", "vae_decoder"), measure_runtime=False)
+                                           components=("text_encoder", "unet", "vae_decoder"), measure_runtime=False,
+                                           height=Range(size, size, size), width=Range(size, size, size))
         artifact = export_model(folder, Path(args.work) / f"{kind}-fp32", fp32).path
         entry["fp32_export_seconds"] = round(time.perf_counter() - start, 1)
         for component in args.components.split(","):
