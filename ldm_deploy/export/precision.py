@@ -40,11 +40,11 @@ COMPONENTS = ("unet", "vae_decoder", "text_encoder")
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse on the moon, highly detailed",
                    "a red circle and a blue square on a white background")
 # validate's fp16 tolerance: max |fp16 - fp32| / max |fp32| per tensor
-DEFAULT_TOLERANCE = 2e-2
+DEFAULT_TOLERANCE = 2e-2   # (repeated in commands/debug_precision.py, which must not import onnx)
 # Activations above half the fp16 range are flagged: other prompts, seeds, sizes or a GPU's kernels
 # (different accumulation order) move maxima by tens of percent, so one binade of headroom is the
 # least that makes "did not overflow on these inputs" mean "will not overflow in production".
-DEFAULT_MARGIN = 0.5
+DEFAULT_MARGIN = 0.5       # (likewise)
 MAX_ROUNDS = 4
 
 

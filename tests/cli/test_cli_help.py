@@ -52,7 +52,7 @@ def test_subcommand_conventions(name, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"example:\n  {mod.EXAMPLE}" in out and "--quiet" in out and "--verbose" in out
 
-    assert main([cmd, "--no-such-flag"]) == 2
+    assert main([name, "--no-such-flag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ldm-deploy") and "error:" in err
 
@@ -60,15 +60,15 @@ def test_subcommand_conventions(name, tmp_path, capsys):
     codes = codes if isinstance(codes, tuple) else (codes,)
     argv = [a.format(nope=tmp_path / "missing", out=tmp_path / "out") for a in argv]
     for flags in ([], ["-q"], ["--quiet"]):                 # global flag before the subcommand
-        assert main([*flags, cmd, *argv]) in codes, (flags, name)
+        assert main([*flags, name, *argv]) in codes, (flags, name)
         captured = capsys.readouterr()
         assert captured.err.startswith("ldm-deploy") and captured.err.count("\n") == 1, captured.err
         assert "Traceback" not in captured.err
-    assert main([cmd, *argv, "--quiet"]) in codes             # and after it
+    assert main([name, *argv, "--quiet"]) in codes             # and after it
     capsys.readouterr()
     assert not (tmp_path / "out").exists(), f"{name} wrote output on failure"
     with pytest.raises(LdmError):                            # --verbose: the exception and its traceback
-        main([cmd, *argv, "--verbose"])
+        main([name, *argv, "--verbose"])
 
 
 def test_top_level_help_usage_and_flags(capsys):
@@ -143,3 +143,11 @@ def test_ldm_train_stage_conventions(stage, tmp_path, capsys):
     assert train_main([stage, "--config", str(tmp_path / "missing.yaml")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ldm-train: error:") and err.count("\n") == 1
+
+
+def test_debug_precision_flag_defaults_are_the_library_defaults():
+    # the command repeats them so that building the parser needs no onnx (torch-free runtime, serving venv)
+    from ldm_deploy.commands import debug_precision as cmd
+    from ldm_deploy.export import precision
+
+    assert (cmd.DEFAULT_TOLERANCE, cmd.DEFAULT_MARGIN) == (precision.DEFAULT_TOLERANCE, precision.DEFAULT_MARGIN)
