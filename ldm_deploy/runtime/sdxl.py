@@ -30,7 +30,7 @@ import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime.pipeline import (
-    GenerationResult, Pipeline, _as_image_batch, _Denoiser, check_finite, to_uint8,
+    GenerationResult, Pipeline, _as_image_batch, _Denoiser, _generator, check_finite, to_uint8,
 )
 
 HIDDEN, POOLED = "penultimate_hidden_state", "text_embeds"
@@ -153,7 +153,7 @@ class SDXLPipeline(Pipeline):
     # --- the loop ------------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 steps: int = 50, guidance: float = 5.0, scheduler: str | None = None, seed: int | None = None,
+                 steps: int = 50, guidance: float = 5.0, scheduler: str | None = None, seed: int | Sequence[int] | None = None,
                  latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
                  num_images: int = 1, image: np.ndarray | None = None, strength: float = 0.3,
                  guidance_rescale: float = 0.0, eta: float = 0.0,
@@ -195,7 +195,11 @@ class SDXLPipeline(Pipeline):
         self._check_batch(batch)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
-        rng = np.random.default_rng(seed)
+        else:
+            from ldm_deploy.limits import check_seed
+            # as Pipeline: -1 or 2**63 a UsageError; a list is one seed per row (RowRNG), not one mixed entropy
+            seed = [check_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else check_seed(seed)
+        rng = _generator(seed, batch)
         timings: dict[str, float] = {}
 
         # 1. conditioning: [negative, positive] rows of context, pooled embeddings and time_ids
