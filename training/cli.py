@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (overrides the config)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(overrides the config)")
     p.add_argument("--eval-prompts", type=int, help="held-out prompts to evaluate (0: no evaluation)")
-    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _add_verbosity(p)   # -q / -v as every other command (main reads args.quiet / args.verbose)
     return parser
 
 
