@@ -120,7 +120,13 @@ class SDXLPipeline(Pipeline):
         if "text_encoder" in runners:
             tokenizers["text_encoder"] = ClipTokenizer.from_dir(artifact.tokenizer_dir)
         tok2 = sdxl.get("tokenizer_2") or m["tokenizer"]
-        tokenizers["text_encoder_2"] = ClipTokenizer.from_dir(artifact.path / tok2["dir"])
+        from ldm_deploy.paths import check_tree, inside
+
+        # named in the manifest: inside the artifact, no file of it linking out (as Artifact.tokenizer_dir)
+        tok2_dir = inside(artifact.path, (tok2 or {}).get("dir") if isinstance(tok2, dict) else None,
+                          named_in=artifact.path / "manifest.json")
+        check_tree(tok2_dir, root=artifact.path)
+        tokenizers["text_encoder_2"] = ClipTokenizer.from_dir(tok2_dir)
         return cls(tokenizers, runners, m["scheduler"], sdxl, m["scaling_factor"], m.get("prediction_type", "epsilon"),
                    m.get("profiles"), latent_channels=m.get("latent_channels", 4),
                    vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend,
