@@ -94,6 +94,9 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
 
     start = time.perf_counter()
     folder = read_folder(src)
+    from ldm_deploy.paths import check_tree
+
+    check_tree(folder.path)   # hashed and read below: no link out of it, no FIFO / device (which would hang)
     out = Path(out)
     if out.resolve() == folder.path.resolve() or folder.path.resolve() in out.resolve().parents:
         raise UsageError(f"--out {out} is the source folder or inside it", hint="write the artifact elsewhere")

@@ -62,3 +62,17 @@ def test_external_data_outside_the_folder_is_refused(onnx_folder, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("not inside" in err[0] or "outside" in err[0]), err
     assert not (tmp_path / "art").exists()
+
+
+def test_link_out_of_the_source_folder_is_refused(onnx_folder, tmp_path, capsys):
+    """The folder is hashed and read: a file that is a link out of it is refused (one line, exit 1), as
+    for model folders (paths.check_tree), instead of being followed."""
+    src = tmp_path / "src"
+    shutil.copytree(onnx_folder, src)
+    (tmp_path / "elsewhere.json").write_text((src / "unet" / "config.json").read_text())
+    (src / "unet" / "config.json").unlink()
+    (src / "unet" / "config.json").symlink_to(tmp_path / "elsewhere.json")
+    assert main(["-q", "import", str(src), "--out", str(tmp_path / "art")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic link" in err[0], err
+    assert not (tmp_path / "art").exists()
