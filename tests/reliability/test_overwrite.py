@@ -119,6 +119,10 @@ def _train_over_its_given_tokenizer(tmp, model, artifact):
     return ["tokenizer", "--config", "tiny", "--out", model, "--set", f"tokenizer.path={model / 'tokenizer'}"], model
 
 
+def _export_optimum_layout_above_the_model(tmp, model, artifact):
+    return ["export", model, "--out", model.parent, "--config", "tiny", "--layout", "optimum"], model.parent
+
+
 def _triton_repo_over_the_artifact(tmp, model, artifact):
     # REPO/ldm would be the artifact itself: `--out PARENT` of an artifact folder named ldm
     art = tmp / "ldm"
@@ -156,6 +160,7 @@ REFUSALS = {
     "build --out above ONNX_DIR": (_build_above_the_artifact, True, "holds the input"),
     "ldm-train into a folder of the user's files": (_train_into_user_folder, False, "is not an ldm-train run folder"),
     "ldm-train --out holding tokenizer.path": (_train_over_its_given_tokenizer, True, "holds the input"),
+    "export --layout optimum --out above MODEL_DIR": (_export_optimum_layout_above_the_model, True, "holds the input"),
     "triton-repo whose REPO/ldm is the artifact": (_triton_repo_over_the_artifact, True, "is the input"),
     "triton-repo --out the artifact": (_triton_repo_inside_the_artifact, True, "is inside the input"),
     "ldm-train lora into a folder of the user's files": (_lora_into_user_folder, False, "is not a LoRA folder"),
