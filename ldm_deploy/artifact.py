@@ -236,8 +236,9 @@ def _check_numbers(m: dict, root: Path) -> None:
         raise LdmError(f"manifest of {root} is malformed: latent_channels {m['latent_channels']} / vae_scale_factor "
                        f"{m['vae_scale_factor']} over the limits 64 / 64", hint="re-run the export")
     for part, config in (m.get("model") or {}).items() if isinstance(m.get("model"), dict) else ():
-        if config is not None:   # a part the model lacks (the SDXL refiner has no text_encoder)
-            limits.check_model_config(config, f"manifest of {root}: model.{part}")
+        if config is None:
+            continue   # a part the model has not (an SDXL refiner's text_encoder, an imported folder's missing part)
+        limits.check_model_config(config, f"manifest of {root}: model.{part}")
     s = m["scheduler"]
     limits.check_scheduler_numbers(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
                                    s.get("beta_end", 0.012), f"manifest of {root}: scheduler")

@@ -22,6 +22,7 @@ MAX_IMAGE_SIDE = 8192           # pixels, a profile's height / width; SD 1.5: 51
 MAX_BATCH = 1024                # images per call, a profile's batch; an 8192^2 float32 image alone is 768 MiB
 MAX_SEED = 2**63 - 1            # seeds are non-negative and recorded as JSON integers
 THREADS_PER_CORE = 4            # --threads above 4 x os.cpu_count() only adds contention (and hangs at 1e5)
+MAX_LORA_SCALE = 100.0          # |scale| of a LoRA (usually 0..1.5); beyond, merged fp16 weights overflow soon
 MAX_PARAMETERS = 20e9           # estimated from a config before any module is built; SDXL U-Net: 2.6e9
 
 # diffusers / transformers config.json sizes (U-Net, VAE, CLIP text encoder)

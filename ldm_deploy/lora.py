@@ -47,6 +47,16 @@ class LoraSpec:
     path: Path
     scale: float = 1.0
 
+    def __post_init__(self):
+        from ldm_deploy.limits import MAX_LORA_SCALE
+
+        # every way in (--lora, Python tuples, runtime switches): a NaN / inf / huge scale makes inf weights
+        s = self.scale
+        if (isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not math.isfinite(s)
+                or abs(s) > MAX_LORA_SCALE):
+            raise UsageError(f"LoRA {self.path}: scale {s!r} must be a finite number in "
+                             f"[-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]", hint="usual scales are 0..1.5")
+
     @classmethod
     def parse(cls, text: str) -> "LoraSpec":
         path, scale = str(text), 1.0

@@ -161,3 +161,17 @@ def test_peft_save_pretrained_folder_alpha_from_adapter_config(lora_files, targe
     assert lora.components() == {"unet"}
     assert {a for p, a in alphas.items() if ".conv2." in p} == {2.0}
     assert {a for p, a in alphas.items() if ".conv2." not in p} == {8.0}
+
+
+def test_scale_is_bounded_on_every_way_in():
+    """A NaN, infinite or huge scale (limits.MAX_LORA_SCALE) is one UsageError whether it comes from --lora,
+    a LoraSpec, or a (path, scale) tuple given to the runtime switch (which used float() unchecked)."""
+    from ldm_deploy.runtime.lora_switch import _spec
+
+    for text in ("x.safetensors:nan", "x.safetensors:inf", "x.safetensors:1e30"):
+        with pytest.raises(UsageError, match="scale"):
+            LoraSpec.parse(text)
+    for scale in (float("nan"), 1e30, -1e3):
+        with pytest.raises(UsageError, match="scale"):
+            _spec(("x.safetensors", scale))
+    assert LoraSpec.parse("x.safetensors:-1.5").scale == -1.5 and LoraSpec("x", np.float32(0.5)).scale == 0.5

@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (overrides the config)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(overrides the config)")
     p.add_argument("--eval-prompts", type=int, help="held-out prompts to evaluate (0: no evaluation)")
-    _add_verbosity(p)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that is not a LoRA folder written by ldm-train lora (never one "
+                        "that is, holds or lies inside --base)")
+    _add_verbosity(p)   # -q / -v as every other command (main reads args.quiet / args.verbose)
     return parser
 
 
@@ -83,7 +86,7 @@ def run(args) -> int:
         from training.lora import LoraTrainConfig, train_lora
 
         config = LoraTrainConfig.load(args.config, steps=args.steps, device=args.device, eval_prompts=args.eval_prompts)
-        print(json.dumps(train_lora(args.base, args.out, config), indent=2, default=str))
+        print(json.dumps(train_lora(args.base, args.out, config, force=args.force), indent=2, default=str))
         return 0
     from training.stages import run_all, run_stage
 

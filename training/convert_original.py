@@ -590,7 +590,7 @@ def convert_checkpoint(
     never when it is, holds or lies inside the checkpoint or the tokenizer folder.
     """
     tok = _check_tokenizer(tokenizer)
-    inputs = [path, tok]
+    inputs = [path, tok, tokenizer_2]   # tokenizer_2 (SDXL): refused here, before the long load, not only at save
     check_out_dir(out_dir, MODEL_OUTPUT, inputs=inputs, force=force)   # before the (long) load
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise LdmError(f"unknown prediction type {prediction_type!r}", hint="use epsilon or v_prediction")

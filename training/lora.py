@@ -32,6 +32,18 @@ from torch import nn
 from ldm_deploy.errors import LdmError, UsageError
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_OUT_FILES = {WEIGHTS_NAME, "lora_config.json", "report.json"}
+
+
+def _is_older_lora_dir(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    return WEIGHTS_NAME in names and names <= _OUT_FILES
+
+
+def _lora_output():
+    from ldm_deploy.fileio import OutputKind
+
+    return OutputKind("lora-run", "a LoRA folder written by `ldm-train lora`", _is_older_lora_dir)
 
 
 @dataclass(frozen=True)
@@ -186,8 +198,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig) -> dict:
-    """Train, save `<out>/pytorch_lora_weights.safetensors`, evaluate; returns the report."""
+def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, force: bool = False) -> dict:
+    """Train, save `<out>/pytorch_lora_weights.safetensors`, evaluate; returns the report. `out` is written
+    whole at the end (fileio.atomic_dir); an existing folder that is not a LoRA folder we wrote is refused
+    before training unless `force`, and one that is, holds or lies inside `base` always."""
+    from ldm_deploy.fileio import atomic_dir, check_out_dir
     from training.checkpoint import load_components
     from training.data.shapes import caption, render
     from training.noise import NoiseSchedule
@@ -197,6 +212,8 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig) -> di
     base, out = Path(base), Path(out)
     if not (base / "model_index.json").is_file():
         raise UsageError(f"{base} is not a model folder (no model_index.json)", hint="pass --base MODEL_DIR")
+    kind = _lora_output()
+    check_out_dir(out, kind, inputs=[base], force=force)      # before any training
     device = _device(config.device)
     comps = load_components(base)
     unet, vae, te = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
@@ -241,17 +258,17 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig) -> di
             losses.append((step, round(loss.item(), 5)))
             print(f"[lora] step {step}/{config.steps} loss {loss.item():.4f}", flush=True)
     seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    path = save_lora(out / WEIGHTS_NAME, layers, config)
     from ldm_deploy.fileio import write_json
 
-    write_json(out / "lora_config.json", {"base": str(base), **dataclasses.asdict(config)})
-    report = {"weights": str(path), "steps": config.steps, "seconds": round(seconds, 1), "losses": losses,
-              "device": str(device), "resolution": resolution,
-              "modules": {c: len(v) for c, v in layers.items()}}
-    if config.eval_prompts > 0:
-        report["eval"] = evaluate_lora(base, path, config)
-    write_json(out / "report.json", report)
+    with atomic_dir(out, kind, inputs=[base], force=force) as tmp:
+        path = save_lora(tmp / WEIGHTS_NAME, layers, config)
+        write_json(tmp / "lora_config.json", {"base": str(base), **dataclasses.asdict(config)})
+        report = {"weights": str(out / WEIGHTS_NAME), "steps": config.steps, "seconds": round(seconds, 1),
+                  "losses": losses, "device": str(device), "resolution": resolution,
+                  "modules": {c: len(v) for c, v in layers.items()}}
+        if config.eval_prompts > 0:
+            report["eval"] = evaluate_lora(base, path, config)
+        write_json(tmp / "report.json", report)
     return report
 
 

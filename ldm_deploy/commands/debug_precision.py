@@ -51,6 +51,8 @@ def run(args) -> int:
     if args.prompts:
         kwargs["prompts"] = tuple(args.prompts)
     config = PrecisionDebugConfig(args.source, export_config=args.config, **kwargs)
+    if args.write_config:
+        _check_write_config(Path(args.write_config))          # before the (long) run
     report = debug_precision(config)
     print(report.summary())
     if args.json:
@@ -59,3 +61,21 @@ def run(args) -> int:
         write_fix(report, Path(args.write_config), args.source)
         print(f"wrote {args.write_config}: `ldm-deploy export {args.source} --config {args.write_config}` applies it")
     return 0 if report.fixed else 1
+
+
+WRITTEN_BY = "# written by `ldm-deploy debug-precision"   # the first line of every file write_fix writes
+
+
+def _check_write_config(path) -> None:
+    """--write-config replaces only a file debug-precision wrote (or a new one): never the user's own config."""
+    from ldm_deploy.errors import UsageError
+
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = path.is_file() and not path.is_symlink() and path.read_bytes()[:len(WRITTEN_BY)] == WRITTEN_BY.encode()
+    except OSError:
+        ours = False
+    if not ours:
+        raise UsageError(f"--write-config {path} exists and was not written by debug-precision; refusing to replace it",
+                         hint="choose a new file name (then merge the fp16_keep_nodes it lists into your config)")

@@ -63,7 +63,14 @@ def run(args) -> int:
     if args.layout == "optimum":
         from pathlib import Path
 
+        from ldm_deploy.fileio import check_out_dir
+        from ldm_deploy.interop.to_optimum import OPTIMUM_OUTPUT
+        from ldm_deploy.lora import LoraSpec
+
         target = str(Path(args.out).with_name(Path(args.out).name + ".artifact"))
+        # --out guarded before the export (not after it), with the export's inputs: never the model folder
+        check_out_dir(args.out, OPTIMUM_OUTPUT, force=args.force,
+                      inputs=[args.model_dir, target, *(LoraSpec.parse(s).path for s in args.lora or ())])
     result = export_model(args.model_dir, target, config, force=args.force, loras=args.lora)
     if result.cached:
         log.info(f"export (cached): {result.path} is up to date")

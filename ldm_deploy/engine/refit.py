@@ -38,9 +38,12 @@ def refittable_onnx(artifact_dir: Path, entry: dict, work: Path) -> Path:
     from onnx import numpy_helper
     from safetensors.numpy import load_file
 
-    src = Path(artifact_dir) / entry["file"]
+    from ldm_deploy.paths import inside_file
+
+    named_in = Path(artifact_dir) / "manifest.json"
+    src = inside_file(artifact_dir, entry["file"], named_in=named_in)
     model = onnx.load(str(src))                  # with its external data
-    base = load_file(str(Path(artifact_dir) / entry["lora_weights"]["file"]))
+    base = load_file(str(inside_file(artifact_dir, entry["lora_weights"]["file"], named_in=named_in)))
     names = set(entry["lora_weights"]["inputs"])
     kept = [i for i in model.graph.input if i.name not in names]
     del model.graph.input[:]

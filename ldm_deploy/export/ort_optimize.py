@@ -313,10 +313,13 @@ def variant_entry(root: Path, path: Path, stats: dict) -> dict:
 
 def fp32_source(root: Path, entry: dict) -> Path | None:
     """The component's fp32 graph: `fp32_file` when the export kept one, else the main file if fp32."""
+    from ldm_deploy.paths import inside_file
+
+    named_in = Path(root) / "manifest.json"   # paths read from the manifest stay inside the artifact
     if entry.get("fp32_file"):
-        return root / entry["fp32_file"]
+        return inside_file(root, entry["fp32_file"], named_in=named_in)
     if entry.get("precision") == "fp32":
-        return root / entry["file"]
+        return inside_file(root, entry["file"], named_in=named_in)
     return None
 
 

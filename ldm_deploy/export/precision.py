@@ -48,6 +48,9 @@ DEFAULT_MARGIN = 0.5       # (likewise)
 MAX_ROUNDS = 4
 
 
+MAX_TRAJECTORY_STEPS = 1000   # SD's training timesteps; a longer trajectory only repeats them
+
+
 @dataclass(frozen=True)
 class PrecisionDebugConfig:
     source: str                                 # model folder or artifact folder
@@ -77,6 +80,10 @@ class PrecisionDebugConfig:
             raise UsageError(f"precision must be fp16, got {self.precision!r}")
         if self.inputs < 1 or self.steps < 1 or not self.prompts:
             raise UsageError("--inputs and --steps must be >= 1 and at least one prompt is needed")
+        # every step's U-Net inputs are kept in memory to pick from: bounded like the training timesteps
+        if self.inputs > MAX_TRAJECTORY_STEPS or self.steps > MAX_TRAJECTORY_STEPS:
+            raise UsageError(f"--inputs {self.inputs} / --steps {self.steps}: at most {MAX_TRAJECTORY_STEPS} "
+                             "(every step's inputs are held in memory)", hint="the default 10 steps, 4 inputs suffice")
         if not 0 < self.tolerance < 1 or not 0 < self.margin <= 1:
             raise UsageError(f"tolerance must be in (0, 1) and margin in (0, 1], got {self.tolerance}, {self.margin}")
         if self.device not in ("cpu", "cuda"):

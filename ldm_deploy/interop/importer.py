@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.artifact import ARTIFACT_OUTPUT, FORMAT, FORMAT_VERSION, MANIFEST, Artifact
+from ldm_deploy.artifact import ARTIFACT_OUTPUT, FORMAT, FORMAT_VERSION, MANIFEST, Artifact, profiles_digest
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
 from ldm_deploy.interop.layout import GRAPH_PARTS, onnx_layout
@@ -94,6 +94,9 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
 
     start = time.perf_counter()
     folder = read_folder(src)
+    from ldm_deploy.paths import check_tree
+
+    check_tree(folder.path)   # hashed and read below: no link out of it, no FIFO / device (which would hang)
     out = Path(out)
     if out.resolve() == folder.path.resolve() or folder.path.resolve() in out.resolve().parents:
         raise UsageError(f"--out {out} is the source folder or inside it", hint="write the artifact elsewhere")
@@ -140,6 +143,7 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
         entries = {}
         for c, adapted in graphs.items():
             path = tmp / c / "model.onnx"
+            _check_external_locations(adapted.model, folder.path / c)
             try:   # external weights (Optimum's model.onnx_data, the Hub's weights.pb) join the graph here
                 onnx.load_external_data_for_model(adapted.model, str(folder.path / c))
             except (OSError, ValueError) as e:
@@ -177,7 +181,7 @@ def _manifest(root: Path, folder: _Folder, source_sha: str, entries: dict, token
     channels = (unet_in.get("sample") or {}).get("shape", [None, None])[1]
     if not isinstance(channels, int):
         channels = int((folder.configs["unet"] or {}).get("in_channels", vae.get("latent_channels", 4)))
-    return {
+    manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": {"path": str(folder.path.resolve()), "sha256": source_sha},
@@ -196,6 +200,26 @@ def _manifest(root: Path, folder: _Folder, source_sha: str, entries: dict, token
         "import": {**settings, "pipeline": folder.index.get("_class_name"),
                    "diffusers_version": folder.index.get("_diffusers_version"), "skipped": skipped},
     }
+    manifest["profiles_sha256"] = profiles_digest(manifest)   # the profiles' integrity, as export's manifests
+    return manifest
+
+
+def _check_external_locations(model, folder: Path) -> None:
+    """Every external-data `location` a graph names (Optimum's model.onnx_data, the Hub's weights.pb) is a
+    regular file inside the graph's own folder: no absolute path, no `..`, no link out (paths.inside)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from ldm_deploy.paths import inside_file
+
+    seen = set()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location not in seen:
+            seen.add(location)
+            inside_file(folder, location, named_in=folder / "model.onnx",
+                        hint="re-download the folder; a graph's external weights must lie beside it")
 
 
 def _vae_scale_factor(folder: _Folder) -> int:
@@ -226,9 +250,15 @@ def _profiles(folder: _Folder, graphs: dict, batch, height, width) -> dict:
 
 
 def _range(what: str, rng, multiple: int) -> dict:
+    from ldm_deploy import limits
+
     lo, opt, hi = (int(v) for v in rng)
     if not 1 <= lo <= opt <= hi:
         raise UsageError(f"{what} range {lo}:{opt}:{hi} needs 1 <= min <= opt <= max")
+    top = limits.MAX_BATCH if what == "batch" else limits.MAX_IMAGE_SIDE
+    if hi > top:
+        raise UsageError(f"{what} range {lo}:{opt}:{hi}: max {hi} is over ldm-deploy's limit of {top}",
+                         hint=f"give a {what} max of at most {top}")
     bad = [v for v in (lo, opt, hi) if v % multiple]
     if bad:
         raise UsageError(f"{what} values {bad} are not multiples of the VAE scale factor {multiple}")

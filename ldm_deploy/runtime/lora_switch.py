@@ -29,7 +29,10 @@ def load_base(artifact, spec: Mapping) -> dict[str, np.ndarray]:
     entry = spec.get("lora_weights")
     if not entry:
         return {}
-    path = Path(artifact.path) / entry["file"]
+    from ldm_deploy.paths import inside_file
+
+    # named in the manifest, which is not in its own hashes: it must stay inside the artifact (paths.py)
+    path = inside_file(artifact.path, entry.get("file"), named_in=Path(artifact.path) / "manifest.json")
     try:
         from safetensors.numpy import load_file
     except ImportError as e:

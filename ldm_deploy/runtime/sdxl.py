@@ -30,7 +30,7 @@ import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime.pipeline import (
-    GenerationResult, Pipeline, _as_image_batch, _Denoiser, check_finite, to_uint8,
+    GenerationResult, Pipeline, _as_image_batch, _Denoiser, _generator, check_finite, to_uint8,
 )
 
 HIDDEN, POOLED = "penultimate_hidden_state", "text_embeds"
@@ -120,7 +120,13 @@ class SDXLPipeline(Pipeline):
         if "text_encoder" in runners:
             tokenizers["text_encoder"] = ClipTokenizer.from_dir(artifact.tokenizer_dir)
         tok2 = sdxl.get("tokenizer_2") or m["tokenizer"]
-        tokenizers["text_encoder_2"] = ClipTokenizer.from_dir(artifact.path / tok2["dir"])
+        from ldm_deploy.paths import check_tree, inside
+
+        # named in the manifest: inside the artifact, no file of it linking out (as Artifact.tokenizer_dir)
+        tok2_dir = inside(artifact.path, (tok2 or {}).get("dir") if isinstance(tok2, dict) else None,
+                          named_in=artifact.path / "manifest.json")
+        check_tree(tok2_dir, root=artifact.path)
+        tokenizers["text_encoder_2"] = ClipTokenizer.from_dir(tok2_dir)
         return cls(tokenizers, runners, m["scheduler"], sdxl, m["scaling_factor"], m.get("prediction_type", "epsilon"),
                    m.get("profiles"), latent_channels=m.get("latent_channels", 4),
                    vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend,
@@ -153,7 +159,7 @@ class SDXLPipeline(Pipeline):
     # --- the loop ------------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 steps: int = 50, guidance: float = 5.0, scheduler: str | None = None, seed: int | None = None,
+                 steps: int = 50, guidance: float = 5.0, scheduler: str | None = None, seed: int | Sequence[int] | None = None,
                  latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
                  num_images: int = 1, image: np.ndarray | None = None, strength: float = 0.3,
                  guidance_rescale: float = 0.0, eta: float = 0.0,
@@ -195,7 +201,11 @@ class SDXLPipeline(Pipeline):
         self._check_batch(batch)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
-        rng = np.random.default_rng(seed)
+        else:
+            from ldm_deploy.limits import check_seed
+            # as Pipeline: -1 or 2**63 a UsageError; a list is one seed per row (RowRNG), not one mixed entropy
+            seed = [check_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else check_seed(seed)
+        rng = _generator(seed, batch)
         timings: dict[str, float] = {}
 
         # 1. conditioning: [negative, positive] rows of context, pooled embeddings and time_ids

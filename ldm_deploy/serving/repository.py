@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.fileio import OutputKind
 from ldm_deploy.serving.contract import INPUTS, OUTPUTS
 
 MODEL_NAME = "ldm"
+# REPO/ldm: an existing one is replaced only with --force (checked in write_repository); the kind serves the
+# input checks of fileio.check_out_dir
+REPO_OUTPUT = OutputKind("triton-model", "a Triton model folder written by `ldm-deploy triton-repo`", marker=False)
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 _TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32",
           "UINT8": "TYPE_UINT8"}
@@ -98,13 +102,15 @@ def write_repository(artifact: str | Path, out: str | Path, config: RepoConfig =
     """Write OUT/ldm/{config.pbtxt, 1/model.py} for `artifact` (atomically); returns OUT/ldm."""
     from ldm_deploy import __version__
     from ldm_deploy.artifact import Artifact
-    from ldm_deploy.fileio import atomic_dir
+    from ldm_deploy.fileio import atomic_dir, check_out_dir
     from ldm_deploy.runtime.pipeline import artifact_hash
 
     art = Artifact.open(artifact, verify=False)
     max_batch = _check(config, art.profiles.batch.max)
     sha = artifact_hash(art.path)
     target = Path(out) / MODEL_NAME
+    # never an input, even with --force: REPO/ldm that is, lies inside or holds the artifact (fileio's --out guard)
+    check_out_dir(target, REPO_OUTPUT, inputs=[art.path], force=True)
     if target.exists() and not force:
         raise UsageError(f"{target} already exists", hint="pass --force to replace it, or choose another --out")
     if Path(out).exists() and not Path(out).is_dir():

@@ -345,3 +345,18 @@ def test_lever_variants_need_the_fp32_unet(tmp_path, sd_like_folder):
     with pytest.raises(LdmError, match="keep_fp32_unet"):
         add_lever_variants(out)
     assert (out / "manifest.json").read_bytes() == before      # refused before any variant is written
+
+
+def test_fp32_source_stays_inside_the_artifact(tmp_path):
+    """`fp32_file` / `file` come from the manifest (bench's lever ladder reads them): no path out of it."""
+    from ldm_deploy.errors import LdmError
+    from ldm_deploy.export.ort_optimize import fp32_source
+
+    (tmp_path / "art" / "unet").mkdir(parents=True)
+    (tmp_path / "outside.onnx").write_bytes(b"x")
+    (tmp_path / "art" / "unet" / "model.onnx").write_bytes(b"x")
+    assert fp32_source(tmp_path / "art", {"precision": "fp32", "file": "unet/model.onnx"}) == \
+        tmp_path / "art" / "unet" / "model.onnx"
+    for entry in ({"fp32_file": "../outside.onnx"}, {"precision": "fp32", "file": str(tmp_path / "outside.onnx")}):
+        with pytest.raises(LdmError, match="not inside"):
+            fp32_source(tmp_path / "art", entry)

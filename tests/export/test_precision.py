@@ -204,3 +204,17 @@ def test_artifact_source_needs_fp32_graphs(folders, tmp_path):
                  "--json", str(report), *FAST]) == 0
     r = json.loads(report.read_text())
     assert r["clean"] and len(r["inputs"]) == 2 and r["mask_sentinels"]   # CLIP's causal mask, not an overflow
+
+
+def test_bad_limits_and_foreign_write_config_are_refused_first(tmp_path, capsys):
+    """--steps / --inputs are bounded (every step's inputs are held in memory), and --write-config never
+    replaces a file debug-precision did not write; both refused (exit 2, one line) before any work."""
+    for flags in (["--steps", "100000"], ["--inputs", "5000"]):
+        assert main(["-q", "debug-precision", str(tmp_path / "none"), *flags]) == 2
+        assert "at most 1000" in capsys.readouterr().err
+    mine = tmp_path / "sd15.yaml"
+    mine.write_text("# my config\nprecision: fp16\n")
+    assert main(["-q", "debug-precision", str(tmp_path / "none"), "--write-config", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was not written by debug-precision" in err[0]
+    assert mine.read_text() == "# my config\nprecision: fp16\n"

@@ -4,7 +4,7 @@ Through the real CLI, each in a fresh process: an existing --out that is not an 
 command's own kind is refused (exit 2, one line, every file of it untouched) unless --force; an --out
 that is, lies inside or holds an input is refused even with --force; a symbolic-link --out is written
 through (the link stays, the folder it points to is replaced) and no `.old` link is left behind.
-Covers `export`, `convert`, `build`, `ldm-train` and `save_components` (one mechanism:
+Covers `export`, `convert`, `build`, `ldm-train` (and `lora`), `triton-repo` and `save_components` (one mechanism:
 fileio.check_out_dir). Controls: the same commands where replacing is right (an artifact re-exported,
 --force on a folder of one's own files) succeed.
 """
@@ -119,6 +119,30 @@ def _train_over_its_given_tokenizer(tmp, model, artifact):
     return ["tokenizer", "--config", "tiny", "--out", model, "--set", f"tokenizer.path={model / 'tokenizer'}"], model
 
 
+def _export_optimum_layout_above_the_model(tmp, model, artifact):
+    return ["export", model, "--out", model.parent, "--config", "tiny", "--layout", "optimum"], model.parent
+
+
+def _triton_repo_over_the_artifact(tmp, model, artifact):
+    # REPO/ldm would be the artifact itself: `--out PARENT` of an artifact folder named ldm
+    art = tmp / "ldm"
+    art.symlink_to(artifact, target_is_directory=True)
+    return ["triton-repo", art, "--out", tmp, "--backend", "ort-cpu"], artifact
+
+
+def _triton_repo_inside_the_artifact(tmp, model, artifact):
+    return ["triton-repo", artifact, "--out", artifact, "--backend", "ort-cpu"], artifact
+
+
+def _lora_into_user_folder(tmp, model, artifact):
+    out = user_folder(tmp / "mine")
+    return ["lora", "--base", model, "--out", out, "--steps", "1", "--device", "cpu", "--eval-prompts", "0"], out
+
+
+def _lora_into_the_base(tmp, model, artifact):
+    return ["lora", "--base", model, "--out", model, "--steps", "1", "--device", "cpu", "--eval-prompts", "0"], model
+
+
 REFUSALS = {
     # name: (setup, run with --force (it must not apply), stderr match)
     "export into a folder of the user's files": (_export_into_user_folder, False, "is not an ldm-deploy artifact"),
@@ -136,6 +160,11 @@ REFUSALS = {
     "build --out above ONNX_DIR": (_build_above_the_artifact, True, "holds the input"),
     "ldm-train into a folder of the user's files": (_train_into_user_folder, False, "is not an ldm-train run folder"),
     "ldm-train --out holding tokenizer.path": (_train_over_its_given_tokenizer, True, "holds the input"),
+    "export --layout optimum --out above MODEL_DIR": (_export_optimum_layout_above_the_model, True, "holds the input"),
+    "triton-repo whose REPO/ldm is the artifact": (_triton_repo_over_the_artifact, True, "is the input"),
+    "triton-repo --out the artifact": (_triton_repo_inside_the_artifact, True, "is inside the input"),
+    "ldm-train lora into a folder of the user's files": (_lora_into_user_folder, False, "is not a LoRA folder"),
+    "ldm-train lora --out the base model": (_lora_into_the_base, True, "is the input"),
 }
 
 

@@ -202,3 +202,43 @@ def test_refiner_img2img_ort_equals_torch_reference(ours, torch_ref):
     kw = dict(image=init, strength=0.6, steps=6, seed=9, guidance=5.0, aesthetic_score=7.0)
     a, b = ours[1]("a photo", **kw), torch_ref[1]("a photo", **kw)
     assert psnr(a.images, b.images) >= 48
+
+
+def test_per_row_seeds_as_pipeline(ours):
+    """seed=[a, b] (Pipeline's per-row seeds): row i is the image seed[i] gives alone (not one generator
+    seeded with the whole list); a negative seed is a UsageError, as in Pipeline."""
+    kw = dict(steps=3, guidance=5.0, scheduler="euler-ancestral", height=SIZE, width=SIZE)
+    both = ours[0]([PROMPT, PROMPT], seed=[1, 2], **kw).images
+    for i, s in enumerate((1, 2)):
+        alone = ours[0](PROMPT, seed=s, **kw).images[0]
+        assert psnr(both[i:i + 1], alone[None]) >= 48, s    # batched vs alone: float32 reduction order only
+    with pytest.raises(UsageError, match="seeds for a batch"):
+        ours[0](PROMPT, seed=[1, 2], **kw)
+    with pytest.raises(UsageError):
+        ours[0](PROMPT, seed=-1, **kw)
+
+
+def test_tokenizer_2_named_outside_the_artifact_is_refused(artifacts, tmp_path):
+    """The manifest's sdxl.tokenizer_2.dir is a path read from a file: it stays inside the artifact
+    (ldm_deploy/paths.py), as the first tokenizer's does; a link out of the artifact is refused too."""
+    import json
+    import shutil
+
+    from ldm_deploy.errors import LdmError
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts[0], art)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["sdxl"].get("tokenizer_2"), "the base exports its second tokenizer"
+    outside = tmp_path / "tok"
+    shutil.copytree(art / m["sdxl"]["tokenizer_2"]["dir"], outside)
+    for rel in ("../tok", str(outside)):
+        m["sdxl"]["tokenizer_2"]["dir"] = rel
+        (art / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(LdmError, match="not inside"):
+            SDXLPipeline.from_artifact(art, verify=False)
+    (art / "tok_link").symlink_to(outside, target_is_directory=True)
+    m["sdxl"]["tokenizer_2"]["dir"] = "tok_link"
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LdmError, match="symbolic link"):
+        SDXLPipeline.from_artifact(art, verify=False)

@@ -66,3 +66,22 @@ def test_concept_held_out_pairs_and_analyser():
     image = render(prompts[0][1], 128, np.random.default_rng(1))
     assert analyse(image, extra_colours=True)["colour"] == "brown"
     assert analyse(image)["colour"] != "brown"            # the base palette (and the demo's eval) is unchanged
+
+
+def test_lora_out_is_guarded_and_its_own_folder_replaced(tiny_model, tmp_path):
+    """--out of a previous `ldm-train lora` run is replaced without --force (the control of the refusals in
+    tests/reliability/test_overwrite.py); a folder of other files is kept, and written with --force."""
+    from training.cli import main
+
+    argv = ["lora", "--base", str(tiny_model), "--steps", "1", "--device", "cpu", "--eval-prompts", "0", "-q"]
+    out = tmp_path / "run"
+    assert main(argv + ["--out", str(out)]) == 0
+    assert main(argv + ["--out", str(out)]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(argv + ["--out", str(mine)]) == 2
+    assert (mine / "notes.txt").read_text() == "keep"
+    assert main(argv + ["--out", str(mine), "--force"]) == 0
+    assert not (mine / "notes.txt").exists() and (mine / "report.json").is_file()
