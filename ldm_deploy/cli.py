@@ -87,6 +87,25 @@ def configure_output(quiet: bool, verbose: bool) -> None:
         warnings.simplefilter("ignore")   # numpy / torch / onnx warnings; ours are log records (still shown)
 
 
+@contextlib.contextmanager
+def output_settings(quiet: bool, verbose: bool):
+    """`configure_output` for one command; afterwards the warning filters, TQDM_DISABLE and our loggers'
+    levels are as they were (main() may run in-process: tests, notebooks)."""
+    tqdm_env, saved_filters = os.environ.get("TQDM_DISABLE"), warnings.filters[:]
+    levels = {name: logging.getLogger(name).level for name in ("ldm_deploy", "training")}
+    configure_output(quiet, verbose)
+    try:
+        yield
+    finally:
+        warnings.filters[:] = saved_filters
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def stdout_closed() -> int:
     """The reader of our stdout went away (`| head`): point stdout at /dev/null so the interpreter's final
     flush does not raise again, and exit as a SIGPIPE-killed tool would."""
@@ -103,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
-    tqdm_env = os.environ.get("TQDM_DISABLE")
-    saved_filters = warnings.filters[:]
-    configure_output(args.quiet, args.verbose)
+    with output_settings(args.quiet, args.verbose):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()
@@ -127,12 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ldm-deploy: error: {type(e).__name__}: {what} (rerun with --verbose for the traceback)",
               file=sys.stderr)
         return 1
-    finally:  # main() may be called in-process (tests, notebooks): leave the environment as it was
-        warnings.filters[:] = saved_filters
-        if tqdm_env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 if __name__ == "__main__":

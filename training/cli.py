@@ -110,10 +110,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-    import warnings
-
-    from ldm_deploy.cli import configure_output, stdout_closed
+    from ldm_deploy.cli import output_settings
 
     args = build_parser().parse_args(argv)
     args.quiet = args.quiet or args.global_quiet
@@ -121,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet and args.verbose:
         print("ldm-train: error: --quiet and --verbose exclude each other (see --help)", file=sys.stderr)
         return 2
-    tqdm_env, saved_filters = os.environ.get("TQDM_DISABLE"), warnings.filters[:]
-    configure_output(args.quiet, args.verbose)
+    with output_settings(args.quiet, args.verbose):   # in-process callers get their environment back
+        return _main(args)
+
+
+def _main(args) -> int:
+    from ldm_deploy.cli import stdout_closed
+
     try:
         code = run(args)
         sys.stdout.flush()
@@ -137,12 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ldm-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
-    finally:  # in-process callers get their environment back
-        warnings.filters[:] = saved_filters
-        if tqdm_env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 if __name__ == "__main__":

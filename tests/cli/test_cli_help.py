@@ -151,3 +151,17 @@ def test_debug_precision_flag_defaults_are_the_library_defaults():
     from ldm_deploy.export import precision
 
     assert (cmd.DEFAULT_TOLERANCE, cmd.DEFAULT_MARGIN) == (precision.DEFAULT_TOLERANCE, precision.DEFAULT_MARGIN)
+
+
+def test_in_process_quiet_run_leaves_logger_levels_as_they_were(tmp_path, capsys):
+    # main(["-q", ...]) in-process (tests, notebooks) must not leave our loggers at WARNING: a later
+    # caplog.at_level("INFO") in the same process would miss every INFO record of ldm_deploy / training
+    import logging
+
+    from training.cli import main as train_main
+
+    before = {n: logging.getLogger(n).level for n in ("ldm_deploy", "training")}
+    assert main(["-q", "inspect", str(tmp_path / "missing")]) == 1
+    assert train_main(["eval", "-q", "--out", str(tmp_path / "missing"), "--model", str(tmp_path / "nope")]) != 0
+    capsys.readouterr()
+    assert {n: logging.getLogger(n).level for n in ("ldm_deploy", "training")} == before
