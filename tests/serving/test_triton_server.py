@@ -79,6 +79,10 @@ class Server:
         wait_for(lambda: self.proc.poll() is not None or http_status(self.url("/v2/health/ready")) == 200,
                  "the server to become ready")
         assert self.proc.poll() is None, self.log()
+        # Triton brings its metrics listener up on its own: ready on HTTP does not mean /metrics answers yet
+        wait_for(lambda: self.proc.poll() is not None
+                 or http_status(f"http://127.0.0.1:{self.metrics}/metrics") == 200, "the metrics endpoint")
+        assert self.proc.poll() is None, self.log()
 
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.http}{path}"
