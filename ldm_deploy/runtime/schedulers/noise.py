@@ -46,8 +46,3 @@ def noise_source(rng: np.random.Generator | None, noise_fn: NoiseFn | None, samp
     if rng is None:
         raise UsageError(f"{sampler} is stochastic: pass rng=np.random.default_rng(seed) or noise_fn")
     return lambda i, shape: rng.standard_normal(shape, dtype=np.float32)
-
-
-def evaluate(model: Model, x_in: np.ndarray, t) -> np.ndarray:
-    """One model call: t as a Python float (fractional allowed), the output as float32."""
-    return np.asarray(model(x_in, float(t)), np.float32)
