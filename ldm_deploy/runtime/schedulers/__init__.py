@@ -113,11 +113,11 @@ def get_sampler(name: str) -> Sampler:
 
 
 def default_name(config: SchedulerConfig | Mapping[str, Any]) -> str:
-    """The sampler a scheduler config asks for: its `_class_name`, and the overrides it sets
-    (DPMSolverMultistepScheduler + use_karras_sigmas -> dpmpp-2m-karras)."""
+    """The sampler a scheduler config asks for: its `_class_name`, and the row's overrides if the config sets
+    them itself (DPMSolverMultistepScheduler + use_karras_sigmas: true -> dpmpp-2m-karras)."""
     cfg = as_config(config)
     matches = [s for s in SCHEDULERS.values() if s.class_name == cfg.class_name
-               and all(cfg.get(k, s.class_name) == v for k, v in s.overrides.items())]
+               and all(getattr(cfg, k) == v for k, v in s.overrides.items())]
     if not matches:
         raise LdmError(f"scheduler config names {cfg.class_name!r}, which has no numpy sampler",
                        hint=f"pick one with --scheduler ({', '.join(SCHEDULERS)})")
