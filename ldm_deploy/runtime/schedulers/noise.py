@@ -24,11 +24,7 @@ class RowRNG:
     """One `np.random.Generator` per batch row, drawn row by row: the `rng` of a batch of independent seeds."""
 
     def __init__(self, seeds: Sequence[int]):
-        self.seeds = [int(s) for s in seeds]
-        self.generators = [np.random.default_rng(s) for s in self.seeds]
-
-    def __len__(self) -> int:
-        return len(self.generators)
+        self.generators = [np.random.default_rng(int(s)) for s in seeds]
 
     def standard_normal(self, shape, dtype=np.float64) -> np.ndarray:
         shape = tuple(shape)

@@ -157,7 +157,6 @@ class Schedule:
     sigmas: np.ndarray               # (n+1,) float32 VE sigmas
     alphas: np.ndarray               # (n,) float64 alphas_cumprod at each evaluation
     alphas_prev: np.ndarray          # (n,) float64 alphas_cumprod each step moves to
-    alphas_cumprod: np.ndarray       # (T,) float32 training table
     init_noise_sigma: float          # txt2img start latent = N(0, I) * init_noise_sigma
     num_inference_steps: int         # the N asked for (before strength truncation)
     strength: float                  # 1.0 = txt2img
@@ -339,7 +338,7 @@ def check_leading_reach(name: str, cfg: SchedulerConfig, cls: str, steps: int) -
 
 # --- builders: one per family of diffusers classes; `build(name, class_name, cfg, steps, strength)` ------
 
-def _schedule(name, cfg, cls, steps, strength, timesteps, sigmas, alphas, alphas_prev, ac, init_sigma,
+def _schedule(name, cfg, cls, steps, strength, timesteps, sigmas, alphas, alphas_prev, init_sigma,
               ve_input, params: SamplerParams = SamplerParams()) -> Schedule:
     if len(timesteps) == 0:
         raise UsageError(f"strength {strength} with {steps} steps leaves no denoising step",
@@ -347,7 +346,7 @@ def _schedule(name, cfg, cls, steps, strength, timesteps, sigmas, alphas, alphas
     return Schedule(name=name, config=cfg, prediction_type=cfg.get("prediction_type", cls),
                     timesteps=np.asarray(timesteps, np.float32), sigmas=np.asarray(sigmas, np.float32),
                     alphas=np.asarray(alphas, np.float64), alphas_prev=np.asarray(alphas_prev, np.float64),
-                    alphas_cumprod=ac, init_noise_sigma=float(init_sigma), num_inference_steps=steps,
+                    init_noise_sigma=float(init_sigma), num_inference_steps=steps,
                     strength=float(strength), ve_input=ve_input, params=params)
 
 
@@ -396,7 +395,7 @@ def vp_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength:
     alphas = np.array([ac[t] for t in cur], np.float64)
     alphas_prev = np.array([ac[t] if t >= 0 else final for t in prev], np.float64)
     sigmas = convert.sigma_from_alpha_bar(np.append(alphas, alphas_prev[-1:]))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, ac, 1.0, False, params)
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, 1.0, False, params)
 
 
 def ve_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
@@ -421,7 +420,7 @@ def ve_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength:
     start = truncated_start(steps, strength)
     ts, sigmas = ts[start:], sigmas[start:]
     alphas = convert.alpha_bar_from_sigma(sigmas.astype(np.float64))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], ac, init, True)
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], init, True)
 
 
 def multistep_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
@@ -477,7 +476,7 @@ def multistep_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, st
                              tuple(int(i) for i in cfg.get("disable_corrector", cls)), start_index=start)
     ts, sigmas = ts[start:], sigmas[start:]
     alphas = convert.alpha_bar_from_sigma(sigmas.astype(np.float64))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], ac, 1.0, False, params)
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], 1.0, False, params)
 
 
 def lcm_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
@@ -497,7 +496,7 @@ def lcm_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength
     c_out = scaled / (scaled**2 + 0.25) ** 0.5
     alphas, alphas_prev = ac[ts].astype(np.float64), ac[prev].astype(np.float64)
     sigmas = convert.sigma_from_alpha_bar(np.append(alphas, alphas_prev[-1:]))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, ac, 1.0, False,
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, 1.0, False,
                      LcmParams(c_skip=c_skip, c_out=c_out, clip=_clip(cfg, cls)))
 
 
