@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.runtime.schedulers import SCHEDULERS
 
 NAME = "generate"
 HELP = "generate images from an exported artifact (numpy sampler, no torch)"
 EXAMPLE = 'ldm-deploy generate out/sd15-onnx --prompt "a lighthouse at dusk" --steps 30 --seed 7 --out lighthouse.png'
 
-SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "lms", "dpmpp-2m", "dpmpp-2m-karras",
-                   "unipc", "lcm")
+SCHEDULER_NAMES = tuple(SCHEDULERS)      # the sampler registry's names (runtime/schedulers/__init__.py)
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 
 log = logging.getLogger("ldm_deploy")

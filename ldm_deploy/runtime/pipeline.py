@@ -399,11 +399,7 @@ class Pipeline:
     def _scheduler_name(self, scheduler: str | None) -> str:
         from ldm_deploy.runtime import schedulers as sch
 
-        if scheduler is None:
-            return sch.default_name(self.scheduler_config)
-        if scheduler not in sch.SCHEDULERS:
-            raise UsageError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(sch.SCHEDULERS)}")
-        return scheduler
+        return sch.resolve(scheduler, self.scheduler_config)
 
     @staticmethod
     def _check_numbers(steps, guidance, guidance_rescale, strength, eta, num_images, n_prompts) -> None:

@@ -68,15 +68,9 @@ def slice_schedule(schedule, a: int, b: int):
     n = len(schedule.timesteps)
     if (a, b) == (0, n):
         return schedule
-    params = dict(schedule.params)
-    if b < n and "first_order_final" in params:
-        params["first_order_final"] = False
-    if "start_index" in params:                     # UniPC: global step indices and steps after the slice
-        params["start_index"] = params["start_index"] + a
-        params["tail_steps"] = n - b
     return dataclasses.replace(
         schedule, timesteps=schedule.timesteps[a:b], sigmas=schedule.sigmas[a:b + 1],
-        alphas=schedule.alphas[a:b], alphas_prev=schedule.alphas_prev[a:b], params=params)
+        alphas=schedule.alphas[a:b], alphas_prev=schedule.alphas_prev[a:b], params=schedule.params.sliced(a, b, n))
 
 
 class SDXLPipeline(Pipeline):

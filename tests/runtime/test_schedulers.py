@@ -23,8 +23,8 @@ SD15 = {  # stabilityai SD 1.5 scheduler/scheduler_config.json (no timestep_spac
 SHAPE = (1, 4, 8, 8)
 PATTERN = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
 STOCHASTIC = {"euler-ancestral", "ddpm", "lcm"}
-CLASS_OF = {name: cls for name, cls in sched_mod.SAMPLER_CLASS.items()}
-ALL = list(sched_mod.SAMPLER_CLASS)
+CLASS_OF = {name: entry.class_name for name, entry in sch.SCHEDULERS.items()}
+ALL = list(sch.SCHEDULERS)
 
 
 def fake_model(x: np.ndarray, t: float) -> np.ndarray:
@@ -214,7 +214,7 @@ def test_class_default_clip_sample_applies_when_the_config_lacks_it(monkeypatch)
     """DDIMScheduler.from_config of a config without clip_sample clamps x0 (class default True)."""
     cfg = {k: v for k, v in SD15.items() if k != "clip_sample"}
     cfg["prediction_type"] = "sample"
-    assert sch.make_schedule("ddim", cfg, 10).params["clip"] == 1.0
+    assert sch.make_schedule("ddim", cfg, 10).params.clip == 1.0
     _check("ddim", cfg, 10, monkeypatch)
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import vp_x0_eps
-from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.noise import NoiseFn, noise_source
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 
-def sample_ddim(model, x, schedule, *, rng=None, callback=None, eta: float = 0.0, noise_fn=None) -> np.ndarray:
+def sample_ddim(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None, eta: float = 0.0,
+                noise_fn: NoiseFn | None = None) -> np.ndarray:
     x = np.asarray(x, np.float32)
     noise = noise_source(rng, noise_fn, "ddim with eta > 0") if eta > 0 else None
-    clip = schedule.params["clip"]
+    clip = schedule.params.clip
     x0_buf = np.empty_like(x)     # per-step x0, reused: each step allocates only the new x (callbacks may keep it)
     fused = eta == 0 and clip is None and schedule.prediction_type == "epsilon"
     for i, t in enumerate(schedule.timesteps):

@@ -9,13 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import vp_x0_eps
-from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.noise import NoiseFn, noise_source
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 
-def sample_ddpm(model, x, schedule, *, rng=None, callback=None, noise_fn=None) -> np.ndarray:
+def sample_ddpm(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None,
+                noise_fn: NoiseFn | None = None) -> np.ndarray:
     x = np.asarray(x, np.float32)
     noise = noise_source(rng, noise_fn, "ddpm")
-    clip = schedule.params["clip"]
+    clip = schedule.params.clip
     for i, t in enumerate(schedule.timesteps):
         a, a_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
         x0, _ = vp_x0_eps(evaluate(model, x, t), x, a, schedule.prediction_type)

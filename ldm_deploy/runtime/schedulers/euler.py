@@ -11,11 +11,14 @@ import math
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import ve_input_scale, ve_x0
-from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.noise import NoiseFn, noise_source
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 
-def sample_euler(model, x, schedule, *, rng=None, callback=None, s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = math.inf, s_noise: float = 1.0, noise_fn=None) -> np.ndarray:
+def sample_euler(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
+                 noise_fn: NoiseFn | None = None) -> np.ndarray:
     x = np.asarray(x, np.float32)
     sigmas = schedule.sigmas
     noise = noise_source(rng, noise_fn, "euler with s_churn > 0") if s_churn > 0 else None

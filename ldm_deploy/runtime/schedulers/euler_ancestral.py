@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import ve_input_scale, ve_x0
-from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.noise import NoiseFn, noise_source
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 
-def sample_euler_ancestral(model, x, schedule, *, rng=None, callback=None, noise_fn=None) -> np.ndarray:
+def sample_euler_ancestral(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None,
+                           noise_fn: NoiseFn | None = None) -> np.ndarray:
     x = np.asarray(x, np.float32)
     noise = noise_source(rng, noise_fn, "euler-ancestral")
     sigmas = schedule.sigmas

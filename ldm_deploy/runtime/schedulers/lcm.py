@@ -10,15 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import vp_x0_eps
-from ldm_deploy.runtime.schedulers.noise import evaluate, noise_source
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.noise import NoiseFn, noise_source
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 
-def sample_lcm(model, x, schedule, *, rng=None, callback=None, noise_fn=None) -> np.ndarray:
+def sample_lcm(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None,
+               noise_fn: NoiseFn | None = None) -> np.ndarray:
     x = np.asarray(x, np.float32)
     n = len(schedule.timesteps)
     noise = noise_source(rng, noise_fn, "lcm") if n > 1 else None
-    clip = schedule.params["clip"]
-    c_skip, c_out = schedule.params["c_skip"], schedule.params["c_out"]
+    clip, c_skip, c_out = schedule.params.clip, schedule.params.c_skip, schedule.params.c_out
     for i, t in enumerate(schedule.timesteps):
         a, a_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
         x0, _ = vp_x0_eps(evaluate(model, x, t), x, a, schedule.prediction_type)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import ve_input_scale, ve_x0
-from ldm_deploy.runtime.schedulers.noise import evaluate
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(4)
 
@@ -26,7 +27,8 @@ def lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
     return float(0.5 * (b - a) * np.dot(_WEIGHTS, basis))
 
 
-def sample_lms(model, x, schedule, *, rng=None, callback=None, order: int = 4) -> np.ndarray:
+def sample_lms(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None,
+               order: int = 4) -> np.ndarray:
     x = np.asarray(x, np.float32)
     sigmas = schedule.sigmas
     derivatives: list[np.ndarray] = []

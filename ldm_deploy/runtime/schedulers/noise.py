@@ -24,11 +24,7 @@ class RowRNG:
     """One `np.random.Generator` per batch row, drawn row by row: the `rng` of a batch of independent seeds."""
 
     def __init__(self, seeds: Sequence[int]):
-        self.seeds = [int(s) for s in seeds]
-        self.generators = [np.random.default_rng(s) for s in self.seeds]
-
-    def __len__(self) -> int:
-        return len(self.generators)
+        self.generators = [np.random.default_rng(int(s)) for s in seeds]
 
     def standard_normal(self, shape, dtype=np.float64) -> np.ndarray:
         shape = tuple(shape)
@@ -46,8 +42,3 @@ def noise_source(rng: np.random.Generator | None, noise_fn: NoiseFn | None, samp
     if rng is None:
         raise UsageError(f"{sampler} is stochastic: pass rng=np.random.default_rng(seed) or noise_fn")
     return lambda i, shape: rng.standard_normal(shape, dtype=np.float32)
-
-
-def evaluate(model: Model, x_in: np.ndarray, t) -> np.ndarray:
-    """One model call: t as a Python float (fractional allowed), the output as float32."""
-    return np.asarray(model(x_in, float(t)), np.float32)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import vp_eps
-from ldm_deploy.runtime.schedulers.noise import evaluate
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 
 def plms_step(x: np.ndarray, eps: np.ndarray, a: float, a_prev: float) -> np.ndarray:
@@ -24,9 +25,9 @@ def plms_step(x: np.ndarray, eps: np.ndarray, a: float, a_prev: float) -> np.nda
     return (a_prev / a) ** 0.5 * x - ((a_prev - a) / denom) * eps
 
 
-def sample_pndm(model, x, schedule, *, rng=None, callback=None) -> np.ndarray:
+def sample_pndm(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None) -> np.ndarray:
     x = np.asarray(x, np.float32)
-    prk = schedule.params["prk_evals"]
+    prk = schedule.params.prk_evals
     outs: list[np.ndarray] = []
     x_start = x
     for k, t in enumerate(schedule.timesteps):

@@ -3,7 +3,10 @@
 `SchedulerConfig.from_dict(d)` keeps exactly the keys the file gave; a key the file lacks takes the
 default of the diffusers class that the chosen sampler mirrors (DDIM's `clip_sample` is True, PNDM's
 `set_alpha_to_one` False, Euler's `timestep_spacing` "linspace", ...), so `make_schedule("euler", cfg, n)`
-equals `EulerDiscreteScheduler.from_config(cfg).set_timesteps(n)`.
+equals `EulerDiscreteScheduler.from_config(cfg).set_timesteps(n)`. One builder per family of diffusers
+classes turns the config into a `Schedule` whose `params` (typed: `SamplerParams` and its subclasses) carry
+what the sampler reads beyond the tables; the registry (`schedulers/__init__.py`) names each sampler's builder
+and params type.
 
 The training table is diffusers' float32 one: torch's float32 `linspace` (symmetric, start + step*i
 with one rounding, as its fused kernel does) and a cumprod accumulated in float64 then rounded, which
@@ -13,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -155,12 +157,66 @@ class Schedule:
     sigmas: np.ndarray               # (n+1,) float32 VE sigmas
     alphas: np.ndarray               # (n,) float64 alphas_cumprod at each evaluation
     alphas_prev: np.ndarray          # (n,) float64 alphas_cumprod each step moves to
-    alphas_cumprod: np.ndarray       # (T,) float32 training table
     init_noise_sigma: float          # txt2img start latent = N(0, I) * init_noise_sigma
     num_inference_steps: int         # the N asked for (before strength truncation)
     strength: float                  # 1.0 = txt2img
     ve_input: bool                   # sampler walks the VE sample; model input = x / sqrt(sigma^2 + 1)
-    params: Mapping[str, Any] = field(default_factory=dict)   # sampler-specific resolved settings
+    params: "SamplerParams"          # the sampler's own resolved settings (its registry entry names the type)
+
+
+# --- Schedule.params: what each builder resolves for its sampler (the registry entry names the type) --------
+
+@dataclass(frozen=True)
+class SamplerParams:
+    """Settings of samplers that read none (euler, euler-ancestral, lms); the base of the others."""
+
+    def sliced(self, a: int, b: int, n: int) -> "SamplerParams":
+        """The params of steps [a, b) of an n-step schedule run on their own (an SDXL hand-off stage)."""
+        return self
+
+
+@dataclass(frozen=True)
+class ClipParams(SamplerParams):
+    """DDIM, DDPM."""
+    clip: float | None               # clamp x0 to [-clip, clip] (clip_sample); None = no clamp
+
+
+@dataclass(frozen=True)
+class PndmParams(SamplerParams):
+    prk_evals: int                   # model evaluations of the Runge-Kutta warm-up; 0 = PLMS (skip_prk_steps)
+
+
+@dataclass(frozen=True)
+class DpmParams(SamplerParams):
+    """DPM-Solver++ (dpmpp-2m, dpmpp-2m-karras)."""
+    solver_order: int                # 1 or 2
+    solver_type: str                 # midpoint | heun
+    first_order_final: bool          # the last step is first order (see dpmpp_2m.py)
+
+    def sliced(self, a: int, b: int, n: int) -> "DpmParams":
+        # a stage that stops early is not the schedule's end: its last step stays second order
+        return dataclasses.replace(self, first_order_final=False) if b < n else self
+
+
+@dataclass(frozen=True)
+class UniPCParams(SamplerParams):
+    solver_order: int                # >= 1
+    solver_type: str                 # bh1 | bh2
+    lower_order_final: bool          # lower the order over the last steps
+    disable_corrector: tuple[int, ...]   # global step indices without the corrector
+    start_index: int                 # global index of the first step (img2img start, hand-off slice)
+    tail_steps: int = 0              # steps of the whole schedule after this one's last (hand-off slice)
+
+    def sliced(self, a: int, b: int, n: int) -> "UniPCParams":
+        # global step indices and the steps after the slice keep the corrector / order choices diffusers makes
+        return dataclasses.replace(self, start_index=self.start_index + a, tail_steps=n - b)
+
+
+@dataclass(frozen=True, eq=False)
+class LcmParams(SamplerParams):
+    c_skip: np.ndarray               # (n,) float64 boundary-condition weights per step
+    c_out: np.ndarray                # (n,) float64
+    clip: float | None               # as ClipParams
 
 
 # --- the training table -------------------------------------------------------------------------
@@ -269,54 +325,53 @@ def check_steps(steps: int, strength: float, T: int = 1000) -> None:
         raise UsageError(f"strength must be in (0, 1], got {strength}")
 
 
-def frozen(**params: Any) -> Mapping[str, Any]:
-    return MappingProxyType(params)
+def check_leading_reach(name: str, cfg: SchedulerConfig, cls: str, steps: int) -> None:
+    """Leading spacing reaches t = T at steps = T: diffusers then indexes alphas_cumprod[T] (or repeats a sigma)."""
+    T = int(cfg.get("num_train_timesteps", cls))
+    offset = int(cfg.get("steps_offset", cls) or 0)
+    if cfg.get("timestep_spacing", cls) == "leading" and (steps - 1) * (T // steps) + offset > T - 1:
+        most = max(s for s in range(1, T + 1) if (s - 1) * (T // s) + offset <= T - 1)
+        raise UsageError(f"{steps} steps with {name}'s leading spacing and steps_offset {offset} reach timestep "
+                         f"{(steps - 1) * (T // steps) + offset}, past the model's {T} training timesteps",
+                         hint=f"use at most {most} steps, or another scheduler")
 
 
-# --- builders: one per family of diffusers classes -------------------------------------------------
+# --- builders: one per family of diffusers classes; `build(name, class_name, cfg, steps, strength)` ------
 
-SAMPLER_CLASS = {
-    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler", "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler",
-    "dpmpp-2m-karras": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "lcm": "LCMScheduler",
-}
-
-
-def _schedule(name, cfg, cls, steps, strength, timesteps, sigmas, alphas, alphas_prev, ac, init_sigma,
-              ve_input, **params) -> Schedule:
+def _schedule(name, cfg, cls, steps, strength, timesteps, sigmas, alphas, alphas_prev, init_sigma,
+              ve_input, params: SamplerParams = SamplerParams()) -> Schedule:
     if len(timesteps) == 0:
         raise UsageError(f"strength {strength} with {steps} steps leaves no denoising step",
                          hint="raise the strength or the number of steps")
     return Schedule(name=name, config=cfg, prediction_type=cfg.get("prediction_type", cls),
                     timesteps=np.asarray(timesteps, np.float32), sigmas=np.asarray(sigmas, np.float32),
                     alphas=np.asarray(alphas, np.float64), alphas_prev=np.asarray(alphas_prev, np.float64),
-                    alphas_cumprod=ac, init_noise_sigma=float(init_sigma), num_inference_steps=steps,
-                    strength=float(strength), ve_input=ve_input, params=frozen(**params))
+                    init_noise_sigma=float(init_sigma), num_inference_steps=steps,
+                    strength=float(strength), ve_input=ve_input, params=params)
 
 
 def _clip(cfg: SchedulerConfig, cls: str) -> float | None:
     return float(cfg.get("clip_sample_range", cls)) if cfg.get("clip_sample", cls) else None
 
 
-def _vp_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
+def vp_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
     """DDIM, DDPM and PNDM(PLMS): integer timesteps, alphas_cumprod lookups."""
-    cls = SAMPLER_CLASS[name]
+    check_leading_reach(name, cfg, cls, steps)
     ac = train_alphas_cumprod(cfg, cls)
     T = len(ac)
     ts = spaced_timesteps(cfg.get("timestep_spacing", cls), T, steps, int(cfg.get("steps_offset", cls)))
     ts = ts.round().astype(np.int64)
     start = truncated_start(steps, strength)
     final = 1.0 if name == "ddpm" or cfg.get("set_alpha_to_one", cls) else float(ac[0])
-    params: dict[str, Any] = {}
+    params: SamplerParams
     if name == "ddim":                       # prev = t - T//N whatever the spacing (diffusers quirk)
         ts = ts[start:]
         cur, prev = ts, ts - T // steps
-        params["clip"] = _clip(cfg, cls)
+        params = ClipParams(_clip(cfg, cls))
     elif name == "ddpm":                     # prev = the next scheduled timestep
         ts = ts[start:]
         cur, prev = ts, np.concatenate([ts[1:], [-1]])
-        params["clip"] = _clip(cfg, cls)
+        params = ClipParams(_clip(cfg, cls))
     else:
         asc, delta = ts[::-1], T // steps
         if cfg.get("skip_prk_steps", cls):   # PLMS: N+1 evaluations, the second timestep repeated
@@ -324,7 +379,7 @@ def _vp_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -
             # evaluation 1 re-takes the first step (pseudo-improved Euler)
             cur = np.array([t + delta if k == 1 else t for k, t in enumerate(ts)], np.int64)
             prev = np.array([t if k == 1 else t - delta for k, t in enumerate(ts)], np.int64)
-            params["prk_evals"] = 0
+            params = PndmParams(prk_evals=0)
         else:                                # PNDM: 3 Runge-Kutta steps (4 evaluations each), then PLMS
             if strength < 1.0 or steps < 4:
                 raise UsageError("PNDM's Runge-Kutta warm-up (skip_prk_steps=false, the class default when the "
@@ -336,16 +391,16 @@ def _vp_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -
             cur = np.array([prk[k // 4 * 4] if k < len(prk) else t for k, t in enumerate(ts)], np.int64)
             prev = np.array([t - (0 if k % 2 else half) if k < len(prk) else t - delta
                              for k, t in enumerate(ts)], np.int64)
-            params["prk_evals"] = len(prk)
+            params = PndmParams(prk_evals=len(prk))
     alphas = np.array([ac[t] for t in cur], np.float64)
     alphas_prev = np.array([ac[t] if t >= 0 else final for t in prev], np.float64)
     sigmas = convert.sigma_from_alpha_bar(np.append(alphas, alphas_prev[-1:]))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, ac, 1.0, False, **params)
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, 1.0, False, params)
 
 
-def _ve_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
+def ve_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
     """Euler, Euler ancestral and LMS: float32 timesteps, sigmas interpolated linearly in sigma."""
-    cls = SAMPLER_CLASS[name]
+    check_leading_reach(name, cfg, cls, steps)
     ac = train_alphas_cumprod(cfg, cls)
     if cfg.get("rescale_betas_zero_snr", cls):
         ac[-1] = 2.0**-24                    # diffusers: keeps the first sigma finite
@@ -365,12 +420,11 @@ def _ve_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -
     start = truncated_start(steps, strength)
     ts, sigmas = ts[start:], sigmas[start:]
     alphas = convert.alpha_bar_from_sigma(sigmas.astype(np.float64))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], ac, init, True)
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], init, True)
 
 
-def _multistep_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
+def multistep_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
     """DPM-Solver++ and UniPC: integer timesteps, VP sample, sigmas for the exponential integrator."""
-    cls = SAMPLER_CLASS[name]
     dpm = cls == "DPMSolverMultistepScheduler"
     ac = train_alphas_cumprod(cfg, cls)
     if cfg.get("rescale_betas_zero_snr", cls):
@@ -383,8 +437,8 @@ def _multistep_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: f
     ts = multistep_timesteps(cfg.get("timestep_spacing", cls), T, steps, int(cfg.get("steps_offset", cls)), last_t)
     train_sigmas = convert.sigma_from_alpha_bar(ac)
     sigma_min_final = float(train_sigmas[0])
-    karras = name == "dpmpp-2m-karras" or cfg.get("use_karras_sigmas", cls)
-    if karras:                               # range of the full training table (reference §3.7)
+    if cfg.get("use_karras_sigmas", cls):   # (dpmpp-2m-karras: its registry entry sets it) range of the full
+                                             # training table (reference §3.7)
         lo, hi = cfg.get("sigma_min", cls), cfg.get("sigma_max", cls)
         sigmas = karras_sigmas(float(train_sigmas[0]) if lo is None else lo,
                                float(train_sigmas[-1]) if hi is None else hi, steps)
@@ -409,25 +463,24 @@ def _multistep_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: f
         solver = "heun" if solver == "heun" else "midpoint"        # diffusers maps bh1/bh2/logrho to midpoint
         first_order_final = bool(cfg.get("euler_at_final", cls) or cfg.get("final_sigmas_type", cls) == "zero"
                                  or (cfg.get("lower_order_final", cls) and n_full < 15))
-        params = dict(solver_order=order, solver_type=solver, first_order_final=first_order_final)
+        params: SamplerParams = DpmParams(order, solver, first_order_final)
     else:
         if not cfg.get("predict_x0", cls):
             raise LdmError("UniPC with predict_x0=false is not implemented", hint="use predict_x0 true (default)")
         if order < 1:
             raise LdmError(f"UniPC solver_order={order} must be >= 1")
         solver = solver if solver in ("bh1", "bh2") else "bh2"     # diffusers maps midpoint/heun/logrho to bh2
-        params = dict(solver_order=order, solver_type=solver, lower_order_final=bool(cfg.get("lower_order_final", cls)),
-                      disable_corrector=tuple(int(i) for i in cfg.get("disable_corrector", cls)))
     start = truncated_start(steps, strength)
+    if not dpm:
+        params = UniPCParams(order, solver, bool(cfg.get("lower_order_final", cls)),
+                             tuple(int(i) for i in cfg.get("disable_corrector", cls)), start_index=start)
     ts, sigmas = ts[start:], sigmas[start:]
     alphas = convert.alpha_bar_from_sigma(sigmas.astype(np.float64))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], ac, 1.0, False,
-                     start_index=start, **params)
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas[:-1], alphas[1:], 1.0, False, params)
 
 
-def _lcm_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
+def lcm_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
     """LCM: `steps` points of the 50-step distillation grid; strength shortens that grid (img2img)."""
-    cls = SAMPLER_CLASS[name]
     ac = train_alphas_cumprod(cfg, cls)
     T = len(ac)
     original = int(cfg.get("original_inference_steps", cls))
@@ -443,46 +496,13 @@ def _lcm_schedule(name: str, cfg: SchedulerConfig, steps: int, strength: float) 
     c_out = scaled / (scaled**2 + 0.25) ** 0.5
     alphas, alphas_prev = ac[ts].astype(np.float64), ac[prev].astype(np.float64)
     sigmas = convert.sigma_from_alpha_bar(np.append(alphas, alphas_prev[-1:]))
-    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, ac, 1.0, False,
-                     c_skip=c_skip, c_out=c_out, clip=_clip(cfg, cls))
-
-
-_BUILDERS = {"ddim": _vp_schedule, "ddpm": _vp_schedule, "pndm": _vp_schedule, "euler": _ve_schedule,
-             "euler-ancestral": _ve_schedule, "lms": _ve_schedule, "dpmpp-2m": _multistep_schedule,
-             "dpmpp-2m-karras": _multistep_schedule, "unipc": _multistep_schedule, "lcm": _lcm_schedule}
+    return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, 1.0, False,
+                     LcmParams(c_skip=c_skip, c_out=c_out, clip=_clip(cfg, cls)))
 
 
 def as_config(config: SchedulerConfig | Mapping[str, Any]) -> SchedulerConfig:
+    """The one parse of a scheduler config: a `scheduler_config.json` dict -> `SchedulerConfig` (or it as is)."""
     return config if isinstance(config, SchedulerConfig) else SchedulerConfig.from_dict(config)
-
-
-def make_schedule(name: str, config: SchedulerConfig | Mapping[str, Any], steps: int, *,
-                  strength: float = 1.0) -> Schedule:
-    """The schedule diffusers' class for `name` builds from `config` for `steps` steps.
-
-    strength < 1 (img2img) keeps the last int(steps * strength) steps, as diffusers' img2img pipelines
-    do (`get_timesteps`; LCM shortens its distillation grid instead, as `LCMScheduler` does).
-    """
-    if name not in _BUILDERS:
-        raise UsageError(f"unknown scheduler {name!r}; choose one of: {', '.join(_BUILDERS)}")
-    cfg = as_config(config)
-    T = check_train_timesteps(cfg.get("num_train_timesteps", SAMPLER_CLASS[name]))
-    check_steps(steps, strength, T)
-    offset = int(cfg.get("steps_offset", SAMPLER_CLASS[name]) or 0)
-    leading = cfg.get("timestep_spacing", SAMPLER_CLASS[name]) == "leading"
-    # leading spacing reaches t = T at steps = T: diffusers indexes alphas_cumprod[T] (or repeats a sigma)
-    if (name in ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "lms") and leading
-            and (steps - 1) * (T // steps) + offset > T - 1):
-        most = max(s for s in range(1, T + 1) if (s - 1) * (T // s) + offset <= T - 1)
-        raise UsageError(f"{steps} steps with {name}'s leading spacing and steps_offset {offset} reach timestep "
-                         f"{(steps - 1) * (T // steps) + offset}, past the model's {T} training timesteps",
-                         hint=f"use at most {most} steps, or another scheduler")
-    return _BUILDERS[name](name, cfg, int(steps), float(strength))
-
-
-def truncate_schedule(schedule: Schedule, strength: float) -> Schedule:
-    """The img2img schedule for `strength` (relative to the schedule's full `num_inference_steps`)."""
-    return make_schedule(schedule.name, schedule.config, schedule.num_inference_steps, strength=strength)
 
 
 def add_noise(schedule: Schedule, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_deploy.runtime.schedulers.convert import alpha_sigma_vp, log_snr, vp_x0_eps
-from ldm_deploy.runtime.schedulers.noise import evaluate
+from ldm_deploy.runtime.schedulers.denoiser import Denoiser, evaluate
+from ldm_deploy.runtime.schedulers.schedule import Schedule
 
 
 def _coefficients(lambdas_back: list[float], lam_s0: float, lam_t: float, order: int, bh1: bool):
@@ -53,20 +54,20 @@ def _update(x, sigmas, i_s0: int, i_t: int, ms: list, order: int, bh1: bool, m_t
     return x_t - (alpha_t * b_h) * res
 
 
-def sample_unipc(model, x, schedule, *, rng=None, callback=None) -> np.ndarray:
+def sample_unipc(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, callback=None) -> np.ndarray:
     x = np.asarray(x, np.float32)
     p = schedule.params
-    sigmas, n, bh1 = schedule.sigmas, len(schedule.timesteps), p["solver_type"] == "bh1"
+    sigmas, n, bh1 = schedule.sigmas, len(schedule.timesteps), p.solver_type == "bh1"
     ms: list[np.ndarray] = []
     last_x, last_order = None, 0
     for i, t in enumerate(schedule.timesteps):
         alpha, _ = alpha_sigma_vp(sigmas[i])
         m = vp_x0_eps(evaluate(model, x, t), x, alpha**2, schedule.prediction_type)[0]
-        if last_x is not None and p["start_index"] + i - 1 not in p["disable_corrector"]:
+        if last_x is not None and p.start_index + i - 1 not in p.disable_corrector:
             x = _update(last_x, sigmas, i - 1, i, ms, last_order, bh1, m_t=m).astype(np.float32)
-        ms = (ms + [m])[-p["solver_order"]:]
+        ms = (ms + [m])[-p.solver_order:]
         # steps left in the whole schedule (`tail_steps`: those after a hand-off slice, runtime/sdxl.py)
-        order = min(p["solver_order"], n - i + p.get("tail_steps", 0)) if p["lower_order_final"] else p["solver_order"]
+        order = min(p.solver_order, n - i + p.tail_steps) if p.lower_order_final else p.solver_order
         last_order = min(order, len(ms))
         last_x = x
         x = _update(x, sigmas, i, i + 1, ms, last_order, bh1).astype(np.float32)
