@@ -11,7 +11,6 @@ Run folder (TrainConfig.out):
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +271,3 @@ def _folder_images(data, split: str, limit: int | None):
     idx = list(idx)[: limit or None]
     items = [ds[i] for i in idx]
     return [resize_centre_crop(it[0], data.resolution) for it in items], [it[1] for it in items]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
