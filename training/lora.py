@@ -206,7 +206,7 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     from training.checkpoint import load_components
     from training.data.shapes import caption, render
     from training.noise import NoiseSchedule
-    from training.stages import common
+    from training.stages.text import encode_text, load_tokenizer, tokenize
     from training.stages.unet import DiffusionObjective
 
     base, out = Path(base), Path(out)
@@ -219,7 +219,7 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     unet, vae, te = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
     for m in (unet, vae, te):
         m.requires_grad_(False).eval()
-    tokenizer = common.load_tokenizer(Path(comps.tokenizer_dir))
+    tokenizer = load_tokenizer(Path(comps.tokenizer_dir))
     resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
     torch.manual_seed(config.seed)
     layers = {"unet": inject(unet, config.targets, config.rank, config.alpha)}
@@ -231,7 +231,7 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     schedule = NoiseSchedule.from_config(dict(comps.scheduler_config))
     prediction = comps.scheduler_config.get("prediction_type", "epsilon")
     with torch.no_grad():
-        empty = common.encode_text(te, common.tokenize(tokenizer, [""]).to(device))
+        empty = encode_text(te, tokenize(tokenizer, [""]).to(device))
     objective = DiffusionObjective(unet, schedule, prediction, float(vae.config.scaling_factor),
                                    config.caption_dropout, empty, vae)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -242,12 +242,12 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
         attrs = [training_attrs(rng, config) for _ in range(config.batch_size)]
         images = np.stack([render(a, resolution, rng) for a in attrs])                  # (B, H, W, 3) uint8
         x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        ids = common.tokenize(tokenizer, [caption(a) for a in attrs]).to(device)
+        ids = tokenize(tokenizer, [caption(a) for a in attrs]).to(device)
         if config.text_encoder:
             context = te(input_ids=ids.long()).last_hidden_state
         else:
             with torch.no_grad():
-                context = common.encode_text(te, ids)
+                context = encode_text(te, ids)
         loss, _ = objective((x, context), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()

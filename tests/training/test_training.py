@@ -236,13 +236,14 @@ def test_periodic_sample_grids_use_ema_and_keep_training_identical(runs, tmp_pat
 
 def test_disk_latent_cache_is_keyed_by_vae_and_dataset(runs, tmp_path):
     from training.latents import cache_key, cached_latents
-    from training.stages import common
+    from training.stages.images import load_images
+    from training.stages.parts import frozen, load_part
 
     a, _, _ = runs
     cfg = _cfg(a, "unet.cache_latents=disk")
     vae_dir = a / "stages" / "vae"
-    vae = common.frozen(common.load_part("vae", vae_dir))
-    images = common.load_images(cfg, "train")
+    vae = frozen(load_part("vae", vae_dir))
+    images = load_images(cfg, "train")
     mean, std = cached_latents(cfg, vae, vae_dir, images, torch.device("cpu"))
     files = list((a / "cache").glob("latents-*.safetensors"))
     assert len(files) == 1 and cache_key(vae_dir, cfg, len(images)) in files[0].name

@@ -25,10 +25,10 @@ STAGES = {
 
 
 def run_stage(name: str, cfg: TrainConfig, resume: bool = False, force: bool = False) -> dict:
-    """`force`: write into an existing `cfg.out` that is not an ldm-train run folder (training.stages.common.claim_run_dir)."""
+    """`force`: write into an existing `cfg.out` that is not an ldm-train run folder (training.stages.run_folder.claim_run_dir)."""
     if name not in STAGES:
         raise UsageError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
-    from training.stages.common import claim_run_dir
+    from training.stages.run_folder import claim_run_dir
 
     claim_run_dir(cfg, force=force)
     module, fn = STAGES[name].split(":")
