@@ -35,7 +35,7 @@ def run_stage(name: str, cfg: TrainConfig, resume: bool = False, force: bool = F
     start = time.perf_counter()
     report = getattr(importlib.import_module(module), fn)(cfg, resume=resume)
     report = {"stage": name, "wall_seconds": round(time.perf_counter() - start, 1), **report}
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     if dist_env().is_main:
         write_json(f"{cfg.out}/reports/{name}.json", report)

@@ -48,7 +48,7 @@ def print_estimate(cfg: TrainConfig) -> dict[str, float]:
     """Print (rank 0) and return the estimated seconds per stage."""
     rate, name = device_flops()
     seconds = {k: v / rate for k, v in stage_flops(cfg).items()}
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     if dist_env().is_main:
         parts = ", ".join(f"{k} ~{_fmt(s)}" for k, s in seconds.items())

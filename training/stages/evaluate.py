@@ -33,7 +33,8 @@ def evaluate(cfg: TrainConfig, model: str | Path | None = None) -> dict:
     from training.data.shapes import holdout_prompts
     from training.stages.sampling import generate, save_grid
     from training.stages.vae import psnr
-    from training.trainer import dist_env, plot_losses
+    from training.distributed import dist_env
+    from training.loss_log import plot_losses
 
     ec = cfg.eval
     folder = Path(model) if model else run_dir(cfg) / "model"

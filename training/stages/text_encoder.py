@@ -78,7 +78,7 @@ def train_text_encoder(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     train = load_images(cfg, "train")
     ids = tokenize(tokenizer, train.captions)
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     if dist_env().device.type == "cuda":
         train = train.to(dist_env().device)

@@ -69,7 +69,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
         raise LdmError(f"unknown unet.cache_latents {sc.cache_latents!r}", hint=f"use one of {', '.join(CACHE_CHOICES)}")
     if sc.prediction_type not in ("epsilon", "v_prediction"):
         raise LdmError(f"unet.prediction_type {sc.prediction_type!r} is not trainable here", hint="use epsilon or v_prediction")
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     env = dist_env()
     device = env.device

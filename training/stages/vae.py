@@ -135,7 +135,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False) -> dict:
         return {"source": sc.path}
     train = load_images(cfg, "train")
     held = load_images(cfg, "holdout", limit=sc.eval_images)
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     if dist_env().device.type == "cuda":
         train = train.to(dist_env().device)
