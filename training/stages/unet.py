@@ -65,10 +65,7 @@ class DiffusionObjective(nn.Module):
 def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train the U-Net on the frozen VAE and text encoder; writes the complete model to <out>/model."""
     sc = cfg.unet
-    if sc.cache_latents not in CACHE_CHOICES:
-        raise LdmError(f"unknown unet.cache_latents {sc.cache_latents!r}", hint=f"use one of {', '.join(CACHE_CHOICES)}")
-    if sc.prediction_type not in ("epsilon", "v_prediction"):
-        raise LdmError(f"unet.prediction_type {sc.prediction_type!r} is not trainable here", hint="use epsilon or v_prediction")
+    _check_stage_config(sc)
     from training.distributed import dist_env
 
     env = dist_env()
@@ -90,12 +87,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
     else:
         mean, std = cached_latents(cfg, vae, vae_dir, train, device)   # training/latents.py
         mean, std = mean.to(device), std.to(device)
-    # Text: one embedding per distinct caption (shapes has few), looked up per row.
-    uniq, inverse = np.unique(np.asarray(train.captions, dtype=object), return_inverse=True)
-    ids = tokenize(tokenizer, list(uniq) + [""]).to(device)
-    emb = encode_text(te, ids)                                            # (U+1, 77, D)
-    emb, empty = emb[:-1], emb[-1:]
-    row_caption = torch.as_tensor(inverse, device=device)
+    emb, empty, row_caption = _caption_table(train.captions, tokenizer, te, device)
 
     torch.manual_seed(cfg.seed)
     unet_config = dict(model_dicts(cfg)["unet"], cross_attention_dim=te.config.hidden_size,
@@ -114,19 +106,13 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
         return (mean[rows], std[rows]), context
 
     sampler = _SampleGrid(cfg, tokenizer, tok_dir, vae, te, scheduler_config, scaling) if env.is_main else None
-    on_step = None
-    if sampler is not None and sc.sample_every > 0:
-        def on_step(step, trainer):
-            if step % sc.sample_every == 0 and step < sc.steps:
-                sampler(trainer, step)
-
     trainer = Trainer("unet", objective, {"unet": unet}, fetch, len(train), sc, out=run_dir(cfg),
-                      seed=cfg.seed, config_dict=cfg.to_dict(), on_step=on_step)
+                      seed=cfg.seed, config_dict=cfg.to_dict(), on_step=_sampling_hook(sampler, sc))
     result = trainer.fit(resume=resume)                # EMA weights (if any) are copied into unet
     report = {"steps": result.step, "seconds": round(result.seconds, 1),
               "final_loss": result.losses[-1][1] if result.losses else None, "scaling_factor": scaling,
               "prediction_type": sc.prediction_type, "train_images": len(train),
-              "distinct_captions": len(uniq)}
+              "distinct_captions": len(emb)}
     if env.is_main:
         folder = save_model(cfg, unet, vae, te, tok_dir, scheduler_config)
         report["model"] = str(folder)
@@ -134,6 +120,33 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
         print(f"[unet] final loss {report['final_loss']} -> {folder}")
     env.barrier()
     return report
+
+
+def _check_stage_config(sc) -> None:
+    if sc.cache_latents not in CACHE_CHOICES:
+        raise LdmError(f"unknown unet.cache_latents {sc.cache_latents!r}", hint=f"use one of {', '.join(CACHE_CHOICES)}")
+    if sc.prediction_type not in ("epsilon", "v_prediction"):
+        raise LdmError(f"unet.prediction_type {sc.prediction_type!r} is not trainable here", hint="use epsilon or v_prediction")
+
+
+def _caption_table(captions: list[str], tokenizer, te: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One embedding per distinct caption (shapes has few), looked up per row: the (U, 77, D) table, the
+    (1, 77, D) embedding of "" (caption dropout), and each row's index into the table (N,)."""
+    uniq, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+    ids = tokenize(tokenizer, list(uniq) + [""]).to(device)
+    emb = encode_text(te, ids)                                            # (U+1, 77, D)
+    return emb[:-1], emb[-1:], torch.as_tensor(inverse, device=device)
+
+
+def _sampling_hook(sampler, sc):
+    """Trainer.on_step: a sample grid every `sc.sample_every` steps (the final one is drawn after training)."""
+    if sampler is None or sc.sample_every <= 0:
+        return None
+
+    def on_step(step, trainer):
+        if step % sc.sample_every == 0 and step < sc.steps:
+            sampler(trainer, step)
+    return on_step
 
 
 def vae_scale(vae: nn.Module) -> int:
