@@ -26,7 +26,6 @@ ALLOWED = {
     "ldm_deploy/engine/build.py::build_engines": 75,
     "ldm_deploy/export/cfg_fold.py::fold_cfg": 95,
     "ldm_deploy/export/exporter.py::_export_component": 75,
-    "ldm_deploy/export/fp16.py::drop_cast_round_trips": 63,
     "ldm_deploy/export/onnx_export.py::graph_spec": 63,
     "ldm_deploy/export/ort_optimize.py::optimize_for_ort_cuda": 91,
     "ldm_deploy/runtime/pipeline.py::Pipeline.__call__": 109,
