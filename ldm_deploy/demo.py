@@ -147,8 +147,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     # 1. export (reused when the model folder's hash and the export config match)
     artifact_dir, exported = _export(model, out / "onnx", config.export_config, config.force)
     report["artifact"] = str(artifact_dir)
-    report["timings"]["export_s"] = round(exported.seconds, 3)
-    report["timings"]["export_cached"] = exported.cached
+    report["timings"].update(export_s=round(exported.seconds, 3), export_cached=exported.cached)
 
     # 2. load
     from ldm_deploy.runtime.pipeline import Pipeline
@@ -161,30 +160,18 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     report["height"] = report["width"] = size
 
     # 3. generate + analyse
-    from training.data.analyser import analyse, score
-
     images, paths, per_image, first = [], [], [], None
     with _bar(len(rows), "generating", "image", config.progress) as bar:
         t_all = time.perf_counter()
         for i, row in enumerate(rows):
-            result = pipe(row["prompt"], steps=config.steps, guidance=config.guidance,
-                          scheduler=config.scheduler, seed=config.seed + i, height=size, width=size)
+            result, path, record = _generate_and_read(pipe, i, row, config, size, out / "images")
             images.append(result.images[0])
-            first = first or result
-            analysis = analyse(result.images[0])
-            reading = {k: analysis[k] for k in ("shape", "colour", "position", "size", "background")}
-            path = save_png(result.images[0], out / "images" / f"{i:02d}-{_slug(row['prompt'])}.png",
-                            dict(result.params, split=row["split"]))
             paths.append(path)
-            per_image.append({"index": i, "prompt": row["prompt"], "split": row["split"], "seed": config.seed + i,
-                              "file": str(path), "seconds": round(result.timings["total"], 4),
-                              "unet_ms_per_step": round(1e3 * result.timings.get("unet_per_step", 0.0), 3),
-                              "analysis": reading,
-                              "score": score(row["attrs"], analysis) if row["attrs"] else None})
+            per_image.append(record)
+            first = first or result
             bar.update(1)
         gen_s = time.perf_counter() - t_all
-    report["timings"]["generate_s"] = round(gen_s, 3)
-    report["timings"]["images_per_s"] = round(len(rows) / gen_s, 3)
+    report["timings"].update(generate_s=round(gen_s, 3), images_per_s=round(len(rows) / gen_s, 3))
     report["images"] = per_image
     report["accuracy"] = _accuracy(per_image)
 
@@ -201,6 +188,26 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     report_path = out / "report.json"
     write_json(report_path, report)
     return DemoResult(out=out, grid=grid_path, images=paths, report_path=report_path, report=report)
+
+
+def _generate_and_read(pipe, i: int, row: dict, config: DemoConfig, size: int, folder: Path):
+    """Image i of the demo: generated, saved as folder/NN-<prompt>.png, read back by the shapes analyser.
+    Returns (result, png path, the report's record for it)."""
+    from ldm_deploy.runtime.image import save_png
+    from training.data.analyser import analyse, score
+
+    result = pipe(row["prompt"], steps=config.steps, guidance=config.guidance,
+                  scheduler=config.scheduler, seed=config.seed + i, height=size, width=size)
+    analysis = analyse(result.images[0])
+    reading = {k: analysis[k] for k in ("shape", "colour", "position", "size", "background")}
+    path = save_png(result.images[0], folder / f"{i:02d}-{_slug(row['prompt'])}.png",
+                    dict(result.params, split=row["split"]))
+    record = {"index": i, "prompt": row["prompt"], "split": row["split"], "seed": config.seed + i,
+              "file": str(path), "seconds": round(result.timings["total"], 4),
+              "unet_ms_per_step": round(1e3 * result.timings.get("unet_per_step", 0.0), 3),
+              "analysis": reading,
+              "score": score(row["attrs"], analysis) if row["attrs"] else None}
+    return result, path, record
 
 
 def _export(model: Path, artifact_dir: Path, export_config: str, force: bool = False):

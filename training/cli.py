@@ -102,7 +102,7 @@ def run(args) -> int:
         report = run_all(cfg, resume=args.resume, force=args.force)
     else:
         report = run_stage(args.command, cfg, resume=args.resume, force=args.force)
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     if dist_env().is_main:
         print(json.dumps(report, indent=2, default=str))

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
-from training.stages import common
+from training.stages.images import ImageSet
+from training.stages.run_folder import run_dir
 
 
 def cache_key(vae_dir: Path, cfg: TrainConfig, n: int) -> str:
@@ -31,7 +32,7 @@ def cache_key(vae_dir: Path, cfg: TrainConfig, n: int) -> str:
 
 
 @torch.no_grad()
-def encode_latents(vae: nn.Module, images: common.ImageSet, device, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae: nn.Module, images: ImageSet, device, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior (mean, std) of every image: (N, 4, h, w) float32 each, on CPU."""
     means, stds = [], []
     for i in range(0, len(images), batch):
@@ -41,7 +42,7 @@ def encode_latents(vae: nn.Module, images: common.ImageSet, device, batch: int =
     return torch.cat(means), torch.cat(stds)
 
 
-def cached_latents(cfg: TrainConfig, vae: nn.Module, vae_dir: Path, images: common.ImageSet, device):
+def cached_latents(cfg: TrainConfig, vae: nn.Module, vae_dir: Path, images: ImageSet, device):
     """Encode once; with cache_latents=disk, reuse <out>/cache/latents-<hash>.safetensors."""
     from safetensors.torch import load_file, save
 
@@ -49,7 +50,7 @@ def cached_latents(cfg: TrainConfig, vae: nn.Module, vae_dir: Path, images: comm
 
     path = None
     if cfg.unet.cache_latents == "disk":
-        path = common.run_dir(cfg) / "cache" / f"latents-{cache_key(vae_dir, cfg, len(images))}.safetensors"
+        path = run_dir(cfg) / "cache" / f"latents-{cache_key(vae_dir, cfg, len(images))}.safetensors"
         if path.is_file():
             d = load_file(path)
             return d["mean"], d["std"]

@@ -202,11 +202,10 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     """Train, save `<out>/pytorch_lora_weights.safetensors`, evaluate; returns the report. `out` is written
     whole at the end (fileio.atomic_dir); an existing folder that is not a LoRA folder we wrote is refused
     before training unless `force`, and one that is, holds or lies inside `base` always."""
-    from ldm_deploy.fileio import atomic_dir, check_out_dir
+    from ldm_deploy.fileio import atomic_dir, check_out_dir, write_json
     from training.checkpoint import load_components
-    from training.data.shapes import caption, render
     from training.noise import NoiseSchedule
-    from training.stages import common
+    from training.stages.text import encode_text, load_tokenizer, tokenize
     from training.stages.unet import DiffusionObjective
 
     base, out = Path(base), Path(out)
@@ -219,19 +218,16 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     unet, vae, te = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
     for m in (unet, vae, te):
         m.requires_grad_(False).eval()
-    tokenizer = common.load_tokenizer(Path(comps.tokenizer_dir))
+    tokenizer = load_tokenizer(Path(comps.tokenizer_dir))
     resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
     torch.manual_seed(config.seed)
-    layers = {"unet": inject(unet, config.targets, config.rank, config.alpha)}
-    if config.text_encoder:
-        layers["text_encoder"] = inject(te, config.te_targets, config.rank, config.alpha)
-    params = [p for found in layers.values() for layer in found.values()
-              for p in (layer.down.weight, layer.up.weight)]
+    layers = _inject_layers(unet, te, config)
+    params = [p for found in layers.values() for layer in found.values() for p in (layer.down.weight, layer.up.weight)]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = NoiseSchedule.from_config(dict(comps.scheduler_config))
     prediction = comps.scheduler_config.get("prediction_type", "epsilon")
     with torch.no_grad():
-        empty = common.encode_text(te, common.tokenize(tokenizer, [""]).to(device))
+        empty = encode_text(te, tokenize(tokenizer, [""]).to(device))
     objective = DiffusionObjective(unet, schedule, prediction, float(vae.config.scaling_factor),
                                    config.caption_dropout, empty, vae)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -239,15 +235,8 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     unet.train()
     losses, start = [], time.perf_counter()
     for step in range(1, config.steps + 1):
-        attrs = [training_attrs(rng, config) for _ in range(config.batch_size)]
-        images = np.stack([render(a, resolution, rng) for a in attrs])                  # (B, H, W, 3) uint8
-        x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        ids = common.tokenize(tokenizer, [caption(a) for a in attrs]).to(device)
-        if config.text_encoder:
-            context = te(input_ids=ids.long()).last_hidden_state
-        else:
-            with torch.no_grad():
-                context = common.encode_text(te, ids)
+        x, captions = _draw_batch(rng, config, resolution, device)
+        context = _context(te, tokenize(tokenizer, captions).to(device), trained=config.text_encoder)
         loss, _ = objective((x, context), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,8 +247,6 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
             losses.append((step, round(loss.item(), 5)))
             print(f"[lora] step {step}/{config.steps} loss {loss.item():.4f}", flush=True)
     seconds = time.perf_counter() - start
-    from ldm_deploy.fileio import write_json
-
     with atomic_dir(out, kind, inputs=[base], force=force) as tmp:
         path = save_lora(tmp / WEIGHTS_NAME, layers, config)
         write_json(tmp / "lora_config.json", {"base": str(base), **dataclasses.asdict(config)})
@@ -270,6 +257,34 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
             report["eval"] = evaluate_lora(base, path, config)
         write_json(tmp / "report.json", report)
     return report
+
+
+def _inject_layers(unet: nn.Module, te: nn.Module, config: LoraTrainConfig) -> dict:
+    """{"unet": {name: LoraLayer}, "text_encoder": {...} when it is trained too}."""
+    layers = {"unet": inject(unet, config.targets, config.rank, config.alpha)}
+    if config.text_encoder:
+        layers["text_encoder"] = inject(te, config.te_targets, config.rank, config.alpha)
+    return layers
+
+
+def _draw_batch(rng: np.random.Generator, config: LoraTrainConfig, resolution: int, device) -> tuple[torch.Tensor, list]:
+    """A batch of the concept: (B, 3, H, W) float images in [-1, 1] on `device`, and their captions."""
+    from training.data.shapes import caption, render
+
+    attrs = [training_attrs(rng, config) for _ in range(config.batch_size)]
+    images = np.stack([render(a, resolution, rng) for a in attrs])                  # (B, H, W, 3) uint8
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, [caption(a) for a in attrs]
+
+
+def _context(te: nn.Module, ids: torch.Tensor, trained: bool) -> torch.Tensor:
+    """Text embeddings (B, 77, D): with gradients when the text encoder carries LoRA layers too."""
+    from training.stages.text import encode_text
+
+    if trained:
+        return te(input_ids=ids.long()).last_hidden_state
+    with torch.no_grad():
+        return encode_text(te, ids)
 
 
 # --- evaluation ----------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 A stage hands the Trainer an `Objective` (an nn.Module whose forward(batch, generator) returns
 (loss, metrics)), the named sub-modules that are trained, and a `fetch(indices) -> batch` function.
 Everything random in a step comes from a torch.Generator seeded from (seed, step, rank, micro-batch)
-and the data order is a pure function of (seed, step), so a resumed run repeats the uninterrupted
-one exactly; the global RNG states (python, numpy, torch, cuda) are saved and restored too, for any
-module that draws from them (dropout).
+(training.rng) and the data order is a pure function of (seed, step) (training.batching), so a resumed
+run repeats the uninterrupted one exactly; the global RNG states (python, numpy, torch, cuda) are saved
+and restored too, for any module that draws from them (dropout).
 
 Checkpoints: <out>/checkpoints/<stage>/step_NNNNNNN/ (written with atomic_dir), then latest.json
 (written atomically) points at it, so a process killed at any moment loses at most one interval:
@@ -13,157 +13,32 @@ Checkpoints: <out>/checkpoints/<stage>/step_NNNNNNN/ (written with atomic_dir), 
     state.pt     optimizer, grad scaler, RNG states (plain tensors/lists: torch.load(weights_only=True))
     state.json   step, samples seen, config, metrics
 
-Multi-GPU: the same command runs under `torchrun --nproc_per_node N`; WORLD_SIZE/RANK/LOCAL_RANK
-select DDP over NCCL (gloo on CPU). Each rank takes its slice of every global batch; only rank 0
-logs, samples and saves.
+Multi-GPU: the same command runs under `torchrun --nproc_per_node N` (training.distributed); each rank
+takes its slice of every global batch; only rank 0 logs (training.loss_log), samples and saves.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ldm_deploy.errors import LdmError
 from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
+from training.batching import BatchOrder
 from training.config import StageConfig
+from training.distributed import dist_env
 from training.ema import EMA
-
-# --- distributed environment -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-
-_ENV: DistEnv | None = None
-
-
-def dist_env() -> DistEnv:
-    """Read torchrun's env vars once; initialise the process group (NCCL on GPU, gloo on CPU)."""
-    global _ENV
-    if _ENV is not None:
-        return _ENV
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available() and os.environ.get("LDM_TRAIN_DEVICE", "") != "cpu":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _ENV = DistEnv(rank, world, local, device)
-    return _ENV
-
-
-# --- data order: a pure function of (seed, step) -----------------------------------------------------
-
-
-class BatchOrder:
-    """Epoch-wise permutations of range(n) (ResumableSampler's), cut into global batches, sharded over ranks.
-
-    Optimizer step s consumes global positions [s*B, (s+1)*B) of the concatenated permutations;
-    each global batch splits into world*accum micro-batches and rank r takes micro-batches
-    r, r+world, ... (a DistributedSampler-equivalent split). Resuming needs only the step.
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, env: DistEnv, accum: int = 1):
-        if global_batch % (env.world * accum):
-            raise LdmError(f"batch_size {global_batch} is not divisible by world size {env.world} x grad_accum {accum}",
-                           hint="choose a batch size that splits evenly")
-        if n <= 0:
-            raise LdmError("the training set is empty", hint="check the dataset path / train_size")
-        self.n, self.global_batch, self.seed, self.env, self.accum = n, global_batch, seed, env, accum
-        self.micro = global_batch // (env.world * accum)
-        from training.data.loader import ResumableSampler
-
-        self.sampler = ResumableSampler(n, seed=seed)      # the shared per-epoch permutation
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, self.sampler.permutation(epoch))
-        return self._perm[1]
-
-    def indices(self, step: int, micro: int) -> list[int]:
-        start = step * self.global_batch + (micro * self.env.world + self.env.rank) * self.micro
-        out = []
-        for pos in range(start, start + self.micro):
-            out.append(int(self._permutation(pos // self.n)[pos % self.n]))
-        return out
-
-    def samples_seen(self, step: int) -> int:
-        return step * self.global_batch
-
-    def position(self, step: int) -> dict:
-        """The ResumableSampler state (epoch, position in epoch) after `step` optimizer steps."""
-        self.sampler.resume(*divmod(self.samples_seen(step), self.n))
-        return self.sampler.state_dict()
-
-
-def _mix(*values: int) -> int:
-    """A stable 63-bit seed from integers (splitmix64-style)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-# --- RNG state (weights_only-friendly) ---------------------------------------------------------------
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": [list(s) if isinstance(s, tuple) else s for s in random.getstate()],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+from training.loss_log import LossLog
+from training.rng import rng_state, set_rng_state, step_seed
 
 # --- precision ----------------------------------------------------------------------------------------
 
@@ -217,7 +92,7 @@ class Trainer:
         self.config_dict = config_dict or {}
         self.out = Path(out)
         self.ckpt_root = self.out / "checkpoints" / name
-        self.log_path = self.out / "logs" / f"{name}.csv"
+        self.log = LossLog(self.out / "logs" / f"{name}.csv", title=f"{name} loss")
         self.order = BatchOrder(dataset_size, cfg.batch_size, seed, self.env, cfg.grad_accum)
         self.params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
         if not self.params:
@@ -264,8 +139,7 @@ class Trainer:
                     "metrics": metrics or {}, "config": self.config_dict})
             write_json(self.ckpt_root / "latest.json", {"step": step, "dir": folder.name})
             self._prune(keep=folder)
-            if step == self.cfg.steps or time.perf_counter() - self._last_plot > 60:
-                self._plot()
+            self.log.plot(final=step == self.cfg.steps)
         self.env.barrier()
 
     def _prune(self, keep: Path) -> None:
@@ -288,26 +162,30 @@ class Trainer:
         set_rng_state(state["rng"])
         return int(info["step"])
 
+    def _resume(self) -> int:
+        """Load the latest checkpoint (weights, EMA, optimizer, scaler, RNG state); its step, or 0 when none."""
+        folder = self.latest_checkpoint()
+        if folder is None:
+            if self.env.is_main:
+                print(f"[{self.name}] no checkpoint under {self.ckpt_root}; starting from step 0")
+            return 0
+        step = self.load_checkpoint(folder)
+        if self.env.is_main:
+            print(f"[{self.name}] resumed from {folder} (step {step})")
+        return step
+
     # -- the loop --
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, env = self.cfg, self.env
-        step = 0
-        if resume:
-            folder = self.latest_checkpoint()
-            if folder is None:
-                if env.is_main:
-                    print(f"[{self.name}] no checkpoint under {self.ckpt_root}; starting from step 0")
-            else:
-                step = self.load_checkpoint(folder)
-                if env.is_main:
-                    print(f"[{self.name}] resumed from {folder} (step {step})")
+        step = self._resume() if resume else 0
         if env.is_main:
-            self._start_log(step)
+            self.log.start(step)
         bar = _progress(self.name, step, cfg.steps, disable=not env.is_main)
+        speed = _StepRate(self.name, env.device, cfg.steps)
         try:  # close the bar on errors too, so an error message starts on its own line
             losses: list[tuple[int, float]] = []
-            t0, timed_from = time.perf_counter(), None
+            t0 = time.perf_counter()
             metrics: dict = {}
             self.objective.train()
             while step < cfg.steps:
@@ -323,18 +201,9 @@ class Trainer:
                     losses.append((step, loss))
                     if env.is_main:
                         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                        self._log(step, loss, lr, metrics)
+                        self.log.append(step, loss, lr, metrics)
                 if env.is_main:
-                    if timed_from is None and step >= min(cfg.steps, 3):
-                        if env.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        timed_from = (step, time.perf_counter())
-                    elif timed_from is not None and step == timed_from[0] + 20:
-                        if env.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        rate = (time.perf_counter() - timed_from[1]) / 20
-                        bar.write(f"[{self.name}] {rate * 1000:.1f} ms/step; about "
-                                  f"{_fmt_time(rate * (cfg.steps - step))} left")
+                    speed.tick(step, bar)
                 if self.on_step is not None:
                     self.on_step(step, self)
                 if step % cfg.save_every == 0 or step == cfg.steps:
@@ -352,7 +221,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             batch = self.fetch(self.order.indices(step, micro))
-            gen = torch.Generator(device=env.device).manual_seed(_mix(self.seed, step, env.rank, micro))
+            gen = torch.Generator(device=env.device).manual_seed(step_seed(self.seed, step, env.rank, micro))
             sync = contextlib.nullcontext()
             if env.distributed and micro < cfg.grad_accum - 1:
                 sync = self.model.no_sync()
@@ -388,72 +257,6 @@ class Trainer:
                            hint="lower the learning rate, use bf16 instead of fp16, or enable grad_clip")
         return loss, {k: float(v) for k, v in sums.items()}
 
-    # -- logs --
-
-    def _start_log(self, step: int) -> None:
-        """Keep the CSV rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if step > 0 and self.log_path.is_file():
-            with open(self.log_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        self._fields: list[str] | None = list(rows[0].keys()) if rows else None
-        with open(self.log_path, "w", newline="") as f:
-            if rows:
-                writer = csv.DictWriter(f, fieldnames=self._fields)
-                writer.writeheader()
-                writer.writerows(rows)
-
-    def _log(self, step: int, loss: float, lr: float, metrics: dict) -> None:
-        row = {"step": step, "loss": f"{loss:.8g}", "lr": f"{lr:.6g}", **{k: f"{v:.6g}" for k, v in metrics.items()}}
-        new = self._fields is None
-        if new:
-            self._fields = list(row)
-        with open(self.log_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-
-    _last_plot = 0.0
-
-    def _plot(self) -> None:
-        self._last_plot = time.perf_counter()
-        plot_losses(self.log_path, self.log_path.with_suffix(".png"), title=f"{self.name} loss")
-
-
-def plot_losses(csv_path: Path, png_path: Path, title: str = "loss") -> None:
-    """Loss curve (raw + moving average, log scale) from a stage's CSV, written with matplotlib Agg."""
-    if not Path(csv_path).is_file():
-        return
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if len(rows) < 2:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([int(r["step"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    k = max(1, len(loss) // 50)
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss, alpha=0.35, lw=0.8, label="loss")
-    ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if loss.min() > 0:
-        ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
 
 def _plain_state(state: dict) -> dict:
     """Contiguous, unshared CPU copies (safetensors refuses shared storage)."""
@@ -466,6 +269,27 @@ def _progress(name: str, initial: int, total: int, disable: bool):
     # ldm-train -q sets TQDM_DISABLE; an explicit `disable=` would win over tqdm's own reading of it
     disable = disable or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
     return tqdm(total=total, initial=initial, desc=name, unit="step", disable=disable, dynamic_ncols=True)
+
+
+class _StepRate:
+    """Says once how long a step takes and how long is left: timed over 20 steps after the first 3."""
+
+    def __init__(self, name: str, device: torch.device, total: int):
+        self.name, self.device, self.total = name, device, total
+        self._from: tuple[int, float] | None = None
+
+    def tick(self, step: int, bar) -> None:
+        if self._from is None and step >= min(self.total, 3):
+            self._sync()
+            self._from = (step, time.perf_counter())
+        elif self._from is not None and step == self._from[0] + 20:
+            self._sync()
+            rate = (time.perf_counter() - self._from[1]) / 20
+            bar.write(f"[{self.name}] {rate * 1000:.1f} ms/step; about {_fmt_time(rate * (self.total - step))} left")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def _fmt_time(seconds: float) -> str:

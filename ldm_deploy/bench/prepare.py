@@ -26,7 +26,7 @@ def model_dicts(kind: str) -> dict:
     """unet / vae / text_encoder / scheduler config dicts of a benchmark architecture."""
     if kind == "demo":
         from training.config import load_config
-        from training.stages.common import model_dicts as merged
+        from training.stages.architecture import model_dicts as merged
 
         cfg = load_config(ROOT / "training" / "configs" / "shapes.yaml")
         dicts = merged(cfg)

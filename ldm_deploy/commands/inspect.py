@@ -1,7 +1,7 @@
 """`ldm-deploy inspect`: what an artifact, engine folder, .onnx file or diffusers model folder holds.
 
 Python twin:
-    from ldm_deploy.inspect import inspect_path, format_inspection
+    from ldm_deploy.inspection import inspect_path, format_inspection
     print(format_inspection(inspect_path("out/sd15-onnx")))
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ldm_deploy.inspect import format_inspection, inspect_path
+    from ldm_deploy.inspection import format_inspection, inspect_path
 
     info = inspect_path(args.path)
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))

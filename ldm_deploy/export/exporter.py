@@ -6,7 +6,6 @@ artifact made from the same source files with the same config is already there, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time

@@ -144,6 +144,14 @@ def drop_cast_round_trips(graph: onnx.GraphProto) -> int:
                 outputs_to[fp32] = fp16
     if not removed:
         return 0
+    _rewire(graph, removed, inputs_to, outputs_to)
+    log.info("fp16: removed %d fp32 -> fp16 -> fp32 Cast round trips between fp32-kept nodes", len(removed))
+    return len(removed)
+
+
+def _rewire(graph: onnx.GraphProto, removed: set[int], inputs_to: dict[str, str], outputs_to: dict[str, str]) -> None:
+    """Drop the nodes whose id() is in `removed`, rename the inputs and outputs the maps name, and forget the
+    value_info of every renamed tensor (shape inference redoes them)."""
     keep = []
     for node in graph.node:
         if id(node) in removed:
@@ -158,13 +166,11 @@ def drop_cast_round_trips(graph: onnx.GraphProto) -> int:
                 node.output[i] = outputs_to[name]
         keep.append(node)
     retyped = set(inputs_to) | set(outputs_to) | set(outputs_to.values())
-    value_info = [v for v in graph.value_info if v.name not in retyped]   # shape inference redoes them
+    value_info = [v for v in graph.value_info if v.name not in retyped]
     del graph.value_info[:]
     graph.value_info.extend(value_info)
     del graph.node[:]
     graph.node.extend(keep)
-    log.info("fp16: removed %d fp32 -> fp16 -> fp32 Cast round trips between fp32-kept nodes", len(removed))
-    return len(removed)
 
 
 def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inputs: tuple[str, ...] = (),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,6 @@ log = logging.getLogger(__name__)
 
 def node_count(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def op_histogram(path: Path, top: int = 12) -> dict[str, int]:
-    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-    return dict(ops.most_common(top))
 
 
 def cleanup(src: Path, dst: Path) -> dict:

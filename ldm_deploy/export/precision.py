@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.artifact import MANIFEST, Artifact
-from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.errors import UsageError
 from ldm_deploy.export.config import ExportConfig, load_config
 from ldm_deploy.export.layers import FP16_MAX, LayerReport, compare_layers, graph_nodes, time_graph
 

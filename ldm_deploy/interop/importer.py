@@ -83,14 +83,12 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
                        force: bool = False) -> ImportResult:
     """Import `src` into the artifact folder `out`; batch/height/width are (min, opt, max) or None (derived)."""
     try:
-        import onnx
+        import onnx  # noqa: F401 - only to refuse early, with the fix, when it is missing
     except ImportError:
         raise LdmError("`ldm-deploy import` needs the onnx package",
                        hint="pip install 'ldm-deploy[train]' (or just `pip install onnx`; torch is not needed)") from None
 
     from ldm_deploy.export import manifest as mf
-    from ldm_deploy.export import onnx_io
-    from ldm_deploy.interop.adapt import adapt
 
     start = time.perf_counter()
     folder = read_folder(src)
@@ -98,6 +96,33 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
 
     check_tree(folder.path)   # hashed and read below: no link out of it, no FIFO / device (which would hang)
     out = Path(out)
+    wanted = _wanted_components(folder, out, components)
+    source_sha = _folder_sha256(folder.path)
+    graphs, skipped = _adapted_graphs(folder, wanted, optional_encoder=components is None)
+    profiles = _profiles(folder, graphs, batch, height, width)
+    settings = {"layout": folder.layout, "components": list(graphs), "profiles": profiles}
+    if not force and (out / MANIFEST).is_file():
+        cached = _cached(out, source_sha, settings)
+        if cached is not None:
+            return ImportResult(out, True, cached, time.perf_counter() - start, skipped)
+    check_free_space(out.parent if out.parent.exists() else Path.cwd(),
+                     sum(p.stat().st_size for p in folder.path.rglob("*") if p.is_file()) + (64 << 20), "the import")
+
+    f = _vae_scale_factor(folder)
+    with atomic_dir(out, ARTIFACT_OUTPUT, inputs=[folder.path], force=force) as tmp:
+        entries = {c: _write_component(tmp, c, adapted, folder, profiles, f) for c, adapted in graphs.items()}
+        tokenizer = mf.copy_tokenizer(folder.tokenizer_dir, tmp / "tokenizer")
+        write_json(tmp / "scheduler" / "scheduler_config.json", folder.scheduler)
+        write_json(tmp / MANIFEST, _manifest(tmp, folder, source_sha, entries, tokenizer, profiles, settings, skipped))
+    artifact = Artifact.open(out, verify=False)
+    seconds = time.perf_counter() - start
+    log.info("imported %s (%s layout) -> %s in %.1f s", folder.path, folder.layout, out, seconds)
+    return ImportResult(out, False, artifact, seconds, skipped)
+
+
+def _wanted_components(folder: _Folder, out: Path, components) -> list[str]:
+    """The components to import (default: every graph present); refuses an `out` inside the source, an unknown
+    name, and a folder without the three text-to-image graphs."""
     if out.resolve() == folder.path.resolve() or folder.path.resolve() in out.resolve().parents:
         raise UsageError(f"--out {out} is the source folder or inside it", hint="write the artifact elsewhere")
     present = [c for c in GRAPH_PARTS if (folder.path / c / "model.onnx").is_file()]
@@ -110,9 +135,16 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
     if missing:
         raise LdmError(f"{folder.path} lacks {', '.join(sorted(set(missing)))}/model.onnx",
                        hint="text-to-image needs text_encoder, unet and vae_decoder")
-    source_sha = _folder_sha256(folder.path)
+    return wanted
 
-    # graphs in without their weights, adapted; the weights are read only when the artifact is written
+
+def _adapted_graphs(folder: _Folder, wanted: list[str], optional_encoder: bool) -> tuple[dict, dict]:
+    """The graphs in without their weights, adapted (the weights are read only when the artifact is written):
+    ({component: Adapted}, {component left out: why}). Only an optional vae_encoder may be left out."""
+    import onnx
+
+    from ldm_deploy.interop.adapt import adapt
+
     graphs, skipped = {}, {}
     for c in wanted:
         try:
@@ -124,51 +156,42 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
         try:
             graphs[c] = adapt(c, model)
         except LdmError as e:
-            if c == "vae_encoder" and components is None:   # optional: txt2img works without it
+            if c == "vae_encoder" and optional_encoder:   # optional: txt2img works without it
                 skipped[c] = str(e)
                 log.warning("vae_encoder left out (img2img unavailable): %s", e)
                 continue
             raise LdmError(f"{folder.path / c / 'model.onnx'}: {e}") from None
-    profiles = _profiles(folder, graphs, batch, height, width)
-    settings = {"layout": folder.layout, "components": list(graphs), "profiles": profiles}
-    if not force and (out / MANIFEST).is_file():
-        cached = _cached(out, source_sha, settings)
-        if cached is not None:
-            return ImportResult(out, True, cached, time.perf_counter() - start, skipped)
-    check_free_space(out.parent if out.parent.exists() else Path.cwd(),
-                     sum(p.stat().st_size for p in folder.path.rglob("*") if p.is_file()) + (64 << 20), "the import")
+    return graphs, skipped
 
-    f = _vae_scale_factor(folder)
-    with atomic_dir(out, ARTIFACT_OUTPUT, inputs=[folder.path], force=force) as tmp:
-        entries = {}
-        for c, adapted in graphs.items():
-            path = tmp / c / "model.onnx"
-            _check_external_locations(adapted.model, folder.path / c)
-            try:   # external weights (Optimum's model.onnx_data, the Hub's weights.pb) join the graph here
-                onnx.load_external_data_for_model(adapted.model, str(folder.path / c))
-            except (OSError, ValueError) as e:
-                raise LdmError(f"cannot read the external weights of {folder.path / c / 'model.onnx'}: {e}",
-                               hint="re-download the folder; every file the graph names must be beside it") from None
-            data = onnx_io.save_model(adapted.model, path)
-            onnx_io.check_model(path)
-            ins, outs = mf.graph_io(path)
-            profile = _component_profile(c, ins, profiles, f)
-            _smoke_run(path, c, {name: shapes["opt"] for name, shapes in profile.items()}, folder)
-            entries[c] = {
-                "file": f"{c}/model.onnx", "external_data": f"{c}/{data.name}" if data else None,
-                "precision": "fp16" if any(t["dtype"] == "float16" for t in ins + outs) else "fp32",
-                "inputs": ins, "outputs": outs, "batch_multiplier": 2 if c == "unet" else 1,
-                "profile": profile,
-                "import": {"file": f"{c}/model.onnx", "added": adapted.added},
-            }
-            log.info("%s: %s", c, "; ".join(adapted.added) or "used as is")
-        tokenizer = mf.copy_tokenizer(folder.tokenizer_dir, tmp / "tokenizer")
-        write_json(tmp / "scheduler" / "scheduler_config.json", folder.scheduler)
-        write_json(tmp / MANIFEST, _manifest(tmp, folder, source_sha, entries, tokenizer, profiles, settings, skipped))
-    artifact = Artifact.open(out, verify=False)
-    seconds = time.perf_counter() - start
-    log.info("imported %s (%s layout) -> %s in %.1f s", folder.path, folder.layout, out, seconds)
-    return ImportResult(out, False, artifact, seconds, skipped)
+
+def _write_component(tmp: Path, c: str, adapted, folder: _Folder, profiles: dict, f: int) -> dict:
+    """Write one adapted graph with its weights into the artifact being built, check and run it once; its
+    manifest entry."""
+    import onnx
+
+    from ldm_deploy.export import manifest as mf
+    from ldm_deploy.export import onnx_io
+
+    path = tmp / c / "model.onnx"
+    _check_external_locations(adapted.model, folder.path / c)
+    try:   # external weights (Optimum's model.onnx_data, the Hub's weights.pb) join the graph here
+        onnx.load_external_data_for_model(adapted.model, str(folder.path / c))
+    except (OSError, ValueError) as e:
+        raise LdmError(f"cannot read the external weights of {folder.path / c / 'model.onnx'}: {e}",
+                       hint="re-download the folder; every file the graph names must be beside it") from None
+    data = onnx_io.save_model(adapted.model, path)
+    onnx_io.check_model(path)
+    ins, outs = mf.graph_io(path)
+    profile = _component_profile(c, ins, profiles, f)
+    _smoke_run(path, c, {name: shapes["opt"] for name, shapes in profile.items()}, folder)
+    log.info("%s: %s", c, "; ".join(adapted.added) or "used as is")
+    return {
+        "file": f"{c}/model.onnx", "external_data": f"{c}/{data.name}" if data else None,
+        "precision": "fp16" if any(t["dtype"] == "float16" for t in ins + outs) else "fp32",
+        "inputs": ins, "outputs": outs, "batch_multiplier": 2 if c == "unet" else 1,
+        "profile": profile,
+        "import": {"file": f"{c}/model.onnx", "added": adapted.added},
+    }
 
 
 # --- metadata -------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def _timestep_from_one(g, a) -> None:
 
 
 def _concat_moments(g, a) -> None:
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from ldm_deploy.interop.adapt import _free, _io
 

@@ -9,7 +9,7 @@ import pytest
 
 from ldm_deploy.cli import main
 from ldm_deploy.errors import LdmError
-from ldm_deploy.inspect import format_inspection, inspect_path
+from ldm_deploy.inspection import format_inspection, inspect_path
 from tests.runtime.tiny_model import tiny_artifact, tiny_folder  # noqa: F401 (fixtures)
 
 

@@ -182,7 +182,7 @@ def test_training_configs_are_bounded():
 
 def test_parameter_estimate_tracks_the_real_count(model_folder):
     """The estimate the cap applies to is the model's weight count within a few percent (biases, norms left out)."""
-    from ldm_deploy.inspect import inspect_model
+    from ldm_deploy.inspection import inspect_model
     from ldm_deploy.limits import estimated_parameters
 
     parts = inspect_model(model_folder)["parts"]

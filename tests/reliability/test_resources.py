@@ -77,7 +77,7 @@ def test_training_checkpoint_fails_cleanly(tmp_path, full_disk, capsys):
 
 def test_stage_output_checks_space_first(tmp_path, full_disk):
     from training.models.presets import build_models, preset
-    from training.stages.common import save_part
+    from training.stages.parts import save_part
 
     _, vae, _ = build_models(preset("tiny"), seed=0)
     with pytest.raises(LdmError, match="not enough disk space for the trained vae"):

@@ -324,7 +324,7 @@ def test_copy_tokenizer(tmp_path):
 
 def test_training_reads_tokenizer_json_folders(tmp_path):
     """Training tokenizes with the runtime's loader, so a transformers 5 folder works there too."""
-    from training.stages.common import has_tokenizer, load_tokenizer
+    from training.stages.text import has_tokenizer, load_tokenizer
 
     folder = saved_by_transformers(tmp_path, "saved", "!", "tokenizer.json")
     assert has_tokenizer(folder) and not has_tokenizer(tmp_path)

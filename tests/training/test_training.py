@@ -17,7 +17,10 @@ import torch
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError, UsageError
 from training import trainer as trainer_mod
+from training.batching import BatchOrder
 from training.config import load_config
+from training.distributed import DistEnv
+from training.rng import rng_state, set_rng_state
 from training.stages import run_stage
 
 STAGES = ("vae", "text-encoder", "unet")
@@ -140,27 +143,27 @@ def test_batch_order_shards_global_batches_over_ranks():
     for step in range(4):
         got = []
         for rank in range(world):
-            env = trainer_mod.DistEnv(rank=rank, world=world)
-            order = trainer_mod.BatchOrder(n, gb, seed=3, env=env, accum=accum)
+            env = DistEnv(rank=rank, world=world)
+            order = BatchOrder(n, gb, seed=3, env=env, accum=accum)
             for micro in range(accum):
                 got += order.indices(step, micro)
         assert len(got) == gb
         per_step.append(got)
-    single = trainer_mod.BatchOrder(n, gb, seed=3, env=trainer_mod.DistEnv())
+    single = BatchOrder(n, gb, seed=3, env=DistEnv())
     flat = [i for s in range(4) for i in single.indices(s, 0)]
     assert sorted(flat[:n]) == list(range(n))                     # the first epoch is a permutation
     assert sorted(i for s in per_step for i in s) == sorted(flat)  # sharding covers the same samples
     with pytest.raises(LdmError, match="divisible"):
-        trainer_mod.BatchOrder(n, 6, seed=0, env=trainer_mod.DistEnv(world=4))
+        BatchOrder(n, 6, seed=0, env=DistEnv(world=4))
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     import random
 
-    state = trainer_mod.rng_state()
+    state = rng_state()
     torch.save(state, tmp_path / "s.pt")
     expect = (random.random(), np.random.rand(), torch.rand(1).item())
-    trainer_mod.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
 
 
@@ -236,13 +239,14 @@ def test_periodic_sample_grids_use_ema_and_keep_training_identical(runs, tmp_pat
 
 def test_disk_latent_cache_is_keyed_by_vae_and_dataset(runs, tmp_path):
     from training.latents import cache_key, cached_latents
-    from training.stages import common
+    from training.stages.images import load_images
+    from training.stages.parts import frozen, load_part
 
     a, _, _ = runs
     cfg = _cfg(a, "unet.cache_latents=disk")
     vae_dir = a / "stages" / "vae"
-    vae = common.frozen(common.load_part("vae", vae_dir))
-    images = common.load_images(cfg, "train")
+    vae = frozen(load_part("vae", vae_dir))
+    images = load_images(cfg, "train")
     mean, std = cached_latents(cfg, vae, vae_dir, images, torch.device("cpu"))
     files = list((a / "cache").glob("latents-*.safetensors"))
     assert len(files) == 1 and cache_key(vae_dir, cfg, len(images)) in files[0].name

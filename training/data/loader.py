@@ -98,9 +98,6 @@ class ResumableSampler(Sampler):
             raise LdmError(f"resume position {position} is outside the epoch of {self.n} samples")
         self.epoch, self.start = epoch, position
 
-    def set_epoch(self, epoch: int) -> None:
-        self.resume(epoch, 0)
-
     def permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.n)
@@ -152,7 +149,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool = True, seed: int = 0, w
     """A torch DataLoader over `dataset` with a ResumableSampler at (epoch, start).
 
     `transform` defaults to ImageTransform(resolution or the first image's size, flip="none").
-    `loader.sampler` is the ResumableSampler: call `.set_epoch(e)` or `.resume(e, position)`.
+    `loader.sampler` is the ResumableSampler: call `.resume(epoch, position)` to move it.
     """
     if batch_size < 1:
         raise LdmError(f"batch size must be positive, got {batch_size}")

@@ -22,18 +22,13 @@ EPS = 1e-6
 
 
 class DiagonalGaussian:
-    """The posterior q(z|x) from (B, 2*latent, h, w) moments: mean and logvar clamped to [-30, 20]."""
+    """The posterior q(z|x) from its mean and logvar, each (B, latent, h, w); logvar clamped to [-30, 20]."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
         self.mean = mean
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
-
-    @classmethod
-    def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
-        mean, logvar = moments.chunk(2, dim=1)
-        return cls(mean, logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,

@@ -25,17 +25,17 @@ STAGES = {
 
 
 def run_stage(name: str, cfg: TrainConfig, resume: bool = False, force: bool = False) -> dict:
-    """`force`: write into an existing `cfg.out` that is not an ldm-train run folder (training.stages.common.claim_run_dir)."""
+    """`force`: write into an existing `cfg.out` that is not an ldm-train run folder (training.stages.run_folder.claim_run_dir)."""
     if name not in STAGES:
         raise UsageError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
-    from training.stages.common import claim_run_dir
+    from training.stages.run_folder import claim_run_dir
 
     claim_run_dir(cfg, force=force)
     module, fn = STAGES[name].split(":")
     start = time.perf_counter()
     report = getattr(importlib.import_module(module), fn)(cfg, resume=resume)
     report = {"stage": name, "wall_seconds": round(time.perf_counter() - start, 1), **report}
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     if dist_env().is_main:
         write_json(f"{cfg.out}/reports/{name}.json", report)

@@ -12,7 +12,7 @@ import torch
 
 from ldm_deploy import flops
 from training.config import TrainConfig
-from training.stages import common
+from training.stages.architecture import model_dicts
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12}
 GPU_UTILISATION = 0.03      # small U-Nets at 16x16 latents: measured 2.2% (U-Net) and 4.8% (VAE) on an H200
@@ -28,7 +28,7 @@ def device_flops() -> tuple[float, str]:
 
 
 def stage_flops(cfg: TrainConfig) -> dict[str, float]:
-    m = common.model_dicts(cfg)
+    m = model_dicts(cfg)
     res = cfg.data.resolution
     f = 2 ** (len(m["vae"].get("block_out_channels", (1, 1, 1, 1))) - 1)
     vae = flops.vae_encoder_flops(m["vae"], res, res) + flops.vae_decoder_flops(m["vae"], res // f, res // f)
@@ -48,7 +48,7 @@ def print_estimate(cfg: TrainConfig) -> dict[str, float]:
     """Print (rank 0) and return the estimated seconds per stage."""
     rate, name = device_flops()
     seconds = {k: v / rate for k, v in stage_flops(cfg).items()}
-    from training.trainer import dist_env
+    from training.distributed import dist_env
 
     if dist_env().is_main:
         parts = ", ".join(f"{k} ~{_fmt(s)}" for k, s in seconds.items())

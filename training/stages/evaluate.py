@@ -18,7 +18,8 @@ import numpy as np
 from ldm_deploy.errors import LdmError
 from ldm_deploy.fileio import write_json
 from training.config import TrainConfig
-from training.stages import common
+from training.stages.images import load_images
+from training.stages.run_folder import run_dir
 
 ATTRIBUTES = ("colour", "shape", "position", "size", "background", "all")
 
@@ -32,10 +33,11 @@ def evaluate(cfg: TrainConfig, model: str | Path | None = None) -> dict:
     from training.data.shapes import holdout_prompts
     from training.stages.sampling import generate, save_grid
     from training.stages.vae import psnr
-    from training.trainer import dist_env, plot_losses
+    from training.distributed import dist_env
+    from training.loss_log import plot_losses
 
     ec = cfg.eval
-    folder = Path(model) if model else common.run_dir(cfg) / "model"
+    folder = Path(model) if model else run_dir(cfg) / "model"
     if not (folder / "model_index.json").is_file():
         raise LdmError(f"no model folder at {folder}", hint="train one with `ldm-train all`, or pass --model")
     device = dist_env().device
@@ -50,13 +52,13 @@ def evaluate(cfg: TrainConfig, model: str | Path | None = None) -> dict:
     sample_s = time.perf_counter() - start
     scores = [score(attrs, analyse(im)) for im, (_, attrs) in zip(images, pairs)]
     accuracy = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES}
-    held = common.load_images(cfg, "holdout", limit=min(cfg.data.holdout_size, 256))
-    out = common.run_dir(cfg) / "eval"
+    held = load_images(cfg, "holdout", limit=min(cfg.data.holdout_size, 256))
+    out = run_dir(cfg) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images[:16], out / "samples.png", prompts[:16])
     curves = {}
     for stage in ("vae", "text_encoder", "unet"):
-        csv_path = common.run_dir(cfg) / "logs" / f"{stage}.csv"
+        csv_path = run_dir(cfg) / "logs" / f"{stage}.csv"
         if csv_path.is_file():
             plot_losses(csv_path, out / f"loss_{stage}.png", title=f"{stage} loss")
             curves[stage] = str(out / f"loss_{stage}.png")
@@ -75,6 +77,6 @@ def evaluate(cfg: TrainConfig, model: str | Path | None = None) -> dict:
 
 def _stage_reports(cfg: TrainConfig) -> dict:
     reports = {}
-    for path in sorted((common.run_dir(cfg) / "reports").glob("*.json")):
+    for path in sorted((run_dir(cfg) / "reports").glob("*.json")):
         reports[path.stem] = json.loads(path.read_text())
     return reports

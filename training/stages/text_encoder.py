@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import TrainConfig
-from training.stages import common
+from training.stages.architecture import build, text_encoder_config
+from training.stages.images import load_images
+from training.stages.parts import load_part, save_part
+from training.stages.run_folder import run_dir, stage_dir
+from training.stages.text import load_tokenizer, tokenize, tokenizer_path
 from training.trainer import Trainer
 
 
@@ -65,21 +69,21 @@ class ContrastiveObjective(nn.Module):
 def train_text_encoder(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or copy cfg.text_encoder.path) the text encoder; writes <out>/stages/text_encoder."""
     sc = cfg.text_encoder
-    out = common.stage_dir(cfg, "text_encoder")
+    out = stage_dir(cfg, "text_encoder")
     if sc.path:
         p = Path(sc.path)
-        te = common.load_part("text_encoder", p / "text_encoder" if (p / "text_encoder").is_dir() else p)
-        common.save_part("text_encoder", te, out, {"source": sc.path, "frozen": True})
+        te = load_part("text_encoder", p / "text_encoder" if (p / "text_encoder").is_dir() else p)
+        save_part("text_encoder", te, out, {"source": sc.path, "frozen": True})
         return {"source": sc.path, "frozen": True}
-    tokenizer = common.load_tokenizer(common.tokenizer_path(cfg))
-    train = common.load_images(cfg, "train")
-    ids = common.tokenize(tokenizer, train.captions)
-    from training.trainer import dist_env
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    train = load_images(cfg, "train")
+    ids = tokenize(tokenizer, train.captions)
+    from training.distributed import dist_env
 
     if dist_env().device.type == "cuda":
         train = train.to(dist_env().device)
     torch.manual_seed(cfg.seed)
-    te = common.build("text_encoder", common.text_encoder_config(cfg, tokenizer))
+    te = build("text_encoder", text_encoder_config(cfg, tokenizer))
     objective = ContrastiveObjective(te, sc.image_channels, sc.projection_dim)
 
     def fetch(idx):
@@ -87,12 +91,12 @@ def train_text_encoder(cfg: TrainConfig, resume: bool = False) -> dict:
         return train.batch(idx, device), ids[torch.as_tensor(idx)].to(device)
 
     trainer = Trainer("text_encoder", objective, {"objective": objective}, fetch, len(train), sc,
-                      out=common.run_dir(cfg), seed=cfg.seed, config_dict=cfg.to_dict())
+                      out=run_dir(cfg), seed=cfg.seed, config_dict=cfg.to_dict())
     result = trainer.fit(resume=resume)
     report = {"steps": result.step, "seconds": round(result.seconds, 1),
               "final_loss": result.losses[-1][1] if result.losses else None}
     if trainer.env.is_main:
-        common.save_part("text_encoder", te.float().cpu(), out, report)
+        save_part("text_encoder", te.float().cpu(), out, report)
         print(f"[text_encoder] final loss {report['final_loss']} -> {out}")
     trainer.env.barrier()
     return report

@@ -23,7 +23,11 @@ from ldm_deploy.errors import LdmError
 from training.config import TrainConfig
 from training.latents import cached_latents
 from training.noise import NoiseSchedule
-from training.stages import common
+from training.stages.architecture import build, model_dicts, with_scaling_factor
+from training.stages.images import load_images
+from training.stages.parts import frozen, load_part
+from training.stages.run_folder import run_dir, stage_dir
+from training.stages.text import encode_text, load_tokenizer, tokenize, tokenizer_path
 from training.trainer import Trainer
 
 CACHE_CHOICES = ("memory", "disk", "off")
@@ -61,42 +65,34 @@ class DiffusionObjective(nn.Module):
 def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train the U-Net on the frozen VAE and text encoder; writes the complete model to <out>/model."""
     sc = cfg.unet
-    if sc.cache_latents not in CACHE_CHOICES:
-        raise LdmError(f"unknown unet.cache_latents {sc.cache_latents!r}", hint=f"use one of {', '.join(CACHE_CHOICES)}")
-    if sc.prediction_type not in ("epsilon", "v_prediction"):
-        raise LdmError(f"unet.prediction_type {sc.prediction_type!r} is not trainable here", hint="use epsilon or v_prediction")
-    from training.trainer import dist_env
+    _check_stage_config(sc)
+    from training.distributed import dist_env
 
     env = dist_env()
     device = env.device
-    tok_dir = common.tokenizer_path(cfg)
-    tokenizer = common.load_tokenizer(tok_dir)
-    vae_dir = common.stage_dir(cfg, "vae")
-    vae = common.frozen(common.load_part("vae", vae_dir)).to(device)
-    te = common.frozen(common.load_part("text_encoder", common.stage_dir(cfg, "text_encoder"))).to(device)
+    tok_dir = tokenizer_path(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    vae_dir = stage_dir(cfg, "vae")
+    vae = frozen(load_part("vae", vae_dir)).to(device)
+    te = frozen(load_part("text_encoder", stage_dir(cfg, "text_encoder"))).to(device)
     scaling = sc.scaling_factor if sc.scaling_factor is not None else vae.config.scaling_factor
     if sc.scaling_factor is not None:
-        common.with_scaling_factor(vae, scaling)
-    scheduler_config = dict(common.model_dicts(cfg)["scheduler"], prediction_type=sc.prediction_type)
+        with_scaling_factor(vae, scaling)
+    scheduler_config = dict(model_dicts(cfg)["scheduler"], prediction_type=sc.prediction_type)
     schedule = NoiseSchedule.from_config(scheduler_config)
 
-    train = common.load_images(cfg, "train")
+    train = load_images(cfg, "train")
     if sc.cache_latents == "off":
         data = train
     else:
         mean, std = cached_latents(cfg, vae, vae_dir, train, device)   # training/latents.py
         mean, std = mean.to(device), std.to(device)
-    # Text: one embedding per distinct caption (shapes has few), looked up per row.
-    uniq, inverse = np.unique(np.asarray(train.captions, dtype=object), return_inverse=True)
-    ids = common.tokenize(tokenizer, list(uniq) + [""]).to(device)
-    emb = common.encode_text(te, ids)                                     # (U+1, 77, D)
-    emb, empty = emb[:-1], emb[-1:]
-    row_caption = torch.as_tensor(inverse, device=device)
+    emb, empty, row_caption = _caption_table(train.captions, tokenizer, te, device)
 
     torch.manual_seed(cfg.seed)
-    unet_config = dict(common.model_dicts(cfg)["unet"], cross_attention_dim=te.config.hidden_size,
+    unet_config = dict(model_dicts(cfg)["unet"], cross_attention_dim=te.config.hidden_size,
                        sample_size=cfg.data.resolution // vae_scale(vae))
-    unet = common.build("unet", unet_config)
+    unet = build("unet", unet_config)
     objective = DiffusionObjective(unet, schedule, sc.prediction_type, scaling, sc.caption_dropout, empty,
                                    vae if sc.cache_latents == "off" else None)
     if sc.compile and device.type == "cuda":
@@ -110,19 +106,13 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
         return (mean[rows], std[rows]), context
 
     sampler = _SampleGrid(cfg, tokenizer, tok_dir, vae, te, scheduler_config, scaling) if env.is_main else None
-    on_step = None
-    if sampler is not None and sc.sample_every > 0:
-        def on_step(step, trainer):
-            if step % sc.sample_every == 0 and step < sc.steps:
-                sampler(trainer, step)
-
-    trainer = Trainer("unet", objective, {"unet": unet}, fetch, len(train), sc, out=common.run_dir(cfg),
-                      seed=cfg.seed, config_dict=cfg.to_dict(), on_step=on_step)
+    trainer = Trainer("unet", objective, {"unet": unet}, fetch, len(train), sc, out=run_dir(cfg),
+                      seed=cfg.seed, config_dict=cfg.to_dict(), on_step=_sampling_hook(sampler, sc))
     result = trainer.fit(resume=resume)                # EMA weights (if any) are copied into unet
     report = {"steps": result.step, "seconds": round(result.seconds, 1),
               "final_loss": result.losses[-1][1] if result.losses else None, "scaling_factor": scaling,
               "prediction_type": sc.prediction_type, "train_images": len(train),
-              "distinct_captions": len(uniq)}
+              "distinct_captions": len(emb)}
     if env.is_main:
         folder = save_model(cfg, unet, vae, te, tok_dir, scheduler_config)
         report["model"] = str(folder)
@@ -130,6 +120,33 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
         print(f"[unet] final loss {report['final_loss']} -> {folder}")
     env.barrier()
     return report
+
+
+def _check_stage_config(sc) -> None:
+    if sc.cache_latents not in CACHE_CHOICES:
+        raise LdmError(f"unknown unet.cache_latents {sc.cache_latents!r}", hint=f"use one of {', '.join(CACHE_CHOICES)}")
+    if sc.prediction_type not in ("epsilon", "v_prediction"):
+        raise LdmError(f"unet.prediction_type {sc.prediction_type!r} is not trainable here", hint="use epsilon or v_prediction")
+
+
+def _caption_table(captions: list[str], tokenizer, te: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One embedding per distinct caption (shapes has few), looked up per row: the (U, 77, D) table, the
+    (1, 77, D) embedding of "" (caption dropout), and each row's index into the table (N,)."""
+    uniq, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+    ids = tokenize(tokenizer, list(uniq) + [""]).to(device)
+    emb = encode_text(te, ids)                                            # (U+1, 77, D)
+    return emb[:-1], emb[-1:], torch.as_tensor(inverse, device=device)
+
+
+def _sampling_hook(sampler, sc):
+    """Trainer.on_step: a sample grid every `sc.sample_every` steps (the final one is drawn after training)."""
+    if sampler is None or sc.sample_every <= 0:
+        return None
+
+    def on_step(step, trainer):
+        if step % sc.sample_every == 0 and step < sc.steps:
+            sampler(trainer, step)
+    return on_step
 
 
 def vae_scale(vae: nn.Module) -> int:
@@ -142,11 +159,11 @@ def save_model(cfg: TrainConfig, unet, vae, te, tok_dir: Path, scheduler_config:
 
     comps = Components(unet=_plain_module(unet), vae=vae.float().cpu(), text_encoder=te.float().cpu(),
                        tokenizer_dir=tok_dir, scheduler_config=scheduler_config)
-    # force: the run folder was claimed (common.claim_run_dir), so its model/ is ours, marker or not
-    folder = save_components(comps, common.run_dir(cfg) / "model", fp16=cfg.unet.save_fp16, force=True)
+    # force: the run folder was claimed (run_folder.claim_run_dir), so its model/ is ours, marker or not
+    folder = save_components(comps, run_dir(cfg) / "model", fp16=cfg.unet.save_fp16, force=True)
     from ldm_deploy.fileio import write_json
 
-    write_json(common.run_dir(cfg) / "train_config.json", cfg.to_dict())
+    write_json(run_dir(cfg) / "train_config.json", cfg.to_dict())
     return folder
 
 
@@ -183,7 +200,7 @@ class _SampleGrid:
                               resolution=self.cfg.data.resolution)
         finally:
             unet.train(was_training)
-        path = common.run_dir(self.cfg) / "samples" / f"unet_{step:07d}.png"
+        path = run_dir(self.cfg) / "samples" / f"unet_{step:07d}.png"
         save_grid(images, path, self.prompts)
         return path
 
@@ -193,5 +210,5 @@ def sample_prompts(cfg: TrainConfig, n: int) -> list[str]:
         from training.data.shapes import holdout_prompts
 
         return [p for p, _ in holdout_prompts(n, seed=cfg.eval.seed)]
-    held = common.load_images(cfg, "holdout", limit=n)
+    held = load_images(cfg, "holdout", limit=n)
     return held.captions or ["a photo"]

@@ -25,7 +25,10 @@ from torch import nn
 
 from ldm_deploy.errors import LdmError
 from training.config import TrainConfig
-from training.stages import common
+from training.stages.architecture import build, model_dicts, with_scaling_factor
+from training.stages.images import ImageSet, load_images
+from training.stages.parts import load_part, save_part
+from training.stages.run_folder import run_dir, stage_dir
 from training.trainer import Trainer
 
 
@@ -73,7 +76,7 @@ class VAEObjective(nn.Module):
 
 
 @torch.no_grad()
-def psnr(vae: nn.Module, images: common.ImageSet, device, batch: int = 64) -> float:
+def psnr(vae: nn.Module, images: ImageSet, device, batch: int = 64) -> float:
     """Mean reconstruction PSNR (dB, images in [0, 1]) of decode(mode(encode(x)))."""
     vae.eval()
     values = []
@@ -86,7 +89,7 @@ def psnr(vae: nn.Module, images: common.ImageSet, device, batch: int = 64) -> fl
 
 
 @torch.no_grad()
-def latent_std(vae: nn.Module, images: common.ImageSet, device, n: int = 1024, batch: int = 64) -> float:
+def latent_std(vae: nn.Module, images: ImageSet, device, n: int = 1024, batch: int = 64) -> float:
     """std of sampled latents over up to n images (the quantity 1/scaling_factor normalises)."""
     vae.eval()
     g = torch.Generator(device=device).manual_seed(0)
@@ -125,24 +128,24 @@ def shapes_roundtrip(vae: nn.Module, cfg: TrainConfig, device, n: int, batch: in
 def train_vae(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or take cfg.vae.path) the VAE; writes <out>/stages/vae. Returns the report."""
     sc = cfg.vae
-    out = common.stage_dir(cfg, "vae")
+    out = stage_dir(cfg, "vae")
     if sc.path:
-        vae = common.load_part("vae", _as_vae_dir(sc.path))
-        common.save_part("vae", vae, out, {"source": sc.path})
+        vae = load_part("vae", _as_vae_dir(sc.path))
+        save_part("vae", vae, out, {"source": sc.path})
         return {"source": sc.path}
-    train = common.load_images(cfg, "train")
-    held = common.load_images(cfg, "holdout", limit=sc.eval_images)
-    from training.trainer import dist_env
+    train = load_images(cfg, "train")
+    held = load_images(cfg, "holdout", limit=sc.eval_images)
+    from training.distributed import dist_env
 
     if dist_env().device.type == "cuda":
         train = train.to(dist_env().device)
     torch.manual_seed(cfg.seed)
-    config = dict(common.model_dicts(cfg)["vae"], sample_size=cfg.data.resolution)
-    vae = common.build("vae", config)
+    config = dict(model_dicts(cfg)["vae"], sample_size=cfg.data.resolution)
+    vae = build("vae", config)
     objective = VAEObjective(vae, sc.loss, sc.kl_weight, sc.foreground_balance, sc.foreground_threshold)
     trainer = Trainer("vae", objective, {"vae": vae},
                       lambda idx: train.batch(idx, trainer.env.device), len(train), sc,
-                      out=common.run_dir(cfg), seed=cfg.seed, config_dict=cfg.to_dict())
+                      out=run_dir(cfg), seed=cfg.seed, config_dict=cfg.to_dict())
     result = trainer.fit(resume=resume)
     report = {"steps": result.step, "seconds": round(result.seconds, 1),
               "final_loss": result.losses[-1][1] if result.losses else None}
@@ -150,7 +153,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False) -> dict:
         device = trainer.env.device
         std = latent_std(vae, train, device)
         scaling = 1.0 / std if std > 0 and math.isfinite(std) else 1.0
-        common.with_scaling_factor(vae, scaling)
+        with_scaling_factor(vae, scaling)
         report.update(psnr_db=round(psnr(vae, held, device), 3), heldout_images=len(held),
                       latent_std=std, scaling_factor=scaling)
         if cfg.data.kind == "shapes":
@@ -158,7 +161,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False) -> dict:
             print(f"[vae] held-out round trip read by the analyser: colour {rt['all']['colour']:.1%}, "
                   f"shape {rt['all']['shape']:.1%}, position {rt['all']['position']:.1%} "
                   f"({rt['all']['images']} images)")
-        common.save_part("vae", vae.float().cpu(), out, report)
+        save_part("vae", vae.float().cpu(), out, report)
         print(f"[vae] held-out PSNR {report['psnr_db']:.2f} dB; scaling_factor {scaling:.5f} -> {out}")
     trainer.env.barrier()
     return report
