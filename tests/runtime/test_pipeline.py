@@ -10,7 +10,8 @@ import pytest
 
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.runtime.pipeline import GenerationResult, Pipeline, rescale_noise_cfg, to_uint8
+from ldm_deploy.runtime.guidance import rescale_noise_cfg
+from ldm_deploy.runtime.pipeline import GenerationResult, Pipeline, to_uint8
 
 D = 8
 SCHED = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -104,11 +105,11 @@ def test_cfg_is_one_2b_batch_uncond_first(pipe):
 
 def test_guidance_formula_and_disabled_cfg(pipe):
     """One step of the model the sampler sees: u + s (c - u); guidance <= 1 runs a batch of B."""
-    from ldm_deploy.runtime.pipeline import _Denoiser
+    from ldm_deploy.runtime.pipeline import make_denoiser
 
     emb = np.concatenate([np.zeros((1, 77, D), np.float32), np.ones((1, 77, D), np.float32)])
     x = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
-    den = _Denoiser(pipe.runners["unet"], emb, 7.5, 0.0)
+    den = make_denoiser(pipe.runners["unet"], emb, 7.5, 0.0)
     out = den(x, 500.0)
     u = unet_fn(x, np.full(1, 500, np.float32), emb[:1])["noise_pred"]
     c = unet_fn(x, np.full(1, 500, np.float32), emb[1:])["noise_pred"]

@@ -46,5 +46,5 @@ def sample_dpmpp_2m(model, x, schedule, *, rng=None, callback=None) -> np.ndarra
             x_next += np.multiply(x0_prev, c_prev, out=d_buf)
         x, x0_prev = x_next, x0
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

@@ -71,5 +71,5 @@ def sample_unipc(model, x, schedule, *, rng=None, callback=None) -> np.ndarray:
         last_x = x
         x = _update(x, sigmas, i, i + 1, ms, last_order, bh1).astype(np.float32)
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x
