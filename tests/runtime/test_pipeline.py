@@ -240,3 +240,13 @@ def test_callback_sees_every_step(pipe):
     seen = []
     pipe("a", steps=3, seed=0, callback=lambda i, n, x: seen.append((i, n, x.shape)))
     assert [s[0] for s in seen] == [0, 1, 2] and all(s[1] == 3 for s in seen)
+
+
+def test_callback_counts_the_steps_the_sampler_makes(pipe):
+    """callback(i, n, x) is the samplers' own convention, passed through: n is the strength-truncated count."""
+    init = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    seen = []
+    res = pipe("a", image=init, strength=0.5, steps=10, seed=0, callback=lambda i, n, x: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(5)] and res.timings["unet_calls"] == 5
+    with pytest.raises(UsageError, match="leaves no denoising step"):       # the schedule refuses, before any stage
+        pipe("a", image=init, strength=0.05, steps=10, seed=0)
