@@ -43,7 +43,7 @@ class GenerationResult:
     params: dict[str, Any] = field(default_factory=dict)  # what produced the images (PNG metadata)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)      # holds arrays: compared by identity
 class Request:
     """One checked call (`Pipeline.check`): what the loop runs and the PNG metadata records."""
     prompts: list[str]
