@@ -32,7 +32,6 @@ from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.runners.base import takes_guidance
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-Callback = Callable[[int, int, np.ndarray], None]    # callback(step_index, n_steps, latent) after each step
 
 
 @dataclass
@@ -41,6 +40,9 @@ class GenerationResult:
     latents: np.ndarray                 # float32 (N, 4, H/8, W/8): the sampler's final x0, before / scaling_factor
     timings: dict[str, float]           # seconds per stage (+ per-step U-Net and scheduler overhead)
     params: dict[str, Any] = field(default_factory=dict)  # what produced the images (PNG metadata)
+
+
+Callback = Callable[[int, int, np.ndarray], None]    # callback(step_index, n_steps, latent) after each step
 
 
 @dataclass(frozen=True, eq=False)      # holds arrays: compared by identity
@@ -83,7 +85,9 @@ class Request:
 
     def metadata(self, **more) -> dict[str, Any]:
         """GenerationResult.params: the request, then `more`; None values are left out."""
-        one = lambda items: items if len(items) > 1 else items[0]  # noqa: E731
+        def one(items: list[str]):
+            return items if len(items) > 1 else items[0]
+
         params = {"prompt": one(self.prompts), "negative_prompt": one(self.negatives), "seed": self.seed,
                   "latents": "caller" if self.latents is not None else None, "steps": self.steps,
                   "guidance": self.guidance, "scheduler": self.scheduler, "height": self.height, "width": self.width,
