@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The numpy scheduler + CFG cost per step, on this machine's CPU, without a U-Net.
 
-The loop `Pipeline.__call__` runs (`_Denoiser` CFG over one 2B batch, the finiteness check, the
+The loop `Pipeline.__call__` runs (`CfgDenoiser` CFG over one 2B batch, the finiteness check, the
 sampler's update) over a zero-cost U-Net runner that hands back a preallocated output, at SD 1.5
 shapes (latents (B, 4, 64, 64)). Reports µs per step (median of repeats) per sampler and batch, and
 the cost of each piece of one DDIM step, so a GPU host's `scheduler_overhead_per_step` (which also
@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_deploy.runtime import schedulers as sch          # noqa: E402
-from ldm_deploy.runtime.pipeline import _Denoiser, finite_fast   # noqa: E402
+from ldm_deploy.runtime.guidance import guide                # noqa: E402
+from ldm_deploy.runtime.pipeline import finite_fast, make_denoiser   # noqa: E402
 
 SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
@@ -44,7 +45,7 @@ def per_step_us(name: str, batch: int, steps: int, repeats: int) -> float:
     emb.setflags(write=False)
     times = []
     for r in range(repeats + 1):
-        denoiser = _Denoiser(ZeroCostUnet(batch), emb, guidance=7.5, guidance_rescale=0.0)
+        denoiser = make_denoiser(ZeroCostUnet(batch), emb, guidance=7.5, guidance_rescale=0.0)
         schedule = sch.make_schedule(name, SD15, steps)
         x = sch.start_latent(schedule, np.random.default_rng(r).standard_normal((batch, 4, 64, 64), np.float32))
         t0 = time.perf_counter()
@@ -69,9 +70,7 @@ def pieces_us(batch: int, number: int = 2000) -> dict[str, float]:
         sample[batch:] = x
 
     def cfg_combine():
-        g = np.subtract(cond, uncond)
-        g *= 7.5
-        g += uncond
+        guide(uncond, cond, 7.5)
 
     def ddim_update():
         y = x * np.float32(1.01)

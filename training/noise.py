@@ -29,18 +29,30 @@ def betas_from_config(config: dict) -> torch.Tensor:
     end = float(config.get("beta_end", 0.02))
     kind = config.get("beta_schedule", "linear")
     if config.get("trained_betas") is not None:
-        return torch.tensor(config["trained_betas"], dtype=torch.float32)
-    if kind == "linear":
-        return torch.linspace(start, end, n, dtype=torch.float32)
-    if kind == "scaled_linear":
-        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
-    if kind == "squaredcos_cap_v2":
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+    elif kind == "linear":
+        betas = torch.linspace(start, end, n, dtype=torch.float32)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
+    elif kind == "squaredcos_cap_v2":
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
-        return torch.tensor(betas, dtype=torch.float32)
-    raise LdmError(f"unsupported beta_schedule {kind!r} in the scheduler config",
-                   hint="use linear, scaled_linear or squaredcos_cap_v2")
+        betas = torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                             dtype=torch.float32)
+    else:
+        raise LdmError(f"unsupported beta_schedule {kind!r} in the scheduler config",
+                       hint="use linear, scaled_linear or squaredcos_cap_v2")
+    return rescale_zero_terminal_snr(betas) if config.get("rescale_betas_zero_snr") else betas
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1, as diffusers' `rescale_zero_terminal_snr`: shift and scale sqrt(alpha_bar)
+    so the last timestep has zero SNR (alphas_cumprod[-1] = 0) and the first keeps its value."""
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    return 1 - torch.cat([abar[0:1], abar[1:] / abar[:-1]])
 
 
 def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
@@ -88,6 +100,16 @@ def pred_to_eps(prediction_type: str, x_t, out, a):
     raise _bad_type(prediction_type)
 
 
+def noised(x0, eps, a):
+    """x_t = sqrt(a) x0 + sqrt(1-a) eps: the forward process at alphas_cumprod a."""
+    return a**0.5 * x0 + (1 - a) ** 0.5 * eps
+
+
+def ddim_step(prediction_type: str, x_t, out, a, a_prev):
+    """One deterministic DDIM step (eta = 0, no clipping): the output's x0 and eps, re-noised to a_prev."""
+    return noised(pred_to_x0(prediction_type, x_t, out, a), pred_to_eps(prediction_type, x_t, out, a), a_prev)
+
+
 def _bad_type(prediction_type: str) -> LdmError:
     return LdmError(f"unknown prediction_type {prediction_type!r}", hint=f"use one of {', '.join(PREDICTION_TYPES)}")
 
@@ -114,8 +136,7 @@ class NoiseSchedule:
         return a.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = self.abar(t, x0)
-        return a**0.5 * x0 + (1 - a) ** 0.5 * eps
+        return noised(x0, eps, self.abar(t, x0))
 
     def velocity(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = self.abar(t, x0)

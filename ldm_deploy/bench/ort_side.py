@@ -15,6 +15,7 @@ import numpy as np
 
 from ldm_deploy.bench.spec import LEVERS, TUNING
 from ldm_deploy.bench.timing import measure_samples, measure_within, windowed
+from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.runners.base import takes_guidance
 
 # side -> (backend, runner options)
@@ -148,20 +149,17 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
         record["threads"] = spec.threads or "onnxruntime default (all cores)"
     log(f"{side} b{batch}: loaded in {record['load_s']} s ({record['model_files'].get('unet')})")
 
-    cfg = spec.guidance > 1
+    cfg = g.uses_cfg(spec.guidance)
     prompts, negatives = [spec.prompt] * batch, [""] * batch
-    emb = np.concatenate([pipe._encode_text(negatives), pipe._encode_text(prompts)]) if cfg else pipe._encode_text(prompts)
+    emb = g.rows(pipe.encode_text(negatives) if cfg else None, pipe.encode_text(prompts), spec.guidance)
     rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((emb.shape[0], pipe.latent_channels, height // 8, width // 8),
-                                           dtype=np.float32),
-             "timestep": np.full((emb.shape[0],), 500.0, dtype=np.float32), "encoder_hidden_states": emb}
+    feeds = g.plain_feeds(rng.standard_normal((emb.shape[0], pipe.latent_channels, height // 8, width // 8),
+                                              dtype=np.float32), np.full((emb.shape[0],), 500.0, dtype=np.float32), emb)
     latent = rng.standard_normal((batch, pipe.latent_channels, height // 8, width // 8), dtype=np.float32)
     record["cfg_folded"] = takes_guidance(pipe.runners["unet"])
     if record["cfg_folded"]:   # the U-Net graph does CFG itself: B latents in (as the pipeline calls it)
-        feeds = {"sample": latent.copy(), "timestep": np.full((batch,), 500.0, dtype=np.float32),
-                 "encoder_hidden_states": emb if cfg else np.concatenate([emb, emb]),
-                 "guidance_scale": np.array([spec.guidance if cfg else 1.0], np.float32),
-                 "guidance_rescale": np.zeros(1, np.float32)}
+        feeds = g.folded_feeds(latent.copy(), np.full((batch,), 500.0, dtype=np.float32),
+                               g.folded_context(emb, spec.guidance), g.folded_scalars(spec.guidance, 0.0))
     try:
         pipe.runners["unet"](feeds)                 # first run: ORT allocates, then captures the CUDA graph
     except Exception as e:  # noqa: BLE001 - a capture failure: measure the deployed path without the graph
@@ -178,14 +176,14 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     unet, vae = pipe.runners["unet"], pipe.runners["vae_decoder"]
 
     def text():
-        pipe._encode_text(negatives)
-        pipe._encode_text(prompts)
+        pipe.encode_text(negatives)
+        pipe.encode_text(prompts)
 
     windows: dict[str, list[list[float]]] = {}
 
     def components(window: int) -> None:
         for name, call, warmup, repeats in (
-                ("text_encoder", text if cfg else (lambda: pipe._encode_text(prompts)), spec.component_warmup,
+                ("text_encoder", text if cfg else (lambda: pipe.encode_text(prompts)), spec.component_warmup,
                  spec.component_repeats),
                 ("unet_step", lambda: unet(feeds), spec.component_warmup, spec.component_repeats),
                 ("vae_decoder", lambda: vae({"latent": latent}), min(spec.component_warmup, 1),

@@ -2,9 +2,10 @@
 
 A fair baseline, the way a PyTorch user would write it: modules from `training.checkpoint.load_components`
 (our U-Net / VAE with diffusers names, SDPA attention), cast with `.half()` (no autocast), latents on
-the device, CFG as one 2B batch, the DDIM step done in torch on the device with the same timesteps and
-alphas as the numpy sampler (taken from `make_schedule`, the one place they are computed), everything
-under `torch.inference_mode()` and timed with `torch.cuda.synchronize()`.
+the device, CFG as one 2B batch guided by `runtime/guidance.guide` on the tensors, the DDIM step
+(`training.noise.ddim_step`, the torch conversion point) done in torch on the device with the same
+timesteps and alphas as the numpy sampler (taken from `make_schedule`, the one place they are computed),
+everything under `torch.inference_mode()` and timed with `torch.cuda.synchronize()`.
 
 The compile sides compile the U-Net, the text encoder and the VAE decoder the same way (mode, and
 channels_last for the convolutional ones where the recipe has it), so their end to end compares with a
@@ -25,6 +26,7 @@ import time
 import numpy as np
 
 from ldm_deploy.bench.timing import from_samples, measure_samples, measure_within, windowed
+from ldm_deploy.runtime import guidance as g
 
 
 def _device(spec) -> "torch.device":
@@ -85,18 +87,19 @@ class TorchTxt2Img:
         return hidden.clone() if self.cudagraphs else hidden   # kept across U-Net calls: not graph memory
 
     def unet_step(self, x, t: float, emb, guidance: float):
-        """One CFG evaluation: U-Net at 2B, guided eps (or v) at B."""
+        """One CFG evaluation: U-Net at 2B, guided eps (or v, x0) at B; without CFG the B rows."""
         torch = self._torch
-        sample = torch.cat([x, x]) if guidance > 1 else x                            # (2B, 4, h, w)
+        cfg = g.uses_cfg(guidance)
+        sample = torch.cat([x, x]) if cfg else x                                     # (2B, 4, h, w)
         key = (t, sample.shape[0])
         if key not in self.timestep_cache:
             self.timestep_cache[key] = torch.full((sample.shape[0],), t, device=self.device, dtype=torch.float32)
         self._step_begin()
         out = self.unet_fn(sample, self.timestep_cache[key], emb)
-        if guidance <= 1:
+        if not cfg:
             return out.clone() if self.cudagraphs else out
         uncond, cond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        return g.guide(uncond, cond, guidance)                                       # a new tensor (B, 4, h, w)
 
     def decode(self, latents):
         self._step_begin()
@@ -104,19 +107,17 @@ class TorchTxt2Img:
         return ((image.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(self._torch.uint8)
 
     def __call__(self, prompt: str, batch: int, height: int, width: int, guidance: float, seed: int = 0):
-        from training.noise import pred_to_eps, pred_to_x0
+        from training.noise import ddim_step
 
         torch = self._torch
         # CFG: one text-encoder call over the 2B rows (uncond, cond), as the component timing runs it
-        emb = self.encode_text([""] * batch + [prompt] * batch) if guidance > 1 else self.encode_text([prompt] * batch)
+        emb = self.encode_text([""] * batch + [prompt] * batch) if g.uses_cfg(guidance) else self.encode_text([prompt] * batch)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.randn((batch, self.in_channels, height // 8, width // 8), generator=gen,
                         device=self.device, dtype=torch.float32) * float(self.schedule.init_noise_sigma)
         for t, a, a_prev in self.steps:
             out = self.unet_step(x.to(self.dtype), t, emb, guidance).float()
-            # the model's output (eps, v or x0) -> (x0, eps): training/noise.py's conversions
-            x0, eps = pred_to_x0(self.prediction_type, x, out, a), pred_to_eps(self.prediction_type, x, out, a)
-            x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+            x = ddim_step(self.prediction_type, x, out, a, a_prev)
         return self.decode(x.to(self.dtype)).permute(0, 2, 3, 1).cpu().numpy()     # uint8 (B, H, W, 3)
 
 

@@ -24,6 +24,7 @@ U-Net work; fold_guidance=False at export keeps the plain B-row graph for such s
 
 Standard ONNX ops only (opset >= 13), so the folded graph runs on every ONNX Runtime provider; the
 pipeline uses it whenever the U-Net runner takes a `guidance_scale` input (ldm_deploy/runtime/pipeline.py).
+The IO names, the feeds and the reference maths are ldm_deploy/runtime/guidance.py's, as the pipeline's.
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.runtime import guidance as g
 
 PREFIX = "cfg/"
 
 
 def is_folded(graph: onnx.GraphProto) -> bool:
-    return any(i.name == "guidance_scale" for i in graph.input)
+    return any(i.name == g.SCALE for i in graph.input)
 
 
 def _io(graph: onnx.GraphProto, items, name: str):
@@ -61,9 +63,9 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
         raise LdmError(f"CFG folding needs ONNX opset >= 13, the U-Net graph has {opset}",
                        hint="re-export with opset 17 (the default)")
     if is_folded(graph):
-        raise LdmError("the U-Net graph already has CFG folded in (it takes guidance_scale)")
-    sample, timestep = _io(graph, graph.input, "sample"), _io(graph, graph.input, "timestep")
-    ehs, out = _io(graph, graph.input, "encoder_hidden_states"), _io(graph, graph.output, "noise_pred")
+        raise LdmError(f"the U-Net graph already has CFG folded in (it takes {g.SCALE})")
+    sample, timestep = _io(graph, graph.input, g.SAMPLE), _io(graph, graph.input, g.TIMESTEP)
+    ehs, out = _io(graph, graph.input, g.CONTEXT), _io(graph, graph.output, g.OUTPUT)
     if len(_dims(timestep)) != 1 or len(_dims(sample)) != 4:
         raise LdmError(f"CFG folding expects sample (N, C, h, w) and timestep (N,); got {_dims(sample)} "
                        f"and {_dims(timestep)}", hint="fold only graphs exported by ldm-deploy")
@@ -73,19 +75,19 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     sample_dims, out_dims, ehs_dims = _dims(sample), _dims(out), _dims(ehs)
 
     # the U-Net's own tensors keep their names under the prefix; the graph IO names are the new ones
-    inner = {"sample": PREFIX + "sample_rows", "timestep": PREFIX + "timestep_rows"}
+    inner = {g.SAMPLE: PREFIX + "sample_rows", g.TIMESTEP: PREFIX + "timestep_rows"}
     inner_out = PREFIX + "noise_pred_rows"
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in inner:
                 node.input[i] = inner[name]
-            elif name == "noise_pred":
+            elif name == g.OUTPUT:
                 node.input[i] = inner_out
         for i, name in enumerate(node.output):
-            if name == "noise_pred":
+            if name == g.OUTPUT:
                 node.output[i] = inner_out
     for vi in graph.value_info:
-        vi.name = inner.get(vi.name, inner_out if vi.name == "noise_pred" else vi.name)
+        vi.name = inner.get(vi.name, inner_out if vi.name == g.OUTPUT else vi.name)
 
     nodes, inits = [], []
 
@@ -99,9 +101,9 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
 
     # No shape arithmetic anywhere: ORT places Shape/Gather/Div on int64 on the CPU, and a graph with any
     # CPU node cannot be captured as a CUDA graph. So the batch is always two halves (CFG's [uncond; cond]).
-    x = "sample" if sample_type == TensorProto.FLOAT else op("Cast", ["sample"], "sample_cast", to=sample_type)
-    nodes.append(helper.make_node("Concat", [x, x], [inner["sample"]], name=PREFIX + "sample_pair", axis=0))
-    nodes.append(helper.make_node("Concat", ["timestep", "timestep"], [inner["timestep"]],
+    x = g.SAMPLE if sample_type == TensorProto.FLOAT else op("Cast", [g.SAMPLE], "sample_cast", to=sample_type)
+    nodes.append(helper.make_node("Concat", [x, x], [inner[g.SAMPLE]], name=PREFIX + "sample_pair", axis=0))
+    nodes.append(helper.make_node("Concat", [g.TIMESTEP, g.TIMESTEP], [inner[g.TIMESTEP]],
                                   name=PREFIX + "timestep_pair", axis=0))
     head, nodes = nodes, []     # the head feeds the U-Net, the tail reads it: keep the node list topological
     pred = inner_out if out_type == TensorProto.FLOAT else op("Cast", [inner_out], "pred_fp32", to=TensorProto.FLOAT)
@@ -109,9 +111,9 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     split_attrs = {"num_outputs": 2} if opset >= 18 else {}     # opset 13-17: no `split` input = equal parts
     nodes.append(helper.make_node("Split", [pred], halves, name=PREFIX + "split", axis=0, **split_attrs))
     first, last = halves
-    guided = op("Add", [op("Mul", [op("Sub", [last, first], "diff"), "guidance_scale"], "scaled"), first], "guided")
-
-    # rescale (diffusers' rescale_noise_cfg): phi * guided * std(cond) / std(guided) + (1 - phi) * guided
+    # guidance.guide: (cond - uncond) * g + uncond, then the rescale (diffusers' rescale_noise_cfg):
+    # phi * guided * std(cond) / std(guided) + (1 - phi) * guided
+    guided = op("Add", [op("Mul", [op("Sub", [last, first], "diff"), g.SCALE], "scaled"), first], "guided")
     axes = const("axes_chw", np.array([1, 2, 3], np.int64))
     one = const("one_f", np.array([1.0], np.float32))
 
@@ -124,11 +126,11 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
         return op("Sqrt", [op("Div", [ss, op("Sub", [n, one], f"{tag}_n1")], f"{tag}_var")], f"{tag}_std")
 
     rescaled = op("Mul", [guided, op("Div", [std(last, "cond"), std(guided, "guided")], "factor")], "rescaled")
-    phi = "guidance_rescale"
+    phi = g.RESCALE
     blended = op("Add", [op("Mul", [phi, rescaled], "phi_rescaled"),
                          op("Mul", [op("Sub", [one, phi], "one_minus_phi"), guided], "keep")], "blended")
     on = op("Greater", [phi, const("zero_f", np.array([0.0], np.float32))], "rescale_on")
-    nodes.append(helper.make_node("Where", [on, blended, guided], ["noise_pred"], name=PREFIX + "select"))
+    nodes.append(helper.make_node("Where", [on, blended, guided], [g.OUTPUT], name=PREFIX + "select"))
 
     body = list(graph.node)
     del graph.node[:]
@@ -138,47 +140,40 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     batch = "batch"
     del graph.input[:]
     graph.input.extend([
-        helper.make_tensor_value_info("sample", TensorProto.FLOAT, [batch, *sample_dims[1:]]),
-        helper.make_tensor_value_info("timestep", t_type, [batch]),
-        helper.make_tensor_value_info("encoder_hidden_states", ehs.type.tensor_type.elem_type, ehs_dims),
-        helper.make_tensor_value_info("guidance_scale", TensorProto.FLOAT, [1]),
-        helper.make_tensor_value_info("guidance_rescale", TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info(g.SAMPLE, TensorProto.FLOAT, [batch, *sample_dims[1:]]),
+        helper.make_tensor_value_info(g.TIMESTEP, t_type, [batch]),
+        helper.make_tensor_value_info(g.CONTEXT, ehs.type.tensor_type.elem_type, ehs_dims),
+        helper.make_tensor_value_info(g.SCALE, TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info(g.RESCALE, TensorProto.FLOAT, [1]),
     ])
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, [batch, *out_dims[1:]]))
+    graph.output.append(helper.make_tensor_value_info(g.OUTPUT, TensorProto.FLOAT, [batch, *out_dims[1:]]))
     return model
 
 
 def symmetric_unet_inputs(inputs: dict) -> dict:
     """2B-row U-Net inputs whose latents and timesteps repeat over the two CFG halves (as the pipeline
     feeds them), so that the plain graph's output on them is what a folded graph guides."""
-    rows = len(inputs["sample"])
+    rows = len(inputs[g.SAMPLE])
     half = max(rows // 2, 1)
-    return {**inputs, "sample": np.concatenate([inputs["sample"][:half]] * 2),
-            "timestep": np.concatenate([np.asarray(inputs["timestep"])[:half]] * 2),
-            "encoder_hidden_states": np.concatenate([inputs["encoder_hidden_states"][:half],
-                                                     inputs["encoder_hidden_states"][-half:]])}
+    return {**inputs, g.SAMPLE: np.concatenate([inputs[g.SAMPLE][:half]] * 2),
+            g.TIMESTEP: np.concatenate([np.asarray(inputs[g.TIMESTEP])[:half]] * 2),
+            g.CONTEXT: np.concatenate([inputs[g.CONTEXT][:half], inputs[g.CONTEXT][-half:]])}
 
 
 def folded_inputs(inputs: dict, guidance: float, rescale: float = 0.0) -> dict:
     """The folded graph's feeds for symmetric 2B-row U-Net inputs: the first half's latents and timesteps,
-    all 2B embeddings, the guidance."""
-    half = len(inputs["sample"]) // 2
-    return {"sample": inputs["sample"][:half], "timestep": np.asarray(inputs["timestep"])[:half],
-            "encoder_hidden_states": inputs["encoder_hidden_states"],
-            "guidance_scale": np.array([guidance], np.float32), "guidance_rescale": np.array([rescale], np.float32)}
+    all 2B embeddings, the guidance (> 1: CFG)."""
+    half = len(inputs[g.SAMPLE]) // 2
+    return g.folded_feeds(inputs[g.SAMPLE][:half], np.asarray(inputs[g.TIMESTEP])[:half], inputs[g.CONTEXT],
+                          g.folded_scalars(guidance, rescale))
 
 
 def reference_cfg(pred_rows: np.ndarray, batch: int, guidance: float, rescale: float = 0.0) -> np.ndarray:
     """What the folded graph computes, from the plain U-Net's output on the tiled rows (numpy, float32):
-    the check for a folded graph against its plain one."""
+    the check for a folded graph against its plain one. `guidance.guide`, as the pipeline runs it."""
     pred = np.asarray(pred_rows, dtype=np.float32)
-    first, last = pred[:batch], pred[-batch:]
-    guided = (last - first) * np.float32(guidance) + first
-    if rescale > 0:
-        from ldm_deploy.runtime.pipeline import rescale_noise_cfg
-        guided = rescale_noise_cfg(guided, last, rescale)
-    return guided
+    return g.guide(pred[:batch], pred[-batch:], guidance, rescale)
 
 
 __all__ = ["fold_cfg", "is_folded", "reference_cfg", "symmetric_unet_inputs", "folded_inputs"]

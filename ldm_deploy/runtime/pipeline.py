@@ -5,24 +5,30 @@ One loop serves every backend: the pipeline holds a tokenizer and one runner per
 are. `Pipeline.from_artifact(dir, backend="ort-cpu")` builds the deployed path;
 `training.runner.pipeline_from_model_folder(folder)` builds the PyTorch reference over the same loop.
 
-The CFG glue lives in one place (`_Denoiser`), as diffusers' `StableDiffusionPipeline` does it
-(reference §4): the U-Net sees ONE batch of 2B rows ordered `[uncond, cond]`, the guided output is
-`u + s (c - u)`, optionally rescaled (Lin et al. 2023) with torch's unbiased std. Guidance <= 1 runs
-a plain batch of B. Latents are numpy float32 (B, 4, H/8, W/8); the decoded image is quantized as
-diffusers does: round((x * 0.5 + 0.5).clip(0, 1) * 255).
+`Pipeline.__call__` reads as its stages, each a public method SDXLPipeline (runtime/sdxl.py) reuses:
+`check` (the arguments -> a frozen `Request`) -> `encode` (text -> U-Net conditioning) -> `start_latents`
+-> `denoise` (a numpy sampler over a denoiser) -> `decode`. The denoiser is the sampler's
+`model(x_in, t)`: `CfgDenoiser` over a plain U-Net graph (CFG as ONE batch of 2B rows [uncond, cond],
+guided on the host; a plain batch of B when guidance <= 1), `FoldedCfgDenoiser` over a graph with CFG
+in it; the maths and the feeds are runtime/guidance.py's. Latents are numpy float32 (B, 4, H/8, W/8);
+the decoded image is quantized as diffusers does: round((x * 0.5 + 0.5).clip(0, 1) * 255).
+
+`callback(i, n, x)` runs after each of the n steps the sampler makes (i = 0 .. n-1) with its latent x.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.runners.base import takes_guidance
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -36,107 +42,169 @@ class GenerationResult:
     params: dict[str, Any] = field(default_factory=dict)  # what produced the images (PNG metadata)
 
 
-class _Denoiser:
-    """`model(x_in, t) -> raw U-Net output` for the samplers: CFG over one 2B batch, rescale, NaN check.
+Callback = Callable[[int, int, np.ndarray], None]    # callback(step_index, n_steps, latent) after each step
 
-    Also accounts time: `unet_s` is spent inside the runner, the rest of the loop is scheduler + CFG.
-    Per step it allocates one latent-sized array (the guided output, which a multistep sampler may keep):
-    the 2B U-Net input and the timestep vector are buffers reused across steps, so a runner must not
-    keep references to its inputs past the call (none does; ORT/TensorRT copy them to the device).
-    """
 
-    def __init__(self, unet, embeddings: np.ndarray, guidance: float, guidance_rescale: float,
-                 extra_inputs: Mapping[str, np.ndarray] | None = None):
+@dataclass(frozen=True, eq=False)      # holds arrays: compared by identity
+class Request:
+    """One checked call (`Pipeline.check`): what the loop runs and the PNG metadata records."""
+    prompts: list[str]
+    negatives: list[str]                # one per prompt
+    scheduler: str
+    steps: int
+    guidance: float
+    guidance_rescale: float
+    eta: float
+    strength: float | None              # img2img only
+    num_images: int
+    height: int
+    width: int
+    seed: int | list[int]               # one seed, or one per image row
+    init: np.ndarray | None = None      # uint8 (1 or B, H, W, 3) init image (img2img)
+    latents: np.ndarray | None = None   # float32 (B, C, h, w): the caller's start noise (txt2img)
+    init_latents: np.ndarray | None = None  # float32 (B, C, h, w): a hand-off's sampler state (SDXL refiner)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def rows(self) -> list[str]:
+        return [p for p in self.prompts for _ in range(self.num_images)]
+
+    @property
+    def negative_rows(self) -> list[str]:
+        return [n for n in self.negatives for _ in range(self.num_images)]
+
+    def rng(self):
+        """`default_rng(seed)` for one seed; for a list of seeds a RowRNG whose row i draws from
+        `default_rng(seed[i])`: row i then gets the start noise, img2img noise and sampler noise it gets alone."""
+        from ldm_deploy.runtime.schedulers.noise import RowRNG
+
+        return RowRNG(self.seed) if isinstance(self.seed, list) else np.random.default_rng(self.seed)
+
+    def metadata(self, **more) -> dict[str, Any]:
+        """GenerationResult.params: the request, then `more`; None values are left out."""
+        def one(items: list[str]):
+            return items if len(items) > 1 else items[0]
+
+        params = {"prompt": one(self.prompts), "negative_prompt": one(self.negatives), "seed": self.seed,
+                  "latents": "caller" if self.latents is not None else None, "steps": self.steps,
+                  "guidance": self.guidance, "scheduler": self.scheduler, "height": self.height, "width": self.width,
+                  "num_images": self.num_images, "guidance_rescale": self.guidance_rescale, "eta": self.eta,
+                  "strength": self.strength, **more}
+        return {k: v for k, v in params.items() if v is not None}
+
+
+# --- denoisers: the samplers' model(x_in, t) over a U-Net runner ----------------------------------------
+
+class Denoiser:
+    """Times the U-Net runner (`unet_s`, `calls`; the rest of the loop is scheduler + CFG) and names a
+    non-finite output. Per step it allocates one latent-sized array (the prediction, which a multistep
+    sampler may keep); the U-Net's inputs are buffers reused across steps, so a runner must not keep
+    references to its inputs past the call (none does; ORT/TensorRT copy them to the device)."""
+
+    def __init__(self, unet):
         self.unet = unet
-        self.embeddings = embeddings            # (2B, 77, D) under CFG, else (B, 77, D)
-        self.extra = dict(extra_inputs or {})   # SDXL (runtime/sdxl.py): text_embeds, time_ids, rows as embeddings
-        self.cfg = guidance > 1.0
-        self.guidance = float(guidance)
-        self.rescale = float(guidance_rescale)
         self.unet_s = 0.0
         self.calls = 0
-        self._sample: np.ndarray | None = None      # (2B, 4, h, w) float32 U-Net input, reused
-        self._timestep: np.ndarray | None = None    # (2B,) float32, reused
-        # A U-Net graph with CFG folded in (ldm_deploy/export/cfg_fold.py) takes the B latents, the 2B (or B)
-        # embeddings and the guidance, and returns the guided prediction: no 2B copies or CFG on the host.
-        self.folded = takes_guidance(unet)
-        if self.folded and self.extra:
-            raise LdmError("a CFG-folded U-Net graph takes no extra conditioning inputs",
-                           hint="export SDXL without ort_cuda variants")
-        if self.folded:
-            if not self.cfg:   # the folded graph is CFG-shaped: the same rows twice and g = 1 give cond exactly
-                self.embeddings = np.concatenate([embeddings, embeddings])
-                self.embeddings.setflags(write=False)
-            self._guidance_feeds = {
-                "guidance_scale": np.array([self.guidance if self.cfg else 1.0], np.float32),
-                "guidance_rescale": np.array([self.rescale if self.cfg else 0.0], np.float32)}
-            for value in self._guidance_feeds.values():
-                value.setflags(write=False)     # constant over the loop, as the embeddings
+        self._timestep: np.ndarray | None = None     # (rows,) float32, reused
 
-    def _buffers(self, x_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = 2 * x_in.shape[0] if self.cfg else x_in.shape[0]
-        if self._timestep is None or self._timestep.shape[0] != rows or (
-                self.cfg and self._sample.shape[1:] != x_in.shape[1:]):
-            self._sample = np.empty((rows, *x_in.shape[1:]), np.float32) if self.cfg else None
+    def _timesteps(self, rows: int, t) -> np.ndarray:
+        if self._timestep is None or self._timestep.shape[0] != rows:
             self._timestep = np.empty(rows, np.float32)
-        return self._sample, self._timestep
+        self._timestep.fill(np.float32(t))
+        return self._timestep
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        start = time.perf_counter()
+        out = self.unet(feeds)
+        self.unet_s += time.perf_counter() - start
+        self.calls += 1
+        return np.asarray(out[g.OUTPUT], dtype=np.float32)
+
+    def _check(self, probe: np.ndarray, pred: np.ndarray, t) -> None:
+        """`probe` is non-finite whenever `pred` (the U-Net's output) is: the fast check on it, the exact
+        one (which names the U-Net's bad values) on `pred` only then."""
+        if not finite_fast(probe):
+            check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
+
+    def timings(self, loop_s: float) -> dict[str, float]:
+        """The denoise loop's split: U-Net time vs the rest (sampler, CFG, host copies), per step."""
+        out = {"denoise": loop_s, "unet": self.unet_s, "unet_calls": self.calls,
+               "scheduler_overhead": loop_s - self.unet_s}
+        if self.calls:
+            out["unet_per_step"] = self.unet_s / self.calls
+            out["scheduler_overhead_per_step"] = (loop_s - self.unet_s) / self.calls
+            out["overhead_fraction"] = (loop_s - self.unet_s) / max(self.unet_s, 1e-12)
+        return out
+
+
+class CfgDenoiser(Denoiser):
+    """A plain U-Net graph: 2B rows [uncond, cond] and `guidance.guide` on the host under CFG; without
+    CFG (guidance <= 1) the B rows as they are."""
+
+    def __init__(self, unet, context: np.ndarray, guidance: float, guidance_rescale: float,
+                 extra: Mapping[str, np.ndarray] | None = None):
+        super().__init__(unet)
+        self.context = context                  # (2B, 77, D) under CFG, else (B, 77, D)
+        self.extra = dict(extra or {})          # SDXL (runtime/sdxl.py): text_embeds, time_ids, rows as context
+        self.cfg = g.uses_cfg(guidance)
+        self.guidance, self.rescale = float(guidance), float(guidance_rescale)
+        self._sample: np.ndarray | None = None  # (2B, 4, h, w) float32 U-Net input, reused
 
     def __call__(self, x_in: np.ndarray, t) -> np.ndarray:
         x_in = np.asarray(x_in, dtype=np.float32)
-        if self.folded:
-            return self._folded(x_in, t)
-        sample, timestep = self._buffers(x_in)
         n = x_in.shape[0]
-        if self.cfg:
-            sample[:n] = x_in                                                   # [uncond, cond] rows: (2B, 4, h, w)
-            sample[n:] = x_in
-        else:
-            sample = x_in
-        timestep.fill(np.float32(t))                                            # (2B,)
-        start = time.perf_counter()
-        out = self.unet({"sample": sample, "timestep": timestep, "encoder_hidden_states": self.embeddings,
-                         **self.extra})
-        self.unet_s += time.perf_counter() - start
-        self.calls += 1
-        pred = np.asarray(out["noise_pred"], dtype=np.float32)
         if not self.cfg:
-            if not finite_fast(pred):
-                check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
+            pred = self._run(g.plain_feeds(x_in, self._timesteps(n, t), self.context, self.extra))
+            self._check(pred, pred, t)
             return pred
-        uncond, cond = pred[:n], pred[n:]
-        guided = np.subtract(cond, uncond)                      # uncond + g (cond - uncond), one new array
-        guided *= self.guidance
-        guided += uncond
+        if self._sample is None or self._sample.shape != (2 * n, *x_in.shape[1:]):
+            self._sample = np.empty((2 * n, *x_in.shape[1:]), np.float32)
+        self._sample[:n] = x_in                                                 # [uncond, cond] rows: (2B, 4, h, w)
+        self._sample[n:] = x_in
+        pred = self._run(g.plain_feeds(self._sample, self._timesteps(2 * n, t), self.context, self.extra))
+        guided = g.guide(pred[:n], pred[n:], self.guidance, self.rescale)      # (B, 4, h, w), one new array
         # a NaN/Inf in either half leaves the guided output non-finite (g > 1), so checking the B rows of
-        # `guided` covers all 2B rows of `pred`; the exact check then names the U-Net's bad values
-        if not finite_fast(guided):
-            check_finite(pred, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
-        if self.rescale > 0:
-            guided = rescale_noise_cfg(guided, cond, self.rescale)
-        return guided
-
-    def _folded(self, x_in: np.ndarray, t) -> np.ndarray:
-        if self._timestep is None or self._timestep.shape[0] != x_in.shape[0]:
-            self._timestep = np.empty(x_in.shape[0], np.float32)
-        self._timestep.fill(np.float32(t))                                      # (B,)
-        start = time.perf_counter()
-        out = self.unet({"sample": x_in, "timestep": self._timestep, "encoder_hidden_states": self.embeddings,
-                         **self._guidance_feeds})
-        self.unet_s += time.perf_counter() - start
-        self.calls += 1
-        guided = np.asarray(out["noise_pred"], dtype=np.float32)                # (B, 4, h, w), guided in-graph
-        if not finite_fast(guided):
-            check_finite(guided, "unet", f"(step {self.calls}, t={float(np.ravel(t)[0]):g})")
+        # `guided` covers all 2B rows of `pred`
+        self._check(guided, pred, t)
         return guided
 
 
-def rescale_noise_cfg(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:
-    """Lin et al. 2023 §3.4, as diffusers' `rescale_noise_cfg` (torch.std is unbiased: ddof=1)."""
-    axes = tuple(range(1, guided.ndim))
-    std_cond = cond.std(axis=axes, keepdims=True, ddof=1)
-    std_cfg = guided.std(axis=axes, keepdims=True, ddof=1)
-    rescaled = guided * (std_cond / std_cfg)
-    return (phi * rescaled + (1 - phi) * guided).astype(np.float32)
+class FoldedCfgDenoiser(Denoiser):
+    """A U-Net graph with CFG folded in (export/cfg_fold.py): the B latents, the 2B (or B twice) context
+    rows and the guidance scalars in, the guided prediction out; no 2B copies or CFG on the host."""
+
+    def __init__(self, unet, context: np.ndarray, guidance: float, guidance_rescale: float,
+                 extra: Mapping[str, np.ndarray] | None = None):
+        if extra:
+            raise LdmError("a CFG-folded U-Net graph takes no extra conditioning inputs",
+                           hint="export SDXL without ort_cuda variants")
+        super().__init__(unet)
+        self.context = g.folded_context(context, guidance)
+        self.scalars = g.folded_scalars(guidance, guidance_rescale)   # constant over the loop, as the context
+
+    def __call__(self, x_in: np.ndarray, t) -> np.ndarray:
+        x_in = np.asarray(x_in, dtype=np.float32)
+        guided = self._run(g.folded_feeds(x_in, self._timesteps(x_in.shape[0], t), self.context, self.scalars))
+        self._check(guided, guided, t)                                          # (B, 4, h, w), guided in-graph
+        return guided
+
+
+def make_denoiser(unet, context: np.ndarray, guidance: float, guidance_rescale: float,
+                  extra: Mapping[str, np.ndarray] | None = None) -> Denoiser:
+    """The denoiser for this U-Net runner: folded when its graph takes `guidance_scale`, else plain CFG."""
+    cls = FoldedCfgDenoiser if takes_guidance(unet) else CfgDenoiser
+    return cls(unet, context, guidance, guidance_rescale, extra)
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """timings[key] = seconds the block took."""
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
 
 
 def finite_fast(x: np.ndarray) -> bool:
@@ -254,120 +322,80 @@ class Pipeline:
                  latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
                  num_images: int = 1, image: np.ndarray | None = None, strength: float = 0.8,
                  guidance_rescale: float = 0.0, eta: float = 0.0,
-                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> GenerationResult:
+                 callback: Callback | None = None) -> GenerationResult:
+        """txt2img (seed or latents) or img2img (image + strength); `callback(i, n, x)` after each step."""
         from ldm_deploy.runtime import schedulers as sch
 
         t_total = time.perf_counter()
+        req = self.check(prompt, negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+                         latents=latents, height=height, width=width, num_images=num_images, image=image,
+                         strength=strength, guidance_rescale=guidance_rescale, eta=eta)
+        rng, timings = req.rng(), {}
+        with timed(timings, "text_encoder"):
+            context, extra = self.encode(req)
+        schedule = sch.make_schedule(req.scheduler, self.scheduler_config, req.steps, strength=req.strength or 1.0)
+        x = self.start_latents(req, schedule, rng, timings)
+        x = self.denoise(req, schedule, x, context, extra, rng, callback, timings)
+        with timed(timings, "vae_decoder"):
+            images = self.decode(x)
+        timings["total"] = time.perf_counter() - t_total
+        return GenerationResult(images=images, latents=x, timings=timings, params=req.metadata(
+            backend=self.backend, artifact_hash=self.artifact_hash, loras=getattr(self, "loras", None) or None))
+
+    # --- stages (SDXLPipeline reuses them) -------------------------------------------------------------
+
+    def check(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+              steps: int, guidance: float, scheduler: str | None, seed: int | Sequence[int] | None,
+              latents: np.ndarray | None, height: int | None, width: int | None, num_images: int,
+              image: np.ndarray | None, strength: float, guidance_rescale: float, eta: float,
+              init_latents: np.ndarray | None = None) -> Request:
+        """Every argument checked (a one-line UsageError naming the fix), sizes and the seed resolved."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negatives(negative_prompt, len(prompts))
         name = self._scheduler_name(scheduler)
         self._check_numbers(steps, guidance, guidance_rescale, strength, eta, num_images, len(prompts))
-        init = None if image is None else _as_image_batch(image)
-        given_latents = latents is not None
+        init = None if image is None else as_image_batch(image)
         if init is not None and latents is not None:
             raise UsageError("pass either an init image (img2img) or latents, not both")
         batch = len(prompts) * num_images
-        height, width = self._resolve_size(height, width, latents, init, batch)
+        if init_latents is not None:
+            init_latents = np.asarray(init_latents, np.float32)
+            lat = init_latents.shape
+            if len(lat) != 4 or lat[0] != batch or lat[1] != self.latent_channels:
+                raise UsageError(f"init_latents have shape {list(lat)}, expected [{batch}, {self.latent_channels}, "
+                                 "h, w] (the base's denoising_end latents)")
+        height, width = self._resolve_size(height, width, latents if init_latents is None else init_latents,
+                                           init, batch)
         self._check_batch(batch)
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (2**63))
-        else:
-            from ldm_deploy.limits import check_seed
-            # -1 or 2**63: a UsageError, not numpy's ValueError
-            seed = [check_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else check_seed(seed)
-        rng = _generator(seed, batch)   # one Generator, or one per row for a list of seeds (RowRNG)
-        timings: dict[str, float] = {}
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            if latents.shape != shape:
+                raise UsageError(f"latents have shape {list(latents.shape)}, expected {list(shape)} "
+                                 f"([num_prompts*num_images, {self.latent_channels}, height/8, width/8])")
+            if not np.isfinite(latents).all():
+                raise UsageError("latents contain NaN or Inf values", hint="pass finite N(0, I) noise")
+        return Request(prompts=prompts, negatives=negatives, scheduler=name, steps=steps, guidance=guidance,
+                       guidance_rescale=guidance_rescale, eta=eta, strength=strength if init is not None else None,
+                       num_images=num_images, height=height, width=width, seed=_seed(seed, batch), init=init,
+                       latents=latents, init_latents=init_latents)
 
-        # 1. text embeddings: [uncond, cond] as ONE batch of 2B rows when CFG is on
-        cfg = guidance > 1.0
-        rows = [p for p in prompts for _ in range(num_images)]
-        neg_rows = [n for n in negatives for _ in range(num_images)]
-        t0 = time.perf_counter()
-        cond = self._encode_text(rows)                                     # (B, 77, D)
-        emb = np.concatenate([self._encode_text(neg_rows), cond]) if cfg else cond   # (2B, 77, D)
-        emb.setflags(write=False)      # constant over the loop: runners may skip re-uploading it by identity
-        timings["text_encoder"] = time.perf_counter() - t0
+    def encode(self, req: Request) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The U-Net's conditioning: context rows [negative, prompt] (2B) under CFG, else the B prompt rows;
+        and extra per-row feeds (none here; SDXL's pooled embeddings and time_ids)."""
+        cond = self.encode_text(req.rows)                                                  # (B, 77, D)
+        uncond = self.encode_text(req.negative_rows) if g.uses_cfg(req.guidance) else None
+        return g.rows(uncond, cond, req.guidance), {}                                      # (2B, 77, D)
 
-        # 2. schedule and initial latents
-        schedule = sch.make_schedule(name, self.scheduler_config, steps,
-                                     strength=float(strength) if init is not None else 1.0)
-        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if init is not None:
-            t0 = time.perf_counter()
-            x0 = self._encode_image(init, batch, rng)                      # (B, 4, h, w), scaled
-            timings["vae_encoder"] = time.perf_counter() - t0
-            if len(schedule.timesteps) == 0:
-                raise UsageError(f"strength {strength} with {steps} steps leaves no denoising step",
-                                 hint="raise --strength or --steps")
-            noise = rng.standard_normal(shape, dtype=np.float32)
-            x = sch.add_noise(schedule, x0, noise).astype(np.float32)
-        else:
-            if latents is None:
-                latents = rng.standard_normal(shape, dtype=np.float32)
-            else:
-                latents = np.asarray(latents, dtype=np.float32)
-                if latents.shape != shape:
-                    raise UsageError(f"latents have shape {list(latents.shape)}, expected {list(shape)} "
-                                     f"([num_prompts*num_images, {self.latent_channels}, height/8, width/8])")
-                if not np.isfinite(latents).all():
-                    raise UsageError("latents contain NaN or Inf values", hint="pass finite N(0, I) noise")
-            x = (latents * np.float32(schedule.init_noise_sigma)).astype(np.float32)
-
-        # 3. denoise
-        denoiser = _Denoiser(self.runners["unet"], emb, guidance, guidance_rescale)
-        n_steps = len(schedule.timesteps)
-
-        def on_step(i, t, x_i):
-            if callback is not None:
-                callback(i, n_steps, x_i)
-
-        t0 = time.perf_counter()
-        x = sch.sample(name, denoiser, x, schedule, rng=rng, callback=on_step, eta=eta)
-        loop = time.perf_counter() - t0
-        x = np.asarray(x, dtype=np.float32)
-        check_finite(x, "scheduler", f"({name})")
-        timings["denoise"] = loop
-        timings["unet"] = denoiser.unet_s
-        timings["unet_calls"] = denoiser.calls
-        timings["scheduler_overhead"] = loop - denoiser.unet_s
-        if denoiser.calls:
-            timings["unet_per_step"] = denoiser.unet_s / denoiser.calls
-            timings["scheduler_overhead_per_step"] = (loop - denoiser.unet_s) / denoiser.calls
-            timings["overhead_fraction"] = (loop - denoiser.unet_s) / max(denoiser.unet_s, 1e-12)
-
-        # 4. decode
-        t0 = time.perf_counter()
-        decoded = self.runners["vae_decoder"]({"latent": x / np.float32(self.scaling_factor)})["image"]
-        decoded = np.asarray(decoded, dtype=np.float32)
-        check_finite(decoded, "vae_decoder")
-        images = to_uint8(decoded)
-        timings["vae_decoder"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_total
-
-        params = {
-            "prompt": prompts if len(prompts) > 1 else prompts[0],
-            "negative_prompt": negatives if len(negatives) > 1 else negatives[0],
-            "seed": [int(v) for v in seed] if isinstance(seed, (list, tuple, np.ndarray)) else seed,
-            "latents": "caller" if given_latents else None,
-            "steps": steps, "guidance": guidance, "scheduler": name, "height": height, "width": width,
-            "num_images": num_images, "guidance_rescale": guidance_rescale, "eta": eta,
-            "strength": strength if init is not None else None, "backend": self.backend,
-            "artifact_hash": self.artifact_hash,
-            "loras": getattr(self, "loras", None) or None,
-        }
-        return GenerationResult(images=images, latents=x, timings=timings,
-                                params={k: v for k, v in params.items() if v is not None})
-
-    # --- stages --------------------------------------------------------------------------------------
-
-    def _encode_text(self, prompts: list[str]) -> np.ndarray:
+    def encode_text(self, prompts: list[str]) -> np.ndarray:
+        """Prompts -> the text encoder's last hidden state (N, 77, D) float32."""
         ids = np.asarray(self.tokenizer(prompts), dtype=np.int32)            # (B, 77)
         out = self.runners["text_encoder"]({"input_ids": ids})["last_hidden_state"]
         out = np.asarray(out, dtype=np.float32)                               # (B, 77, D)
         check_finite(out, "text_encoder")
         return out
 
-    def _encode_image(self, init: np.ndarray, batch: int, rng: np.random.Generator) -> np.ndarray:
+    def encode_image(self, init: np.ndarray, batch: int, rng: np.random.Generator) -> np.ndarray:
         """uint8 (1 or B, H, W, 3) -> scaled latents (B, 4, h, w): mean + std * N(0, I), times scaling_factor."""
         if "vae_encoder" not in self.runners:
             raise LdmError("img2img needs the vae_encoder component, and this pipeline has none",
@@ -382,6 +410,43 @@ class Pipeline:
         check_finite(logvar, "vae_encoder")
         z = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)
         return (z * np.float32(self.scaling_factor)).astype(np.float32)
+
+    def start_latents(self, req: Request, schedule, rng, timings: dict[str, float]) -> np.ndarray:
+        """The sampler's start (schedulers.start_latent): the caller's latents or N(0, I) noise times
+        init_noise_sigma (txt2img), the encoded init image noised to the first step (img2img), or a
+        hand-off's latents as they are."""
+        from ldm_deploy.runtime.schedulers import start_latent
+
+        if req.init_latents is not None:
+            return req.init_latents.copy()
+        f = self.vae_scale_factor
+        shape = (req.batch, self.latent_channels, req.height // f, req.width // f)
+        if req.init is None:
+            return start_latent(schedule, rng.standard_normal(shape, dtype=np.float32)
+                                if req.latents is None else req.latents)
+        with timed(timings, "vae_encoder"):
+            x0 = self.encode_image(req.init, req.batch, rng)                              # (B, 4, h, w), scaled
+        return start_latent(schedule, rng.standard_normal(shape, dtype=np.float32), x0)
+
+    def denoise(self, req: Request, schedule, x: np.ndarray, context: np.ndarray, extra: Mapping[str, np.ndarray],
+                rng, callback: Callback | None, timings: dict[str, float]) -> np.ndarray:
+        """Run the request's sampler over `schedule` from x; the loop's timings go into `timings`."""
+        from ldm_deploy.runtime import schedulers as sch
+
+        denoiser = make_denoiser(self.runners["unet"], context, req.guidance, req.guidance_rescale, extra)
+        t0 = time.perf_counter()
+        x = sch.sample(req.scheduler, denoiser, x, schedule, rng=rng, callback=callback, eta=req.eta)
+        timings.update(denoiser.timings(time.perf_counter() - t0))
+        x = np.asarray(x, dtype=np.float32)
+        check_finite(x, "scheduler", f"({req.scheduler})")
+        return x
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """Latents (B, 4, h, w) -> uint8 images (B, H, W, 3)."""
+        decoded = self.runners["vae_decoder"]({"latent": x / np.float32(self.scaling_factor)})["image"]
+        decoded = np.asarray(decoded, dtype=np.float32)
+        check_finite(decoded, "vae_decoder")
+        return to_uint8(decoded)
 
     # --- argument checks -----------------------------------------------------------------------------
 
@@ -453,24 +518,22 @@ class Pipeline:
                              f"[{lim['min']}, {lim['max']}]", hint="lower --num-images or re-export with a larger batch")
 
 
-def _generator(seed, batch: int):
-    """`default_rng(seed)` for one seed; for a list of `batch` seeds a RowRNG whose row i draws from
-    `default_rng(seed[i])`: row i then gets the start noise, img2img noise and sampler noise it gets alone."""
-    from ldm_deploy.runtime.schedulers.noise import RowRNG
+def _seed(seed, batch: int) -> int | list[int]:
+    """The request's seed: a fresh one when None, else checked (-1 or 2**63 a UsageError, not numpy's
+    ValueError); a list is one seed per image row (Request.rng)."""
+    from ldm_deploy.limits import check_seed
 
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        if seed < 0:
-            raise UsageError(f"seed must be >= 0, got {seed}")
-        return np.random.default_rng(int(seed))
-    seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
-    if seeds is None or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
-        raise UsageError(f"seed must be a non-negative integer or a list of them, got {str(seed)[:80]}")
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % (2**63))
+    if not isinstance(seed, (list, tuple)):
+        return check_seed(seed)
+    seeds = [check_seed(s) for s in seed]
     if len(seeds) != batch:
         raise UsageError(f"{len(seeds)} seeds for a batch of {batch} images (prompts x num_images); give one per image")
-    return RowRNG(seeds)
+    return seeds
 
 
-def _as_image_batch(image) -> np.ndarray:
+def as_image_batch(image) -> np.ndarray:
     """An init image (PIL image, path, uint8 (H, W, 3) or (N, H, W, 3)) -> uint8 (N, H, W, 3)."""
     if isinstance(image, (str, Path)):
         from ldm_deploy.runtime.image import load_image

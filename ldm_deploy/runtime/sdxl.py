@@ -29,9 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.runtime.pipeline import (
-    GenerationResult, Pipeline, _as_image_batch, _Denoiser, _generator, check_finite, to_uint8,
-)
+from ldm_deploy.runtime import guidance as g
+from ldm_deploy.runtime.pipeline import Callback, GenerationResult, Pipeline, Request, check_finite, timed
 
 HIDDEN, POOLED = "penultimate_hidden_state", "text_embeds"
 # Samplers whose run over a slice of the schedule is what diffusers does across a hand-off (each step reads
@@ -150,64 +149,16 @@ class SDXLPipeline(Pipeline):
                            hint="the artifact's sdxl.requires_aesthetics_score does not match its U-Net")
         return np.tile(np.asarray(values, np.float32), (rows, 1))
 
-    # --- the loop ------------------------------------------------------------------------------------
-
-    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 steps: int = 50, guidance: float = 5.0, scheduler: str | None = None, seed: int | Sequence[int] | None = None,
-                 latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
-                 num_images: int = 1, image: np.ndarray | None = None, strength: float = 0.3,
-                 guidance_rescale: float = 0.0, eta: float = 0.0,
-                 callback: Callable[[int, int, np.ndarray], None] | None = None,
-                 init_latents: np.ndarray | None = None, denoising_start: float | None = None,
-                 denoising_end: float | None = None, decode: bool = True,
-                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
-                 negative_crops_coords_top_left: tuple[int, int] | None = None,
-                 negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
-                 negative_aesthetic_score: float = 2.5) -> GenerationResult:
-        """txt2img (latents / seed), img2img (image + strength), or a hand-off stage (denoising_end on the
-        base with decode=False; init_latents + denoising_start on the refiner)."""
-        from ldm_deploy.runtime import schedulers as sch
-
-        t_total = time.perf_counter()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        zero_negative = negative_prompt is None and self.force_zeros
-        negatives = self._negatives(negative_prompt, len(prompts))
-        name = self._scheduler_name(scheduler)
-        self._check_numbers(steps, guidance, guidance_rescale, strength, eta, num_images, len(prompts))
-        given = {"latents": latents, "image": image, "init_latents": init_latents}
-        sources = [k for k, v in given.items() if v is not None]
-        if len(sources) > 1:
-            raise UsageError(f"pass one of latents (txt2img), image (img2img) or init_latents (hand-off), "
-                             f"not {' and '.join(sources)}")
-        if (init_latents is None) != (denoising_start is None):
-            raise UsageError("init_latents and denoising_start go together (the refiner half of a hand-off)")
-        init = None if image is None else _as_image_batch(image)
-        batch = len(prompts) * num_images
-        if init_latents is not None:
-            init_latents = np.asarray(init_latents, np.float32)
-            lat = init_latents.shape
-            if len(lat) != 4 or lat[0] != batch or lat[1] != self.latent_channels:
-                raise UsageError(f"init_latents have shape {list(lat)}, expected [{batch}, {self.latent_channels}, "
-                                 "h, w] (the base's denoising_end latents)")
-        height, width = self._resolve_size(height, width, latents if init_latents is None else init_latents,
-                                           init, batch)
-        self._check_batch(batch)
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (2**63))
-        else:
-            from ldm_deploy.limits import check_seed
-            # as Pipeline: -1 or 2**63 a UsageError; a list is one seed per row (RowRNG), not one mixed entropy
-            seed = [check_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else check_seed(seed)
-        rng = _generator(seed, batch)
-        timings: dict[str, float] = {}
-
-        # 1. conditioning: [negative, positive] rows of context, pooled embeddings and time_ids
-        cfg = guidance > 1.0
-        rows = [p for p in prompts for _ in range(num_images)]
-        t0 = time.perf_counter()
-        ctx, pooled = self.encode_prompts(rows)                                  # (B, 77, D), (B, P)
-        size = (height, width)
+    def encode(self, req: Request, *, original_size: tuple[int, int] | None = None,
+               crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+               negative_original_size: tuple[int, int] | None = None,
+               negative_crops_coords_top_left: tuple[int, int] | None = None,
+               negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
+               negative_aesthetic_score: float = 2.5, zero_negative: bool = False) -> tuple[np.ndarray, dict]:
+        """[negative, positive] rows (2B under CFG, else B) of context, pooled embeddings and time_ids: the
+        context and the U-Net's extra feeds {text_embeds, time_ids}."""
+        ctx, pooled = self.encode_prompts(req.rows)                              # (B, 77, D), (B, P)
+        size, batch = (req.height, req.width), req.batch
         if self.aesthetic:
             pos_ids = self.time_ids(batch, original_size or size, crops_coords_top_left, aesthetic_score)
             neg_ids = self.time_ids(batch, negative_original_size or original_size or size,
@@ -217,89 +168,62 @@ class SDXLPipeline(Pipeline):
             neg_ids = self.time_ids(batch, negative_original_size or original_size or size,
                                     negative_crops_coords_top_left or crops_coords_top_left,
                                     negative_target_size or target_size or size)
-        if cfg:
+        neg_ctx = neg_pooled = None
+        if g.uses_cfg(req.guidance):
             if zero_negative:
                 neg_ctx, neg_pooled = np.zeros_like(ctx), np.zeros_like(pooled)
             else:
-                neg_ctx, neg_pooled = self.encode_prompts([n for n in negatives for _ in range(num_images)])
-            ctx, pooled = np.concatenate([neg_ctx, ctx]), np.concatenate([neg_pooled, pooled])
-            ids = np.concatenate([neg_ids, pos_ids])
-        else:
-            ids = pos_ids
-        for a in (ctx, pooled, ids):
-            a.setflags(write=False)     # constant over the loop: runners may skip re-uploading by identity
-        timings["text_encoder"] = time.perf_counter() - t0
+                neg_ctx, neg_pooled = self.encode_prompts(req.negative_rows)
+        return (g.rows(neg_ctx, ctx, req.guidance),
+                {POOLED: g.rows(neg_pooled, pooled, req.guidance), "time_ids": g.rows(neg_ids, pos_ids, req.guidance)})
 
-        # 2. schedule (the stage's slice of the N-step schedule) and the start latent
-        schedule = sch.make_schedule(name, self.scheduler_config, steps,
-                                     strength=float(strength) if init is not None else 1.0)
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 steps: int = 50, guidance: float = 5.0, scheduler: str | None = None, seed: int | Sequence[int] | None = None,
+                 latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
+                 num_images: int = 1, image: np.ndarray | None = None, strength: float = 0.3,
+                 guidance_rescale: float = 0.0, eta: float = 0.0, callback: Callback | None = None,
+                 init_latents: np.ndarray | None = None, denoising_start: float | None = None,
+                 denoising_end: float | None = None, decode: bool = True, **micro_conditioning) -> GenerationResult:
+        """txt2img (latents / seed), img2img (image + strength), or a hand-off stage (denoising_end on the
+        base with decode=False; init_latents + denoising_start on the refiner). `micro_conditioning`: the
+        size / crop / aesthetic keywords of `encode` (diffusers' names)."""
+        from ldm_deploy.runtime import schedulers as sch
+
+        t_total = time.perf_counter()
+        sources = [k for k, v in {"latents": latents, "image": image, "init_latents": init_latents}.items()
+                   if v is not None]
+        if len(sources) > 1:
+            raise UsageError(f"pass one of latents (txt2img), image (img2img) or init_latents (hand-off), "
+                             f"not {' and '.join(sources)}")
+        if (init_latents is None) != (denoising_start is None):
+            raise UsageError("init_latents and denoising_start go together (the refiner half of a hand-off)")
+        req = self.check(prompt, negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+                         latents=latents, height=height, width=width, num_images=num_images, image=image,
+                         strength=strength, guidance_rescale=guidance_rescale, eta=eta, init_latents=init_latents)
+        zero_negative = negative_prompt is None and self.force_zeros
+        rng, timings = req.rng(), {}
+        with timed(timings, "text_encoder"):
+            context, extra = self.encode(req, zero_negative=zero_negative, **micro_conditioning)
+        # the stage's slice [a, b) of the N-step schedule
+        schedule = sch.make_schedule(req.scheduler, self.scheduler_config, req.steps, strength=req.strength or 1.0)
         num_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
         a, b = handoff_range(schedule.timesteps, num_train, denoising_start, denoising_end)
-        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if init_latents is not None:
-            x = init_latents.copy()                                   # the base's sampler state, as it is
-        elif init is not None:
-            t0 = time.perf_counter()
-            x0 = self._encode_image(init, batch, rng)
-            timings["vae_encoder"] = time.perf_counter() - t0
-            if len(schedule.timesteps) == 0:
-                raise UsageError(f"strength {strength} with {steps} steps leaves no denoising step",
-                                 hint="raise --strength or --steps")
-            x = sch.add_noise(schedule, x0, rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-        else:
-            if latents is None:
-                latents = rng.standard_normal(shape, dtype=np.float32)
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise UsageError(f"latents have shape {list(latents.shape)}, expected {list(shape)}")
-            if not np.isfinite(latents).all():
-                raise UsageError("latents contain NaN or Inf values", hint="pass finite N(0, I) noise")
-            x = (latents * np.float32(schedule.init_noise_sigma)).astype(np.float32)
-        if (a, b) != (0, len(schedule.timesteps)) and name not in HANDOFF_SAMPLERS:
+        if (a, b) != (0, len(schedule.timesteps)) and req.scheduler not in HANDOFF_SAMPLERS:
             raise UsageError(f"the base -> refiner hand-off (denoising_start / denoising_end) is not supported with "
-                             f"{name}", hint=f"use one of {', '.join(HANDOFF_SAMPLERS)} for the hand-off")
-        stage = slice_schedule(schedule, a, b)
-
-        # 3. denoise
-        denoiser = _Denoiser(self.runners["unet"], ctx, guidance, guidance_rescale,
-                             extra_inputs={POOLED: pooled, "time_ids": ids})
-        n_steps = len(stage.timesteps)
-
-        def on_step(i, t, x_i):
-            if callback is not None:
-                callback(i, n_steps, x_i)
-
-        t0 = time.perf_counter()
-        x = np.asarray(sch.sample(name, denoiser, x, stage, rng=rng, callback=on_step, eta=eta), np.float32)
-        check_finite(x, "scheduler", f"({name})")
-        timings["denoise"] = loop = time.perf_counter() - t0
-        timings["unet"], timings["unet_calls"] = denoiser.unet_s, denoiser.calls
-        timings["scheduler_overhead"] = loop - denoiser.unet_s
-        if denoiser.calls:
-            timings["unet_per_step"] = denoiser.unet_s / denoiser.calls
-            timings["scheduler_overhead_per_step"] = (loop - denoiser.unet_s) / denoiser.calls
-            timings["overhead_fraction"] = (loop - denoiser.unet_s) / max(denoiser.unet_s, 1e-12)
-
-        # 4. decode (fp32 VAE unless the artifact says otherwise), unless a later stage takes the latents
+                             f"{req.scheduler}", hint=f"use one of {', '.join(HANDOFF_SAMPLERS)} for the hand-off")
+        x = self.start_latents(req, schedule, rng, timings)
+        x = self.denoise(req, slice_schedule(schedule, a, b), x, context, extra, rng, callback, timings)
+        # decode (fp32 VAE unless the artifact says otherwise), unless a later stage takes the latents
+        images = np.zeros((0, req.height, req.width, 3), np.uint8)
         if decode:
-            t0 = time.perf_counter()
-            decoded = np.asarray(self.runners["vae_decoder"]({"latent": x / np.float32(self.scaling_factor)})["image"],
-                                 np.float32)
-            check_finite(decoded, "vae_decoder")
-            images = to_uint8(decoded)
-            timings["vae_decoder"] = time.perf_counter() - t0
-        else:
-            images = np.zeros((0, height, width, 3), np.uint8)
+            with timed(timings, "vae_decoder"):
+                images = self.decode(x)
         timings["total"] = time.perf_counter() - t_total
-        params = {
-            "prompt": prompts if len(prompts) > 1 else prompts[0],
-            "negative_prompt": None if zero_negative else (negatives if len(negatives) > 1 else negatives[0]),
-            "seed": seed, "latents": "caller" if latents is not None and image is None else None,
-            "steps": steps, "guidance": guidance, "scheduler": name, "height": height, "width": width,
-            "num_images": num_images, "guidance_rescale": guidance_rescale, "eta": eta,
-            "strength": strength if init is not None else None, "denoising_start": denoising_start,
-            "denoising_end": denoising_end, "model": "sdxl-refiner" if self.aesthetic else "sdxl",
-            "backend": self.backend, "artifact_hash": self.artifact_hash,
-        }
-        return GenerationResult(images=images, latents=x, timings=timings,
-                                params={k: v for k, v in params.items() if v is not None})
+        params = req.metadata(denoising_start=denoising_start, denoising_end=denoising_end,
+                              model="sdxl-refiner" if self.aesthetic else "sdxl", backend=self.backend,
+                              artifact_hash=self.artifact_hash, loras=getattr(self, "loras", None) or None)
+        if zero_negative:
+            del params["negative_prompt"]             # zero context, no prompt encoded
+        return GenerationResult(images=images, latents=x, timings=timings, params=params)

@@ -13,7 +13,7 @@ import pytest
 
 from ldm_deploy.errors import LdmError
 from ldm_deploy.runtime import schedulers as sch
-from ldm_deploy.runtime.pipeline import _Denoiser, check_finite, finite_fast
+from ldm_deploy.runtime.pipeline import check_finite, finite_fast, make_denoiser
 
 SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
@@ -41,7 +41,7 @@ class ZeroCostUnet:
 
 def loop_peak(name: str, steps: int) -> int:
     emb = np.zeros((2, 77, 8), np.float32)
-    denoiser = _Denoiser(ZeroCostUnet(), emb, guidance=7.5, guidance_rescale=0.0)
+    denoiser = make_denoiser(ZeroCostUnet(), emb, guidance=7.5, guidance_rescale=0.0)
     schedule = sch.make_schedule(name, SD15, steps)
     x = sch.start_latent(schedule, np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32))
     denoiser(x, schedule.timesteps[0])       # allocate the reused buffers before measuring
@@ -80,7 +80,7 @@ def test_finite_fast_and_exact_check_agree():
 
 def test_nan_from_the_unet_is_still_named():
     emb = np.zeros((2, 77, 8), np.float32)
-    denoiser = _Denoiser(ZeroCostUnet(nan_at=3), emb, guidance=7.5, guidance_rescale=0.0)
+    denoiser = make_denoiser(ZeroCostUnet(nan_at=3), emb, guidance=7.5, guidance_rescale=0.0)
     schedule = sch.make_schedule("ddim", SD15, 10)
     x = np.zeros(SHAPE, np.float32)
     with pytest.raises(LdmError, match=r"unet produced 1 non-finite values .*step 3"):
@@ -91,7 +91,7 @@ def test_cfg_buffers_are_not_aliased_across_steps():
     """The reused 2B input buffer never leaks into what the sampler keeps (multistep history, callbacks)."""
     emb = np.zeros((2, 77, 8), np.float32)
     seen = []
-    denoiser = _Denoiser(lambda inputs: {"noise_pred": inputs["sample"] * 0.5}, emb, 7.5, 0.0)
+    denoiser = make_denoiser(lambda inputs: {"noise_pred": inputs["sample"] * 0.5}, emb, 7.5, 0.0)
     schedule = sch.make_schedule("dpmpp-2m", SD15, 6)
     x = np.random.default_rng(1).standard_normal(SHAPE, dtype=np.float32)
     sch.sample("dpmpp-2m", denoiser, x, schedule, callback=lambda i, t, xi: seen.append(xi))

@@ -10,7 +10,8 @@ import pytest
 
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.runtime.pipeline import GenerationResult, Pipeline, rescale_noise_cfg, to_uint8
+from ldm_deploy.runtime.guidance import rescale_noise_cfg
+from ldm_deploy.runtime.pipeline import GenerationResult, Pipeline, to_uint8
 
 D = 8
 SCHED = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -104,11 +105,11 @@ def test_cfg_is_one_2b_batch_uncond_first(pipe):
 
 def test_guidance_formula_and_disabled_cfg(pipe):
     """One step of the model the sampler sees: u + s (c - u); guidance <= 1 runs a batch of B."""
-    from ldm_deploy.runtime.pipeline import _Denoiser
+    from ldm_deploy.runtime.pipeline import make_denoiser
 
     emb = np.concatenate([np.zeros((1, 77, D), np.float32), np.ones((1, 77, D), np.float32)])
     x = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
-    den = _Denoiser(pipe.runners["unet"], emb, 7.5, 0.0)
+    den = make_denoiser(pipe.runners["unet"], emb, 7.5, 0.0)
     out = den(x, 500.0)
     u = unet_fn(x, np.full(1, 500, np.float32), emb[:1])["noise_pred"]
     c = unet_fn(x, np.full(1, 500, np.float32), emb[1:])["noise_pred"]
@@ -239,3 +240,13 @@ def test_callback_sees_every_step(pipe):
     seen = []
     pipe("a", steps=3, seed=0, callback=lambda i, n, x: seen.append((i, n, x.shape)))
     assert [s[0] for s in seen] == [0, 1, 2] and all(s[1] == 3 for s in seen)
+
+
+def test_callback_counts_the_steps_the_sampler_makes(pipe):
+    """callback(i, n, x) is the samplers' own convention, passed through: n is the strength-truncated count."""
+    init = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    seen = []
+    res = pipe("a", image=init, strength=0.5, steps=10, seed=0, callback=lambda i, n, x: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(5)] and res.timings["unet_calls"] == 5
+    with pytest.raises(UsageError, match="leaves no denoising step"):       # the schedule refuses, before any stage
+        pipe("a", image=init, strength=0.05, steps=10, seed=0)

@@ -365,8 +365,10 @@ def test_knob_errors_and_rng_path():
 def test_callback_sees_every_step():
     s = sch.make_schedule("pndm", SD15, 5)
     seen = []
-    sch.sample("pndm", fake_model, sch.start_latent(s, PATTERN), s, callback=lambda i, t, x: seen.append((i, t)))
-    assert [i for i, _ in seen] == list(range(6)) and seen[1][1] == seen[2][1]
+    sch.sample("pndm", fake_model, sch.start_latent(s, PATTERN), s, callback=lambda i, n, x: seen.append((i, n)))
+    assert [i for i, _ in seen] == list(range(6)) and all(n == 6 for _, n in seen)
+    t = [float(s.timesteps[i]) for i, _ in seen]     # callback(i, n, x): step i runs at schedule.timesteps[i]
+    assert t[1] == t[2]
 
 
 def test_package_does_not_import_torch():

@@ -242,3 +242,10 @@ def test_tokenizer_2_named_outside_the_artifact_is_refused(artifacts, tmp_path):
     (art / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(LdmError, match="symbolic link"):
         SDXLPipeline.from_artifact(art, verify=False)
+
+
+def test_metadata_names_caller_latents_only_when_given(ours, latents):
+    """params["latents"] is "caller" for the caller's latents only; seeded txt2img once recorded it too."""
+    kw = dict(steps=2, guidance=5.0, height=SIZE, width=SIZE)
+    assert "latents" not in ours[0](PROMPT, seed=1, **kw).params
+    assert ours[0](PROMPT, latents=latents[:1], **kw).params["latents"] == "caller"

@@ -110,3 +110,38 @@ def test_noising_equals_numpy_twin():
     vel = np.stack([convert.velocity(x0[i], eps[i], float(a[i])) for i in range(4)])
     assert_close(sched.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), t).numpy(), noised, atol=1e-6)
     assert_close(sched.velocity(torch.from_numpy(x0), torch.from_numpy(eps), t).numpy(), vel, atol=1e-6)
+
+
+ZERO_SNR = [{**c, "rescale_betas_zero_snr": True} for c in CONFIGS]
+
+
+@pytest.mark.parametrize("config", ZERO_SNR, ids=lambda c: c["beta_schedule"])
+def test_zero_snr_schedule_equals_diffusers_and_numpy_twin(config):
+    """rescale_betas_zero_snr (Lin et al. 2023): the torch schedule a model trains on is diffusers' and the
+    numpy runtime's; it once ignored the flag (a zero-SNR model trained on the plain schedule)."""
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(**config)
+    ours = noise.alphas_cumprod_from_config(config)
+    assert torch.equal(noise.betas_from_config(config), ref.betas)
+    assert torch.equal(ours, ref.alphas_cumprod) and float(ours[-1]) == 0.0      # zero terminal SNR
+    assert not torch.equal(ours, noise.alphas_cumprod_from_config({**config, "rescale_betas_zero_snr": False}))
+    _, schedule = _twin()
+    twin = schedule.train_alphas_cumprod(schedule.SchedulerConfig.from_dict(config), "DDIMScheduler")
+    # the numpy twin's cumprod accumulates in float64 (as torch CPU does); float32 rounding of ~1e-7 relative
+    assert_close(ours.numpy(), twin, atol=1e-6, name="alphas_cumprod (zero SNR)")
+
+
+@pytest.mark.parametrize("prediction_type", noise.PREDICTION_TYPES)
+def test_ddim_step_equals_numpy_twin(prediction_type):
+    """The torch side's DDIM update (bench/torch_side.py) is the numpy sampler's: x0 and eps from the output
+    (convert.vp_x0_eps), re-noised to alpha_prev (convert.vp_noised)."""
+    convert, _ = _twin()
+    rng = np.random.default_rng(3)
+    x_t, out = (rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for _ in range(2))
+    a, a_prev = 0.3, 0.6
+    x0, eps = convert.vp_x0_eps(out, x_t, a, prediction_type)
+    want = convert.vp_noised(x0, eps, a_prev)
+    got = noise.ddim_step(prediction_type, torch.from_numpy(x_t), torch.from_numpy(out), a, a_prev).numpy()
+    # float32 both sides; `sample` divides by sqrt(1 - a) ~ 0.84: a few ulps of values of order 1
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"ddim_step ({prediction_type})")

@@ -13,7 +13,8 @@ Contract (docs/DESIGN.md "Schedulers", docs/schedulers.md):
   says); `x_in` is already scale_model_input-ed (Euler/Euler-a/LMS divide by sqrt(sigma^2 + 1); the others
   pass x as is); `t` is a Python float (fractional for Euler/LMS linspace). The pipeline wraps runner + CFG
   into it.
-* `callback(step_index, t, x)` after each step. Stochastic samplers draw from `rng` (an explicit
+* `callback(step_index, n_steps, x)` after each step (n_steps = len(schedule.timesteps); the step's t is
+  schedule.timesteps[step_index]). Stochastic samplers draw from `rng` (an explicit
   np.random.Generator) or from `noise_fn(step_index, shape)`, at the steps diffusers draws.
 * Returned latents are what the VAE decodes (LCM: the last step's denoised x0, as diffusers decodes).
 

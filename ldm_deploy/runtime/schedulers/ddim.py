@@ -32,7 +32,7 @@ def sample_ddim(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None,
             x_next = np.multiply(evaluate(model, x, t), c_eps)
             x = np.add(x_next, np.multiply(x, c_x, out=x0_buf), out=x_next)
             if callback is not None:
-                callback(i, float(t), x)
+                callback(i, len(schedule.timesteps), x)
             continue
         x0, eps = vp_x0_eps(evaluate(model, x, t), x, a, schedule.prediction_type, x0_buf)
         if clip is not None:
@@ -45,5 +45,5 @@ def sample_ddim(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None,
         if eta > 0:
             x = x + std * noise(i, x.shape)
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

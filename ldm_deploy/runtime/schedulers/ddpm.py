@@ -29,5 +29,5 @@ def sample_ddpm(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None,
         if t > 0:
             x = x + max((1 - a_prev) / (1 - a) * beta, 1e-20) ** 0.5 * noise(i, x.shape)
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

@@ -47,5 +47,5 @@ def sample_dpmpp_2m(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=N
             x_next += np.multiply(x0_prev, c_prev, out=d_buf)
         x, x0_prev = x_next, x0
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

@@ -35,7 +35,7 @@ def sample_euler(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None
             # x0 = x - sigma eps, d = (x - x0) / sigma = eps: x' = x + eps (sigma_next - sigma), one pass + one add
             x = np.add(x, np.multiply(out, np.float32(sigma_next - sigma), out=x0_buf))
             if callback is not None:
-                callback(i, float(t), x)
+                callback(i, len(schedule.timesteps), x)
             continue
         # diffusers uses sigma_hat for eps but sigma for v (its own quirk; equal when gamma = 0)
         x0 = ve_x0(out, x, sigma_hat if schedule.prediction_type == "epsilon" else sigma, schedule.prediction_type,
@@ -46,5 +46,5 @@ def sample_euler(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None
         np.multiply(d, np.float32(sigma_next - sigma_hat), out=d)
         x = np.add(x, d)
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

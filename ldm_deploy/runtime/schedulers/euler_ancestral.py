@@ -28,5 +28,5 @@ def sample_euler_ancestral(model: Denoiser, x: np.ndarray, schedule: Schedule, *
         x = x + (x - x0) / np.float32(sigma) * np.float32(sigma_down - sigma)
         x = x + noise(i, x.shape) * np.float32(sigma_up)
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

@@ -29,5 +29,5 @@ def sample_lcm(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, 
         denoised = float(c_out[i]) * x0 + float(c_skip[i]) * x
         x = denoised if i == n - 1 else a_prev**0.5 * denoised + (1 - a_prev) ** 0.5 * noise(i, x.shape)
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

@@ -40,5 +40,5 @@ def sample_lms(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None, 
         for j in range(cur):
             x = x + np.float32(lms_coefficient(sigmas, i, cur, j)) * derivatives[-1 - j]
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x

@@ -56,5 +56,5 @@ def sample_pndm(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None,
                 x_start = x
         x = plms_step(x, vp_eps(out, x, a, schedule.prediction_type), a, a_prev)
         if callback is not None:
-            callback(k, float(t), x)
+            callback(k, len(schedule.timesteps), x)
     return x

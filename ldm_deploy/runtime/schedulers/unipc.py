@@ -72,5 +72,5 @@ def sample_unipc(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None
         last_x = x
         x = _update(x, sigmas, i, i + 1, ms, last_order, bh1).astype(np.float32)
         if callback is not None:
-            callback(i, float(t), x)
+            callback(i, len(schedule.timesteps), x)
     return x
