@@ -133,15 +133,15 @@ def test_cuda_runner_variant_choice(fp32_fused, fp16_plain, monkeypatch):
     error. (The CUDA provider is faked as available so only the choice is tested; the session is CPU.)"""
     import onnxruntime as ort
 
-    from ldm_deploy.runtime.runners.ort import OrtCudaRunner, component_spec
+    from ldm_deploy.runtime.runners.ort import OrtCudaRunner, SessionFromArtifact, component_spec
 
     path, spec = component_spec(fp16_plain, "text_encoder")
     assert path.name == "model.onnx"
     with pytest.raises(LdmError, match="no 'ort-cuda' variant"):
         component_spec(fp16_plain, "text_encoder", VARIANT)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_providers", lambda self: ["CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_check_provider", lambda self: None)
+    monkeypatch.setattr(SessionFromArtifact, "_providers", lambda self, options: ["CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_check_provider", lambda self, session, path: None)
     plain = OrtCudaRunner(fp32_fused, "unet", variant=None)
     assert plain.variant is None and plain.model_path.name == "model.onnx"
     te = OrtCudaRunner(fp16_plain, "text_encoder")         # auto, none there: the plain graph

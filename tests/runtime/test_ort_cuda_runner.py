@@ -50,12 +50,12 @@ def cpu_bound(monkeypatch):
     """OrtCudaRunner with CPU OrtValues and the CPU provider: everything but CUDA runs for real."""
     import onnxruntime as ort
 
-    from ldm_deploy.runtime.runners.ort import OrtCudaRunner
+    from ldm_deploy.runtime.runners.ort import OrtBoundRunner, OrtCudaRunner, SessionFromArtifact
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_providers", lambda self: ["CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_check_provider", lambda self: None)
-    monkeypatch.setattr(OrtCudaRunner, "_device_value", lambda self, shape, dtype:
+    monkeypatch.setattr(SessionFromArtifact, "_providers", lambda self, options: ["CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_check_provider", lambda self, session, path: None)
+    monkeypatch.setattr(OrtBoundRunner, "_device_value", lambda self, shape, dtype:
                         ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0))
     return OrtCudaRunner
 
@@ -199,19 +199,51 @@ def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
 
 
 def test_without_io_binding_runs_session_run(artifacts, cpu_bound, monkeypatch):
-    """io_binding=False (the benchmark's "no IO binding" lever): plain session.run with host arrays, the same
-    outputs, the binding never used; a CUDA graph needs the binding."""
+    """A CUDA session run by OrtRunner (the benchmark's "no IO binding" rung): plain session.run with host
+    arrays, the same outputs, no binding; a CUDA-graph session needs the binding."""
     from ldm_deploy.errors import UsageError
+    from ldm_deploy.runtime.runners.ort import OrtRunner, SessionFromArtifact
 
     cpu = open_runner("ort-cpu", artifacts["fp32"], "unet")
-    runner = cpu_bound(artifacts["fp32"], "unet", variant=None, io_binding=False)
-    monkeypatch.setattr(runner, "_run", lambda *a, **k: pytest.fail("the IO binding ran"))
+    runner = OrtRunner(SessionFromArtifact(artifacts["fp32"], "unet", provider="cuda")())
+    assert runner.device_id == 0 and not runner.io_binding and not hasattr(runner, "binding")
     for seed in (0, 1):
         x = feeds("unet", seed=seed)
         assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"seed {seed}")
-    assert not runner._in and not runner._out
-    with pytest.raises(UsageError, match="io_binding"):
-        cpu_bound(artifacts["fp32"], "unet", variant=None, io_binding=False, enable_cuda_graph=True)
+    with pytest.raises(UsageError, match="IO binding"):
+        OrtRunner(SessionFromArtifact(artifacts["fp32"], "unet", provider="cuda", enable_cuda_graph=True)())
+
+
+def test_production_runner_refuses_bench_levers(artifacts, cpu_bound):
+    """The levers (IO binding off, provider option pass-through) are not production options: one line."""
+    from ldm_deploy.errors import UsageError
+
+    for lever in ({"io_binding": False}, {"cuda_options": {"cudnn_conv_algo_search": "HEURISTIC"}},
+                  {"reuse_unchanged_inputs": False}):
+        with pytest.raises(UsageError, match=f"unknown ort-cuda runner option {next(iter(lever))}"):
+            open_runner("ort-cuda", artifacts["fp32"], "unet", **lever)
+
+
+def test_runners_close(artifacts, cpu_bound):
+    """close() (or leaving a `with` block) frees the session and the bound device buffers; a call after it
+    is a one-line error; closing twice is harmless. No runner relies on __del__."""
+    import inspect
+
+    from ldm_deploy.runtime.runners import ort as ort_runners, tensorrt
+
+    with cpu_bound(artifacts["fp32"], "unet", variant=None) as bound:
+        bound(feeds("unet"))
+        assert bound._in and bound._out
+    assert bound.session is None and bound.binding is None and not bound._in and not bound._out
+    with pytest.raises(LdmError, match="unet runner is closed"):
+        bound(feeds("unet"))
+    bound.close()
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "vae_decoder")
+    cpu.close()
+    with pytest.raises(LdmError, match="closed"):
+        cpu(feeds("vae_decoder"))
+    for module in (ort_runners, tensorrt):
+        assert "__del__" not in inspect.getsource(module)
 
 
 @pytest.mark.gpu
@@ -243,7 +275,10 @@ def test_tf32_default_follows_the_export_precision(artifacts, cpu_bound):
     fp16_vae = cpu_bound(artifacts["fp16"], "vae_decoder", **plain)
     assert fp16_vae.use_tf32 and fp16_vae.cuda_options["use_tf32"] == "1"
     assert cpu_bound(artifacts["fp32"], "vae_decoder", use_tf32=True, **plain).use_tf32
-    assert not cpu_bound(artifacts["fp16"], "vae_decoder", cuda_options={"use_tf32": 0}, **plain).use_tf32
+    from ldm_deploy.runtime.runners.ort import SessionFromArtifact   # an explicit provider option wins (bench)
+
+    assert not SessionFromArtifact(artifacts["fp16"], "vae_decoder", provider="cuda",
+                                   provider_options={"use_tf32": 0})().use_tf32
 
 
 @pytest.mark.parametrize("cores, spinning", [(2, "0"), (64, "1")])
@@ -258,5 +293,9 @@ def test_spinning_default_follows_the_core_count(artifacts, monkeypatch, cores, 
     assert runner.session.get_session_options().get_session_config_entry(key) == spinning
     assert runner.allow_spinning == (spinning == "1")
     assert open_runner("ort-cpu", artifacts["fp32"], "text_encoder", allow_spinning=True).allow_spinning
-    forced = open_runner("ort-cpu", artifacts["fp32"], "text_encoder", session_options={key: "0"})
+    from ldm_deploy.runtime.runners.ort import OrtRunner, SessionFromArtifact
+
+    forced = OrtRunner(SessionFromArtifact(artifacts["fp32"], "text_encoder", allow_spinning=True,
+                                           session_options={key: "0"})())
+    assert not forced.allow_spinning
     assert forced.session.get_session_options().get_session_config_entry(key) == "0"
