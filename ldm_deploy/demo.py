@@ -164,7 +164,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     from training.data.analyser import analyse, score
 
     images, paths, per_image, first = [], [], [], None
-    with _bar(len(rows), "generating", "image", config.progress) as bar:
+    with pipe, _bar(len(rows), "generating", "image", config.progress) as bar:   # closes the runners after
         t_all = time.perf_counter()
         for i, row in enumerate(rows):
             result = pipe(row["prompt"], steps=config.steps, guidance=config.guidance,

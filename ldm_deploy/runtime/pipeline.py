@@ -236,6 +236,19 @@ class Pipeline:
                      **kwargs) -> "Pipeline":
         return cls(tokenizer, runners, scheduler_config, **kwargs)
 
+    def close(self) -> None:
+        """Close every runner (sessions, engines, device buffers); a call afterwards is an error. Idempotent."""
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def set_loras(self, loras: Sequence = ()) -> dict:
         """Switch LoRAs (`LoraSpec`, "FILE[:SCALE]" or (file, scale)) on an artifact exported with switchable
         weights; `[]` restores the base model bit for bit. No re-trace, no re-export (runtime/lora_switch.py).

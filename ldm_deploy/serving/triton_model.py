@@ -141,4 +141,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        if self.sampler is not None:
+            self.sampler.pipe.close()   # the instance's sessions / engines and device buffers, now
         self.sampler = None
