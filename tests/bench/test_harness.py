@@ -270,16 +270,15 @@ def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, caps
     assert not (tmp_path / "x.levers").exists()
 
 
-def test_bench_levers_leave_the_users_artifact_byte_identical(tmp_path):
+def test_bench_levers_leave_the_users_artifact_byte_identical(tiny, tmp_path):
     """`ldm-deploy bench ARTIFACT --levers` on a user's artifact: every file of it (list and sha256) is the same
     afterwards; the lever graphs are in --levers-dir; a second run reuses them."""
-    from ldm_deploy.bench.prepare import export_for_bench, random_model_folder, read_levers
+    from ldm_deploy.bench.prepare import export_for_bench, read_levers
     from ldm_deploy.bench.spec import LEVERS
     from ldm_deploy.cli import main
 
-    model, _ = random_model_folder("tiny", tmp_path / "model")
     art = tmp_path / "users-artifact"
-    export_for_bench(model, art, precision="fp16", keep_fp32_unet=True, optimize=False, ort_cuda=True)
+    export_for_bench(tiny[0], art, precision="fp16", keep_fp32_unet=True, optimize=False, ort_cuda=True)
     before = _tree(art)
     for run in ("first", "again"):
         assert main(["bench", str(art), "--levers", "--sides", ",".join(LEVERS), "--steps", "1", "--out",
