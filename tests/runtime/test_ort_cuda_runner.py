@@ -248,24 +248,24 @@ def test_runners_close(artifacts, cpu_bound):
 
 @pytest.mark.gpu
 def test_lever_variants_equal_cpu(artifacts, tmp_path):
-    """Every U-Net the lever ladder runs (scripts/bench_sd15.py --levers) computes what ORT CPU computes on
-    the plain graph, with the runner options of its row."""
-    import shutil
-
+    """Every U-Net the lever ladder runs (`ldm-deploy bench --levers`) computes what ORT CPU computes on the plain
+    graph, with the runner the bench assembles for its row; the artifact is left as it was."""
+    from ldm_deploy.bench.ort_side import _open_runner
     from ldm_deploy.bench.prepare import add_lever_variants
     from ldm_deploy.bench.spec import LEVERS
 
-    art = tmp_path / "a"
-    shutil.copytree(artifacts["fp16"], art)
-    add_lever_variants(art)
-    cpu = open_runner("ort-cpu", art, "unet")
+    manifest = (artifacts["fp16"] / "manifest.json").read_bytes()
+    add_lever_variants(artifacts["fp16"], tmp_path / "levers")
+    assert (artifacts["fp16"] / "manifest.json").read_bytes() == manifest
+    cpu = open_runner("ort-cpu", artifacts["fp16"], "unet")
     for side, (_, opts) in LEVERS.items():
-        gpu = open_runner("ort-cuda", art, "unet", **opts)
-        assert gpu.variant == opts["variant"] and gpu.io_binding == opts.get("io_binding", True)
+        gpu = _open_runner("ort-cuda", artifacts["fp16"], "unet", opts, tmp_path / "levers")
+        assert gpu.variant == opts.get("graph", opts.get("variant")) and gpu.io_binding == opts.get("io_binding", True)
         for seed in (0, 1, 2):
             x = feeds("unet", seed=seed)
             v = cpu(x)["noise_pred"]
             assert_close(gpu(x)["noise_pred"], v, atol=3e-2 * float(np.abs(v).max()), name=f"{side} seed {seed}")
+        gpu.close()
 
 
 def test_tf32_default_follows_the_export_precision(artifacts, cpu_bound):
