@@ -158,10 +158,7 @@ class SessionFromArtifact:
                            hint="pip install 'ldm-deploy[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU")
         artifact = _open(self.artifact)
         component = self.component
-        variant = self.variant
-        if variant == "auto":   # not ldm_deploy.export.ort_optimize's constant: that module needs onnx
-            has = ORT_CUDA_VARIANT in (artifact.manifest["components"][component].get("variants") or {})
-            variant = ORT_CUDA_VARIANT if cuda and has else None
+        variant = self.choose_variant(artifact)
         if self.graph is not None:
             artifact.component(component)
             variant, path, entry = self.graph
@@ -216,6 +213,14 @@ class SessionFromArtifact:
         # lora_switchable artifacts: the weights LoRAs touch are graph inputs (runtime/lora_switch.py)
         loaded.base_weights = lora_switch.load_base(artifact, spec)
         return loaded
+
+    def choose_variant(self, artifact) -> str | None:
+        """The manifest variant this loader runs: "auto" is "ort-cuda" when listed and the provider is CUDA."""
+        if self.variant != "auto":
+            return self.variant
+        # not ldm_deploy.export.ort_optimize's constant: that module needs onnx
+        has = ORT_CUDA_VARIANT in (artifact.manifest["components"][self.component].get("variants") or {})
+        return ORT_CUDA_VARIANT if self.provider == "cuda" and has else None
 
     def _providers(self, cuda_options: dict | None) -> list:
         if cuda_options is None:
