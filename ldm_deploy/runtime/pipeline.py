@@ -238,10 +238,9 @@ class Pipeline:
 
     def close(self) -> None:
         """Close every runner (sessions, engines, device buffers); a call afterwards is an error. Idempotent."""
-        for runner in self.runners.values():
-            close = getattr(runner, "close", None)
-            if close is not None:
-                close()
+        from ldm_deploy.runtime.runners.base import close_all
+
+        close_all(self.runners)
 
     def __enter__(self) -> "Pipeline":
         return self

@@ -80,9 +80,9 @@ class LiveRows:
         self._cut: dict[tuple, np.ndarray] = {}
 
     def close(self) -> None:
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        from ldm_deploy.runtime.runners.base import close_all
+
+        close_all([self.runner])
 
     def set_live(self, rows: int, live: Sequence[int] | None) -> None:
         self.rows = rows

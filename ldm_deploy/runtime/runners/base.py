@@ -45,6 +45,15 @@ def takes_guidance(runner) -> bool:
     return "guidance_scale" in (getattr(runner, "input_names", None) or ())
 
 
+def close_all(runners) -> None:
+    """Close each runner of `runners` (a mapping or an iterable); one without `close()` (a stand-in, a
+    wrapper of plain callables) holds nothing to free."""
+    for runner in (runners.values() if isinstance(runners, Mapping) else runners):
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
+
+
 # backend name -> "module:factory"; factory(artifact, component, **options) -> Runner
 BACKENDS: dict[str, str] = {
     "ort-cpu": "ldm_deploy.runtime.runners.ort:OrtCpuRunner",
