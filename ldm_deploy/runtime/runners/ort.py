@@ -149,54 +149,19 @@ class SessionFromArtifact:
         ort = _ort()
         if self.provider not in _PROVIDERS:
             raise UsageError(f"unknown provider {self.provider!r}; choose one of: {', '.join(_PROVIDERS)}")
-        if self.graph_optimization_level not in _OPT_LEVELS:
-            raise UsageError(f"unknown graph_optimization_level {self.graph_optimization_level!r}; "
-                             f"choose one of: {', '.join(_OPT_LEVELS)}")
         cuda = self.provider == "cuda"
         if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise LdmError("onnxruntime has no CUDAExecutionProvider here",
                            hint="pip install 'ldm-deploy[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU")
         artifact = _open(self.artifact)
-        component = self.component
-        variant = self.choose_variant(artifact)
-        if self.graph is not None:
-            artifact.component(component)
-            variant, path, entry = self.graph
-            model_path, spec = Path(path), {**artifact.manifest["components"][component], **dict(entry)}
-        else:
-            model_path, spec = component_spec(artifact, component, variant)
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[self.graph_optimization_level])
-        from ldm_deploy.limits import check_threads
-
-        if self.intra_op_threads:   # None or 0: onnxruntime's default (one per core)
-            so.intra_op_num_threads = check_threads(self.intra_op_threads, "intra_op_threads")
-        if self.inter_op_threads:
-            so.inter_op_num_threads = check_threads(self.inter_op_threads, "inter_op_threads")
-        allow_spinning = self.allow_spinning
-        if allow_spinning is None:
-            allow_spinning = (os.cpu_count() or 1) > FEW_CORES
-        entries = dict(self.session_options or {})
-        entries.setdefault(SPINNING_KEY, "1" if allow_spinning else "0")   # an explicit key wins
-        for key, value in entries.items():
-            so.add_session_config_entry(key, str(value))
-
-        loaded = OrtSession(None, component, model_path, spec, variant,
-                            int(artifact.manifest.get("vae_scale_factor", 8)), {},
-                            str(entries[SPINNING_KEY]) != "0")
+        variant, model_path, spec = self._graph(artifact)
+        so, allow_spinning = self._session_options(ort)
+        loaded = OrtSession(None, self.component, model_path, spec, variant,
+                            int(artifact.manifest.get("vae_scale_factor", 8)), {}, allow_spinning)
         if cuda:
-            options = {"device_id": str(int(self.device_id)),
-                       **{k: str(v) for k, v in (self.provider_options or {}).items()}}
-            if self.enable_cuda_graph:
-                options["enable_cuda_graph"] = "1"
-            use_tf32 = self.use_tf32
-            if use_tf32 is None:   # off for an fp32 export (its parity is the point), ORT's default (on) otherwise
-                use_tf32 = artifact.manifest.get("precision") != "fp32"
-            options.setdefault("use_tf32", "1" if use_tf32 else "0")
+            loaded.cuda_options = self._cuda_options(artifact)
             loaded.device_id, loaded.enable_cuda_graph = int(self.device_id), bool(self.enable_cuda_graph)
-            loaded.cuda_options = options
-            loaded.use_tf32 = options["use_tf32"] not in ("0", "False", "false")
+            loaded.use_tf32 = loaded.cuda_options["use_tf32"] not in ("0", "False", "false")
         try:
             loaded.session = ort.InferenceSession(str(model_path), sess_options=so,
                                                   providers=self._providers(loaded.cuda_options if cuda else None))
@@ -213,6 +178,49 @@ class SessionFromArtifact:
         # lora_switchable artifacts: the weights LoRAs touch are graph inputs (runtime/lora_switch.py)
         loaded.base_weights = lora_switch.load_base(artifact, spec)
         return loaded
+
+    def _graph(self, artifact) -> tuple[str | None, Path, dict]:
+        """(variant name, graph file, its manifest entry): the `graph` given, else the artifact's choice."""
+        if self.graph is None:
+            variant = self.choose_variant(artifact)
+            return (variant, *component_spec(artifact, self.component, variant))
+        artifact.component(self.component)   # raises LdmError naming what the artifact has
+        name, path, entry = self.graph
+        return name, Path(path), {**artifact.manifest["components"][self.component], **dict(entry)}
+
+    def _session_options(self, ort):
+        """(SessionOptions, whether intra-op threads spin)."""
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise UsageError(f"unknown graph_optimization_level {self.graph_optimization_level!r}; "
+                             f"choose one of: {', '.join(_OPT_LEVELS)}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[self.graph_optimization_level])
+        from ldm_deploy.limits import check_threads
+
+        if self.intra_op_threads:   # None or 0: onnxruntime's default (one per core)
+            so.intra_op_num_threads = check_threads(self.intra_op_threads, "intra_op_threads")
+        if self.inter_op_threads:
+            so.inter_op_num_threads = check_threads(self.inter_op_threads, "inter_op_threads")
+        allow_spinning = self.allow_spinning
+        if allow_spinning is None:
+            allow_spinning = (os.cpu_count() or 1) > FEW_CORES
+        entries = dict(self.session_options or {})
+        entries.setdefault(SPINNING_KEY, "1" if allow_spinning else "0")   # an explicit key wins
+        for key, value in entries.items():
+            so.add_session_config_entry(key, str(value))
+        return so, str(entries[SPINNING_KEY]) != "0"
+
+    def _cuda_options(self, artifact) -> dict:
+        """The CUDA provider options: device, CUDA graph, TF32 (see the module docstring), extra options."""
+        options = {"device_id": str(int(self.device_id)),
+                   **{k: str(v) for k, v in (self.provider_options or {}).items()}}
+        if self.enable_cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        use_tf32 = self.use_tf32
+        if use_tf32 is None:   # off for an fp32 export (its parity is the point), ORT's default (on) otherwise
+            use_tf32 = artifact.manifest.get("precision") != "fp32"
+        options.setdefault("use_tf32", "1" if use_tf32 else "0")   # an explicit provider option wins
+        return options
 
     def choose_variant(self, artifact) -> str | None:
         """The manifest variant this loader runs: "auto" is "ort-cuda" when listed and the provider is CUDA."""
