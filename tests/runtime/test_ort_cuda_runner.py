@@ -299,3 +299,37 @@ def test_spinning_default_follows_the_core_count(artifacts, monkeypatch, cores, 
                                            session_options={key: "0"})())
     assert not forced.allow_spinning
     assert forced.session.get_session_options().get_session_config_entry(key) == "0"
+
+
+def test_artifact_with_old_lever_variants_keeps_working(artifacts, cpu_bound, tmp_path):
+    """An artifact an older ldm-deploy's `bench --levers` wrote `lever-*` variants into (the manifest format is
+    public): it still verifies and generates; "auto" still runs "ort-cuda" only, a lever variant runs when named."""
+    import json
+    import shutil
+
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.fileio import write_json
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    art = tmp_path / "old"
+    shutil.copytree(artifacts["fp16"], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    unet = manifest["components"]["unet"]
+    unet["variants"]["lever-fp32"] = {   # as the old add_lever_variants wrote it: the kept fp32 graph, no new file
+        "file": unet["fp32_file"], "external_data": None, "precision": "fp32", "inputs": [
+            {**i, "dtype": "float32"} for i in unet["inputs"]], "outputs": [
+            {**o, "dtype": "float32"} for o in unet["outputs"]], "fused_ops": {}, "cfg_folded": False,
+        "nhwc_conv": False}
+    write_json(art / "manifest.json", manifest)
+    from ldm_deploy.runtime.runners.ort import SessionFromArtifact
+
+    loader = SessionFromArtifact(art, "unet", provider="cuda", variant="auto")
+    assert loader.choose_variant(Artifact.open(art, verify=True)) == "ort-cuda"
+    lever = cpu_bound(art, "unet", variant="lever-fp32")
+    assert lever.variant == "lever-fp32" and lever.model_path == art / unet["fp32_file"]
+    x = feeds("unet")
+    v = open_runner("ort-cpu", art, "unet")(x)["noise_pred"]
+    # fp32 graph against the fp16 export's plain graph: fp16 rounding (unit roundoff 2^-11) through the tiny U-Net
+    assert_close(lever(x)["noise_pred"], v, atol=3e-2 * float(np.abs(v).max()), name="old lever-fp32 variant")
+    with Pipeline.from_artifact(art, backend="ort-cpu") as pipe:
+        assert pipe("a cat", steps=2, seed=0).images.shape[0] == 1
