@@ -65,6 +65,12 @@ BACKENDS: dict[str, str] = {
 
 def open_runner(backend: str, artifact, component: str, **options) -> Runner:
     """Build the runner for `component` of `artifact` on `backend`."""
+    return check_options(backend, options)(artifact, component, **options)
+
+
+def check_options(backend: str, options) -> type:
+    """The runner factory of `backend`, after checking that it takes every option in `options` (a UsageError
+    naming the unknown ones and the ones it takes otherwise)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     module_name, attr = BACKENDS[backend].split(":")
@@ -83,7 +89,7 @@ def open_runner(backend: str, artifact, component: str, **options) -> Runner:
         if unknown:
             raise UsageError(f"unknown {backend} runner option{'s' if len(unknown) > 1 else ''} "
                              f"{', '.join(unknown)}; it takes: {', '.join(takes) or 'none'}")
-    return factory(artifact, component, **options)
+    return factory
 
 
 _INSTALL_HINTS = {
