@@ -167,8 +167,6 @@ def add_lever_variants(artifact, work) -> dict:
     convolutions, CFG not folded). The artifact is only read: the ladder's last rung is its own "ort-cuda"
     variant (`export --ort-cuda`). Graphs already in `work` for this artifact are kept; a registry made for
     another artifact (or an older manifest) is started over. Returns what was done, with seconds per graph."""
-    import json
-
     from ldm_deploy.artifact import MANIFEST, Artifact
     from ldm_deploy.export.manifest import graph_io
     from ldm_deploy.export.onnx_io import data_file
@@ -217,17 +215,21 @@ def add_lever_variants(artifact, work) -> dict:
             graphs[name] = variant_entry(work, dst, stats)
             write_json(work / LEVERS_FILE, registry)
             done[name] = {"seconds": round(time.perf_counter() - start, 1), **stats}
-    # the ladder credits each lever with the difference between two rows: the fused graphs must fuse the
-    # same ops (an ort-cuda variant fused from the traced graph at export can hold more than these, which
-    # start from the kept, onnxslim-cleaned fp32 graph)
-    entries = {"ort-cuda": full or {}, "lever-fused-nchw": graphs["lever-fused-nchw"],
-               "lever-fused": graphs["lever-fused"]}
+    done.update(_fused_ops_match({"ort-cuda": full or {}, "lever-fused-nchw": graphs["lever-fused-nchw"],
+                                  "lever-fused": graphs["lever-fused"]}))
+    return done
+
+
+def _fused_ops_match(entries: dict) -> dict:
+    """{"fused_ops_match": bool} (+ "fused_ops" when not): the ladder credits each lever with the difference
+    between two rows, so the fused graphs must fuse the same ops (an ort-cuda variant fused from the traced graph
+    at export can hold more than these, which start from the kept, onnxslim-cleaned fp32 graph)."""
+    import json
+
     ops = {name: {op: n for op, n in (entry.get("fused_ops") or {}).items() if op != "NhwcConv"}
            for name, entry in entries.items()}
-    done["fused_ops_match"] = len({json.dumps(v, sort_keys=True) for v in ops.values()}) == 1
-    if not done["fused_ops_match"]:
-        log.warning("the U-Net variants fuse different ops (%s): the fusion / NHWC / CFG-fold rows of the lever "
-                    "ladder are not comparable; export with `optimize: false` so all start from the traced graph",
-                    ops)
-        done["fused_ops"] = ops
-    return done
+    if len({json.dumps(v, sort_keys=True) for v in ops.values()}) == 1:
+        return {"fused_ops_match": True}
+    log.warning("the U-Net variants fuse different ops (%s): the fusion / NHWC / CFG-fold rows of the lever "
+                "ladder are not comparable; export with `optimize: false` so all start from the traced graph", ops)
+    return {"fused_ops_match": False, "fused_ops": ops}
