@@ -67,7 +67,8 @@ def _skip_reason(spec, side: str) -> str | None:
         if graph:
             from ldm_deploy.bench.prepare import read_levers
 
-            if graph not in (read_levers(spec.levers_dir).get("graphs") or {} if spec.levers_dir else {}):
+            graphs = (read_levers(spec.levers_dir).get("graphs") or {}) if spec.levers_dir else {}
+            if graph not in graphs:
                 return (f"no lever graph {graph!r} in {spec.levers_dir or '(no levers folder)'} "
                         "(`ldm-deploy bench ARTIFACT --levers` prepares it in the benchmark's own folder)")
         if hasattr(ort, "preload_dlls"):   # cuDNN / cuBLAS from the nvidia-* wheels, when the system has none
