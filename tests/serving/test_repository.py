@@ -69,3 +69,16 @@ def test_runner_options_carry_the_instance_device():
     assert runner_options("ort-cuda", 3) == {"device_id": 3}
     assert runner_options("tensorrt", 2, {"cuda_graph": True}) == {"device": 2, "cuda_graph": True}
     assert runner_options("ort-cpu", 1) == {}
+
+
+def test_finalize_closes_the_instance_runners(tiny_artifact):  # noqa: F811
+    """Triton's finalize (model unload) closes the instance's pipeline now, not whenever it is collected."""
+    from ldm_deploy.serving.triton_model import TritonPythonModel
+
+    model = TritonPythonModel.__new__(TritonPythonModel)     # initialize() needs Triton's pb_utils
+    model.sampler = open_sampler({"artifact": str(tiny_artifact), "backend": "ort-cpu"})
+    runners = dict(model.sampler.pipe.runners)
+    model.finalize()
+    assert model.sampler is None
+    assert all(getattr(r, "runner", r).session is None for r in runners.values())
+    TritonPythonModel.__new__(TritonPythonModel).finalize()   # after a failed initialize: nothing to close
