@@ -161,7 +161,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
 
     # 3. generate + analyse
     images, paths, per_image, first = [], [], [], None
-    with _bar(len(rows), "generating", "image", config.progress) as bar:
+    with pipe, _bar(len(rows), "generating", "image", config.progress) as bar:   # closes the runners after
         t_all = time.perf_counter()
         for i, row in enumerate(rows):
             result, path, record = _generate_and_read(pipe, i, row, config, size, out / "images")

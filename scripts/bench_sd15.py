@@ -64,24 +64,26 @@ def has_cuda_ep() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def variants_in_subprocess(artifact: Path, timeout_s: float, function: str = "add_ort_cuda_variants") -> dict:
-    """ldm_deploy.bench.prepare.<function>(artifact) in a child process: a crash or a hang there costs the
-    variants, not the run."""
+def variants_in_subprocess(artifact: Path, levers_dir: Path, timeout_s: float) -> dict:
+    """ldm_deploy.bench.prepare.add_lever_variants(artifact, levers_dir) in a child process: a crash or a hang
+    there costs the lever graphs, not the run. They go into levers_dir (the benchmark's folder), never the artifact."""
     import json
     import subprocess
 
+    function = "add_lever_variants"
     code = (f"import json, sys; from ldm_deploy.bench.prepare import {function}; "
-            f"print('RESULT ' + json.dumps({function}(sys.argv[1]), default=str))")
+            f"print('RESULT ' + json.dumps({function}(sys.argv[1], sys.argv[2]), default=str))")
     try:
-        proc = subprocess.run([sys.executable, "-c", code, str(artifact)], cwd=str(ROOT), capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", code, str(artifact), str(levers_dir)], cwd=str(ROOT),
+                              capture_output=True,
                               text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s; ort-cuda runs the plain graphs"}
+        return {"error": f"timed out after {timeout_s:.0f} s; the lever sides with a lever graph are skipped"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1][len("RESULT "):])
     tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-3:] if line.strip())
-    return {"error": f"exit code {proc.returncode}: {tail[-400:]}; ort-cuda runs the plain graphs"}
+    return {"error": f"exit code {proc.returncode}: {tail[-400:]}; the lever sides with a lever graph are skipped"}
 
 
 def main(argv=None) -> int:
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
                     help="no side starts after this many seconds since the script started, export included "
                          "(default 420; sides not started are recorded as skipped)")
     ap.add_argument("--variants-timeout", type=float, default=240.0,
-                    help="seconds allowed for writing the ORT CUDA fused variants (default 240)")
+                    help="--levers: seconds allowed per lever graph written (default 240)")
     ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/<machine>-sd15.json)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 64 px, 3 steps, CPU sides too: a smoke test")
     ap.add_argument("--levers", action="store_true",
@@ -171,20 +173,19 @@ def main(argv=None) -> int:
         e = export["export"]
         say(f"artifact {artifact} " + ("up to date (cached)" if e["cached"] else f"exported in {e['seconds']} s"))
 
-    # 3. the fused variants, when the artifact lacks them and ONNX Runtime CUDA will run
-    if artifact is not None and any(s.startswith("ort-cuda") for s in sides) and (has_cuda_ep() or args.quick):
-        if args.levers:
-            say("adding the ONNX Runtime CUDA fused variants and the U-Net lever variants (if missing) ...")
-            export["lever_variants"] = variants_in_subprocess(artifact, 3 * args.variants_timeout, "add_lever_variants")
-            say(f"lever variants: {str(export['lever_variants'])[:300]}")
-        else:
-            say("adding the ONNX Runtime CUDA fused variants (if missing) ...")
-            export["ort_cuda_variants"] = variants_in_subprocess(artifact, args.variants_timeout)
-            say(f"ort-cuda variants: {str(export['ort_cuda_variants'])[:300]}")
+    # 3. the lever ladder's U-Net graphs, into the benchmark's own folder (the artifact is only read; its ort-cuda
+    # variants are the export's, above)
+    levers_dir = None
+    if artifact is not None and args.levers and (has_cuda_ep() or args.quick):
+        levers_dir = args.work / "levers"
+        say(f"writing the U-Net lever graphs (if missing) into {levers_dir} ...")
+        export["lever_variants"] = variants_in_subprocess(artifact, levers_dir, 3 * args.variants_timeout)
+        say(f"lever variants: {str(export['lever_variants'])[:300]}")
     export["prepare_wall_s"] = round(time.perf_counter() - t_start, 1)
 
     # 4. every side
     spec = BenchSpec(model_dir=str(model), artifact=str(artifact) if artifact else None, sides=sides, batches=batches, steps=steps,
+                     levers_dir=str(levers_dir) if levers_dir else None,
                      guidance=7.5, height=64 if args.quick else 512, width=64 if args.quick else 512,
                      warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
                      component_warmup=2 if args.quick else 3, component_repeats=5 if args.quick else 10,

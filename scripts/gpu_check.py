@@ -153,21 +153,20 @@ def cpu_bound_cuda_runner():
 
     from ldm_deploy.runtime.runners import ort as ort_runners
 
-    cls = ort_runners.OrtCudaRunner
-    saved = (ort.get_available_providers, cls._providers, cls._device_value)
+    loader, bound = ort_runners.SessionFromArtifact, ort_runners.OrtBoundRunner
+    saved = (ort.get_available_providers, loader._providers, loader._check_provider, bound._device_value)
 
     def device_value(self, shape, dtype):
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0)
 
     ort.get_available_providers = lambda: ["CUDAExecutionProvider", *saved[0]()]
-    cls._providers = lambda self: ["CPUExecutionProvider"]
-    cls._device_value = device_value
-    cls._check_provider = lambda self: None
+    loader._providers = lambda self, options: ["CPUExecutionProvider"]
+    loader._check_provider = lambda self, session, path: None
+    bound._device_value = device_value
     try:
         yield
     finally:
-        ort.get_available_providers, cls._providers, cls._device_value = saved
-        del cls._check_provider
+        ort.get_available_providers, loader._providers, loader._check_provider, bound._device_value = saved
 
 
 # --- the checks ------------------------------------------------------------------------------------

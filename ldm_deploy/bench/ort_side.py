@@ -7,7 +7,6 @@ comes from the pipeline's own `GenerationResult.timings`. torch-free.
 """
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 
@@ -15,23 +14,48 @@ import numpy as np
 
 from ldm_deploy.bench.spec import LEVERS, TUNING
 from ldm_deploy.bench.timing import measure_samples, measure_within, windowed
+from ldm_deploy.errors import UsageError
 from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.runners.base import takes_guidance
 
-# side -> (backend, runner options)
+# side -> (backend, production runner options, as `generate` / serving pass them to open_runner)
 _OPTIONS = {
     "ort-cpu": ("ort-cpu", {}),
-    "ort-cpu-no-spin": ("ort-cpu", {"session_options": {"session.intra_op.allow_spinning": "0"}}),
+    "ort-cpu-no-spin": ("ort-cpu", {"allow_spinning": False}),
     "ort-cuda": ("ort-cuda", {"enable_cuda_graph": True}),
     "ort-cuda-no-graph": ("ort-cuda", {"enable_cuda_graph": False}),
     "ort-cuda-plain": ("ort-cuda", {"enable_cuda_graph": True, "variant": None}),
     "tensorrt": ("tensorrt", {"cuda_graph": True}),
     **{side: ("ort-cuda", {}) for side in LEVERS},   # text encoder / VAE as ort-cuda; the U-Net per LEVERS
-    # ort-cuda plus one provider option on every runner (spec.TUNING), through the runner's cuda_options
+    # ort-cuda plus one provider option on every runner (spec.TUNING), a lever knob (LEVER_KNOBS)
     **{side: ("ort-cuda", {"enable_cuda_graph": True,
-                           **({"cuda_options": dict(t["provider_options"])} if t.get("provider_options") else {})})
+                           **({"provider_options": dict(t["provider_options"])} if t.get("provider_options") else {})})
        for side, (_, t) in TUNING.items()},
 }
+# the benchmark's own runner knobs, which no production runner takes: a lever graph from the benchmark's folder
+# (prepare.add_lever_variants), session.run without IO binding, extra CUDA provider options
+LEVER_KNOBS = ("graph", "io_binding", "provider_options")
+
+
+def _open_runner(backend: str, artifact, component: str, opts: dict, levers_dir=None):
+    """One runner: through open_runner, exactly as the production path opens it, unless `opts` hold lever
+    knobs; then assembled from the session loader (SessionFromArtifact) and the runner the knobs ask for."""
+    from ldm_deploy.runtime.runners.base import open_runner
+
+    knobs = {k: opts[k] for k in LEVER_KNOBS if k in opts}
+    production = {k: v for k, v in opts.items() if k not in LEVER_KNOBS}
+    if not knobs:
+        return open_runner(backend, artifact, component, **production)
+    if backend != "ort-cuda":
+        raise UsageError(f"the lever knobs {sorted(knobs)} apply to ort-cuda only, not {backend}")
+    from ldm_deploy.bench.prepare import lever_graph
+    from ldm_deploy.runtime.runners.ort import OrtBoundRunner, OrtRunner, SessionFromArtifact
+
+    production.setdefault("variant", "auto")
+    graph = lever_graph(levers_dir, knobs["graph"]) if knobs.get("graph") else None
+    loaded = SessionFromArtifact(artifact, component, provider="cuda", graph=graph,
+                                 provider_options=knobs.get("provider_options"), **production)()
+    return (OrtBoundRunner if knobs.get("io_binding", True) else OrtRunner)(loaded)
 
 
 def _skip_reason(spec, side: str) -> str | None:
@@ -40,14 +64,14 @@ def _skip_reason(spec, side: str) -> str | None:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CUDAExecutionProvider here (needs onnxruntime-gpu and an NVIDIA GPU)"
-        variant = LEVERS.get(side, (None, {}))[1].get("variant")
-        if variant:
-            import json
+        graph = LEVERS.get(side, (None, {}))[1].get("graph")
+        if graph:
+            from ldm_deploy.bench.prepare import read_levers
 
-            unet = json.loads((Path(spec.artifact) / "manifest.json").read_text(encoding="utf-8"))["components"]["unet"]
-            if variant not in (unet.get("variants") or {}):
-                return (f"the artifact's U-Net has no {variant!r} variant "
-                        "(scripts/bench_sd15.py --levers, or ldm_deploy.bench.prepare.add_lever_variants, adds it)")
+            graphs = (read_levers(spec.levers_dir).get("graphs") or {}) if spec.levers_dir else {}
+            if graph not in graphs:
+                return (f"no lever graph {graph!r} in {spec.levers_dir or '(no levers folder)'} "
+                        "(`ldm-deploy bench ARTIFACT --levers` prepares it in the benchmark's own folder)")
         if hasattr(ort, "preload_dlls"):   # cuDNN / cuBLAS from the nvidia-* wheels, when the system has none
             try:
                 ort.preload_dlls()
@@ -71,23 +95,18 @@ def _skip_reason(spec, side: str) -> str | None:
 
 def _runner_options(spec, side: str) -> tuple[str, dict, dict]:
     """(backend, options for every runner, extra options for the U-Net's)."""
-    from ldm_deploy.runtime.runners import ort as ort_runners
-
     backend, opts = _OPTIONS[side]
     opts = dict(opts)
     unet_opts = dict(LEVERS[side][1]) if side in LEVERS else {}
     if backend == "ort-cpu" and spec.threads:
         opts["intra_op_threads"] = int(spec.threads)
-    if "variant" in opts and "variant" not in inspect.signature(ort_runners.OrtCudaRunner.__init__).parameters:
-        raise RuntimeError("this OrtCudaRunner has no `variant` option: it always runs the plain graph, "
-                           "so ort-cuda-plain would repeat ort-cuda")
     if backend == "tensorrt" and spec.engine_dir:
         opts["engine_dir"] = spec.engine_dir
     return backend, opts, unet_opts
 
 
 def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, log, unet_opts: dict | None = None,
-                   graph_all: bool = False):
+                   graph_all: bool = False, levers_dir=None):
     """Pipeline over text_encoder / unet / vae_decoder runners. CUDA graphs go on the U-Net only (50 replays
     a run; the others run once) unless `graph_all` (every component's shapes are static within a run, so
     a graph each replaces their many small launches: the launch-bound demo model's case); `unet_opts`
@@ -95,22 +114,24 @@ def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, lo
     side runs without it and says so (`cuda_graph_error`), so the deployed path still gets a number."""
     from ldm_deploy.artifact import Artifact
     from ldm_deploy.runtime.pipeline import Pipeline
-    from ldm_deploy.runtime.runners.base import open_runner
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
     graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}.get(backend)
     plain = opts if graph_all else {k: v for k, v in opts.items() if k != graph_key}
     opts = {**opts, **(unet_opts or {})}
     artifact = Artifact.open(artifact_dir, verify=False)
-    runners = {c: open_runner(backend, artifact, c, **plain) for c in ("text_encoder", "vae_decoder")}
+    runners = {c: _open_runner(backend, artifact, c, plain, levers_dir) for c in ("text_encoder", "vae_decoder")}
     try:
-        runners["unet"] = open_runner(backend, artifact, "unet", **opts)
+        runners["unet"] = _open_runner(backend, artifact, "unet", opts, levers_dir)
     except Exception as e:  # noqa: BLE001 - e.g. nodes ORT cannot put on the GPU block graph capture
         if not (graph_key and opts.get(graph_key)):
+            for runner in runners.values():
+                runner.close()
             raise
         record["cuda_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         log(f"U-Net CUDA graph refused ({record['cuda_graph_error']}); running without it")
-        runners["unet"] = open_runner(backend, artifact, "unet", **{k: v for k, v in opts.items() if k != graph_key})
+        runners["unet"] = _open_runner(backend, artifact, "unet", {k: v for k, v in opts.items() if k != graph_key},
+                                       levers_dir)
     record["cuda_graph"] = bool(graph_key and opts.get(graph_key) and "cuda_graph_error" not in record)
     record["cuda_graph_components"] = [c for c, r in runners.items()
                                        if getattr(r, "enable_cuda_graph", getattr(r, "cuda_graph", False))]
@@ -138,8 +159,20 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
     t0 = time.perf_counter()
     if tuning:
         record["tuning"] = dict(tuning)
-    pipe = _open_pipeline(spec.artifact, backend, opts, record, log, unet_opts, graph_all=bool(tuning.get("graph_all")))
+    pipe = _open_pipeline(spec.artifact, backend, opts, record, log, unet_opts, graph_all=bool(tuning.get("graph_all")),
+                          levers_dir=spec.levers_dir)
     record["load_s"] = round(time.perf_counter() - t0, 3)
+    try:
+        return _measure(spec, side, batch, height, width, log, pipe, record, backend, opts, unet_opts, gpu_before)
+    finally:
+        pipe.close()
+
+
+def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts, unet_opts, gpu_before) -> dict:
+    """Component and end-to-end timings of one opened pipeline (run() closes it)."""
+    from ldm_deploy.bench.machine import gpu_used_mib
+
+    gpu = backend != "ort-cpu"
     record["dtype"] = pipe.runners["unet"].spec.get("precision", "fp32") if hasattr(pipe.runners["unet"], "spec") else None
     record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?"))) for c, r in pipe.runners.items()}
     record["variants"] = {c: getattr(r, "variant", None) for c, r in pipe.runners.items()}
@@ -168,11 +201,11 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
         record["cuda_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         record["cuda_graph"] = False
         log(f"{side} b{batch}: U-Net CUDA graph capture failed ({record['cuda_graph_error']}); running without it")
-        from ldm_deploy.runtime.runners.base import open_runner
-
         graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}[backend]
-        pipe.runners["unet"] = open_runner(backend, spec.artifact, "unet",
-                                           **{k: v for k, v in {**opts, **unet_opts}.items() if k != graph_key})
+        pipe.runners["unet"].close()
+        pipe.runners["unet"] = _open_runner(backend, spec.artifact, "unet",
+                                            {k: v for k, v in {**opts, **unet_opts}.items() if k != graph_key},
+                                            spec.levers_dir)
     unet, vae = pipe.runners["unet"], pipe.runners["vae_decoder"]
 
     def text():

@@ -1,7 +1,8 @@
-"""What a benchmark runs on: random-weight model folders, the export, ONNX Runtime CUDA variants.
+"""What a benchmark runs on: random-weight model folders, the export, the lever ladder's U-Net graphs.
 
     folder, seconds = random_model_folder("sd15", Path("/tmp/sd15/model"))
     export = export_for_bench(folder, Path("/tmp/sd15/onnx-fp16"), "sd15", precision="fp16", ort_cuda=True)
+    add_lever_variants(Path("/tmp/sd15/onnx-fp16"), Path("/tmp/sd15/levers"))   # the bench's folder, not the artifact
 
 Architectures: `demo` is the shapes demo model (training/configs/shapes.yaml: the tiny preset with that
 file's sizes, 128x128), `sd15` the full-size SD 1.5 preset, `tiny` the CI preset (64x64). Random
@@ -122,46 +123,61 @@ def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: in
             "components": {name: c.get("export") for name, c in result.artifact.manifest["components"].items()}}
 
 
-def add_ort_cuda_variants(artifact) -> dict:
-    """The ONNX Runtime CUDA fused graphs (model.ort-cuda.onnx) for an artifact that lacks them."""
-    import json
-
-    manifest = json.loads((Path(artifact) / "manifest.json").read_text(encoding="utf-8"))
-    have = {name for name, c in manifest["components"].items() if (c.get("variants") or {}).get("ort-cuda")}
-    missing = [c for c in ("unet", "text_encoder", "vae_decoder") if c in manifest["components"] and c not in have]
-    if not missing:
-        return {"already_present": sorted(have)}
-    try:
-        from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add
-    except ImportError as e:
-        log.warning("ort-cuda variants skipped: %s", e)
-        return {"skipped": f"ldm_deploy.export.ort_optimize.add_ort_cuda_variants unavailable: {e}"}
-    start = time.perf_counter()
-    stats = add(artifact, components=tuple(missing))
-    return {"seconds": round(time.perf_counter() - start, 1), "components": stats, "already_present": sorted(have),
-            "without_fp32_graph": [c for c in missing if c not in stats]}
-
-
-# the U-Net variants the lever sides (ldm_deploy.bench.spec.LEVERS) run, beyond the plain graph and "ort-cuda"
+# The U-Net graphs the lever sides (ldm_deploy.bench.spec.LEVERS, their "graph" knob) run, beyond the artifact's
+# plain graph and its "ort-cuda" variant. They are the benchmark's, not the artifact's: add_lever_variants writes
+# them into the benchmark's own folder (BenchSpec.levers_dir) with a registry, LEVERS_FILE; the user's artifact
+# is only read.
 LEVER_VARIANTS = ("lever-fp32", "lever-fused-nchw", "lever-fused")
+LEVERS_FILE = "levers.json"
 
 
-def add_lever_variants(artifact) -> dict:
-    """Add the U-Net variants the lever ladder needs to `artifact` (an fp16 export that kept its fp32 U-Net):
-    `lever-fp32` (the kept fp32 graph itself, no new file), `lever-fused-nchw` (ORT fusions, NCHW
-    convolutions, CFG not folded) and `lever-fused` (fusions with NHWC convolutions, CFG not folded);
-    plus the full "ort-cuda" variants when missing. Variants already present are kept. Returns what was
-    done, with seconds per variant."""
+def read_levers(work) -> dict:
+    """The lever registry of a benchmark folder: {"artifact", "manifest_sha256", "graphs": {name: entry}}
+    ({} when there is none)."""
     import json
 
+    path = Path(work) / LEVERS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise LdmError(f"{path} is not valid JSON: {e}", hint=f"delete {Path(work)} and run `bench --levers` again")
+    return registry if isinstance(registry, dict) else {}
+
+
+def lever_graph(work, name: str) -> tuple[str, Path, dict]:
+    """(name, graph path, entry) of the lever graph `name` in the benchmark folder `work`, for
+    `SessionFromArtifact(graph=...)`. Entries marked `in_artifact` name a file of the artifact itself."""
+    from ldm_deploy.paths import inside_file
+
+    registry = read_levers(work) if work else {}
+    entry = (registry.get("graphs") or {}).get(name)
+    if entry is None:
+        raise LdmError(f"no lever graph {name!r} in {work or '(no levers folder)'}",
+                       hint="`ldm-deploy bench ARTIFACT --levers` prepares them")
+    root = Path(registry["artifact"]) if entry.get("in_artifact") else Path(work)
+    return name, inside_file(root, entry["file"], named_in=Path(work) / LEVERS_FILE), entry
+
+
+def add_lever_variants(artifact, work) -> dict:
+    """Write the U-Net graphs the lever ladder needs into `work`, the benchmark's own folder, for `artifact` (an
+    fp16 export that kept its fp32 U-Net): `lever-fp32` (the artifact's kept fp32 graph itself, no new file),
+    `lever-fused-nchw` (ORT fusions, NCHW convolutions, CFG not folded) and `lever-fused` (fusions with NHWC
+    convolutions, CFG not folded). The artifact is only read: the ladder's last rung is its own "ort-cuda"
+    variant (`export --ort-cuda`). Graphs already in `work` for this artifact are kept; a registry made for
+    another artifact (or an older manifest) is started over. Returns what was done, with seconds per graph."""
     from ldm_deploy.artifact import MANIFEST, Artifact
     from ldm_deploy.export.manifest import graph_io
     from ldm_deploy.export.onnx_io import data_file
-    from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add, fp32_source
-    from ldm_deploy.fileio import write_json
+    from ldm_deploy.export.ort_optimize import fp32_source, optimize_for_ort_cuda, variant_entry
+    from ldm_deploy.fileio import sha256_file, write_json
 
-    root = Path(artifact)
-    unet = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["components"]["unet"]
+    root, work = Path(artifact).resolve(), Path(work).resolve()
+    if work == root or root in work.parents:
+        raise UsageError(f"the lever graphs go to the benchmark's own folder, not into the artifact ({work})",
+                         hint="pass a folder outside the artifact")
+    unet = Artifact.open(root, verify=False).manifest["components"]["unet"]
     if unet.get("precision") != "fp16":   # refused before anything is written
         raise LdmError(f"the U-Net of {root} is {unet.get('precision')}; the lever ladder's fp16 row runs the "
                        "exported graph, so it needs an fp16 export",
@@ -170,36 +186,50 @@ def add_lever_variants(artifact) -> dict:
     if src is None:
         raise LdmError(f"{root} keeps no fp32 U-Net graph, which the lever variants start from",
                        hint="export with `keep_fp32_unet: true` (export_configs/sd15.yaml has it)")
-    done = {"ort-cuda": add_ort_cuda_variants(root)}
-    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    unet = manifest["components"]["unet"]
-    have = set(unet.get("variants") or {})
-    if "lever-fp32" not in have:
-        Artifact.open(root, verify=True)   # the entry reuses a hashed file: check it before pointing at it
+    Artifact.open(root, verify=True)   # the lever graphs start from its files: check them before using them
+    identity = {"artifact": str(root), "manifest_sha256": sha256_file(root / MANIFEST)}
+    registry = read_levers(work)
+    if {k: registry.get(k) for k in identity} != identity:
+        registry = {**identity, "graphs": {}}
+    graphs = registry["graphs"]
+    full = (unet.get("variants") or {}).get("ort-cuda")
+    done: dict = {"ort-cuda": {"in_artifact": full is not None}}
+    if full is None:
+        log.warning("%s has no ort-cuda U-Net variant: the ladder's last rung (ort-cuda) runs the plain graph; "
+                    "export with `ort_cuda: true` for the fused, CFG-folded one", root)
+    if "lever-fp32" not in graphs:
         ins, outs = graph_io(src)
-        rel = src.relative_to(root).as_posix()
         data = data_file(src)
-        unet.setdefault("variants", {})["lever-fp32"] = {
-            "file": rel, "external_data": data.relative_to(root).as_posix() if data.exists() else None,
-            "precision": "fp32",
+        graphs["lever-fp32"] = {
+            "file": src.relative_to(root).as_posix(), "in_artifact": True,
+            "external_data": data.relative_to(root).as_posix() if data.exists() else None, "precision": "fp32",
             "inputs": ins, "outputs": outs, "fused_ops": {}, "cfg_folded": False, "nhwc_conv": False}
-        write_json(root / MANIFEST, manifest)
-        done["lever-fp32"] = {"file": rel}
+        write_json(work / LEVERS_FILE, registry)
+        done["lever-fp32"] = {"file": graphs["lever-fp32"]["file"]}
     for name, nhwc in (("lever-fused-nchw", False), ("lever-fused", True)):
-        if name not in have:
+        if name not in graphs:
             start = time.perf_counter()
-            stats = add(root, components=("unet",), fold_guidance=False, nhwc_conv=nhwc, variant=name)
-            done[name] = {"seconds": round(time.perf_counter() - start, 1), **stats.get("unet", {})}
-    # the ladder credits each lever with the difference between two rows: the fused variants must fuse the
-    # same ops (an ort-cuda variant fused from the traced graph at export can hold more than these, which
-    # start from the kept, onnxslim-cleaned fp32 graph)
-    variants = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["components"]["unet"]["variants"]
-    ops = {name: {op: n for op, n in (variants.get(name, {}).get("fused_ops") or {}).items() if op != "NhwcConv"}
-           for name in ("ort-cuda", "lever-fused-nchw", "lever-fused")}
-    done["fused_ops_match"] = len({json.dumps(v, sort_keys=True) for v in ops.values()}) == 1
-    if not done["fused_ops_match"]:
-        log.warning("the U-Net variants fuse different ops (%s): the fusion / NHWC / CFG-fold rows of the lever "
-                    "ladder are not comparable; export with `optimize: false` so all start from the traced graph",
-                    ops)
-        done["fused_ops"] = ops
+            dst = work / "unet" / f"model.{name}.onnx"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            stats = optimize_for_ort_cuda(src, dst, "unet", float16=True, fold_guidance=False, nhwc_conv=nhwc)
+            graphs[name] = variant_entry(work, dst, stats)
+            write_json(work / LEVERS_FILE, registry)
+            done[name] = {"seconds": round(time.perf_counter() - start, 1), **stats}
+    done.update(_fused_ops_match({"ort-cuda": full or {}, "lever-fused-nchw": graphs["lever-fused-nchw"],
+                                  "lever-fused": graphs["lever-fused"]}))
     return done
+
+
+def _fused_ops_match(entries: dict) -> dict:
+    """{"fused_ops_match": bool} (+ "fused_ops" when not): the ladder credits each lever with the difference
+    between two rows, so the fused graphs must fuse the same ops (an ort-cuda variant fused from the traced graph
+    at export can hold more than these, which start from the kept, onnxslim-cleaned fp32 graph)."""
+    import json
+
+    ops = {name: {op: n for op, n in (entry.get("fused_ops") or {}).items() if op != "NhwcConv"}
+           for name, entry in entries.items()}
+    if len({json.dumps(v, sort_keys=True) for v in ops.values()}) == 1:
+        return {"fused_ops_match": True}
+    log.warning("the U-Net variants fuse different ops (%s): the fusion / NHWC / CFG-fold rows of the lever "
+                "ladder are not comparable; export with `optimize: false` so all start from the traced graph", ops)
+    return {"fused_ops_match": False, "fused_ops": ops}

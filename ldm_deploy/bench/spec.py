@@ -24,11 +24,13 @@ TORCH_SIDES = ("torch-eager-fp32", "torch-eager-fp16", *COMPILE_SIDES)
 STRONG_TORCH_SIDES = ("torch-compile-ro", "torch-compile-max-autotune-no-cg", "torch-compile-max-autotune")
 # The GPU speed levers, added one at a time to the U-Net (it is ~95 % of a run); the text encoder and the
 # VAE decoder run as on `ort-cuda` in every row, so a row's change is its lever's alone. The last step,
-# folding CFG into the graph, is `ort-cuda` itself. side -> (what it adds, U-Net runner options); the
-# `lever-*` variants are written by ldm_deploy.bench.prepare.add_lever_variants.
+# folding CFG into the graph, is `ort-cuda` itself. side -> (what it adds, U-Net options): the production
+# runner options (variant, enable_cuda_graph) plus the bench-only knobs ldm_deploy/bench/ort_side.py assembles
+# from the session loader: `io_binding: False` (session.run with host arrays) and `graph`, a lever graph that
+# ldm_deploy.bench.prepare.add_lever_variants writes into the benchmark's folder (BenchSpec.levers_dir).
 LEVERS = {
     "ort-cuda-l0-fp32": ("fp32 plain graph (TF32 on), session.run with host arrays, no CUDA graph",
-                         {"variant": "lever-fp32", "io_binding": False, "enable_cuda_graph": False}),
+                         {"graph": "lever-fp32", "io_binding": False, "enable_cuda_graph": False}),
     "ort-cuda-l1-fp16": ("+ fp16 weights and activations (the exported fp16 graph)",
                          {"variant": None, "io_binding": False, "enable_cuda_graph": False}),
     "ort-cuda-l2-iobinding": ("+ IO binding (device-resident inputs and outputs, unchanged inputs not re-sent)",
@@ -36,8 +38,8 @@ LEVERS = {
     "ort-cuda-l3-cuda-graph": ("+ CUDA graph (one launch per step)", {"variant": None, "enable_cuda_graph": True}),
     "ort-cuda-l4-fusions": ("+ ORT transformer fusions: fused attention, GroupNorm/SkipGroupNorm, BiasSplitGelu, "
                             "BiasAdd (convolutions still NCHW)",
-                            {"variant": "lever-fused-nchw", "enable_cuda_graph": True}),
-    "ort-cuda-l5-nhwc": ("+ NHWC convolutions", {"variant": "lever-fused", "enable_cuda_graph": True}),
+                            {"graph": "lever-fused-nchw", "enable_cuda_graph": True}),
+    "ort-cuda-l5-nhwc": ("+ NHWC convolutions", {"graph": "lever-fused", "enable_cuda_graph": True}),
 }
 LEVER_FINAL = ("ort-cuda", "+ classifier-free guidance folded into the graph (= ort-cuda)")
 # what a lever run compares the ladder with: the full path (the last rung), the full path less one lever,
@@ -49,7 +51,7 @@ LEVER_REFERENCES = ("ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain", "torch-ea
 # of the fused MultiHeadAttention: `sdpa_kernel` bit flags, AttentionBackend in ORT's attention_common.h)
 # and CUDA graphs over all three components. side -> (what it changes, {"provider_options": for every
 # runner's CUDA provider, "graph_all": CUDA graphs on the text encoder and VAE decoder too}). They are
-# bench-only: the production runner takes them through its generic `cuda_options` pass-through.
+# bench-only: ldm_deploy/bench/ort_side.py hands them to the session loader; the production runner has none.
 SDPA_KERNEL = {"flash": 1, "efficient": 2, "cudnn-flash": 8, "math": 16}
 TUNING = {
     "ort-cuda-graph-all": ("CUDA graphs on all three components (text encoder, U-Net, VAE decoder)",
@@ -120,6 +122,7 @@ class BenchSpec:
     device: str = "auto"                # torch sides: auto (cuda when available) | cuda | cpu
     threads: int | None = None          # CPU threads for ort-cpu and torch-on-CPU (None: library default)
     engine_dir: str | None = None       # tensorrt: engines folder (default ARTIFACT/engines)
+    levers_dir: str | None = None       # the lever sides' U-Net graphs (prepare.add_lever_variants; never the artifact)
     timeout_s: float = 900.0            # one (side, batch) subprocess is killed after this long
     compile_budget_s: float = 300.0     # torch.compile sides: all compiles of a side; past it the side is
                                         # recorded as status "timeout" ("compile did not finish within N s")

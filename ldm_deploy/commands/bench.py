@@ -37,8 +37,11 @@ def add_arguments(p) -> None:
                         "torch-compile; with --levers the ladder, ort-cuda, ort-cuda-no-graph, ort-cuda-plain, "
                         "torch-eager-fp16, torch-compile)")
     p.add_argument("--levers", action="store_true",
-                   help="the GPU lever ladder: add the U-Net lever variants to the artifact (an fp16 export that "
-                        "kept its fp32 U-Net), run one lever at a time, print the lever table")
+                   help="the GPU lever ladder: write the U-Net lever graphs of the artifact (an fp16 export that "
+                        "kept its fp32 U-Net) into the benchmark's own folder (--levers-dir; the artifact is only "
+                        "read), run one lever at a time, print the lever table")
+    p.add_argument("--levers-dir", metavar="DIR",
+                   help="--levers: where the lever graphs go (default OUT.levers/ beside the results JSON)")
     p.add_argument("--tuning", action="store_true",
                    help="the profile levers (GPU): ort-cuda, torch.compile reduce-overhead, eager fp16, then ort-cuda "
                         "with one CUDA provider option / CUDA graphs on all components each; prints the lever and "
@@ -78,6 +81,8 @@ def run(args) -> int:
 
     if args.levers and args.tuning:
         raise UsageError("--levers and --tuning are two runs; pick one")
+    if args.levers_dir and not args.levers:
+        raise UsageError("--levers-dir goes with --levers")
     if args.threads is not None:
         from ldm_deploy.limits import check_threads
         check_threads(args.threads)
@@ -109,22 +114,26 @@ def run(args) -> int:
     export = None
     if artifact is None and any(s not in TORCH_SIDES for s in args.sides):
         work = Path(args.work or Path(args.out).with_suffix(".artifact"))
-        # the ladder starts from the traced fp32 U-Net (optimize off) beside the fp16 graphs
+        # the ladder starts from the traced fp32 U-Net (optimize off) beside the fp16 graphs; its last rung
+        # is the export's own fused, CFG-folded ort-cuda variant
         export = export_for_bench(model_dir, work, args.export_config, batch_max=max(args.batch),
                                   height=args.height, width=args.width,
-                                  **({"precision": "fp16", "keep_fp32_unet": True, "optimize": False}
+                                  **({"precision": "fp16", "keep_fp32_unet": True, "optimize": False, "ort_cuda": True}
                                      if args.levers else {}))
         artifact = str(work)
+    levers_dir = None
     if args.levers and artifact is not None:
-        done = add_lever_variants(artifact)
-        export = {**(export or {}), "lever_variants": done}
-        log.info("lever variants: %s", ", ".join(k for k in done if k not in ("ort-cuda", "fused_ops_match"))
-                 or "already present")
+        levers_dir = str(Path(args.levers_dir or Path(args.out).with_suffix(".levers")))
+        done = add_lever_variants(artifact, levers_dir)
+        export = {**(export or {}), "lever_variants": done, "levers_dir": levers_dir}
+        log.info("lever graphs in %s: %s", levers_dir,
+                 ", ".join(k for k in done if k not in ("ort-cuda", "fused_ops_match")) or "already present")
     spec = BenchSpec(model_dir=model_dir, artifact=artifact, sides=args.sides, batches=tuple(args.batch),
                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                      warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
                      component_repeats=args.component_repeats, device=args.device, threads=args.threads,
-                     engine_dir=args.engine_dir, note=args.note, compile_budget_s=args.compile_budget)
+                     engine_dir=args.engine_dir, levers_dir=levers_dir, note=args.note,
+                     compile_budget_s=args.compile_budget)
     results = run_bench(spec, args.out, chart=args.chart, export=export, log=log.info)
     for r in results["results"]:
         print(f"{r['side']:<20} B={r['batch']}: {summary_line(r)}")

@@ -156,7 +156,23 @@ def run(args) -> int:
     if not Path(args.artifact).is_dir():
         from ldm_deploy.artifact import not_an_artifact
         raise not_an_artifact(Path(args.artifact))
-    pipe = Pipeline.from_artifact(args.artifact, backend=args.backend, **_runner_options(args))
+    if (args.refiner is None) != (args.denoising_end is None):
+        raise UsageError("--refiner and --denoising-end go together (SDXL base -> refiner hand-off)")
+    with Pipeline.from_artifact(args.artifact, backend=args.backend, **_runner_options(args)) as pipe:
+        result = _generate(args, pipe, latents, image)
+    paths = save_images(result.images, out, result.params)
+    t = result.timings
+    log.info(f"{len(paths)} image(s) in {t['total']:.2f} s (U-Net {t['unet_per_step'] * 1e3:.1f} ms/step, "
+             f"scheduler+CFG {t['scheduler_overhead_per_step'] * 1e3:.2f} ms/step), seed {result.params['seed']}")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _generate(args, pipe, latents, image):
+    """The base pipeline's images (and the SDXL refiner's, which is opened and closed here)."""
+    from ldm_deploy.runtime.pipeline import Pipeline
+
     if args.lora:
         pipe.set_loras(args.lora)
 
@@ -169,8 +185,6 @@ def run(args) -> int:
             bar = tqdm(total=total, desc="denoising", unit="step", disable=args.quiet, leave=False)
         bar.update(1)
 
-    if (args.refiner is None) != (args.denoising_end is None):
-        raise UsageError("--refiner and --denoising-end go together (SDXL base -> refiner hand-off)")
     if args.refiner and not hasattr(pipe, "encode_prompts"):
         raise UsageError(f"--refiner: {args.artifact} is not an SDXL artifact", hint="export an SDXL base model")
     handoff = {"denoising_end": args.denoising_end, "decode": False} if args.refiner else {}
@@ -183,21 +197,15 @@ def run(args) -> int:
                       strength=0.8 if args.strength is None else args.strength,
                       **kw, **handoff)
         if args.refiner:   # runtime/sdxl.py: the refiner runs the rest of the same schedule from the base's latents
-            refiner = Pipeline.from_artifact(args.refiner, backend=args.backend, **_runner_options(args))
-            if bar is not None:
-                bar.close()
-                bar = None
-            seed = result.params["seed"]
-            result = refiner(prompt, args.negative_prompt, seed=seed, init_latents=result.latents,
-                             denoising_start=args.denoising_end, num_images=args.num_images, **kw)
+            with Pipeline.from_artifact(args.refiner, backend=args.backend, **_runner_options(args)) as refiner:
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                seed = result.params["seed"]
+                result = refiner(prompt, args.negative_prompt, seed=seed, init_latents=result.latents,
+                                 denoising_start=args.denoising_end, num_images=args.num_images, **kw)
             result.params["seed"] = seed
     finally:
         if bar is not None:
             bar.close()
-    paths = save_images(result.images, out, result.params)
-    t = result.timings
-    log.info(f"{len(paths)} image(s) in {t['total']:.2f} s (U-Net {t['unet_per_step'] * 1e3:.1f} ms/step, "
-             f"scheduler+CFG {t['scheduler_overhead_per_step'] * 1e3:.2f} ms/step), seed {result.params['seed']}")
-    for path in paths:
-        print(path)
-    return 0
+    return result

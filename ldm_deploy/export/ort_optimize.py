@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.errors import LdmError
 from ldm_deploy.export.attention_fusion import fuse_attention
 from ldm_deploy.export.cfg_fold import fold_cfg
 
@@ -207,7 +207,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
     (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
     classifier-free guidance into the graph (ldm_deploy/export/cfg_fold.py): B latents in, guided out.
-    `nhwc_conv=False` leaves the convolutions NCHW (the benchmark's layout lever; slower on tensor cores).
+    `nhwc_conv=False` leaves the convolutions NCHW (the benchmark's layout lever, written into the benchmark's
+    own folder by ldm_deploy/bench/prepare.py; slower on tensor cores).
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
@@ -324,21 +325,20 @@ def fp32_source(root: Path, entry: dict) -> Path | None:
 
 
 def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float16: bool | None = None,
-                          fold_guidance: bool = True, nhwc_conv: bool = True, variant: str = VARIANT) -> dict:
-    """Write `<component>/model.<variant>.onnx` for each of `components` the artifact has an fp32 graph of
+                          fold_guidance: bool = True) -> dict:
+    """Write `<component>/model.ort-cuda.onnx` for each of `components` the artifact has an fp32 graph of
     and record it in the manifest (entry + file hashes, rewritten atomically). Returns per-component stats.
+    This is the export product `export --ort-cuda` makes (the fused graph `OrtCudaRunner(variant="auto")`
+    runs), for an artifact exported without it; the benchmark's lever graphs never go into an artifact
+    (ldm_deploy/bench/prepare.py writes them into the benchmark's own folder).
 
     `float16=None` keeps each component's exported precision (the VAE stays fp32 unless exported fp16);
     True/False forces it. Components without an fp32 graph are skipped with a log line. `fold_guidance`:
     the U-Net variant takes B latents and the guidance scale and returns the guided prediction (cfg_fold.py).
-    `nhwc_conv=False` keeps convolutions NCHW. `variant` names the entry: `OrtCudaRunner(variant="auto")`
-    runs "ort-cuda" only; other names (the benchmark's lever variants) run when asked for by name.
     """
     from ldm_deploy.artifact import MANIFEST, Artifact
     from ldm_deploy.fileio import sha256_file, write_json
 
-    if not variant or not all(ch.isalnum() or ch in "-_" for ch in variant):
-        raise UsageError(f"variant name {variant!r} must be letters, digits, '-' or '_' (it names a file)")
     artifact = Artifact.open(artifact_dir, verify=True)    # never rewrite hashes over a tampered folder
     root = Path(artifact.path)
     manifest = copy.deepcopy(artifact.manifest)
@@ -355,14 +355,14 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
                      root, name, entry.get("precision"))
             continue
         half = entry.get("precision") == "fp16" if float16 is None else bool(float16)
-        dst = root / name / f"model.{variant}.onnx"
-        old = entry.get("variants", {}).get(variant)
+        dst = root / name / FILE_NAME
+        old = entry.get("variants", {}).get(VARIANT)
         if old:   # forget the previous variant's files before they are overwritten
             for rel in filter(None, (old.get("file"), old.get("external_data"))):
                 manifest["files"].pop(rel, None)
-        stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance, nhwc_conv=nhwc_conv)
+        stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance)
         made = variant_entry(root, dst, stats)
-        entry.setdefault("variants", {})[variant] = made
+        entry.setdefault("variants", {})[VARIANT] = made
         for rel in filter(None, (made["file"], made["external_data"])):
             manifest["files"][rel] = sha256_file(root / rel)
         results[name] = stats

@@ -79,7 +79,7 @@ class ValidationReport:
 def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None, seed: int = 0,
              tolerances: dict | None = None) -> ValidationReport:
     """Compare each component of the artifact (on each backend) with the PyTorch model in `model_dir`."""
-    from ldm_deploy.runtime.runners.base import open_runner, takes_guidance
+    from ldm_deploy.runtime.runners.base import close_all, open_runner, takes_guidance
 
     if (Path(model_dir) / "manifest.json").is_file() and (Path(artifact_dir) / "model_index.json").is_file():
         raise UsageError(f"arguments swapped: {model_dir} is the exported artifact and {artifact_dir} the model folder",
@@ -118,6 +118,7 @@ def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None,
                     stats = error_stats(np.asarray(actual[out], np.float32), want[out])
                     report.checks.append(Check(name, backend, case, "x".join(map(str, shapes[spec.inputs[0].name])),
                                                out, stats, limit))
+        close_all(runners)
     return report
 
 

@@ -30,7 +30,7 @@ def validate_imported(onnx_folder, artifact_dir, backends=("ort-cpu",), *, compo
 
     from ldm_deploy.export.validate import TOLERANCES, Check, ValidationReport
     from ldm_deploy.interop.importer import random_inputs, read_folder
-    from ldm_deploy.runtime.runners.base import open_runner
+    from ldm_deploy.runtime.runners.base import close_all, open_runner
 
     folder = read_folder(onnx_folder)
     artifact = Artifact.open(artifact_dir)
@@ -53,6 +53,7 @@ def validate_imported(onnx_folder, artifact_dir, backends=("ort-cpu",), *, compo
                     stats = error_stats(np.asarray(actual[out], np.float32), expected[out])
                     report.checks.append(Check(name, backend, case, "x".join(map(str, shapes[spec.inputs[0].name])),
                                                out, stats, tol[spec.precision]))
+        close_all(runners)
     return report
 
 

@@ -1,7 +1,9 @@
 """Thin cuda-python helpers (`cuda.bindings.runtime`): device query, buffers, one stream, graphs.
 
 Only what the TensorRT runner needs. cuda-python is imported lazily, so importing this module
-never fails on a machine without it; every call turns a CUDA error into one LdmError line.
+never fails on a machine without it; every call turns a CUDA error into one LdmError line. Each resource
+is released by `close()` (the TensorRT runner's own `close()` calls them in order); `__del__` only calls
+`close()` as a last resort for an object nobody closed, and never raises.
 """
 from __future__ import annotations
 
@@ -76,10 +78,12 @@ class Stream:
     def synchronize(self) -> None:
         check(_rt().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
-    def __del__(self):
-        if getattr(self, "_stream", None) is not None:
-            _quietly(lambda rt: rt.cudaStreamDestroy(self._stream))
-            self._stream = None
+    def close(self) -> None:
+        stream, self._stream = getattr(self, "_stream", None), None
+        if stream is not None:
+            _quietly(lambda rt: rt.cudaStreamDestroy(stream))
+
+    __del__ = close
 
 
 class DeviceBuffer:
@@ -89,10 +93,12 @@ class DeviceBuffer:
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check(_rt().cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes} bytes)"))
 
-    def __del__(self):
-        if getattr(self, "ptr", 0):
-            _quietly(lambda rt: rt.cudaFree(self.ptr))
-            self.ptr = 0
+    def close(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", 0), 0
+        if ptr:
+            _quietly(lambda rt: rt.cudaFree(ptr))
+
+    __del__ = close
 
 
 class PinnedBuffer:
@@ -108,11 +114,13 @@ class PinnedBuffer:
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(self._raw, dtype=dtype, count=count).reshape(shape)
 
-    def __del__(self):
-        if getattr(self, "ptr", 0):
-            self._raw = None
-            _quietly(lambda rt: rt.cudaFreeHost(self.ptr))
-            self.ptr = 0
+    def close(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", 0), 0
+        self._raw = None
+        if ptr:
+            _quietly(lambda rt: rt.cudaFreeHost(ptr))
+
+    __del__ = close
 
 
 def copy_to_device(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
@@ -145,15 +153,19 @@ class Graph:
     def launch(self) -> None:
         check(_rt().cudaGraphLaunch(self._exec, self._stream._stream), "cudaGraphLaunch")
 
-    def __del__(self):
-        if getattr(self, "_exec", None) is not None:
-            _quietly(lambda rt: rt.cudaGraphExecDestroy(self._exec))
-        if getattr(self, "_graph", None) is not None:
-            _quietly(lambda rt: rt.cudaGraphDestroy(self._graph))
+    def close(self) -> None:
+        exec_, self._exec = getattr(self, "_exec", None), None
+        graph, self._graph = getattr(self, "_graph", None), None
+        if exec_ is not None:
+            _quietly(lambda rt: rt.cudaGraphExecDestroy(exec_))
+        if graph is not None:
+            _quietly(lambda rt: rt.cudaGraphDestroy(graph))
+
+    __del__ = close
 
 
 def _quietly(free) -> None:
-    """Release a CUDA resource from __del__: never raise (the interpreter may be shutting down)."""
+    """Release a CUDA resource: never raise (from __del__ the interpreter may be shutting down)."""
     try:
         free(_rt())
     except Exception:  # noqa: BLE001

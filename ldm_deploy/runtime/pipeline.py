@@ -304,6 +304,18 @@ class Pipeline:
                      **kwargs) -> "Pipeline":
         return cls(tokenizer, runners, scheduler_config, **kwargs)
 
+    def close(self) -> None:
+        """Close every runner (sessions, engines, device buffers); a call afterwards is an error. Idempotent."""
+        from ldm_deploy.runtime.runners.base import close_all
+
+        close_all(self.runners)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def set_loras(self, loras: Sequence = ()) -> dict:
         """Switch LoRAs (`LoraSpec`, "FILE[:SCALE]" or (file, scale)) on an artifact exported with switchable
         weights; `[]` restores the base model bit for bit. No re-trace, no re-export (runtime/lora_switch.py).

@@ -79,6 +79,11 @@ class LiveRows:
         self.live: np.ndarray | None = None      # indices of live rows, None = all
         self._cut: dict[tuple, np.ndarray] = {}
 
+    def close(self) -> None:
+        from ldm_deploy.runtime.runners.base import close_all
+
+        close_all([self.runner])
+
     def set_live(self, rows: int, live: Sequence[int] | None) -> None:
         self.rows = rows
         self.live = None if live is None or len(live) == rows else np.asarray(live, dtype=np.int64)

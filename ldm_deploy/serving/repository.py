@@ -61,6 +61,15 @@ def _check(config: RepoConfig, batch_max: int) -> int:
                         ("queue_delay_us", config.queue_delay_us, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise UsageError(f"{what} must be an integer >= {lo}, got {v!r}")
+    if config.runner_options:   # an option the runner does not take: refused here, not when each instance loads
+        from ldm_deploy.runtime.runners.base import check_options
+
+        try:
+            check_options(config.backend, config.runner_options)
+        except UsageError:
+            raise
+        except LdmError:   # the backend's own package (tensorrt, ...) may be on the serving host only
+            pass
     if config.backend == "ort-cuda" and config.runner_options.get("enable_cuda_graph"):
         raise UsageError("ort-cuda CUDA graphs need one static shape, and a server's batches change size (requests "
                          "come and go, sizes differ)", hint="use --backend tensorrt with "

@@ -141,4 +141,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.sampler = None
+        sampler, self.sampler = getattr(self, "sampler", None), None
+        if sampler is not None:
+            sampler.pipe.close()   # the instance's sessions / engines and device buffers, now

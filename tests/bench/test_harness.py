@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
+
+from ldm_deploy.errors import LdmError
 
 from ldm_deploy.bench.harness import run_bench, run_side
 from ldm_deploy.bench.report import markdown_table
@@ -129,27 +132,27 @@ def test_a_refused_cuda_graph_falls_back_and_says_so(tiny, monkeypatch):
     assert record == {"cuda_graph": False, "cuda_graph_components": []}
 
 
-def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
-    """A lever side's options (spec.LEVERS) go to the U-Net runner; the text encoder and VAE run as ort-cuda."""
-    import sys
-    import types
-
-    from ldm_deploy.bench.ort_side import _open_pipeline, _runner_options
-    from ldm_deploy.bench.spec import LEVERS
-    from ldm_deploy.runtime.runners import base
+def _record_runners(monkeypatch) -> dict:
+    """Replace the bench's runner opener with one that records each component's options and opens ort-cpu."""
+    from ldm_deploy.bench import ort_side
     from ldm_deploy.runtime.runners.ort import OrtCpuRunner
 
     seen = {}
 
-    class Recorder:
-        def __new__(cls, artifact, component, **opts):
-            seen[component] = opts
-            return OrtCpuRunner(artifact, component)
+    def recorder(backend, artifact, component, opts, levers_dir=None):
+        seen[component] = dict(opts)
+        return OrtCpuRunner(artifact, component)
 
-    module = types.ModuleType("lever_fake_runner")
-    module.Runner = Recorder
-    monkeypatch.setitem(sys.modules, "lever_fake_runner", module)
-    monkeypatch.setitem(base.BACKENDS, "ort-cuda", "lever_fake_runner:Runner")
+    monkeypatch.setattr(ort_side, "_open_runner", recorder)
+    return seen
+
+
+def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
+    """A lever side's options (spec.LEVERS) go to the U-Net runner; the text encoder and VAE run as ort-cuda."""
+    from ldm_deploy.bench.ort_side import _open_pipeline, _runner_options
+    from ldm_deploy.bench.spec import LEVERS
+
+    seen = _record_runners(monkeypatch)
     spec = BenchSpec(artifact=str(tiny[1]), sides=tuple(LEVERS))
     for side, (_, unet_opts) in LEVERS.items():
         backend, opts, extra = _runner_options(spec, side)
@@ -162,27 +165,12 @@ def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
 
 
 def test_tuning_sides_pass_provider_options_to_every_runner(tiny, monkeypatch):
-    """A profile lever (spec.TUNING) is ort-cuda plus one CUDA provider option on all three runners, through the
-    runner's generic cuda_options; ort-cuda-graph-all puts the CUDA graph on the text encoder and VAE too."""
-    import sys
-    import types
-
+    """A profile lever (spec.TUNING) is ort-cuda plus one CUDA provider option on all three runners, a bench knob
+    the session loader takes; ort-cuda-graph-all puts the CUDA graph on the text encoder and VAE too."""
     from ldm_deploy.bench.ort_side import _open_pipeline, _runner_options
     from ldm_deploy.bench.spec import TUNING
-    from ldm_deploy.runtime.runners import base
-    from ldm_deploy.runtime.runners.ort import OrtCpuRunner
 
-    seen = {}
-
-    class Recorder:
-        def __new__(cls, artifact, component, **opts):
-            seen[component] = opts
-            return OrtCpuRunner(artifact, component)
-
-    module = types.ModuleType("tuning_fake_runner")
-    module.Runner = Recorder
-    monkeypatch.setitem(sys.modules, "tuning_fake_runner", module)
-    monkeypatch.setitem(base.BACKENDS, "ort-cuda", "tuning_fake_runner:Runner")
+    seen = _record_runners(monkeypatch)
     spec = BenchSpec(artifact=str(tiny[1]), sides=tuple(TUNING))
     assert {"ort-cuda-conv-heuristic", "ort-cuda-attn-flash", "ort-cuda-graph-all"} <= set(TUNING)
     for side, (_, tuning) in TUNING.items():
@@ -192,19 +180,71 @@ def test_tuning_sides_pass_provider_options_to_every_runner(tiny, monkeypatch):
         _open_pipeline(str(tiny[1]), backend, opts, {}, lambda m: None, extra, graph_all=bool(tuning.get("graph_all")))
         assert seen["unet"]["enable_cuda_graph"] is True
         for component in ("unet", "text_encoder", "vae_decoder"):
-            assert seen[component].get("cuda_options") == tuning.get("provider_options")
+            assert seen[component].get("provider_options") == tuning.get("provider_options")
         graphs = {c: bool(seen[c].get("enable_cuda_graph")) for c in ("text_encoder", "vae_decoder")}
         assert graphs == {"text_encoder": side == "ort-cuda-graph-all", "vae_decoder": side == "ort-cuda-graph-all"}
     assert TUNING["ort-cuda-attn-flash"][1]["provider_options"] == {"sdpa_kernel": "1"}
 
 
+def test_lever_knobs_are_assembled_from_the_loader(tiny, monkeypatch, tmp_path):
+    """The bench's opener: no lever knob -> the production runner (open_runner); io_binding False -> OrtRunner
+    over a CUDA session; provider_options -> the session's CUDA provider options; graph -> the lever graph from
+    the benchmark's folder. (CUDA faked as available, sessions on the CPU provider; everything else real.)"""
+    import onnxruntime as ort
+
+    from ldm_deploy.bench.ort_side import _open_runner
+    from ldm_deploy.bench.prepare import LEVERS_FILE
+    from ldm_deploy.compare import assert_close
+    from ldm_deploy.fileio import write_json
+    from ldm_deploy.runtime.runners.base import open_runner
+    from ldm_deploy.runtime.runners.ort import OrtBoundRunner, OrtCudaRunner, OrtRunner, SessionFromArtifact
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_providers", lambda self, options: ["CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_check_provider", lambda self, session, path: None)
+    monkeypatch.setattr(OrtBoundRunner, "_device_value", lambda self, shape, dtype:
+                        ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0))
+    art = tiny[1]
+    manifest = json.loads((art / "manifest.json").read_text())
+    unet = manifest["components"]["unet"]
+    write_json(tmp_path / LEVERS_FILE, {"artifact": str(art), "graphs": {"lever-x": {
+        "file": unet["file"], "in_artifact": True, "inputs": unet["inputs"], "outputs": unet["outputs"]}}})
+    cpu = open_runner("ort-cpu", art, "unet")
+    x = {"sample": np.ones((2, 4, 8, 8), np.float32), "timestep": np.array([999.0, 999.0], np.float32),
+         "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)}
+    want = cpu(x)["noise_pred"]
+
+    with _open_runner("ort-cuda", art, "unet", {"enable_cuda_graph": False}) as prod:
+        assert type(prod) is OrtCudaRunner
+    with _open_runner("ort-cuda", art, "unet", {"variant": None, "io_binding": False}) as unbound:
+        assert type(unbound) is OrtRunner and unbound.device_id == 0 and not unbound.io_binding
+        assert_close(unbound(x)["noise_pred"], want, name="no IO binding")
+    with _open_runner("ort-cuda", art, "unet", {"enable_cuda_graph": True,
+                                                "provider_options": {"cudnn_conv_algo_search": "HEURISTIC"}}) as tuned:
+        assert type(tuned) is OrtBoundRunner and tuned.cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
+    with _open_runner("ort-cuda", art, "unet", {"graph": "lever-x", "enable_cuda_graph": False}, tmp_path) as lever:
+        assert lever.variant == "lever-x" and lever.model_path == art / unet["file"]
+        assert_close(lever(x)["noise_pred"], want, name="lever graph")
+    with pytest.raises(LdmError, match="no lever graph 'lever-y'"):
+        _open_runner("ort-cuda", art, "unet", {"graph": "lever-y"}, tmp_path)
+
+
+def _tree(root) -> dict:
+    """relative path -> sha256 of every file under root."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, capsys):
-    """`ldm-deploy bench MODEL_DIR --levers`: an fp16 export keeping the traced fp32 U-Net, the lever variants
-    added, one record per ladder side (skipped here: no CUDA), the lever table printed; an fp32 artifact
-    is refused in one line."""
+    """`ldm-deploy bench MODEL_DIR --levers`: an fp16 export keeping the traced fp32 U-Net, the lever graphs
+    written into the benchmark's folder (OUT.levers/), one record per ladder side (skipped here: no CUDA), the
+    lever table printed; an fp32 artifact is refused in one line."""
     import onnxruntime as ort
 
     from ldm_deploy.cli import main
+    from ldm_deploy.bench.prepare import read_levers
     from ldm_deploy.bench.spec import LEVERS
 
     model, fp32_artifact, _ = tiny
@@ -213,10 +253,12 @@ def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, caps
     assert main(["bench", str(model), "--levers", "--sides", sides, "--steps", "1", "--out", str(out),
                  "--work", str(tmp_path / "art")]) == 0
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
-    assert {"lever-fp32", "lever-fused-nchw", "lever-fused"} <= set(manifest["components"]["unet"]["variants"])
+    assert set(manifest["components"]["unet"]["variants"]) == {"ort-cuda"}      # the export's own product only
+    assert {"lever-fp32", "lever-fused-nchw", "lever-fused"} <= set(read_levers(tmp_path / "levers.levers")["graphs"])
     results = json.loads(out.read_text())
     assert [r["side"] for r in results["results"]] == sides.split(",")
     assert results["export"]["lever_variants"]["fused_ops_match"]
+    assert results["spec"]["levers_dir"] == str(tmp_path / "levers.levers")
     printed = capsys.readouterr().out
     assert "(= ort-cuda)" in printed and "+ NHWC convolutions" in printed
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -225,6 +267,26 @@ def test_cli_levers_adds_the_variants_and_prints_the_ladder(tiny, tmp_path, caps
     assert main(["bench", str(fp32_artifact), "--levers", "--out", str(tmp_path / "x.json")]) != 0
     assert "needs an fp16 export" in capsys.readouterr().err
     assert (fp32_artifact / "manifest.json").read_bytes() == before      # refused before anything is written
+    assert not (tmp_path / "x.levers").exists()
+
+
+def test_bench_levers_leave_the_users_artifact_byte_identical(tiny, tmp_path):
+    """`ldm-deploy bench ARTIFACT --levers` on a user's artifact: every file of it (list and sha256) is the same
+    afterwards; the lever graphs are in --levers-dir; a second run reuses them."""
+    from ldm_deploy.bench.prepare import export_for_bench, read_levers
+    from ldm_deploy.bench.spec import LEVERS
+    from ldm_deploy.cli import main
+
+    art = tmp_path / "users-artifact"
+    export_for_bench(tiny[0], art, precision="fp16", keep_fp32_unet=True, optimize=False, ort_cuda=True)
+    before = _tree(art)
+    for run in ("first", "again"):
+        assert main(["bench", str(art), "--levers", "--sides", ",".join(LEVERS), "--steps", "1", "--out",
+                     str(tmp_path / f"{run}.json"), "--levers-dir", str(tmp_path / "bench-work"), "-q"]) == 0
+        assert _tree(art) == before, run
+    assert set(read_levers(tmp_path / "bench-work")["graphs"]) == {"lever-fp32", "lever-fused-nchw", "lever-fused"}
+    assert main(["bench", str(art), "--levers-dir", str(tmp_path / "w"), "--out", str(tmp_path / "x.json"),
+                 "-q"]) == 2
 
 
 @pytest.mark.gpu

@@ -41,3 +41,13 @@ def test_errors_are_one_line():
     from ldm_deploy.errors import LdmError
     with pytest.raises(LdmError, match="cudaMalloc.*failed: cudaErrorMemoryAllocation"):
         cuda.DeviceBuffer(1 << 60)
+
+
+def test_close_frees_once():
+    """close() releases each resource (a second close, and the __del__ fallback after it, do nothing)."""
+    stream, dev, pinned = cuda.Stream(), cuda.DeviceBuffer(256), cuda.PinnedBuffer(256)
+    graph = cuda.Graph(stream, lambda: cuda.copy_to_device(dev, pinned, 256, stream))
+    for resource in (graph, dev, pinned, stream):
+        resource.close()
+        resource.close()
+    assert dev.ptr == 0 and pinned.ptr == 0 and stream._stream is None and graph._exec is None

@@ -158,12 +158,17 @@ def test_tensor_io_is_plain_data():
 
 class HostCuda:
     allocations = 0
+    freed = 0
 
     class DeviceBuffer:
         def __init__(self, nbytes):
             HostCuda.allocations += 1
             self.mem = np.zeros(nbytes, np.uint8)
             self.ptr = self.mem.ctypes.data
+
+        def close(self):
+            HostCuda.freed += 1
+            self.ptr = 0
 
     class PinnedBuffer(DeviceBuffer):
         def view(self, dtype, shape):
@@ -188,6 +193,9 @@ class HostStream:
 
     def synchronize(self):
         self.log.append(("sync",))
+
+    def close(self):
+        self.log.append(("close",))
 
 
 class HostContext(FakeContext):
@@ -258,3 +266,22 @@ def test_call_refuses_shapes_outside_the_profile_before_touching_buffers(host_ru
     with pytest.raises(UsageError, match="dim 0 = 5 not in 1..4"):
         host_runner(x)
     assert host_runner.stream.log == []
+
+
+def test_close_frees_every_buffer_and_the_stream_once(host_runner):
+    """close() (or the end of a `with` block) syncs the stream, frees the 8 buffers and the stream, drops the
+    context and engine; a call afterwards is a one-line error, a second close a no-op."""
+    from ldm_deploy.errors import LdmError
+
+    x = {"sample": np.ones((1, 4, 8, 8), np.float32), "timestep": np.zeros(1, np.float32),
+         "encoder_hidden_states": np.zeros((1, 77, 32), np.float32)}
+    HostCuda.freed = 0
+    stream = host_runner.stream
+    with host_runner as r:
+        r(x)
+    assert HostCuda.freed == 8 and stream.log[-2:] == [("sync",), ("close",)]
+    assert r.context is None and r.stream is None and not r._device and not r._host
+    with pytest.raises(LdmError, match="unet runner is closed"):
+        r(x)
+    r.close()
+    assert HostCuda.freed == 8

@@ -94,3 +94,20 @@ def test_fp16_engines_accept_float32_inputs(tiny_engines):
     want = _ort(artifact, "vae_decoder", {"latent": latent.astype(np.float16)})["image"].astype(np.float32)
     assert out.dtype == np.float32 and out.shape == (1, 3, 64, 64)
     assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+def test_closed_runner_frees_and_a_new_one_runs(fp32_engines):
+    """`with` closes the runner (graphs, buffers, stream, context, engine); a runner opened after it on the
+    same engines computes the same outputs, and the loader + from_engine path equals the constructor."""
+    from ldm_deploy.errors import LdmError
+    from ldm_deploy.runtime.runners.tensorrt import EngineFromSidecar, TensorRTRunner
+    artifact, engines = fp32_engines
+    x = _unet_inputs(np.random.default_rng(3), 2, 8)
+    with TensorRTRunner(engines, "unet", cuda_graph=True) as runner:
+        runner(x)
+        first = runner(x)["noise_pred"]
+    assert runner.context is None and runner.stream is None
+    with pytest.raises(LdmError, match="closed"):
+        runner(x)
+    with TensorRTRunner.from_engine(EngineFromSidecar(engines, "unet", check_onnx=False)(), "unet") as again:
+        assert_close(again(x)["noise_pred"], first, atol=0, rtol=0)

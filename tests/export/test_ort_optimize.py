@@ -133,15 +133,15 @@ def test_cuda_runner_variant_choice(fp32_fused, fp16_plain, monkeypatch):
     error. (The CUDA provider is faked as available so only the choice is tested; the session is CPU.)"""
     import onnxruntime as ort
 
-    from ldm_deploy.runtime.runners.ort import OrtCudaRunner, component_spec
+    from ldm_deploy.runtime.runners.ort import OrtCudaRunner, SessionFromArtifact, component_spec
 
     path, spec = component_spec(fp16_plain, "text_encoder")
     assert path.name == "model.onnx"
     with pytest.raises(LdmError, match="no 'ort-cuda' variant"):
         component_spec(fp16_plain, "text_encoder", VARIANT)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_providers", lambda self: ["CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_check_provider", lambda self: None)
+    monkeypatch.setattr(SessionFromArtifact, "_providers", lambda self, options: ["CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_check_provider", lambda self, session, path: None)
     plain = OrtCudaRunner(fp32_fused, "unet", variant=None)
     assert plain.variant is None and plain.model_path.name == "model.onnx"
     te = OrtCudaRunner(fp16_plain, "text_encoder")         # auto, none there: the plain graph
@@ -279,31 +279,37 @@ def test_converter_duplicates_are_repaired():
 
 
 @pytest.fixture(scope="module")
-def lever_artifact(sd_like_folder, tmp_path_factory) -> Path:
-    """fp16, fp32 U-Net kept, traced graphs (optimize off), ort-cuda variants at export: what --levers exports."""
+def lever_artifact(sd_like_folder, tmp_path_factory) -> tuple[Path, Path]:
+    """fp16, fp32 U-Net kept, traced graphs (optimize off), ort-cuda variants at export: what --levers exports;
+    and the benchmark's folder the lever graphs were written into."""
     from ldm_deploy.bench.prepare import add_lever_variants
 
     config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=False,
                                          ort_cuda=True, precision="fp16", keep_fp32_unet=True)
-    out = export_model(sd_like_folder, tmp_path_factory.mktemp("levers") / "a", config).path
-    done = add_lever_variants(out)
+    root = tmp_path_factory.mktemp("levers")
+    out = export_model(sd_like_folder, root / "a", config).path
+    done = add_lever_variants(out, root / "bench-levers")
     assert done["fused_ops_match"], done
-    return out
+    return out, root / "bench-levers"
 
 
 def test_lever_variants_add_one_lever_each(lever_artifact):
-    """The benchmark's lever ladder: fp32 plain graph, fused NCHW, fused NHWC (no CFG fold), then ort-cuda."""
-    from ldm_deploy.bench.prepare import LEVER_VARIANTS
+    """The benchmark's lever ladder: fp32 plain graph, fused NCHW, fused NHWC (no CFG fold), then ort-cuda. The
+    lever graphs live in the benchmark's folder; the artifact keeps only what its export wrote."""
+    from ldm_deploy.bench.prepare import LEVER_VARIANTS, lever_graph, read_levers
     from ldm_deploy.bench.spec import LEVERS
 
-    artifact = Artifact.open(lever_artifact, verify=True)     # hashes of the new files recorded
+    art, work = lever_artifact
+    artifact = Artifact.open(art, verify=True)     # untouched: every hash still matches
     unet = artifact.manifest["components"]["unet"]
-    variants = unet["variants"]
+    assert set(unet["variants"]) == {VARIANT}
+    variants = {**read_levers(work)["graphs"], VARIANT: unet["variants"][VARIANT]}
     assert set(LEVER_VARIANTS) | {VARIANT} == set(variants)
-    # every variant a lever side asks for exists
-    assert {o["variant"] for _, o in LEVERS.values() if o.get("variant")} <= set(variants)
+    # every graph a lever side asks for exists
+    assert {o["graph"] for _, o in LEVERS.values() if o.get("graph")} <= set(variants)
     fp32 = variants["lever-fp32"]
     assert fp32["file"] == unet["fp32_file"] and fp32["precision"] == "fp32"
+    assert lever_graph(work, "lever-fp32")[1] == art / unet["fp32_file"]
     assert {i["dtype"] for i in fp32["inputs"]} == {"float32"}
     nchw, nhwc, full = variants["lever-fused-nchw"], variants["lever-fused"], variants[VARIANT]
     assert "NhwcConv" not in nchw["fused_ops"] and not nchw["nhwc_conv"]
@@ -315,24 +321,30 @@ def test_lever_variants_add_one_lever_each(lever_artifact):
     names = lambda v: [i["name"] for i in v["inputs"]]  # noqa: E731
     assert names(nchw) == names(nhwc) == ["sample", "timestep", "encoder_hidden_states"]
     assert "guidance_scale" in names(full) and full["cfg_folded"] and not nhwc["cfg_folded"]
-    for v in (nchw, nhwc):
-        assert (lever_artifact / v["file"]).is_file()
+    for name in ("lever-fused-nchw", "lever-fused"):
+        assert (work / variants[name]["file"]).is_file() and lever_graph(work, name)[1].parent.parent == work
+        assert not (art / variants[name]["file"]).exists()
 
 
 def test_lever_variants_are_kept_on_a_second_call(lever_artifact):
-    from ldm_deploy.bench.prepare import add_lever_variants
+    from ldm_deploy.bench.prepare import LEVERS_FILE, add_lever_variants
 
-    before = (lever_artifact / "manifest.json").read_bytes()
-    done = add_lever_variants(lever_artifact)
+    art, work = lever_artifact
+    before = (work / LEVERS_FILE).read_bytes(), (art / "manifest.json").read_bytes()
+    done = add_lever_variants(art, work)
     assert set(done) == {"ort-cuda", "fused_ops_match"} and done["fused_ops_match"]
-    assert (lever_artifact / "manifest.json").read_bytes() == before
+    assert ((work / LEVERS_FILE).read_bytes(), (art / "manifest.json").read_bytes()) == before
 
 
-def test_variant_name_must_be_a_file_name(lever_artifact):
+def test_lever_graphs_never_go_into_the_artifact(lever_artifact):
+    from ldm_deploy.bench.prepare import add_lever_variants
     from ldm_deploy.errors import UsageError
 
-    with pytest.raises(UsageError, match="variant name"):
-        add_ort_cuda_variants(lever_artifact, components=("unet",), variant="../x")
+    art, _ = lever_artifact
+    for inside in (art, art / "levers"):
+        with pytest.raises(UsageError, match="not into the artifact"):
+            add_lever_variants(art, inside)
+    assert not (art / "levers").exists()
 
 
 def test_lever_variants_need_the_fp32_unet(tmp_path, sd_like_folder):
@@ -343,8 +355,9 @@ def test_lever_variants_need_the_fp32_unet(tmp_path, sd_like_folder):
     out = export_model(sd_like_folder, tmp_path / "a", config).path
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(LdmError, match="keep_fp32_unet"):
-        add_lever_variants(out)
+        add_lever_variants(out, tmp_path / "levers")
     assert (out / "manifest.json").read_bytes() == before      # refused before any variant is written
+    assert not (tmp_path / "levers").exists()
 
 
 def test_fp32_source_stays_inside_the_artifact(tmp_path):

@@ -50,12 +50,12 @@ def cpu_bound(monkeypatch):
     """OrtCudaRunner with CPU OrtValues and the CPU provider: everything but CUDA runs for real."""
     import onnxruntime as ort
 
-    from ldm_deploy.runtime.runners.ort import OrtCudaRunner
+    from ldm_deploy.runtime.runners.ort import OrtBoundRunner, OrtCudaRunner, SessionFromArtifact
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_providers", lambda self: ["CPUExecutionProvider"])
-    monkeypatch.setattr(OrtCudaRunner, "_check_provider", lambda self: None)
-    monkeypatch.setattr(OrtCudaRunner, "_device_value", lambda self, shape, dtype:
+    monkeypatch.setattr(SessionFromArtifact, "_providers", lambda self, options: ["CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_check_provider", lambda self, session, path: None)
+    monkeypatch.setattr(OrtBoundRunner, "_device_value", lambda self, shape, dtype:
                         ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0))
     return OrtCudaRunner
 
@@ -199,41 +199,73 @@ def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
 
 
 def test_without_io_binding_runs_session_run(artifacts, cpu_bound, monkeypatch):
-    """io_binding=False (the benchmark's "no IO binding" lever): plain session.run with host arrays, the same
-    outputs, the binding never used; a CUDA graph needs the binding."""
+    """A CUDA session run by OrtRunner (the benchmark's "no IO binding" rung): plain session.run with host
+    arrays, the same outputs, no binding; a CUDA-graph session needs the binding."""
     from ldm_deploy.errors import UsageError
+    from ldm_deploy.runtime.runners.ort import OrtRunner, SessionFromArtifact
 
     cpu = open_runner("ort-cpu", artifacts["fp32"], "unet")
-    runner = cpu_bound(artifacts["fp32"], "unet", variant=None, io_binding=False)
-    monkeypatch.setattr(runner, "_run", lambda *a, **k: pytest.fail("the IO binding ran"))
+    runner = OrtRunner(SessionFromArtifact(artifacts["fp32"], "unet", provider="cuda")())
+    assert runner.device_id == 0 and not runner.io_binding and not hasattr(runner, "binding")
     for seed in (0, 1):
         x = feeds("unet", seed=seed)
         assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"seed {seed}")
-    assert not runner._in and not runner._out
-    with pytest.raises(UsageError, match="io_binding"):
-        cpu_bound(artifacts["fp32"], "unet", variant=None, io_binding=False, enable_cuda_graph=True)
+    with pytest.raises(UsageError, match="IO binding"):
+        OrtRunner(SessionFromArtifact(artifacts["fp32"], "unet", provider="cuda", enable_cuda_graph=True)())
+
+
+def test_production_runner_refuses_bench_levers(artifacts, cpu_bound):
+    """The levers (IO binding off, provider option pass-through) are not production options: one line."""
+    from ldm_deploy.errors import UsageError
+
+    for lever in ({"io_binding": False}, {"cuda_options": {"cudnn_conv_algo_search": "HEURISTIC"}},
+                  {"reuse_unchanged_inputs": False}):
+        with pytest.raises(UsageError, match=f"unknown ort-cuda runner option {next(iter(lever))}"):
+            open_runner("ort-cuda", artifacts["fp32"], "unet", **lever)
+
+
+def test_runners_close(artifacts, cpu_bound):
+    """close() (or leaving a `with` block) frees the session and the bound device buffers; a call after it
+    is a one-line error; closing twice is harmless. No runner relies on __del__."""
+    import inspect
+
+    from ldm_deploy.runtime.runners import ort as ort_runners, tensorrt
+
+    with cpu_bound(artifacts["fp32"], "unet", variant=None) as bound:
+        bound(feeds("unet"))
+        assert bound._in and bound._out
+    assert bound.session is None and bound.binding is None and not bound._in and not bound._out
+    with pytest.raises(LdmError, match="unet runner is closed"):
+        bound(feeds("unet"))
+    bound.close()
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "vae_decoder")
+    cpu.close()
+    with pytest.raises(LdmError, match="closed"):
+        cpu(feeds("vae_decoder"))
+    for module in (ort_runners, tensorrt):
+        assert "__del__" not in inspect.getsource(module)
 
 
 @pytest.mark.gpu
 def test_lever_variants_equal_cpu(artifacts, tmp_path):
-    """Every U-Net the lever ladder runs (scripts/bench_sd15.py --levers) computes what ORT CPU computes on
-    the plain graph, with the runner options of its row."""
-    import shutil
-
+    """Every U-Net the lever ladder runs (`ldm-deploy bench --levers`) computes what ORT CPU computes on the plain
+    graph, with the runner the bench assembles for its row; the artifact is left as it was."""
+    from ldm_deploy.bench.ort_side import _open_runner
     from ldm_deploy.bench.prepare import add_lever_variants
     from ldm_deploy.bench.spec import LEVERS
 
-    art = tmp_path / "a"
-    shutil.copytree(artifacts["fp16"], art)
-    add_lever_variants(art)
-    cpu = open_runner("ort-cpu", art, "unet")
+    manifest = (artifacts["fp16"] / "manifest.json").read_bytes()
+    add_lever_variants(artifacts["fp16"], tmp_path / "levers")
+    assert (artifacts["fp16"] / "manifest.json").read_bytes() == manifest
+    cpu = open_runner("ort-cpu", artifacts["fp16"], "unet")
     for side, (_, opts) in LEVERS.items():
-        gpu = open_runner("ort-cuda", art, "unet", **opts)
-        assert gpu.variant == opts["variant"] and gpu.io_binding == opts.get("io_binding", True)
+        gpu = _open_runner("ort-cuda", artifacts["fp16"], "unet", opts, tmp_path / "levers")
+        assert gpu.variant == opts.get("graph", opts.get("variant")) and gpu.io_binding == opts.get("io_binding", True)
         for seed in (0, 1, 2):
             x = feeds("unet", seed=seed)
             v = cpu(x)["noise_pred"]
             assert_close(gpu(x)["noise_pred"], v, atol=3e-2 * float(np.abs(v).max()), name=f"{side} seed {seed}")
+        gpu.close()
 
 
 def test_tf32_default_follows_the_export_precision(artifacts, cpu_bound):
@@ -243,7 +275,10 @@ def test_tf32_default_follows_the_export_precision(artifacts, cpu_bound):
     fp16_vae = cpu_bound(artifacts["fp16"], "vae_decoder", **plain)
     assert fp16_vae.use_tf32 and fp16_vae.cuda_options["use_tf32"] == "1"
     assert cpu_bound(artifacts["fp32"], "vae_decoder", use_tf32=True, **plain).use_tf32
-    assert not cpu_bound(artifacts["fp16"], "vae_decoder", cuda_options={"use_tf32": 0}, **plain).use_tf32
+    from ldm_deploy.runtime.runners.ort import SessionFromArtifact   # an explicit provider option wins (bench)
+
+    assert not SessionFromArtifact(artifacts["fp16"], "vae_decoder", provider="cuda",
+                                   provider_options={"use_tf32": 0})().use_tf32
 
 
 @pytest.mark.parametrize("cores, spinning", [(2, "0"), (64, "1")])
@@ -258,5 +293,43 @@ def test_spinning_default_follows_the_core_count(artifacts, monkeypatch, cores, 
     assert runner.session.get_session_options().get_session_config_entry(key) == spinning
     assert runner.allow_spinning == (spinning == "1")
     assert open_runner("ort-cpu", artifacts["fp32"], "text_encoder", allow_spinning=True).allow_spinning
-    forced = open_runner("ort-cpu", artifacts["fp32"], "text_encoder", session_options={key: "0"})
+    from ldm_deploy.runtime.runners.ort import OrtRunner, SessionFromArtifact
+
+    forced = OrtRunner(SessionFromArtifact(artifacts["fp32"], "text_encoder", allow_spinning=True,
+                                           session_options={key: "0"})())
+    assert not forced.allow_spinning
     assert forced.session.get_session_options().get_session_config_entry(key) == "0"
+
+
+def test_artifact_with_old_lever_variants_keeps_working(artifacts, cpu_bound, tmp_path):
+    """An artifact an older ldm-deploy's `bench --levers` wrote `lever-*` variants into (the manifest format is
+    public): it still verifies and generates; "auto" still runs "ort-cuda" only, a lever variant runs when named."""
+    import json
+    import shutil
+
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.fileio import write_json
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    art = tmp_path / "old"
+    shutil.copytree(artifacts["fp16"], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    unet = manifest["components"]["unet"]
+    unet["variants"]["lever-fp32"] = {   # as the old add_lever_variants wrote it: the kept fp32 graph, no new file
+        "file": unet["fp32_file"], "external_data": None, "precision": "fp32", "inputs": [
+            {**i, "dtype": "float32"} for i in unet["inputs"]], "outputs": [
+            {**o, "dtype": "float32"} for o in unet["outputs"]], "fused_ops": {}, "cfg_folded": False,
+        "nhwc_conv": False}
+    write_json(art / "manifest.json", manifest)
+    from ldm_deploy.runtime.runners.ort import SessionFromArtifact
+
+    loader = SessionFromArtifact(art, "unet", provider="cuda", variant="auto")
+    assert loader.choose_variant(Artifact.open(art, verify=True)) == "ort-cuda"
+    lever = cpu_bound(art, "unet", variant="lever-fp32")
+    assert lever.variant == "lever-fp32" and lever.model_path == art / unet["fp32_file"]
+    x = feeds("unet")
+    v = open_runner("ort-cpu", art, "unet")(x)["noise_pred"]
+    # fp32 graph against the fp16 export's plain graph: fp16 rounding (unit roundoff 2^-11) through the tiny U-Net
+    assert_close(lever(x)["noise_pred"], v, atol=3e-2 * float(np.abs(v).max()), name="old lever-fp32 variant")
+    with Pipeline.from_artifact(art, backend="ort-cpu") as pipe:
+        assert pipe("a cat", steps=2, seed=0).images.shape[0] == 1

@@ -82,10 +82,10 @@ def test_ort_cuda_variant_choice_without_onnx(tiny_artifact, tmp_path):
     """OrtCudaRunner's default variant="auto" looks the ort-cuda variant up in the manifest: no onnx import."""
     proc = run_blocked(f"""
         from ldm_deploy.artifact import Artifact
-        from ldm_deploy.runtime.runners.ort import OrtCudaRunner
-        runner = OrtCudaRunner.__new__(OrtCudaRunner)   # the CUDA session itself needs a GPU: only the choice
-        runner.requested_variant = "auto"
-        print("VARIANT", runner._choose_variant(Artifact.open({str(tiny_artifact)!r}), "unet"))
+        from ldm_deploy.runtime.runners.ort import SessionFromArtifact
+        # the CUDA session itself needs a GPU: only the choice OrtCudaRunner's loader makes
+        loader = SessionFromArtifact({str(tiny_artifact)!r}, "unet", provider="cuda", variant="auto")
+        print("VARIANT", loader.choose_variant(Artifact.open({str(tiny_artifact)!r})))
         assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED], sorted(sys.modules)
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ def test_cli_writes_config_and_shim(tiny_artifact, tmp_path):  # noqa: F811
     repo = tmp_path / "repo"
     assert main(["triton-repo", str(tiny_artifact), "--out", str(repo), "--backend", "ort-cuda", "--instances", "2",
                  "--max-batch", "3", "--max-queue-size", "5", "--queue-delay-ms", "7.5", "--request-timeout", "2",
-                 "--runner-options", '{"io_binding": true}', "-q"]) == 0
+                 "--runner-options", '{"use_tf32": true}', "-q"]) == 0
     text = (repo / "ldm" / "config.pbtxt").read_text()
     for line in ('name: "ldm"', 'backend: "python"', "max_batch_size: 3", "preferred_batch_size: [ 3 ]",
                  "max_queue_delay_microseconds: 7500", "max_queue_size: 5", "timeout_action: REJECT",
@@ -31,9 +31,13 @@ def test_cli_writes_config_and_shim(tiny_artifact, tmp_path):  # noqa: F811
     from ldm_deploy.runtime.pipeline import artifact_hash
 
     assert params["artifact_sha256"] == artifact_hash(tiny_artifact) and params["backend"] == "ort-cuda"
-    assert json.loads(params["runner_options"]) == {"io_binding": True}
+    assert json.loads(params["runner_options"]) == {"use_tf32": True}
     assert "from ldm_deploy.serving.triton_model import TritonPythonModel" in (repo / "ldm" / "1" / "model.py").read_text()
     assert main(["triton-repo", str(tiny_artifact), "--out", str(repo), "-q"]) == 2          # exists: refuse
+    # a benchmark lever is no runner option: refused when the repository is written, not at every instance load
+    assert main(["triton-repo", str(tiny_artifact), "--out", str(repo.parent / "r2"), "--backend", "ort-cuda",
+                 "--runner-options", '{"io_binding": false}', "-q"]) == 2
+    assert not (repo.parent / "r2").exists()
     assert main(["triton-repo", str(tiny_artifact), "--out", str(repo), "--force", "--backend", "ort-cpu", "-q"]) == 0
     assert "kind: KIND_CPU" in (repo / "ldm" / "config.pbtxt").read_text()
 
@@ -65,3 +69,16 @@ def test_runner_options_carry_the_instance_device():
     assert runner_options("ort-cuda", 3) == {"device_id": 3}
     assert runner_options("tensorrt", 2, {"cuda_graph": True}) == {"device": 2, "cuda_graph": True}
     assert runner_options("ort-cpu", 1) == {}
+
+
+def test_finalize_closes_the_instance_runners(tiny_artifact):  # noqa: F811
+    """Triton's finalize (model unload) closes the instance's pipeline now, not whenever it is collected."""
+    from ldm_deploy.serving.triton_model import TritonPythonModel
+
+    model = TritonPythonModel.__new__(TritonPythonModel)     # initialize() needs Triton's pb_utils
+    model.sampler = open_sampler({"artifact": str(tiny_artifact), "backend": "ort-cpu"})
+    runners = dict(model.sampler.pipe.runners)
+    model.finalize()
+    assert model.sampler is None
+    assert all(getattr(r, "runner", r).session is None for r in runners.values())
+    TritonPythonModel.__new__(TritonPythonModel).finalize()   # after a failed initialize: nothing to close

@@ -1,24 +1,33 @@
-"""ONNX Runtime runners: CPU (the default backend) and CUDA (IO binding, optional CUDA graphs).
+"""ONNX Runtime, split as Polygraphy splits it: a session loader, and small runners over what it loads.
 
-Both map `dict[str, ndarray] -> dict[str, ndarray]` with input/output names and dtypes from the
-artifact manifest: inputs are cast to the manifest dtype (an fp16 U-Net gets fp16 `sample`), outputs
-come back as float32 unless `output_dtype=None` asks for the manifest dtype.
+    session = SessionFromArtifact(artifact, "unet", provider="cuda", enable_cuda_graph=True)()   # build
+    with OrtBoundRunner(session) as runner:                                                     # bind, run
+        out = runner({"sample": x, "timestep": t, "encoder_hidden_states": e})
 
-`OrtCudaRunner` keeps device buffers between calls: each input lives in a CUDA `OrtValue` that is
-updated in place (`update_inplace`, host -> device), an input equal to what was uploaded last call
-(the text embeddings during the denoising loop) is not uploaded again -- an input whose values changed on
-`VOLATILE_AFTER` calls in a row (the latents) is then uploaded without the compare -- and outputs are written into
-preallocated device buffers. With `enable_cuda_graph=True` ORT's first `run_with_iobinding` runs once
-for allocations and captures a CUDA graph that later calls replay: the graph holds the device
-addresses of every bound input and output, so all of them are preallocated before that first run and
-never rebound, and a shape change is an error (open a runner per shape). `io_binding=False` runs the
-plain `session.run` with host arrays instead (ORT copies every input in and every output out each
-call; no CUDA graph): the benchmark's "no IO binding" lever, and a way to rule the binding out.
+`SessionFromArtifact` (Polygraphy's `SessionFromOnnx`) picks the component's graph (the plain one, a named
+manifest variant, or "auto": the ONNX Runtime CUDA fused graph `model.ort-cuda.onnx` that `export --ort-cuda`
+writes, see ldm_deploy/export/ort_optimize.py) and builds the configured `InferenceSession`: providers and
+their options, graph optimisation level, threads, CUDA graph, device. Calling it returns an `OrtSession`
+(the session, the manifest entry it runs, the choices made). `OrtRunner` runs one with `session.run` and
+host arrays; `OrtBoundRunner` with IO binding and device-resident buffers. Both map `dict[str, ndarray] ->
+dict[str, ndarray]` with names and dtypes from the manifest (inputs cast to its dtype, outputs float32
+unless `output_dtype=None`), and release the session with `close()` / a `with` block.
 
-`OrtCudaRunner(variant="auto")` runs the component's ONNX Runtime CUDA fused graph
-(`model.ort-cuda.onnx`, see ldm_deploy/export/ort_optimize.py) when the manifest lists one, with that
-graph's IO dtypes; `variant=None` forces the plain graph. `runner.model_path` / `runner.variant` say
-which ran. The CPU runner never picks a variant (its contrib ops have CUDA kernels only).
+`open_runner("ort-cpu" | "ort-cuda", ...)` (runners/base.py) is the production path, `OrtCpuRunner` /
+`OrtCudaRunner`: they take only what a user of `generate`, serving or the Python API sets (threads, device
+id, CUDA graph, variant, TF32, output dtype). The loader's other settings (session config entries, extra CUDA
+provider options, a graph outside the artifact) and a CUDA session run without IO binding (`OrtRunner`
+over it) are the benchmark's levers, assembled in ldm_deploy/bench/ort_side.py.
+
+`OrtBoundRunner` keeps device buffers between calls: each input lives in a CUDA `OrtValue` that is updated
+in place (`update_inplace`, host -> device), an input equal to what was uploaded last call (the text
+embeddings during the denoising loop) is not uploaded again -- an input whose values changed on
+`VOLATILE_AFTER` calls in a row (the latents) is then uploaded without the compare -- and outputs are
+written into preallocated device buffers. With `enable_cuda_graph=True` ORT's first `run_with_iobinding`
+runs once for allocations and captures a CUDA graph that later calls replay: the graph holds the device
+addresses of every bound input and output, so all of them are preallocated before that first run and never
+rebound, and a shape change is an error (open a runner per shape). The CPU runner never picks a variant by
+itself (the fused graphs' contrib ops have CUDA kernels only).
 
 Defaults measured on real runs:
 - `allow_spinning=None`: intra-op thread spinning off on machines with at most `FEW_CORES` cores. The
@@ -34,8 +43,9 @@ Defaults measured on real runs:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -50,6 +60,7 @@ SPINNING_KEY = "session.intra_op.allow_spinning"
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_PROVIDERS = ("cpu", "cuda")
 
 
 def _ort():
@@ -81,64 +92,203 @@ def component_spec(artifact, component: str, variant: str | None = None) -> tupl
         if variant not in variants:
             raise LdmError(f"the {component} of {artifact.path} has no {variant!r} variant "
                            f"(it has: {', '.join(variants) or 'none'})",
-                           hint="export with --ort-cuda, or call ldm_deploy.export.ort_optimize."
-                                "add_ort_cuda_variants(ARTIFACT); variant=None runs the plain graph")
+                           hint="export with --ort-cuda (config key ort_cuda: true); variant=None runs the "
+                                "plain graph")
         spec.update(variants[variant])
     from ldm_deploy.paths import inside
 
     return inside(artifact.path, spec["file"], named_in=Path(artifact.path) / "manifest.json"), spec
 
 
-class OrtCpuRunner:
-    """One artifact component on ONNX Runtime's CPUExecutionProvider."""
+# ----------------------------------------------------------------------------- the session loader
 
-    providers: list = ["CPUExecutionProvider"]
+@dataclass
+class OrtSession:
+    """What `SessionFromArtifact()` loaded: the session and the facts a runner feeds it by."""
+    session: Any                     # onnxruntime.InferenceSession
+    component: str
+    model_path: Path                 # the graph file the session runs
+    spec: dict                       # its manifest entry (a variant's file and IO merged in)
+    variant: str | None              # the variant that runs (None: the plain graph)
+    vae_scale_factor: int
+    base_weights: dict               # switchable LoRA weights (runtime/lora_switch.py), {} when none
+    allow_spinning: bool
+    device_id: int | None = None     # CUDA device; None on the CPU provider
+    enable_cuda_graph: bool = False
+    cuda_options: dict = field(default_factory=dict)   # the CUDA provider options in effect
+    use_tf32: bool | None = None     # None on the CPU provider
 
-    def __init__(self, artifact, component: str, *, graph_optimization_level: str = "all",
-                 intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 output_dtype=np.float32, session_options: Mapping | None = None,
-                 allow_spinning: bool | None = None):
+
+@dataclass(frozen=True)
+class SessionFromArtifact:
+    """Builds and configures the ONNX Runtime session of one artifact component (Polygraphy's loader noun):
+    `SessionFromArtifact(artifact, "unet", provider="cuda")()` -> `OrtSession`.
+
+    `variant`: None runs the plain graph, a name a manifest variant, "auto" the "ort-cuda" fused variant when
+    the manifest lists one (CUDA provider only; the CPU provider runs the plain graph). `graph` replaces the
+    artifact's graph with `(name, path, entry)`: a file outside the artifact with its manifest-style entry (inputs,
+    outputs, precision) -- the benchmark's lever graphs, which live in the benchmark's own folder.
+    `session_options` are session config entries (an explicit SPINNING_KEY wins over `allow_spinning`);
+    `provider_options` extra CUDA provider options (an explicit "use_tf32" wins over `use_tf32`)."""
+    artifact: Any
+    component: str
+    provider: str = "cpu"
+    variant: str | None = None
+    graph: tuple | None = None       # (name, path, entry): a graph outside the artifact
+    device_id: int = 0
+    enable_cuda_graph: bool = False
+    use_tf32: bool | None = None
+    graph_optimization_level: str = "all"
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    allow_spinning: bool | None = None
+    session_options: Mapping | None = None
+    provider_options: Mapping | None = None
+
+    def __call__(self) -> OrtSession:
         ort = _ort()
-        self.component = component
-        artifact = _open(artifact)
-        self.variant = self._choose_variant(artifact, component)
-        self.model_path, self.spec = component_spec(artifact, component, self.variant)
-        self.vae_scale_factor = int(artifact.manifest.get("vae_scale_factor", 8))
+        if self.provider not in _PROVIDERS:
+            raise UsageError(f"unknown provider {self.provider!r}; choose one of: {', '.join(_PROVIDERS)}")
+        cuda = self.provider == "cuda"
+        if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise LdmError("onnxruntime has no CUDAExecutionProvider here",
+                           hint="pip install 'ldm-deploy[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU")
+        artifact = _open(self.artifact)
+        variant, model_path, spec = self._graph(artifact)
+        so, allow_spinning = self._session_options(ort)
+        loaded = OrtSession(None, self.component, model_path, spec, variant,
+                            int(artifact.manifest.get("vae_scale_factor", 8)), {}, allow_spinning)
+        if cuda:
+            loaded.cuda_options = self._cuda_options(artifact)
+            loaded.device_id, loaded.enable_cuda_graph = int(self.device_id), bool(self.enable_cuda_graph)
+            loaded.use_tf32 = loaded.cuda_options["use_tf32"] not in ("0", "False", "false")
+        try:
+            loaded.session = ort.InferenceSession(str(model_path), sess_options=so,
+                                                  providers=self._providers(loaded.cuda_options if cuda else None))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise LdmError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}",
+                           hint="run `ldm-deploy validate` on the artifact, or re-export it") from None
+        if cuda:
+            self._check_provider(loaded.session, model_path)
+        graph_inputs = {i.name for i in loaded.session.get_inputs()}
+        missing = [i["name"] for i in spec["inputs"] if i["name"] not in graph_inputs]
+        if missing:
+            raise LdmError(f"{model_path} lacks the inputs {missing} its manifest lists",
+                           hint="the manifest and the ONNX file disagree; re-export the artifact")
+        # lora_switchable artifacts: the weights LoRAs touch are graph inputs (runtime/lora_switch.py)
+        loaded.base_weights = lora_switch.load_base(artifact, spec)
+        return loaded
+
+    def _graph(self, artifact) -> tuple[str | None, Path, dict]:
+        """(variant name, graph file, its manifest entry): the `graph` given, else the artifact's choice."""
+        if self.graph is None:
+            variant = self.choose_variant(artifact)
+            return (variant, *component_spec(artifact, self.component, variant))
+        artifact.component(self.component)   # raises LdmError naming what the artifact has
+        name, path, entry = self.graph
+        return name, Path(path), {**artifact.manifest["components"][self.component], **dict(entry)}
+
+    def _session_options(self, ort):
+        """(SessionOptions, whether intra-op threads spin)."""
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise UsageError(f"unknown graph_optimization_level {self.graph_optimization_level!r}; "
+                             f"choose one of: {', '.join(_OPT_LEVELS)}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[self.graph_optimization_level])
+        from ldm_deploy.limits import check_threads
+
+        if self.intra_op_threads:   # None or 0: onnxruntime's default (one per core)
+            so.intra_op_num_threads = check_threads(self.intra_op_threads, "intra_op_threads")
+        if self.inter_op_threads:
+            so.inter_op_num_threads = check_threads(self.inter_op_threads, "inter_op_threads")
+        allow_spinning = self.allow_spinning
+        if allow_spinning is None:
+            allow_spinning = (os.cpu_count() or 1) > FEW_CORES
+        entries = dict(self.session_options or {})
+        entries.setdefault(SPINNING_KEY, "1" if allow_spinning else "0")   # an explicit key wins
+        for key, value in entries.items():
+            so.add_session_config_entry(key, str(value))
+        return so, str(entries[SPINNING_KEY]) != "0"
+
+    def _cuda_options(self, artifact) -> dict:
+        """The CUDA provider options: device, CUDA graph, TF32 (see the module docstring), extra options."""
+        options = {"device_id": str(int(self.device_id)),
+                   **{k: str(v) for k, v in (self.provider_options or {}).items()}}
+        if self.enable_cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        use_tf32 = self.use_tf32
+        if use_tf32 is None:   # off for an fp32 export (its parity is the point), ORT's default (on) otherwise
+            use_tf32 = artifact.manifest.get("precision") != "fp32"
+        options.setdefault("use_tf32", "1" if use_tf32 else "0")   # an explicit provider option wins
+        return options
+
+    def choose_variant(self, artifact) -> str | None:
+        """The manifest variant this loader runs: "auto" is "ort-cuda" when listed and the provider is CUDA."""
+        if self.variant != "auto":
+            return self.variant
+        # not ldm_deploy.export.ort_optimize's constant: that module needs onnx
+        has = ORT_CUDA_VARIANT in (artifact.manifest["components"][self.component].get("variants") or {})
+        return ORT_CUDA_VARIANT if self.provider == "cuda" and has else None
+
+    def _providers(self, cuda_options: dict | None) -> list:
+        if cuda_options is None:
+            return ["CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+
+    def _check_provider(self, session, model_path) -> None:
+        """ORT falls back to the CPU silently when the CUDA libraries fail to load: refuse that."""
+        if "CUDAExecutionProvider" not in session.get_providers():
+            raise LdmError(f"the CUDA execution provider did not load for {model_path}",
+                           hint="check the CUDA/cuDNN libraries onnxruntime-gpu needs "
+                                "(onnxruntime.preload_dlls(), or the ORT log above)")
+
+
+# ----------------------------------------------------------------------------- the runners
+
+class OrtRunner:
+    """Runs a loaded session with `session.run` and host arrays (ORT copies every input in and every output
+    out each call). The CPU runner; over a CUDA session, the benchmark's "no IO binding" rung."""
+
+    io_binding = False
+
+    def __init__(self, loaded: OrtSession, *, output_dtype=np.float32):
+        if loaded.enable_cuda_graph and not self.io_binding:
+            raise UsageError("a session with enable_cuda_graph=True needs IO binding (OrtBoundRunner): a CUDA "
+                             "graph replays bound device buffers")
+        self.loaded = loaded
+        self.session = loaded.session
+        self.component = loaded.component
+        self.model_path, self.spec, self.variant = loaded.model_path, loaded.spec, loaded.variant
+        self.vae_scale_factor = loaded.vae_scale_factor
+        self.allow_spinning = loaded.allow_spinning
+        self.device_id, self.enable_cuda_graph = loaded.device_id, loaded.enable_cuda_graph
+        self.cuda_options, self.use_tf32 = loaded.cuda_options, loaded.use_tf32
         self.input_names = [i["name"] for i in self.spec["inputs"]]
         self.output_names = [o["name"] for o in self.spec["outputs"]]
         self.input_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in self.spec["inputs"]}
         self.output_dtype = None if output_dtype is None else np.dtype(output_dtype)
-        if graph_optimization_level not in _OPT_LEVELS:
-            raise UsageError(f"unknown graph_optimization_level {graph_optimization_level!r}; "
-                             f"choose one of: {', '.join(_OPT_LEVELS)}")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization_level])
-        from ldm_deploy.limits import check_threads
-
-        if intra_op_threads:   # None or 0: onnxruntime's default (one per core)
-            so.intra_op_num_threads = check_threads(intra_op_threads, "intra_op_threads")
-        if inter_op_threads:
-            so.inter_op_num_threads = check_threads(inter_op_threads, "inter_op_threads")
-        if allow_spinning is None:
-            allow_spinning = (os.cpu_count() or 1) > FEW_CORES
-        session_options = dict(session_options or {})
-        session_options.setdefault(SPINNING_KEY, "1" if allow_spinning else "0")   # an explicit key wins
-        self.allow_spinning = str(session_options[SPINNING_KEY]) != "0"
-        for key, value in session_options.items():
-            so.add_session_config_entry(key, str(value))
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=self._providers())
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise LdmError(f"onnxruntime could not load {self.model_path}: {str(e).splitlines()[0]}",
-                           hint="run `ldm-deploy validate` on the artifact, or re-export it") from None
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        missing = [n for n in self.input_names if n not in graph_inputs]
-        if missing:
-            raise LdmError(f"{self.model_path} lacks the inputs {missing} its manifest lists",
-                           hint="the manifest and the ONNX file disagree; re-export the artifact")
-        # lora_switchable artifacts: the weights LoRAs touch are graph inputs (runtime/lora_switch.py)
-        self.base_weights = lora_switch.load_base(artifact, self.spec)
+        self.base_weights = loaded.base_weights
         self.weights = dict(self.base_weights)
+
+    # --- lifetime ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the session (and, bound, the device buffers); calling the runner afterwards is an error.
+        Closing twice is a no-op."""
+        self.session = None
+        self.loaded = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.session is None:
+            raise LdmError(f"the {self.component} runner is closed", hint="open a new runner")
+
+    # --- running -------------------------------------------------------------------------------------
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> int:
         """Replace the switchable weights (name -> array in the graph's dtype); returns how many changed."""
@@ -146,12 +296,6 @@ class OrtCpuRunner:
         for name in changed:
             self.weights[name] = weights[name]
         return len(changed)
-
-    def _choose_variant(self, artifact, component: str) -> str | None:
-        return None   # fused variants use CUDA-only contrib ops
-
-    def _providers(self) -> list:
-        return list(self.providers)
 
     def _feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -167,6 +311,7 @@ class OrtCpuRunner:
         return {n: np.asarray(a).astype(self.output_dtype, copy=False) for n, a in zip(self.output_names, arrays)}
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         feeds = self._feeds(inputs)
         try:
             outputs = self.session.run(self.output_names, feeds)
@@ -176,33 +321,16 @@ class OrtCpuRunner:
         return self._cast_out(outputs)
 
 
-class OrtCudaRunner(OrtCpuRunner):
-    """One artifact component on CUDAExecutionProvider with device-resident, reused IO buffers."""
+class OrtBoundRunner(OrtRunner):
+    """Runs a loaded CUDA session with IO binding: device-resident, reused input and output buffers."""
 
-    def __init__(self, artifact, component: str, *, device_id: int = 0, enable_cuda_graph: bool = False,
-                 reuse_unchanged_inputs: bool = True, cuda_options: Mapping | None = None,
-                 variant: str | None = "auto", use_tf32: bool | None = None, io_binding: bool = True, **opts):
-        ort = _ort()
-        if enable_cuda_graph and not io_binding:
-            raise UsageError("enable_cuda_graph=True needs io_binding=True (a CUDA graph replays bound device buffers)")
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise LdmError("onnxruntime has no CUDAExecutionProvider here",
-                           hint="pip install 'ldm-deploy[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU")
-        self.requested_variant = variant
-        self.device_id = int(device_id)
-        self.enable_cuda_graph = bool(enable_cuda_graph)
-        self.io_binding = bool(io_binding)
-        self.reuse_unchanged_inputs = bool(reuse_unchanged_inputs)
-        self.cuda_options = {"device_id": str(self.device_id), **{k: str(v) for k, v in (cuda_options or {}).items()}}
-        if self.enable_cuda_graph:
-            self.cuda_options["enable_cuda_graph"] = "1"
-        artifact = _open(artifact)
-        if use_tf32 is None:   # off for an fp32 export (its parity is the point), ORT's default (on) otherwise
-            use_tf32 = artifact.manifest.get("precision") != "fp32"
-        self.cuda_options.setdefault("use_tf32", "1" if use_tf32 else "0")   # an explicit cuda_options key wins
-        self.use_tf32 = self.cuda_options["use_tf32"] not in ("0", "False", "false")
-        super().__init__(artifact, component, **opts)
-        self._check_provider()
+    io_binding = True
+
+    def __init__(self, loaded: OrtSession, *, output_dtype=np.float32):
+        if loaded.device_id is None:
+            raise UsageError(f"IO binding needs a CUDA session; {loaded.model_path} was loaded on the CPU provider",
+                             hint="SessionFromArtifact(..., provider='cuda'), or OrtRunner for a CPU session")
+        super().__init__(loaded, output_dtype=output_dtype)
         self.binding = self.session.io_binding()
         self._in: dict[str, object] = {}           # name -> device OrtValue (bound once per shape)
         self._in_host: dict[str, np.ndarray] = {}  # name -> host copy of what the device buffer holds
@@ -214,6 +342,18 @@ class OrtCudaRunner(OrtCpuRunner):
         self._runs = 0
         self._uploaded = False
         self._sync = None                          # host->device copy fence (see _sync_uploads)
+
+    def close(self) -> None:
+        """Free the device buffers and the binding, then the session."""
+        if getattr(self, "binding", None) is not None:
+            self.binding.clear_binding_inputs()
+            self.binding.clear_binding_outputs()
+        self.binding = None
+        self._in.clear()
+        self._out.clear()
+        self._in_host.clear()
+        self._in_frozen.clear()
+        super().close()
 
     _weights_bound = False
 
@@ -235,34 +375,17 @@ class OrtCudaRunner(OrtCpuRunner):
         changed = [n for n, w in weights.items() if w is not self.weights[n]]
         for name in changed:
             self.weights[name] = weights[name]
-        if self.io_binding and self._weights_bound and changed:
+        if self._weights_bound and changed:
             self._bind_weights(changed)
             self._sync_uploads()
         return len(changed)
-
-    def _check_provider(self) -> None:
-        """ORT falls back to the CPU silently when the CUDA libraries fail to load: refuse that."""
-        if "CUDAExecutionProvider" not in self.session.get_providers():
-            raise LdmError(f"the CUDA execution provider did not load for {self.model_path}",
-                           hint="check the CUDA/cuDNN libraries onnxruntime-gpu needs "
-                                "(onnxruntime.preload_dlls(), or the ORT log above)")
-
-    def _choose_variant(self, artifact, component: str) -> str | None:
-        variant = self.requested_variant
-        if variant == "auto":   # not ldm_deploy.export.ort_optimize's constant: that module needs onnx
-            has = ORT_CUDA_VARIANT in (artifact.manifest["components"][component].get("variants") or {})
-            return ORT_CUDA_VARIANT if has else None
-        return variant
-
-    def _providers(self) -> list:
-        return [("CUDAExecutionProvider", self.cuda_options), "CPUExecutionProvider"]
 
     def _device_value(self, shape, dtype):
         ort = _ort()
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cuda", self.device_id)
 
     def _bind_input(self, name: str, value: np.ndarray) -> None:
-        if self.reuse_unchanged_inputs and self._in_frozen.get(name) is value and name in self._in_host:
+        if self._in_frozen.get(name) is value and name in self._in_host:
             return  # the same read-only array as last call (the pipeline's text embeddings): no cast, no compare
         array = np.ascontiguousarray(value, dtype=self.input_dtypes[name])
         held = self._in.get(name)
@@ -278,12 +401,12 @@ class OrtCudaRunner(OrtCpuRunner):
             self._changed.pop(name, None)
             self._volatile.discard(name)
             self.binding.bind_ortvalue_input(name, held)
-        elif self.reuse_unchanged_inputs and name in self._in_host and np.array_equal(self._in_host[name], array):
+        elif name in self._in_host and np.array_equal(self._in_host[name], array):
             self._changed[name] = 0
             return  # the device copy already holds these values (e.g. the text embeddings every step)
         held.update_inplace(array)
         self._uploaded = True
-        if self.reuse_unchanged_inputs and name not in self._volatile:
+        if name not in self._volatile:
             if name in self._in_host:   # compared and found different
                 self._changed[name] = self._changed.get(name, 0) + 1
                 if self._changed[name] >= VOLATILE_AFTER:
@@ -339,8 +462,7 @@ class OrtCudaRunner(OrtCpuRunner):
         return shapes
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.io_binding:
-            return super().__call__(inputs)   # session.run: ORT copies host arrays in and out
+        self._check_open()
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
@@ -408,3 +530,28 @@ class OrtCudaRunner(OrtCpuRunner):
                            hint="retry with enable_cuda_graph=False / variant=None to narrow it down") from None
         self.binding.synchronize_outputs()
         self._runs += 1
+
+
+# ----------------------------------------------------------------------------- production (open_runner)
+
+class OrtCpuRunner(OrtRunner):
+    """One artifact component on ONNX Runtime's CPUExecutionProvider (backend "ort-cpu")."""
+
+    def __init__(self, artifact, component: str, *, intra_op_threads: int | None = None,
+                 inter_op_threads: int | None = None, allow_spinning: bool | None = None,
+                 graph_optimization_level: str = "all", output_dtype=np.float32):
+        super().__init__(SessionFromArtifact(artifact, component, intra_op_threads=intra_op_threads,
+                                             inter_op_threads=inter_op_threads, allow_spinning=allow_spinning,
+                                             graph_optimization_level=graph_optimization_level)(),
+                         output_dtype=output_dtype)
+
+
+class OrtCudaRunner(OrtBoundRunner):
+    """One artifact component on CUDAExecutionProvider with IO binding (backend "ort-cuda")."""
+
+    def __init__(self, artifact, component: str, *, device_id: int = 0, enable_cuda_graph: bool = False,
+                 variant: str | None = "auto", use_tf32: bool | None = None, output_dtype=np.float32):
+        super().__init__(SessionFromArtifact(artifact, component, provider="cuda", variant=variant,
+                                             device_id=device_id, enable_cuda_graph=enable_cuda_graph,
+                                             use_tf32=use_tf32)(),
+                         output_dtype=output_dtype)

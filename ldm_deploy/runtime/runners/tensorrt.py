@@ -1,9 +1,10 @@
 """TensorRT runner: one engine, one execution context, buffers allocated once, one CUDA stream.
 
-    runner = TensorRTRunner("out/tiny-trt", "unet")           # an engine dir (or an artifact + engine_dir=)
-    out = runner({"sample": x, "timestep": t, "encoder_hidden_states": e})   # {"noise_pred": ...}
+    with TensorRTRunner("out/tiny-trt", "unet") as runner:     # an engine dir (or an artifact + engine_dir=)
+        out = runner({"sample": x, "timestep": t, "encoder_hidden_states": e})   # {"noise_pred": ...}
 
-Loading checks the sidecar first (TensorRT version, GPU compute capability, ONNX hash, engine
+Split as ort.py is: `EngineFromSidecar` finds, checks and deserializes the engine; the runner creates the
+context, buffers and stream over it and frees them in `close()`. Loading checks the sidecar first (TensorRT version, GPU compute capability, ONNX hash, engine
 bytes) and refuses with the command that rebuilds. Device buffers are sized once for the profile's
 max shapes; each call checks the shapes against the profile, writes inputs into pinned host
 buffers in place, copies them up, runs `execute_async_v3` on the runner's stream, copies the
@@ -156,48 +157,98 @@ def current_onnx_sha256(artifact_dir: Path | None, sidecar: dict) -> str | None:
     return manifest["files"].get(entry["file"])
 
 
+# ----------------------------------------------------------------------------- the engine loader
+
+@dataclass
+class LoadedEngine:
+    """What `EngineFromSidecar()` loaded: the deserialized engine and what the runner needs beside it."""
+    engine: object
+    runtime: object          # trt.Runtime: must outlive the engine
+    logger: object
+    trt: object              # the tensorrt module of the engine's flavour
+    flavour: str             # "tensorrt" | "tensorrt-rtx"
+    sidecar: dict
+    engine_dir: Path
+    artifact_dir: Path | None
+
+
+@dataclass(frozen=True)
+class EngineFromSidecar:
+    """Finds, checks and deserializes one component's engine (Polygraphy's `EngineFromBytes`, plus our
+    sidecar check): `EngineFromSidecar("out/tiny-trt", "unet")()` -> `LoadedEngine`. The sidecar is checked
+    first (TensorRT version, GPU compute capability, the artifact's current ONNX hash unless `check_onnx`
+    is off, engine bytes) and a mismatch refused with the command that rebuilds."""
+    source: object
+    component: str
+    engine_dir: object = None
+    device: int = 0
+    check_onnx: bool = True
+    verbose: bool = False
+
+    def __call__(self) -> LoadedEngine:
+        from ldm_deploy.runtime import cuda  # noqa: PLC0415
+        engine_dir, artifact_dir = locate(self.source, self.component, self.engine_dir)
+        sidecar = sc.read_sidecar(engine_dir, self.component)
+        trt = trt_api.load_trt(sidecar["key"]["flavour"])
+        gpu = cuda.gpu_info(self.device)
+        env = sc.Environment(trt_api.flavour_of(trt), trt_api.version(trt),
+                             gpu.name if gpu else None, gpu.cc if gpu else None)
+        onnx_sha = current_onnx_sha256(artifact_dir, sidecar) if self.check_onnx else None
+        sc.check_loadable(sidecar, env, onnx_sha)
+        data = sc.read_engine(engine_dir, sidecar)
+
+        cuda.set_device(self.device)
+        logger = trt_api.make_logger(trt, self.verbose)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise LdmError(f"TensorRT could not deserialize {engine_dir / sidecar['engine']['file']} "
+                           "(see the TensorRT error above)", hint=f"rebuild it: {sc.rebuild_command(sidecar)}")
+        return LoadedEngine(engine, runtime, logger, trt, env.flavour, sidecar, engine_dir, artifact_dir)
+
+
 # ----------------------------------------------------------------------------- the runner
 
 class TensorRTRunner:
-    """Runner contract (runners/base.py) over one TensorRT engine."""
+    """Runner contract (runners/base.py) over one TensorRT engine (backend "tensorrt"): `source` is an engine
+    dir, or an artifact (+ `engine_dir`). Holds an execution context, buffers and a stream until `close()`."""
 
     def __init__(self, source, component: str, *, engine_dir=None, device: int = 0, cuda_graph: bool = False,
-                 runtime_cache: str | None = None, output_dtype=np.float32, check_onnx: bool = True,
-                 verbose: bool = False):
+                 runtime_cache: str | None = None, output_dtype=np.float32):
+        self._start(EngineFromSidecar(source, component, engine_dir, device)(), component, cuda_graph=cuda_graph,
+                    runtime_cache=runtime_cache, output_dtype=output_dtype)
+
+    @classmethod
+    def from_engine(cls, loaded: LoadedEngine, component: str, *, cuda_graph: bool = False,
+                    runtime_cache: str | None = None, output_dtype=np.float32) -> "TensorRTRunner":
+        """A runner over an engine `EngineFromSidecar` loaded (e.g. with check_onnx=False or verbose=True)."""
+        runner = cls.__new__(cls)
+        runner._start(loaded, component, cuda_graph=cuda_graph, runtime_cache=runtime_cache,
+                      output_dtype=output_dtype)
+        return runner
+
+    def _start(self, loaded: LoadedEngine, component: str, *, cuda_graph: bool, runtime_cache, output_dtype) -> None:
         from ldm_deploy.runtime import cuda  # noqa: PLC0415
         self.component = component
         self._cuda = cuda
-        self.engine_dir, artifact_dir = locate(source, component, engine_dir)
-        self.sidecar = sc.read_sidecar(self.engine_dir, component)
-        trt = trt_api.load_trt(self.sidecar["key"]["flavour"])
-        gpu = cuda.gpu_info(device)
-        env = sc.Environment(trt_api.flavour_of(trt), trt_api.version(trt),
-                             gpu.name if gpu else None, gpu.cc if gpu else None)
-        onnx_sha = current_onnx_sha256(artifact_dir, self.sidecar) if check_onnx else None
-        sc.check_loadable(self.sidecar, env, onnx_sha)
-        data = sc.read_engine(self.engine_dir, self.sidecar)
-
-        cuda.set_device(device)
-        self._logger = trt_api.make_logger(trt, verbose)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise LdmError(f"TensorRT could not deserialize {self.engine_dir / self.sidecar['engine']['file']} "
-                           "(see the TensorRT error above)", hint=f"rebuild it: {sc.rebuild_command(self.sidecar)}")
-        self.flavour = env.flavour
+        self.engine_dir, self.sidecar = loaded.engine_dir, loaded.sidecar
+        self._logger, self._runtime, self.engine = loaded.logger, loaded.runtime, loaded.engine
+        trt = loaded.trt
+        self.flavour = loaded.flavour
         self._runtime_cache_file = Path(runtime_cache) if runtime_cache else None
         self.context = self._create_context(trt, cuda_graph)
         self.tensors = describe_engine(self.engine, trt)
         self.input_names = [t.name for t in self.tensors if t.is_input]
         self.output_names = [t.name for t in self.tensors if not t.is_input]
         self.output_dtype = output_dtype
+        self.cuda_graph = bool(cuda_graph)
         self._graphs = {} if cuda_graph and self.flavour == "tensorrt" else None
 
         self.stream = cuda.Stream()
         self._allocate()
         # a refittable engine of a lora_switchable artifact (engine/refit.py): LoRAs switch by refitting
         self.base_weights, self.weights, self._refitter = {}, {}, None
-        artifact_dir = artifact_dir or (Path(self.sidecar["artifact"]) if self.sidecar.get("artifact") else None)
+        artifact_dir = loaded.artifact_dir or (Path(self.sidecar["artifact"]) if self.sidecar.get("artifact") else None)
         if self.sidecar["key"].get("refit") and artifact_dir is not None:
             from ldm_deploy.artifact import Artifact
             from ldm_deploy.engine.refit import Refitter
@@ -210,6 +261,36 @@ class TensorRTRunner:
         log.debug(f"{component}: TensorRT engine loaded, {sum(self._sizes.values()) / 2**20:.1f} MiB of I/O "
                   f"buffers; profile: {profile_text(self.tensors)}")
 
+    def close(self) -> None:
+        """Free the CUDA graphs, the buffers and the stream, then the context and the engine (in that order:
+        TensorRT wants a context destroyed before its engine). Calling the runner afterwards is an error;
+        closing twice is a no-op."""
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            stream.synchronize()
+        for graph in (getattr(self, "_graphs", None) or {}).values():
+            graph.close()
+        if getattr(self, "_graphs", None):
+            self._graphs.clear()
+        for buffers in (getattr(self, "_device", None), getattr(self, "_host", None)):
+            for buf in (buffers or {}).values():
+                buf.close()
+            if buffers:
+                buffers.clear()
+        if stream is not None:
+            stream.close()
+        self.stream = None
+        self._refitter = None
+        self.context = None
+        self.engine = None
+        self._runtime = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> int:
         """Refit the engine with the switchable weights that changed (runtime/lora_switch.py); returns how many."""
         changed = {n: w for n, w in weights.items() if w is not self.weights[n]}
@@ -218,6 +299,8 @@ class TensorRTRunner:
             self._refitter.apply(changed)
             self.weights.update(changed)
             if self._graphs:
+                for graph in self._graphs.values():
+                    graph.close()
                 self._graphs.clear()   # captured graphs may hold the old weights' addresses: re-capture
         return len(changed)
 
@@ -248,6 +331,8 @@ class TensorRTRunner:
         return self.engine.create_execution_context(config)
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.context is None:
+            raise LdmError(f"the {self.component} runner is closed", hint="open a new runner")
         shapes = select_shapes(self.tensors, inputs, self.component)
         shapes = resolve_output_shapes(self.context, self.tensors, shapes)
         nbytes = {t.name: int(np.prod(shapes[t.name], dtype=np.int64)) * t.dtype.itemsize for t in self.tensors}
