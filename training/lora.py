@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.flops import vae_scale_factor
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _OUT_FILES = {WEIGHTS_NAME, "lora_config.json", "report.json"}
@@ -220,7 +221,7 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     for m in (unet, vae, te):
         m.requires_grad_(False).eval()
     tokenizer = common.load_tokenizer(Path(comps.tokenizer_dir))
-    resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
+    resolution = int(comps.unet_config["sample_size"]) * vae_scale_factor(comps.vae_config)
     torch.manual_seed(config.seed)
     layers = {"unet": inject(unet, config.targets, config.rank, config.alpha)}
     if config.text_encoder:
@@ -283,7 +284,7 @@ def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConf
 
     comps = load_components(Path(base))
     modules = {"unet": comps.unet.eval(), "vae": comps.vae.eval(), "text_encoder": comps.text_encoder.eval()}
-    resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
+    resolution = int(comps.unet_config["sample_size"]) * vae_scale_factor(comps.vae_config)
     kw = dict(steps=config.eval_steps, guidance=config.guidance, seed=config.seed, resolution=resolution)
     prompts = holdout_prompts(config.eval_prompts, seed=config.seed)
     base_images = generate(modules, Path(comps.tokenizer_dir), dict(comps.scheduler_config),

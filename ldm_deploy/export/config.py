@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ldm_deploy import configfile
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.flops import vae_scale_factor
 from ldm_deploy.limits import MAX_BATCH, MAX_IMAGE_SIDE
 
 log = logging.getLogger(__name__)
@@ -199,10 +200,9 @@ DEFAULT_SIZE = 512  # pixels, when the model folder does not say (no unet/config
 
 def native_size(model_dir: str | Path) -> tuple[int, int] | None:
     """(height, width) the model was trained at, as diffusers' pipelines default to it: the U-Net's
-    `sample_size` x the VAE scale factor 2 ** (len(vae.block_out_channels) - 1); None when unknown."""
+    `sample_size` x the VAE scale factor (flops.vae_scale_factor); None when unknown."""
     sample = (_part_config(model_dir, "unet") or {}).get("sample_size")
-    blocks = (_part_config(model_dir, "vae") or {}).get("block_out_channels")
-    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+    factor = vae_scale_factor(_part_config(model_dir, "vae"))
     if isinstance(sample, int) and not isinstance(sample, bool) and sample > 0:
         return sample * factor, sample * factor
     if (isinstance(sample, list) and len(sample) == 2

@@ -23,7 +23,7 @@ def pipeline(modules: dict, tok_dir: Path, scheduler_config: dict, scaling_facto
     return Pipeline(ClipTokenizer.from_dir(Path(tok_dir)), runners, scheduler_config, scaling_factor=scaling_factor,
                     prediction_type=scheduler_config.get("prediction_type", "epsilon"),
                     latent_channels=unet.config.in_channels,
-                    vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), backend="torch")
+                    vae_scale_factor=vae.config.scale_factor, backend="torch")
 
 
 def generate(modules: dict, tok_dir: Path, scheduler_config: dict, scaling_factor: float, prompts: list[str], *,

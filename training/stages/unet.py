@@ -133,7 +133,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def vae_scale(vae: nn.Module) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.config.scale_factor
 
 
 def save_model(cfg: TrainConfig, unet, vae, te, tok_dir: Path, scheduler_config: dict) -> Path:
