@@ -46,7 +46,7 @@ def _skip_reason(spec, side: str) -> str | None:
             unet = json.loads((Path(spec.artifact) / "manifest.json").read_text(encoding="utf-8"))["components"]["unet"]
             if variant not in (unet.get("variants") or {}):
                 return (f"the artifact's U-Net has no {variant!r} variant "
-                        "(scripts/bench_sd15.py --levers, or ldm_deploy.bench.prepare.add_lever_variants, adds it)")
+                        "(ldm-deploy bench --levers, or ldm_deploy.bench.prepare.add_lever_variants, adds it)")
         if hasattr(ort, "preload_dlls"):   # cuDNN / cuBLAS from the nvidia-* wheels, when the system has none
             try:
                 ort.preload_dlls()

@@ -122,6 +122,36 @@ def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: in
             "components": {name: c.get("export") for name, c in result.artifact.manifest["components"].items()}}
 
 
+def has_cuda_ep() -> bool:
+    """Whether onnxruntime here has the CUDA execution provider (onnxruntime-gpu)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def variants_in_subprocess(artifact, timeout_s: float, function: str = "add_ort_cuda_variants") -> dict:
+    """`<function>(artifact)` of this module in a child process: a crash or a hang there costs the variants,
+    not the benchmark run."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, sys; from ldm_deploy.bench.prepare import {function}; "
+            f"print('RESULT ' + json.dumps({function}(sys.argv[1]), default=str))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(artifact)], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s; ort-cuda runs the plain graphs"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-3:] if line.strip())
+    return {"error": f"exit code {proc.returncode}: {tail[-400:]}; ort-cuda runs the plain graphs"}
+
+
 def add_ort_cuda_variants(artifact) -> dict:
     """The ONNX Runtime CUDA fused graphs (model.ort-cuda.onnx) for an artifact that lacks them."""
     import json

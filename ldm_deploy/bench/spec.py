@@ -72,7 +72,7 @@ TUNING = {
                                  {"provider_options": {"sdpa_kernel": str(flag)}})
        for name, flag in SDPA_KERNEL.items() if name != "math"},
 }
-# the profile-lever run (`ldm-deploy bench --tuning`, scripts/bench_sd15.py --tuning), most telling first so
+# the profile-lever run (`ldm-deploy bench --tuning`), most telling first so
 # a run cut short by its time budget keeps them: the deployed path, the strongest one-line PyTorch recipe
 # and eager, then each lever on ort-cuda. (cuDNN's EXHAUSTIVE search is ORT's default: ort-cuda runs it.)
 TUNING_RUN = ("ort-cuda", "torch-compile-ro", "torch-eager-fp16", *TUNING)

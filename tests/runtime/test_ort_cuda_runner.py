@@ -219,7 +219,7 @@ def test_without_io_binding_runs_session_run(artifacts, cpu_bound, monkeypatch):
 
 @pytest.mark.gpu
 def test_lever_variants_equal_cpu(artifacts, tmp_path):
-    """Every U-Net the lever ladder runs (scripts/bench_sd15.py --levers) computes what ORT CPU computes on
+    """Every U-Net the lever ladder runs (ldm-deploy bench --levers) computes what ORT CPU computes on
     the plain graph, with the runner options of its row."""
     import shutil
 
