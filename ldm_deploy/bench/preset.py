@@ -17,7 +17,7 @@ from ldm_deploy.limits import MAX_BATCH, MAX_IMAGE_SIDE
 PRESETS_DIR = Path(__file__).parent / "presets"
 # `ldm-deploy bench` options (argparse dests) a preset may set
 OPTIONS = ("sides", "batch", "steps", "height", "width", "warmup", "repeats", "budget", "component_warmup",
-           "component_repeats", "compile_budget", "side_timeout", "time_limit", "note")
+           "component_repeats", "compile_budget", "side_timeout", "time_limit", "device", "note")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class BenchPreset:
     compile_budget: float | None = field(default=None, metadata=bounds(0))
     side_timeout: float | None = field(default=None, metadata=bounds(1))
     time_limit: float | None = field(default=None, metadata=bounds(1))
+    device: str | None = None                    # torch sides: auto | cuda | cpu
     note: str = ""
 
     def options(self) -> dict:
