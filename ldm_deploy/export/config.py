@@ -162,10 +162,14 @@ class ExportConfig:
         profiles = d.pop("profiles", {}) or {}
         if not isinstance(profiles, dict):
             raise LdmError(f"{where}: `profiles` must be a mapping of batch/height/width ranges")
-        unknown = sorted({*(k for k in d if k in PROFILE_KEYS), *(f"profiles.{k}" for k in profiles
-                                                                  if k not in PROFILE_KEYS)})
+        unknown = [f"profiles.{k}" for k in profiles if k not in PROFILE_KEYS]
         if unknown:
-            raise LdmError(f"{where}: unknown keys: {', '.join(unknown)}", hint="allowed in profiles: batch, height, width")
+            raise LdmError(f"{where}: unknown keys: {', '.join(sorted(unknown))}",
+                           hint="allowed in profiles: batch, height, width")
+        twice = [k for k in PROFILE_KEYS if k in d and k in profiles]
+        if twice:
+            raise LdmError(f"{where}: {twice[0]} is given both at the top level and under profiles; keep one")
+        profiles = {**{k: d.pop(k) for k in PROFILE_KEYS if k in d}, **profiles}   # top-level ranges: older files
         nodes = d.get("fp16_keep_nodes")
         if isinstance(nodes, dict):   # lists of node names -> tuples (a string is refused by __post_init__)
             d["fp16_keep_nodes"] = {c: names if isinstance(names, str) else tuple(names or ())
