@@ -22,7 +22,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ldm_deploy.errors import LdmError
