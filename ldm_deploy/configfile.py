@@ -82,7 +82,7 @@ def _load(cls, data: Any, path: str, ctx: _Ctx):
     unknown = [str(k) for k in data if k not in fields]
     if unknown:
         kind = f"{ctx.kind} " if ctx.kind else ""
-        ctx.fail(f"unknown {kind}keys: {', '.join(_join(path, k) for k in sorted(unknown))}",
+        ctx.fail(f"unknown {kind}keys {', '.join(_join(path, k) for k in sorted(unknown))}",
                  hint=f"allowed{' in ' + path if path else ''}: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _value(value, hints[name], fields[name], _join(path, name), ctx) for name, value in data.items()}

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm_deploy import configfile
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.flops import vae_scale_factor
 
@@ -79,23 +80,9 @@ class LoraTrainConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "LoraTrainConfig":
-        data = {}
-        if path:
-            import yaml
-
-            try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
-                raise LdmError(f"cannot read LoRA config {path}: {e}") from None
+        data = configfile.read_mapping(path, "LoRA config") if path else {}
         data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"{path}: unknown keys {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-        for k in ("targets", "te_targets"):
-            if k in data:
-                data[k] = tuple(data[k])
-        return cls(**data)
+        return configfile.load(cls, data, str(path) if path else "", error=UsageError)
 
 
 # --- the adapters --------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class ExportConfig:
             raise LdmError(f"{where}: `profiles` must be a mapping of batch/height/width ranges")
         unknown = [f"profiles.{k}" for k in profiles if k not in PROFILE_KEYS]
         if unknown:
-            raise LdmError(f"{where}: unknown keys: {', '.join(sorted(unknown))}",
+            raise LdmError(f"{where}: unknown keys {', '.join(sorted(unknown))}",
                            hint="allowed in profiles: batch, height, width")
         twice = [k for k in PROFILE_KEYS if k in d and k in profiles]
         if twice:

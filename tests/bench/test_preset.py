@@ -24,7 +24,7 @@ def test_bad_presets_are_refused(tmp_path):
         load_preset("nope")
     p = tmp_path / "p.yaml"
     p.write_text("model: tiny\nexport: {precison: fp16}\n")
-    with pytest.raises(LdmError, match="unknown keys: export.precison"):
+    with pytest.raises(LdmError, match="unknown keys export.precison"):
         load_preset(str(p))
     p.write_text("model: tiny\nsteps: 0\n")
     with pytest.raises(LdmError, match="steps = 0 is outside"):
