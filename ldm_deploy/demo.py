@@ -133,7 +133,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     """Export (cached), generate, analyse, check parity and write the outputs; returns where they went."""
     from ldm_deploy import __version__
     from ldm_deploy.fileio import write_json
-    from ldm_deploy.runtime.image import save_png
+    from ldm_deploy.runtime.image import make_grid, save_png
 
     if config.steps <= 0:
         raise UsageError(f"steps must be a positive integer, got {config.steps}")
@@ -182,7 +182,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     # 5. outputs
     grid_path = out / "grid.png"
     captions = [f"{r['prompt']} [{r['split']}]" for r in rows]
-    save_png(captioned_grid(np.stack(images), captions), grid_path,
+    save_png(make_grid(np.stack(images), captions, pad=4), grid_path,
              {"prompt": [r["prompt"] for r in rows], "steps": config.steps, "guidance": config.guidance,
               "backend": backend, "seed": config.seed})
     report_path = out / "report.json"
@@ -275,42 +275,6 @@ def _accuracy(per_image: list[dict]) -> dict:
             out[split] = {"n": len(scored), **{k: round(sum(s[k] for s in scored) / len(scored), 3)
                                                 for k in scored[0]}}
     return out
-
-
-def captioned_grid(images: np.ndarray, captions: list[str], cols: int | None = None, pad: int = 4) -> np.ndarray:
-    """uint8 (N, H, W, 3) + one caption each -> one uint8 image: tiles with wrapped captions under them."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    n, h, w, _ = images.shape
-    if len(captions) != n:
-        raise UsageError(f"{len(captions)} captions for {n} images")
-    cols = cols or min(n, 4)
-    rows = -(-n // cols)
-    font = ImageFont.load_default()
-    line_h = 12
-    per_line = max(8, w // 6)                                 # the default bitmap font is ~6 px per character
-    wrapped = [_wrap(c, per_line) for c in captions]
-    cap_h = line_h * max(len(x) for x in wrapped) + pad
-    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + cap_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (image, lines) in enumerate(zip(images, wrapped)):
-        r, c = divmod(i, cols)
-        x, y = pad + c * (w + pad), pad + r * (h + cap_h + pad)
-        grid.paste(Image.fromarray(image, "RGB"), (x, y))
-        for k, line in enumerate(lines):
-            draw.text((x, y + h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
-    return np.asarray(grid)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
 
 
 def _slug(text: str, limit: int = 60) -> str:

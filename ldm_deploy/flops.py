@@ -15,7 +15,19 @@ a damaged config (layers_per_block 1e9) is refused instead of looping for hours.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from ldm_deploy.limits import MAX_BATCH, MAX_IMAGE_SIDE, check_config_sizes
+
+SD_VAE_SCALE_FACTOR = 8     # kl-f8, what diffusers' pipelines assume when a folder has no VAE config
+
+
+def vae_scale_factor(vae_config: Mapping[str, Any] | None) -> int:
+    """Image pixels per latent pixel: 2 ** (len(block_out_channels) - 1), one 2x resample between VAE
+    levels (8 for SD's four levels); 8 when the config is missing or gives no block list. The one formula:
+    the export, the import, training and the torch reference all call it."""
+    blocks = vae_config.get("block_out_channels") if isinstance(vae_config, Mapping) else None
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, (list, tuple)) and blocks else SD_VAE_SCALE_FACTOR
 
 
 def _checked(config: dict, what: str, *sizes: int) -> None:

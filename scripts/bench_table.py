@@ -3,9 +3,9 @@
     python scripts/bench_table.py                 # rewrites the block between <!-- bench:start --> and <!-- bench:end -->
     python scripts/bench_table.py --print         # only print the table(s)
 
-The lever runs (benchmarks/results/levers/*.json, `scripts/bench_sd15.py --levers`) go into their own
+The lever runs (benchmarks/results/levers/*.json, `ldm-deploy bench --preset sd15-gpu --levers`) go into their own
 block, between <!-- levers:start --> and <!-- levers:end -->, one ladder table per run. The profile-lever
-and strong-PyTorch runs (benchmarks/results/tuning/*.json, `scripts/bench_sd15.py --tuning`,
+and strong-PyTorch runs (benchmarks/results/tuning/*.json, `ldm-deploy bench --preset sd15-gpu --tuning`,
 `scripts/gpu_perf_run.sh`) go between <!-- tuning:start --> and <!-- tuning:end -->: per run and batch the
 lever table (when the run has ort-cuda) and every PyTorch side against the fastest deployed side.
 """

@@ -38,11 +38,11 @@ mkdir -p "$OUT" "$WORK"
 
 if [[ $TINY == 1 ]]; then
   WORK="$WORK/tiny"
-  COMMON=(--quick --work "$WORK" --no-chart --repeats 1 --budget 10 --compile-budget 120 --side-timeout 300)
+  COMMON=(--preset tiny-quick --work "$WORK" --repeats 1 --budget 10 --compile-budget 120 --side-timeout 300)
   PROFILE_ARGS=(--device cpu --torch eager --iters 2 --warmup 1 --threads 1)
   ARTIFACT="$WORK/tiny-onnx-fp16"
 else
-  COMMON=(--work "$WORK" --no-chart --repeats 3 --budget 20)
+  COMMON=(--preset sd15-gpu --work "$WORK" --repeats 3 --budget 20)
   PROFILE_ARGS=(--torch reduce-overhead --compile-budget 150 --iters 10 --warmup 3)
   ARTIFACT="$WORK/sd15-onnx-fp16"
 fi
@@ -50,12 +50,12 @@ CORE="ort-cuda,torch-compile-ro,torch-eager-fp16"
 LEVERS=$("$PYTHON" -c "from ldm_deploy.bench.spec import TUNING; print(','.join(TUNING))")
 
 part1() {   # B=1: the core sides, then each profile lever on ort-cuda
-  "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --tuning --batches 1 --sides "${SIDES_B1:-$CORE,$LEVERS}" \
+  "$PYTHON" -m ldm_deploy.cli bench "${COMMON[@]}" --tuning --batch 1 --sides "${SIDES_B1:-$CORE,$LEVERS}" \
     --time-limit "$LIMIT" --out "$OUT/part1.json" 2>&1 | tee "$OUT/part1.log"
 }
 
 part2() {   # B=4 core sides + CUDA graphs everywhere (about half the limit), then the profiles
-  "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --tuning --batches 4 \
+  "$PYTHON" -m ldm_deploy.cli bench "${COMMON[@]}" --tuning --batch 4 \
     --sides "${SIDES_B4:-ort-cuda,ort-cuda-graph-all,torch-eager-fp16,torch-compile-ro}" \
     --time-limit $((LIMIT / 2)) --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log" || echo "bench exited $?: profiles next"
   "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --batch 1 4 "${PROFILE_ARGS[@]}" \
@@ -73,7 +73,7 @@ part3() {   # the launch-bound demo model, then the autotuning recipes at B=1, e
   "$PYTHON" scripts/profile_unet.py --artifact "$WORK/demo-onnx" --batch $demo_batch --torch none --iters 10 --warmup 3 \
     --note "demo model" --out "$OUT/demo-profile.json" --md "$OUT/demo-profile.md" 2>&1 | tee -a "$OUT/part3.log" \
     || echo "demo profile exited $?"
-  "$PYTHON" scripts/bench_sd15.py "${COMMON[@]}" --batches 1 \
+  "$PYTHON" -m ldm_deploy.cli bench "${COMMON[@]}" --batch 1 \
     --sides "torch-compile-max-autotune-no-cg,torch-compile-max-autotune" --compile-budget "$budget" \
     --side-timeout $((budget + 150)) --time-limit $((LIMIT - 60)) --out "$OUT/part3.json" 2>&1 | tee -a "$OUT/part3.log"
 }

@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from tests.gpu_report import pytest_addoption, pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
+
 
 def _has_cuda_gpu() -> bool:
     if shutil.which("nvidia-smi") is None:

@@ -55,3 +55,15 @@ def test_flops_match_torch_flop_counter(name, device, size):
     assert vae_decoder_flops(p["vae"], h, w) == _measure(lambda: vae.decode(z))
     assert vae_encoder_flops(p["vae"], 8 * h, 8 * w) == _measure(lambda: vae.encode_moments(image))
     assert text_encoder_flops(p["text_encoder"], 77, batch=2) == _measure(lambda: text(input_ids=ids))
+
+
+def test_vae_scale_factor_is_one_formula():
+    from ldm_deploy.flops import vae_scale_factor
+    from training.models.config import VAEConfig
+    from training.models.presets import preset
+
+    assert vae_scale_factor({"block_out_channels": [128, 256, 512, 512]}) == 8
+    assert vae_scale_factor({"block_out_channels": (32, 64)}) == 2
+    assert vae_scale_factor(None) == vae_scale_factor({}) == vae_scale_factor({"block_out_channels": []}) == 8
+    tiny = preset("tiny")["vae"]
+    assert VAEConfig.from_dict(tiny).scale_factor == vae_scale_factor(tiny) == 2 ** (len(tiny["block_out_channels"]) - 1)

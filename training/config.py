@@ -7,14 +7,14 @@ The resolved config is written next to every checkpoint and result folder.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from ldm_deploy.configfile import bounds, load, read_mapping, to_plain
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.limits import MAX_BATCH, MAX_IMAGE_SIDE
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ModelConfig:
 class DataConfig:
     kind: str = "shapes"            # "shapes": generated coloured shapes; "folder": images + .txt captions
     path: str | None = None         # folder datasets: the image directory
-    resolution: int = 64            # training images are resolution x resolution
+    resolution: int = field(default=64, metadata=bounds(8, MAX_IMAGE_SIDE))  # training images are resolution x resolution
     train_size: int = 20000         # shapes: how many training images to generate
     holdout_size: int = 200         # shapes: held-out prompts/images for evaluation (never trained on)
     seed: int = 0                   # dataset generation seed (independent of the training seed)
@@ -49,15 +49,15 @@ class TokenizerConfig:
 class StageConfig:
     """Optimisation settings shared by the VAE, text-encoder and U-Net stages."""
 
-    steps: int = 1000               # optimizer steps
-    batch_size: int = 64            # per optimizer step, over all GPUs (micro-batch = batch / (world * accum))
-    grad_accum: int = 1             # micro-batches per optimizer step
+    steps: int = field(default=1000, metadata=bounds(0))  # optimizer steps
+    batch_size: int = field(default=64, metadata=bounds(1, MAX_BATCH))  # per optimizer step, over all GPUs (micro-batch = batch / (world * accum))
+    grad_accum: int = field(default=1, metadata=bounds(1))  # micro-batches per optimizer step
     lr: float = 1e-4                # AdamW peak learning rate
     lr_schedule: str = "cosine"     # "constant" or "cosine" (to lr_min_ratio * lr) after warmup
     lr_min_ratio: float = 0.1
     warmup_steps: int = 100         # linear warmup from 0
     weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0          # max global grad norm (0 = off)
     ema_decay: float = 0.0          # 0 = no EMA; else e.g. 0.999 (EMA weights are exported)
     precision: str = "auto"         # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
@@ -82,7 +82,7 @@ class VAEStageConfig(StageConfig):
 class TextEncoderStageConfig(StageConfig):
     path: str | None = None         # reuse (and freeze) this text encoder folder instead of training one
     projection_dim: int = 128       # shared embedding size of the contrastive heads
-    image_channels: tuple = (32, 64, 128, 256)   # the small CNN image encoder (one stride-2 stage each)
+    image_channels: tuple[int, ...] = (32, 64, 128, 256)   # the small CNN image encoder (one stride-2 stage each)
     lr: float = 3e-4
 
 
@@ -123,7 +123,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return to_plain(self)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -136,12 +136,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             if not builtin.is_file():
                 raise LdmError(f"config file {path} not found", hint="pass a YAML file or a built-in name: shapes, tiny")
             path = builtin
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise LdmError(f"{path}: the config must be a mapping of sections")
+        tree = read_mapping(path, "training config")
     for item in overrides:
         apply_override(tree, item)
-    return from_dict(TrainConfig, tree, "config")
+    return load(TrainConfig, tree, f"training config {path}" if path is not None else "training config")
 
 
 def apply_override(tree: dict, item: str) -> None:
@@ -156,64 +154,3 @@ def apply_override(tree: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise UsageError(f"--set {item!r}: {p!r} is not a section")
     node[last] = yaml.safe_load(value)
-
-
-def from_dict(cls, data: Any, where: str):
-    """Build dataclass `cls` from a dict, recursively; unknown keys raise LdmError naming them."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise LdmError(f"{where} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise LdmError(f"unknown key(s) in {where}: {', '.join(unknown)}",
-                       hint=f"known keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = cls.__dataclass_fields__[name]
-        ftype = default.type if not isinstance(default.type, str) else _resolve(default.type)
-        if dataclasses.is_dataclass(ftype):
-            kwargs[name] = from_dict(ftype, value, f"{where}.{name}")
-        else:
-            kwargs[name] = _coerce(value, str(default.type), f"{where}.{name}")
-    return cls(**kwargs)
-
-
-def _coerce(value, annotation: str, where: str):
-    """Check a scalar against its annotation; YAML's "3e-4" (a string in YAML 1.1) becomes a float."""
-    if value is None:
-        if "None" in annotation:
-            return None
-        raise LdmError(f"{where} must not be null")
-    base = annotation.split("|")[0].strip()
-    if base == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    elif base == "int" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif base == "bool" and isinstance(value, bool):
-        return value
-    elif base == "str" and isinstance(value, str):
-        return value
-    elif base == "tuple" and isinstance(value, (list, tuple)):
-        return tuple(value)
-    elif base == "dict" and isinstance(value, dict):
-        return value
-    raise LdmError(f"{where} must be a {base}, got {value!r}")
-
-
-def _resolve(type_name: str):
-    return {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "TokenizerConfig": TokenizerConfig,
-            "VAEStageConfig": VAEStageConfig, "TextEncoderStageConfig": TextEncoderStageConfig,
-            "UNetStageConfig": UNetStageConfig, "EvalConfig": EvalConfig}.get(type_name)
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

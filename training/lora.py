@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm_deploy import configfile
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.flops import vae_scale_factor
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _OUT_FILES = {WEIGHTS_NAME, "lora_config.json", "report.json"}
@@ -78,23 +80,9 @@ class LoraTrainConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "LoraTrainConfig":
-        data = {}
-        if path:
-            import yaml
-
-            try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
-                raise LdmError(f"cannot read LoRA config {path}: {e}") from None
+        data = configfile.read_mapping(path, "LoRA config") if path else {}
         data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"{path}: unknown keys {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-        for k in ("targets", "te_targets"):
-            if k in data:
-                data[k] = tuple(data[k])
-        return cls(**data)
+        return configfile.load(cls, data, str(path) if path else "", error=UsageError)
 
 
 # --- the adapters --------------------------------------------------------------------------------
@@ -219,7 +207,7 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
     for m in (unet, vae, te):
         m.requires_grad_(False).eval()
     tokenizer = load_tokenizer(Path(comps.tokenizer_dir))
-    resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
+    resolution = int(comps.unet_config["sample_size"]) * vae_scale_factor(comps.vae_config)
     torch.manual_seed(config.seed)
     layers = _inject_layers(unet, te, config)
     params = [p for found in layers.values() for layer in found.values() for p in (layer.down.weight, layer.up.weight)]
@@ -298,7 +286,7 @@ def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConf
 
     comps = load_components(Path(base))
     modules = {"unet": comps.unet.eval(), "vae": comps.vae.eval(), "text_encoder": comps.text_encoder.eval()}
-    resolution = int(comps.unet_config["sample_size"]) * 2 ** (len(comps.vae_config["block_out_channels"]) - 1)
+    resolution = int(comps.unet_config["sample_size"]) * vae_scale_factor(comps.vae_config)
     kw = dict(steps=config.eval_steps, guidance=config.guidance, seed=config.seed, resolution=resolution)
     prompts = holdout_prompts(config.eval_prompts, seed=config.seed)
     base_images = generate(modules, Path(comps.tokenizer_dir), dict(comps.scheduler_config),

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.flops import vae_scale_factor
 
 IO = {
     "text_encoder": (["input_ids"], ["last_hidden_state"]),
@@ -145,7 +146,7 @@ def pipeline_from_model_folder(folder, device: str = "cpu", dtype: torch.dtype =
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    vae_scale = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    vae_scale = vae_scale_factor(vae_config)
     return Pipeline(
         ClipTokenizer.from_dir(folder / "tokenizer"), runners, scheduler_config,
         scaling_factor=vae_config.get("scaling_factor", 0.18215),
@@ -179,5 +180,5 @@ def _sdxl_pipeline(folder: Path, comps, device, dtype, profiles):
                         scaling_factor=vae_config.get("scaling_factor", 0.18215),
                         prediction_type=scheduler_config.get("prediction_type", "epsilon"), profiles=profiles,
                         latent_channels=configs["unet"].get("in_channels", 4),
-                        vae_scale_factor=2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1),
+                        vae_scale_factor=vae_scale_factor(vae_config),
                         backend="torch")

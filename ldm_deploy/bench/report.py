@@ -3,7 +3,7 @@
     write_chart(results, "benchmarks/results/cpu-demo.png")
     markdown_table([results_a, results_b])      # one row per (run, side, batch)
     replace_block(readme_text, table)           # between <!-- bench:start --> and <!-- bench:end -->
-    lever_table(results)                        # the GPU levers one at a time (scripts/bench_sd15.py --levers)
+    lever_table(results)                        # the GPU levers one at a time (ldm-deploy bench --levers)
 """
 from __future__ import annotations
 

@@ -7,9 +7,12 @@ its own; the results of all sides go into one JSON file (format below, `harness.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ldm_deploy import configfile
+from ldm_deploy.configfile import bounds
 from ldm_deploy.errors import UsageError
+from ldm_deploy.limits import MAX_BATCH
 
 # torch.compile recipes: side -> (mode, channels_last). Each compiles the U-Net, the text encoder and the VAE
 # decoder the same way (so end to end compares like with like) within BenchSpec.compile_budget_s.
@@ -71,7 +74,7 @@ TUNING = {
                                  {"provider_options": {"sdpa_kernel": str(flag)}})
        for name, flag in SDPA_KERNEL.items() if name != "math"},
 }
-# the profile-lever run (`ldm-deploy bench --tuning`, scripts/bench_sd15.py --tuning), most telling first so
+# the profile-lever run (`ldm-deploy bench --tuning`), most telling first so
 # a run cut short by its time budget keeps them: the deployed path, the strongest one-line PyTorch recipe
 # and eager, then each lever on ort-cuda. (cuDNN's EXHAUSTIVE search is ORT's default: ort-cuda runs it.)
 TUNING_RUN = ("ort-cuda", "torch-compile-ro", "torch-eager-fp16", *TUNING)
@@ -107,7 +110,7 @@ class BenchSpec:
     model_dir: str | None = None        # diffusers model folder: the torch sides load it
     artifact: str | None = None         # exported artifact: the ORT / TensorRT sides run it
     sides: tuple[str, ...] = ("ort-cpu", "torch-eager-fp32", "torch-compile")
-    batches: tuple[int, ...] = (1,)     # B (prompts * images); the U-Net runs at 2B under CFG
+    batches: tuple[int, ...] = field(default=(1,), metadata=bounds(1, MAX_BATCH))  # B (prompts * images); the U-Net runs at 2B under CFG
     steps: int = 50                     # denoising steps per image
     guidance: float = 7.5               # CFG scale (> 1: one U-Net call at 2B per step)
     height: int | None = None           # pixels; None: the artifact profile's opt, else unet sample_size * 8
@@ -158,13 +161,5 @@ class BenchSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BenchSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown bench spec keys {unknown}")
-        d = dict(d)
-        for key in ("sides", "batches"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "") -> "BenchSpec":
+        return configfile.load(cls, d, where, kind="bench spec", error=UsageError)

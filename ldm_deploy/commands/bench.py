@@ -3,6 +3,10 @@
 Python twin:
     spec = BenchSpec(model_dir=..., artifact=..., sides=(...), batches=(1, 4), steps=50)
     run_bench(spec, "results.json", chart="results.png")
+
+`--preset NAME` (ldm_deploy/bench/presets/NAME.yaml, bench/preset.py) is a shipped run: the benchmark model
+built with random weights in --work, its export, and defaults for the options below; options given on the
+command line win. `ldm-deploy bench --preset sd15-gpu --out R.json` is the SD 1.5 GPU benchmark.
 """
 from __future__ import annotations
 
@@ -27,9 +31,22 @@ def _csv(text: str) -> tuple[str, ...]:
 def add_arguments(p) -> None:
     from ldm_deploy.bench.spec import SIDES
 
-    p.add_argument("source", metavar="MODEL_DIR|ARTIFACT",
+    from ldm_deploy.bench.preset import preset_names
+
+    p.add_argument("source", metavar="MODEL_DIR|ARTIFACT", nargs="?",
                    help="a diffusers model folder (torch sides; exported for the deployed sides unless --artifact) "
-                        "or an exported artifact (its source folder serves the torch sides unless --model-dir)")
+                        "or an exported artifact (its source folder serves the torch sides unless --model-dir); "
+                        "optional with --preset")
+    p.add_argument("--preset", metavar="NAME|YAML",
+                   help=f"a shipped run ({', '.join(preset_names())}) or a preset file: the model (random weights, "
+                        "built in --work unless given), its export and option defaults; given options win")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="no side starts after this many seconds since the command started, export included "
+                        "(sides not started are recorded as skipped)")
+    p.add_argument("--side-timeout", type=float, default=900.0, metavar="S",
+                   help="one (side, batch) process is ended after this many seconds (default 900)")
+    p.add_argument("--component-warmup", type=int, default=3, metavar="N",
+                   help="untimed per-component runs (default 3)")
     p.add_argument("--model-dir", metavar="DIR", help="diffusers model folder for the torch sides")
     p.add_argument("--artifact", metavar="DIR", help="exported artifact for the deployed sides")
     p.add_argument("--sides", type=_csv, default=None, metavar="A,B",
@@ -64,25 +81,58 @@ def add_arguments(p) -> None:
                    help="CPU threads for ort-cpu and torch on CPU, 1 to 4 x the CPU count")
     p.add_argument("--engine-dir", metavar="DIR", help="tensorrt: engines folder (default ARTIFACT/engines)")
     p.add_argument("--export-config", metavar="YAML", help="when exporting MODEL_DIR: export config (name or file)")
-    p.add_argument("--work", metavar="DIR", help="when exporting MODEL_DIR: where the artifact goes (default OUT.artifact/)")
+    p.add_argument("--work", metavar="DIR", help="when exporting MODEL_DIR: where the artifact goes (default OUT.artifact/); "
+                   "with --preset: the folder of the model and its artifact (default TMP/ldm-bench-PRESET)")
     p.add_argument("--note", default="", help="free text stored in the results (e.g. 'busy shared machine')")
     p.add_argument("--out", required=True, metavar="RESULTS.json", help="results JSON (rewritten after each side)")
     p.add_argument("--chart", metavar="PNG", help="also draw a chart")
+    # the options a preset may set parse to None when not given; run() fills in the preset's value or the default
+    from ldm_deploy.bench.preset import OPTIONS
+
+    p.set_defaults(bench_defaults={dest: p.get_default(dest) for dest in OPTIONS}, **dict.fromkeys(OPTIONS))
 
 
 def _is_artifact(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
+def _apply_preset(args):
+    """The options not given on the command line: the --preset's value, else the option's default. Returns
+    the preset (None without --preset)."""
+    from ldm_deploy.bench.preset import load_preset
+
+    preset = load_preset(args.preset) if args.preset else None
+    values = preset.options() if preset else {}
+    if args.levers or args.tuning:     # the ladder / profile-lever runs keep their own sides, at B = 1
+        values = {k: v for k, v in values.items() if k not in ("sides", "batch")}
+    for dest, default in args.bench_defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, values.get(dest, default))
+    return preset
+
+
+def _preset_work(args) -> Path:
+    """Where a preset's model folder and artifact go: --work, else TMP/ldm-bench-PRESET."""
+    import tempfile
+
+    return Path(args.work or Path(tempfile.gettempdir()) / f"ldm-bench-{Path(args.preset).stem}")
+
+
 def run(args) -> int:
+    import time
+
     from ldm_deploy.bench.harness import run_bench, summary_line
     from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, TUNING_RUN, BenchSpec
     from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
 
+    t_start = time.perf_counter()
     if args.levers and args.tuning:
         raise UsageError("--levers and --tuning are two runs; pick one")
     if args.levers_dir and not args.levers:
         raise UsageError("--levers-dir goes with --levers")
+    preset = _apply_preset(args)
+    if args.source is None and preset is None:
+        raise UsageError("bench needs a MODEL_DIR or ARTIFACT, or --preset", hint="e.g. --preset sd15-gpu")
     if args.threads is not None:
         from ldm_deploy.limits import check_threads
         check_threads(args.threads)
@@ -90,7 +140,15 @@ def run(args) -> int:
         args.sides = ((*LEVERS, *LEVER_REFERENCES) if args.levers else TUNING_RUN if args.tuning
                       else ("ort-cpu", "torch-eager-fp32", "torch-compile"))
 
-    source = Path(args.source)
+    prepared: dict = {}
+    if args.source is None:   # the preset's benchmark model with seeded random weights
+        from ldm_deploy.bench.prepare import random_model_folder
+
+        folder = _preset_work(args) / f"{preset.model}-model"
+        log.info("the %s random-weight model folder: %s", preset.model, folder)
+        source, prepared["make_folder_s"] = random_model_folder(preset.model, folder)
+    else:
+        source = Path(args.source)
     if not source.is_dir():
         raise UsageError(f"{source} is not a directory (a model folder or an exported artifact)")
     artifact, model_dir = args.artifact, args.model_dir
@@ -111,15 +169,21 @@ def run(args) -> int:
                                      hint="pass --model-dir DIFFUSERS_FOLDER, or --sides ort-cpu (or other deployed sides)")
     else:
         model_dir = model_dir or str(source)
-    export = None
+    export = prepared or None
     if artifact is None and any(s not in TORCH_SIDES for s in args.sides):
-        work = Path(args.work or Path(args.out).with_suffix(".artifact"))
+        settings = preset.export if preset else None
+        if preset:
+            work = _preset_work(args) / f"{preset.model}-onnx-{settings.precision or 'fp32'}{'-levers' * args.levers}"
+        else:
+            work = Path(args.work or Path(args.out).with_suffix(".artifact"))
         # the ladder starts from the traced fp32 U-Net (optimize off) beside the fp16 graphs; its last rung
         # is the export's own fused, CFG-folded ort-cuda variant
-        export = export_for_bench(model_dir, work, args.export_config, batch_max=max(args.batch),
-                                  height=args.height, width=args.width,
-                                  **({"precision": "fp16", "keep_fp32_unet": True, "optimize": False, "ort_cuda": True}
-                                     if args.levers else {}))
+        done = export_for_bench(model_dir, work, args.export_config or (settings.config if settings else None),
+                                batch_max=max(args.batch), height=args.height, width=args.width,
+                                **{**({"precision": settings.precision, "ort_cuda": settings.ort_cuda} if settings else {}),
+                                   **({"precision": "fp16", "keep_fp32_unet": True, "optimize": False, "ort_cuda": True}
+                                      if args.levers else {})})
+        export = {**prepared, "export": done} if preset else done
         artifact = str(work)
     levers_dir = None
     if args.levers and artifact is not None:
@@ -133,7 +197,10 @@ def run(args) -> int:
                      warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
                      component_repeats=args.component_repeats, device=args.device, threads=args.threads,
                      engine_dir=args.engine_dir, levers_dir=levers_dir, note=args.note,
-                     compile_budget_s=args.compile_budget)
+                     compile_budget_s=args.compile_budget, timeout_s=args.side_timeout,
+                     component_warmup=args.component_warmup,
+                     total_budget_s=(max(60.0, args.time_limit - (time.perf_counter() - t_start))
+                                     if args.time_limit else None))
     results = run_bench(spec, args.out, chart=args.chart, export=export, log=log.info)
     for r in results["results"]:
         print(f"{r['side']:<20} B={r['batch']}: {summary_line(r)}")

@@ -32,11 +32,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import ldm_deploy
+from ldm_deploy import configfile
+from ldm_deploy.configfile import bounds
 from ldm_deploy.engine import refit
 from ldm_deploy.engine import sidecar as sc
 from ldm_deploy.engine import trt_api
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.fileio import atomic_file, check_free_space, check_out_dir, sha256_file, write_json
+from ldm_deploy.limits import MAX_BATCH
 
 log = logging.getLogger("ldm_deploy")
 
@@ -49,12 +52,12 @@ class BuildConfig:
     precision: str | None = None        # None: as the ONNX types dictate (strongly typed); fp16|bf16|fp32
     backend: str | None = None          # tensorrt | tensorrt-rtx; None: what is installed (trt_api.resolve_flavour)
     opt_level: int = 3                  # builder optimization level 0 (fast build) .. 5 (slowest, best)
-    workspace_mb: int | None = None     # workspace memory pool limit; None: TensorRT's default (device memory)
+    workspace_mb: int | None = field(default=None, metadata=bounds(1))  # workspace memory pool limit; None: TensorRT's default (device memory)
     timing_cache: str | None = None     # file read before and written after each build (tensorrt only)
     targets: tuple[str, ...] = ()       # TensorRT for RTX compute capabilities ("8.6", "12.0"); (): portable default
     components: tuple[str, ...] = ()    # (): every component in the manifest
-    unet_max_batch: int | None = None   # cap on the U-Net batch (default 2 * batch.max under CFG)
-    vae_max_batch: int | None = None    # cap on the VAE decoder/encoder batch (default batch.max)
+    unet_max_batch: int | None = field(default=None, metadata=bounds(1, 2 * MAX_BATCH))  # cap on the U-Net batch (default 2 * batch.max under CFG)
+    vae_max_batch: int | None = field(default=None, metadata=bounds(1, MAX_BATCH))  # cap on the VAE decoder/encoder batch (default batch.max)
     batch: dict | None = None           # {min, opt, max} images, narrows the manifest's profile
     height: dict | None = None          # {min, opt, max} pixels, narrows the manifest's profile
     width: dict | None = None           # {min, opt, max} pixels, narrows the manifest's profile
@@ -73,23 +76,14 @@ class BuildConfig:
         object.__setattr__(self, "components", tuple(self.components))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BuildConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown build config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "") -> "BuildConfig":
+        if isinstance(d, dict) and isinstance(d.get("targets"), (list, tuple)):
+            d = {**d, "targets": [str(t) for t in d["targets"]]}   # YAML reads `8.6` as a number
+        return configfile.load(cls, d, where, kind="build config", error=UsageError)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "BuildConfig":
-        import yaml  # noqa: PLC0415
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise LdmError(f"cannot read build config {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"build config {path} must be a mapping of keys to values")
-        return cls.from_dict(data)
+        return cls.from_dict(configfile.read_mapping(path, "build config"), f"build config {path}")
 
 
 @dataclass

@@ -12,7 +12,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldm_deploy import configfile
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.flops import vae_scale_factor
+from ldm_deploy.limits import MAX_BATCH, MAX_IMAGE_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ ALL_COMPONENTS = COMPONENTS + ("text_encoder_2",)                        # SDXL'
 PRECISIONS = ("fp32", "fp16")
 EXPORTERS = ("torchscript", "dynamo")
 SWITCHABLE = (None, "linear", "all")          # lora_switchable
+PROFILE_KEYS = ("batch", "height", "width")   # under `profiles:` in the YAML
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,21 @@ class Range:
     @property
     def static(self) -> bool:
         return self.min == self.max
+
+    @classmethod
+    def from_config(cls, value, where: str, error=LdmError) -> "Range":
+        """`64` (static) or `{min, max, opt}` (opt defaults to min), within limits.py's batch / image bounds."""
+        if isinstance(value, Range):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = {"min": value, "max": value}
+        if not isinstance(value, dict) or "min" not in value or "max" not in value:
+            raise error(f"{where} must be an integer or a mapping with min, max and optional opt")
+        r = configfile.load(cls, {"opt": value["min"], **value}, where, error=error)
+        top = MAX_BATCH if where.endswith("batch") else MAX_IMAGE_SIDE
+        if r.max > top:
+            raise error(f"{where}.max = {r.max} is over ldm-deploy's limit of {top}")
+        return r
 
 
 @dataclass(frozen=True)
@@ -135,49 +154,37 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "export config") -> "ExportConfig":
+        """A config mapping (the YAML file, the manifest's `export_config`) through the strict loader; its
+        `profiles` section holds the batch / height / width ranges."""
+        if not isinstance(d, dict):
+            raise LdmError(f"{where} must hold a mapping of export settings")
         d = dict(d)
         profiles = d.pop("profiles", {}) or {}
         if not isinstance(profiles, dict):
             raise LdmError(f"{where}: `profiles` must be a mapping of batch/height/width ranges")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known | set(profiles) - {"batch", "height", "width"})
+        unknown = [f"profiles.{k}" for k in profiles if k not in PROFILE_KEYS]
         if unknown:
-            raise LdmError(f"{where}: unknown keys {', '.join(unknown)}",
-                           hint=f"known keys: {', '.join(sorted(known - {'batch', 'height', 'width'}))}, "
-                                "profiles.{batch,height,width}")
-        kwargs = {}
-        for k, v in {**d, **profiles}.items():
-            if k in ("batch", "height", "width"):
-                v = _range(v, f"{where}: profiles.{k}")
-            elif k in ("components", "fp16_keep_ops"):
-                v = tuple(v)
-            elif k == "fp16_keep_nodes":
-                if not isinstance(v, dict):
-                    raise LdmError(f"{where}: `fp16_keep_nodes` must map component names to lists of node names")
-                v = {c: tuple(names or ()) if not isinstance(names, str) else names for c, names in v.items()}
-            kwargs[k] = v
+            raise LdmError(f"{where}: unknown keys {', '.join(sorted(unknown))}",
+                           hint="allowed in profiles: batch, height, width")
+        twice = [k for k in PROFILE_KEYS if k in d and k in profiles]
+        if twice:
+            raise LdmError(f"{where}: {twice[0]} is given both at the top level and under profiles; keep one")
+        profiles = {**{k: d.pop(k) for k in PROFILE_KEYS if k in d}, **profiles}   # top-level ranges: older files
+        nodes = d.get("fp16_keep_nodes")
+        if isinstance(nodes, dict):   # lists of node names -> tuples (a string is refused by __post_init__)
+            d["fp16_keep_nodes"] = {c: names if isinstance(names, str) else tuple(names or ())
+                                    for c, names in nodes.items()}
         try:
-            return cls(**kwargs)
-        except UsageError as e:
+            ranges = {k: Range.from_config(v, f"{where}: profiles.{k}") for k, v in profiles.items()}
+            return configfile.load(cls, {**d, **ranges}, where)
+        except UsageError as e:      # __post_init__'s checks: name the file
             raise UsageError(f"{where}: {e}") from None
-        except TypeError as e:
-            raise LdmError(f"{where}: {e}") from None
-
-
-def _range(v, where: str) -> Range:
-    if isinstance(v, int):
-        return Range(v, v, v)
-    if not isinstance(v, dict) or set(v) - {"min", "opt", "max"} or "min" not in v or "max" not in v:
-        raise LdmError(f"{where} must be an integer or a mapping with min, max and optional opt")
-    return Range(int(v["min"]), int(v.get("opt", v["min"])), int(v["max"]))
 
 
 def load_config(path_or_name: str | Path | None) -> ExportConfig:
     """Load `path` (a YAML file) or a bundled name from `export_configs/` (tiny, demo, sd15, sd21, sdxl).
 
     None gives the built-in defaults (512x512); `default_config(model_dir)` sizes them to the model."""
-    import yaml
-
     if path_or_name is None:
         return ExportConfig()
     path = Path(path_or_name)
@@ -187,12 +194,7 @@ def load_config(path_or_name: str | Path | None) -> ExportConfig:
             raise LdmError(f"export config {path_or_name} not found",
                            hint="pass a YAML file or one of: tiny, demo, sd15, sd21, sdxl")
         path = bundled
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise LdmError(f"cannot parse {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise LdmError(f"{path} must hold a mapping of export settings")
+    data = configfile.read_mapping(path, "export config")
     data.setdefault("name", path.stem)
     return ExportConfig.from_dict(data, where=str(path))
 
@@ -202,10 +204,9 @@ DEFAULT_SIZE = 512  # pixels, when the model folder does not say (no unet/config
 
 def native_size(model_dir: str | Path) -> tuple[int, int] | None:
     """(height, width) the model was trained at, as diffusers' pipelines default to it: the U-Net's
-    `sample_size` x the VAE scale factor 2 ** (len(vae.block_out_channels) - 1); None when unknown."""
+    `sample_size` x the VAE scale factor (flops.vae_scale_factor); None when unknown."""
     sample = (_part_config(model_dir, "unet") or {}).get("sample_size")
-    blocks = (_part_config(model_dir, "vae") or {}).get("block_out_channels")
-    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+    factor = vae_scale_factor(_part_config(model_dir, "vae"))
     if isinstance(sample, int) and not isinstance(sample, bool) and sample > 0:
         return sample * factor, sample * factor
     if (isinstance(sample, list) and len(sample) == 2

@@ -25,6 +25,7 @@ from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
 from ldm_deploy.export.source import PARTS, folder_sha256, load_source
+from ldm_deploy.feeds import example_feeds
 from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write_json
 from ldm_deploy.interop.layout import refuse_onnx_folder
 from ldm_deploy.lora import LoraSpec
@@ -138,7 +139,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
                                                    fold_guidance=config.ort_cuda_fold_cfg)
         variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused)
 
-    inputs = spec.example_inputs("opt")
+    inputs = example_feeds(spec, vocab_size=spec.vocab_size)
     inputs.update({n: w.numpy() for n, w in spec.weight_inputs.items()})   # lora_switchable: the base weights
     stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
                    "cleanup": clean}

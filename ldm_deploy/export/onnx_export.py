@@ -22,13 +22,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import lora as lora_export
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.source import Source, math_attention
+from ldm_deploy.feeds import example_feeds
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +99,8 @@ class GraphSpec:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in self.inputs + self.outputs}
 
-    def example_inputs(self, which: str = "opt", seed: int = 0) -> dict[str, np.ndarray]:
-        return random_inputs({t.name: t.shapes[which] for t in self.inputs}, seed, self.vocab_size)
-
     def profile(self) -> dict:
         return {t.name: dict(t.shapes) for t in self.inputs}
-
-
-def random_inputs(shapes: dict[str, tuple], seed: int = 0, vocab_size: int = 1000) -> dict[str, np.ndarray]:
-    """Random float32/int32 inputs of the given shapes, each in its input's natural range."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in shapes.items():
-        shape = tuple(shape)
-        if name == "input_ids":
-            out[name] = rng.integers(0, vocab_size, size=shape).astype(np.int32)
-        elif name == "timestep":
-            out[name] = rng.uniform(0, 999, size=shape).astype(np.float32)     # fractional timesteps
-        elif name == "image":
-            out[name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
-        elif name == "time_ids":                                              # SDXL sizes / crops / scores
-            out[name] = rng.uniform(0, 1024, size=shape).round().astype(np.float32)
-        else:
-            out[name] = rng.standard_normal(shape).astype(np.float32)
-    return out
 
 
 def graph_spec(component: str, source: Source, config: ExportConfig) -> GraphSpec:
@@ -210,8 +188,8 @@ def export_onnx(component: str, source: Source, config: ExportConfig, path: Path
     spec = graph_spec(component, source, config)
     module = graph_module(component, source, config)
     # dynamo specialises an axis traced at size 1, so it traces at the max shapes
-    example = tuple(torch.from_numpy(a) for a in
-                    spec.example_inputs("max" if config.exporter == "dynamo" else "opt").values())
+    feeds = example_feeds(spec, which="max" if config.exporter == "dynamo" else "opt", vocab_size=spec.vocab_size)
+    example = tuple(torch.from_numpy(a) for a in feeds.values())
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
     if config.lora_switchable and component in lora_export.SWITCHABLE:   # weights as graph inputs

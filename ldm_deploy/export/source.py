@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.flops import vae_scale_factor
 
 # export component -> model folder part
 PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
@@ -50,7 +51,7 @@ class Source:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1) if "vae" in self.configs else 8
+        return vae_scale_factor(self.configs.get("vae"))
 
     @property
     def latent_channels(self) -> int:

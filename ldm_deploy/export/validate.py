@@ -23,8 +23,9 @@ from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.compare import ErrorStats, error_stats
 from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg, symmetric_unet_inputs
 from ldm_deploy.export.config import ExportConfig
-from ldm_deploy.export.onnx_export import graph_module, random_inputs
+from ldm_deploy.export.onnx_export import graph_module
 from ldm_deploy.export.source import folder_sha256, load_source, math_attention
+from ldm_deploy.feeds import example_feeds
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None,
         vocab = int((source.configs.get(text) or source.configs.get("text_encoder_2") or {}).get("vocab_size", 1000))
         folded = {b for b, r in runners.items() if takes_guidance(r)}   # ORT CUDA U-Net with CFG in the graph
         for i, (case, shapes) in enumerate(_cases(artifact, spec).items()):
-            inputs = random_inputs(shapes, seed + i, vocab)
+            inputs = example_feeds(spec, seed=seed + i, shapes=shapes, vocab_size=vocab, float_dtype=np.float32)
             if folded:   # the halves repeat, so the plain outputs say what the folded graph must return
                 inputs = symmetric_unet_inputs(inputs)
             expected = _torch_outputs(module, inputs, spec.output_names, source.text_module(name))

@@ -12,9 +12,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ldm_deploy.artifact import Artifact
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.layers import LayerReport, compare_layers, trt_runner
+from ldm_deploy.feeds import example_feeds
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}    # validate's, per tensor instead of per output
 
@@ -22,7 +25,6 @@ TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}    # validate's, per tensor instead of
 def validate_layers(model_dir, artifact_dir, backend: str = "ort-cpu", *, components=None, seed: int = 0
                     ) -> dict[str, LayerReport]:
     from ldm_deploy.export.exporter import export_model
-    from ldm_deploy.export.onnx_export import random_inputs
 
     artifact = Artifact.open(artifact_dir)
     config = ExportConfig.from_dict(artifact.manifest.get("export_config", {}), where="manifest export_config")
@@ -41,8 +43,7 @@ def validate_layers(model_dir, artifact_dir, backend: str = "ort-cpu", *, compon
                 fp32 = config.replace(precision="fp32", vae_precision="fp32", components=(name,), ort_cuda=False,
                                       keep_fp32_unet=False, measure_runtime=False, fp16_keep_nodes={})
                 reference = export_model(model_dir, Path(tmp) / name, fp32).artifact.file(name)
-            shapes = {n: tuple(p["opt"]) for n, p in spec.profile.items()}
-            feeds = [random_inputs(shapes, seed, vocab)]
+            feeds = [example_feeds(spec, seed=seed, vocab_size=vocab, float_dtype=np.float32)]
             kwargs = {"providers": ("cuda", "cpu") if backend == "ort-cuda" else ("cpu",)}
             if backend == "tensorrt":   # pragma: no cover - needs a GPU TensorRT supports
                 kwargs["test_runner"] = lambda path, label: trt_runner(path, label, fp16=spec.precision == "fp16")

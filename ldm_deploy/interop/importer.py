@@ -23,6 +23,7 @@ import numpy as np
 
 from ldm_deploy.artifact import ARTIFACT_OUTPUT, FORMAT, FORMAT_VERSION, MANIFEST, Artifact, profiles_digest
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.flops import vae_scale_factor
 from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
 from ldm_deploy.interop.layout import GRAPH_PARTS, onnx_layout
 
@@ -246,9 +247,7 @@ def _check_external_locations(model, folder: Path) -> None:
 
 
 def _vae_scale_factor(folder: _Folder) -> int:
-    vae = folder.configs["vae"] or {}
-    blocks = vae.get("block_out_channels")
-    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+    return vae_scale_factor(folder.configs["vae"])
 
 
 def _profiles(folder: _Folder, graphs: dict, batch, height, width) -> dict:

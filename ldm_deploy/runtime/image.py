@@ -103,17 +103,47 @@ def load_image(path: str | Path) -> np.ndarray:
         raise LdmError(f"cannot read image {path}: {e}") from None
 
 
-def make_grid(images: np.ndarray | Sequence[np.ndarray], cols: int | None = None, pad: int = 2,
-              fill: int = 255) -> np.ndarray:
-    """Tile (N, H, W, 3) uint8 images into one (rows*H + ..., cols*W + ..., 3) image, row-major."""
+def make_grid(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str] | None = None,
+              cols: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile (N, H, W, 3) uint8 images row-major into one uint8 image, `pad` pixels of `fill` between and
+    around the tiles, each with its caption (word-wrapped) under it when `captions` are given. The one grid
+    maker: `ldm-deploy demo`'s grid, training's sample grids."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise UsageError(f"make_grid wants (N, H, W, 3) images, got {list(images.shape)}")
     n, h, w, _ = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), fill, dtype=images.dtype)
+    if captions is not None and len(captions) != n:
+        raise UsageError(f"{len(captions)} captions for {n} images")
+    cols = min(cols or 4, n)
+    rows = -(-n // cols)
+    line_h, per_line = 12, max(8, w // 6)              # PIL's default bitmap font: ~6 px a character, 12 a line
+    wrapped = [_wrap(c, per_line) for c in captions] if captions else []
+    cap_h = line_h * max(len(x) for x in wrapped) + pad if wrapped else 0
+    grid = np.full((rows * (h + cap_h + pad) + pad, cols * (w + pad) + pad, 3), fill, dtype=images.dtype)
     for i, image in enumerate(images):
         r, c = divmod(i, cols)
-        grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = image
+        y, x = pad + r * (h + cap_h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = image
+    if wrapped:
+        from PIL import Image, ImageDraw, ImageFont
+
+        canvas = Image.fromarray(grid, "RGB")
+        draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+        for i, lines in enumerate(wrapped):
+            r, c = divmod(i, cols)
+            y, x = pad + r * (h + cap_h + pad), pad + c * (w + pad)
+            for k, line in enumerate(lines):
+                draw.text((x, y + h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
+        grid = np.asarray(canvas)
     return grid
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines

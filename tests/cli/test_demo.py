@@ -8,9 +8,10 @@ import pytest
 
 from ldm_deploy.cli import main
 from ldm_deploy.compare import assert_close
-from ldm_deploy.demo import (MODEL_ENV, SEEN_PROMPTS, DemoConfig, captioned_grid, demo_prompts, parse_caption,
+from ldm_deploy.demo import (MODEL_ENV, SEEN_PROMPTS, DemoConfig, demo_prompts, parse_caption,
                              read_prompts, resolve_model, run_demo)
 from ldm_deploy.errors import LdmError
+from ldm_deploy.runtime.image import make_grid
 from tests.runtime.tiny_model import tiny_folder  # noqa: F401 (fixture)
 
 
@@ -100,10 +101,10 @@ def test_env_var_picks_the_model(tiny_folder, monkeypatch):  # noqa: F811
 
 def test_captioned_grid_layout():
     images = np.zeros((5, 32, 32, 3), np.uint8)
-    grid = captioned_grid(images, [f"caption number {i} with several words" for i in range(5)], cols=3)
+    grid = make_grid(images, [f"caption number {i} with several words" for i in range(5)], cols=3, pad=4)
     assert grid.dtype == np.uint8 and grid.shape[1] == 3 * 36 + 4 and grid.shape[0] > 2 * 32
     with pytest.raises(Exception, match="captions"):
-        captioned_grid(images, ["one"])
+        make_grid(images, ["one"])
 
 
 def test_images_are_made_at_the_models_native_size_when_the_profile_allows(tmp_path):

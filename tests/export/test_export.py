@@ -20,10 +20,11 @@ from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export.config import ExportConfig, Range
 from ldm_deploy.export.exporter import export_model
-from ldm_deploy.export.onnx_export import graph_module, random_inputs
+from ldm_deploy.export.onnx_export import graph_module
 from ldm_deploy.export.optimize import cast_inputs, ort_session
 from ldm_deploy.export.source import load_source, math_attention
 from ldm_deploy.export.validate import validate
+from ldm_deploy.feeds import example_feeds
 
 TINY = dict(batch=Range(1, 1, 4), height=Range(64, 64, 64), width=Range(64, 64, 64), measure_runtime=False)
 RTOL = {"fp32": 1e-4, "fp16": 2e-2}
@@ -46,12 +47,6 @@ def sd1_fp16(tiny_folder, tmp_path_factory):
     return export_model(tiny_folder, tmp_path_factory.mktemp("onnx") / "sd1-fp16", cfg)
 
 
-def _shapes(component: str, art: Artifact, b: int) -> dict[str, tuple]:
-    """Input shapes for B = b prompts*images at the artifact's (static) size."""
-    spec = art.component(component)
-    return {name: (b * spec.batch_multiplier, *p["opt"][1:]) for name, p in spec.profile.items()}
-
-
 def _check_against_torch(folder, art: Artifact, component: str, graph: str | None = None, rtol=None):
     source = load_source(folder, [component])
     module = graph_module(component, source, ExportConfig.from_dict(art.manifest["export_config"]))
@@ -61,7 +56,7 @@ def _check_against_torch(folder, art: Artifact, component: str, graph: str | Non
     vocab = source.configs.get("text_encoder", {}).get("vocab_size", 1000)
     rtol = rtol or RTOL[spec.precision]
     for b in (1, 2, 3, 4):                                   # one graph, every batch in the profile
-        inputs = random_inputs(_shapes(component, art, b), seed=b, vocab_size=vocab)
+        inputs = example_feeds(art.component(component), b, seed=b, vocab_size=vocab, float_dtype=np.float32)
         with torch.no_grad(), math_attention(source.text_encoder):
             expected = module(*(torch.from_numpy(a) for a in inputs.values()))
         expected = expected if isinstance(expected, tuple) else (expected,)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ldm_deploy.artifact import Artifact
 from ldm_deploy.compare import assert_close
+from ldm_deploy.feeds import example_feeds
 from ldm_deploy.runtime import lora_switch
 from ldm_deploy.runtime.runners.base import open_runner
 from tests.runtime.test_ort_cuda_runner import cpu_bound  # noqa: F401 (fixture)
@@ -29,14 +31,16 @@ def setup(tmp_path_factory):
         components=("unet",), measure_runtime=False, lora_switchable="all")).path for p in ("fp32", "fp16")}
     arts["linear"] = export_model(folder, root / "linear", export_config().replace(
         components=("text_encoder", "unet"), measure_runtime=False, lora_switchable="linear")).path
+    UNET.append(Artifact.open(arts["fp32"]).component("unet"))
     return arts, files
 
 
+UNET: list = []   # the fp32 artifact's U-Net ComponentSpec (filled by `setup`, which every user takes)
+
+
 def unet_feeds(seed=0):
-    rng = np.random.default_rng(seed)
-    return {"sample": rng.standard_normal((2, 4, 4, 4), dtype=np.float32),
-            "timestep": np.array([500, 500], np.float32),
-            "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    """One CFG batch (2 rows) of float32 U-Net inputs at the profile's opt size."""
+    return example_feeds(UNET[0], 1, seed, float_dtype=np.float32)
 
 
 def _switch_cycle(runner, cpu, files):

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ldm_deploy.artifact import Artifact
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export.config import load_config
 from ldm_deploy.export.exporter import export_model
+from ldm_deploy.feeds import example_feeds
 from ldm_deploy.runtime.runners.base import open_runner, takes_guidance
 from tests.export.test_ort_optimize import make_sd_like_folder
 
@@ -27,22 +29,23 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     base = load_config("tiny").replace(components=("text_encoder", "unet", "vae_decoder"), measure_runtime=False,
                                        optimize=HAS_ONNXSLIM,
                                        ort_cuda=True)
-    return {p: export_model(folder, root / p, base.replace(precision=p, keep_fp32_unet=p == "fp16")).path
+    arts = {p: export_model(folder, root / p, base.replace(precision=p, keep_fp32_unet=p == "fp16")).path
             for p in ("fp32", "fp16")}
+    fp32 = Artifact.open(arts["fp32"])
+    SPECS.update({c: fp32.component(c) for c in fp32.components})
+    return arts
+
+
+SPECS: dict = {}   # component -> the fp32 artifact's ComponentSpec (filled by `artifacts`, which every user takes)
 
 
 def feeds(component: str, batch: int = 1, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    if component == "text_encoder":
-        ids = rng.integers(0, 999, (batch, 77)).astype(np.int32)
-        return {"input_ids": ids}
-    if component == "unet":   # latents / timesteps repeat over the CFG halves, as the pipeline feeds them
-        from ldm_deploy.export.cfg_fold import symmetric_unet_inputs
+    """float32 feeds at the profile's opt size; U-Net latents / timesteps repeat over the CFG halves, as the
+    pipeline feeds them."""
+    from ldm_deploy.export.cfg_fold import symmetric_unet_inputs
 
-        return symmetric_unet_inputs({"sample": rng.standard_normal((2 * batch, 4, 8, 8), np.float32),
-                                      "timestep": np.linspace(999, 0.5, 2 * batch).astype(np.float32),
-                                      "encoder_hidden_states": rng.standard_normal((2 * batch, 77, 32), np.float32)})
-    return {"latent": rng.standard_normal((batch, 4, 8, 8), np.float32)}
+    x = example_feeds(SPECS[component], batch, seed, vocab_size=999, float_dtype=np.float32)
+    return symmetric_unet_inputs(x) if component == "unet" else x
 
 
 @pytest.fixture

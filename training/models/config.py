@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.flops import vae_scale_factor
 from ldm_deploy.limits import check_model_config
 
 DIFFUSERS_VERSION = "0.30.0"  # written as `_diffusers_version`; any diffusers >= 0.30 reads these configs
@@ -300,7 +301,7 @@ class VAEConfig:
     @property
     def scale_factor(self) -> int:
         """Image pixels per latent pixel (8 for kl-f8)."""
-        return 2 ** (len(self.block_out_channels) - 1)
+        return vae_scale_factor({"block_out_channels": self.block_out_channels})
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":

@@ -30,7 +30,7 @@ def device_flops() -> tuple[float, str]:
 def stage_flops(cfg: TrainConfig) -> dict[str, float]:
     m = model_dicts(cfg)
     res = cfg.data.resolution
-    f = 2 ** (len(m["vae"].get("block_out_channels", (1, 1, 1, 1))) - 1)
+    f = flops.vae_scale_factor(m["vae"])
     vae = flops.vae_encoder_flops(m["vae"], res, res) + flops.vae_decoder_flops(m["vae"], res // f, res // f)
     te = flops.text_encoder_flops({**m["text_encoder"]})
     unet_cfg = {**m["unet"], "cross_attention_dim": m["text_encoder"].get("hidden_size", 768)}

@@ -23,7 +23,7 @@ def pipeline(modules: dict, tok_dir: Path, scheduler_config: dict, scaling_facto
     return Pipeline(ClipTokenizer.from_dir(Path(tok_dir)), runners, scheduler_config, scaling_factor=scaling_factor,
                     prediction_type=scheduler_config.get("prediction_type", "epsilon"),
                     latent_channels=unet.config.in_channels,
-                    vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), backend="torch")
+                    vae_scale_factor=vae.config.scale_factor, backend="torch")
 
 
 def generate(modules: dict, tok_dir: Path, scheduler_config: dict, scaling_factor: float, prompts: list[str], *,
@@ -44,14 +44,9 @@ def save_grid(images: np.ndarray, path: Path, captions: list[str] | None = None,
     from PIL import Image
 
     from ldm_deploy.fileio import atomic_file
+    from ldm_deploy.runtime.image import make_grid
 
-    n, h, w, _ = images.shape
-    cols = min(cols, n)
-    rows = (n + cols - 1) // cols
-    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = im
+    grid = make_grid(images, cols=cols)
     path = Path(path)
     with atomic_file(path) as f:
         Image.fromarray(grid).save(f, format="PNG")

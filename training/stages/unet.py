@@ -150,7 +150,7 @@ def _sampling_hook(sampler, sc):
 
 
 def vae_scale(vae: nn.Module) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.config.scale_factor
 
 
 def save_model(cfg: TrainConfig, unet, vae, te, tok_dir: Path, scheduler_config: dict) -> Path:
