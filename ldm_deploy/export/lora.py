@@ -136,5 +136,12 @@ def split_weight_inputs(ins: list[dict], weights: dict, root: Path, component: s
     base = {i["name"]: weights[i["name"]].numpy().astype(i["dtype"]) for i in present}
     path = root / component / BASE_FILE
     write_base(path, base)
-    return real, {"file": path.relative_to(root).as_posix(), "mode": mode,
-                  "inputs": {i["name"]: {"dtype": i["dtype"], "shape": list(i["shape"])} for i in present}}
+    # dropped weights (SDXL's first text encoder: its last layer feeds no output) are listed so that a LoRA
+    # touching them still loads at run time; their deltas change nothing, as when merged
+    kept = {i["name"] for i in present}
+    unused = {n: list(w.shape) for n, w in weights.items() if n not in kept}
+    entry = {"file": path.relative_to(root).as_posix(), "mode": mode,
+             "inputs": {i["name"]: {"dtype": i["dtype"], "shape": list(i["shape"])} for i in present}}
+    if unused:
+        entry["unused"] = unused
+    return real, entry

@@ -63,7 +63,14 @@ def _targets(runners: Mapping[str, object], artifact_path=None) -> tuple[dict, d
     if not targets_of:
         raise LdmError(f"the artifact {artifact_path or ''} was not exported with switchable weights".replace("  ", " "),
                        hint="re-export with `ldm-deploy export ... --lora-switchable`, or merge with `export --lora`")
-    return targets_of, {c: {n: w.shape for n, w in r.base_weights.items()} for c, r in targets_of.items()}
+    return targets_of, {c: {**_unused(r), **{n: w.shape for n, w in r.base_weights.items()}}
+                        for c, r in targets_of.items()}
+
+
+def _unused(runner) -> dict[str, tuple]:
+    """Weights the exported graph dropped (they feed no output): a LoRA may touch them, to no effect."""
+    entry = (getattr(runner, "spec", None) or {}).get("lora_weights") or {}
+    return {n: tuple(shape) for n, shape in (entry.get("unused") or {}).items()}
 
 
 def preload(runners: Mapping[str, object], path) -> LoraFile:
@@ -85,7 +92,8 @@ def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None)
     changed = {}
     for component, runner in targets_of.items():
         base = runner.base_weights
-        new = combine(base, [lora.deltas(component, targets[component], scale) for lora, scale in loaded])
+        deltas = [lora.deltas(component, targets[component], scale) for lora, scale in loaded]
+        new = combine(base, [{n: d for n, d in delta.items() if n in base} for delta in deltas])
         changed[component] = runner.set_weights(new)
     return {"loras": [lora.record(scale) for lora, scale in loaded], "seconds": time.perf_counter() - start,
             "changed": changed}

@@ -88,7 +88,8 @@ def lora_params(art, loras: dict) -> dict[str, dict]:
 
     if not loras:
         return {}
-    targets = {c: {n: tuple(v["shape"]) for n, v in ((e.get("lora_weights") or {}).get("inputs") or {}).items()}
+    targets = {c: {**{n: tuple(v) for n, v in (e["lora_weights"].get("unused") or {}).items()},
+                   **{n: tuple(v["shape"]) for n, v in (e["lora_weights"].get("inputs") or {}).items()}}
                for c, e in art.manifest["components"].items() if isinstance(e, dict) and e.get("lora_weights")}
     if not targets:
         raise UsageError(f"--lora needs an artifact exported with switchable weights, and {art.path} was not",
