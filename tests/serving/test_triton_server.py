@@ -371,3 +371,36 @@ def test_serve_refuses_lora_on_an_artifact_without_switchable_weights(demo_artif
     assert proc.returncode == 2
     assert "--lora needs an artifact exported with switchable weights" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_sdxl_artifact_served_with_a_lora(tmp_path):
+    """A tiny SDXL artifact (switchable, with a kohya lora_unet_ / lora_te2_ file) through a real server: the
+    zero-negative default and a LoRA request, each equal to the pipeline alone (`generate`)."""
+    pytest.importorskip("diffusers")
+    import tritonclient.http as httpclient
+
+    from ldm_deploy.export.config import ExportConfig, Range
+    from ldm_deploy.runtime.pipeline import Pipeline
+    from tests.runtime.tiny_sdxl import make_tiny_sdxl
+    from tests.serving.lora_setup import export_switchable, write_kohya
+
+    config = ExportConfig(name="tiny-sdxl", batch=Range(1, 1, 2), height=Range(32, 32, 32), width=Range(32, 32, 32),
+                          components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
+    artifact = export_switchable(make_tiny_sdxl(tmp_path / "base"), tmp_path / "onnx", config)
+    lora = write_kohya(artifact, tmp_path / "x.safetensors", 4,
+                       targets={"unet": ("attn2.to_k.weight",), "text_encoder_2": ("q_proj.weight",)})
+    s = Server(artifact, tmp_path / "server.log", "--lora", f"x={lora}")
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{s.http}", network_timeout=300.0)
+        try:
+            got = [client.infer("ldm", inputs(httpclient, "a red circle", seed=np.int64(3), steps=np.int32(3),
+                                              **extra)).as_numpy("image")[0]
+                   for extra in ({}, {"negative_prompt": "blurry", "lora": "x:0.8"})]
+        finally:
+            client.close()
+    finally:
+        assert s.stop() == 0, s.log()[-2000:]
+    pipe = Pipeline.from_artifact(artifact)
+    assert np.array_equal(got[0], pipe("a red circle", steps=3, seed=3).images[0])      # zero negative
+    pipe.set_loras([(lora, 0.8)])
+    assert np.array_equal(got[1], pipe("a red circle", "blurry", steps=3, seed=3).images[0])
