@@ -394,13 +394,13 @@ def test_sdxl_artifact_served_with_a_lora(tmp_path):
         client = httpclient.InferenceServerClient(f"127.0.0.1:{s.http}", network_timeout=300.0)
         try:
             got = [client.infer("ldm", inputs(httpclient, "a red circle", seed=np.int64(3), steps=np.int32(3),
-                                              **extra)).as_numpy("image")[0]
+                                              guidance=np.float32(5.0), **extra)).as_numpy("image")[0]
                    for extra in ({}, {"negative_prompt": "blurry", "lora": "x:0.8"})]
         finally:
             client.close()
     finally:
         assert s.stop() == 0, s.log()[-2000:]
     pipe = Pipeline.from_artifact(artifact)
-    assert np.array_equal(got[0], pipe("a red circle", steps=3, seed=3).images[0])      # zero negative
+    assert np.array_equal(got[0], pipe("a red circle", steps=3, guidance=5.0, seed=3).images[0])   # zero negative
     pipe.set_loras([(lora, 0.8)])
-    assert np.array_equal(got[1], pipe("a red circle", "blurry", steps=3, seed=3).images[0])
+    assert np.array_equal(got[1], pipe("a red circle", "blurry", steps=3, guidance=5.0, seed=3).images[0])
