@@ -214,3 +214,27 @@ def test_sdxl_original_block_names_equal_diffusers_converter():
         return re.sub(r"\.processor\.to_out_lora\..*", ".to_out.0", key).split(".lora")[0]
 
     assert {module_of(k) for k in converted if k.startswith("unet.")} == set(sgm)
+
+
+def test_sdxl_text_encoder_2_keys_in_both_layouts(tmp_path):
+    """`lora_te2_` (kohya) and `text_encoder_2.` (diffusers) reach text_encoder_2, never text_encoder (whose
+    module names are the same); on a one-encoder model a `lora_te2_` key is one clear error."""
+    from safetensors.numpy import save_file
+
+    q = "encoder.layers.0.self_attn.q_proj.weight"
+    targets = {"text_encoder": {q: (4, 3)}, "text_encoder_2": {q: (4, 3)}}
+    down, up = np.full((1, 3), 0.5, np.float32), np.full((4, 1), 2.0, np.float32)
+    save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up,
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha": np.array(2.0, np.float32)},
+              str(tmp_path / "kohya.safetensors"))
+    save_file({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": down,
+               "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": up},
+              str(tmp_path / "peft.safetensors"))
+    for name, alpha in (("kohya", 2.0), ("peft", 1.0)):       # peft without metadata: alpha = rank
+        lora = load_lora(tmp_path / f"{name}.safetensors", targets)
+        assert lora.components() == {"text_encoder_2"}
+        assert_close(lora.deltas("text_encoder_2", targets["text_encoder_2"], 0.5)[q], 0.5 * alpha * (up @ down),
+                     rtol=0, atol=0, name=name)
+    with pytest.raises(LdmError, match="3 of 3 keys are not LoRA weights"):
+        load_lora(tmp_path / "kohya.safetensors", {"text_encoder": {q: (4, 3)}})
