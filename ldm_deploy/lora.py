@@ -4,7 +4,12 @@ Two layouts are read, for linear layers and 1x1 / 3x3 convolutions (LoCon):
 
 - kohya / A1111: `lora_unet_<module path, dots as underscores>.lora_down.weight` / `.lora_up.weight` /
   `.alpha`, and `lora_te_...` for the text encoder (SD 1.x / 2.x module names, which are diffusers').
-- diffusers / peft: `unet.<module path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...`,
+  SDXL (kohya's sd-scripts): `lora_te1_...` for text_encoder, `lora_te2_...` for text_encoder_2, and
+  U-Net modules under either diffusers' names or the original (SGM) block names sd-scripts uses for SDXL
+  (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `middle_block_1_...`, `output_blocks_2_0_in_layers_2`),
+  mapped from the model's own block layout (`_sgm_names`).
+- diffusers / peft: `unet.<module path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...`
+  (`text_encoder_2.<path>...` for SDXL),
   peft's own `base_model.model.<path>...` and prefix-less keys (resolved against the model), with or
   without a `base_layer` segment; alpha from a `<path>.alpha` key, from the file's
   `lora_adapter_metadata` (diffusers' `save_lora_weights`) or from an `adapter_config.json` beside it
@@ -13,7 +18,7 @@ Two layouts are read, for linear layers and 1x1 / 3x3 convolutions (LoCon):
 A module's delta is `(alpha / r) * up @ down` (`alpha / sqrt(r)` with rsLoRA), r = down's rows; for a
 convolution down is [r, in, kh, kw] and up [out, r, 1, 1], and the product is reshaped to the kernel.
 `W' = W + sum_i scale_i * delta_i` is what `fuse_lora(lora_scale=...)` computes. Parameter names are
-ours, which are diffusers' (U-Net) and transformers' (CLIPTextModel). Only `.safetensors` files are
+ours, which are diffusers' (U-Net) and transformers' (CLIPTextModel[WithProjection]). Only `.safetensors` files are
 read: no pickle, ever.
 """
 from __future__ import annotations
@@ -29,8 +34,10 @@ import numpy as np
 
 from ldm_deploy.errors import LdmError, UsageError
 
-COMPONENTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}  # te1: kohya for one TE
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",   # te1/te2: SDXL's
+                "lora_te2_": "text_encoder_2"}
 METADATA_KEY = "lora_adapter_metadata"       # diffusers' save_lora_weights(..., *_lora_adapter_metadata=)
 SHOW = 4                                     # how many offending keys an error names
 
@@ -38,7 +45,8 @@ _KOHYA = re.compile(r"^(lora_[a-z0-9]+?_)(.+)\.(lora_down\.weight|lora_up\.weigh
 _PEFT = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _OLD_DIFFUSERS = re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
 _ALPHA = re.compile(r"^(.+)\.alpha$")
-_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("base_model.model.", None))
+_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
+             ("base_model.model.", None))
 
 
 @dataclass(frozen=True)
@@ -149,9 +157,10 @@ def load_lora(path, targets: Mapping[str, Mapping[str, tuple]]) -> LoraFile:
     groups, unknown = parse(tensors, targets)
     if unknown:
         raise LdmError(f"{path}: {len(unknown)} of {len(tensors)} keys are not LoRA weights of this model's "
-                       f"U-Net / text encoder (e.g. {', '.join(sorted(unknown)[:SHOW])})",
-                       hint="ldm-deploy reads kohya (lora_unet_*/lora_te_*) and diffusers/peft (lora_A/lora_B) "
-                            "LoRA/LoCon files for SD 1.x/2.x-style models; LoHa/LoKr/DoRA and SDXL files are not supported")
+                       f"U-Net / text encoder(s) (e.g. {', '.join(sorted(unknown)[:SHOW])})",
+                       hint="ldm-deploy reads kohya (lora_unet_*/lora_te_*, SDXL's lora_te1_*/lora_te2_*) and "
+                            "diffusers/peft (lora_A/lora_B) LoRA/LoCon files for SD 1.x/2.x and SDXL models; "
+                            "LoHa/LoKr/DoRA are not supported, and a LoRA for another model family matches no layer")
     alphas = _config_alphas(path, metadata)
     modules = []
     incomplete = []
@@ -208,14 +217,64 @@ def _module_table(targets: Mapping[str, Mapping[str, tuple]]) -> dict[str, dict[
     """component -> {module path as files name it: our module path} for every weight in targets.
 
     transformers 5's CLIPTextModel names its parameters `encoder.layers...`; LoRA files (and transformers 4)
-    say `text_model.encoder.layers...`: both are accepted."""
+    say `text_model.encoder.layers...`: both are accepted. U-Net modules also answer to their original
+    (SGM) names, which kohya's SDXL files use."""
     table = {}
     for c, names in targets.items():
         mods = {p[: -len(".weight")]: p[: -len(".weight")] for p in names if p.endswith(".weight")}
-        if c == "text_encoder":
+        if c in TEXT_ENCODERS:
             mods.update({f"text_model.{m}": m for m in list(mods) if not m.startswith("text_model.")})
+        if c == "unet":
+            mods.update({sgm: m for m, sgm in _sgm_names(list(mods)).items() if sgm not in mods})
         table[c] = mods
     return table
+
+
+_RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _sgm_names(modules: list[str]) -> dict[str, str]:
+    """diffusers U-Net module path -> its name in the original (SGM / LDM) U-Net, from the block layout.
+
+    input_blocks: conv_in, then per down level L resnets (+ their attentions at index 1) and a downsampler
+    (`.0.op`); middle_block: resnet, attention, resnet; output_blocks: per up level L+1 resnets (+ attentions)
+    with the upsampler after them (`.1.conv`, or `.2.conv` where the level has attentions). L (layers per
+    block) is read from the down_blocks.0 resnets; modules that fit none of these keep their own names."""
+    resnets0 = [int(m.group(1)) for p in modules if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p))]
+    if not resnets0:
+        return {}
+    per = max(resnets0) + 1                                        # layers_per_block
+    up_attn = {int(m.group(1)) for p in modules if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", p))}
+    out = {}
+    for p in modules:
+        sgm = None
+        if p in _TOP_SGM:
+            sgm = _TOP_SGM[p]
+        elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", p):
+            b, j, rest = int(m.group(2)), int(m.group(4)), m.group(5)
+            index = 1 + b * (per + 1) + j if m.group(1) == "down" else b * (per + 1) + j
+            sgm = f"{'input' if m.group(1) == 'down' else 'output'}_blocks.{index}.{0 if m.group(3) == 'resnets' else 1}"
+            sgm += "." + (_resnet_sgm(rest) if m.group(3) == "resnets" else rest)
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", p):
+            sgm = f"input_blocks.{1 + int(m.group(1)) * (per + 1) + per}.0.op"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", p):
+            b = int(m.group(1))
+            sgm = f"output_blocks.{b * (per + 1) + per}.{2 if b in up_attn else 1}.conv"
+        elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", p):
+            kind, j, rest = m.groups()
+            index = 1 if kind == "attentions" else 2 * int(j)
+            sgm = f"middle_block.{index}." + (_resnet_sgm(rest) if kind == "resnets" else rest)
+        if sgm is not None:
+            out[p] = sgm
+    return out
+
+
+def _resnet_sgm(rest: str) -> str:
+    return _RESNET_SGM.get(rest, rest)
 
 
 def _parse_kohya(tensors, targets):

@@ -175,3 +175,66 @@ def test_scale_is_bounded_on_every_way_in():
         with pytest.raises(UsageError, match="scale"):
             _spec(("x.safetensors", scale))
     assert LoraSpec.parse("x.safetensors:-1.5").scale == -1.5 and LoraSpec("x", np.float32(0.5)).scale == 0.5
+
+
+def test_sdxl_original_block_names_equal_diffusers_converter():
+    """Every Linear / Conv2d of the full-size SDXL U-Net (meta device): our original-name (SGM) table, fed
+    through diffusers' own kohya-SDXL conversion, lands on the module it was made from (tests/export/
+    test_lora_sdxl.py checks the numbers on a tiny SDXL folder)."""
+    import re
+
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
+
+    from ldm_deploy.lora import _sgm_names, torch_targets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+            attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    modules = [p[: -len(".weight")] for p in torch_targets({"unet": unet})["unet"]]
+    sgm = _sgm_names(modules)
+    assert len(sgm) == len(modules) == 794
+    assert sgm["down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == \
+        "input_blocks.8.1.transformer_blocks.9.attn2.to_k"
+    assert sgm["up_blocks.1.upsamplers.0.conv"] == "output_blocks.5.2.conv"
+    assert sgm["mid_block.resnets.1.time_emb_proj"] == "middle_block.2.emb_layers.1"
+    one = torch.zeros(1, 1)
+    sd = {f"lora_unet_{s.replace('.', '_')}.{part}": one for s in sgm.values()
+          for part in ("lora_down.weight", "lora_up.weight")}
+    converted = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(sd, unet.config))
+    converted = converted[0] if isinstance(converted, tuple) else converted
+
+    def module_of(key):   # diffusers' names for attention LoRAs: `attn1.processor.to_q_lora.down.weight`
+        key = re.sub(r"\.processor\.(to_[qkv])_lora\..*", r".\1", key.removeprefix("unet."))
+        return re.sub(r"\.processor\.to_out_lora\..*", ".to_out.0", key).split(".lora")[0]
+
+    assert {module_of(k) for k in converted if k.startswith("unet.")} == set(sgm)
+
+
+def test_sdxl_text_encoder_2_keys_in_both_layouts(tmp_path):
+    """`lora_te2_` (kohya) and `text_encoder_2.` (diffusers) reach text_encoder_2, never text_encoder (whose
+    module names are the same); on a one-encoder model a `lora_te2_` key is one clear error."""
+    from safetensors.numpy import save_file
+
+    q = "encoder.layers.0.self_attn.q_proj.weight"
+    targets = {"text_encoder": {q: (4, 3)}, "text_encoder_2": {q: (4, 3)}}
+    down, up = np.full((1, 3), 0.5, np.float32), np.full((4, 1), 2.0, np.float32)
+    save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up,
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha": np.array(2.0, np.float32)},
+              str(tmp_path / "kohya.safetensors"))
+    save_file({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": down,
+               "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": up},
+              str(tmp_path / "peft.safetensors"))
+    for name, alpha in (("kohya", 2.0), ("peft", 1.0)):       # peft without metadata: alpha = rank
+        lora = load_lora(tmp_path / f"{name}.safetensors", targets)
+        assert lora.components() == {"text_encoder_2"}
+        assert_close(lora.deltas("text_encoder_2", targets["text_encoder_2"], 0.5)[q], 0.5 * alpha * (up @ down),
+                     rtol=0, atol=0, name=name)
+    with pytest.raises(LdmError, match="3 of 3 keys are not LoRA weights"):
+        load_lora(tmp_path / "kohya.safetensors", {"text_encoder": {q: (4, 3)}})

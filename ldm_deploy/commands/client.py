@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, metavar="NAME", help="default: the artifact's")
     p.add_argument("--height", type=int, metavar="H")
     p.add_argument("--width", type=int, metavar="W")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                   help="a LoRA the server was started with (`serve --lora NAME=FILE`); repeatable")
     p.add_argument("--timeout", type=float, metavar="S", help="fail the request after S seconds")
     p.add_argument("--out", required=True, metavar="FILE.png")
 
@@ -34,7 +36,7 @@ def run(args) -> int:
 
     image, info = request_image(args.url, args.prompt, timeout_s=args.timeout, negative_prompt=args.negative_prompt,
                                 seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                                height=args.height, width=args.width)
+                                height=args.height, width=args.width, lora=",".join(args.lora) or None)
     path = save_png(image, args.out, {"prompt": args.prompt, "seed": info["seed"], "server": args.url})
     logging.getLogger("ldm_deploy").info(f"seed {info['seed']}, batch of {info.get('batch_size', '?')}")
     print(path)

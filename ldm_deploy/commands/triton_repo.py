@@ -11,7 +11,7 @@ from ldm_deploy.errors import UsageError
 
 NAME = "triton-repo"
 HELP = "write a Triton Inference Server model repository that serves an artifact"
-EXAMPLE = "ldm-deploy triton-repo out/sd15-onnx --out model_repository --backend ort-cuda --instances 1"
+EXAMPLE = "ldm-deploy triton-repo out/sd15-onnx --out model_repository --backend ort-cuda --lora style=style.safetensors"
 
 
 def add_arguments(p) -> None:
@@ -41,6 +41,9 @@ def add_model_arguments(p, default_backend: str = "ort-cuda") -> None:
                    help="seconds a request may wait and run before it fails (default 0: no limit)")
     p.add_argument("--runner-options", metavar="JSON", default="{}",
                    help='options for every runner, e.g. \'{"cuda_graph": true}\' (tensorrt)')
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
+                   help="a LoRA requests may name in their `lora` input (NAME[:SCALE]); repeatable; the artifact "
+                        "must be exported with --lora-switchable")
 
 
 def repo_config(args):
@@ -52,10 +55,18 @@ def repo_config(args):
         raise UsageError(f"--runner-options is not JSON: {e}") from None
     if not isinstance(options, dict):
         raise UsageError("--runner-options must be a JSON object")
+    loras = {}
+    for item in args.lora:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise UsageError(f"--lora {item!r}: write NAME=FILE", hint="e.g. --lora style=loras/style.safetensors")
+        if name in loras:
+            raise UsageError(f"--lora {name} is given twice", hint="give each LoRA its own name")
+        loras[name] = file
     return RepoConfig(backend=args.backend, max_batch=args.max_batch, instances=args.instances,
                       queue_delay_us=int(round(args.queue_delay_ms * 1000)), max_queue_size=args.max_queue_size,
                       request_timeout_s=args.request_timeout, runner_options=options,
-                      artifact_path=getattr(args, "artifact_path", None))
+                      artifact_path=getattr(args, "artifact_path", None), loras=loras)
 
 
 def run(args) -> int:

@@ -6,7 +6,7 @@ what diffusers' `fuse_lora(lora_scale=...)` does; the manifest's `loras` records
 scale (and the export cache compares them).
 
 Switchable (`lora_switchable: linear | all`): every Linear and 1x1 Conv2d weight (and with "all" every 3x3
-Conv2d weight, for LoCon) of the U-Net and text encoder becomes
+Conv2d weight, for LoCon) of the U-Net and text encoder(s) (SDXL: text_encoder_2 too) becomes
 a graph input named by its parameter name (traced through `torch.func.functional_call`), its base
 values go to `<component>/lora_base.safetensors` in the graph's dtype, and the manifest entry's
 `lora_weights` lists them; the runners feed / bind them (runtime/lora_switch.py).
@@ -23,7 +23,7 @@ import torch
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.lora import LoraFile, LoraSpec, load_lora, torch_targets
 
-SWITCHABLE = ("unet", "text_encoder")
+SWITCHABLE = ("unet", "text_encoder", "text_encoder_2")
 BASE_FILE = "lora_base.safetensors"
 
 
@@ -38,8 +38,10 @@ def cache_key(specs: Sequence[LoraSpec]) -> list[dict]:
 
 
 def merge(source, specs: Sequence[LoraSpec]) -> list[dict]:
-    """Merge the LoRA files into `source`'s U-Net / text encoder in place; returns the manifest records."""
+    """Merge the LoRA files into `source`'s U-Net / text encoder(s) in place; returns the manifest records."""
     modules = {"unet": source.unet, "text_encoder": source.text_encoder}
+    if source.sdxl:
+        modules["text_encoder_2"] = source.text_encoder_2
     targets = torch_targets(modules)
     try:
         loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), float(s.scale)) for s in specs]
@@ -134,5 +136,12 @@ def split_weight_inputs(ins: list[dict], weights: dict, root: Path, component: s
     base = {i["name"]: weights[i["name"]].numpy().astype(i["dtype"]) for i in present}
     path = root / component / BASE_FILE
     write_base(path, base)
-    return real, {"file": path.relative_to(root).as_posix(), "mode": mode,
-                  "inputs": {i["name"]: {"dtype": i["dtype"], "shape": list(i["shape"])} for i in present}}
+    # dropped weights (SDXL's first text encoder: its last layer feeds no output) are listed so that a LoRA
+    # touching them still loads at run time; their deltas change nothing, as when merged
+    kept = {i["name"] for i in present}
+    unused = {n: list(w.shape) for n, w in weights.items() if n not in kept}
+    entry = {"file": path.relative_to(root).as_posix(), "mode": mode,
+             "inputs": {i["name"]: {"dtype": i["dtype"], "shape": list(i["shape"])} for i in present}}
+    if unused:
+        entry["unused"] = unused
+    return real, entry

@@ -6,7 +6,8 @@ feeds them with every call (ort-cpu: numpy arrays ORT reads in place) or binds t
 buffers (ort-cuda with IO binding: switching rewrites those buffers in place, so the binding and a
 captured CUDA graph, which hold their addresses, stay valid). Switching never re-traces or re-exports.
 
-`Pipeline.set_loras([(file, scale), ...])` recomputes `W = W_base + sum_i scale_i * delta_i` from the
+`Pipeline.set_loras([(file, scale), ...])` (a file may also be a `LoraFile` from `preload`, as the server
+keeps them) recomputes `W = W_base + sum_i scale_i * delta_i` from the
 stored base every time (`ldm_deploy.lora.combine`) and hands the runner only the arrays that change, so
 A, then B, then none gives the base model's outputs bit for bit.
 """
@@ -21,7 +22,7 @@ import numpy as np
 from ldm_deploy.errors import LdmError
 from ldm_deploy.lora import LoraFile, LoraSpec, combine, load_lora
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL
 
 
 def load_base(artifact, spec: Mapping) -> dict[str, np.ndarray]:
@@ -56,19 +57,51 @@ def switchable(runners: Mapping[str, object]) -> dict[str, object]:
     return {c: r for c, r in runners.items() if c in COMPONENTS and getattr(r, "base_weights", None)}
 
 
-def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None) -> dict:
-    """Set the LoRAs (LoraSpec / "FILE[:SCALE]" / (file, scale)) of the switchable runners; [] restores the base.
-
-    Returns {"loras": [records], "seconds": switch time, "changed": {component: tensors rewritten}}."""
-    start = time.perf_counter()
-    specs = [_spec(s) for s in loras]
+def _targets(runners: Mapping[str, object], artifact_path=None) -> tuple[dict, dict]:
+    """(component -> switchable runner, component -> {weight name: shape}); LdmError when none is switchable."""
     targets_of = switchable(runners)
     if not targets_of:
         raise LdmError(f"the artifact {artifact_path or ''} was not exported with switchable weights".replace("  ", " "),
                        hint="re-export with `ldm-deploy export ... --lora-switchable`, or merge with `export --lora`")
-    targets = {c: {n: w.shape for n, w in r.base_weights.items()} for c, r in targets_of.items()}
+    return targets_of, {c: {**_unused(r), **{n: w.shape for n, w in r.base_weights.items()}}
+                        for c, r in targets_of.items()}
+
+
+def _unused(runner) -> dict[str, tuple]:
+    """Weights the exported graph dropped (they feed no output): a LoRA may touch them, to no effect."""
+    entry = (getattr(runner, "spec", None) or {}).get("lora_weights") or {}
+    return {n: tuple(shape) for n, shape in (entry.get("unused") or {}).items()}
+
+
+def preload(runners: Mapping[str, object], path) -> LoraFile:
+    """Read and check one LoRA file against the switchable runners once (the server keeps its set loaded)."""
+    return _load(_spec((path, 1.0)), *_targets(runners))[0]
+
+
+def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None) -> dict:
+    """Set the LoRAs (LoraSpec / "FILE[:SCALE]" / (file or LoraFile, scale)) of the switchable runners; []
+    restores the base.
+
+    Returns {"loras": [records], "seconds": switch time, "changed": {component: tensors rewritten}}."""
+    start = time.perf_counter()
+    items = [(s[0], LoraSpec(s[0].path, s[1]).scale) if isinstance(s, (tuple, list)) and isinstance(s[0], LoraFile)
+             else _spec(s) for s in loras]           # a preloaded LoraFile: its scale checked as any other
+    targets_of, targets = _targets(runners, artifact_path)
+    loaded: list[tuple[LoraFile, float]] = [s if isinstance(s, tuple) else _load(s, targets_of, targets)
+                                            for s in items]
+    changed = {}
+    for component, runner in targets_of.items():
+        base = runner.base_weights
+        deltas = [lora.deltas(component, targets[component], scale) for lora, scale in loaded]
+        new = combine(base, [{n: d for n, d in delta.items() if n in base} for delta in deltas])
+        changed[component] = runner.set_weights(new)
+    return {"loras": [lora.record(scale) for lora, scale in loaded], "seconds": time.perf_counter() - start,
+            "changed": changed}
+
+
+def _load(spec: LoraSpec, targets_of: Mapping[str, object], targets: Mapping[str, Mapping]) -> tuple[LoraFile, float]:
     try:
-        loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), s.scale) for s in specs]
+        return load_lora(spec.path, targets), spec.scale
     except LdmError as e:
         modes = {getattr(r, "spec", {}).get("lora_weights", {}).get("mode") for r in targets_of.values()}
         if "linear" in modes and "not LoRA weights" in str(e):
@@ -76,13 +109,6 @@ def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None)
                            hint="re-export with `--lora-switchable all` for LoCon (3x3 conv) LoRAs, or merge "
                                 "them at export (export --lora)") from None
         raise
-    changed = {}
-    for component, runner in targets_of.items():
-        base = runner.base_weights
-        new = combine(base, [lora.deltas(component, targets[component], scale) for lora, scale in loaded])
-        changed[component] = runner.set_weights(new)
-    return {"loras": [lora.record(scale) for lora, scale in loaded], "seconds": time.perf_counter() - start,
-            "changed": changed}
 
 
 def _spec(item) -> LoraSpec:

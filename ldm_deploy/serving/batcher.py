@@ -4,11 +4,14 @@
     jobs = [Job(parse_request(server.limits, tensors)) for tensors in incoming]
     server.run(jobs, on_done=send)          # every job ends with .image or .error, and on_done(job) once
 
-Requests that agree on `Request.batch_key` (steps, guidance, scheduler, size) run as the rows of one pipeline
-call, at most `max_batch` rows (the artifact's profile max). The pipeline gets one seed per row (`RowRNG`): a
-row's start noise and per-step sampler noise are those of `generate --seed S` alone, so on a backend whose
-kernels compute each batch row independently of the others (ONNX Runtime CPU: tests/serving check it) a
-request's image is byte-identical whether it ran alone or batched.
+Requests that agree on `Request.batch_key` (steps, guidance, scheduler, size, LoRAs and their scales) run as
+the rows of one pipeline call, at most `max_batch` rows (the artifact's profile max). Before a batch whose LoRA
+set differs from the one the pipeline holds, `Pipeline.set_loras` switches the weights (from the files the
+server was started with, read once: `loras`); the weights are recomputed from the stored base every time, so
+a request's image equals `generate --lora FILE:SCALE` whatever ran before it. The pipeline gets one seed per
+row (`RowRNG`): a row's start noise and per-step sampler noise are those of `generate --seed S` alone, so
+on a backend whose kernels compute each batch row independently of the others (ONNX Runtime CPU:
+tests/serving check it) a request's image is byte-identical whether it ran alone or batched.
 
 Before each step every live job is checked: a cancelled one (`Job.cancelled()` true) or one past its
 `deadline` (time.monotonic) ends at once with an error (`on_done` is called then, not at the end of the
@@ -25,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.lora import LoraFile
 from ldm_deploy.serving.contract import Limits, Request
 
 log = logging.getLogger("ldm_deploy")
@@ -75,6 +79,10 @@ class LiveRows:
         self.component = getattr(runner, "component", "")
         self.input_names = getattr(runner, "input_names", [])
         self.output_names = getattr(runner, "output_names", [])
+        # LoRA switching (runtime/lora_switch.py) reaches the wrapped runner's base_weights / set_weights / spec
+        for name in ("base_weights", "set_weights", "spec"):
+            if hasattr(runner, name):
+                setattr(self, name, getattr(runner, name))
         self.rows: int | None = None             # B of the current batch
         self.live: np.ndarray | None = None      # indices of live rows, None = all
         self._cut: dict[tuple, np.ndarray] = {}
@@ -133,11 +141,19 @@ class _BatchOver(Exception):
 
 
 class BatchSampler:
-    """One Pipeline serving batches of requests (one instance per model instance; not thread-safe)."""
+    """One Pipeline serving batches of requests (one instance per model instance; not thread-safe).
 
-    def __init__(self, pipe, max_batch: int | None = None, limits: Limits | None = None):
+    `loras`: name -> LoRA file (a path, or a `LoraFile` from `lora_switch.preload`) that requests may name;
+    the pipeline's artifact must have been exported with switchable weights."""
+
+    def __init__(self, pipe, max_batch: int | None = None, limits: Limits | None = None, loras=None):
+        from ldm_deploy.runtime import lora_switch
+
         self.pipe = pipe
-        self.limits = limits or Limits.from_pipeline(pipe)
+        self.loras = {name: f if isinstance(f, LoraFile) else lora_switch.preload(pipe.runners, f)
+                      for name, f in (loras or {}).items()}
+        self.active: tuple | None = ()               # the (name, scale) set the weights hold; None: unknown
+        self.limits = limits or Limits.from_pipeline(pipe, loras=tuple(self.loras))
         self.max_batch = min(int(max_batch or self.limits.max_batch), self.limits.max_batch)
         self._masked = [c for c in ("unet", "vae_decoder") if c in pipe.runners]
         for c in self._masked:
@@ -200,9 +216,19 @@ class BatchSampler:
                 raise _BatchOver
             self._set_live(len(batch), alive)
 
+        if r.loras != self.active:
+            try:
+                self.active = None                  # a switch that fails half way leaves unknown weights
+                self.pipe.set_loras([(self.loras[name], scale) for name, scale in r.loras])
+                self.active = r.loras
+            except LdmError as e:
+                for job in batch:
+                    self._finish(job, on_done, e)
+                return
         self._set_live(len(batch), None)
+        negatives = None if r.zero_negative else [j.request.negative_prompt for j in batch]
         try:
-            result = self.pipe([j.request.prompt for j in batch], [j.request.negative_prompt for j in batch],
+            result = self.pipe([j.request.prompt for j in batch], negatives,
                                steps=r.steps, guidance=r.guidance, scheduler=r.scheduler, height=r.height,
                                width=r.width, seed=[j.request.seed for j in batch], callback=on_step)
         except _BatchOver:

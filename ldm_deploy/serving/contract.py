@@ -8,6 +8,8 @@
       guidance         FP32   optional   finite, >= 0 (<= 1 turns CFG off); default 7.5
       scheduler        BYTES  optional   a sampler name (`ldm-deploy generate --scheduler`); default the artifact's
       height, width    INT32  optional   multiples of the VAE factor inside the artifact's profile; default its opt
+      lora             BYTES  optional   NAME[:SCALE][,NAME[:SCALE]...] from the set the server was started with
+                                         (`serve --lora NAME=FILE`); scale default 1; default none (the base model)
     outputs:
       image            UINT8  H x W x 3
       seed             INT64  the seed used
@@ -15,12 +17,16 @@
 
 `parse_request(limits, tensors)` checks every input and raises one `RequestError` (a UsageError: one line
 naming the input and the fix) for the first problem: a missing prompt, a wrong dtype, steps 0, a size outside
-the profile, a prompt over the byte limit (checked before it is decoded, so a 10 MB prompt costs nothing).
-A request equals `ldm-deploy generate ARTIFACT --prompt P --seed S --steps N ...` with the same values.
+the profile, a prompt over the byte limit (checked before it is decoded, so a 10 MB prompt costs nothing),
+a LoRA name the server does not have, a bad LoRA scale.
+A request equals `ldm-deploy generate ARTIFACT --prompt P --seed S --steps N ... [--lora FILE:SCALE]` with the
+same values (`Request.generate_args`). SDXL: a request without negative_prompt gets SDXL's zero negative
+conditioning, as `generate` without --negative-prompt does (`Request.zero_negative`).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -51,6 +57,7 @@ INPUTS: tuple[Input, ...] = (
     Input("scheduler", "BYTES", False, "sampler name (default the artifact's)"),
     Input("height", "INT32", False, "image height (default the profile's opt)"),
     Input("width", "INT32", False, "image width (default the profile's opt)"),
+    Input("lora", "BYTES", False, "LoRAs the server was started with: NAME[:SCALE], comma-separated (default none)"),
 )
 OUTPUTS = (("image", "UINT8", (-1, -1, 3)),      # the image, H x W x 3
            ("seed", "INT64", (1,)),              # the seed it was made with (drawn by the server if none was sent)
@@ -72,9 +79,11 @@ class Limits:
     vae_scale_factor: int
     default_scheduler: str
     schedulers: tuple[str, ...]
+    loras: tuple[str, ...] = ()       # LoRA names the server was started with (`serve --lora NAME=FILE`)
+    zero_negative: bool = False       # SDXL: no negative prompt means zero negative conditioning
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "Limits":
+    def from_pipeline(cls, pipe, loras=()) -> "Limits":
         from ldm_deploy.runtime import schedulers as sch
 
         prof = pipe.profiles or {}
@@ -86,7 +95,8 @@ class Limits:
 
         return cls(height=rng("height"), width=rng("width"), max_batch=int((prof.get("batch") or {}).get("max") or 1),
                    vae_scale_factor=pipe.vae_scale_factor, default_scheduler=sch.default_name(pipe.scheduler_config),
-                   schedulers=tuple(sch.SCHEDULERS))
+                   schedulers=tuple(sch.SCHEDULERS), loras=tuple(loras),
+                   zero_negative=bool(getattr(pipe, "force_zeros", False)))
 
 
 @dataclass(frozen=True)
@@ -99,18 +109,27 @@ class Request:
     scheduler: str
     height: int
     width: int
+    loras: tuple[tuple[str, float], ...] = ()    # (name, scale) in the order given; () = the base model
+    zero_negative: bool = False                   # SDXL, no negative prompt sent: zero negative conditioning
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys run as rows of one pipeline call (prompts, negatives and seeds differ)."""
-        return (self.steps, self.guidance, self.scheduler, self.height, self.width)
+        """Requests with equal keys run as rows of one pipeline call (prompts, negatives and seeds differ);
+        different LoRA sets or scales (the weights) and SDXL's zeroed negatives never share a call."""
+        return (self.steps, self.guidance, self.scheduler, self.height, self.width, self.loras, self.zero_negative)
 
-    def generate_args(self) -> list[str]:
-        """The `ldm-deploy generate` flags that make the same image."""
+    def generate_args(self, lora_files: Mapping[str, Any] | None = None) -> list[str]:
+        """The `ldm-deploy generate` flags that make the same image (`lora_files`: name -> the server's file)."""
         args = ["--prompt", self.prompt, "--seed", str(self.seed), "--steps", str(self.steps),
                 "--guidance", repr(self.guidance), "--scheduler", self.scheduler,
                 "--height", str(self.height), "--width", str(self.width)]
-        return args + (["--negative-prompt", self.negative_prompt] if self.negative_prompt else [])
+        for name, scale in self.loras:
+            if lora_files is None or name not in lora_files:
+                raise ValueError(f"generate_args needs the file of LoRA {name!r}")
+            args += ["--lora", f"{lora_files[name]}:{scale!r}"]
+        # an empty negative prompt equals none, except on SDXL, where none means zero conditioning
+        return args + (["--negative-prompt", self.negative_prompt] if self.negative_prompt or not self.zero_negative
+                       else [])
 
 
 def _one(name: str, value: Any, triton_dtype: str) -> Any:
@@ -148,6 +167,33 @@ def _int(name: str, value: Any, triton_dtype: str, lo: int, hi: int) -> int:
     return v
 
 
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # `serve --lora NAME=FILE` names
+
+
+def parse_loras(limits: Limits, text: str) -> tuple[tuple[str, float], ...]:
+    """`NAME[:SCALE][,NAME[:SCALE]...]` -> ((name, scale), ...); RequestError naming the first problem."""
+    from ldm_deploy.limits import MAX_LORA_SCALE
+
+    out = []
+    for item in (part.strip() for part in text.split(",")) if text.strip() else ():
+        name, sep, scale_text = item.partition(":")
+        if name not in limits.loras:
+            have = ", ".join(limits.loras) if limits.loras else "none (start it with --lora NAME=FILE)"
+            raise RequestError(f"input 'lora' names {name[:64]!r}, which this server was not started with; it has: {have}")
+        scale = 1.0
+        if sep:
+            try:
+                scale = float(scale_text)
+            except ValueError:
+                raise RequestError(f"input 'lora': the scale of {name!r} is {scale_text[:40]!r}, not a number",
+                                   hint="send NAME or NAME:SCALE, e.g. style:0.8") from None
+        if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+            raise RequestError(f"input 'lora': the scale of {name!r} is {scale_text[:40]}; it must be a finite number "
+                               f"in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]", hint="usual scales are 0..1.5")
+        out.append((name, scale))
+    return tuple(out)
+
+
 def parse_request(limits: Limits, tensors: Mapping[str, Any], seed_source: np.random.Generator | None = None) -> Request:
     """Named input tensors (numpy, one value each) -> a checked Request; RequestError on the first problem."""
     unknown = sorted(set(tensors) - set(INPUT_NAMES))
@@ -183,4 +229,7 @@ def parse_request(limits: Limits, tensors: Mapping[str, Any], seed_source: np.ra
             raise RequestError(f"input {name!r} is {v}; the artifact's profile takes multiples of {f} in [{lo}, {hi}]",
                                hint=f"send a {name} in that range, or re-export with a wider profile")
         size[name] = v
-    return Request(prompt, negative, seed, steps, guidance, scheduler, size["height"], size["width"])
+    loras = parse_loras(limits, _text("lora", tensors["lora"])) if tensors.get("lora") is not None else ()
+    zero_negative = limits.zero_negative and tensors.get("negative_prompt") is None
+    return Request(prompt, negative, seed, steps, guidance, scheduler, size["height"], size["width"], loras,
+                   zero_negative)

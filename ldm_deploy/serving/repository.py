@@ -7,7 +7,9 @@ Triton's dynamic batcher gathers up to `max_batch` requests (default the artifac
 waiting at most `queue_delay_us`), the queue holds at most `max_queue_size` waiting requests and rejects
 the next one at once; `request_timeout_s` bounds a request's time in the queue (Triton's queue policy) and
 in the loop (checked at every step). GPU backends get `count` instances on every GPU (KIND_GPU, each on its
-own device); ort-cpu gets KIND_CPU. model.py is a two-line shim over ldm_deploy.serving.triton_model, so
+own device); ort-cpu gets KIND_CPU. LoRAs (`loras`: name -> file) are referenced like the artifact, by path
+and sha256 (checked when an instance loads), and need an artifact exported with switchable weights (checked
+here, with every file read against the artifact's weights). model.py is a two-line shim over ldm_deploy.serving.triton_model, so
 the repository runs unchanged in NVIDIA's tritonserver container with ldm-deploy installed.
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ class RepoConfig:
     artifact_path: str | None = None     # the artifact's path as the server sees it (default: its path here)
     runner_options: dict = field(default_factory=dict)   # passed to every runner (e.g. {"cuda_graph": True}, tensorrt)
     verify: bool = True                  # check every artifact file's sha256 when an instance loads
+    loras: dict = field(default_factory=dict)   # name -> LoRA file requests may name (`--lora NAME=FILE`)
 
 
 def _check(config: RepoConfig, batch_max: int) -> int:
@@ -83,7 +86,36 @@ def _param(key: str, value) -> str:
     return f'parameters {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(str(value))} }} }}'
 
 
-def config_pbtxt(artifact_path: str, artifact_sha256: str, config: RepoConfig, max_batch: int) -> str:
+def lora_params(art, loras: dict) -> dict[str, dict]:
+    """name -> {"path", "sha256"} for `--lora NAME=FILE`s, after checking each file against the artifact.
+
+    The artifact must take LoRAs at run time (a manifest `lora_weights` entry); every file is read against
+    those weights now, so a wrong file fails here, in one line, not when the server loads."""
+    from ldm_deploy.fileio import sha256_file
+    from ldm_deploy.lora import load_lora
+    from ldm_deploy.serving.contract import LORA_NAME
+
+    if not loras:
+        return {}
+    targets = {c: {**{n: tuple(v) for n, v in (e["lora_weights"].get("unused") or {}).items()},
+                   **{n: tuple(v["shape"]) for n, v in (e["lora_weights"].get("inputs") or {}).items()}}
+               for c, e in art.manifest["components"].items() if isinstance(e, dict) and e.get("lora_weights")}
+    if not targets:
+        raise UsageError(f"--lora needs an artifact exported with switchable weights, and {art.path} was not",
+                         hint="re-export it with `ldm-deploy export MODEL --lora-switchable`")
+    out = {}
+    for name, file in loras.items():
+        if not LORA_NAME.match(str(name)):
+            raise UsageError(f"--lora {name}=...: a LoRA name is 1-64 letters, digits, '_', '.' or '-', starting "
+                             "with a letter or digit", hint="e.g. --lora style=style.safetensors")
+        path = Path(file).resolve()
+        load_lora(path, targets)            # UsageError / LdmError in one line: missing, not LoRA, wrong model
+        out[name] = {"path": str(path), "sha256": sha256_file(path)}
+    return out
+
+
+def config_pbtxt(artifact_path: str, artifact_sha256: str, config: RepoConfig, max_batch: int,
+                 loras: dict | None = None) -> str:
     """The text of config.pbtxt (Triton's protobuf text format)."""
     lines = [f'name: "{MODEL_NAME}"', 'backend: "python"', f"max_batch_size: {max_batch}", "dynamic_batching {",
              f"  preferred_batch_size: [ {max_batch} ]",
@@ -102,6 +134,8 @@ def config_pbtxt(artifact_path: str, artifact_sha256: str, config: RepoConfig, m
     params = {"artifact": artifact_path, "artifact_sha256": artifact_sha256, "backend": config.backend,
               "max_batch": max_batch, "request_timeout_s": config.request_timeout_s,
               "runner_options": json.dumps(config.runner_options, sort_keys=True), "verify": int(config.verify)}
+    if loras:
+        params["loras"] = json.dumps(loras, sort_keys=True)
     lines += [_param(k, v) for k, v in params.items()]
     return "\n".join(lines) + "\n"
 
@@ -125,7 +159,7 @@ def write_repository(artifact: str | Path, out: str | Path, config: RepoConfig =
     if Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     served_path = config.artifact_path or str(Path(art.path).resolve())
-    text = config_pbtxt(served_path, sha, config, max_batch)
+    text = config_pbtxt(served_path, sha, config, max_batch, lora_params(art, config.loras))
     with atomic_dir(target) as tmp:
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
         (tmp / "1").mkdir()

@@ -8,7 +8,8 @@ request is answered at the next step, not when its batch ends. Outputs besides `
 drawn by the server when the request had none) and `batch_size` (rows of the pipeline call it ran in).
 
 The artifact is referenced by path and checked at load against the sha256 of its manifest recorded in
-config.pbtxt (a replaced artifact refuses to load instead of serving other weights under the same name). GPU
+config.pbtxt (a replaced artifact refuses to load instead of serving other weights under the same name); so
+is every LoRA file of the `lora` input (`serve --lora NAME=FILE`), read once at load. GPU
 instances (KIND_GPU) run their runners on the instance's device (`model_instance_device_id`).
 """
 from __future__ import annotations
@@ -51,8 +52,29 @@ def open_sampler(params: dict, device_id: int = 0):
                        hint="rewrite the repository with `ldm-deploy triton-repo ARTIFACT --out REPO`")
     backend = params.get("backend", "ort-cpu")
     opts = runner_options(backend, device_id, json.loads(params.get("runner_options") or "{}"))
+    loras = lora_files(params)
     pipe = Pipeline.from_artifact(artifact, backend=backend, verify=params.get("verify", "1") != "0", **opts)
-    return BatchSampler(pipe, max_batch=int(params.get("max_batch") or 0) or None)
+    return BatchSampler(pipe, max_batch=int(params.get("max_batch") or 0) or None, loras=loras)
+
+
+def lora_files(params: dict) -> dict[str, str]:
+    """name -> path of the repository's LoRA files, each checked against the sha256 recorded with it."""
+    from ldm_deploy.fileio import sha256_file
+
+    out = {}
+    for name, entry in json.loads(params.get("loras") or "{}").items():
+        path = entry["path"]
+        try:
+            actual = sha256_file(path)
+        except OSError as e:
+            raise LdmError(f"LoRA {name!r}: cannot read {path}: {e.strerror or e}",
+                           hint="rewrite the repository with `ldm-deploy triton-repo ARTIFACT --lora NAME=FILE`") from None
+        if actual != entry.get("sha256"):
+            raise LdmError(f"LoRA {name!r}: {path} changed since the model repository was written (sha256 "
+                           f"{actual[:12]}, repository expects {str(entry.get('sha256'))[:12]})",
+                           hint="rewrite the repository with `ldm-deploy triton-repo ARTIFACT --lora NAME=FILE`")
+        out[name] = path
+    return out
 
 
 def _log_to_triton(pb_utils) -> None:
@@ -86,7 +108,8 @@ class TritonPythonModel:
         self.timeout_s = float(params.get("request_timeout_s") or 0) or None
         self.seed_source = np.random.default_rng()
         log.info(f"ldm: {params['artifact']} on {params.get('backend')} (device {device_id}), "
-                 f"batches up to {self.sampler.max_batch}")
+                 f"batches up to {self.sampler.max_batch}"
+                 + (f", LoRAs {', '.join(self.sampler.loras)}" if self.sampler.loras else ""))
 
     def _error(self, sender, err: LdmError, code_name: str) -> None:
         pb = self.pb

@@ -59,3 +59,37 @@ def test_group_by_settings_and_cap_at_max_batch():
     jobs = [job(0), job(1, steps=5), job(2), job(3), job(4), job(5), job(6, size=64), job(7)]
     batches = group(jobs, max_batch=4)
     assert [[j.request.seed for j in b] for b in batches] == [[0, 2, 3, 4], [5, 7], [1], [6]]
+
+
+def test_lora_input_parses_names_and_scales_and_splits_batches():
+    limits = Limits(height=(64, 128, 128), width=(64, 128, 128), max_batch=4, vae_scale_factor=8,
+                    default_scheduler="ddim", schedulers=("ddim",), loras=("style", "ink.v2"))
+    r = parse_request(limits, {"prompt": text("x"), "seed": np.array([[1]], np.int64),
+                               "lora": text("style:0.8, ink.v2")})
+    assert r.loras == (("style", 0.8), ("ink.v2", 1.0))
+    assert r.generate_args({"style": "s.safetensors", "ink.v2": "i.safetensors"})[-6:-2] == [
+        "--lora", "s.safetensors:0.8", "--lora", "i.safetensors:1.0"]
+    same = parse_request(limits, {"prompt": text("y"), "seed": np.array([[2]], np.int64),
+                                  "lora": text("style:.8,ink.v2:1")})
+    base = parse_request(limits, {"prompt": text("z"), "seed": np.array([[3]], np.int64), "lora": text("")})
+    other = parse_request(limits, {"prompt": text("w"), "seed": np.array([[4]], np.int64), "lora": text("style:0.5")})
+    assert base.loras == () and same.batch_key == r.batch_key
+    batches = group([Job(q) for q in (r, base, same, other)], max_batch=4)
+    assert [[j.request.seed for j in b] for b in batches] == [[1, 2], [3], [4]]
+    for lora, words in (("nope", "names 'nope', which this server was not started with; it has: style, ink.v2"),
+                        ("style:", "the scale of 'style' is '', not a number"),
+                        ("style:-101", "the scale of 'style' is -101; it must be a finite number in [-100, 100]")):
+        with pytest.raises(RequestError) as e:
+            parse_request(limits, {"prompt": text("x"), "lora": text(lora)})
+        assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sdxl_zero_negative_only_when_no_negative_prompt_is_sent():
+    from dataclasses import replace
+
+    sdxl = replace(LIMITS, zero_negative=True)
+    none = parse_request(sdxl, {"prompt": text("x"), "seed": np.array([[1]], np.int64)})
+    empty = parse_request(sdxl, {"prompt": text("x"), "seed": np.array([[1]], np.int64), "negative_prompt": text("")})
+    assert none.zero_negative and not empty.zero_negative and none.batch_key != empty.batch_key
+    assert "--negative-prompt" not in none.generate_args() and empty.generate_args()[-2:] == ["--negative-prompt", ""]
+    assert not parse_request(LIMITS, {"prompt": text("x")}).zero_negative      # SD 1.x/2.x: "" and none are one

@@ -31,3 +31,38 @@ def test_ort_cuda_batched_rows_against_alone(tiny_artifact, tmp_path, capsys):  
     # fp32 export, TF32 off: another kernel for another batch size only reorders float32 sums (~1e-6 relative),
     # which moves a pixel by one level where its value sits on a rounding boundary, never more
     assert max(diffs) <= 1, diffs
+
+
+@pytest.mark.gpu
+def test_ort_cuda_lora_requests_switch_device_weights(tiny_folder, tmp_path, capsys):  # noqa: F811
+    """LoRA requests on ort-cuda: each batch switches the bound device weights in place (IO binding); a request
+    equals its image alone (after other switches) to within the batch-size rounding bound above, and the base
+    model after LoRAs equals the base model before, byte for byte (same batch size, same kernels)."""
+    pytest.importorskip("torch")
+    from tests.serving.lora_setup import export_switchable, write_kohya
+
+    artifact = export_switchable(tiny_folder, tmp_path / "switch")
+    files = {"a": write_kohya(artifact, tmp_path / "a.safetensors", 1),
+             "b": write_kohya(artifact, tmp_path / "b.safetensors", 2)}
+    repo = write_repository(artifact, tmp_path / "repo", RepoConfig(backend="ort-cuda", loras=files))
+    sampler: BatchSampler = open_sampler(read_parameters((repo / "config.pbtxt").read_text()), device_id=0)
+    base = [Request("a red cube", "", 7, 6, 5.0, "euler-ancestral", 32, 32)]
+    before = Job(base[0])
+    sampler.run([before])
+    requests = [Request(p, "", 60 + i, 6, 5.0, "euler-ancestral", 32, 32, loras)
+                for i, (p, loras) in enumerate([("a red cube", (("a", 0.7),)), ("a blue sphere", (("a", 0.7),)),
+                                                ("a green cone", (("b", 1.0),)), ("a cat", (("a", 0.5), ("b", 0.5)))])]
+    jobs = [Job(r) for r in requests]
+    sampler.run(jobs)
+    assert [j.batch_size for j in jobs] == [2, 2, 1, 1] and all(j.error is None for j in jobs)
+    diffs = []
+    for job in jobs:
+        alone = Job(job.request)
+        sampler.run([alone])
+        diffs.append(int(np.abs(job.image.astype(int) - alone.image.astype(int)).max()))
+    after = Job(base[0])
+    sampler.run([after])
+    with capsys.disabled():
+        print(f"\nort-cuda LoRA requests batched vs alone, max abs pixel diff: {diffs}")
+    assert max(diffs) <= 1, diffs
+    assert np.array_equal(after.image, before.image)

@@ -307,3 +307,100 @@ def test_a_crashed_stub_leaves_no_shared_memory_after_stop(demo_artifact, tmp_pa
     assert shm_regions(prefix), "the killed stub's region is still there while the server runs"
     s.stop(signal.SIGTERM)
     assert shm_regions(prefix) == []
+
+
+# --- LoRA: `serve --lora NAME=FILE`, the `lora` request input ---------------------------------------------
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    """A switchable tiny artifact, two kohya LoRA files, and a server started with both."""
+    from tests.runtime.tiny_model import make_tiny_folder
+    from tests.serving.lora_setup import export_switchable, write_kohya
+
+    root = tmp_path_factory.mktemp("serve-lora")
+    artifact = export_switchable(make_tiny_folder(root / "model"), root / "switch")
+    files = {"a": write_kohya(artifact, root / "a.safetensors", 1), "b": write_kohya(artifact, root / "b.safetensors", 2)}
+    s = Server(artifact, root / "server.log", "--lora", f"a={files['a']}", "--lora", f"b={files['b']}",
+               "--queue-delay-ms", "400")
+    yield s, artifact, files
+    while _clients:
+        _clients.pop().close()
+    assert s.stop() == 0, s.log()[-2000:]
+
+
+def test_lora_requests_never_share_a_batch_and_equal_generate(lora_setup, tmp_path):
+    import tritonclient.http as httpclient
+    from PIL import Image
+    from tritonclient.utils import InferenceServerException
+
+    from ldm_deploy.cli import main
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    server, artifact, files = lora_setup
+    client = http_client(server)
+    sent = [("a red cube", 1, "a:0.7"), ("a blue ball", 2, "a:0.7"), ("a red cube", 3, "b"), ("a red cube", 4, None)]
+    calls = [client.async_infer("ldm", inputs(httpclient, p, seed=np.int64(s), steps=np.int32(3),
+                                              guidance=np.float32(5.0), lora=lora)) for p, s, lora in sent]
+    results = [c.get_result() for c in calls]
+    assert [r.as_numpy("batch_size").item() for r in results] == [2, 2, 1, 1]
+    for (prompt, seed, lora), r in zip(sent, results):
+        pipe = Pipeline.from_artifact(artifact)
+        if lora:
+            name, _, scale = lora.partition(":")
+            pipe.set_loras([(files[name], float(scale or 1))])
+        want = pipe(prompt, steps=3, guidance=5.0, seed=seed).images[0]
+        assert np.array_equal(r.as_numpy("image")[0], want), lora
+
+    args = ["--prompt", "a green cone", "--seed", "9", "--steps", "3", "--guidance", "5"]
+    assert main(["client", server.url(), *args, "--lora", "b:0.5", "--out", str(tmp_path / "s.png"), "-q"]) == 0
+    assert main(["generate", str(artifact), *args, "--lora", f"{files['b']}:0.5", "--out", str(tmp_path / "g.png"),
+                 "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), np.asarray(Image.open(tmp_path / "g.png")))
+
+    for lora, words in (("c", "names 'c', which this server was not started with; it has: a, b"),
+                        ("a:inf", "the scale of 'a' is inf")):
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("ldm", inputs(httpclient, "x", steps=np.int32(2), lora=lora))
+        assert words in e.value.message() and "\n" not in e.value.message()
+    assert http_status(server.url("/v2/health/ready")) == 200
+
+
+def test_serve_refuses_lora_on_an_artifact_without_switchable_weights(demo_artifact, lora_setup):
+    _, _, files = lora_setup
+    proc = subprocess.run([str(SERVE), "serve", str(demo_artifact), "--lora", f"a={files['a']}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--lora needs an artifact exported with switchable weights" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_sdxl_artifact_served_with_a_lora(tmp_path):
+    """A tiny SDXL artifact (switchable, with a kohya lora_unet_ / lora_te2_ file) through a real server: the
+    zero-negative default and a LoRA request, each equal to the pipeline alone (`generate`)."""
+    pytest.importorskip("diffusers")
+    import tritonclient.http as httpclient
+
+    from ldm_deploy.export.config import ExportConfig, Range
+    from ldm_deploy.runtime.pipeline import Pipeline
+    from tests.runtime.tiny_sdxl import make_tiny_sdxl
+    from tests.serving.lora_setup import export_switchable, write_kohya
+
+    config = ExportConfig(name="tiny-sdxl", batch=Range(1, 1, 2), height=Range(32, 32, 32), width=Range(32, 32, 32),
+                          components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
+    artifact = export_switchable(make_tiny_sdxl(tmp_path / "base"), tmp_path / "onnx", config)
+    lora = write_kohya(artifact, tmp_path / "x.safetensors", 4,
+                       targets={"unet": ("attn2.to_k.weight",), "text_encoder_2": ("q_proj.weight",)})
+    s = Server(artifact, tmp_path / "server.log", "--lora", f"x={lora}")
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{s.http}", network_timeout=300.0)
+        try:
+            got = [client.infer("ldm", inputs(httpclient, "a red circle", seed=np.int64(3), steps=np.int32(3),
+                                              guidance=np.float32(5.0), **extra)).as_numpy("image")[0]
+                   for extra in ({}, {"negative_prompt": "blurry", "lora": "x:0.8"})]
+        finally:
+            client.close()
+    finally:
+        assert s.stop() == 0, s.log()[-2000:]
+    pipe = Pipeline.from_artifact(artifact)
+    assert np.array_equal(got[0], pipe("a red circle", steps=3, guidance=5.0, seed=3).images[0])   # zero negative
+    pipe.set_loras([(lora, 0.8)])
+    assert np.array_equal(got[1], pipe("a red circle", "blurry", steps=3, guidance=5.0, seed=3).images[0])
