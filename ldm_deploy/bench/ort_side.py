@@ -41,10 +41,9 @@ def _skip_reason(spec, side: str) -> str | None:
             return "onnxruntime has no CUDAExecutionProvider here (needs onnxruntime-gpu and an NVIDIA GPU)"
         variant = LEVERS.get(side, (None, {}))[1].get("variant")
         if variant:
-            import json
+            from ldm_deploy.artifact import Artifact
 
-            unet = json.loads((Path(spec.artifact) / "manifest.json").read_text(encoding="utf-8"))["components"]["unet"]
-            if variant not in (unet.get("variants") or {}):
+            if variant not in Artifact.open(spec.artifact, verify=False).component("unet").variants:
                 return (f"the artifact's U-Net has no {variant!r} variant "
                         "(scripts/bench_sd15.py --levers, or ldm_deploy.bench.prepare.add_lever_variants, adds it)")
         if hasattr(ort, "preload_dlls"):   # cuDNN / cuBLAS from the nvidia-* wheels, when the system has none
@@ -113,10 +112,7 @@ def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, lo
     record["cuda_graph"] = bool(graph_key and opts.get(graph_key) and "cuda_graph_error" not in record)
     record["cuda_graph_components"] = [c for c, r in runners.items()
                                        if getattr(r, "enable_cuda_graph", getattr(r, "cuda_graph", False))]
-    m = artifact.manifest
-    return Pipeline(ClipTokenizer.from_dir(artifact.tokenizer_dir), runners, m["scheduler"], m["scaling_factor"],
-                    m.get("prediction_type", "epsilon"), m.get("profiles"), latent_channels=m.get("latent_channels", 4),
-                    vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend)
+    return Pipeline(ClipTokenizer.from_dir(artifact.tokenizer_dir), runners, artifact.info, backend=backend)
 
 
 def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
