@@ -107,7 +107,7 @@ def run_ours(artifact: Path, backend: str, steps: int, guidance: float, runs: in
             peak[0] = max(peak[0], used[0])
 
     latents = np.random.default_rng(0).standard_normal(
-        (1, 4, pipe.profiles["height"]["opt"] // 8, pipe.profiles["width"]["opt"] // 8), dtype=np.float32)
+        (1, 4, pipe.info.profiles.height.opt // 8, pipe.info.profiles.width.opt // 8), dtype=np.float32)
     kw = dict(steps=steps, guidance=guidance, latents=latents, callback=sample)
     pipe(PROMPT, **kw)                                                      # warm-up
     times, unet = [], []

@@ -135,7 +135,7 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
         record["tuning"] = dict(tuning)
     pipe = _open_pipeline(spec.artifact, backend, opts, record, log, unet_opts, graph_all=bool(tuning.get("graph_all")))
     record["load_s"] = round(time.perf_counter() - t0, 3)
-    record["dtype"] = pipe.runners["unet"].spec.get("precision", "fp32") if hasattr(pipe.runners["unet"], "spec") else None
+    record["dtype"] = pipe.runners["unet"].spec.precision if hasattr(pipe.runners["unet"], "spec") else None
     record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?"))) for c, r in pipe.runners.items()}
     record["variants"] = {c: getattr(r, "variant", None) for c, r in pipe.runners.items()}
     record["unet_io_binding"] = getattr(pipe.runners["unet"], "io_binding", None)

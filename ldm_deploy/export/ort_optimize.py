@@ -35,7 +35,7 @@ from ldm_deploy.export.cfg_fold import fold_cfg
 log = logging.getLogger(__name__)
 
 # one spelling: the runtime reads the variant name without importing this module (which needs onnx)
-from ldm_deploy.runtime.runners.ort import ORT_CUDA_VARIANT as VARIANT  # noqa: E402
+from ldm_deploy.artifact import ORT_CUDA_VARIANT as VARIANT  # noqa: E402
 FILE_NAME = "model.ort-cuda.onnx"
 DEFAULT_COMPONENTS = ("unet", "text_encoder", "vae_decoder")
 # our component name -> ORT optimizer model type

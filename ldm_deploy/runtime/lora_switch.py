@@ -24,15 +24,17 @@ from ldm_deploy.lora import LoraFile, LoraSpec, combine, load_lora
 COMPONENTS = ("unet", "text_encoder")
 
 
-def load_base(artifact, spec: Mapping) -> dict[str, np.ndarray]:
-    """name -> base weight array of a switchable component ({} when the component is not switchable)."""
-    entry = spec.get("lora_weights")
+def load_base(artifact, spec) -> dict[str, np.ndarray]:
+    """name -> base weight array of a switchable component (an artifact.ComponentSpec; {} when the component
+    is not switchable)."""
+    entry = spec.lora_weights
     if not entry:
         return {}
+    from ldm_deploy.artifact import MANIFEST
     from ldm_deploy.paths import inside_file
 
     # named in the manifest, which is not in its own hashes: it must stay inside the artifact (paths.py)
-    path = inside_file(artifact.path, entry.get("file"), named_in=Path(artifact.path) / "manifest.json")
+    path = inside_file(artifact.path, entry.get("file"), named_in=Path(artifact.path) / MANIFEST)
     try:
         from safetensors.numpy import load_file
     except ImportError as e:
@@ -70,7 +72,8 @@ def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None)
     try:
         loaded: list[tuple[LoraFile, float]] = [(load_lora(s.path, targets), s.scale) for s in specs]
     except LdmError as e:
-        modes = {getattr(r, "spec", {}).get("lora_weights", {}).get("mode") for r in targets_of.values()}
+        modes = {(getattr(getattr(r, "spec", None), "lora_weights", None) or {}).get("mode")
+                 for r in targets_of.values()}
         if "linear" in modes and "not LoRA weights" in str(e):
             raise LdmError(f"{e} -- this artifact switches Linear and 1x1 conv weights only",
                            hint="re-export with `--lora-switchable all` for LoCon (3x3 conv) LoRAs, or merge "

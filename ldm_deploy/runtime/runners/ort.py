@@ -39,10 +39,9 @@ from typing import Mapping
 
 import numpy as np
 
+from ldm_deploy.artifact import ORT_CUDA_VARIANT, ComponentSpec
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import lora_switch
-
-ORT_CUDA_VARIANT = "ort-cuda"   # the manifest variant ldm_deploy/export/ort_optimize.py writes (its VARIANT)
 
 VOLATILE_AFTER = 3   # an input new on this many calls in a row is uploaded without comparing from then on
 FEW_CORES = 4      # at most this many cores: intra-op spinning off by default (see the module docstring)
@@ -67,26 +66,15 @@ def _open(artifact):
     return artifact
 
 
-def component_spec(artifact, component: str, variant: str | None = None) -> tuple[Path, dict]:
-    """(path of the graph to run, its spec: file/inputs/outputs/...) from an Artifact or an artifact dir.
+def component_spec(artifact, component: str, variant: str | None = None) -> tuple[Path, ComponentSpec]:
+    """(path of the graph to run, its ComponentSpec: file/inputs/outputs/...) from an Artifact or an artifact dir.
 
     `variant` names an entry of the component's `variants` (e.g. "ort-cuda"); its file and IO replace
     the plain graph's. A missing variant is an error; pick "auto" handling in the caller.
     """
     artifact = _open(artifact)
-    artifact.component(component)  # raises LdmError naming what the artifact has
-    spec = dict(artifact.manifest["components"][component])
-    if variant is not None:
-        variants = spec.get("variants") or {}
-        if variant not in variants:
-            raise LdmError(f"the {component} of {artifact.path} has no {variant!r} variant "
-                           f"(it has: {', '.join(variants) or 'none'})",
-                           hint="export with --ort-cuda, or call ldm_deploy.export.ort_optimize."
-                                "add_ort_cuda_variants(ARTIFACT); variant=None runs the plain graph")
-        spec.update(variants[variant])
-    from ldm_deploy.paths import inside
-
-    return inside(artifact.path, spec["file"], named_in=Path(artifact.path) / "manifest.json"), spec
+    spec = artifact.component(component).variant(variant)  # LdmError naming what the artifact has
+    return artifact.path_of(spec.file), spec
 
 
 class OrtCpuRunner:
@@ -103,10 +91,10 @@ class OrtCpuRunner:
         artifact = _open(artifact)
         self.variant = self._choose_variant(artifact, component)
         self.model_path, self.spec = component_spec(artifact, component, self.variant)
-        self.vae_scale_factor = int(artifact.manifest.get("vae_scale_factor", 8))
-        self.input_names = [i["name"] for i in self.spec["inputs"]]
-        self.output_names = [o["name"] for o in self.spec["outputs"]]
-        self.input_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in self.spec["inputs"]}
+        self.vae_scale_factor = artifact.vae_scale_factor
+        self.input_names = self.spec.input_names
+        self.output_names = self.spec.output_names
+        self.input_dtypes = {i.name: np.dtype(i.dtype) for i in self.spec.inputs}
         self.output_dtype = None if output_dtype is None else np.dtype(output_dtype)
         if graph_optimization_level not in _OPT_LEVELS:
             raise UsageError(f"unknown graph_optimization_level {graph_optimization_level!r}; "
@@ -198,7 +186,7 @@ class OrtCudaRunner(OrtCpuRunner):
             self.cuda_options["enable_cuda_graph"] = "1"
         artifact = _open(artifact)
         if use_tf32 is None:   # off for an fp32 export (its parity is the point), ORT's default (on) otherwise
-            use_tf32 = artifact.manifest.get("precision") != "fp32"
+            use_tf32 = artifact.precision != "fp32"
         self.cuda_options.setdefault("use_tf32", "1" if use_tf32 else "0")   # an explicit cuda_options key wins
         self.use_tf32 = self.cuda_options["use_tf32"] not in ("0", "False", "false")
         super().__init__(artifact, component, **opts)
@@ -250,7 +238,7 @@ class OrtCudaRunner(OrtCpuRunner):
     def _choose_variant(self, artifact, component: str) -> str | None:
         variant = self.requested_variant
         if variant == "auto":   # not ldm_deploy.export.ort_optimize's constant: that module needs onnx
-            has = ORT_CUDA_VARIANT in (artifact.manifest["components"][component].get("variants") or {})
+            has = ORT_CUDA_VARIANT in artifact.component(component).variants
             return ORT_CUDA_VARIANT if has else None
         return variant
 
@@ -321,8 +309,8 @@ class OrtCudaRunner(OrtCpuRunner):
         if key in self._out_shapes:
             return self._out_shapes[key]
         dims: dict[str, int] = {}
-        for spec in self.spec["inputs"]:
-            for d, size in zip(spec["shape"], np.shape(feeds[spec["name"]])):
+        for spec in self.spec.inputs:
+            for d, size in zip(spec.shape, np.shape(feeds[spec.name])):
                 if isinstance(d, str):
                     dims[d] = int(size)
         for axis in ("height", "width"):
@@ -331,10 +319,10 @@ class OrtCudaRunner(OrtCpuRunner):
             if f"image_{axis}" in dims and dims[f"image_{axis}"] % self.vae_scale_factor == 0:
                 dims.setdefault(f"latent_{axis}", dims[f"image_{axis}"] // self.vae_scale_factor)
         shapes = {}
-        for spec in self.spec["outputs"]:
-            if not all(isinstance(d, int) or d in dims for d in spec["shape"]):
+        for spec in self.spec.outputs:
+            if not all(isinstance(d, int) or d in dims for d in spec.shape):
                 return None
-            shapes[spec["name"]] = tuple(d if isinstance(d, int) else dims[d] for d in spec["shape"])
+            shapes[spec.name] = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
         self._out_shapes[key] = shapes
         return shapes
 
@@ -382,7 +370,7 @@ class OrtCudaRunner(OrtCpuRunner):
         return array.copy() if value.device_name().lower() == "cpu" else array
 
     def _ensure_outputs(self, shapes: dict[str, tuple]) -> None:
-        out_dtypes = {o["name"]: np.dtype(o["dtype"]) for o in self.spec["outputs"]}
+        out_dtypes = {o.name: np.dtype(o.dtype) for o in self.spec.outputs}
         for name in self.output_names:
             held = self._out.get(name)
             if held is None or tuple(held.shape()) != shapes[name]:

@@ -149,11 +149,9 @@ def current_onnx_sha256(artifact_dir: Path | None, sidecar: dict) -> str | None:
         log.debug("artifact for %s not found; ONNX hash not checked", sidecar["component"])
         return None
     from ldm_deploy.artifact import Artifact  # noqa: PLC0415
-    manifest = Artifact(artifact_dir, verify=False).manifest
-    entry = manifest["components"].get(sidecar["component"])
-    if entry is None:
-        return None
-    return manifest["files"].get(entry["file"])
+    artifact = Artifact(artifact_dir, verify=False)
+    spec = artifact.components.get(sidecar["component"])
+    return None if spec is None else artifact.files.get(spec.file)
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -204,7 +202,7 @@ class TensorRTRunner:
             from ldm_deploy.runtime import lora_switch
 
             artifact = Artifact.open(artifact_dir, verify=False)
-            self.base_weights = lora_switch.load_base(artifact, artifact.manifest["components"][component])
+            self.base_weights = lora_switch.load_base(artifact, artifact.component(component))
             self.weights = dict(self.base_weights)
             self._refitter = Refitter(trt, self.engine, self._logger)
         log.debug(f"{component}: TensorRT engine loaded, {sum(self._sizes.values()) / 2**20:.1f} MiB of I/O "
