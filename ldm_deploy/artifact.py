@@ -47,6 +47,10 @@ class TensorSpec:
     dtype: str                  # numpy dtype name: "float32", "float16", "int32"
     shape: tuple                # ints for static axes, strings for named dynamic axes
 
+    def to_dict(self) -> dict:
+        """As the manifest writes it (an engine sidecar's `io` copies it)."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
 
 @dataclass(frozen=True)
 class Range:
