@@ -218,9 +218,13 @@ class ModelInfo:
 
 
 class Artifact:
-    """A verified artifact folder. `Artifact(path)` and `Artifact.open(path)` are the same."""
+    """A verified artifact folder. `Artifact(path)` and `Artifact.open(path)` are the same.
 
-    def __init__(self, path, verify: bool = True):
+    `verify=False` skips the sha256 of every file (the builder hashes what it builds from);
+    `missing_ok=True` (inspect) accepts listed files that are absent (`missing_files()` names them).
+    """
+
+    def __init__(self, path, verify: bool = True, *, missing_ok: bool = False):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -236,14 +240,19 @@ class Artifact:
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()   # the artifact's identity (lists every file's hash)
         self._check_format()
         self.components = {name: _component(name, d) for name, d in self.manifest["components"].items()}
+        for spec in self.components.values():   # every graph path it names stays inside the artifact
+            for rel in (spec.file, spec.external_data, spec.fp32_file,
+                        *(p for v in spec.variants.values() for p in (v.file, v.external_data))):
+                if rel is not None:
+                    _check_relative(rel, self.path)
         self.profiles = _profiles(self.manifest["profiles"], self.path)
         _check_profiles_digest(self.manifest, self.path)
         self.info = _info(self.manifest, self.profiles, self.path)
-        self.check_files(hashes=verify)
+        self.check_files(hashes=verify, missing_ok=missing_ok)
 
     @classmethod
-    def open(cls, path, verify: bool = True) -> "Artifact":
-        return cls(path, verify=verify)
+    def open(cls, path, verify: bool = True, *, missing_ok: bool = False) -> "Artifact":
+        return cls(path, verify=verify, missing_ok=missing_ok)
 
     # -- what the runtime reads -------------------------------------------------------------------
     @property
@@ -322,6 +331,33 @@ class Artifact:
         """relative path -> sha256 of every file but manifest.json."""
         return dict(self.manifest["files"])
 
+    @property
+    def created(self) -> str | None:
+        """When the export wrote it (UTC, ISO 8601)."""
+        return _str_or_none(self.manifest.get("created"))
+
+    @property
+    def tools(self) -> dict:
+        """Package -> version of the tools that made it (ldm_deploy, torch, onnx, ...)."""
+        tools = self.manifest.get("tools")
+        return dict(tools) if isinstance(tools, dict) else {}
+
+    @property
+    def imported(self) -> dict | None:
+        """For `ldm-deploy import`: how the ONNX folder was read (layout, pipeline, ...); None for an export."""
+        entry = self.manifest.get("import")
+        return dict(entry) if isinstance(entry, dict) else None
+
+    @property
+    def loras(self) -> list[dict]:
+        """LoRAs merged at export (file, sha256, scale, ...); [] when none."""
+        loras = self.manifest.get("loras")
+        return [dict(x) for x in loras if isinstance(x, dict)] if isinstance(loras, list) else []
+
+    def missing_files(self) -> list[str]:
+        """Listed files that are not there (only with missing_ok=True can an opened artifact have any)."""
+        return [rel for rel in self.manifest["files"] if not (self.path / rel).is_file()]
+
     def component(self, name: str) -> ComponentSpec:
         if name not in self.components:
             raise LdmError(f"the artifact at {self.path} has no {name!r} component "
@@ -342,8 +378,9 @@ class Artifact:
         self.info.check_shape(height=height, width=width, batch=batch)
 
     # -- verification -----------------------------------------------------------------------------
-    def check_files(self, hashes: bool = True) -> None:
-        """Every file listed in the manifest exists and (with `hashes`) has the recorded sha256."""
+    def check_files(self, hashes: bool = True, missing_ok: bool = False) -> None:
+        """Every file listed in the manifest exists (unless `missing_ok`) and (with `hashes`) has the recorded
+        sha256; none lies outside the artifact."""
         files = self.manifest["files"]
         for c in self.components.values():
             for rel in filter(None, (c.file, c.external_data)):
@@ -353,6 +390,8 @@ class Artifact:
         for rel, digest in files.items():
             p = inside_file(self.path, rel, named_in=self.path / MANIFEST)   # no link out of the artifact
             if not p.is_file():
+                if missing_ok:
+                    continue
                 raise LdmError(f"artifact file {rel} is missing from {self.path}", hint="re-run the export")
             if hashes and sha256_regular(p.resolve()) != digest:
                 raise LdmError(f"artifact file {rel} in {self.path} does not match its sha256 in {MANIFEST} "
@@ -474,8 +513,7 @@ def _check_relative(rel: str, root: Path) -> None:
 
 
 def _component(name: str, d: dict, parent: ComponentSpec | None = None) -> ComponentSpec:
-    """A component's manifest entry; with `parent`, one of its variants (which keeps the parent's batch
-    multiplier and profile unless it names its own)."""
+    """A component's manifest entry; with `parent`, one of its variants (its entry over the parent's)."""
     def tensors(items):
         out = []
         for t in items:
@@ -513,8 +551,14 @@ def _component(name: str, d: dict, parent: ComponentSpec | None = None) -> Compo
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise LdmError(f"manifest entry for {what} is malformed ({e})", hint="re-run the export") from None
     if parent is None and variants:
-        spec = replace(spec, variants={k: _component(name, v, spec) for k, v in variants.items()})
+        base = {k: v for k, v in d.items() if k != "variants"}   # a variant names what differs from the graph
+        spec = replace(spec, variants={k: _component(name, {**base, **v} if isinstance(v, dict) else v, spec)
+                                       for k, v in variants.items()})
     return spec
+
+
+def _str_or_none(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _info(m: dict, profiles: Profiles, root: Path) -> ModelInfo:
