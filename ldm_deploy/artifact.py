@@ -121,6 +121,8 @@ class ComponentSpec:
     lora_weights: Mapping | None = None   # switchable LoRA weights: {"file", "mode", "inputs": {name: {dtype, shape}}}
     export: Mapping = field(default_factory=dict)   # how it was exported (exporter, opset, cleanup, timings)
     fused_ops: Mapping = field(default_factory=dict)  # a variant's fused op counts (ORT transformer optimizer)
+    record: Mapping = field(default_factory=dict)   # the entry's other keys: informative (node counts, declined
+                                                    # fusions, import notes), reported, never computed with
 
     @property
     def input_names(self) -> list[str]:
@@ -512,6 +514,10 @@ def _check_relative(rel: str, root: Path) -> None:
     inside(root, rel, named_in=root / MANIFEST, hint="re-run the export; never edit manifest.json by hand")
 
 
+_TYPED_KEYS = {"file", "external_data", "precision", "inputs", "outputs", "batch_multiplier", "profile", "variants",
+               "fp32_file", "lora_weights", "export", "fused_ops"}
+
+
 def _component(name: str, d: dict, parent: ComponentSpec | None = None) -> ComponentSpec:
     """A component's manifest entry; with `parent`, one of its variants (its entry over the parent's)."""
     def tensors(items):
@@ -533,7 +539,8 @@ def _component(name: str, d: dict, parent: ComponentSpec | None = None) -> Compo
             precision=d["precision"], inputs=tensors(d["inputs"]), outputs=tensors(d["outputs"]),
             batch_multiplier=int(d.get("batch_multiplier", parent.batch_multiplier if parent else 1)),
             profile=d.get("profile", parent.profile if parent else {}), fp32_file=d.get("fp32_file"),
-            lora_weights=lora if lora else None, export=d.get("export") or {}, fused_ops=d.get("fused_ops") or {})
+            lora_weights=lora if lora else None, export=d.get("export") or {}, fused_ops=d.get("fused_ops") or {},
+            record={k: v for k, v in d.items() if k not in _TYPED_KEYS})
         if not isinstance(spec.file, str) or not spec.file:
             raise TypeError(f"file {spec.file!r}")
         for key in ("external_data", "fp32_file"):

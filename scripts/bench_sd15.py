@@ -138,10 +138,10 @@ def main(argv=None) -> int:
     # 1. the model folder
     model = args.model_dir
     if model is None and args.artifact is not None:   # the folder the artifact was exported from, if it is here
-        import json
+        from ldm_deploy.artifact import Artifact
 
-        src = json.loads((args.artifact / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("path")
-        model = Path(src) if src and (Path(src) / "model_index.json").is_file() else None
+        src = Artifact(args.artifact, verify=False).source_path
+        model = src if src and (src / "model_index.json").is_file() else None
     if model is None:
         say(f"building the {kind} random-weight model folder in {args.work / (kind + '-model')} ...")
         model, seconds = random_model_folder(kind, args.work / f"{kind}-model")

@@ -78,10 +78,10 @@ def export(folder: Path, out: Path, size: int) -> dict:
                        components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
     start = time.perf_counter()
     result = export_model(folder, out, cfg)
-    comps = result.artifact.manifest["components"]
+    comps = result.artifact.components
     return {"seconds": round(time.perf_counter() - start, 1), "cached": result.cached,
             "peak_rss_mib": round(peak_rss_mib()),
-            "components": {k: {"precision": v["precision"], "export": v.get("export")} for k, v in comps.items()}}
+            "components": {k: {"precision": v.precision, "export": dict(v.export) or None} for k, v in comps.items()}}
 
 
 def build(artifact: Path) -> dict:

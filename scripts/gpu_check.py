@@ -139,11 +139,13 @@ def export(folder: Path, out: Path, precision: str) -> dict:
     config = load_config("tiny").replace(precision=precision, keep_fp32_unet=precision == "fp16", ort_cuda=True,
                                          measure_runtime=False, optimize=cleanup)
     result = export_model(folder, out, config, force=True)
-    m = result.artifact.manifest
+    def summary(v):   # the ort-cuda variant: precision, fusions, node counts
+        return {"precision": v.precision, "fused_ops": dict(v.fused_ops),
+                **{k: v.record.get(k) for k in ("declined_fusions", "nodes_before", "nodes_after")}}
+
     return {"path": str(out), "seconds": round(result.seconds, 1), "onnxslim_cleanup": cleanup,
-            "variants": {c: {k: e["variants"]["ort-cuda"].get(k) for k in ("precision", "fused_ops", "declined_fusions",
-                                                                            "nodes_before", "nodes_after")}
-                         for c, e in m["components"].items() if "variants" in e}}
+            "variants": {c: summary(e.variants["ort-cuda"]) for c, e in result.artifact.components.items()
+                         if e.variants}}
 
 
 @contextlib.contextmanager
@@ -232,7 +234,7 @@ def check_components(report: Report, name: str, art_dir: Path, dry: bool) -> Non
             cpu = open_runner("ort-cpu", artifact, component)
             reference = cpu(feeds)
             e["outputs"] = {k: list(v.shape) for k, v in reference.items()}
-        has_variant = "ort-cuda" in (artifact.manifest["components"][component].get("variants") or {})
+        has_variant = "ort-cuda" in artifact.component(component).variants
         for variant in (None, "ort-cuda"):
             for graph in (False, True):
                 label = f"{name}/{component}/cuda-{'fused' if variant else 'plain'}-{'graph' if graph else 'nograph'}"

@@ -119,16 +119,16 @@ def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: in
     return {"artifact": str(out), "config": cfg.to_dict(), "cached": bool(result.cached),
             "seconds": None if result.cached else round(result.seconds, 1),
             "wall_s": round(time.perf_counter() - start, 1),
-            "components": {name: c.get("export") for name, c in result.artifact.manifest["components"].items()}}
+            "components": {name: dict(c.export) or None for name, c in result.artifact.components.items()}}
 
 
 def add_ort_cuda_variants(artifact) -> dict:
     """The ONNX Runtime CUDA fused graphs (model.ort-cuda.onnx) for an artifact that lacks them."""
-    import json
+    from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact
 
-    manifest = json.loads((Path(artifact) / "manifest.json").read_text(encoding="utf-8"))
-    have = {name for name, c in manifest["components"].items() if (c.get("variants") or {}).get("ort-cuda")}
-    missing = [c for c in ("unet", "text_encoder", "vae_decoder") if c in manifest["components"] and c not in have]
+    components = Artifact(artifact, verify=False).components
+    have = {name for name, c in components.items() if ORT_CUDA_VARIANT in c.variants}
+    missing = [c for c in ("unet", "text_encoder", "vae_decoder") if c in components and c not in have]
     if not missing:
         return {"already_present": sorted(have)}
     try:
@@ -152,18 +152,18 @@ def add_lever_variants(artifact) -> dict:
     convolutions, CFG not folded) and `lever-fused` (fusions with NHWC convolutions, CFG not folded);
     plus the full "ort-cuda" variants when missing. Variants already present are kept. Returns what was
     done, with seconds per variant."""
+    import copy
     import json
 
-    from ldm_deploy.artifact import MANIFEST, Artifact
-    from ldm_deploy.export.manifest import graph_io
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.export.manifest import graph_io, write_manifest
     from ldm_deploy.export.onnx_io import data_file
     from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add, fp32_source
-    from ldm_deploy.fileio import write_json
 
     root = Path(artifact)
-    unet = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["components"]["unet"]
-    if unet.get("precision") != "fp16":   # refused before anything is written
-        raise LdmError(f"the U-Net of {root} is {unet.get('precision')}; the lever ladder's fp16 row runs the "
+    unet = Artifact(root, verify=False).component("unet")
+    if unet.precision != "fp16":   # refused before anything is written
+        raise LdmError(f"the U-Net of {root} is {unet.precision}; the lever ladder's fp16 row runs the "
                        "exported graph, so it needs an fp16 export",
                        hint="export with `precision: fp16` and `keep_fp32_unet: true` (export_configs/sd15.yaml)")
     src = fp32_source(root, unet)
@@ -171,11 +171,11 @@ def add_lever_variants(artifact) -> dict:
         raise LdmError(f"{root} keeps no fp32 U-Net graph, which the lever variants start from",
                        hint="export with `keep_fp32_unet: true` (export_configs/sd15.yaml has it)")
     done = {"ort-cuda": add_ort_cuda_variants(root)}
-    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    unet = manifest["components"]["unet"]
-    have = set(unet.get("variants") or {})
+    have = set(Artifact(root, verify=False).component("unet").variants)
     if "lever-fp32" not in have:
-        Artifact.open(root, verify=True)   # the entry reuses a hashed file: check it before pointing at it
+        # the entry reuses a hashed file: check it before pointing at it
+        manifest = copy.deepcopy(Artifact.open(root, verify=True).manifest)   # the writer's raw copy
+        unet = manifest["components"]["unet"]
         ins, outs = graph_io(src)
         rel = src.relative_to(root).as_posix()
         data = data_file(src)
@@ -183,7 +183,7 @@ def add_lever_variants(artifact) -> dict:
             "file": rel, "external_data": data.relative_to(root).as_posix() if data.exists() else None,
             "precision": "fp32",
             "inputs": ins, "outputs": outs, "fused_ops": {}, "cfg_folded": False, "nhwc_conv": False}
-        write_json(root / MANIFEST, manifest)
+        write_manifest(root, manifest)
         done["lever-fp32"] = {"file": rel}
     for name, nhwc in (("lever-fused-nchw", False), ("lever-fused", True)):
         if name not in have:
@@ -193,8 +193,8 @@ def add_lever_variants(artifact) -> dict:
     # the ladder credits each lever with the difference between two rows: the fused variants must fuse the
     # same ops (an ort-cuda variant fused from the traced graph at export can hold more than these, which
     # start from the kept, onnxslim-cleaned fp32 graph)
-    variants = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["components"]["unet"]["variants"]
-    ops = {name: {op: n for op, n in (variants.get(name, {}).get("fused_ops") or {}).items() if op != "NhwcConv"}
+    variants = Artifact(root, verify=False).component("unet").variants
+    ops = {name: {op: n for op, n in (variants[name].fused_ops if name in variants else {}).items() if op != "NhwcConv"}
            for name in ("ort-cuda", "lever-fused-nchw", "lever-fused")}
     done["fused_ops_match"] = len({json.dumps(v, sort_keys=True) for v in ops.values()}) == 1
     if not done["fused_ops_match"]:

@@ -311,15 +311,17 @@ def variant_entry(root: Path, path: Path, stats: dict) -> dict:
             "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}
 
 
-def fp32_source(root: Path, entry: dict) -> Path | None:
-    """The component's fp32 graph: `fp32_file` when the export kept one, else the main file if fp32."""
+def fp32_source(root: Path, spec) -> Path | None:
+    """The component's fp32 graph (`spec`: its artifact.ComponentSpec): `fp32_file` when the export kept one,
+    else the main file if fp32."""
+    from ldm_deploy.artifact import MANIFEST
     from ldm_deploy.paths import inside_file
 
-    named_in = Path(root) / "manifest.json"   # paths read from the manifest stay inside the artifact
-    if entry.get("fp32_file"):
-        return inside_file(root, entry["fp32_file"], named_in=named_in)
-    if entry.get("precision") == "fp32":
-        return inside_file(root, entry["file"], named_in=named_in)
+    named_in = Path(root) / MANIFEST   # paths read from the manifest stay inside the artifact
+    if spec.fp32_file:
+        return inside_file(root, spec.fp32_file, named_in=named_in)
+    if spec.precision == "fp32":
+        return inside_file(root, spec.file, named_in=named_in)
     return None
 
 
@@ -334,21 +336,22 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
     `nhwc_conv=False` keeps convolutions NCHW. `variant` names the entry: `OrtCudaRunner(variant="auto")`
     runs "ort-cuda" only; other names (the benchmark's lever variants) run when asked for by name.
     """
-    from ldm_deploy.artifact import MANIFEST, Artifact
-    from ldm_deploy.fileio import sha256_file, write_json
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.export.manifest import write_manifest
+    from ldm_deploy.fileio import sha256_file
 
     if not variant or not all(ch.isalnum() or ch in "-_" for ch in variant):
         raise UsageError(f"variant name {variant!r} must be letters, digits, '-' or '_' (it names a file)")
     artifact = Artifact.open(artifact_dir, verify=True)    # never rewrite hashes over a tampered folder
     root = Path(artifact.path)
-    manifest = copy.deepcopy(artifact.manifest)
+    manifest = copy.deepcopy(artifact.manifest)   # the writer's raw copy, edited and written back below
     results = {}
     for name in components:
         entry = manifest["components"].get(name)
         if entry is None:
             log.info("ort-cuda: %s has no %s component; skipped", root, name)
             continue
-        src = fp32_source(root, entry)
+        src = fp32_source(root, artifact.component(name))
         if src is None:
             log.info("ort-cuda: %s %s is %s without a kept fp32 graph (the fusions need one); skipped -- "
                      "re-export with `ort_cuda: true` (or `keep_fp32_unet: true` for the U-Net)",
@@ -367,7 +370,7 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
             manifest["files"][rel] = sha256_file(root / rel)
         results[name] = stats
     if results:
-        write_json(root / MANIFEST, manifest)
+        write_manifest(root, manifest)
     return results
 
 
