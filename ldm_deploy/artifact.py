@@ -10,7 +10,7 @@ which records every file's sha256, the shape profiles and each graph's inputs an
     art.file("unet")                                # Path to unet/model.onnx
     art.info                                        # ModelInfo: what the sampling loop needs
 
-This module is the only reader of manifest.json (tests/test_layering.py enforces it): everything else
+This module is the only reader of manifest.json (tests/test_manifest_reader.py enforces it): everything else
 reads the typed `Artifact`, `ComponentSpec` and `ModelInfo`. The writer, ldm_deploy/export/manifest.py,
 shares the key names below (`ModelInfo.manifest_fields`, REQUIRED_KEYS).
 """
@@ -373,7 +373,7 @@ class Artifact:
 
     def path_of(self, rel: str | None) -> Path:
         """A path the manifest names, inside the artifact (LdmError for one leaving it)."""
-        return inside(self.path, rel, named_in=self.path / MANIFEST)
+        return named_path(self.path, rel)
 
     def check_shape(self, height: int, width: int, batch: int = 1) -> None:
         """Raise UsageError, naming the profile, when (height, width, batch) is outside the export's."""
@@ -480,6 +480,13 @@ def _check_profiles_digest(m: dict, root: Path) -> None:
     if want is not None and want != profiles_digest(m):
         raise LdmError(f"manifest of {root}: the shape profiles were edited after export "
                        "(they no longer match profiles_sha256)", hint="re-run the export with the profiles you need")
+
+
+def named_path(root, rel, *, regular_file: bool = False) -> Path:
+    """`root/rel` for a path the manifest of the artifact at `root` names: inside the artifact (paths.inside;
+    manifest.json is not in its own hashes), and with `regular_file` a regular file where it exists."""
+    check = inside_file if regular_file else inside
+    return check(root, rel, named_in=Path(root) / MANIFEST)
 
 
 def manifest_sha256(path) -> str | None:

@@ -152,11 +152,10 @@ def add_lever_variants(artifact) -> dict:
     convolutions, CFG not folded) and `lever-fused` (fusions with NHWC convolutions, CFG not folded);
     plus the full "ort-cuda" variants when missing. Variants already present are kept. Returns what was
     done, with seconds per variant."""
-    import copy
     import json
 
     from ldm_deploy.artifact import Artifact
-    from ldm_deploy.export.manifest import graph_io, write_manifest
+    from ldm_deploy.export.manifest import editable_manifest, graph_io, write_manifest
     from ldm_deploy.export.onnx_io import data_file
     from ldm_deploy.export.ort_optimize import add_ort_cuda_variants as add, fp32_source
 
@@ -174,7 +173,7 @@ def add_lever_variants(artifact) -> dict:
     have = set(Artifact(root, verify=False).component("unet").variants)
     if "lever-fp32" not in have:
         # the entry reuses a hashed file: check it before pointing at it
-        manifest = copy.deepcopy(Artifact.open(root, verify=True).manifest)   # the writer's raw copy
+        manifest = editable_manifest(Artifact.open(root, verify=True))
         unet = manifest["components"]["unet"]
         ins, outs = graph_io(src)
         rel = src.relative_to(root).as_posix()

@@ -39,13 +39,11 @@ def refittable_onnx(artifact_dir: Path, entry, work: Path) -> Path:
     from onnx import numpy_helper
     from safetensors.numpy import load_file
 
-    from ldm_deploy.artifact import MANIFEST
-    from ldm_deploy.paths import inside_file
+    from ldm_deploy.artifact import named_path
 
-    named_in = Path(artifact_dir) / MANIFEST
-    src = inside_file(artifact_dir, entry.file, named_in=named_in)
+    src = named_path(artifact_dir, entry.file, regular_file=True)
     model = onnx.load(str(src))                  # with its external data
-    base = load_file(str(inside_file(artifact_dir, entry.lora_weights["file"], named_in=named_in)))
+    base = load_file(str(named_path(artifact_dir, entry.lora_weights["file"], regular_file=True)))
     names = set(entry.lora_weights["inputs"])
     kept = [i for i in model.graph.input if i.name not in names]
     del model.graph.input[:]

@@ -7,6 +7,7 @@ the file is written (export, import, the ORT CUDA variants, the benchmark's leve
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import shutil
@@ -99,6 +100,12 @@ def build_manifest(folder: Path, *, source, config: ExportConfig, components: di
     }
     manifest["profiles_sha256"] = profiles_digest(manifest)   # the profiles' integrity (artifact.py checks it)
     return manifest
+
+
+def editable_manifest(artifact) -> dict:
+    """A deep copy of an opened `Artifact`'s manifest dict, for a writer that adds to it (a component's
+    variants, their file hashes) and writes it back with `write_manifest`."""
+    return copy.deepcopy(artifact.manifest)
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

@@ -19,7 +19,6 @@ so fractional timesteps keep their precision). Needs onnx + onnxruntime (no torc
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import shutil
 import time
@@ -314,14 +313,12 @@ def variant_entry(root: Path, path: Path, stats: dict) -> dict:
 def fp32_source(root: Path, spec) -> Path | None:
     """The component's fp32 graph (`spec`: its artifact.ComponentSpec): `fp32_file` when the export kept one,
     else the main file if fp32."""
-    from ldm_deploy.artifact import MANIFEST
-    from ldm_deploy.paths import inside_file
+    from ldm_deploy.artifact import named_path   # paths read from the manifest stay inside the artifact
 
-    named_in = Path(root) / MANIFEST   # paths read from the manifest stay inside the artifact
     if spec.fp32_file:
-        return inside_file(root, spec.fp32_file, named_in=named_in)
+        return named_path(root, spec.fp32_file, regular_file=True)
     if spec.precision == "fp32":
-        return inside_file(root, spec.file, named_in=named_in)
+        return named_path(root, spec.file, regular_file=True)
     return None
 
 
@@ -337,14 +334,14 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
     runs "ort-cuda" only; other names (the benchmark's lever variants) run when asked for by name.
     """
     from ldm_deploy.artifact import Artifact
-    from ldm_deploy.export.manifest import write_manifest
+    from ldm_deploy.export.manifest import editable_manifest, write_manifest
     from ldm_deploy.fileio import sha256_file
 
     if not variant or not all(ch.isalnum() or ch in "-_" for ch in variant):
         raise UsageError(f"variant name {variant!r} must be letters, digits, '-' or '_' (it names a file)")
     artifact = Artifact.open(artifact_dir, verify=True)    # never rewrite hashes over a tampered folder
     root = Path(artifact.path)
-    manifest = copy.deepcopy(artifact.manifest)   # the writer's raw copy, edited and written back below
+    manifest = editable_manifest(artifact)   # edited and written back below
     results = {}
     for name in components:
         entry = manifest["components"].get(name)

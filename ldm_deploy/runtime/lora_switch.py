@@ -30,11 +30,10 @@ def load_base(artifact, spec) -> dict[str, np.ndarray]:
     entry = spec.lora_weights
     if not entry:
         return {}
-    from ldm_deploy.artifact import MANIFEST
-    from ldm_deploy.paths import inside_file
+    from ldm_deploy.artifact import named_path
 
     # named in the manifest, which is not in its own hashes: it must stay inside the artifact (paths.py)
-    path = inside_file(artifact.path, entry.get("file"), named_in=Path(artifact.path) / MANIFEST)
+    path = named_path(artifact.path, entry.get("file"), regular_file=True)
     try:
         from safetensors.numpy import load_file
     except ImportError as e:
