@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from ldm_deploy.artifact import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED_KEYS, ModelInfo, profiles_digest
+from ldm_deploy.artifact import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED_KEYS, profiles_digest
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.fileio import sha256_file, write_json
 
@@ -80,7 +80,6 @@ def build_manifest(folder: Path, *, source, config: ExportConfig, components: di
     `extra`: model-family entries (SDXL: `sdxl`, see export/sdxl.py), written before `files`.
     """
     models = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if "text_encoder_2" in source.configs else ())
-    info = ModelInfo.from_configs(source.configs.get("unet"), source.configs.get("vae"), source.scheduler_config)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,7 +87,7 @@ def build_manifest(folder: Path, *, source, config: ExportConfig, components: di
         "source": {"path": str(Path(source.folder).resolve()), "sha256": source.sha256},
         "precision": config.precision,
         "model": {part: source.configs.get(part) for part in models},
-        **info.manifest_fields(),        # scaling_factor, prediction_type, latent_channels, vae_scale_factor
+        **source.info.manifest_fields(),   # scaling_factor, prediction_type, latent_channels, vae_scale_factor
         "scheduler": source.scheduler_config,
         "tokenizer": tokenizer,
         "profiles": config.to_dict()["profiles"],

@@ -45,22 +45,19 @@ class Source:
         return getattr(self, component) if component in ("text_encoder", "text_encoder_2") else None
 
     @property
-    def scaling_factor(self) -> float:
-        return float(self.configs.get("vae", {}).get("scaling_factor", 0.18215))
+    def info(self):
+        """The model description the manifest records (ldm_deploy.artifact.ModelInfo, one set of formulas)."""
+        from ldm_deploy.artifact import ModelInfo
+
+        return ModelInfo.from_configs(self.configs.get("unet"), self.configs.get("vae"), self.scheduler_config)
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1) if "vae" in self.configs else 8
+        return self.info.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
-        if "unet" in self.configs:
-            return int(self.configs["unet"].get("in_channels", 4))
-        return int(self.configs.get("vae", {}).get("latent_channels", 4))
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        return self.info.latent_channels
 
 
 def folder_sha256(folder: Path) -> str:
