@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -89,13 +90,23 @@ def check_shape(profiles: Profiles | None, vae_scale_factor: int, *, height=None
     for name, value in (("height", height), ("width", width)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__") or value <= 0 \
-                or value % f:
+        if not _is_int(value) or value <= 0 or value % f:
             raise UsageError(f"{name} must be a positive multiple of {f}, got {value!r}",
                              hint=f"use a multiple of the VAE scale factor {f}")
         _check_range(name, value, profiles and getattr(profiles, name))
     if batch is not None:
         _check_range("batch", batch, profiles and profiles.batch, batch_label)
+
+
+def _is_int(value) -> bool:
+    """An int or numpy integer (not a bool, not a float)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_range(name: str, value: int, rng: Range | None, label: str | None = None) -> None:
@@ -223,7 +234,7 @@ class Artifact:
     """A verified artifact folder. `Artifact(path)` and `Artifact.open(path)` are the same.
 
     `verify=False` skips the sha256 of every file (the builder hashes what it builds from);
-    `missing_ok=True` (inspect) accepts listed files that are absent (`missing_files()` names them).
+    `missing_ok=True` (inspect) accepts listed files that are absent.
     """
 
     def __init__(self, path, verify: bool = True, *, missing_ok: bool = False):
@@ -356,10 +367,6 @@ class Artifact:
         loras = self.manifest.get("loras")
         return [dict(x) for x in loras if isinstance(x, dict)] if isinstance(loras, list) else []
 
-    def missing_files(self) -> list[str]:
-        """Listed files that are not there (only with missing_ok=True can an opened artifact have any)."""
-        return [rel for rel in self.manifest["files"] if not (self.path / rel).is_file()]
-
     def component(self, name: str) -> ComponentSpec:
         if name not in self.components:
             raise LdmError(f"the artifact at {self.path} has no {name!r} component "
@@ -367,9 +374,9 @@ class Artifact:
                            hint=f"re-export with --components including {name}")
         return self.components[name]
 
-    def file(self, component: str, variant: str | None = None) -> Path:
-        """Path of the component's ONNX graph (of its `variant`, when named)."""
-        return self.path_of(self.component(component).variant(variant).file)
+    def file(self, component: str) -> Path:
+        """Path of the component's ONNX graph."""
+        return self.path_of(self.component(component).file)
 
     def path_of(self, rel: str | None) -> Path:
         """A path the manifest names, inside the artifact (LdmError for one leaving it)."""
