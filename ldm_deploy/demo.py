@@ -224,7 +224,7 @@ def _native_size(model: Path, pipe) -> int:
     from ldm_deploy.artifact import Range
 
     any_size = Range(1, 512, 1 << 30)
-    profile, width = (getattr(pipe.info.profiles, k, None) or any_size for k in ("height", "width"))
+    profile, width = (getattr(pipe.profiles, k, None) or any_size for k in ("height", "width"))
     try:
         sample = json.loads((model / "unet" / "config.json").read_text(encoding="utf-8"))["sample_size"]
         size = int(sample if isinstance(sample, int) else sample[0]) * pipe.vae_scale_factor
