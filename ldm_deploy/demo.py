@@ -177,7 +177,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
 
     # 4. parity of prompt 0 against the PyTorch reference, through the same loop and start latents
     if config.parity:
-        report["parity"] = _parity(model, pipe.profiles, rows[0]["prompt"], config, first)
+        report["parity"] = _parity(model, pipe.info.profiles, rows[0]["prompt"], config, first)
 
     # 5. outputs
     grid_path = out / "grid.png"
@@ -228,15 +228,17 @@ def _native_size(model: Path, pipe) -> int:
     allows it, else the profile's opt size."""
     import json
 
-    any_size = {"min": 1, "opt": 512, "max": 1 << 30}
-    profile, width = ((pipe.profiles or {}).get(k) or any_size for k in ("height", "width"))
+    from ldm_deploy.artifact import Range
+
+    any_size = Range(1, 512, 1 << 30)
+    profile, width = (getattr(pipe.profiles, k, None) or any_size for k in ("height", "width"))
     try:
         sample = json.loads((model / "unet" / "config.json").read_text(encoding="utf-8"))["sample_size"]
         size = int(sample if isinstance(sample, int) else sample[0]) * pipe.vae_scale_factor
     except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return int(profile["opt"])
-    fits = all(p["min"] <= size <= p["max"] for p in (profile, width))
-    return size if fits else int(min(profile["opt"], width["opt"]))
+        return int(profile.opt)
+    fits = all(p.min <= size <= p.max for p in (profile, width))
+    return size if fits else int(min(profile.opt, width.opt))
 
 
 def _scheduler_name(pipe) -> str:

@@ -15,6 +15,7 @@ import math
 import struct
 from pathlib import Path
 
+from ldm_deploy.artifact import FORMAT_VERSION, MANIFEST, is_artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.interop.layout import GRAPH_PARTS, onnx_layout
 from ldm_deploy.paths import inside
@@ -30,11 +31,11 @@ def inspect_path(path: str | Path) -> dict:
     if path.is_file():
         if path.suffix == ".onnx":
             return inspect_onnx(path)
-        if path.name == "manifest.json":
+        if path.name == MANIFEST:
             return inspect_artifact(path.parent)
         if path.name.endswith(".engine") or path.name.endswith(".engine.json"):
             return inspect_engines(path.parent)
-    elif (path / "manifest.json").is_file():
+    elif is_artifact(path):
         return inspect_artifact(path)
     elif any(path.glob("*.engine.json")):
         return inspect_engines(path)
@@ -47,58 +48,44 @@ def inspect_path(path: str | Path) -> dict:
 
 
 def inspect_artifact(root: Path) -> dict:
-    manifest = inside(root, "manifest.json")
-    try:
-        m = json.loads(manifest.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise LdmError(f"{root / 'manifest.json'} is not valid JSON: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != "ldm-deploy-artifact":
-        raise LdmError(f"{root / 'manifest.json'} is not an ldm-deploy artifact manifest")
-    _check_manifest_paths(root, m, manifest)
+    from ldm_deploy.artifact import Artifact
+
+    # the artifact's structure and paths checked as every reader's (no hashes; a missing file is reported, not refused)
+    art = Artifact(root, verify=False, missing_ok=True)
     components = {}
-    for name, c in m.get("components", {}).items():
-        variants = {"fp32": {"file": c["fp32_file"]}} if c.get("fp32_file") else {}
-        variants.update(c.get("variants") or {})          # e.g. "ort-cuda": ORT-fused graph for CUDA
-        files = [f for f in (c.get("file"), c.get("external_data")) if f]
-        files += [f for v in variants.values() for f in (v.get("file"), v.get("external_data")) if f]
-        export = c.get("export") or {}
+    for name, c in art.components.items():
+        variants = {"fp32": {"file": c.fp32_file}} if c.fp32_file else {}
+        variants.update({k: {"file": v.file, "precision": v.precision, **({"fused_ops": dict(v.fused_ops)}
+                                                                          if v.fused_ops else {})}
+                         for k, v in c.variants.items()})          # e.g. "ort-cuda": ORT-fused graph for CUDA
+        files = [f for f in (c.file, c.external_data) if f]
+        files += [f for v in c.variants.values() for f in (v.file, v.external_data) if f]
+        if c.fp32_file:
+            files.append(c.fp32_file)
+        files = list(dict.fromkeys(files))
         components[name] = {
-            "file": c.get("file"), "precision": c.get("precision"), "bytes": _size(root, files),
+            "file": c.file, "precision": c.precision, "bytes": _size(root, files),
             "missing_files": [f for f in files if not (root / f).is_file()],
-            "inputs": c.get("inputs", []), "outputs": c.get("outputs", []),
-            "batch_multiplier": c.get("batch_multiplier", 1), "profile": c.get("profile"),
-            "export": {k: export[k] for k in ("exporter", "opset", "export_seconds") if k in export},
-            "variants": {k: {f: v.get(f) for f in ("file", "precision", "fused_ops") if f in v}
-                         for k, v in variants.items()},
+            "inputs": [t.to_dict() for t in c.inputs], "outputs": [t.to_dict() for t in c.outputs],
+            "batch_multiplier": c.batch_multiplier, "profile": c.profile,
+            "export": {k: c.export[k] for k in ("exporter", "opset", "export_seconds") if k in c.export},
+            "variants": variants,
         }
+    imported = art.imported
     info = {
-        "kind": "artifact", "path": str(root), "format_version": m.get("format_version"), "created": m.get("created"),
-        "precision": m.get("precision"),
+        "kind": "artifact", "path": str(root), "format_version": FORMAT_VERSION, "created": art.created,
+        "precision": art.precision,
         "variants": sorted({v for c in components.values() for v in c["variants"]}),
-        "source": m.get("source"), "profiles": m.get("profiles"), "prediction_type": m.get("prediction_type"),
-        "scaling_factor": m.get("scaling_factor"), "scheduler": (m.get("scheduler") or {}).get("_class_name"),
-        "components": components, "bytes": _size(root, list(m.get("files", {}))), "tools": m.get("tools"),
-        "export_config": (m.get("export_config") or {}).get("name"),
-        "imported": {k: (m.get("import") or {}).get(k) for k in ("layout", "pipeline")} if m.get("import") else None,
+        "source": {"path": None if art.source_path is None else str(art.source_path), "sha256": art.source_sha256},
+        "profiles": art.profiles.to_dict(), "prediction_type": art.prediction_type,
+        "scaling_factor": art.scaling_factor, "scheduler": art.scheduler_config.get("_class_name"),
+        "components": components, "bytes": _size(root, list(art.files)), "tools": art.tools,
+        "export_config": art.export_config.get("name"),
+        "imported": {k: imported.get(k) for k in ("layout", "pipeline")} if imported else None,
     }
     if (root / "engines").is_dir() and any((root / "engines").glob("*.engine.json")):
         info["engines"] = inspect_engines(inside(root, "engines"))   # not a link out of the artifact
     return info
-
-
-def _check_manifest_paths(root: Path, m: dict, manifest: Path) -> None:
-    """The artifact's own path checks (Artifact): every path the manifest names lies inside `root`."""
-    rels = list(m.get("files") or {})
-    for c in (m.get("components") or {}).values():
-        if isinstance(c, dict):
-            entries = [c, *((c.get("variants") or {}).values() if isinstance(c.get("variants"), dict) else ())]
-            rels += [e.get(k) for e in entries if isinstance(e, dict) for k in ("file", "external_data")]
-            rels.append(c.get("fp32_file"))
-    if isinstance(m.get("tokenizer"), dict):
-        rels.append(m["tokenizer"].get("dir"))
-    for rel in rels:
-        if rel is not None:
-            inside(root, rel, named_in=manifest, hint="re-run the export; never edit manifest.json by hand")
 
 
 def inspect_engines(folder: Path) -> dict:

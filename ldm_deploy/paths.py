@@ -8,7 +8,7 @@ link and its target. A link that stays inside the folder is fine. `check_tree(fo
 same rule to every entry under a folder (a tokenizer folder, a whole artifact), without following
 links while walking.
 
-    path = inside(artifact_dir, manifest["components"]["unet"]["file"], named_in=artifact_dir / "manifest.json")
+    path = inside(model_dir / "unet", index["weight_map"][key], named_in=index_file)   # a sharded weight index
 """
 from __future__ import annotations
 

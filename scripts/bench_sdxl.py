@@ -77,10 +77,10 @@ def export(folder: Path, out: Path, size: int) -> dict:
                        components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
     start = time.perf_counter()
     result = export_model(folder, out, cfg)
-    comps = result.artifact.manifest["components"]
+    comps = result.artifact.components
     return {"seconds": round(time.perf_counter() - start, 1), "cached": result.cached,
             "peak_rss_mib": round(peak_rss_mib()),
-            "components": {k: {"precision": v["precision"], "export": v.get("export")} for k, v in comps.items()}}
+            "components": {k: {"precision": v.precision, "export": dict(v.export) or None} for k, v in comps.items()}}
 
 
 def build(artifact: Path) -> dict:
@@ -106,7 +106,7 @@ def run_ours(artifact: Path, backend: str, steps: int, guidance: float, runs: in
             peak[0] = max(peak[0], used[0])
 
     latents = np.random.default_rng(0).standard_normal(
-        (1, 4, pipe.profiles["height"]["opt"] // 8, pipe.profiles["width"]["opt"] // 8), dtype=np.float32)
+        (1, 4, pipe.info.profiles.height.opt // 8, pipe.info.profiles.width.opt // 8), dtype=np.float32)
     kw = dict(steps=steps, guidance=guidance, latents=latents, callback=sample)
     pipe(PROMPT, **kw)                                                      # warm-up
     times, unet = [], []

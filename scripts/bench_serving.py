@@ -56,7 +56,7 @@ def direct(artifact: str, backend: str, args) -> dict:
         pipe(PROMPTS[i % 4], seed=i, **kw)
         lat.append(time.perf_counter() - t0)
     out = {"one_at_a_time": stats(lat, time.perf_counter() - start)}
-    b = int(pipe.profiles["batch"]["max"]) if pipe.profiles else 1
+    b = pipe.info.profiles.batch.max if pipe.info.profiles else 1
     lat, start = [], time.perf_counter()
     for k in range(max(1, args.direct_requests // b)):
         t0 = time.perf_counter()

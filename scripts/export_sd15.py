@@ -38,13 +38,13 @@ def _export(model_dir: str, out: str, config_name: str, precision: str, queue) -
 
     config = load_config(config_name).replace(precision=precision)
     result = export_model(model_dir, out, config, force=True)
-    m = result.artifact.manifest
+    art = result.artifact
     queue.put({
         "seconds": round(result.seconds, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),   # KiB on Linux
-        "bytes": {name: sum((Path(out) / f).stat().st_size for f in m["files"] if f.startswith(name + "/"))
-                  for name in m["components"]},
-        "components": {name: c["export"] for name, c in m["components"].items()},
+        "bytes": {name: sum((Path(out) / f).stat().st_size for f in art.files if f.startswith(name + "/"))
+                  for name in art.components},
+        "components": {name: dict(c.export) for name, c in art.components.items()},
     })
 
 

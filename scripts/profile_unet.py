@@ -164,8 +164,9 @@ def main(argv=None) -> int:
         if args.artifact is None:
             raise UsageError("--artifact is required (or --render JSON)")
         if args.model_dir is None:
-            src = json.loads((args.artifact / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("path")
-            args.model_dir = Path(src) if src else None
+            from ldm_deploy.artifact import Artifact
+
+            args.model_dir = Artifact(args.artifact, verify=False).source_path
         from ldm_deploy.bench.machine import machine_info
 
         cuda = args.device == "cuda"

@@ -429,6 +429,49 @@ def load_components(
 
 
 # ----------------------------------------------------------------------------------------------------
+# The model description the numpy pipeline runs with (the same ModelInfo an artifact's manifest gives)
+
+
+def model_info(folder: str | os.PathLike, *, profiles=None):
+    """`ldm_deploy.artifact.ModelInfo` of a diffusers model folder: what its export writes into the manifest
+    (sizes, prediction type, scheduler config; SDXL's conditioning when it has a text_encoder_2)."""
+    folder = Path(folder)
+    configs = {part: _read_json(folder / part / "config.json") for part in ALL_PARTS
+               if (folder / part / "config.json").is_file()}
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    return info_from_configs(configs, _read_json(folder / "scheduler" / "scheduler_config.json"), index,
+                             profiles=profiles)
+
+
+def module_info(modules, scheduler_config: dict, *, scaling_factor: float | None = None):
+    """`ModelInfo` of in-memory modules ({"unet", "vae", ...}, ours or diffusers'): their configs as a saved
+    folder would hold them; `scaling_factor` overrides the VAE config's (training may measure its own)."""
+    configs = {part: module_config_dict(modules[part]) for part in ALL_PARTS if modules.get(part) is not None}
+    if scaling_factor is not None:
+        configs["vae"] = {**configs.get("vae", {}), "scaling_factor": float(scaling_factor)}
+    return info_from_configs(configs, scheduler_config)
+
+
+def info_from_configs(configs: dict, scheduler_config: dict, model_index: dict | None = None, *, profiles=None):
+    """part -> config.json dict, the scheduler config and model_index.json -> `ModelInfo` (one formula for the
+    sizes: `ModelInfo.from_configs`; SDXL's entry as export/sdxl.py's `manifest_block` writes it)."""
+    from ldm_deploy.artifact import ModelInfo, SDXLInfo
+
+    sdxl = None
+    if configs.get("text_encoder_2") is not None:
+        from ldm_deploy.export.sdxl import pooled_dim, time_ids_count
+
+        index = model_index or {}
+        sdxl = SDXLInfo.from_dict({
+            "text_encoders": [c for c in ("text_encoder", "text_encoder_2") if configs.get(c) is not None],
+            "pooled_dim": pooled_dim(configs), "time_ids": time_ids_count(configs),
+            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))})
+    return ModelInfo.from_configs(configs.get("unet"), configs.get("vae"), scheduler_config, profiles=profiles,
+                                  sdxl=sdxl)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Saving
 
 

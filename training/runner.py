@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.flops import vae_scale_factor
 
 IO = {
     "text_encoder": (["input_ids"], ["last_hidden_state"]),
@@ -41,8 +40,11 @@ _PART = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "
 
 
 def _components(source, dtype):
-    if hasattr(source, "manifest"):  # an Artifact: the reference is the model folder it was exported from
-        source = Path(source.manifest["source"]["path"])
+    if hasattr(source, "source_path"):  # an Artifact: the reference is the model folder it was exported from
+        if source.source_path is None:
+            raise LdmError(f"the artifact at {source.path} does not record its source model folder",
+                           hint="pass the model folder to TorchRunner directly")
+        source = source.source_path
         if not source.is_dir():
             raise LdmError(f"the artifact's source model folder {source} is gone",
                            hint="pass the model folder to TorchRunner directly")
@@ -131,54 +133,30 @@ def pipeline_from_model_folder(folder, device: str = "cpu", dtype: torch.dtype =
                                components=None, profiles=None):
     """The numpy Pipeline over TorchRunners of a diffusers-format model folder (the PyTorch reference).
 
-    `components` (a training.checkpoint.Components or a dict with unet/vae/text_encoder) skips loading.
+    `components` (a training.checkpoint.Components or a dict with unet/vae/text_encoder) skips loading;
+    `profiles` (ldm_deploy.artifact.Profiles) bounds the sizes as an artifact's do (None: any size).
     """
-    import json
-
     from ldm_deploy.runtime.pipeline import Pipeline
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
+    from training.checkpoint import model_info
 
     folder = Path(folder)
     comps = components if components is not None else _components(folder, dtype)
+    info = model_info(folder, profiles=profiles)
     if _part(comps, "text_encoder_2") is not None:
-        return _sdxl_pipeline(folder, comps, device, dtype, profiles)
+        return _sdxl_pipeline(folder, comps, info, device, dtype)
     runners = {c: TorchRunner(comps, c, device=device, dtype=dtype) for c in IO}
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    vae_scale = vae_scale_factor(vae_config)
-    return Pipeline(
-        ClipTokenizer.from_dir(folder / "tokenizer"), runners, scheduler_config,
-        scaling_factor=vae_config.get("scaling_factor", 0.18215),
-        prediction_type=scheduler_config.get("prediction_type", "epsilon"), profiles=profiles,
-        latent_channels=unet_config.get("in_channels", 4), vae_scale_factor=vae_scale, backend="torch",
-    )
+    return Pipeline(ClipTokenizer.from_dir(folder / "tokenizer"), runners, info, backend="torch")
 
 
-def _sdxl_pipeline(folder: Path, comps, device, dtype, profiles):
+def _sdxl_pipeline(folder: Path, comps, info, device, dtype):
     """runtime.sdxl.SDXLPipeline over TorchRunners of an SDXL model folder (base or refiner)."""
-    import json
-
-    from ldm_deploy.export.sdxl import pooled_dim, time_ids_count
+    from ldm_deploy.artifact import SDXL_COMPONENTS
     from ldm_deploy.runtime.sdxl import SDXLPipeline
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
-    names = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-             if _part(comps, _PART[c]) is not None]
+    names = [c for c in SDXL_COMPONENTS if _part(comps, _PART[c]) is not None]
     runners = {c: TorchRunner(comps, c, device=device, dtype=dtype) for c in names}
     tokenizers = {c: ClipTokenizer.from_dir(folder / ("tokenizer" if c == "text_encoder" else "tokenizer_2"))
                   for c in ("text_encoder", "text_encoder_2") if c in runners}
-    read = lambda part: json.loads((folder / part / "config.json").read_text())   # noqa: E731
-    configs = {"unet": read("unet"), "text_encoder_2": read("text_encoder_2")}
-    index = json.loads((folder / "model_index.json").read_text())
-    sdxl = {"pooled_dim": pooled_dim(configs), "time_ids": time_ids_count(configs),
-            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    vae_config = read("vae")
-    return SDXLPipeline(tokenizers, runners, scheduler_config, sdxl,
-                        scaling_factor=vae_config.get("scaling_factor", 0.18215),
-                        prediction_type=scheduler_config.get("prediction_type", "epsilon"), profiles=profiles,
-                        latent_channels=configs["unet"].get("in_channels", 4),
-                        vae_scale_factor=vae_scale_factor(vae_config),
-                        backend="torch")
+    return SDXLPipeline(tokenizers, runners, info, backend="torch")

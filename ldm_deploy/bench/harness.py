@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ldm_deploy import flops as F
+from ldm_deploy.artifact import Artifact, is_artifact
 from ldm_deploy.bench.machine import gpu_peak_tflops, machine_info
 from ldm_deploy.bench.spec import FORMAT, FORMAT_VERSION, ORT_SIDES, SIDE_NOTES, TORCH_SIDES, BenchSpec
 from ldm_deploy.errors import LdmError, UsageError
@@ -42,9 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def model_configs(spec: BenchSpec) -> dict:
     """The unet / vae / text_encoder config dicts: from the artifact's manifest, else the model folder."""
-    if spec.artifact and (Path(spec.artifact) / "manifest.json").is_file():
-        m = json.loads((Path(spec.artifact) / "manifest.json").read_text(encoding="utf-8"))
-        return {k: dict(v) for k, v in m["model"].items()}
+    if spec.artifact and is_artifact(spec.artifact):
+        return {k: dict(v) for k, v in Artifact(spec.artifact, verify=False).model_configs.items()}
     if spec.model_dir:
         folder = Path(spec.model_dir)
         return {part: json.loads((folder / part / "config.json").read_text(encoding="utf-8"))
@@ -54,12 +54,10 @@ def model_configs(spec: BenchSpec) -> dict:
 
 def resolve_size(spec: BenchSpec, configs: dict) -> tuple[int, int]:
     """Image size: the spec's, else the artifact profile's opt, else the U-Net's sample_size * 8."""
-    profile = {}
-    if spec.artifact and (Path(spec.artifact) / "manifest.json").is_file():
-        profile = json.loads((Path(spec.artifact) / "manifest.json").read_text(encoding="utf-8")).get("profiles", {})
+    profiles = Artifact(spec.artifact, verify=False).profiles if spec.artifact and is_artifact(spec.artifact) else None
     default = int(configs["unet"].get("sample_size", 64)) * 8
-    height = spec.height or (profile.get("height") or {}).get("opt") or default
-    width = spec.width or (profile.get("width") or {}).get("opt") or default
+    height = spec.height or (profiles.height.opt if profiles else default)
+    width = spec.width or (profiles.width.opt if profiles else default)
     return int(height), int(width)
 
 

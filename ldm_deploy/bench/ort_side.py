@@ -135,10 +135,7 @@ def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, lo
     record["cuda_graph"] = bool(graph_key and opts.get(graph_key) and "cuda_graph_error" not in record)
     record["cuda_graph_components"] = [c for c, r in runners.items()
                                        if getattr(r, "enable_cuda_graph", getattr(r, "cuda_graph", False))]
-    m = artifact.manifest
-    return Pipeline(ClipTokenizer.from_dir(artifact.tokenizer_dir), runners, m["scheduler"], m["scaling_factor"],
-                    m.get("prediction_type", "epsilon"), m.get("profiles"), latent_channels=m.get("latent_channels", 4),
-                    vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend)
+    return Pipeline(ClipTokenizer.from_dir(artifact.tokenizer_dir), runners, artifact.info, backend=backend)
 
 
 def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
@@ -173,7 +170,7 @@ def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts,
     from ldm_deploy.bench.machine import gpu_used_mib
 
     gpu = backend != "ort-cpu"
-    record["dtype"] = pipe.runners["unet"].spec.get("precision", "fp32") if hasattr(pipe.runners["unet"], "spec") else None
+    record["dtype"] = pipe.runners["unet"].spec.precision if hasattr(pipe.runners["unet"], "spec") else None
     record["model_files"] = {c: str(getattr(r, "model_path", getattr(r, "engine_dir", "?"))) for c, r in pipe.runners.items()}
     record["variants"] = {c: getattr(r, "variant", None) for c, r in pipe.runners.items()}
     record["unet_io_binding"] = getattr(pipe.runners["unet"], "io_binding", None)

@@ -120,7 +120,7 @@ def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: in
     return {"artifact": str(out), "config": cfg.to_dict(), "cached": bool(result.cached),
             "seconds": None if result.cached else round(result.seconds, 1),
             "wall_s": round(time.perf_counter() - start, 1),
-            "components": {name: c.get("export") for name, c in result.artifact.manifest["components"].items()}}
+            "components": {name: dict(c.export) or None for name, c in result.artifact.components.items()}}
 
 
 # The U-Net graphs the lever sides (ldm_deploy.bench.spec.LEVERS, their "graph" knob) run, beyond the artifact's
@@ -167,7 +167,7 @@ def add_lever_variants(artifact, work) -> dict:
     convolutions, CFG not folded). The artifact is only read: the ladder's last rung is its own "ort-cuda"
     variant (`export --ort-cuda`). Graphs already in `work` for this artifact are kept; a registry made for
     another artifact (or an older manifest) is started over. Returns what was done, with seconds per graph."""
-    from ldm_deploy.artifact import MANIFEST, Artifact
+    from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact
     from ldm_deploy.export.manifest import graph_io
     from ldm_deploy.export.onnx_io import data_file
     from ldm_deploy.export.ort_optimize import fp32_source, optimize_for_ort_cuda, variant_entry
@@ -177,22 +177,22 @@ def add_lever_variants(artifact, work) -> dict:
     if work == root or root in work.parents:
         raise UsageError(f"the lever graphs go to the benchmark's own folder, not into the artifact ({work})",
                          hint="pass a folder outside the artifact")
-    unet = Artifact.open(root, verify=False).manifest["components"]["unet"]
-    if unet.get("precision") != "fp16":   # refused before anything is written
-        raise LdmError(f"the U-Net of {root} is {unet.get('precision')}; the lever ladder's fp16 row runs the "
+    unet = Artifact.open(root, verify=False).component("unet")
+    if unet.precision != "fp16":   # refused before anything is written
+        raise LdmError(f"the U-Net of {root} is {unet.precision}; the lever ladder's fp16 row runs the "
                        "exported graph, so it needs an fp16 export",
                        hint="export with `precision: fp16` and `keep_fp32_unet: true` (export_configs/sd15.yaml)")
     src = fp32_source(root, unet)
     if src is None:
         raise LdmError(f"{root} keeps no fp32 U-Net graph, which the lever variants start from",
                        hint="export with `keep_fp32_unet: true` (export_configs/sd15.yaml has it)")
-    Artifact.open(root, verify=True)   # the lever graphs start from its files: check them before using them
-    identity = {"artifact": str(root), "manifest_sha256": sha256_file(root / MANIFEST)}
+    checked = Artifact.open(root, verify=True)   # the lever graphs start from its files: check them before using them
+    identity = {"artifact": str(root), "manifest_sha256": checked.manifest_sha256}
     registry = read_levers(work)
     if {k: registry.get(k) for k in identity} != identity:
         registry = {**identity, "graphs": {}}
     graphs = registry["graphs"]
-    full = (unet.get("variants") or {}).get("ort-cuda")
+    full = unet.variants.get(ORT_CUDA_VARIANT)
     done: dict = {"ort-cuda": {"in_artifact": full is not None}}
     if full is None:
         log.warning("%s has no ort-cuda U-Net variant: the ladder's last rung (ort-cuda) runs the plain graph; "
@@ -215,7 +215,7 @@ def add_lever_variants(artifact, work) -> dict:
             graphs[name] = variant_entry(work, dst, stats)
             write_json(work / LEVERS_FILE, registry)
             done[name] = {"seconds": round(time.perf_counter() - start, 1), **stats}
-    done.update(_fused_ops_match({"ort-cuda": full or {}, "lever-fused-nchw": graphs["lever-fused-nchw"],
+    done.update(_fused_ops_match({"ort-cuda": {"fused_ops": dict(full.fused_ops) if full else {}}, "lever-fused-nchw": graphs["lever-fused-nchw"],
                                   "lever-fused": graphs["lever-fused"]}))
     return done
 

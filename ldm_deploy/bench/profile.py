@@ -185,10 +185,10 @@ def parse_ort_trace(path: str | Path, skip_runs: int = 0) -> tuple[list[dict], l
     return nodes, kernels, sum(r["dur"] for r in kept) / 1e3, len(kept)
 
 
-def _unet_feeds(spec: dict, batch: int, height: int, width: int, hidden: int, guidance: float = 7.5) -> dict:
+def _unet_feeds(spec, batch: int, height: int, width: int, hidden: int, guidance: float = 7.5) -> dict:
     """Inputs of one CFG U-Net step at the manifest's dtypes: 2B rows, or B latents for a CFG-folded graph."""
     rng = np.random.default_rng(0)
-    dtypes = {i["name"]: np.dtype(i["dtype"]) for i in spec["inputs"]}
+    dtypes = {i.name: np.dtype(i.dtype) for i in spec.inputs}
     folded = "guidance_scale" in dtypes
     rows = batch if folded else 2 * batch
     feeds = {"sample": rng.standard_normal((rows, 4, height // 8, width // 8)),
@@ -197,7 +197,7 @@ def _unet_feeds(spec: dict, batch: int, height: int, width: int, hidden: int, gu
     if folded:
         feeds["guidance_scale"] = np.array([guidance])
         feeds["guidance_rescale"] = np.zeros(1)
-    shapes = {i["name"]: i["shape"] for i in spec["inputs"]}
+    shapes = {i.name: list(i.shape) for i in spec.inputs}
     if "sample" in shapes and isinstance(shapes["sample"][1], int):
         feeds["sample"] = rng.standard_normal((rows, shapes["sample"][1], height // 8, width // 8))
     return {n: np.ascontiguousarray(feeds[n], dtype=dtypes[n]) for n in dtypes}
@@ -229,21 +229,18 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
     there). `variant` "auto" runs the ort-cuda fused graph on CUDA when the artifact has it."""
     import onnxruntime as ort
 
-    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact
     from ldm_deploy.runtime.runners.ort import component_spec
 
     art = Artifact.open(artifact, verify=False)
-    m = art.manifest
+    configs = art.model_configs
     cuda = backend == "ort-cuda"
     if variant == "auto":
-        from ldm_deploy.export.ort_optimize import VARIANT
-
-        variant = VARIANT if cuda and VARIANT in (m["components"]["unet"].get("variants") or {}) else None
+        variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
     model_path, spec = component_spec(art, "unet", variant)
-    profiles = m.get("profiles") or {}
-    height = height or (profiles.get("height") or {}).get("opt") or 8 * m["model"]["unet"].get("sample_size", 64)
-    width = width or (profiles.get("width") or {}).get("opt") or height
-    hidden = int(m["model"]["unet"].get("cross_attention_dim") or m["model"]["text_encoder"]["hidden_size"])
+    height = height or art.profiles.height.opt
+    width = width or art.profiles.width.opt
+    hidden = int(configs["unet"].get("cross_attention_dim") or configs["text_encoder"]["hidden_size"])
     feeds = _unet_feeds(spec, batch, int(height), int(width), hidden)
     with tempfile.TemporaryDirectory(prefix="ldm-profile-") as tmp:
         so = ort.SessionOptions()
@@ -299,7 +296,7 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
     for n in nodes:
         node_types[n["op_type"] or "?"] = node_types.get(n["op_type"] or "?", 0) + 1
     result.update(side="onnxruntime", backend=backend, variant=variant, model=str(model_path), batch=batch,
-                  height=int(height), width=int(width), unet_rows=2 * batch, dtype=spec.get("precision"),
+                  height=int(height), width=int(width), unet_rows=2 * batch, dtype=spec.precision,
                   provider_options=provider_options or {}, cfg_folded="guidance_scale" in feeds,
                   nodes_per_call={k: round(v / max(1, runs), 1) for k, v in sorted(node_types.items())},
                   host_wall_ms_per_call=round(wall_cupti / iters, 4) if wall_cupti else None)

@@ -10,7 +10,6 @@ command line win. `ldm-deploy bench --preset sd15-gpu --out R.json` is the SD 1.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -92,10 +91,6 @@ def add_arguments(p) -> None:
     p.set_defaults(bench_defaults={dest: p.get_default(dest) for dest in OPTIONS}, **dict.fromkeys(OPTIONS))
 
 
-def _is_artifact(path: Path) -> bool:
-    return (path / "manifest.json").is_file()
-
-
 def _apply_preset(args):
     """The options not given on the command line: the --preset's value, else the option's default. Returns
     the preset (None without --preset)."""
@@ -121,6 +116,7 @@ def _preset_work(args) -> Path:
 def run(args) -> int:
     import time
 
+    from ldm_deploy.artifact import Artifact, is_artifact
     from ldm_deploy.bench.harness import run_bench, summary_line
     from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, TUNING_RUN, BenchSpec
     from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
@@ -155,11 +151,11 @@ def run(args) -> int:
     from ldm_deploy.interop.layout import onnx_layout, refuse_onnx_folder
 
     refuse_onnx_folder(source, "a model folder or an exported artifact")
-    if _is_artifact(source):
+    if is_artifact(source):
         artifact = artifact or str(source)
         if model_dir is None:
-            src = json.loads((source / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("path")
-            model_dir = src if src and Path(src).is_dir() else None
+            src = Artifact(source, verify=False).source_path
+            model_dir = str(src) if src and src.is_dir() else None
             if model_dir and onnx_layout(model_dir):     # imported from an ONNX folder: no PyTorch weights
                 model_dir = None
                 torch_sides = [s for s in args.sides if s in TORCH_SIDES]

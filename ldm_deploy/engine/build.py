@@ -33,6 +33,7 @@ from pathlib import Path
 
 import ldm_deploy
 from ldm_deploy import configfile
+from ldm_deploy.artifact import COMPONENTS, MANIFEST, Artifact, ComponentSpec
 from ldm_deploy.configfile import bounds
 from ldm_deploy.engine import refit
 from ldm_deploy.engine import sidecar as sc
@@ -44,7 +45,6 @@ from ldm_deploy.limits import MAX_BATCH
 log = logging.getLogger("ldm_deploy")
 
 PRECISIONS = ("fp16", "bf16", "fp32")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2")   # text_encoder_2: SDXL
 
 
 @dataclass(frozen=True)
@@ -130,15 +130,15 @@ def _narrow(base: tuple[int, int, int], override: dict | None, what: str) -> tup
     return lo, opt, hi
 
 
-def component_profile(manifest: dict, component: str, config: BuildConfig) -> dict[str, dict[str, list[int]]]:
+def component_profile(artifact: Artifact, component: str, config: BuildConfig) -> dict[str, dict[str, list[int]]]:
     """Input name -> {"min", "opt", "max"} shapes of `component`'s optimization profile."""
-    prof = manifest["profiles"]
-    entry = manifest["components"][component]
-    batch = _narrow(_range(prof["batch"], "batch"), config.batch, "batch")
-    height = _narrow(_range(prof["height"], "height"), config.height, "height")
-    width = _narrow(_range(prof["width"], "width"), config.width, "width")
-    f = int(manifest.get("vae_scale_factor", 8))
-    mult = int(entry.get("batch_multiplier", 1))
+    prof = artifact.profiles
+    entry = artifact.component(component)
+    batch = _narrow((prof.batch.min, prof.batch.opt, prof.batch.max), config.batch, "batch")
+    height = _narrow((prof.height.min, prof.height.opt, prof.height.max), config.height, "height")
+    width = _narrow((prof.width.min, prof.width.opt, prof.width.max), config.width, "width")
+    f = artifact.vae_scale_factor
+    mult = entry.batch_multiplier
     b_lo, b_opt, b_hi = batch[0], mult * batch[1], mult * batch[2]
     cap = config.unet_max_batch if component == "unet" else config.vae_max_batch if component.startswith("vae") else None
     if cap is not None:
@@ -154,9 +154,9 @@ def component_profile(manifest: dict, component: str, config: BuildConfig) -> di
         "latent_height": tuple(v // f for v in height), "latent_width": tuple(v // f for v in width),
     }
     out = {}
-    for spec in entry["inputs"]:
-        dims = [_dim_range(d, ranges, component, spec["name"]) for d in spec["shape"]]
-        out[spec["name"]] = {k: [d[i] for d in dims] for i, k in enumerate(("min", "opt", "max"))}
+    for spec in entry.inputs:
+        dims = [_dim_range(d, ranges, component, spec.name) for d in spec.shape]
+        out[spec.name] = {k: [d[i] for d in dims] for i, k in enumerate(("min", "opt", "max"))}
     return out
 
 
@@ -174,26 +174,26 @@ def _dim_range(dim, ranges: dict, component: str, name: str) -> tuple[int, int, 
                    hint="re-export the artifact with ldm-deploy export")
 
 
-def component_precision(manifest: dict, component: str) -> str:
-    return manifest["components"][component].get("precision") or manifest.get("precision", "fp32")
+def component_precision(artifact: Artifact, component: str) -> str:
+    return artifact.component(component).precision or artifact.precision
 
 
 # ----------------------------------------------------------------------------- keys and sidecars
 
-def _onnx_identity(artifact_dir: Path, entry: dict, files: dict) -> dict:
-    onnx_file = artifact_dir / entry["file"]
+def _onnx_identity(artifact_dir: Path, entry: ComponentSpec, files: dict) -> dict:
+    onnx_file = artifact_dir / entry.file
     if not onnx_file.is_file():
         raise LdmError(f"{onnx_file} is missing", hint="re-export the artifact with ldm-deploy export")
-    ident = {"file": entry["file"], "sha256": sha256_file(onnx_file), "external_data": None}
-    recorded = files.get(entry["file"])
+    ident = {"file": entry.file, "sha256": sha256_file(onnx_file), "external_data": None}
+    recorded = files.get(entry.file)
     if recorded is not None and recorded != ident["sha256"]:
-        raise LdmError(f"artifact file {entry['file']} in {artifact_dir} does not match its sha256 in "
-                       "manifest.json (modified or corrupted)", hint="re-run the export")
-    ext = entry.get("external_data")
+        raise LdmError(f"artifact file {entry.file} in {artifact_dir} does not match its sha256 in "
+                       f"{MANIFEST} (modified or corrupted)", hint="re-run the export")
+    ext = entry.external_data
     if ext:
         ext_file = onnx_file.parent / ext if not (artifact_dir / ext).is_file() else artifact_dir / ext
         if not ext_file.is_file():
-            raise LdmError(f"{ext_file} (external data of {entry['file']}) is missing",
+            raise LdmError(f"{ext_file} (external data of {entry.file}) is missing",
                            hint="re-export the artifact with ldm-deploy export")
         ident["external_data"] = {"file": str(ext_file.relative_to(artifact_dir)), "sha256": sha256_file(ext_file)}
     return ident
@@ -246,7 +246,8 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
                   *, config_file: str | None = None) -> BuildReport:
     """Build (or reuse) one engine per component of the artifact at `artifact_dir` into `engine_dir`."""
     artifact_dir = Path(artifact_dir).resolve()
-    manifest = load_manifest(artifact_dir)
+    # structure-checked; hashes are checked per component, once, when the builder hashes each ONNX it builds from
+    artifact = Artifact(artifact_dir, verify=False)
     # ARTIFACT/engines is the documented place for engines, the one folder inside the input allowed
     engine_dir = check_out_dir(engine_dir, sc.ENGINES_OUTPUT, inputs=[artifact_dir], force=config.force,
                                allow_inside=[artifact_dir / "engines"])
@@ -260,10 +261,10 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
     if isolate:
         log.info(f"TensorRT for RTX cannot run on the local {gpu.name} (compute capability {gpu.cc}); building "
                  f"ahead of time for {', '.join(targets)} in a child process with the GPU hidden")
-    components = config.components or tuple(c for c in COMPONENTS if c in manifest["components"])
-    missing = [c for c in components if c not in manifest["components"]]
+    components = config.components or tuple(c for c in COMPONENTS if c in artifact.components)
+    missing = [c for c in components if c not in artifact.components]
     if missing:
-        raise UsageError(f"the artifact has no component {', '.join(missing)}; it has {', '.join(manifest['components'])}")
+        raise UsageError(f"the artifact has no component {', '.join(missing)}; it has {', '.join(artifact.components)}")
     if config.timing_cache and flavour == "tensorrt-rtx":
         log.warning("--timing-cache is ignored: TensorRT for RTX has no timing cache (it compiles kernels "
                     "at run time; the runner's runtime_cache option keeps them)")
@@ -271,8 +272,8 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
     report = BuildReport(engine_dir, flavour, version)
     keys = {}  # every key (which hashes and checks every ONNX) before any engine is written
     for component in components:
-        entry = manifest["components"][component]
-        onnx_precision = component_precision(manifest, component)
+        entry = artifact.component(component)
+        onnx_precision = component_precision(artifact, component)
         precision = config.precision or onnx_precision
         strongly_typed = precision == onnx_precision
         if not strongly_typed and flavour == "tensorrt-rtx":
@@ -282,17 +283,17 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
         key = {
             "flavour": flavour, "tensorrt_version": version,
             "compute_capabilities": targets, "gpu": gpu_name,
-            "profile": component_profile(manifest, component, config),
+            "profile": component_profile(artifact, component, config),
             "precision": precision, "strongly_typed": strongly_typed,
-            "onnx": _onnx_identity(artifact_dir, entry, manifest.get("files", {})),
+            "onnx": _onnx_identity(artifact_dir, entry, artifact.files),
             "build_options": {"opt_level": config.opt_level, "workspace_mb": config.workspace_mb},
         }
-        refit_key = refit.refit_key(artifact_dir, entry, manifest.get("files", {}))
+        refit_key = refit.refit_key(artifact_dir, entry, artifact.files)
         if refit_key:   # lora_switchable artifact: a refittable engine (engine/refit.py)
             key["refit"] = refit_key
         keys[component] = key
     for component, key in keys.items():
-        entry = manifest["components"][component]
+        entry = artifact.component(component)
         reason = _why_rebuild(engine_dir, component, key, config.force)
         if reason is None:
             size = sc.engine_path(engine_dir, component).stat().st_size
@@ -304,7 +305,7 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
         check_free_space(engine_dir, _engine_bytes_estimate(artifact_dir, entry), f"the {component} engine")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ldm-refit-") as work:
-            onnx_path = artifact_dir / entry["file"]
+            onnx_path = artifact_dir / entry.file
             if key.get("refit"):
                 onnx_path = refit.refittable_onnx(artifact_dir, entry, Path(work))
             if isolate:
@@ -319,17 +320,10 @@ def build_engines(artifact_dir: str | Path, engine_dir: str | Path, config: Buil
     return report
 
 
-def _engine_bytes_estimate(artifact_dir: Path, entry: dict) -> int:
+def _engine_bytes_estimate(artifact_dir: Path, entry: ComponentSpec) -> int:
     """Disk an engine needs: about its ONNX weights (plus external data), and some headroom."""
-    files = [artifact_dir / entry["file"]] + ([artifact_dir / entry["external_data"]] if entry.get("external_data") else [])
+    files = [artifact_dir / entry.file] + ([artifact_dir / entry.external_data] if entry.external_data else [])
     return sum(f.stat().st_size for f in files if f.is_file()) + (16 << 20)
-
-
-def load_manifest(artifact_dir: Path) -> dict:
-    """The artifact's manifest, structure-checked by Artifact (hashes are checked per component,
-    once, when the builder hashes each ONNX it builds from)."""
-    from ldm_deploy.artifact import Artifact  # noqa: PLC0415
-    return Artifact(artifact_dir, verify=False).manifest
 
 
 def _why_rebuild(engine_dir: Path, component: str, key: dict, force: bool) -> str | None:
@@ -346,7 +340,7 @@ def _why_rebuild(engine_dir: Path, component: str, key: dict, force: bool) -> st
     return f"changed: {', '.join(changed)}" if changed else None
 
 
-def _write(engine_dir: Path, component: str, data: bytes, key: dict, entry: dict, artifact_dir: Path,
+def _write(engine_dir: Path, component: str, data: bytes, key: dict, entry: ComponentSpec, artifact_dir: Path,
            seconds: float, rebuild: str, config: BuildConfig) -> None:
     engine_file = sc.engine_path(engine_dir, component)
     # the old sidecar goes first: a kill between the engine's rename and the new sidecar's must not leave a
@@ -359,8 +353,8 @@ def _write(engine_dir: Path, component: str, data: bytes, key: dict, entry: dict
         "component": component,
         "engine": {"file": engine_file.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
         "key": key,
-        "io": {"inputs": entry["inputs"], "outputs": entry["outputs"],
-               "batch_multiplier": entry.get("batch_multiplier", 1)},
+        "io": {"inputs": [t.to_dict() for t in entry.inputs], "outputs": [t.to_dict() for t in entry.outputs],
+               "batch_multiplier": entry.batch_multiplier},
         "artifact": str(artifact_dir),
         "build": {"seconds": round(seconds, 3), "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "ldm_deploy": ldm_deploy.__version__, "timing_cache": config.timing_cache},

@@ -24,27 +24,27 @@ from ldm_deploy.errors import LdmError
 log = logging.getLogger("ldm_deploy")
 
 
-def refit_key(artifact_dir: Path, entry: dict, files: Mapping[str, str]) -> dict | None:
-    """The sidecar key's `refit` part for a switchable component (None otherwise)."""
-    weights = entry.get("lora_weights")
+def refit_key(artifact_dir: Path, entry, files: Mapping[str, str]) -> dict | None:
+    """The sidecar key's `refit` part for a switchable component (an artifact.ComponentSpec; None otherwise)."""
+    weights = entry.lora_weights
     if not weights:
         return None
     return {"base": weights["file"], "sha256": files.get(weights["file"]), "names": sorted(weights["inputs"])}
 
 
-def refittable_onnx(artifact_dir: Path, entry: dict, work: Path) -> Path:
-    """A copy of the component graph with the switchable weight inputs turned back into initializers."""
+def refittable_onnx(artifact_dir: Path, entry, work: Path) -> Path:
+    """A copy of the component graph (`entry`: its artifact.ComponentSpec) with the switchable weight inputs
+    turned back into initializers."""
     import onnx
     from onnx import numpy_helper
     from safetensors.numpy import load_file
 
-    from ldm_deploy.paths import inside_file
+    from ldm_deploy.artifact import named_path
 
-    named_in = Path(artifact_dir) / "manifest.json"
-    src = inside_file(artifact_dir, entry["file"], named_in=named_in)
+    src = named_path(artifact_dir, entry.file, regular_file=True)
     model = onnx.load(str(src))                  # with its external data
-    base = load_file(str(inside_file(artifact_dir, entry["lora_weights"]["file"], named_in=named_in)))
-    names = set(entry["lora_weights"]["inputs"])
+    base = load_file(str(named_path(artifact_dir, entry.lora_weights["file"], regular_file=True)))
+    names = set(entry.lora_weights["inputs"])
     kept = [i for i in model.graph.input if i.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(kept)

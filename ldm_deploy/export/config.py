@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_deploy import configfile
+from ldm_deploy.artifact import COMPONENTS as ALL_COMPONENTS, SD_COMPONENTS as COMPONENTS
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.flops import vae_scale_factor
 from ldm_deploy.limits import MAX_BATCH, MAX_IMAGE_SIDE
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")   # the default; SDXL folders add text_encoder_2
-ALL_COMPONENTS = COMPONENTS + ("text_encoder_2",)                        # SDXL's OpenCLIP bigG (export/sdxl.py)
+# COMPONENTS (the default: SD's four) and ALL_COMPONENTS (+ SDXL's text_encoder_2) are the artifact's list
 PRECISIONS = ("fp32", "fp16")
 EXPORTERS = ("torchscript", "dynamo")
 SWITCHABLE = (None, "linear", "all")          # lora_switchable

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ldm_deploy.artifact import ARTIFACT_OUTPUT, MANIFEST, Artifact
+from ldm_deploy.artifact import ARTIFACT_OUTPUT, Artifact, is_artifact
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export import manifest as mf
 from ldm_deploy.export import lora as lora_export
@@ -68,9 +68,9 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
                        hint="pass --components to export only what the folder has")
     source_sha = folder_sha256(model_dir)
     lora_key = lora_export.cache_key(loras)
-    if not force and (out / MANIFEST).is_file():
+    if not force and is_artifact(out):
         cached = _cached(out, source_sha, config)
-        if cached is not None and lora_export.cache_key_of(cached.manifest) != lora_key:
+        if cached is not None and lora_export.cache_key_of({"loras": cached.loras}) != lora_key:
             cached = None
         if cached is not None:
             log.info("export (cached): %s matches %s with this config", out, model_dir)
@@ -97,7 +97,7 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
                                      extra=extra)
         if lora_records:
             manifest["loras"] = lora_records
-        write_json(tmp / MANIFEST, manifest)
+        mf.write_manifest(tmp, manifest)
     artifact = Artifact.open(out, verify=False)
     seconds = time.perf_counter() - start
     log.info("exported %s -> %s in %.1f s", model_dir, out, seconds)
@@ -187,7 +187,7 @@ def _cached(out: Path, source_sha: str, config: ExportConfig) -> Artifact | None
     except LdmError as e:
         log.info("re-exporting: the artifact at %s is not usable (%s)", out, e)
         return None
-    return artifact if mf.matches(artifact.manifest, source_sha, config) else None
+    return artifact if mf.matches(artifact, source_sha, config) else None
 
 
 def _estimate_bytes(model_dir: Path, config: ExportConfig) -> int:

@@ -1,6 +1,13 @@
-"""Build `manifest.json` for an artifact folder (the schema `ldm_deploy.artifact` reads; see docs/DESIGN.md)."""
+"""Build and write `manifest.json` for an artifact folder (the schema `ldm_deploy.artifact` reads; see docs/DESIGN.md).
+
+The writing half of the manifest: `build_manifest` fills the keys `Artifact` requires (artifact.REQUIRED_KEYS)
+with the model description's own names (`ModelInfo.manifest_fields`), and `write_manifest` is the one place
+the file is written (export, import, the ORT CUDA variants, the benchmark's lever variants). Reading is
+`ldm_deploy.artifact.Artifact`'s alone.
+"""
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import shutil
@@ -9,9 +16,9 @@ from pathlib import Path
 
 import onnx
 
-from ldm_deploy.artifact import FORMAT, FORMAT_VERSION, MANIFEST, profiles_digest
+from ldm_deploy.artifact import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED_KEYS, profiles_digest
 from ldm_deploy.export.config import ExportConfig
-from ldm_deploy.fileio import sha256_file
+from ldm_deploy.fileio import sha256_file, write_json
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT64: "int64"}
@@ -80,10 +87,7 @@ def build_manifest(folder: Path, *, source, config: ExportConfig, components: di
         "source": {"path": str(Path(source.folder).resolve()), "sha256": source.sha256},
         "precision": config.precision,
         "model": {part: source.configs.get(part) for part in models},
-        "scaling_factor": source.scaling_factor,
-        "prediction_type": source.prediction_type,
-        "latent_channels": source.latent_channels,
-        "vae_scale_factor": source.vae_scale_factor,
+        **source.info.manifest_fields(),   # scaling_factor, prediction_type, latent_channels, vae_scale_factor
         "scheduler": source.scheduler_config,
         "tokenizer": tokenizer,
         "profiles": config.to_dict()["profiles"],
@@ -97,12 +101,27 @@ def build_manifest(folder: Path, *, source, config: ExportConfig, components: di
     return manifest
 
 
-def matches(manifest: dict, source_sha256: str, config: ExportConfig) -> bool:
-    """True when an existing artifact was made from the same source files with the same settings."""
-    old = manifest.get("export_config")
-    if manifest.get("source", {}).get("sha256") != source_sha256 or not isinstance(old, dict):
+def editable_manifest(artifact) -> dict:
+    """A deep copy of an opened `Artifact`'s manifest dict, for a writer that adds to it (a component's
+    variants, their file hashes) and writes it back with `write_manifest`."""
+    return copy.deepcopy(artifact.manifest)
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    """Write (or rewrite) `folder/manifest.json` atomically, refusing a manifest without a key `Artifact` needs."""
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"manifest lacks {', '.join(missing)}")   # a bug in the writer, not a user error
+    path = Path(folder) / MANIFEST
+    write_json(path, manifest)
+    return path
+
+
+def matches(artifact, source_sha256: str, config: ExportConfig) -> bool:
+    """True when an existing `Artifact` was made from the same source files with the same settings."""
+    old = artifact.export_config
+    if artifact.source_sha256 != source_sha256 or not old:
         return False
-    old = dict(old)
     old.pop("name", None)
     if not old.get("ort_cuda"):
         old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out

@@ -19,7 +19,6 @@ so fractional timesteps keep their precision). Needs onnx + onnxruntime (no torc
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import shutil
 import time
@@ -35,7 +34,7 @@ from ldm_deploy.export.cfg_fold import fold_cfg
 log = logging.getLogger(__name__)
 
 # one spelling: the runtime reads the variant name without importing this module (which needs onnx)
-from ldm_deploy.runtime.runners.ort import ORT_CUDA_VARIANT as VARIANT  # noqa: E402
+from ldm_deploy.artifact import ORT_CUDA_VARIANT as VARIANT  # noqa: E402
 FILE_NAME = "model.ort-cuda.onnx"
 DEFAULT_COMPONENTS = ("unet", "text_encoder", "vae_decoder")
 # our component name -> ORT optimizer model type
@@ -312,15 +311,15 @@ def variant_entry(root: Path, path: Path, stats: dict) -> dict:
             "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}
 
 
-def fp32_source(root: Path, entry: dict) -> Path | None:
-    """The component's fp32 graph: `fp32_file` when the export kept one, else the main file if fp32."""
-    from ldm_deploy.paths import inside_file
+def fp32_source(root: Path, spec) -> Path | None:
+    """The component's fp32 graph (`spec`: its artifact.ComponentSpec): `fp32_file` when the export kept one,
+    else the main file if fp32."""
+    from ldm_deploy.artifact import named_path   # paths read from the manifest stay inside the artifact
 
-    named_in = Path(root) / "manifest.json"   # paths read from the manifest stay inside the artifact
-    if entry.get("fp32_file"):
-        return inside_file(root, entry["fp32_file"], named_in=named_in)
-    if entry.get("precision") == "fp32":
-        return inside_file(root, entry["file"], named_in=named_in)
+    if spec.fp32_file:
+        return named_path(root, spec.fp32_file, regular_file=True)
+    if spec.precision == "fp32":
+        return named_path(root, spec.file, regular_file=True)
     return None
 
 
@@ -336,19 +335,20 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
     True/False forces it. Components without an fp32 graph are skipped with a log line. `fold_guidance`:
     the U-Net variant takes B latents and the guidance scale and returns the guided prediction (cfg_fold.py).
     """
-    from ldm_deploy.artifact import MANIFEST, Artifact
-    from ldm_deploy.fileio import sha256_file, write_json
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.export.manifest import editable_manifest, write_manifest
+    from ldm_deploy.fileio import sha256_file
 
     artifact = Artifact.open(artifact_dir, verify=True)    # never rewrite hashes over a tampered folder
     root = Path(artifact.path)
-    manifest = copy.deepcopy(artifact.manifest)
+    manifest = editable_manifest(artifact)   # edited and written back below
     results = {}
     for name in components:
         entry = manifest["components"].get(name)
         if entry is None:
             log.info("ort-cuda: %s has no %s component; skipped", root, name)
             continue
-        src = fp32_source(root, entry)
+        src = fp32_source(root, artifact.component(name))
         if src is None:
             log.info("ort-cuda: %s %s is %s without a kept fp32 graph (the fusions need one); skipped -- "
                      "re-export with `ort_cuda: true` (or `keep_fp32_unet: true` for the U-Net)",
@@ -367,7 +367,7 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
             manifest["files"][rel] = sha256_file(root / rel)
         results[name] = stats
     if results:
-        write_json(root / MANIFEST, manifest)
+        write_manifest(root, manifest)
     return results
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.artifact import MANIFEST, Artifact
-from ldm_deploy.errors import UsageError
+from ldm_deploy.artifact import Artifact, is_artifact
+from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.export.config import ExportConfig, load_config
 from ldm_deploy.export.layers import FP16_MAX, LayerReport, compare_layers, graph_nodes, time_graph
 
@@ -178,9 +178,9 @@ def fp32_artifact(source: Path, config: PrecisionDebugConfig, work: Path) -> tup
     """An artifact whose text encoder, U-Net and VAE decoder are fp32, and the export config to build on."""
     from ldm_deploy.export.exporter import export_model
 
-    if (source / MANIFEST).is_file():
+    if is_artifact(source):
         artifact = Artifact.open(source)
-        base = ExportConfig.from_dict(artifact.manifest.get("export_config", {}), where="manifest export_config")
+        base = ExportConfig.from_dict(artifact.export_config, where="manifest export_config")
         spec = artifact.component(config.component) if config.component in artifact.components else None
         if spec is None or spec.precision != "fp32" or any(
                 artifact.component(c).precision != "fp32" for c in COMPONENTS if c in artifact.components):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ldm_deploy.artifact import SDXL_COMPONENTS
 from ldm_deploy.errors import UsageError
 
-SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 HIDDEN = "penultimate_hidden_state"
 POOLED = "text_embeds"
 VAE_FP32_REASON = ("SDXL's VAE overflows in fp16 (NaN/black images); the decoder and encoder are exported in fp32 "

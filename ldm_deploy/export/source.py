@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.flops import vae_scale_factor
 
 # export component -> model folder part
 PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
@@ -46,22 +45,19 @@ class Source:
         return getattr(self, component) if component in ("text_encoder", "text_encoder_2") else None
 
     @property
-    def scaling_factor(self) -> float:
-        return float(self.configs.get("vae", {}).get("scaling_factor", 0.18215))
+    def info(self):
+        """The model description the manifest records (ldm_deploy.artifact.ModelInfo, one set of formulas)."""
+        from ldm_deploy.artifact import ModelInfo
+
+        return ModelInfo.from_configs(self.configs.get("unet"), self.configs.get("vae"), self.scheduler_config)
 
     @property
     def vae_scale_factor(self) -> int:
-        return vae_scale_factor(self.configs.get("vae"))
+        return self.info.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
-        if "unet" in self.configs:
-            return int(self.configs["unet"].get("in_channels", 4))
-        return int(self.configs.get("vae", {}).get("latent_channels", 4))
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        return self.info.latent_channels
 
 
 def folder_sha256(folder: Path) -> str:

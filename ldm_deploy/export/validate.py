@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm_deploy.artifact import Artifact
+from ldm_deploy.artifact import Artifact, is_artifact
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.compare import ErrorStats, error_stats
 from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg, symmetric_unet_inputs
@@ -82,7 +82,7 @@ def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None,
     """Compare each component of the artifact (on each backend) with the PyTorch model in `model_dir`."""
     from ldm_deploy.runtime.runners.base import close_all, open_runner, takes_guidance
 
-    if (Path(model_dir) / "manifest.json").is_file() and (Path(artifact_dir) / "model_index.json").is_file():
+    if is_artifact(model_dir) and (Path(artifact_dir) / "model_index.json").is_file():
         raise UsageError(f"arguments swapped: {model_dir} is the exported artifact and {artifact_dir} the model folder",
                          hint=f"ldm-deploy validate {artifact_dir} {model_dir}")
     if not Path(model_dir).exists():
@@ -90,10 +90,10 @@ def validate(model_dir, artifact_dir, backends=("ort-cpu",), *, components=None,
     artifact = Artifact.open(artifact_dir)
     tol = {**TOLERANCES, **(tolerances or {})}
     report = ValidationReport(Path(artifact_dir))
-    if folder_sha256(Path(model_dir)) != artifact.manifest["source"]["sha256"]:
+    if folder_sha256(Path(model_dir)) != artifact.source_sha256:
         report.notes.append(f"note: {model_dir} differs from the folder this artifact was exported from")
     names = list(components or artifact.components)
-    config = ExportConfig.from_dict(artifact.manifest.get("export_config", {}), where="manifest export_config")
+    config = ExportConfig.from_dict(artifact.export_config, where="manifest export_config")
     source = load_source(model_dir, names)
     for name in names:
         spec = artifact.component(name)

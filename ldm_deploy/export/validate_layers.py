@@ -27,14 +27,14 @@ def validate_layers(model_dir, artifact_dir, backend: str = "ort-cpu", *, compon
     from ldm_deploy.export.exporter import export_model
 
     artifact = Artifact.open(artifact_dir)
-    config = ExportConfig.from_dict(artifact.manifest.get("export_config", {}), where="manifest export_config")
+    config = ExportConfig.from_dict(artifact.export_config, where="manifest export_config")
     vocab = int((artifact.model_configs.get("text_encoder") or {}).get("vocab_size", 1000))
     reports = {}
     with tempfile.TemporaryDirectory(prefix="ldm-validate-layers-") as tmp:
         for name in components or artifact.components:
             spec = artifact.component(name)
             graph = artifact.file(name)
-            fp32_file = artifact.manifest["components"][name].get("fp32_file")
+            fp32_file = spec.fp32_file
             if spec.precision == "fp32":
                 reference = graph
             elif fp32_file:

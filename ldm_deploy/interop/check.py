@@ -36,7 +36,7 @@ def validate_imported(onnx_folder, artifact_dir, backends=("ort-cpu",), *, compo
     artifact = Artifact.open(artifact_dir)
     tol = {**TOLERANCES, **(tolerances or {})}
     report = ValidationReport(Path(artifact_dir))
-    if Path(artifact.manifest.get("source", {}).get("path", "")).resolve() != folder.path.resolve():
+    if (artifact.source_path or Path("")).resolve() != folder.path.resolve():
         report.notes.append(f"note: {onnx_folder} is not the folder this artifact was imported from")
     report.notes.append(f"reference: the original graphs of {onnx_folder} on ONNX Runtime CPU")
     for name in list(components or artifact.components):

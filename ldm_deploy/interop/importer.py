@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.artifact import ARTIFACT_OUTPUT, FORMAT, FORMAT_VERSION, MANIFEST, Artifact, profiles_digest
+from ldm_deploy.artifact import (
+    ARTIFACT_OUTPUT, FORMAT, FORMAT_VERSION, Artifact, ModelInfo, is_artifact, profiles_digest,
+)
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.flops import vae_scale_factor
 from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
@@ -57,7 +59,7 @@ def read_folder(src) -> _Folder:
     src = Path(src)
     if not src.is_dir():
         raise LdmError(f"{src} is not a folder")
-    if (src / MANIFEST).is_file():
+    if is_artifact(src):
         raise UsageError(f"{src} is already an ldm-deploy artifact", hint="use it directly; import is for "
                          "Optimum / Hub ONNX folders")
     layout = onnx_layout(src)
@@ -102,7 +104,7 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
     graphs, skipped = _adapted_graphs(folder, wanted, optional_encoder=components is None)
     profiles = _profiles(folder, graphs, batch, height, width)
     settings = {"layout": folder.layout, "components": list(graphs), "profiles": profiles}
-    if not force and (out / MANIFEST).is_file():
+    if not force and is_artifact(out):
         cached = _cached(out, source_sha, settings)
         if cached is not None:
             return ImportResult(out, True, cached, time.perf_counter() - start, skipped)
@@ -114,7 +116,7 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
         entries = {c: _write_component(tmp, c, adapted, folder, profiles, f) for c, adapted in graphs.items()}
         tokenizer = mf.copy_tokenizer(folder.tokenizer_dir, tmp / "tokenizer")
         write_json(tmp / "scheduler" / "scheduler_config.json", folder.scheduler)
-        write_json(tmp / MANIFEST, _manifest(tmp, folder, source_sha, entries, tokenizer, profiles, settings, skipped))
+        mf.write_manifest(tmp, _manifest(tmp, folder, source_sha, entries, tokenizer, profiles, settings, skipped))
     artifact = Artifact.open(out, verify=False)
     seconds = time.perf_counter() - start
     log.info("imported %s (%s layout) -> %s in %.1f s", folder.path, folder.layout, out, seconds)
@@ -205,16 +207,16 @@ def _manifest(root: Path, folder: _Folder, source_sha: str, entries: dict, token
     channels = (unet_in.get("sample") or {}).get("shape", [None, None])[1]
     if not isinstance(channels, int):
         channels = int((folder.configs["unet"] or {}).get("in_channels", vae.get("latent_channels", 4)))
+    info = ModelInfo(folder.scheduler, scaling_factor=float(vae.get("scaling_factor", SD_SCALING_FACTOR)),
+                     prediction_type=folder.scheduler.get("prediction_type", "epsilon"), latent_channels=channels,
+                     vae_scale_factor=_vae_scale_factor(folder))
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": {"path": str(folder.path.resolve()), "sha256": source_sha},
         "precision": entries.get("unet", next(iter(entries.values())))["precision"],
         "model": folder.configs,
-        "scaling_factor": float(vae.get("scaling_factor", SD_SCALING_FACTOR)),
-        "prediction_type": folder.scheduler.get("prediction_type", "epsilon"),
-        "latent_channels": channels,
-        "vae_scale_factor": _vae_scale_factor(folder),
+        **info.manifest_fields(),        # the names Artifact reads back
         "scheduler": folder.scheduler,
         "tokenizer": tokenizer,
         "profiles": profiles,
@@ -349,9 +351,8 @@ def _cached(out: Path, source_sha: str, settings: dict) -> Artifact | None:
         artifact = Artifact.open(out, verify=True)
     except LdmError:
         return None
-    m = artifact.manifest
-    same = (m.get("source") or {}).get("sha256") == source_sha and \
-        {k: (m.get("import") or {}).get(k) for k in settings} == settings
+    same = artifact.source_sha256 == source_sha and \
+        {k: (artifact.imported or {}).get(k) for k in settings} == settings
     return artifact if same else None
 
 

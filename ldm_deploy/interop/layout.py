@@ -18,7 +18,9 @@ def onnx_layout(path) -> str | None:
     """"optimum" (Optimum's export), "onnx-pipeline" (diffusers' OnnxStableDiffusionPipeline / Hub), or None."""
     path = Path(path)
     try:
-        if not path.is_dir() or (path / "manifest.json").is_file() or not (path / "model_index.json").is_file():
+        from ldm_deploy.artifact import is_artifact
+
+        if not path.is_dir() or is_artifact(path) or not (path / "model_index.json").is_file():
             return None       # (an artifact that lost its manifest has no model_index.json either)
         if not any((path / part / "model.onnx").is_file() for part in GRAPH_PARTS):
             return None

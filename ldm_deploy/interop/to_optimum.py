@@ -44,8 +44,7 @@ def write_optimum_folder(artifact_dir, out, *, force: bool = False) -> Path:
         if spec.input_names and "guidance_scale" in spec.input_names:
             raise LdmError(f"{c} has CFG folded into its graph, which Optimum's pipelines cannot feed")
     model_configs = art.model_configs or {}
-    source = (art.manifest.get("source") or {}).get("path")   # the model folder it was exported from
-    source = source if isinstance(source, str) else None
+    source = str(art.source_path) if art.source_path else None   # the model folder it was exported from
     with atomic_dir(out, OPTIMUM_OUTPUT, inputs=[art.path, source], force=force) as tmp:
         for c in art.components:
             model = onnx.load(str(art.file(c)))

@@ -25,15 +25,16 @@ from ldm_deploy.lora import LoraFile, LoraSpec, combine, load_lora
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL
 
 
-def load_base(artifact, spec: Mapping) -> dict[str, np.ndarray]:
-    """name -> base weight array of a switchable component ({} when the component is not switchable)."""
-    entry = spec.get("lora_weights")
+def load_base(artifact, spec) -> dict[str, np.ndarray]:
+    """name -> base weight array of a switchable component (an artifact.ComponentSpec; {} when the component
+    is not switchable)."""
+    entry = spec.lora_weights
     if not entry:
         return {}
-    from ldm_deploy.paths import inside_file
+    from ldm_deploy.artifact import named_path
 
     # named in the manifest, which is not in its own hashes: it must stay inside the artifact (paths.py)
-    path = inside_file(artifact.path, entry.get("file"), named_in=Path(artifact.path) / "manifest.json")
+    path = named_path(artifact.path, entry.get("file"), regular_file=True)
     try:
         from safetensors.numpy import load_file
     except ImportError as e:
@@ -103,7 +104,8 @@ def _load(spec: LoraSpec, targets_of: Mapping[str, object], targets: Mapping[str
     try:
         return load_lora(spec.path, targets), spec.scale
     except LdmError as e:
-        modes = {getattr(r, "spec", {}).get("lora_weights", {}).get("mode") for r in targets_of.values()}
+        modes = {(getattr(getattr(r, "spec", None), "lora_weights", None) or {}).get("mode")
+                 for r in targets_of.values()}
         if "linear" in modes and "not LoRA weights" in str(e):
             raise LdmError(f"{e} -- this artifact switches Linear and 1x1 conv weights only",
                            hint="re-export with `--lora-switchable all` for LoCon (3x3 conv) LoRAs, or merge "

@@ -1,9 +1,11 @@
 """The torch-free txt2img / img2img loop: tokenizer -> text encoder -> numpy sampler over the U-Net -> VAE.
 
-One loop serves every backend: the pipeline holds a tokenizer and one runner per component
-(`dict[str, ndarray] -> dict[str, ndarray]`, see runners/base.py) and never knows which backend they
-are. `Pipeline.from_artifact(dir, backend="ort-cpu")` builds the deployed path;
-`training.runner.pipeline_from_model_folder(folder)` builds the PyTorch reference over the same loop.
+One loop serves every backend: the pipeline holds a tokenizer, one runner per component
+(`dict[str, ndarray] -> dict[str, ndarray]`, see runners/base.py) and the model's `ModelInfo`
+(ldm_deploy/artifact.py: sizes, prediction type, scheduler config, profiles), and never knows which
+backend the runners are. `Pipeline(tokenizer, runners, info)` is the one constructor;
+`Pipeline.from_artifact(dir, backend="ort-cpu")` builds the deployed path and
+`training.runner.pipeline_from_model_folder(folder)` the PyTorch reference over the same loop.
 
 `Pipeline.__call__` reads as its stages, each a public method SDXLPipeline (runtime/sdxl.py) reuses:
 `check` (the arguments -> a frozen `Request`) -> `encode` (text -> U-Net conditioning) -> `start_latents`
@@ -17,7 +19,6 @@ the decoded image is quantized as diffusers does: round((x * 0.5 + 0.5).clip(0, 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -27,11 +28,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ldm_deploy.artifact import SD_COMPONENTS, ModelInfo
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.runners.base import takes_guidance
-
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
 @dataclass
@@ -243,27 +243,50 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class Pipeline:
-    """Text (+ optional init image) -> uint8 images, over runners of any backend."""
+    """Text (+ optional init image) -> uint8 images, over runners of any backend.
 
-    def __init__(self, tokenizer: Callable[[list[str]], np.ndarray], runners: Mapping[str, Any],
-                 scheduler_config: Mapping[str, Any], scaling_factor: float = 0.18215,
-                 prediction_type: str = "epsilon", profiles: Mapping[str, Any] | None = None, *,
-                 latent_channels: int = 4, vae_scale_factor: int = 8, backend: str = "",
-                 artifact_hash: str | None = None):
+    `info` describes the model (ldm_deploy.artifact.ModelInfo): `Artifact(path).info` for an exported
+    artifact, `training.checkpoint.model_info(folder)` for a model folder.
+    """
+
+    def __init__(self, tokenizer: Callable[[list[str]], np.ndarray], runners: Mapping[str, Any], info: ModelInfo,
+                 *, backend: str = "", artifact_hash: str | None = None):
         missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in runners]
         if missing:
             raise LdmError(f"pipeline needs runners for {', '.join(missing)}")
+        if not isinstance(info, ModelInfo):
+            raise TypeError(f"info must be an ldm_deploy.artifact.ModelInfo, got {type(info).__name__}")
         self.tokenizer = tokenizer
         self.runners = dict(runners)
-        self.scheduler_config = dict(scheduler_config)
-        self.scheduler_config.setdefault("prediction_type", prediction_type)
-        self.scaling_factor = float(scaling_factor)
-        self.prediction_type = prediction_type
-        self.profiles = dict(profiles) if profiles else None
-        self.latent_channels = int(latent_channels)
-        self.vae_scale_factor = int(vae_scale_factor)
+        self.info = info
         self.backend = backend
         self.artifact_hash = artifact_hash
+
+    # what the loop reads of the model description
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        return self.info.scheduler_config
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.info.scaling_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.info.prediction_type
+
+    @property
+    def latent_channels(self) -> int:
+        return self.info.latent_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.info.vae_scale_factor
+
+    @property
+    def profiles(self):
+        """The artifact's shape profiles (ldm_deploy.artifact.Profiles), or None: any size."""
+        return self.info.profiles
 
     # --- construction ------------------------------------------------------------------------------
 
@@ -273,36 +296,26 @@ class Pipeline:
         """Open an exported artifact directory and one `backend` runner per component.
 
         `verify` checks every file's sha256 against the manifest first (seconds for SD-sized graphs).
+        An SDXL artifact gives a runtime.sdxl.SDXLPipeline.
         """
         from ldm_deploy.artifact import Artifact
         from ldm_deploy.runtime.runners.base import open_runner
         from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
         artifact = Artifact.open(path, verify=verify)
-        m = artifact.manifest
-        if "sdxl" in m and cls is Pipeline:      # SDXL conditioning lives in runtime/sdxl.py
+        if artifact.info.sdxl is not None and cls is Pipeline:      # SDXL conditioning lives in runtime/sdxl.py
             from ldm_deploy.runtime.sdxl import SDXLPipeline
 
-            return SDXLPipeline.from_artifact(path, backend, components, verify=False, **runner_opts)
-        names = components or [c for c in COMPONENTS if c in m["components"]]
+            return SDXLPipeline.from_artifact(artifact, backend, components, **runner_opts)
+        names = components or [c for c in SD_COMPONENTS if c in artifact.components]
         runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
         tokenizer = ClipTokenizer.from_dir(artifact.tokenizer_dir)
-        model = m.get("model") if isinstance(m.get("model"), dict) else {}
-        te_vocab = (model.get("text_encoder") or {}).get("vocab_size") if isinstance(model.get("text_encoder"), dict) else None
-        if isinstance(te_vocab, int) and max(tokenizer.vocab.values()) >= te_vocab:
+        te_vocab = artifact.text_vocab_size
+        if te_vocab is not None and max(tokenizer.vocab.values()) >= te_vocab:
             raise LdmError(f"the tokenizer in {artifact.tokenizer_dir} has ids up to {max(tokenizer.vocab.values())} "
                            f"but the text encoder's vocabulary has {te_vocab} rows",
                            hint="the artifact's tokenizer/ belongs to another model; re-export from the model folder")
-        source_hash = (m.get("source") or {}).get("sha256")
-        return cls(tokenizer, runners, m["scheduler"], m["scaling_factor"], m.get("prediction_type", "epsilon"),
-                   m.get("profiles"), latent_channels=m.get("latent_channels", 4),
-                   vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend,
-                   artifact_hash=artifact_hash(path) or source_hash)
-
-    @classmethod
-    def from_runners(cls, tokenizer, runners: Mapping[str, Any], scheduler_config: Mapping[str, Any],
-                     **kwargs) -> "Pipeline":
-        return cls(tokenizer, runners, scheduler_config, **kwargs)
+        return cls(tokenizer, runners, artifact.info, backend=backend, artifact_hash=artifact.manifest_sha256)
 
     def close(self) -> None:
         """Close every runner (sessions, engines, device buffers); a call afterwards is an error. Idempotent."""
@@ -509,25 +522,16 @@ class Pipeline:
             if (init.shape[1], init.shape[2]) != (height, width):
                 raise UsageError(f"init image is {init.shape[2]}x{init.shape[1]} but {width}x{height} was asked",
                                  hint="resize the init image or drop --height/--width")
-        prof = self.profiles or {}
+        prof = self.info.profiles
         if height is None:  # an explicit 0 is an error below, not "the default"
-            height = (prof.get("height") or {}).get("opt") or 512
+            height = prof.height.opt if prof else 512
         if width is None:
-            width = (prof.get("width") or {}).get("opt") or 512
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % f:
-                raise UsageError(f"{name} must be a positive multiple of {f}, got {value!r}")
-            lim = prof.get(name)
-            if lim and not (lim["min"] <= value <= lim["max"]):
-                raise UsageError(f"{name} {value} is outside the artifact's profile [{lim['min']}, {lim['max']}]",
-                                 hint=f"use a {name} in that range or re-export with a wider profile")
+            width = prof.width.opt if prof else 512
+        self.info.check_shape(height=height, width=width)
         return int(height), int(width)
 
     def _check_batch(self, batch: int) -> None:
-        lim = (self.profiles or {}).get("batch")
-        if lim and not (lim["min"] <= batch <= lim["max"]):
-            raise UsageError(f"batch of {batch} images (prompts x num_images) is outside the artifact's profile "
-                             f"[{lim['min']}, {lim['max']}]", hint="lower --num-images or re-export with a larger batch")
+        self.info.check_shape(batch=batch, batch_label=f"batch of {batch} images (prompts x num_images)")
 
 
 def _seed(seed, batch: int) -> int | list[int]:
@@ -560,17 +564,3 @@ def as_image_batch(image) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise UsageError(f"init image must be uint8, got {arr.dtype}")
     return arr
-
-
-def artifact_hash(path: str | Path) -> str | None:
-    """A short identity for an artifact: sha256 of its manifest.json (which itself lists every file's hash)."""
-    import hashlib
-
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
-
-
-def read_manifest(path: str | Path) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))

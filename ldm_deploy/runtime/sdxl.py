@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ldm_deploy.artifact import ModelInfo
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.pipeline import Callback, GenerationResult, Pipeline, Request, check_finite, timed
@@ -75,55 +75,43 @@ def slice_schedule(schedule, a: int, b: int):
 class SDXLPipeline(Pipeline):
     """SDXL base or refiner over runners of any backend (see the module docstring)."""
 
-    def __init__(self, tokenizers: Mapping[str, Callable], runners: Mapping[str, Any],
-                 scheduler_config: Mapping[str, Any], sdxl: Mapping[str, Any], scaling_factor: float = 0.13025,
-                 prediction_type: str = "epsilon", profiles: Mapping[str, Any] | None = None, *,
-                 latent_channels: int = 4, vae_scale_factor: int = 8, backend: str = "",
-                 artifact_hash: str | None = None):
+    def __init__(self, tokenizers: Mapping[str, Callable], runners: Mapping[str, Any], info: ModelInfo, *,
+                 backend: str = "", artifact_hash: str | None = None):
+        if info.sdxl is None:
+            raise LdmError("SDXL pipeline needs a model description with SDXL conditioning (ModelInfo.sdxl)")
         self.encoders = [c for c in ("text_encoder", "text_encoder_2") if c in runners]
         missing = [c for c in ("text_encoder_2", "unet", "vae_decoder") if c not in runners]
         missing += [f"tokenizer for {c}" for c in self.encoders if c not in tokenizers]
         if missing:
             raise LdmError(f"SDXL pipeline needs {', '.join(missing)}")
-        super().__init__(tokenizers[self.encoders[0]], {"text_encoder": None, **runners}, scheduler_config,
-                         scaling_factor, prediction_type, profiles, latent_channels=latent_channels,
-                         vae_scale_factor=vae_scale_factor, backend=backend, artifact_hash=artifact_hash)
+        super().__init__(tokenizers[self.encoders[0]], {"text_encoder": None, **runners}, info, backend=backend,
+                         artifact_hash=artifact_hash)
         if "text_encoder" not in self.encoders:
             del self.runners["text_encoder"]
         self.tokenizers = dict(tokenizers)
-        self.sdxl = dict(sdxl)
-        self.aesthetic = bool(sdxl.get("requires_aesthetics_score", False))
-        self.force_zeros = bool(sdxl.get("force_zeros_for_empty_prompt", not self.aesthetic))
+        self.sdxl = info.sdxl
+        self.aesthetic = info.sdxl.requires_aesthetics_score
+        self.force_zeros = info.sdxl.force_zeros_for_empty_prompt
 
     @classmethod
-    def from_artifact(cls, path: str | Path, backend: str = "ort-cpu", components: Sequence[str] | None = None,
+    def from_artifact(cls, path, backend: str = "ort-cpu", components: Sequence[str] | None = None,
                       verify: bool = True, **runner_opts) -> "SDXLPipeline":
-        from ldm_deploy.artifact import Artifact
-        from ldm_deploy.runtime.pipeline import artifact_hash
+        """`path`: an SDXL artifact folder or an opened `Artifact`."""
+        from ldm_deploy.artifact import SDXL_COMPONENTS, Artifact
         from ldm_deploy.runtime.runners.base import open_runner
         from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
-        artifact = Artifact.open(path, verify=verify)
-        m = artifact.manifest
-        sdxl = m["sdxl"]
-        names = components or [c for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-                               if c in m["components"]]
+        artifact = path if isinstance(path, Artifact) else Artifact.open(path, verify=verify)
+        if artifact.info.sdxl is None:
+            raise LdmError(f"{artifact.path} is not an SDXL artifact (its manifest has no `sdxl` entry)",
+                           hint="open it with Pipeline.from_artifact")
+        names = components or [c for c in SDXL_COMPONENTS if c in artifact.components]
         runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
         tokenizers = {}
         if "text_encoder" in runners:
             tokenizers["text_encoder"] = ClipTokenizer.from_dir(artifact.tokenizer_dir)
-        tok2 = sdxl.get("tokenizer_2") or m["tokenizer"]
-        from ldm_deploy.paths import check_tree, inside
-
-        # named in the manifest: inside the artifact, no file of it linking out (as Artifact.tokenizer_dir)
-        tok2_dir = inside(artifact.path, (tok2 or {}).get("dir") if isinstance(tok2, dict) else None,
-                          named_in=artifact.path / "manifest.json")
-        check_tree(tok2_dir, root=artifact.path)
-        tokenizers["text_encoder_2"] = ClipTokenizer.from_dir(tok2_dir)
-        return cls(tokenizers, runners, m["scheduler"], sdxl, m["scaling_factor"], m.get("prediction_type", "epsilon"),
-                   m.get("profiles"), latent_channels=m.get("latent_channels", 4),
-                   vae_scale_factor=m.get("vae_scale_factor", 8), backend=backend,
-                   artifact_hash=artifact_hash(path) or (m.get("source") or {}).get("sha256"))
+        tokenizers["text_encoder_2"] = ClipTokenizer.from_dir(artifact.tokenizer_2_dir)
+        return cls(tokenizers, runners, artifact.info, backend=backend, artifact_hash=artifact.manifest_sha256)
 
     # --- conditioning --------------------------------------------------------------------------------
 
@@ -143,7 +131,7 @@ class SDXLPipeline(Pipeline):
     def time_ids(self, rows: int, original_size, crop, third) -> np.ndarray:
         """(rows, 6 | 5) float32: original (h, w), crop (top, left), target (h, w) | aesthetic score."""
         values = [*original_size, *crop, *(third if isinstance(third, (tuple, list)) else (third,))]
-        want = int(self.sdxl.get("time_ids", 5 if self.aesthetic else 6))
+        want = self.sdxl.time_ids
         if len(values) != want:
             raise LdmError(f"this U-Net takes {want} time_ids but the conditioning gives {len(values)}",
                            hint="the artifact's sdxl.requires_aesthetics_score does not match its U-Net")

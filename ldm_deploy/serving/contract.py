@@ -86,14 +86,13 @@ class Limits:
     def from_pipeline(cls, pipe, loras=()) -> "Limits":
         from ldm_deploy.runtime import schedulers as sch
 
-        prof = pipe.profiles or {}
+        prof = pipe.info.profiles
 
         def rng(name):
-            r = prof.get(name) or {}
-            opt = r.get("opt") or 512
-            return (r.get("min") or opt, opt, r.get("max") or opt)
+            r = getattr(prof, name) if prof else None
+            return (r.min, r.opt, r.max) if r else (512, 512, 512)
 
-        return cls(height=rng("height"), width=rng("width"), max_batch=int((prof.get("batch") or {}).get("max") or 1),
+        return cls(height=rng("height"), width=rng("width"), max_batch=prof.batch.max if prof else 1,
                    vae_scale_factor=pipe.vae_scale_factor, default_scheduler=sch.default_name(pipe.scheduler_config),
                    schedulers=tuple(sch.SCHEDULERS), loras=tuple(loras),
                    zero_negative=bool(getattr(pipe, "force_zeros", False)))

@@ -146,11 +146,10 @@ def write_repository(artifact: str | Path, out: str | Path, config: RepoConfig =
     from ldm_deploy import __version__
     from ldm_deploy.artifact import Artifact
     from ldm_deploy.fileio import atomic_dir, check_out_dir
-    from ldm_deploy.runtime.pipeline import artifact_hash
 
     art = Artifact.open(artifact, verify=False)
     max_batch = _check(config, art.profiles.batch.max)
-    sha = artifact_hash(art.path)
+    sha = art.manifest_sha256
     target = Path(out) / MODEL_NAME
     # never an input, even with --force: REPO/ldm that is, lies inside or holds the artifact (fileio's --out guard)
     check_out_dir(target, REPO_OUTPUT, inputs=[art.path], force=True)

@@ -37,14 +37,15 @@ def runner_options(backend: str, device_id: int, extra: dict | None = None) -> d
 
 def open_sampler(params: dict, device_id: int = 0):
     """The BatchSampler a model instance serves, from config.pbtxt's parameters; checks the artifact hash."""
-    from ldm_deploy.runtime.pipeline import Pipeline, artifact_hash
+    from ldm_deploy.artifact import MANIFEST, manifest_sha256
+    from ldm_deploy.runtime.pipeline import Pipeline
     from ldm_deploy.serving.batcher import BatchSampler
 
     artifact = params["artifact"]
     expected = params.get("artifact_sha256")
-    actual = artifact_hash(artifact)
+    actual = manifest_sha256(artifact)
     if actual is None:
-        raise LdmError(f"the model repository names the artifact {artifact}, which has no manifest.json",
+        raise LdmError(f"the model repository names the artifact {artifact}, which has no {MANIFEST}",
                        hint="rewrite the repository with `ldm-deploy triton-repo ARTIFACT --out REPO`")
     if expected and actual != expected:
         raise LdmError(f"the artifact at {artifact} changed since the model repository was written "

@@ -110,11 +110,12 @@ def test_captioned_grid_layout():
 def test_images_are_made_at_the_models_native_size_when_the_profile_allows(tmp_path):
     from types import SimpleNamespace
 
+    from ldm_deploy.artifact import Profiles, Range
     from ldm_deploy.demo import _native_size
 
     (tmp_path / "unet").mkdir()
-    pipe = SimpleNamespace(vae_scale_factor=8, profiles={"height": {"min": 64, "opt": 128, "max": 128},
-                                                         "width": {"min": 64, "opt": 128, "max": 128}})
+    pipe = SimpleNamespace(vae_scale_factor=8, profiles=Profiles(batch=Range(1, 1, 1), height=Range(64, 128, 128),
+                                                                 width=Range(64, 128, 128)))
     for sample, expected in ((8, 64), (16, 128), (4, 128), (32, 128)):
         (tmp_path / "unet" / "config.json").write_text(json.dumps({"sample_size": sample}))
         assert _native_size(tmp_path, pipe) == expected, sample

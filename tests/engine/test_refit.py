@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from ldm_deploy.artifact import Artifact
 from ldm_deploy.engine.build import BuildConfig, build_engines
 from tests.engine.conftest import FAST
 
@@ -32,11 +33,11 @@ def test_refittable_onnx_has_the_weights_as_initializers(switchable, tmp_path):
     from ldm_deploy.engine.refit import refittable_onnx
 
     art, _ = switchable
-    entry = json.loads((art / "manifest.json").read_text())["components"]["unet"]
+    entry = Artifact(art).component("unet")
     path = refittable_onnx(art, entry, tmp_path)
     g = onnx.load(str(path)).graph
-    names = set(entry["lora_weights"]["inputs"])
-    assert [i.name for i in g.input] == [i["name"] for i in entry["inputs"]]
+    names = set(entry.lora_weights["inputs"])
+    assert [i.name for i in g.input] == entry.input_names
     assert names <= {i.name for i in g.initializer}
 
 

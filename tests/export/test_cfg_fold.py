@@ -111,8 +111,7 @@ def test_pipeline_uses_the_folded_unet_and_matches(artifact, guidance, rescale):
 
     plain = Pipeline.from_artifact(artifact, backend="ort-cpu")
     runner = _FoldedRunner(fold_cfg(onnx.load(str(artifact / "unet" / "model.onnx"))))
-    folded = Pipeline(plain.tokenizer, {**plain.runners, "unet": runner}, plain.scheduler_config,
-                      plain.scaling_factor, plain.prediction_type, plain.profiles)
+    folded = Pipeline(plain.tokenizer, {**plain.runners, "unet": runner}, plain.info)
     kwargs = dict(steps=4, seed=3, guidance=guidance, guidance_rescale=rescale, num_images=2)
     a = plain("a red square", **kwargs)
     b = folded("a red square", **kwargs)

@@ -362,14 +362,19 @@ def test_lever_variants_need_the_fp32_unet(tmp_path, sd_like_folder):
 
 def test_fp32_source_stays_inside_the_artifact(tmp_path):
     """`fp32_file` / `file` come from the manifest (bench's lever ladder reads them): no path out of it."""
+    from types import SimpleNamespace
+
     from ldm_deploy.errors import LdmError
     from ldm_deploy.export.ort_optimize import fp32_source
 
     (tmp_path / "art" / "unet").mkdir(parents=True)
     (tmp_path / "outside.onnx").write_bytes(b"x")
     (tmp_path / "art" / "unet" / "model.onnx").write_bytes(b"x")
-    assert fp32_source(tmp_path / "art", {"precision": "fp32", "file": "unet/model.onnx"}) == \
+    def spec(**kw):   # the artifact.ComponentSpec fields fp32_source reads
+        return SimpleNamespace(**{"fp32_file": None, "precision": "fp16", "file": "unet/model.onnx", **kw})
+
+    assert fp32_source(tmp_path / "art", spec(precision="fp32", file="unet/model.onnx")) == \
         tmp_path / "art" / "unet" / "model.onnx"
-    for entry in ({"fp32_file": "../outside.onnx"}, {"precision": "fp32", "file": str(tmp_path / "outside.onnx")}):
+    for entry in (spec(fp32_file="../outside.onnx"), spec(precision="fp32", file=str(tmp_path / "outside.onnx"))):
         with pytest.raises(LdmError, match="not inside"):
             fp32_source(tmp_path / "art", entry)

@@ -23,7 +23,7 @@ def test_base_file_outside_the_artifact_is_refused(tmp_path, rel):
     (art / "unet" / "link.safetensors").symlink_to(outside)
     if rel.startswith("/abs"):
         rel = str(outside)
-    spec = {"lora_weights": {"file": rel, "inputs": ["w"]}}
+    spec = SimpleNamespace(lora_weights={"file": rel, "inputs": ["w"]})   # an artifact.ComponentSpec's field
     with pytest.raises(LdmError, match="outside|not inside"):
         lora_switch.load_base(SimpleNamespace(path=art), spec)
 
@@ -32,6 +32,6 @@ def test_base_file_inside_is_read(tmp_path):
     art = tmp_path / "art"
     (art / "unet").mkdir(parents=True)
     safetensors_numpy.save_file({"w": np.ones(2, np.float32)}, str(art / "unet" / "lora_base.safetensors"))
-    got = lora_switch.load_base(SimpleNamespace(path=Path(art)), {"lora_weights": {"file": "unet/lora_base.safetensors",
-                                                                                    "inputs": ["w"]}})
+    spec = SimpleNamespace(lora_weights={"file": "unet/lora_base.safetensors", "inputs": ["w"]})
+    got = lora_switch.load_base(SimpleNamespace(path=Path(art)), spec)
     assert np.array_equal(got["w"], np.ones(2, np.float32))

@@ -4,6 +4,7 @@ without CUDA graphs, against ort-cpu."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_ort_cuda_equals_cpu(artifacts, precision, component, variant, cuda_grap
     cpu = open_runner("ort-cpu", artifacts[precision], component)
     gpu = open_runner("ort-cuda", artifacts[precision], component, variant=variant, enable_cuda_graph=cuda_graph)
     assert gpu.variant == variant
-    half = "float16" in {str(d) for d in gpu.input_dtypes.values()} or gpu.spec["precision"] == "fp16"
+    half = "float16" in {str(d) for d in gpu.input_dtypes.values()} or gpu.spec.precision == "fp16"
     # fp32 graphs: TF32 is off for an fp32 export (strict 1e-3); an fp16 export's fp32 VAE runs on TF32
     # (10-bit mantissa, unit roundoff 2^-11 ~ 4.9e-4 per product): an H200 measured 1.3e-3 / 2.1e-3 there
     assert gpu.use_tf32 == (precision == "fp16")
@@ -192,8 +193,8 @@ def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
     runs with ORT-allocated outputs (gpu_graph_id -1 under CUDA graphs: no capture), later calls use
     preallocated buffers."""
     runner = cpu_bound(artifacts["fp32"], "text_encoder", variant=None, enable_cuda_graph=True)
-    runner.spec = {**runner.spec, "outputs": [{**o, "shape": ["batch", "odd_dim_1", "odd_dim_2"]}
-                                              for o in runner.spec["outputs"]]}
+    runner.spec = replace(runner.spec, outputs=tuple(replace(o, shape=("batch", "odd_dim_1", "odd_dim_2"))
+                                                     for o in runner.spec.outputs))
     cpu = open_runner("ort-cpu", artifacts["fp32"], "text_encoder")
     for seed in (0, 1, 2):
         x = feeds("text_encoder", seed=seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ldm_deploy.artifact import ModelInfo, Profiles, Range
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime.guidance import rescale_noise_cfg
@@ -18,6 +19,8 @@ SCHED = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.01
          "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
 PROFILES = {"batch": {"min": 1, "opt": 1, "max": 4}, "height": {"min": 16, "opt": 32, "max": 64},
             "width": {"min": 16, "opt": 32, "max": 64}}
+INFO = ModelInfo(SCHED, scaling_factor=0.5, prediction_type="epsilon", latent_channels=4, vae_scale_factor=8,
+                 profiles=Profiles(**{k: Range(**r) for k, r in PROFILES.items()}))
 
 
 def fake_tokenizer(prompts):
@@ -75,7 +78,7 @@ def make_runners(**override):
 
 @pytest.fixture
 def pipe():
-    return Pipeline(fake_tokenizer, make_runners(), SCHED, scaling_factor=0.5, profiles=PROFILES)
+    return Pipeline(fake_tokenizer, make_runners(), INFO)
 
 
 def test_txt2img_shapes_timings_params(pipe):
@@ -213,7 +216,7 @@ def test_nan_names_the_stage(stage):
         return {k: np.full_like(v, np.nan) for k, v in out.items()}
 
     runners = make_runners(**{stage: Fake(stage, [], [], bad)})
-    pipe = Pipeline(fake_tokenizer, runners, SCHED, scaling_factor=0.5, profiles=PROFILES)
+    pipe = Pipeline(fake_tokenizer, runners, INFO)
     init = np.zeros((32, 32, 3), np.uint8) if stage == "vae_encoder" else None
     with pytest.raises(LdmError, match=f"{stage} produced .* non-finite") as e:
         pipe("a", steps=2, seed=0, image=init)
@@ -231,7 +234,7 @@ def test_to_uint8_rounds_like_diffusers():
 def test_missing_vae_encoder_for_img2img():
     runners = make_runners()
     del runners["vae_encoder"]
-    pipe = Pipeline(fake_tokenizer, runners, SCHED, scaling_factor=0.5, profiles=PROFILES)
+    pipe = Pipeline(fake_tokenizer, runners, INFO)
     with pytest.raises(LdmError, match="vae_encoder"):
         pipe("a", image=np.zeros((32, 32, 3), np.uint8), steps=2)
 

@@ -28,7 +28,7 @@ def test_cli_writes_config_and_shim(tiny_artifact, tmp_path):  # noqa: F811
                  'output { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }'):
         assert line in text, line
     params = read_parameters(text)
-    from ldm_deploy.runtime.pipeline import artifact_hash
+    from ldm_deploy.artifact import manifest_sha256 as artifact_hash
 
     assert params["artifact_sha256"] == artifact_hash(tiny_artifact) and params["backend"] == "ort-cuda"
     assert json.loads(params["runner_options"]) == {"use_tf32": True}

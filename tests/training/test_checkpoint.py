@@ -12,6 +12,7 @@ import torch
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError
 from ldm_deploy.runtime.tokenizer import bytes_to_unicode
+from tests.runtime.tiny_model import tiny_artifact, tiny_folder  # noqa: F401 (fixtures)
 from training import checkpoint as ck
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,3 +401,18 @@ def test_failed_save_leaves_the_old_folder_untouched(diffusers_folder, tmp_path,
         ck.save_components(comps, target)
     assert ck.folder_hash(target) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_model_info_of_a_folder_is_what_its_export_records(tiny_folder, tiny_artifact):  # noqa: F811
+    """One model description: the folder's ModelInfo (the PyTorch reference's) equals the one the exported
+    manifest gives (the deployed pipeline's), field for field, and in-memory modules give it too."""
+    from ldm_deploy.artifact import Artifact
+
+    deployed = Artifact(tiny_artifact).info
+    folder = ck.model_info(tiny_folder, profiles=deployed.profiles)
+    assert folder == deployed
+    comps = ck.load_components(tiny_folder)
+    modules = ck.module_info({"unet": comps.unet, "vae": comps.vae}, comps.scheduler_config)
+    assert (modules.scaling_factor, modules.latent_channels, modules.vae_scale_factor, modules.prediction_type) == \
+        (deployed.scaling_factor, deployed.latent_channels, deployed.vae_scale_factor, deployed.prediction_type)
+    assert dict(modules.scheduler_config) == dict(deployed.scheduler_config) and modules.profiles is None

@@ -14,16 +14,13 @@ def pipeline(modules: dict, tok_dir: Path, scheduler_config: dict, scaling_facto
     """A Pipeline over TorchRunners of {"unet", "vae", "text_encoder"} modules (float32, on `device`)."""
     from ldm_deploy.runtime.pipeline import Pipeline
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
+    from training.checkpoint import module_info
     from training.runner import IO, TorchRunner
 
-    unet = modules["unet"]
-    device = device or next(unet.parameters()).device
+    device = device or next(modules["unet"].parameters()).device
     runners = {c: TorchRunner(modules, c, device=str(device)) for c in IO}
-    vae = modules["vae"]
-    return Pipeline(ClipTokenizer.from_dir(Path(tok_dir)), runners, scheduler_config, scaling_factor=scaling_factor,
-                    prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-                    latent_channels=unet.config.in_channels,
-                    vae_scale_factor=vae.config.scale_factor, backend="torch")
+    info = module_info({c: modules[c] for c in ("unet", "vae")}, scheduler_config, scaling_factor=scaling_factor)
+    return Pipeline(ClipTokenizer.from_dir(Path(tok_dir)), runners, info, backend="torch")
 
 
 def generate(modules: dict, tok_dir: Path, scheduler_config: dict, scaling_factor: float, prompts: list[str], *,

@@ -49,10 +49,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ldm_deploy.artifact import ORT_CUDA_VARIANT, ComponentSpec
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import lora_switch
-
-ORT_CUDA_VARIANT = "ort-cuda"   # the manifest variant ldm_deploy/export/ort_optimize.py writes (its VARIANT)
 
 VOLATILE_AFTER = 3   # an input new on this many calls in a row is uploaded without comparing from then on
 FEW_CORES = 4      # at most this many cores: intra-op spinning off by default (see the module docstring)
@@ -78,26 +77,15 @@ def _open(artifact):
     return artifact
 
 
-def component_spec(artifact, component: str, variant: str | None = None) -> tuple[Path, dict]:
-    """(path of the graph to run, its spec: file/inputs/outputs/...) from an Artifact or an artifact dir.
+def component_spec(artifact, component: str, variant: str | None = None) -> tuple[Path, ComponentSpec]:
+    """(path of the graph to run, its ComponentSpec: file/inputs/outputs/...) from an Artifact or an artifact dir.
 
     `variant` names an entry of the component's `variants` (e.g. "ort-cuda"); its file and IO replace
     the plain graph's. A missing variant is an error; pick "auto" handling in the caller.
     """
     artifact = _open(artifact)
-    artifact.component(component)  # raises LdmError naming what the artifact has
-    spec = dict(artifact.manifest["components"][component])
-    if variant is not None:
-        variants = spec.get("variants") or {}
-        if variant not in variants:
-            raise LdmError(f"the {component} of {artifact.path} has no {variant!r} variant "
-                           f"(it has: {', '.join(variants) or 'none'})",
-                           hint="export with --ort-cuda (config key ort_cuda: true); variant=None runs the "
-                                "plain graph")
-        spec.update(variants[variant])
-    from ldm_deploy.paths import inside
-
-    return inside(artifact.path, spec["file"], named_in=Path(artifact.path) / "manifest.json"), spec
+    spec = artifact.component(component).variant(variant)  # LdmError naming what the artifact has
+    return artifact.path_of(spec.file), spec
 
 
 # ----------------------------------------------------------------------------- the session loader
@@ -157,7 +145,7 @@ class SessionFromArtifact:
         variant, model_path, spec = self._graph(artifact)
         so, allow_spinning = self._session_options(ort)
         loaded = OrtSession(None, self.component, model_path, spec, variant,
-                            int(artifact.manifest.get("vae_scale_factor", 8)), {}, allow_spinning)
+                            artifact.vae_scale_factor, {}, allow_spinning)
         if cuda:
             loaded.cuda_options = self._cuda_options(artifact)
             loaded.device_id, loaded.enable_cuda_graph = int(self.device_id), bool(self.enable_cuda_graph)
@@ -171,7 +159,7 @@ class SessionFromArtifact:
         if cuda:
             self._check_provider(loaded.session, model_path)
         graph_inputs = {i.name for i in loaded.session.get_inputs()}
-        missing = [i["name"] for i in spec["inputs"] if i["name"] not in graph_inputs]
+        missing = [name for name in spec.input_names if name not in graph_inputs]
         if missing:
             raise LdmError(f"{model_path} lacks the inputs {missing} its manifest lists",
                            hint="the manifest and the ONNX file disagree; re-export the artifact")
@@ -186,7 +174,7 @@ class SessionFromArtifact:
             return (variant, *component_spec(artifact, self.component, variant))
         artifact.component(self.component)   # raises LdmError naming what the artifact has
         name, path, entry = self.graph
-        return name, Path(path), {**artifact.manifest["components"][self.component], **dict(entry)}
+        return name, Path(path), artifact.component(self.component).over(entry)
 
     def _session_options(self, ort):
         """(SessionOptions, whether intra-op threads spin)."""
@@ -218,7 +206,7 @@ class SessionFromArtifact:
             options["enable_cuda_graph"] = "1"
         use_tf32 = self.use_tf32
         if use_tf32 is None:   # off for an fp32 export (its parity is the point), ORT's default (on) otherwise
-            use_tf32 = artifact.manifest.get("precision") != "fp32"
+            use_tf32 = artifact.precision != "fp32"
         options.setdefault("use_tf32", "1" if use_tf32 else "0")   # an explicit provider option wins
         return options
 
@@ -227,7 +215,7 @@ class SessionFromArtifact:
         if self.variant != "auto":
             return self.variant
         # not ldm_deploy.export.ort_optimize's constant: that module needs onnx
-        has = ORT_CUDA_VARIANT in (artifact.manifest["components"][self.component].get("variants") or {})
+        has = ORT_CUDA_VARIANT in artifact.component(self.component).variants
         return ORT_CUDA_VARIANT if self.provider == "cuda" and has else None
 
     def _providers(self, cuda_options: dict | None) -> list:
@@ -263,9 +251,9 @@ class OrtRunner:
         self.allow_spinning = loaded.allow_spinning
         self.device_id, self.enable_cuda_graph = loaded.device_id, loaded.enable_cuda_graph
         self.cuda_options, self.use_tf32 = loaded.cuda_options, loaded.use_tf32
-        self.input_names = [i["name"] for i in self.spec["inputs"]]
-        self.output_names = [o["name"] for o in self.spec["outputs"]]
-        self.input_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in self.spec["inputs"]}
+        self.input_names = self.spec.input_names
+        self.output_names = self.spec.output_names
+        self.input_dtypes = {i.name: np.dtype(i.dtype) for i in self.spec.inputs}
         self.output_dtype = None if output_dtype is None else np.dtype(output_dtype)
         self.base_weights = loaded.base_weights
         self.weights = dict(self.base_weights)
@@ -444,8 +432,8 @@ class OrtBoundRunner(OrtRunner):
         if key in self._out_shapes:
             return self._out_shapes[key]
         dims: dict[str, int] = {}
-        for spec in self.spec["inputs"]:
-            for d, size in zip(spec["shape"], np.shape(feeds[spec["name"]])):
+        for spec in self.spec.inputs:
+            for d, size in zip(spec.shape, np.shape(feeds[spec.name])):
                 if isinstance(d, str):
                     dims[d] = int(size)
         for axis in ("height", "width"):
@@ -454,10 +442,10 @@ class OrtBoundRunner(OrtRunner):
             if f"image_{axis}" in dims and dims[f"image_{axis}"] % self.vae_scale_factor == 0:
                 dims.setdefault(f"latent_{axis}", dims[f"image_{axis}"] // self.vae_scale_factor)
         shapes = {}
-        for spec in self.spec["outputs"]:
-            if not all(isinstance(d, int) or d in dims for d in spec["shape"]):
+        for spec in self.spec.outputs:
+            if not all(isinstance(d, int) or d in dims for d in spec.shape):
                 return None
-            shapes[spec["name"]] = tuple(d if isinstance(d, int) else dims[d] for d in spec["shape"])
+            shapes[spec.name] = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
         self._out_shapes[key] = shapes
         return shapes
 
@@ -504,7 +492,7 @@ class OrtBoundRunner(OrtRunner):
         return array.copy() if value.device_name().lower() == "cpu" else array
 
     def _ensure_outputs(self, shapes: dict[str, tuple]) -> None:
-        out_dtypes = {o["name"]: np.dtype(o["dtype"]) for o in self.spec["outputs"]}
+        out_dtypes = {o.name: np.dtype(o.dtype) for o in self.spec.outputs}
         for name in self.output_names:
             held = self._out.get(name)
             if held is None or tuple(held.shape()) != shapes[name]:

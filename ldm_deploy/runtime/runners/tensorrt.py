@@ -23,6 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ldm_deploy.artifact import is_artifact
 from ldm_deploy.engine import sidecar as sc
 from ldm_deploy.engine import trt_api
 from ldm_deploy.errors import LdmError, UsageError
@@ -130,10 +131,10 @@ def locate(source, component: str, engine_dir=None) -> tuple[Path, Path | None]:
     """(engine dir, artifact dir or None) from an Artifact, an artifact path or an engine dir."""
     path = Path(getattr(source, "path", source))
     if engine_dir is not None:
-        return Path(engine_dir), path if (path / "manifest.json").is_file() else None
+        return Path(engine_dir), path if is_artifact(path) else None
     if sc.sidecar_path(path, component).is_file():
         return path, None
-    if (path / "manifest.json").is_file():
+    if is_artifact(path):
         if sc.sidecar_path(path / "engines", component).is_file():
             return path / "engines", path
         raise UsageError(f"{path} is an ONNX artifact; the tensorrt backend needs its engines",
@@ -146,15 +147,13 @@ def locate(source, component: str, engine_dir=None) -> tuple[Path, Path | None]:
 def current_onnx_sha256(artifact_dir: Path | None, sidecar: dict) -> str | None:
     """The ONNX hash the artifact now records (its manifest), or None when the artifact is gone."""
     artifact_dir = artifact_dir or (Path(sidecar["artifact"]) if sidecar.get("artifact") else None)
-    if artifact_dir is None or not (artifact_dir / "manifest.json").is_file():
+    if artifact_dir is None or not is_artifact(artifact_dir):
         log.debug("artifact for %s not found; ONNX hash not checked", sidecar["component"])
         return None
     from ldm_deploy.artifact import Artifact  # noqa: PLC0415
-    manifest = Artifact(artifact_dir, verify=False).manifest
-    entry = manifest["components"].get(sidecar["component"])
-    if entry is None:
-        return None
-    return manifest["files"].get(entry["file"])
+    artifact = Artifact(artifact_dir, verify=False)
+    spec = artifact.components.get(sidecar["component"])
+    return None if spec is None else artifact.files.get(spec.file)
 
 
 # ----------------------------------------------------------------------------- the engine loader
@@ -255,7 +254,7 @@ class TensorRTRunner:
             from ldm_deploy.runtime import lora_switch
 
             artifact = Artifact.open(artifact_dir, verify=False)
-            self.base_weights = lora_switch.load_base(artifact, artifact.manifest["components"][component])
+            self.base_weights = lora_switch.load_base(artifact, artifact.component(component))
             self.weights = dict(self.base_weights)
             self._refitter = Refitter(trt, self.engine, self._logger)
         log.debug(f"{component}: TensorRT engine loaded, {sum(self._sizes.values()) / 2**20:.1f} MiB of I/O "
