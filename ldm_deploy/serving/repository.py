@@ -97,9 +97,9 @@ def lora_params(art, loras: dict) -> dict[str, dict]:
 
     if not loras:
         return {}
-    targets = {c: {**{n: tuple(v) for n, v in (e["lora_weights"].get("unused") or {}).items()},
-                   **{n: tuple(v["shape"]) for n, v in (e["lora_weights"].get("inputs") or {}).items()}}
-               for c, e in art.manifest["components"].items() if isinstance(e, dict) and e.get("lora_weights")}
+    targets = {c: {**{n: tuple(v) for n, v in (spec.lora_weights.get("unused") or {}).items()},
+                   **{n: tuple(v["shape"]) for n, v in (spec.lora_weights.get("inputs") or {}).items()}}
+               for c, spec in art.components.items() if spec.lora_weights}
     if not targets:
         raise UsageError(f"--lora needs an artifact exported with switchable weights, and {art.path} was not",
                          hint="re-export it with `ldm-deploy export MODEL --lora-switchable`")
