@@ -70,7 +70,8 @@ def _targets(runners: Mapping[str, object], artifact_path=None) -> tuple[dict, d
 
 def _unused(runner) -> dict[str, tuple]:
     """Weights the exported graph dropped (they feed no output): a LoRA may touch them, to no effect."""
-    entry = (getattr(runner, "spec", None) or {}).get("lora_weights") or {}
+    spec = getattr(runner, "spec", None)     # ComponentSpec (ORT runners); the TensorRT runner keeps none
+    entry = (spec.lora_weights if spec is not None else None) or {}
     return {n: tuple(shape) for n, shape in (entry.get("unused") or {}).items()}
 
 

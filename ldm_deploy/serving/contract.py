@@ -86,7 +86,7 @@ class Limits:
     def from_pipeline(cls, pipe, loras=()) -> "Limits":
         from ldm_deploy.runtime import schedulers as sch
 
-        prof = pipe.info.profiles
+        prof = pipe.profiles
 
         def rng(name):
             r = getattr(prof, name) if prof else None
