@@ -23,6 +23,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -267,6 +268,14 @@ class Pipeline:
     def scheduler_config(self) -> Mapping[str, Any]:
         return self.info.scheduler_config
 
+    @cached_property
+    def parsed_scheduler(self):
+        """The scheduler config parsed once per pipeline (`schedulers.as_config`), on first use: the sampler
+        name's resolution and every schedule read it; a bad config still fails at the first generate."""
+        from ldm_deploy.runtime.schedulers import as_config
+
+        return as_config(self.scheduler_config)
+
     @property
     def scaling_factor(self) -> float:
         return self.info.scaling_factor
@@ -358,7 +367,7 @@ class Pipeline:
         rng, timings = req.rng(), {}
         with timed(timings, "text_encoder"):
             context, extra = self.encode(req)
-        schedule = sch.make_schedule(req.scheduler, self.scheduler_config, req.steps, strength=req.strength or 1.0)
+        schedule = sch.make_schedule(req.scheduler, self.parsed_scheduler, req.steps, strength=req.strength or 1.0)
         x = self.start_latents(req, schedule, rng, timings)
         x = self.denoise(req, schedule, x, context, extra, rng, callback, timings)
         with timed(timings, "vae_decoder"):
@@ -489,7 +498,7 @@ class Pipeline:
     def _scheduler_name(self, scheduler: str | None) -> str:
         from ldm_deploy.runtime import schedulers as sch
 
-        return sch.resolve(scheduler, self.scheduler_config)
+        return sch.resolve(scheduler, self.parsed_scheduler)
 
     @staticmethod
     def _check_numbers(steps, guidance, guidance_rescale, strength, eta, num_images, n_prompts) -> None:

@@ -195,7 +195,7 @@ class SDXLPipeline(Pipeline):
         with timed(timings, "text_encoder"):
             context, extra = self.encode(req, zero_negative=zero_negative, **micro_conditioning)
         # the stage's slice [a, b) of the N-step schedule
-        schedule = sch.make_schedule(req.scheduler, self.scheduler_config, req.steps, strength=req.strength or 1.0)
+        schedule = sch.make_schedule(req.scheduler, self.parsed_scheduler, req.steps, strength=req.strength or 1.0)
         num_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
         a, b = handoff_range(schedule.timesteps, num_train, denoising_start, denoising_end)
         if (a, b) != (0, len(schedule.timesteps)) and req.scheduler not in HANDOFF_SAMPLERS:

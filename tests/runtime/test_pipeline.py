@@ -253,3 +253,15 @@ def test_callback_counts_the_steps_the_sampler_makes(pipe):
     assert seen == [(i, 5) for i in range(5)] and res.timings["unet_calls"] == 5
     with pytest.raises(UsageError, match="leaves no denoising step"):       # the schedule refuses, before any stage
         pipe("a", image=init, strength=0.05, steps=10, seed=0)
+
+
+def test_scheduler_config_is_parsed_once_per_pipeline(pipe, monkeypatch):
+    """The name's resolution and every schedule read one parse of the config (issue 18), not one per call."""
+    from ldm_deploy.runtime.schedulers.schedule import SchedulerConfig
+
+    calls = []
+    parse = SchedulerConfig.from_dict.__func__
+    monkeypatch.setattr(SchedulerConfig, "from_dict", classmethod(lambda cls, d: calls.append(1) or parse(cls, d)))
+    for scheduler in (None, "ddim", "euler"):
+        pipe("a red cube", steps=2, seed=0, scheduler=scheduler)
+    assert len(calls) == 1
