@@ -22,7 +22,6 @@ ALLOWED = {
     "ldm_deploy/bench/profile.py::profile_torch": 65,
     "ldm_deploy/bench/torch_side.py::run": 90,
     "ldm_deploy/commands/bench.py::add_arguments": 62,
-    "ldm_deploy/commands/bench.py::run": 98,      # grew from 68 with --preset and --levers-dir (issue 18): split next
     "ldm_deploy/engine/build.py::build_engines": 76,
     "ldm_deploy/export/cfg_fold.py::fold_cfg": 95,
     "ldm_deploy/export/exporter.py::_export_component": 75,

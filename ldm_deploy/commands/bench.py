@@ -116,10 +116,8 @@ def _preset_work(args) -> Path:
 def run(args) -> int:
     import time
 
-    from ldm_deploy.artifact import Artifact, is_artifact
-    from ldm_deploy.bench.harness import run_bench, summary_line
-    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TORCH_SIDES, TUNING_RUN, BenchSpec
-    from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
+    from ldm_deploy.bench.harness import run_bench
+    from ldm_deploy.bench.spec import LEVER_REFERENCES, LEVERS, TUNING_RUN, BenchSpec
 
     t_start = time.perf_counter()
     if args.levers and args.tuning:
@@ -135,8 +133,30 @@ def run(args) -> int:
     if args.sides is None:
         args.sides = ((*LEVERS, *LEVER_REFERENCES) if args.levers else TUNING_RUN if args.tuning
                       else ("ort-cpu", "torch-eager-fp32", "torch-compile"))
-
     prepared: dict = {}
+    artifact, model_dir = _sources(args, preset, prepared)
+    artifact, levers_dir, export = _prepare(args, preset, prepared, artifact, model_dir)
+    spec = BenchSpec(model_dir=model_dir, artifact=artifact, sides=args.sides, batches=tuple(args.batch),
+                     steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                     warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
+                     component_repeats=args.component_repeats, device=args.device, threads=args.threads,
+                     engine_dir=args.engine_dir, levers_dir=levers_dir, note=args.note,
+                     compile_budget_s=args.compile_budget, timeout_s=args.side_timeout,
+                     component_warmup=args.component_warmup,
+                     total_budget_s=(max(60.0, args.time_limit - (time.perf_counter() - t_start))
+                                     if args.time_limit else None))
+    results = run_bench(spec, args.out, chart=args.chart, export=export, log=log.info)
+    _print_tables(args, spec, results)
+    return 0
+
+
+def _sources(args, preset, prepared: dict) -> tuple[str | None, str | None]:
+    """(artifact, model folder) the sides run: from the source (a model folder or an artifact, whose recorded
+    source folder serves the torch sides), or the preset's random-weight model built in its work folder."""
+    from ldm_deploy.artifact import Artifact, is_artifact
+    from ldm_deploy.bench.spec import TORCH_SIDES
+    from ldm_deploy.interop.layout import onnx_layout, refuse_onnx_folder
+
     if args.source is None:   # the preset's benchmark model with seeded random weights
         from ldm_deploy.bench.prepare import random_model_folder
 
@@ -148,23 +168,29 @@ def run(args) -> int:
     if not source.is_dir():
         raise UsageError(f"{source} is not a directory (a model folder or an exported artifact)")
     artifact, model_dir = args.artifact, args.model_dir
-    from ldm_deploy.interop.layout import onnx_layout, refuse_onnx_folder
-
     refuse_onnx_folder(source, "a model folder or an exported artifact")
-    if is_artifact(source):
-        artifact = artifact or str(source)
-        if model_dir is None:
-            src = Artifact(source, verify=False).source_path
-            model_dir = str(src) if src and src.is_dir() else None
-            if model_dir and onnx_layout(model_dir):     # imported from an ONNX folder: no PyTorch weights
-                model_dir = None
-                torch_sides = [s for s in args.sides if s in TORCH_SIDES]
-                if torch_sides:
-                    raise UsageError(f"{source} was imported from an ONNX folder; the PyTorch sides "
-                                     f"({', '.join(torch_sides)}) need the diffusers model folder",
-                                     hint="pass --model-dir DIFFUSERS_FOLDER, or --sides ort-cpu (or other deployed sides)")
-    else:
-        model_dir = model_dir or str(source)
+    if not is_artifact(source):
+        return artifact, model_dir or str(source)
+    artifact = artifact or str(source)
+    if model_dir is None:
+        src = Artifact(source, verify=False).source_path
+        model_dir = str(src) if src and src.is_dir() else None
+        if model_dir and onnx_layout(model_dir):     # imported from an ONNX folder: no PyTorch weights
+            model_dir = None
+            torch_sides = [s for s in args.sides if s in TORCH_SIDES]
+            if torch_sides:
+                raise UsageError(f"{source} was imported from an ONNX folder; the PyTorch sides "
+                                 f"({', '.join(torch_sides)}) need the diffusers model folder",
+                                 hint="pass --model-dir DIFFUSERS_FOLDER, or --sides ort-cpu (or other deployed sides)")
+    return artifact, model_dir
+
+
+def _prepare(args, preset, prepared: dict, artifact, model_dir) -> tuple[str | None, str | None, dict | None]:
+    """(artifact, levers folder, what was prepared): the bench's own export when the deployed sides have no
+    artifact, and with --levers the ladder's graphs in the benchmark's own folder (never in the artifact)."""
+    from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
+    from ldm_deploy.bench.spec import TORCH_SIDES
+
     export = prepared or None
     if artifact is None and any(s not in TORCH_SIDES for s in args.sides):
         settings = preset.export if preset else None
@@ -188,20 +214,16 @@ def run(args) -> int:
         export = {**(export or {}), "lever_variants": done, "levers_dir": levers_dir}
         log.info("lever graphs in %s: %s", levers_dir,
                  ", ".join(k for k in done if k not in ("ort-cuda", "fused_ops_match")) or "already present")
-    spec = BenchSpec(model_dir=model_dir, artifact=artifact, sides=args.sides, batches=tuple(args.batch),
-                     steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                     warmup=args.warmup, repeats=args.repeats, e2e_budget_s=args.budget,
-                     component_repeats=args.component_repeats, device=args.device, threads=args.threads,
-                     engine_dir=args.engine_dir, levers_dir=levers_dir, note=args.note,
-                     compile_budget_s=args.compile_budget, timeout_s=args.side_timeout,
-                     component_warmup=args.component_warmup,
-                     total_budget_s=(max(60.0, args.time_limit - (time.perf_counter() - t_start))
-                                     if args.time_limit else None))
-    results = run_bench(spec, args.out, chart=args.chart, export=export, log=log.info)
+    return artifact, levers_dir, export
+
+
+def _print_tables(args, spec, results) -> None:
+    from ldm_deploy.bench.harness import summary_line
+    from ldm_deploy.bench.report import lever_table, tuning_table, versus_torch_table
+    from ldm_deploy.bench.spec import TORCH_SIDES
+
     for r in results["results"]:
         print(f"{r['side']:<20} B={r['batch']}: {summary_line(r)}")
-    from ldm_deploy.bench.report import lever_table, tuning_table, versus_torch_table
-
     for b in spec.batches:
         if args.levers:
             print(lever_table(results, b))
@@ -210,4 +232,3 @@ def run(args) -> int:
         if any(s in TORCH_SIDES for s in spec.sides):
             print(versus_torch_table(results, b))
     print(f"wrote {args.out}" + (f" and {args.chart}" if args.chart else ""))
-    return 0
