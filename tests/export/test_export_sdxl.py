@@ -9,6 +9,7 @@ from ldm_deploy.errors import UsageError
 from ldm_deploy.export.config import ExportConfig, Range
 from ldm_deploy.export.exporter import export_model
 from ldm_deploy.export.validate import validate
+from tests.runtime.tiny_sdxl import sdxl_folders  # noqa: F401 (fixture)
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.slow   # two tiny SDXL exports (~1 min on 2 cores) set up the module
@@ -18,16 +19,8 @@ CONFIG = ExportConfig(name="tiny-sdxl", batch=Range(1, 1, 2), height=Range(32, 3
 
 
 @pytest.fixture(scope="module")
-def sdxl_models(tmp_path_factory):
-    from tests.runtime.tiny_sdxl import make_tiny_sdxl, make_tiny_sdxl_refiner
-
-    root = tmp_path_factory.mktemp("sdxl-export")
-    return make_tiny_sdxl(root / "base"), make_tiny_sdxl_refiner(root / "refiner")
-
-
-@pytest.fixture(scope="module")
-def base_artifact(sdxl_models, tmp_path_factory):
-    return export_model(sdxl_models[0], tmp_path_factory.mktemp("sdxl-onnx") / "base", CONFIG).path
+def base_artifact(sdxl_folders, tmp_path_factory):
+    return export_model(sdxl_folders[0], tmp_path_factory.mktemp("sdxl-onnx") / "base", CONFIG).path
 
 
 def _io(spec):
@@ -55,8 +48,8 @@ def test_sdxl_base_artifact_layout(base_artifact):
     assert m["scaling_factor"] == 0.13025 and "text_encoder_2" in m["model"]
 
 
-def test_sdxl_base_validates_per_component(sdxl_models, base_artifact):
-    report = validate(sdxl_models[0], base_artifact)
+def test_sdxl_base_validates_per_component(sdxl_folders, base_artifact):
+    report = validate(sdxl_folders[0], base_artifact)
     assert report.passed, report.table()
     assert {c.component for c in report.checks} == {"text_encoder", "text_encoder_2", "unet", "vae_decoder",
                                                     "vae_encoder"}
@@ -64,27 +57,27 @@ def test_sdxl_base_validates_per_component(sdxl_models, base_artifact):
                                                                                    "text_embeds"}
 
 
-def test_sdxl_refiner_exports_and_validates(sdxl_models, tmp_path):
-    art = Artifact.open(export_model(sdxl_models[1], tmp_path / "refiner", CONFIG.replace(
+def test_sdxl_refiner_exports_and_validates(sdxl_folders, tmp_path):
+    art = Artifact.open(export_model(sdxl_folders[1], tmp_path / "refiner", CONFIG.replace(
         height=Range(32, 32, 32))).path)
     assert list(art.components) == ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
     assert _io(art.component("unet"))[0]["time_ids"] == ("float32", ["unet_batch", 5])
     assert art.manifest["sdxl"]["requires_aesthetics_score"] is True
     assert art.manifest["tokenizer"]["dir"] == "tokenizer_2"      # the refiner's only tokenizer
-    report = validate(sdxl_models[1], art.path)
+    report = validate(sdxl_folders[1], art.path)
     assert report.passed, report.table()
 
 
-def test_sdxl_fp16_vae_needs_an_fp16_safe_vae(sdxl_models, tmp_path):
+def test_sdxl_fp16_vae_needs_an_fp16_safe_vae(sdxl_folders, tmp_path):
     with pytest.raises(UsageError, match="overflows in fp16"):
-        export_model(sdxl_models[0], tmp_path / "x", CONFIG.replace(vae_precision="fp16"))
+        export_model(sdxl_folders[0], tmp_path / "x", CONFIG.replace(vae_precision="fp16"))
     assert not (tmp_path / "x").exists()
 
 
-def test_sdxl_config_resolution(sdxl_models):
+def test_sdxl_config_resolution(sdxl_folders):
     from ldm_deploy.export.sdxl import resolve_config
 
-    base, refiner = sdxl_models
+    base, refiner = sdxl_folders
     assert resolve_config(ExportConfig(), base).components == ("text_encoder", "text_encoder_2", "unet",
                                                                "vae_decoder", "vae_encoder")
     assert resolve_config(ExportConfig(), refiner).components[0] == "text_encoder_2"

@@ -13,6 +13,7 @@ from ldm_deploy.errors import UsageError
 from ldm_deploy.runtime.pipeline import Pipeline
 from ldm_deploy.runtime.sdxl import SDXLPipeline, handoff_range
 from tests.runtime.tiny_model import psnr
+from tests.runtime.tiny_sdxl import sdxl_folders  # noqa: F401 (fixture)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow   # two tiny SDXL exports (~1 min on 2 cores) set up the module
@@ -32,22 +33,14 @@ DIFFUSERS = {  # CLI name -> (diffusers class, extra config)
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    from tests.runtime.tiny_sdxl import make_tiny_sdxl, make_tiny_sdxl_refiner
-
-    root = tmp_path_factory.mktemp("sdxl-e2e")
-    return make_tiny_sdxl(root / "base"), make_tiny_sdxl_refiner(root / "refiner")
-
-
-@pytest.fixture(scope="module")
-def artifacts(folders, tmp_path_factory):
+def artifacts(sdxl_folders, tmp_path_factory):
     from ldm_deploy.export.config import ExportConfig, Range
     from ldm_deploy.export.exporter import export_model
 
     cfg = ExportConfig(name="tiny-sdxl", batch=Range(1, 1, 2), height=Range(SIZE, SIZE, SIZE),
                        width=Range(SIZE, SIZE, SIZE), measure_runtime=False)
     root = tmp_path_factory.mktemp("sdxl-e2e-onnx")
-    return tuple(export_model(f, root / f.name, cfg).path for f in folders)
+    return tuple(export_model(f, root / f.name, cfg).path for f in sdxl_folders)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +49,9 @@ def ours(artifacts):
 
 
 @pytest.fixture(scope="module")
-def ref(folders):
-    base = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folders[0]))
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(str(folders[1]))
+def ref(sdxl_folders):
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folders[0]))
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(str(sdxl_folders[1]))
     for p in (base, refiner):
         p.set_progress_bar_config(disable=True)
         p.folder_scheduler_config = p.scheduler.config
@@ -182,10 +175,10 @@ def test_generate_cli_runs_base_then_refiner(artifacts, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def torch_ref(folders):
+def torch_ref(sdxl_folders):
     from training.runner import pipeline_from_model_folder
 
-    return tuple(pipeline_from_model_folder(f) for f in folders)
+    return tuple(pipeline_from_model_folder(f) for f in sdxl_folders)
 
 
 @pytest.mark.parametrize("name", ["euler-ancestral", "ddpm", "lcm", "euler"])

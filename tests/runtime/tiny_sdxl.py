@@ -12,6 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.runtime.tiny_model import TOKENIZER, VAE
 
 TIME_DIM = 8                      # addition_time_embed_dim
@@ -94,3 +96,10 @@ def make_tiny_sdxl_refiner(folder: Path, seed: int = 1) -> Path:
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _hub_tokenizers(folder, ("tokenizer_2",))
     return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_folders(tmp_path_factory):
+    """(base, refiner): tiny SDXL folders saved by diffusers, made once per test module."""
+    root = tmp_path_factory.mktemp("sdxl")
+    return make_tiny_sdxl(root / "base"), make_tiny_sdxl_refiner(root / "refiner")
