@@ -184,7 +184,7 @@ def child(step: str, timeout_s: float, **kwargs) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-sdxl"), help="model folder, artifact, engines")
-    ap.add_argument("--sides", default=None, help=f"comma list (default: {','.join(SIDES)})")
+    ap.add_argument("--sides", default=None, help=f"comma list (default: {','.join(SIDES)}); 'none': folder and export only")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--size", type=int, default=1024)
@@ -192,12 +192,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny-sdxl preset, 64 px, 3 steps, CPU sides")
     ap.add_argument("--json", type=Path, help="results file (default benchmarks/results/<machine>-sdxl.json)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per step")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep an export already in --work (its time and memory were recorded by the run that made it)")
     args = ap.parse_args(argv)
     from ldm_deploy.bench.machine import machine_info
 
     if args.quick:
         args.size, args.steps = 64, 3
-    sides = tuple(args.sides.split(",")) if args.sides else (QUICK_SIDES if args.quick else SIDES)
+    sides = (() if args.sides == "none" else tuple(args.sides.split(","))) if args.sides else (QUICK_SIDES if args.quick else SIDES)
     info = machine_info()
     gpu = (info.get("gpus") or ["cpu"])[0].split(",")[0]
     out = args.json or ROOT / "benchmarks" / "results" / f"{'quick' if args.quick else gpu.lower().replace(' ', '-')}-sdxl.json"
@@ -216,9 +218,12 @@ def main(argv=None) -> int:
         results["steps"]["folder"] = child("make_folder", args.timeout, preset_name="tiny-sdxl" if args.quick else "sdxl",
                                            folder=folder)
         save()
-    say("exporting (fp16 U-Net and text encoders, fp32 VAE decoder)")
-    results["steps"]["export"] = child("export", args.timeout, folder=folder, out=artifact, size=args.size)
-    save()
+    if args.reuse and (artifact / "manifest.json").is_file():
+        say(f"reusing the export in {artifact}")
+    else:
+        say("exporting (fp16 U-Net and text encoders, fp32 VAE decoder)")
+        results["steps"]["export"] = child("export", args.timeout, folder=folder, out=artifact, size=args.size)
+        save()
     if "ours-tensorrt" in sides:
         say("building TensorRT engines")
         results["steps"]["build"] = child("build", args.timeout, artifact=artifact)
