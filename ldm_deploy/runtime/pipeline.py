@@ -545,11 +545,13 @@ class Pipeline:
 
 def _seed(seed, batch: int) -> int | list[int]:
     """The request's seed: a fresh one when None, else checked (-1 or 2**63 a UsageError, not numpy's
-    ValueError); a list is one seed per image row (Request.rng)."""
+    ValueError); a list, tuple or 1-D integer array is one seed per image row (Request.rng)."""
     from ldm_deploy.limits import check_seed
 
     if seed is None:
         return int(np.random.SeedSequence().entropy % (2**63))
+    if isinstance(seed, np.ndarray) and seed.ndim == 1:
+        seed = list(seed)   # each element still goes through check_seed (a float array is refused there)
     if not isinstance(seed, (list, tuple)):
         return check_seed(seed)
     seeds = [check_seed(s) for s in seed]

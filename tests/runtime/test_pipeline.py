@@ -163,6 +163,17 @@ def test_seed_reproducible_and_latents_given(pipe):
     assert c.params["latents"] == "caller"
 
 
+def test_seed_as_numpy(pipe):
+    """numpy integers and a 1-D integer array of per-row seeds are seeds; a float array is refused."""
+    ref = pipe(["a cat", "a dog"], steps=2, seed=[3, 4])
+    for seeds in (np.array([3, 4]), [np.int32(3), np.uint64(4)]):
+        out = pipe(["a cat", "a dog"], steps=2, seed=seeds)
+        assert np.array_equal(out.images, ref.images)
+    assert np.array_equal(pipe("a cat", steps=2, seed=np.int64(3)).images, ref.images[:1])
+    with pytest.raises(UsageError, match="seed must be an integer"):
+        pipe(["a cat", "a dog"], steps=2, seed=np.array([3.0, 4.0]))
+
+
 def test_latents_set_the_size(pipe):
     z = np.zeros((1, 4, 6, 8), np.float32)
     assert pipe("a", steps=1, latents=z).images.shape == (1, 48, 64, 3)
