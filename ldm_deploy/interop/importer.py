@@ -26,7 +26,7 @@ from ldm_deploy.artifact import (
 )
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.flops import vae_scale_factor
-from ldm_deploy.fileio import atomic_dir, check_free_space, write_json
+from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write_json
 from ldm_deploy.interop.layout import GRAPH_PARTS, onnx_layout
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ def import_onnx_folder(src, out, *, components=None, batch=None, height=None, wi
     check_tree(folder.path)   # hashed and read below: no link out of it, no FIFO / device (which would hang)
     out = Path(out)
     wanted = _wanted_components(folder, out, components)
+    # a folder we did not write is refused before the source is hashed and its graphs are read
+    check_out_dir(out, ARTIFACT_OUTPUT, inputs=[folder.path], force=force)
     source_sha = _folder_sha256(folder.path)
     graphs, skipped = _adapted_graphs(folder, wanted, optional_encoder=components is None)
     profiles = _profiles(folder, graphs, batch, height, width)

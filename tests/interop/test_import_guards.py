@@ -76,3 +76,18 @@ def test_link_out_of_the_source_folder_is_refused(onnx_folder, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "symbolic link" in err[0], err
     assert not (tmp_path / "art").exists()
+
+
+def test_foreign_out_is_refused_before_the_source_is_read(onnx_folder, tmp_path, capsys):
+    """--out holding files we did not write is refused first: one line about --out, exit 2, the folder
+    untouched, even when the source's graphs would fail to load (they are never read)."""
+    src = tmp_path / "src"
+    shutil.copytree(onnx_folder, src)
+    (src / "unet" / "model.onnx").write_bytes(b"not an onnx graph")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["-q", "import", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists and is not" in err[0], err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
