@@ -177,6 +177,30 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
         f.write("\n")
 
 
+def json_format(path: str | os.PathLike) -> str | None:
+    """The "format" of a JSON object file (None when it is not a readable JSON object with one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj.get("format") if isinstance(obj, dict) and isinstance(obj.get("format"), str) else None
+
+
+def check_out_file(path: str | os.PathLike, fmt: str, option: str = "--out") -> None:
+    """Refuse (UsageError, nothing touched) to replace an existing `path` unless it is a JSON file we wrote
+    with `"format": fmt` (an earlier run of the same command): never a user's own file, link or folder."""
+    from ldm_deploy.errors import UsageError
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_file() and not path.is_symlink() and json_format(path) == fmt:
+        return
+    raise UsageError(f"{option} {path} already exists and is not a {fmt} file written by ldm-deploy; refusing to "
+                     "replace it", hint=f"choose a new file name for {option}")
+
+
 # ----------------------------------------------------------------------------- replacing a folder
 
 MARKER = ".ldm-deploy.json"   # {"kind": ...}: written by atomic_dir into the folders it writes for a kind

@@ -17,6 +17,7 @@ LEVERS_START, LEVERS_END = "<!-- levers:start -->", "<!-- levers:end -->"
 TUNING_START, TUNING_END = "<!-- tuning:start -->", "<!-- tuning:end -->"
 # The baseline each run's speed-up column is measured against: the strongest plain PyTorch side that ran.
 BASELINES = ("torch-eager-fp16", "torch-eager-fp32")
+CHART_SOFTWARE = "ldm-deploy bench"   # the chart PNG's Software text: an earlier chart may be replaced
 
 
 def load_results(paths) -> list[dict]:
@@ -288,7 +289,7 @@ def write_chart(results: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, metadata={"Software": CHART_SOFTWARE})
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -113,6 +113,27 @@ def _preset_work(args) -> Path:
     return Path(args.work or Path(tempfile.gettempdir()) / f"ldm-bench-{Path(args.preset).stem}")
 
 
+def _check_outputs(args) -> None:
+    """--out and --chart replace only an earlier bench's results / chart, never a file of the user's."""
+    from ldm_deploy.bench.report import CHART_SOFTWARE
+    from ldm_deploy.bench.spec import FORMAT
+    from ldm_deploy.fileio import check_out_file
+
+    check_out_file(Path(args.out), FORMAT)
+    chart = Path(args.chart) if args.chart else None
+    if chart is not None and (chart.exists() or chart.is_symlink()):
+        try:
+            from PIL import Image
+
+            with Image.open(chart) as im:
+                ours = not chart.is_symlink() and im.format == "PNG" and im.text.get("Software") == CHART_SOFTWARE
+        except Exception:   # not an image Pillow reads: not ours
+            ours = False
+        if not ours:
+            raise UsageError(f"--chart {chart} already exists and is not a chart written by ldm-deploy bench; "
+                             "refusing to replace it", hint="choose a new file name for --chart")
+
+
 def run(args) -> int:
     import time
 
@@ -124,6 +145,7 @@ def run(args) -> int:
         raise UsageError("--levers and --tuning are two runs; pick one")
     if args.levers_dir and not args.levers:
         raise UsageError("--levers-dir goes with --levers")
+    _check_outputs(args)                  # before any export or side runs
     preset = _apply_preset(args)
     if args.source is None and preset is None:
         raise UsageError("bench needs a MODEL_DIR or ARTIFACT, or --preset", hint="e.g. --preset sd15-gpu")

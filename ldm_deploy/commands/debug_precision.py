@@ -43,8 +43,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ldm_deploy.export.precision import PrecisionDebugConfig, debug_precision, write_fix
-    from ldm_deploy.fileio import write_json
+    from ldm_deploy.export.precision import REPORT_FORMAT, PrecisionDebugConfig, debug_precision, write_fix
+    from ldm_deploy.fileio import check_out_file, write_json
 
     kwargs = {k: getattr(args, k) for k in ("component", "inputs", "precision", "tolerance", "margin", "steps",
                                             "height", "width", "seed", "device", "measure")}
@@ -53,6 +53,8 @@ def run(args) -> int:
     config = PrecisionDebugConfig(args.source, export_config=args.config, **kwargs)
     if args.write_config:
         _check_write_config(Path(args.write_config))          # before the (long) run
+    if args.json:
+        check_out_file(Path(args.json), REPORT_FORMAT, "--json")   # likewise: an earlier report only
     report = debug_precision(config)
     print(report.summary())
     if args.json:

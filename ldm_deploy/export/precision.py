@@ -46,6 +46,7 @@ DEFAULT_TOLERANCE = 2e-2   # (repeated in commands/debug_precision.py, which mus
 # least that makes "did not overflow on these inputs" mean "will not overflow in production".
 DEFAULT_MARGIN = 0.5       # (likewise)
 MAX_ROUNDS = 4
+REPORT_FORMAT = "ldm-deploy-precision-report"   # the --json report's "format": an earlier report may be replaced
 
 
 MAX_TRAJECTORY_STEPS = 1000   # SD's training timesteps; a longer trajectory only repeats them
@@ -114,6 +115,7 @@ class PrecisionReport:
         over = self.before.overflows(self.margin)
         first = self.before.first_failure()
         return {
+            "format": REPORT_FORMAT,
             "component": self.component, "precision": self.precision, "tolerance": self.tolerance,
             "margin": self.margin, "fp16_max": FP16_MAX, "inputs": self.before.inputs,
             "clean": self.clean, "fixed": self.fixed,
