@@ -17,7 +17,8 @@ h, w); refiner (original h, w, crop top, left, aesthetic score), 6.0 / 2.5 by de
 
 Hand-off: `denoising_end=d` stops the base after the steps with t >= round(T (1 - d)) and returns the
 sampler state undecoded; `denoising_start=d` runs the refiner over the remaining steps of the same
-N-step schedule, starting from those latents as they are (no noise added).
+N-step schedule, starting from those latents as they are (no noise added). Every sampler hands off as
+diffusers' two pipelines do (`slice_schedule`), except PNDM's Runge-Kutta warm-up on the refiner (refused).
 """
 from __future__ import annotations
 
@@ -208,13 +209,13 @@ class SDXLPipeline(Pipeline):
                          strength=strength, guidance_rescale=guidance_rescale, eta=eta, init_latents=init_latents)
         zero_negative = negative_prompt is None and self.force_zeros
         rng, timings = req.rng(), {}
-        with timed(timings, "text_encoder"):
-            context, extra = self.encode(req, zero_negative=zero_negative, **micro_conditioning)
-        # the stage's slice [a, b) of the N-step schedule
+        # the stage's slice [a, b) of the N-step schedule (a refused hand-off fails here, before any model runs)
         schedule = sch.make_schedule(req.scheduler, self.parsed_scheduler, req.steps, strength=req.strength or 1.0)
         num_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
         a, b = handoff_range(schedule.timesteps, num_train, denoising_start, denoising_end)
         stage = slice_schedule(schedule, a, b)
+        with timed(timings, "text_encoder"):
+            context, extra = self.encode(req, zero_negative=zero_negative, **micro_conditioning)
         x = self.start_latents(req, schedule, rng, timings)
         x = self.denoise(req, stage, x, context, extra, rng, callback, timings)
         # decode (fp32 VAE unless the artifact says otherwise), unless a later stage takes the latents
