@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 
-def run_diffusers(name, cfg, steps, split, start, step_noise, monkeypatch):
+def run_diffusers(name, cfg, steps, split, start, step_noise, monkeypatch, step_kwargs=None):
     """(hand-off latents, final latents, base steps, refiner steps, noise draws) of diffusers' two stages."""
     cls = getattr(diffusers, CLASS_OF[name])
     overrides = {"use_karras_sigmas": True} if name == "dpmpp-2m-karras" else {}
@@ -41,7 +41,7 @@ def run_diffusers(name, cfg, steps, split, start, step_noise, monkeypatch):
     def loop(s, timesteps, x):
         for t in timesteps:
             out = torch.from_numpy(fake_model(s.scale_model_input(x, t).numpy(), float(t)))
-            x = s.step(out, t, x).prev_sample
+            x = s.step(out, t, x, **(step_kwargs or {})).prev_sample
         return x
 
     base = cls.from_config(cfg, **overrides)                   # StableDiffusionXLPipeline, denoising_end
@@ -60,7 +60,7 @@ def run_diffusers(name, cfg, steps, split, start, step_noise, monkeypatch):
     return handoff.numpy(), final.numpy(), n_base, n_ref, len(drawn)
 
 
-def run_ours(name, cfg, steps, split, start, step_noise):
+def run_ours(name, cfg, steps, split, start, step_noise, knobs=None):
     schedule = sch.make_schedule(name, cfg, steps)
     T = cfg["num_train_timesteps"]
     drawn = []
@@ -69,7 +69,7 @@ def run_ours(name, cfg, steps, split, start, step_noise):
         drawn.append(i)
         return step_noise[len(drawn) - 1]
 
-    knobs = {"noise_fn": noise_fn} if "noise_fn" in sch.get_sampler(name).knobs else {}
+    knobs = dict(knobs or {}, **({"noise_fn": noise_fn} if "noise_fn" in sch.get_sampler(name).knobs else {}))
     a, b = handoff_range(schedule.timesteps, T, None, split)
     handoff = sch.sample(name, fake_model, sch.start_latent(schedule, start), slice_schedule(schedule, a, b), **knobs)
     a2, b2 = handoff_range(schedule.timesteps, T, split, None)
@@ -78,12 +78,12 @@ def run_ours(name, cfg, steps, split, start, step_noise):
     return handoff, final, b - a, b2 - a2, len(drawn)
 
 
-def _check(name, cfg, steps, split, monkeypatch):
+def _check(name, cfg, steps, split, monkeypatch, knobs=None):
     rng = np.random.default_rng(11)
     start = rng.standard_normal(SHAPE).astype(np.float32)
     step_noise = rng.standard_normal((2 * steps + 4, *SHAPE)).astype(np.float32)
-    want = run_diffusers(name, cfg, steps, split, start, step_noise, monkeypatch)
-    got = run_ours(name, cfg, steps, split, start, step_noise)
+    want = run_diffusers(name, cfg, steps, split, start, step_noise, monkeypatch, step_kwargs=knobs)
+    got = run_ours(name, cfg, steps, split, start, step_noise, knobs=knobs)
     assert got[2:] == want[2:], f"{name}: (base steps, refiner steps, noise draws) {got[2:]} vs diffusers {want[2:]}"
     assert np.abs(want[1]).max() > 1e-3
     # the hand-off latents after the base's steps, the final ones after all of them (float32 bound per step)
@@ -112,6 +112,12 @@ def test_handoff_equals_diffusers_every_sampler(name, split, monkeypatch):
 ])
 def test_handoff_config_variants(name, overrides, monkeypatch):
     _check(name, dict(SD15, **overrides), 8 if name == "lcm" else 10, 0.6, monkeypatch)
+
+
+@pytest.mark.parametrize("name,knobs", [("ddim", {"eta": 0.6}),
+                                        ("euler", {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 10.0})])
+def test_handoff_with_step_noise_knobs(name, knobs, monkeypatch):
+    _check(name, dict(SD15), 10, 0.6, monkeypatch, knobs=knobs)
 
 
 def test_handoff_at_plms_repeated_step(monkeypatch):
