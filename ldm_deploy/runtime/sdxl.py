@@ -17,7 +17,8 @@ h, w); refiner (original h, w, crop top, left, aesthetic score), 6.0 / 2.5 by de
 
 Hand-off: `denoising_end=d` stops the base after the steps with t >= round(T (1 - d)) and returns the
 sampler state undecoded; `denoising_start=d` runs the refiner over the remaining steps of the same
-N-step schedule, starting from those latents as they are (no noise added).
+N-step schedule, starting from those latents as they are (no noise added). Every sampler hands off as
+diffusers' two pipelines do (`slice_schedule`), except PNDM's Runge-Kutta warm-up on the refiner (refused).
 """
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ from ldm_deploy.artifact import ModelInfo
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.pipeline import Callback, GenerationResult, Pipeline, Request, check_finite, timed
+from ldm_deploy.runtime.schedulers import SCHEDULERS
+from ldm_deploy.runtime.schedulers.schedule import plms_restart
 
 HIDDEN, POOLED = "penultimate_hidden_state", "text_embeds"
-# Samplers whose run over a slice of the schedule is what diffusers does across a hand-off (each step reads
-# only sigmas / alphas around it, or restarts its history the way diffusers' second pipeline does).
-# PNDM's step count differs from diffusers' at the seam, DDPM and LCM special-case the last step: those are
-# refused. UniPC keeps its global step indices through the slice (`tail_steps`).
-HANDOFF_SAMPLERS = ("euler", "euler-ancestral", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras", "unipc")
+# Every sampler hands off as diffusers does (`slice_schedule`): each step reads the sigmas / alphas of the
+# whole schedule around it (DDPM's and LCM's next timestep, LCM's noise-free last step included), multistep
+# samplers restart their history the way diffusers' second pipeline does (UniPC keeps its global step indices,
+# `tail_steps`; PLMS restarts its step counter, `plms_restart`). One case is refused at run time: a refiner
+# stage of PNDM with its Runge-Kutta warm-up (skip_prk_steps false), see `slice_schedule`.
+HANDOFF_SAMPLERS = tuple(SCHEDULERS)
 
 
 def handoff_range(timesteps: np.ndarray, num_train_timesteps: int, denoising_start: float | None,
@@ -62,11 +66,24 @@ def handoff_range(timesteps: np.ndarray, num_train_timesteps: int, denoising_sta
 
 def slice_schedule(schedule, a: int, b: int):
     """The steps [a, b) of a schedule: a sampler run over it starts fresh at step a (as diffusers' second
-    pipeline does) and stops at sigma_b / alpha_b. A multistep sampler's lower-order final step stays
-    tied to the schedule's real end."""
+    pipeline does) and stops at sigma_b / alpha_b. A multistep sampler's lower-order final step and LCM's
+    noise-free last step stay tied to the schedule's real end. PLMS (pndm, skip_prk_steps) restarts its
+    step counter at a, as diffusers' fresh PNDMScheduler does: the stage's second evaluation re-takes its
+    first step (`plms_restart`)."""
     n = len(schedule.timesteps)
     if (a, b) == (0, n):
         return schedule
+    if schedule.name == "pndm" and a > 0:
+        if schedule.params.prk_evals:
+            # diffusers' refiner would restart the Runge-Kutta warm-up and step each latent from the warm-up's
+            # first timestep (the top of the schedule), not from the timestep it is at
+            raise UsageError(
+                f"pndm with its Runge-Kutta warm-up (skip_prk_steps false, PNDMScheduler's default) cannot run the "
+                f"refiner half of a hand-off: diffusers restarts the warm-up there and steps the latents at "
+                f"t={int(schedule.timesteps[a])} as if they were at t={int(schedule.timesteps[0])}",
+                hint="set skip_prk_steps true in the scheduler config (PLMS, as SD's PNDM configs do) or run the "
+                     "refiner with another scheduler")
+        return plms_restart(schedule, a, b)
     return dataclasses.replace(
         schedule, timesteps=schedule.timesteps[a:b], sigmas=schedule.sigmas[a:b + 1],
         alphas=schedule.alphas[a:b], alphas_prev=schedule.alphas_prev[a:b], params=schedule.params.sliced(a, b, n))
@@ -192,17 +209,15 @@ class SDXLPipeline(Pipeline):
                          strength=strength, guidance_rescale=guidance_rescale, eta=eta, init_latents=init_latents)
         zero_negative = negative_prompt is None and self.force_zeros
         rng, timings = req.rng(), {}
-        with timed(timings, "text_encoder"):
-            context, extra = self.encode(req, zero_negative=zero_negative, **micro_conditioning)
-        # the stage's slice [a, b) of the N-step schedule
+        # the stage's slice [a, b) of the N-step schedule (a refused hand-off fails here, before any model runs)
         schedule = sch.make_schedule(req.scheduler, self.parsed_scheduler, req.steps, strength=req.strength or 1.0)
         num_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
         a, b = handoff_range(schedule.timesteps, num_train, denoising_start, denoising_end)
-        if (a, b) != (0, len(schedule.timesteps)) and req.scheduler not in HANDOFF_SAMPLERS:
-            raise UsageError(f"the base -> refiner hand-off (denoising_start / denoising_end) is not supported with "
-                             f"{req.scheduler}", hint=f"use one of {', '.join(HANDOFF_SAMPLERS)} for the hand-off")
+        stage = slice_schedule(schedule, a, b)
+        with timed(timings, "text_encoder"):
+            context, extra = self.encode(req, zero_negative=zero_negative, **micro_conditioning)
         x = self.start_latents(req, schedule, rng, timings)
-        x = self.denoise(req, slice_schedule(schedule, a, b), x, context, extra, rng, callback, timings)
+        x = self.denoise(req, stage, x, context, extra, rng, callback, timings)
         # decode (fp32 VAE unless the artifact says otherwise), unless a later stage takes the latents
         images = np.zeros((0, req.height, req.width, 3), np.uint8)
         if decode:

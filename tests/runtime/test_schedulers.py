@@ -237,6 +237,12 @@ def test_img2img_truncation_add_noise_and_trajectory(name, strength, monkeypatch
     _check(name, cfg, steps, monkeypatch, strength=strength, with_init=True)
 
 
+def test_img2img_euler_churn_injects_the_same_noise(monkeypatch):
+    """s_churn's gamma divides by the full schedule's step count in diffusers, also for a truncated one."""
+    kw = {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 10.0}
+    _check("euler", dict(SD15), 10, monkeypatch, strength=0.6, with_init=True, step_kwargs=kw, knobs=kw)
+
+
 def run_diffusers_head(name, cfg, steps, noise, init, strength):
     s = getattr(diffusers, CLASS_OF[name]).from_config(cfg)
     s.set_timesteps(steps)

@@ -1,9 +1,13 @@
 """SDXL end to end on CPU, fp32: the numpy pipeline over ONNX Runtime against diffusers'
 StableDiffusionXLPipeline (and StableDiffusionXLImg2ImgPipeline as the refiner) on tiny random folders
-saved by diffusers, with the same initial latents. Deterministic samplers only (diffusers draws step
-noise from torch's RNG). Images must agree to PSNR >= 48 dB.
+saved by diffusers, with the same initial latents. Deterministic samplers, and for the base -> refiner
+hand-off the stochastic ones too (diffusers' schedulers then draw the step noise our seed gives ours).
+Images must agree to PSNR >= 48 dB.
 """
 from __future__ import annotations
+
+import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -30,6 +34,7 @@ DIFFUSERS = {  # CLI name -> (diffusers class, extra config)
     "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+STOCHASTIC = {"ddpm": "DDPMScheduler", "lcm": "LCMScheduler", "euler-ancestral": "EulerAncestralDiscreteScheduler"}
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +68,15 @@ def latents():
     return np.random.default_rng(1234).standard_normal((2, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
 
 
-def _set(pipe, name):
-    cls, extra = DIFFUSERS[name]
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.folder_scheduler_config, **extra)
+def _set(pipe, name, **config):
+    cls, extra = DIFFUSERS.get(name, (STOCHASTIC.get(name), {}))
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.folder_scheduler_config, **extra, **config)
+
+
+def _with_scheduler_config(pipe: SDXLPipeline, **config) -> SDXLPipeline:
+    """The same runners with scheduler config keys set (as an artifact exported with them would have)."""
+    info = dataclasses.replace(pipe.info, scheduler_config={**pipe.info.scheduler_config, **config})
+    return SDXLPipeline(pipe.tokenizers, pipe.runners, info, backend=pipe.backend)
 
 
 def _uint8(images) -> np.ndarray:
@@ -115,27 +126,85 @@ def test_zero_negative_prompt_and_micro_conditioning(ours, ref, latents):
 
 @pytest.mark.parametrize("name", ["euler", "ddim", "lms", "dpmpp-2m", "dpmpp-2m-karras", "unipc"])
 def test_base_then_refiner_equals_diffusers(ours, ref, latents, name):
+    _handoff_equals_diffusers(ours, ref, latents, name)
+
+
+def _handoff_equals_diffusers(ours, ref, latents, name, seeds=(None, None), draw_from=lambda seed: None, **config):
+    """diffusers' base with denoising_end then its refiner with denoising_start (scheduler `name` + `config` on
+    both sides), against ours; `seeds` seed our two stages' step noise, which `draw_from` makes diffusers draw."""
     base, refiner = ref
-    _set(base, name)
-    _set(refiner, name)
+    _set(base, name, **config)
+    _set(refiner, name, **config)
+    if config:
+        ours = tuple(_with_scheduler_config(p, **config) for p in ours)
     steps, split = 10, 0.7
     with torch.no_grad():
+        draw_from(seeds[0])
         handoff = base(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=5.0,
                        latents=torch.from_numpy(latents[:1]), height=SIZE, width=SIZE, denoising_end=split,
                        output_type="latent").images
+        draw_from(seeds[1])
         want = refiner(PROMPT, negative_prompt=NEGATIVE, image=handoff, num_inference_steps=steps,
                        guidance_scale=5.0, denoising_start=split, output_type="np").images
     a = ours[0](PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=5.0, latents=latents[:1],
-                denoising_end=split, decode=False, scheduler=name)
+                denoising_end=split, decode=False, scheduler=name, seed=seeds[0])
     n_base = len([t for t in base.scheduler.timesteps if t >= round(1000 * (1 - split))])
+    n_all = len(base.scheduler.timesteps)      # PLMS: steps + 1 evaluations
     assert a.images.shape == (0, SIZE, SIZE, 3) and a.timings["unet_calls"] == n_base
     # fp32 through ORT vs torch: ~1e-5 relative per step, 7 steps
     assert_close(a.latents, handoff.numpy(), atol=1e-3, name="hand-off latents")
     b = ours[1](PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=5.0, init_latents=a.latents,
-                denoising_start=split, scheduler=name)
-    assert b.timings["unet_calls"] == steps - n_base
+                denoising_start=split, scheduler=name, seed=seeds[1])
+    assert b.timings["unet_calls"] == n_all - n_base
     assert _uint8(want).std() > 10
     assert psnr(b.images, _uint8(want)) >= 48, name
+
+
+@pytest.fixture
+def noise_from_seed(monkeypatch):
+    """diffusers' schedulers draw their step noise from numpy's default_rng(seed), the stream our pipeline's
+    `seed` gives its sampler (the start latents are the caller's, so the sampler's draws are the only ones)."""
+    stream = {}
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(stream["rng"].standard_normal(tuple(shape), dtype=np.float32))
+
+    for module in ("scheduling_ddpm", "scheduling_lcm", "scheduling_euler_ancestral_discrete"):
+        mod = importlib.import_module(f"diffusers.schedulers.{module}")
+        assert hasattr(mod, "randn_tensor"), f"diffusers.schedulers.{module} no longer draws with randn_tensor"
+        monkeypatch.setattr(mod, "randn_tensor", fake_randn)
+
+    def draw_from(seed):
+        stream["rng"] = np.random.default_rng(seed) if seed is not None else None
+    return draw_from
+
+
+@pytest.mark.parametrize("name", ["ddpm", "lcm", "euler-ancestral"])
+def test_base_then_refiner_equals_diffusers_stochastic(ours, ref, latents, name, noise_from_seed):
+    """The samplers that draw step noise, with diffusers drawing the same noise (seed 21 base, 22 refiner)."""
+    _handoff_equals_diffusers(ours, ref, latents, name, seeds=(21, 22), draw_from=noise_from_seed)
+
+
+def test_base_then_refiner_equals_diffusers_plms(ours, ref, latents):
+    """pndm with skip_prk_steps (PLMS, SD's PNDM configs): the refiner restarts PLMS's step counter as
+    diffusers' fresh PNDMScheduler does (its second evaluation re-takes its first step)."""
+    _handoff_equals_diffusers(ours, ref, latents, "pndm", skip_prk_steps=True)
+
+
+def test_pndm_runge_kutta_base_hands_off_and_refiner_is_refused(ours, ref, latents):
+    """The folder's config lacks skip_prk_steps: PNDMScheduler's Runge-Kutta warm-up. The base half equals
+    diffusers; the refiner half is refused (diffusers would step it from the warm-up's first timestep)."""
+    base = ref[0]
+    _set(base, "pndm")
+    with torch.no_grad():
+        want = base(PROMPT, num_inference_steps=10, guidance_scale=5.0, latents=torch.from_numpy(latents[:1]),
+                    height=SIZE, width=SIZE, denoising_end=0.3, output_type="latent").images
+    a = ours[0](PROMPT, steps=10, guidance=5.0, latents=latents[:1], denoising_end=0.3, decode=False, scheduler="pndm")
+    n_base = len([t for t in base.scheduler.timesteps if t >= 700])
+    assert a.timings["unet_calls"] == n_base < 12          # cut inside the 12-evaluation warm-up, as diffusers
+    assert_close(a.latents, want.numpy(), atol=1e-3, name="hand-off latents")   # as in the hand-off test above
+    with pytest.raises(UsageError, match="skip_prk_steps true"):
+        ours[1](PROMPT, steps=10, init_latents=a.latents, denoising_start=0.3, scheduler="pndm")
 
 
 def test_refiner_img2img_runs_from_an_image(ours):
@@ -155,8 +224,8 @@ def test_handoff_ranges_and_errors(ours, latents):
         handoff_range(ts, 1000, None, 1.5)
     with pytest.raises(UsageError, match="go together"):
         ours[1](PROMPT, init_latents=latents[:1])
-    with pytest.raises(UsageError, match="not supported with pndm"):
-        ours[0](PROMPT, latents=latents[:1], denoising_end=0.5, decode=False, scheduler="pndm", steps=4)
+    with pytest.raises(UsageError, match="refiner half of a hand-off"):     # pndm's Runge-Kutta warm-up
+        ours[1](PROMPT, init_latents=latents[:1], denoising_start=0.5, scheduler="pndm", steps=4)
     with pytest.raises(UsageError, match="init_latents have shape"):
         ours[1](PROMPT, init_latents=latents, denoising_start=0.5)
 

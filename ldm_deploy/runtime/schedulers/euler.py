@@ -2,7 +2,8 @@
 
 Walks the VE sample: the model sees x / sqrt(sigma^2 + 1); x0 = convert(out); d = (x - x0) / sigma_hat;
 x += d (sigma_next - sigma_hat). With s_churn > 0, sigma is first raised to sigma_hat = sigma (1 + gamma)
-by adding noise (gamma = min(s_churn / n, sqrt(2) - 1) inside [s_tmin, s_tmax]).
+by adding noise (gamma = min(s_churn / N, sqrt(2) - 1) inside [s_tmin, s_tmax], N the schedule's full step
+count even when img2img or a hand-off runs part of it, as diffusers).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def sample_euler(model: Denoiser, x: np.ndarray, schedule: Schedule, *, rng=None
     for i, t in enumerate(schedule.timesteps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         out = evaluate(model, np.multiply(x, np.float32(ve_input_scale(sigma)), out=x_in), t)
-        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        # diffusers divides by len(self.sigmas) - 1 of the whole N-step schedule, also for img2img and hand-off
+        gamma = min(s_churn / schedule.num_inference_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
             x = x + noise(i, x.shape) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5

@@ -217,6 +217,13 @@ class LcmParams(SamplerParams):
     c_skip: np.ndarray               # (n,) float64 boundary-condition weights per step
     c_out: np.ndarray                # (n,) float64
     clip: float | None               # as ClipParams
+    ends_schedule: bool = True       # the last step is the schedule's last: it returns the denoised x0, no noise
+
+    def sliced(self, a: int, b: int, n: int) -> "LcmParams":
+        # diffusers' LCMScheduler keeps global step indices (set_begin_index): only the schedule's real last
+        # step skips the noise, so a base stage that stops early ends noised to the next timestep, as diffusers'
+        return dataclasses.replace(self, c_skip=self.c_skip[a:b], c_out=self.c_out[a:b],
+                                   ends_schedule=self.ends_schedule and b == n)
 
 
 # --- the training table -------------------------------------------------------------------------
@@ -354,6 +361,36 @@ def _clip(cfg: SchedulerConfig, cls: str) -> float | None:
     return float(cfg.get("clip_sample_range", cls)) if cfg.get("clip_sample", cls) else None
 
 
+def plms_pairs(ts: np.ndarray, delta: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (from, to) timesteps of each evaluation of a PLMS run that starts at ts[0] (diffusers' PNDMScheduler
+    with skip_prk_steps, its step counter at 0): evaluation 1 re-takes the first step (counter == 1: from
+    t + delta to t, pseudo-improved Euler), every other evaluation steps from t to t - delta."""
+    cur = np.array([t + delta if k == 1 else t for k, t in enumerate(ts)], np.int64)
+    prev = np.array([t if k == 1 else t - delta for k, t in enumerate(ts)], np.int64)
+    return cur, prev
+
+
+def _vp_alphas(ac: np.ndarray, cur: np.ndarray, prev: np.ndarray, final: float) -> tuple[np.ndarray, np.ndarray]:
+    alphas = np.array([ac[t] for t in cur], np.float64)
+    alphas_prev = np.array([ac[t] if t >= 0 else final for t in prev], np.float64)
+    return alphas, alphas_prev
+
+
+def plms_restart(schedule: Schedule, a: int, b: int) -> Schedule:
+    """Evaluations [a, b) of a PLMS schedule as a fresh PNDMScheduler runs them (an SDXL refiner stage after
+    `denoising_start`): diffusers' refiner pipeline gives the remaining timesteps to a scheduler whose counter
+    restarts at 0, so the stage's evaluation 1 re-takes the stage's first step and its history starts empty
+    (`plms_pairs` over the sliced timesteps). For a == 0 this equals the schedule's own first b evaluations."""
+    cfg, cls = schedule.config, "PNDMScheduler"
+    ac = train_alphas_cumprod(cfg, cls)
+    ts = schedule.timesteps[a:b].astype(np.int64)
+    cur, prev = plms_pairs(ts, len(ac) // schedule.num_inference_steps)
+    alphas, alphas_prev = _vp_alphas(ac, cur, prev, 1.0 if cfg.get("set_alpha_to_one", cls) else float(ac[0]))
+    sigmas = convert.sigma_from_alpha_bar(np.append(alphas, alphas_prev[-1:]))
+    return _schedule(schedule.name, cfg, cls, schedule.num_inference_steps, schedule.strength, ts, sigmas, alphas,
+                     alphas_prev, schedule.init_noise_sigma, False, schedule.params)
+
+
 def vp_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength: float) -> Schedule:
     """DDIM, DDPM and PNDM(PLMS): integer timesteps, alphas_cumprod lookups."""
     check_leading_reach(name, cfg, cls, steps)
@@ -376,9 +413,7 @@ def vp_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength:
         asc, delta = ts[::-1], T // steps
         if cfg.get("skip_prk_steps", cls):   # PLMS: N+1 evaluations, the second timestep repeated
             ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1][start:]
-            # evaluation 1 re-takes the first step (pseudo-improved Euler)
-            cur = np.array([t + delta if k == 1 else t for k, t in enumerate(ts)], np.int64)
-            prev = np.array([t if k == 1 else t - delta for k, t in enumerate(ts)], np.int64)
+            cur, prev = plms_pairs(ts, delta)
             params = PndmParams(prk_evals=0)
         else:                                # PNDM: 3 Runge-Kutta steps (4 evaluations each), then PLMS
             if strength < 1.0 or steps < 4:
@@ -392,8 +427,7 @@ def vp_schedule(name: str, cls: str, cfg: SchedulerConfig, steps: int, strength:
             prev = np.array([t - (0 if k % 2 else half) if k < len(prk) else t - delta
                              for k, t in enumerate(ts)], np.int64)
             params = PndmParams(prk_evals=len(prk))
-    alphas = np.array([ac[t] for t in cur], np.float64)
-    alphas_prev = np.array([ac[t] if t >= 0 else final for t in prev], np.float64)
+    alphas, alphas_prev = _vp_alphas(ac, cur, prev, final)
     sigmas = convert.sigma_from_alpha_bar(np.append(alphas, alphas_prev[-1:]))
     return _schedule(name, cfg, cls, steps, strength, ts, sigmas, alphas, alphas_prev, 1.0, False, params)
 
