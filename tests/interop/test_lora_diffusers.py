@@ -22,7 +22,7 @@ import pytest
 from ldm_deploy.cli import main
 from ldm_deploy.compare import assert_close
 from ldm_deploy.runtime.pipeline import Pipeline
-from tests.interop.conftest import optimum_side
+from tests.interop.conftest import ROOT, optimum_side
 from tests.interop.lora_side import ENCODERS, GUIDANCE, NEGATIVE, PROMPTS, STEPS
 from tests.runtime.tiny_model import psnr
 
@@ -61,8 +61,6 @@ def case(request, tmp_path_factory) -> dict:
     inputs = _inputs(family)
     np.savez(d / "inputs.npz", **inputs)
     (d / "cases.json").write_text(json.dumps({k: v[1] for k, v in CASES.items()}))
-    from tests.interop.conftest import ROOT
-
     optimum_side("--family", family, "--out", str(d), "--inputs", str(d / "inputs.npz"), "--cases",
                  str(d / "cases.json"), script=ROOT / "tests" / "interop" / "lora_side.py")
     ref = np.load(d / "reference.npz")
@@ -111,6 +109,26 @@ def _check_components(runners: dict, case: dict, name: str) -> None:
 
 def _ours(case: dict, name: str) -> list[str]:
     return [f"{case['loras'][f]}:{s}" for f, s in CASES[name][0]]
+
+
+def test_the_files_are_the_layouts_named(case):
+    """Each file holds U-Net and text-encoder modules, in the key forms the parity tests claim to cover."""
+    from safetensors import safe_open
+
+    keys = {}
+    for name, path in case["loras"].items():
+        with safe_open(str(path), framework="np") as f:
+            keys[name] = list(f.keys())
+    encoders = ENCODERS[case["family"]]
+    for prefix in ("unet.", *(f"{e}." for e in encoders)):
+        assert any(k.startswith(prefix) and ".lora_A." in k for k in keys["peft"]), prefix
+    assert all(".base_layer.lora_" in k for k in keys["base_layer"])
+    kohya_te = ("lora_te_",) if case["family"] == "sd1" else ("lora_te1_", "lora_te2_")
+    for prefix in ("lora_unet_", *kohya_te):
+        assert any(k.startswith(prefix) and k.endswith(".lora_down.weight") for k in keys["kohya"]), prefix
+    with safe_open(str(case["loras"]["kohya"]), framework="np") as f:
+        assert any(f.get_slice(k).get_shape()[-2:] == [3, 3] for k in keys["kohya"] if k.endswith("lora_down.weight"))
+        assert {float(f.get_tensor(k)) for k in keys["kohya"] if k.endswith(".alpha")} == {3.0}
 
 
 def test_the_loras_change_the_model(case):
