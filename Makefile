@@ -8,9 +8,10 @@ TORCH ?= torch==2.13.0
 # optimum 2.1 + optimum-onnx 0.1 pin transformers < 4.58 and diffusers 0.39: the interop tests
 # (tests/interop) run them in a venv of their own, so $(VENV) keeps testing current releases. It needs
 # no ldm-deploy: tests/interop/optimum_side.py runs there from the source tree (tiny folders, Optimum export,
-# diffusers' reference images); the tests themselves run in $(VENV).
+# diffusers' reference images); the tests themselves run in $(VENV). peft: transformers 4.57 accepts peft 0.21.2
+# (5.25 refuses it), so tests/interop/lora_side.py has diffusers load text-encoder LoRAs there.
 OPT_VENV ?= .venv-optimum
-OPTIMUM_PINS := "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" "transformers>=4.57,<4.58" "diffusers==0.39.*"
+OPTIMUM_PINS := "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" "transformers>=4.57,<4.58" "diffusers==0.39.*" "peft==0.21.2"
 
 .PHONY: setup setup-dev setup-optimum serve-venv demo tour test test-fast clean
 
@@ -26,7 +27,7 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[train,dev,tensorrt-rtx]"
 
-$(OPT_VENV)/.installed: pyproject.toml
+$(OPT_VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(OPT_VENV)
 	$(OPT_VENV)/bin/pip install -q --upgrade pip
 	$(OPT_VENV)/bin/pip install -q "$(TORCH)"

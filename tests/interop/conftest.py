@@ -21,12 +21,12 @@ PROMPTS = ["a red circle on a blue square", "a green triangle"]
 NEGATIVE, STEPS, GUIDANCE = "blurry", 4, 7.5       # as optimum_side.py
 
 
-def optimum_side(*args: str) -> None:
-    """Run optimum_side.py in the optimum venv; its output is shown only when it fails."""
+def optimum_side(*args: str, script: Path = SIDE) -> None:
+    """Run `script` (optimum_side.py, or lora_side.py) in the optimum venv; its output is shown only when it fails."""
     if not OPTIMUM_PYTHON.is_file():
         pytest.skip(f"the optimum venv is absent ({OPTIMUM_PYTHON}): run `make setup-optimum`")
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(OPTIMUM_PYTHON), str(SIDE), *args], capture_output=True, text=True, env=env,
+    r = subprocess.run([str(OPTIMUM_PYTHON), str(script), *args], capture_output=True, text=True, env=env,
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
 
