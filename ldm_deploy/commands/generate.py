@@ -188,7 +188,12 @@ def _generate(args, pipe, latents, image):
     if args.refiner and not hasattr(pipe, "encode_prompts"):
         raise UsageError(f"--refiner: {args.artifact} is not an SDXL artifact", hint="export an SDXL base model")
     handoff = {"denoising_end": args.denoising_end, "decode": False} if args.refiner else {}
+    refiner = Pipeline.from_artifact(args.refiner, backend=args.backend, **_runner_options(args)) if args.refiner else None
     try:
+        if refiner is not None and not hasattr(refiner, "stage_schedule"):
+            raise UsageError(f"--refiner: {args.refiner} is not an SDXL artifact", hint="export an SDXL refiner model")
+        if refiner is not None:   # a hand-off the refiner refuses (pndm's warm-up) fails before the base runs
+            refiner.stage_schedule(args.scheduler, args.steps, denoising_start=args.denoising_end)
         prompt = args.prompt if len(args.prompt) > 1 else args.prompt[0]
         kw = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, guidance_rescale=args.guidance_rescale,
                   eta=args.eta, callback=progress)
@@ -196,16 +201,17 @@ def _generate(args, pipe, latents, image):
                       width=args.width, num_images=args.num_images, image=image,
                       strength=0.8 if args.strength is None else args.strength,
                       **kw, **handoff)
-        if args.refiner:   # runtime/sdxl.py: the refiner runs the rest of the same schedule from the base's latents
-            with Pipeline.from_artifact(args.refiner, backend=args.backend, **_runner_options(args)) as refiner:
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                seed = result.params["seed"]
-                result = refiner(prompt, args.negative_prompt, seed=seed, init_latents=result.latents,
-                                 denoising_start=args.denoising_end, num_images=args.num_images, **kw)
+        if refiner is not None:   # runtime/sdxl.py: the refiner runs the rest of the same schedule from the base's latents
+            if bar is not None:
+                bar.close()
+                bar = None
+            seed = result.params["seed"]
+            result = refiner(prompt, args.negative_prompt, seed=seed, init_latents=result.latents,
+                             denoising_start=args.denoising_end, num_images=args.num_images, **kw)
             result.params["seed"] = seed
     finally:
         if bar is not None:
             bar.close()
+        if refiner is not None:
+            refiner.close()
     return result

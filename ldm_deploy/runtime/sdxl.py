@@ -184,6 +184,17 @@ class SDXLPipeline(Pipeline):
 
     # --- the loop ------------------------------------------------------------------------------------
 
+    def stage_schedule(self, scheduler: str | None, steps: int, *, denoising_start: float | None = None,
+                       denoising_end: float | None = None, strength: float = 1.0):
+        """(the N-step schedule, this stage's slice of it). Runs no model, so a caller can check a refiner's
+        hand-off (`denoising_start`) before the base runs: a refused one raises the UsageError here."""
+        from ldm_deploy.runtime import schedulers as sch
+
+        schedule = sch.make_schedule(self._scheduler_name(scheduler), self.parsed_scheduler, steps, strength=strength)
+        num_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        a, b = handoff_range(schedule.timesteps, num_train, denoising_start, denoising_end)
+        return schedule, slice_schedule(schedule, a, b)
+
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  steps: int = 50, guidance: float = 5.0, scheduler: str | None = None, seed: int | Sequence[int] | None = None,
                  latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
@@ -209,11 +220,9 @@ class SDXLPipeline(Pipeline):
                          strength=strength, guidance_rescale=guidance_rescale, eta=eta, init_latents=init_latents)
         zero_negative = negative_prompt is None and self.force_zeros
         rng, timings = req.rng(), {}
-        # the stage's slice [a, b) of the N-step schedule (a refused hand-off fails here, before any model runs)
-        schedule = sch.make_schedule(req.scheduler, self.parsed_scheduler, req.steps, strength=req.strength or 1.0)
-        num_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        a, b = handoff_range(schedule.timesteps, num_train, denoising_start, denoising_end)
-        stage = slice_schedule(schedule, a, b)
+        # the stage's slice of the N-step schedule (a refused hand-off fails here, before any model runs)
+        schedule, stage = self.stage_schedule(req.scheduler, req.steps, denoising_start=denoising_start,
+                                              denoising_end=denoising_end, strength=req.strength or 1.0)
         with timed(timings, "text_encoder"):
             context, extra = self.encode(req, zero_negative=zero_negative, **micro_conditioning)
         x = self.start_latents(req, schedule, rng, timings)

@@ -243,6 +243,23 @@ def test_generate_cli_runs_base_then_refiner(artifacts, tmp_path):
                  "--out", str(tmp_path / "b.png")]) == 2                  # --denoising-end missing: usage error
 
 
+def test_generate_cli_refuses_a_refiner_handoff_before_the_base_runs(artifacts, tmp_path, monkeypatch, capsys):
+    """pndm's Runge-Kutta warm-up cannot run the refiner half: `generate --refiner` says so before the base
+    denoises (not after the whole base stage), one line, exit 2, no image written."""
+    from ldm_deploy.cli import main
+    from ldm_deploy.runtime.sdxl import SDXLPipeline
+
+    ran = []
+    real = SDXLPipeline.denoise
+    monkeypatch.setattr(SDXLPipeline, "denoise", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
+    out = tmp_path / "a.png"
+    rc = main(["-q", "generate", str(artifacts[0]), "--prompt", PROMPT, "--steps", "4", "--scheduler", "pndm",
+               "--refiner", str(artifacts[1]), "--denoising-end", "0.5", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "skip_prk_steps true" in err[0], err
+    assert ran == [] and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def torch_ref(sdxl_folders):
     from training.runner import pipeline_from_model_folder
