@@ -1,6 +1,7 @@
 """ldm_deploy/lora.py: real kohya and diffusers/peft files (built by peft + diffusers, tests/lora_files.py)
 read into deltas that equal diffusers' `load_lora_weights` + `fuse_lora(lora_scale=...)` (U-Net) and peft's
-own merge (text encoder: transformers 5.25 refuses peft 0.21 for diffusers' text-encoder path)."""
+own merge (text encoder: transformers 5.25 refuses peft 0.21 for diffusers' text-encoder path here;
+tests/interop/test_lora_diffusers.py compares with diffusers in the optimum environment)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,8 +1,9 @@
 """LoRA through the exporter: merged (`export --lora`) and switchable (`lora_switchable`, Pipeline.set_loras).
 
 Reference: diffusers' `load_lora_weights` + `fuse_lora(lora_scale=...)` for the U-Net LoRAs (peft and kohya
-layouts), peft's own merge for the text-encoder LoRA (diffusers cannot load it here: transformers 5.25
-refuses peft 0.21), on the same latents. fp32 export.
+layouts), peft's own merge for the text-encoder LoRA (diffusers cannot load it in this environment: transformers 5.25
+refuses peft 0.21; tests/interop/test_lora_diffusers.py checks it against diffusers in the optimum
+environment), on the same latents. fp32 export.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ SDXL folder: merged at export and switched at run time.
 
 Reference: the U-Net LoRA through diffusers' `load_lora_weights` + `fuse_lora(lora_scale=...)` (which maps the
 original SGM block names itself); the text-encoder LoRAs against a direct computation, W + scale * (alpha / r)
-* up @ down, on the tiny encoders (diffusers cannot load text-encoder LoRAs here: transformers 5.25 refuses
-peft 0.21). Same bounds as SD 1.5 (tests/export/test_lora_export.py): <= 1e-4 relative per component (fp32),
+* up @ down, on the tiny encoders (diffusers cannot load text-encoder LoRAs in this environment: transformers 5.25 refuses
+peft 0.21; tests/interop/test_lora_diffusers.py checks them against diffusers in the optimum environment). Same bounds as SD 1.5 (tests/export/test_lora_export.py): <= 1e-4 relative per component (fp32),
 >= 48 dB end to end on the same latents.
 """
 from __future__ import annotations
