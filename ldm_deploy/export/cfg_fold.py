@@ -9,7 +9,13 @@ al. when asked). `fold_cfg` moves all of it into the graph, where it costs a few
              encoder_hidden_states            (2 batch, 77, D)  [uncond; cond]
              guidance_scale   float32 (1,)
              guidance_rescale float32 (1,)                      0 = off (diffusers' guidance_rescale)
+             text_embeds, time_ids            (2 batch, ...)    SDXL only: as the plain graph takes them
     output   noise_pred       float32 (batch, C_out, h, w)      guided
+
+Any other input of the plain graph (SDXL's pooled `text_embeds` and micro-conditioning `time_ids`) is
+per-row conditioning like the context: it keeps its name, dtype and shape and takes the 2B rows
+[uncond; cond] (each half its own: the negative prompt's pooled embedding, the negative size / aesthetic
+score time_ids), so the fold never needs to know what it conditions.
 
 Inside: the sample and timestep are concatenated with themselves and cast to the U-Net's dtype; its output
 is cast to float32 and split into uncond / cond; `guided = (cond - uncond) * g + uncond`, as the numpy
@@ -66,6 +72,9 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
         raise LdmError(f"the U-Net graph already has CFG folded in (it takes {g.SCALE})")
     sample, timestep = _io(graph, graph.input, g.SAMPLE), _io(graph, graph.input, g.TIMESTEP)
     ehs, out = _io(graph, graph.input, g.CONTEXT), _io(graph, graph.output, g.OUTPUT)
+    # per-row conditioning beyond the context (SDXL's text_embeds, time_ids): 2B rows in, as they are
+    extra = [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in graph.input
+             if i.name not in (g.SAMPLE, g.TIMESTEP, g.CONTEXT)]
     if len(_dims(timestep)) != 1 or len(_dims(sample)) != 4:
         raise LdmError(f"CFG folding expects sample (N, C, h, w) and timestep (N,); got {_dims(sample)} "
                        f"and {_dims(timestep)}", hint="fold only graphs exported by ldm-deploy")
@@ -143,6 +152,7 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
         helper.make_tensor_value_info(g.SAMPLE, TensorProto.FLOAT, [batch, *sample_dims[1:]]),
         helper.make_tensor_value_info(g.TIMESTEP, t_type, [batch]),
         helper.make_tensor_value_info(g.CONTEXT, ehs.type.tensor_type.elem_type, ehs_dims),
+        *extra,
         helper.make_tensor_value_info(g.SCALE, TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info(g.RESCALE, TensorProto.FLOAT, [1]),
     ])
@@ -163,10 +173,11 @@ def symmetric_unet_inputs(inputs: dict) -> dict:
 
 def folded_inputs(inputs: dict, guidance: float, rescale: float = 0.0) -> dict:
     """The folded graph's feeds for symmetric 2B-row U-Net inputs: the first half's latents and timesteps,
-    all 2B embeddings, the guidance (> 1: CFG)."""
+    all 2B embeddings (and SDXL's 2B text_embeds / time_ids rows), the guidance (> 1: CFG)."""
     half = len(inputs[g.SAMPLE]) // 2
+    extra = {k: v for k, v in inputs.items() if k not in (g.SAMPLE, g.TIMESTEP, g.CONTEXT)}   # SDXL: 2B rows
     return g.folded_feeds(inputs[g.SAMPLE][:half], np.asarray(inputs[g.TIMESTEP])[:half], inputs[g.CONTEXT],
-                          g.folded_scalars(guidance, rescale))
+                          g.folded_scalars(guidance, rescale), extra)
 
 
 def reference_cfg(pred_rows: np.ndarray, batch: int, guidance: float, rescale: float = 0.0) -> np.ndarray:
