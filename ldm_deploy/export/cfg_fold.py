@@ -60,6 +60,13 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
+def extra_inputs(graph: onnx.GraphProto) -> list:
+    """Copies of the U-Net graph's inputs beyond sample / timestep / context: per-row conditioning (SDXL's
+    text_embeds and time_ids) that the folded graph takes as the plain one does."""
+    return [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in graph.input
+            if i.name not in (g.SAMPLE, g.TIMESTEP, g.CONTEXT)]
+
+
 def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite `model` (a U-Net graph, any precision) in place to take B latents and return the guided
     prediction (module docstring). Returns the model. Refuses a graph already folded."""
@@ -72,15 +79,12 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
         raise LdmError(f"the U-Net graph already has CFG folded in (it takes {g.SCALE})")
     sample, timestep = _io(graph, graph.input, g.SAMPLE), _io(graph, graph.input, g.TIMESTEP)
     ehs, out = _io(graph, graph.input, g.CONTEXT), _io(graph, graph.output, g.OUTPUT)
-    # per-row conditioning beyond the context (SDXL's text_embeds, time_ids): 2B rows in, as they are
-    extra = [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in graph.input
-             if i.name not in (g.SAMPLE, g.TIMESTEP, g.CONTEXT)]
+    extra = extra_inputs(graph)   # SDXL's text_embeds, time_ids: 2B rows in, as they are
     if len(_dims(timestep)) != 1 or len(_dims(sample)) != 4:
         raise LdmError(f"CFG folding expects sample (N, C, h, w) and timestep (N,); got {_dims(sample)} "
                        f"and {_dims(timestep)}", hint="fold only graphs exported by ldm-deploy")
     sample_type = sample.type.tensor_type.elem_type
-    out_type = out.type.tensor_type.elem_type
-    t_type = timestep.type.tensor_type.elem_type
+    out_type, t_type = out.type.tensor_type.elem_type, timestep.type.tensor_type.elem_type
     sample_dims, out_dims, ehs_dims = _dims(sample), _dims(out), _dims(ehs)
 
     # the U-Net's own tensors keep their names under the prefix; the graph IO names are the new ones
@@ -151,8 +155,7 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.extend([
         helper.make_tensor_value_info(g.SAMPLE, TensorProto.FLOAT, [batch, *sample_dims[1:]]),
         helper.make_tensor_value_info(g.TIMESTEP, t_type, [batch]),
-        helper.make_tensor_value_info(g.CONTEXT, ehs.type.tensor_type.elem_type, ehs_dims),
-        *extra,
+        helper.make_tensor_value_info(g.CONTEXT, ehs.type.tensor_type.elem_type, ehs_dims), *extra,
         helper.make_tensor_value_info(g.SCALE, TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info(g.RESCALE, TensorProto.FLOAT, [1]),
     ])

@@ -281,6 +281,27 @@ def _fp32_path(model: onnx.ModelProto, inputs: list[str]) -> list[str]:
     return island
 
 
+def _to_float16(m, component: str) -> dict:
+    """Convert the optimizer's fused model `m` to fp16 in place (IO too, but KEEP_FP32_IO); returns the repair
+    statistics. The sinusoid paths behind timestep / time_ids stay fp32 up to the first linear layer, as in the
+    plain fp16 graph (export/fp16.py): SDXL's time_ids reach 1024, where fp16's spacing is 1 rad."""
+    from ldm_deploy.export.fp16 import drop_cast_round_trips
+
+    keep_io = [i.name for i in m.model.graph.input if i.name in KEEP_FP32_IO.get(component, ())]
+    island = _fp32_path(m.model, keep_io)
+    m.convert_float_to_float16(keep_io_types=keep_io or False, op_block_list=FP32_OPS.get(component),
+                               node_block_list=island or None)
+    drop_cast_round_trips(m.model.graph)
+    return repair_converted_graph(m.model.graph)
+
+
+def declared_outputs(path: Path) -> dict:
+    """{output name: shape} of the plain graph at `path`, as its manifest entry lists them."""
+    from ldm_deploy.export import manifest as mf
+
+    return {o["name"]: o["shape"] for o in mf.graph_io(path)[1]}
+
+
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
                           fold_guidance: bool = True, nhwc_conv: bool = True, output_shapes: dict | None = None) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
@@ -328,20 +349,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
             declined.update(refused)
             del m
             model, before, attention = load()
-        repaired = {}
-        if float16:
-            from ldm_deploy.export.fp16 import drop_cast_round_trips
-
-            keep_io = [i.name for i in m.model.graph.input if i.name in KEEP_FP32_IO.get(component, ())]
-            # the sinusoid paths behind timestep / time_ids stay fp32 up to the first linear layer, as in the
-            # plain fp16 graph (export/fp16.py): SDXL's time_ids reach 1024, fp16 spacing there is 1 rad
-            island = _fp32_path(m.model, keep_io)
-            m.convert_float_to_float16(keep_io_types=keep_io or False, op_block_list=FP32_OPS.get(component),
-                                       node_block_list=island or None)
-            drop_cast_round_trips(m.model.graph)
-            repaired = repair_converted_graph(m.model.graph)
-        if output_shapes:
-            restore_output_shapes(m.model.graph, output_shapes)
+        repaired = _to_float16(m, component) if float16 else {}
+        restore_output_shapes(m.model.graph, output_shapes or {})
         folded = component == "unet" and fold_guidance
         if folded:
             fold_cfg(m.model)

@@ -192,7 +192,7 @@ def test_sdxl_pipeline_over_a_folded_unet_matches_plain(fused, cpu_folded, monke
 
     art = Artifact.open(fused["base"])
     path, entry = cpu_folded
-    plain = Pipeline.from_artifact(art, backend="ort-cpu")
+    plain = Pipeline.from_artifact(fused["base"], backend="ort-cpu")
     folded_unet = OrtRunner(SessionFromArtifact(art, "unet", graph=("cpu-folded", path, entry))())
     ours = SDXLPipeline(plain.tokenizers, {**plain.runners, "unet": folded_unet}, art.info)
     latents = np.random.default_rng(7).standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
