@@ -303,7 +303,8 @@ def declared_outputs(path: Path) -> dict:
 
 
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
-                          fold_guidance: bool = True, nhwc_conv: bool = True, output_shapes: dict | None = None) -> dict:
+                          fold_guidance: bool = True, nhwc_conv: bool = True,
+                          output_shapes: dict | None = None) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
     (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
     classifier-free guidance into the graph (ldm_deploy/export/cfg_fold.py): B latents in, guided out.
