@@ -18,6 +18,7 @@ from ldm_deploy.export.config import ExportConfig, Range
 from ldm_deploy.export.exporter import export_model
 from ldm_deploy.export.ort_optimize import FILE_NAME, VARIANT
 from tests.export.test_ort_optimize import assert_loadable
+from tests.runtime.test_ort_cuda_runner import cpu_bound  # noqa: F401 (fixture)
 from tests.runtime.tiny_sdxl import sdxl_folders  # noqa: F401 (fixture)
 
 pytest.importorskip("diffusers")
@@ -211,3 +212,21 @@ def test_sdxl_pipeline_over_a_folded_unet_matches_plain(fused, cpu_folded, monke
         # fp32: per step ~1e-6 relative (attention fusion), 4 Euler steps
         assert_close(got, want, atol=1e-4, rtol=1e-5, name=f"SDXL latents over the folded U-Net {kw}")
     assert seen and all(s == {"text_embeds": (2, 32), "time_ids": (2, 6)} for s in seen), seen
+
+
+def test_bound_runner_sizes_the_fused_text_encoder_outputs(fused, cpu_bound):
+    """OrtCudaRunner (IO binding, CUDA graph on; CPU buffers here) picks the fused text_encoder_2 and sizes both
+    outputs from the manifest before the first run (a CUDA graph captures their addresses), then returns what
+    the plain graph does."""
+    from ldm_deploy.runtime.runners.base import open_runner
+
+    runner = cpu_bound(fused["base"], "text_encoder_2", enable_cuda_graph=True)     # variant "auto"
+    assert runner.variant == VARIANT and runner.model_path.name == FILE_NAME
+    ids = np.random.default_rng(3).integers(0, 49408, (2, 77)).astype(np.int32)
+    key = (("input_ids", ids.shape),)
+    assert runner._output_shapes(key, {"input_ids": ids}) == {"penultimate_hidden_state": (2, 77, 32),
+                                                             "text_embeds": (2, 32)}
+    want = open_runner("ort-cpu", fused["base"], "text_encoder_2")({"input_ids": ids})
+    got = runner({"input_ids": ids})
+    for name, value in want.items():
+        assert_close(got[name], value, atol=1e-4, rtol=1e-5, name=f"bound fused text_encoder_2 {name}")
