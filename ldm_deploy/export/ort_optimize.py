@@ -10,6 +10,11 @@ main file. The result is `<component>/model.ort-cuda.onnx`; the manifest records
 `components[name]["variants"]["ort-cuda"]` with its own inputs/outputs (the fused graph's IO dtypes),
 and `OrtCudaRunner(variant="auto")` runs it.
 
+SDXL artifacts get the same variants for both text encoders (model type "clip", as ORT's own SDXL tooling;
+the penultimate hidden state and the pooled projection stay outputs, with the plain graph's dims), the U-Net
+(CFG folded, `text_embeds` / `time_ids` taking the 2B rows as the plain graph does; `time_ids` float32 with
+an fp32 sinusoid path, as `timestep`) and the VAE decoder (fp32, as SDXL's VAE is exported).
+
 The fused graph uses com.microsoft contrib ops with CUDA kernels only: it is not portable (no CPU,
 no TensorRT). The fusion choices follow ONNX Runtime's own SD demo (models/stable_diffusion/
 optimize_pipeline.py): NHWC conv, GroupNorm channels-last,

@@ -175,7 +175,8 @@ class CfgDenoiser(Denoiser):
 
 class FoldedCfgDenoiser(Denoiser):
     """A U-Net graph with CFG folded in (export/cfg_fold.py): the B latents, the 2B (or B twice) context
-    rows and the guidance scalars in, the guided prediction out; no 2B copies or CFG on the host."""
+    rows (and SDXL's text_embeds / time_ids rows alike) and the guidance scalars in, the guided prediction
+    out; no 2B copies or CFG on the host."""
 
     def __init__(self, unet, context: np.ndarray, guidance: float, guidance_rescale: float,
                  extra: Mapping[str, np.ndarray] | None = None):
