@@ -230,3 +230,21 @@ def test_bound_runner_sizes_the_fused_text_encoder_outputs(fused, cpu_bound):
     got = runner({"input_ids": ids})
     for name, value in want.items():
         assert_close(got[name], value, atol=1e-4, rtol=1e-5, name=f"bound fused text_encoder_2 {name}")
+
+
+def test_add_variants_afterwards_on_an_sdxl_artifact(fused, tmp_path):
+    """add_ort_cuda_variants (an artifact exported without --ort-cuda) covers text_encoder_2 too, with the plain
+    graph's output dims, and rewrites the manifest consistently."""
+    import shutil
+
+    from ldm_deploy.export.ort_optimize import add_ort_cuda_variants
+
+    art = shutil.copytree(fused["base"], tmp_path / "base")
+    stats = add_ort_cuda_variants(art, ["text_encoder_2", "unet"], fold_guidance=False)
+    assert set(stats) == {"text_encoder_2", "unet"}
+    m = Artifact.open(art, verify=True).manifest["components"]        # the rewritten hashes hold
+    te2 = m["text_encoder_2"]["variants"][VARIANT]
+    assert [(o["name"], o["shape"]) for o in te2["outputs"]] == [(o["name"], o["shape"])
+                                                                 for o in m["text_encoder_2"]["outputs"]]
+    unet = m["unet"]["variants"][VARIANT]      # not folded: the plain 2B-row contract, text_embeds / time_ids kept
+    assert not unet["cfg_folded"] and _names(unet["inputs"]) == _names(m["unet"]["inputs"])
