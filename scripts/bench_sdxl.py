@@ -9,18 +9,21 @@ Steps, each recorded in the JSON (rewritten after every step, so a run cut short
 1. the model folder: the `sdxl` preset (the hub's stable-diffusion-xl-base-1.0 configs) with seeded random
    weights, saved in fp16 (~5 GB; building it holds the fp32 modules, ~10 GB of host memory);
 2. the export, in a child process: fp16 U-Net and text encoders, fp32 VAE decoder (SDXL's VAE overflows
-   in fp16), static 1024x1024, batch 1; its wall time and the child's peak RSS (VmHWM);
+   in fp16), static 1024x1024, batch 1, with the ONNX Runtime CUDA fused variants (`--ort-cuda`: U-Net with
+   CFG folded in, both text encoders, the VAE decoder in fp32); its wall time and the child's peak RSS (VmHWM);
 3. TensorRT engines for the artifact (`ldm-deploy build`), when a TensorRT builder is installed;
 4. every side in its own child process: one warm-up run (compile / graph capture / engine load), then
    `--runs` timed end-to-end runs (text encoders, 30 U-Net steps under CFG, VAE decode), the median
    reported; peak GPU memory (PyTorch: max_memory_allocated; ours: device used memory, cudaMemGetInfo
    or nvidia-smi, sampled at every step).
 
-Sides: ours-ort-cuda (ONNX Runtime CUDA, CUDA graph off: SDXL has no fused variant yet), ours-tensorrt,
-torch-eager (diffusers StableDiffusionXLPipeline, fp16, SDPA), torch-compile (torch.compile(unet)),
-torch-compile-ro (channels_last U-Net + torch.compile(mode="reduce-overhead")). The VAE decodes in fp32 on
-every side (diffusers upcasts it: force_upcast). The public TensorRT figure for this workload on an H100
-is 1.47 s (TensorRT's demoDiffusion, SDXL base 1.0, 30 steps); compare with the ours-tensorrt row.
+Sides: ours-ort-cuda (ONNX Runtime CUDA over the fused variants, IO binding, CUDA graph on: what
+`generate --backend ort-cuda --cuda-graph` runs), ours-ort-cuda-plain (the plain graphs, CUDA graph off: the
+side as it ran before SDXL had fused variants, for comparison), ours-tensorrt, torch-eager (diffusers
+StableDiffusionXLPipeline, fp16, SDPA), torch-compile (torch.compile(unet)), torch-compile-ro (channels_last
+U-Net + torch.compile(mode="reduce-overhead")). The VAE decodes in fp32 on every side (diffusers upcasts it:
+force_upcast). The public TensorRT figure for this workload on an H100 is 1.47 s (TensorRT's demoDiffusion,
+SDXL base 1.0, 30 steps); compare with the ours-tensorrt row.
 Writes benchmarks/results/<machine>-sdxl.json (or --json).
 """
 from __future__ import annotations
@@ -36,7 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIDES = ("ours-tensorrt", "ours-ort-cuda", "torch-eager", "torch-compile", "torch-compile-ro")
+SIDES = ("ours-tensorrt", "ours-ort-cuda", "ours-ort-cuda-plain", "torch-eager", "torch-compile", "torch-compile-ro")
+# our sides: (backend, runner options); ours-ort-cuda must run the fused variants (checked in run_ours)
+OURS = {"ours-ort-cpu": ("ort-cpu", {}), "ours-tensorrt": ("tensorrt", {}),
+        "ours-ort-cuda": ("ort-cuda", {"enable_cuda_graph": True}),
+        "ours-ort-cuda-plain": ("ort-cuda", {"variant": None})}
 QUICK_SIDES = ("ours-ort-cpu", "torch-eager")
 PROMPT = "a lighthouse on a cliff at dusk, detailed oil painting"
 
@@ -75,6 +82,7 @@ def export(folder: Path, out: Path, size: int) -> dict:
     cfg = ExportConfig(name="bench-sdxl", precision="fp16", batch=Range(1, 1, 1), height=Range(size, size, size),
                        width=Range(size, size, size), measure_runtime=False,
                        components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
+    cfg = cfg.replace(ort_cuda=True)   # the fused variants the ours-ort-cuda side runs (beside the plain graphs)
     start = time.perf_counter()
     result = export_model(folder, out, cfg)
     comps = result.artifact.components
@@ -91,13 +99,18 @@ def build(artifact: Path) -> dict:
     return {"seconds": round(time.perf_counter() - start, 1), "built": list(report.built)}
 
 
-def run_ours(artifact: Path, backend: str, steps: int, guidance: float, runs: int) -> dict:
+def run_ours(artifact: Path, side: str, steps: int, guidance: float, runs: int) -> dict:
     import numpy as np
 
     from ldm_deploy.bench.machine import gpu_used_mib, peak_rss_mib
     from ldm_deploy.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_artifact(artifact, backend=backend)
+    backend, options = OURS[side]
+    pipe = Pipeline.from_artifact(artifact, backend=backend, **options)
+    graphs = {c: getattr(r, "variant", None) or "plain" for c, r in pipe.runners.items()}
+    if side == "ours-ort-cuda" and graphs.get("unet") != "ort-cuda":
+        raise SystemExit(f"{artifact} has no ort-cuda variants (an export from before they existed): "
+                         "rerun without --reuse")
     peak = [0.0]
 
     def sample(*_):
@@ -116,7 +129,7 @@ def run_ours(artifact: Path, backend: str, steps: int, guidance: float, runs: in
         unet.append(r.timings["unet_per_step"])
     return {"seconds": [round(t, 4) for t in times], "median_s": round(statistics.median(times), 4),
             "unet_ms_per_step": round(1e3 * statistics.median(unet), 2), "peak_gpu_mib": round(peak[0]) or None,
-            "peak_rss_mib": round(peak_rss_mib())}
+            "peak_rss_mib": round(peak_rss_mib()), "graphs": graphs, "options": options}
 
 
 def run_torch(folder: Path, side: str, steps: int, guidance: float, runs: int, size: int, device: str) -> dict:
@@ -230,8 +243,8 @@ def main(argv=None) -> int:
         save()
     for side in sides:
         say(f"side {side}")
-        if side.startswith("ours-"):
-            r = child("run_ours", args.timeout, artifact=artifact, backend=side[len("ours-"):], steps=args.steps,
+        if side in OURS:
+            r = child("run_ours", args.timeout, artifact=artifact, side=side, steps=args.steps,
                       guidance=args.guidance, runs=args.runs)
         else:
             r = child("run_torch", args.timeout, folder=folder, side=side, steps=args.steps, guidance=args.guidance,

@@ -9,7 +9,13 @@ al. when asked). `fold_cfg` moves all of it into the graph, where it costs a few
              encoder_hidden_states            (2 batch, 77, D)  [uncond; cond]
              guidance_scale   float32 (1,)
              guidance_rescale float32 (1,)                      0 = off (diffusers' guidance_rescale)
+             text_embeds, time_ids            (2 batch, ...)    SDXL only: as the plain graph takes them
     output   noise_pred       float32 (batch, C_out, h, w)      guided
+
+Any other input of the plain graph (SDXL's pooled `text_embeds` and micro-conditioning `time_ids`) is
+per-row conditioning like the context: it keeps its name, dtype and shape and takes the 2B rows
+[uncond; cond] (each half its own: the negative prompt's pooled embedding, the negative size / aesthetic
+score time_ids), so the fold never needs to know what it conditions.
 
 Inside: the sample and timestep are concatenated with themselves and cast to the U-Net's dtype; its output
 is cast to float32 and split into uncond / cond; `guided = (cond - uncond) * g + uncond`, as the numpy
@@ -54,6 +60,13 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
+def extra_inputs(graph: onnx.GraphProto) -> list:
+    """Copies of the U-Net graph's inputs beyond sample / timestep / context: per-row conditioning (SDXL's
+    text_embeds and time_ids) that the folded graph takes as the plain one does."""
+    return [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in graph.input
+            if i.name not in (g.SAMPLE, g.TIMESTEP, g.CONTEXT)]
+
+
 def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite `model` (a U-Net graph, any precision) in place to take B latents and return the guided
     prediction (module docstring). Returns the model. Refuses a graph already folded."""
@@ -66,12 +79,12 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
         raise LdmError(f"the U-Net graph already has CFG folded in (it takes {g.SCALE})")
     sample, timestep = _io(graph, graph.input, g.SAMPLE), _io(graph, graph.input, g.TIMESTEP)
     ehs, out = _io(graph, graph.input, g.CONTEXT), _io(graph, graph.output, g.OUTPUT)
+    extra = extra_inputs(graph)   # SDXL's text_embeds, time_ids: 2B rows in, as they are
     if len(_dims(timestep)) != 1 or len(_dims(sample)) != 4:
         raise LdmError(f"CFG folding expects sample (N, C, h, w) and timestep (N,); got {_dims(sample)} "
                        f"and {_dims(timestep)}", hint="fold only graphs exported by ldm-deploy")
     sample_type = sample.type.tensor_type.elem_type
-    out_type = out.type.tensor_type.elem_type
-    t_type = timestep.type.tensor_type.elem_type
+    out_type, t_type = out.type.tensor_type.elem_type, timestep.type.tensor_type.elem_type
     sample_dims, out_dims, ehs_dims = _dims(sample), _dims(out), _dims(ehs)
 
     # the U-Net's own tensors keep their names under the prefix; the graph IO names are the new ones
@@ -142,7 +155,7 @@ def fold_cfg(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.extend([
         helper.make_tensor_value_info(g.SAMPLE, TensorProto.FLOAT, [batch, *sample_dims[1:]]),
         helper.make_tensor_value_info(g.TIMESTEP, t_type, [batch]),
-        helper.make_tensor_value_info(g.CONTEXT, ehs.type.tensor_type.elem_type, ehs_dims),
+        helper.make_tensor_value_info(g.CONTEXT, ehs.type.tensor_type.elem_type, ehs_dims), *extra,
         helper.make_tensor_value_info(g.SCALE, TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info(g.RESCALE, TensorProto.FLOAT, [1]),
     ])
@@ -163,10 +176,11 @@ def symmetric_unet_inputs(inputs: dict) -> dict:
 
 def folded_inputs(inputs: dict, guidance: float, rescale: float = 0.0) -> dict:
     """The folded graph's feeds for symmetric 2B-row U-Net inputs: the first half's latents and timesteps,
-    all 2B embeddings, the guidance (> 1: CFG)."""
+    all 2B embeddings (and SDXL's 2B text_embeds / time_ids rows), the guidance (> 1: CFG)."""
     half = len(inputs[g.SAMPLE]) // 2
+    extra = {k: v for k, v in inputs.items() if k not in (g.SAMPLE, g.TIMESTEP, g.CONTEXT)}   # SDXL: 2B rows
     return g.folded_feeds(inputs[g.SAMPLE][:half], np.asarray(inputs[g.TIMESTEP])[:half], inputs[g.CONTEXT],
-                          g.folded_scalars(guidance, rescale))
+                          g.folded_scalars(guidance, rescale), extra)
 
 
 def reference_cfg(pred_rows: np.ndarray, batch: int, guidance: float, rescale: float = 0.0) -> np.ndarray:

@@ -134,9 +134,9 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     variants = {}
     if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:
         # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns
-        dst = root / component / ort_optimize.FILE_NAME
+        dst, shapes = root / component / ort_optimize.FILE_NAME, ort_optimize.declared_outputs(final)
         fused = ort_optimize.optimize_for_ort_cuda(raw, dst, component, float16=precision == "fp16",
-                                                   fold_guidance=config.ort_cuda_fold_cfg)
+                                                   fold_guidance=config.ort_cuda_fold_cfg, output_shapes=shapes)
         variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused)
 
     inputs = example_feeds(spec, vocab_size=spec.vocab_size)

@@ -10,6 +10,11 @@ main file. The result is `<component>/model.ort-cuda.onnx`; the manifest records
 `components[name]["variants"]["ort-cuda"]` with its own inputs/outputs (the fused graph's IO dtypes),
 and `OrtCudaRunner(variant="auto")` runs it.
 
+SDXL artifacts get the same variants for both text encoders (model type "clip", as ORT's own SDXL tooling;
+the penultimate hidden state and the pooled projection stay outputs, with the plain graph's dims), the U-Net
+(CFG folded, `text_embeds` / `time_ids` taking the 2B rows as the plain graph does; `time_ids` float32 with
+an fp32 sinusoid path, as `timestep`) and the VAE decoder (fp32, as SDXL's VAE is exported).
+
 The fused graph uses com.microsoft contrib ops with CUDA kernels only: it is not portable (no CPU,
 no TensorRT). The fusion choices follow ONNX Runtime's own SD demo (models/stable_diffusion/
 optimize_pipeline.py): NHWC conv, GroupNorm channels-last,
@@ -36,15 +41,19 @@ log = logging.getLogger(__name__)
 # one spelling: the runtime reads the variant name without importing this module (which needs onnx)
 from ldm_deploy.artifact import ORT_CUDA_VARIANT as VARIANT  # noqa: E402
 FILE_NAME = "model.ort-cuda.onnx"
-DEFAULT_COMPONENTS = ("unet", "text_encoder", "vae_decoder")
-# our component name -> ORT optimizer model type
-MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}
+DEFAULT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae_decoder")   # text_encoder_2: SDXL's
+# our component name -> ORT optimizer model type (SDXL's CLIPTextModelWithProjection is "clip" too, as in
+# ORT's own SDXL tooling)
+MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder": "vae",
+               "vae_encoder": "vae"}
 # components whose attention blocks fuse_attention rewrites to MultiHeadAttention
 ATTENTION_COMPONENTS = ("unet", "vae_decoder", "vae_encoder")
 # ops whose fp16 versions lose too much: kept fp32 inside fp16 graphs
-FP32_OPS = {"text_encoder": ["SkipLayerNormalization", "LayerNormalization"]}
-# inputs kept fp32 so fractional timesteps keep their precision
-KEEP_FP32_IO = {"unet": ["timestep"]}
+_CLIP_FP32_OPS = ["SkipLayerNormalization", "LayerNormalization"]
+FP32_OPS = {"text_encoder": _CLIP_FP32_OPS, "text_encoder_2": _CLIP_FP32_OPS}
+# inputs kept fp32 so fractional timesteps (and SDXL's micro-conditioning time_ids, sinusoid-embedded like the
+# timestep) keep their precision; names a graph lacks are ignored by the converter
+KEEP_FP32_IO = {"unet": ["timestep", "time_ids"]}
 # Shapes ONNX Runtime's CUDA kernels accept (onnxruntime/contrib_ops/cuda/diffusion/*.cc, ORT 1.31): a fused
 # node outside them fails at run time, so a fusion is declined for the whole graph when any of its nodes
 # would be. The sets are SD's sizes; tiny/demo models get the unfused ops instead.
@@ -128,6 +137,30 @@ def unsupported_fusions(model: onnx.ModelProto) -> dict[str, str]:
     return {op: "; ".join(sorted(why)) for op, why in sorted(bad.items())}
 
 
+def restore_output_shapes(graph: onnx.GraphProto, declared: dict) -> int:
+    """Give the fused graph's outputs the shapes the traced graph declared (`declared`: name -> dims):
+    the optimizer's shape inference renames fixed dims it cannot follow (the text encoders' 77 became
+    `Addpenultimate_hidden_state_dim_1`), and the CUDA runner sizes its output buffers from the manifest's
+    dims. `declared`: name -> [dim, ...] (an int, or a str for a symbolic dim), the plain graph's manifest
+    shapes. Element types stay the fused graph's (fp16 outputs).
+    Returns how many outputs were rewritten."""
+    changed = 0
+    for output in graph.output:
+        dims = declared.get(output.name)
+        shape = output.type.tensor_type.shape
+        if dims is None or [d.dim_param or d.dim_value for d in shape.dim] == list(dims):
+            continue
+        del shape.dim[:]
+        for value in dims:
+            dim = shape.dim.add()
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = int(value)
+        changed += 1
+    return changed
+
+
 def unique_node_names(graph: onnx.GraphProto) -> int:
     """Rename nodes whose name repeats an earlier one (`<name>_<k>`); ONNX Runtime refuses to load a graph
     with two nodes of one name (onnxruntime <= 1.31's float16 converter names every `_cast_to_fp32`
@@ -201,13 +234,88 @@ def _quickgelu_guard():
             cls.fuse = original
 
 
+def _add_standard_types(model: onnx.ModelProto) -> int:
+    """Element types of the tensors ONNX's own inference derives (standard ops; the contrib ops are skipped), as
+    value_info entries where the graph has none: the float16 converter places the Casts around kept-fp32 nodes
+    by them when ORT's symbolic shape inference fails. Runs on a copy without the weights' data (the SDXL U-Net
+    is over protobuf's 2 GB). Returns how many entries were added."""
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    light.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in graph.initializer)
+    light.graph.output.extend(graph.output)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception as e:   # onnx raises its own types; the converter then works as before
+        log.info("ort-cuda: ONNX type inference failed (%s); the fp16 conversion goes without it", e)
+        return 0
+    known = {v.name for v in graph.value_info} | {v.name for v in graph.input} | {v.name for v in graph.output}
+    added = 0
+    for vi in inferred.graph.value_info:
+        if vi.name not in known and vi.type.tensor_type.elem_type:
+            graph.value_info.append(onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None))
+            added += 1
+    return added
+
+
+def _fp32_path(model: onnx.ModelProto, inputs: list[str]) -> list[str]:
+    """The nodes kept fp32 behind the fp32 inputs (export/fp16.py's island, up to the first linear layer), plus
+    the Constant nodes only they read: when ORT's symbolic shape inference fails (it does on some static-shape
+    U-Nets) the float16 converter knows no intermediate types and inserts no Cast between an fp16 Constant and
+    a kept node, which leaves a Mul with one fp16 and one fp32 input."""
+    from ldm_deploy.export.fp16 import fp32_island
+
+    island = fp32_island(model, inputs)
+    if not island:
+        return island
+    _add_standard_types(model)
+    kept = set(island)
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    for k, node in enumerate(model.graph.node):
+        if node.op_type == "Constant" and all(readers.get(o) and readers[o] <= kept for o in node.output):
+            if not node.name:
+                node.name = f"fp32_island_constant_{k}"
+            island.append(node.name)
+    return island
+
+
+def _to_float16(m, component: str) -> dict:
+    """Convert the optimizer's fused model `m` to fp16 in place (IO too, but KEEP_FP32_IO); returns the repair
+    statistics. The sinusoid paths behind timestep / time_ids stay fp32 up to the first linear layer, as in the
+    plain fp16 graph (export/fp16.py): SDXL's time_ids reach 1024, where fp16's spacing is 1 rad."""
+    from ldm_deploy.export.fp16 import drop_cast_round_trips
+
+    keep_io = [i.name for i in m.model.graph.input if i.name in KEEP_FP32_IO.get(component, ())]
+    island = _fp32_path(m.model, keep_io)
+    m.convert_float_to_float16(keep_io_types=keep_io or False, op_block_list=FP32_OPS.get(component),
+                               node_block_list=island or None)
+    drop_cast_round_trips(m.model.graph)
+    return repair_converted_graph(m.model.graph)
+
+
+def declared_outputs(path: Path) -> dict:
+    """{output name: shape} of the plain graph at `path`, as its manifest entry lists them."""
+    from ldm_deploy.export import manifest as mf
+
+    return {o["name"]: o["shape"] for o in mf.graph_io(path)[1]}
+
+
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
-                          fold_guidance: bool = True, nhwc_conv: bool = True) -> dict:
+                          fold_guidance: bool = True, nhwc_conv: bool = True,
+                          output_shapes: dict | None = None) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
     (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
     classifier-free guidance into the graph (ldm_deploy/export/cfg_fold.py): B latents in, guided out.
     `nhwc_conv=False` leaves the convolutions NCHW (the benchmark's layout lever, written into the benchmark's
-    own folder by ldm_deploy/bench/prepare.py; slower on tensor cores).
+    own folder by ldm_deploy/bench/prepare.py; slower on tensor cores). `output_shapes` (name -> [dim, ...],
+    the plain graph's manifest shapes) replaces the output dims the optimizer's shape inference renamed.
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
@@ -247,11 +355,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
             declined.update(refused)
             del m
             model, before, attention = load()
-        repaired = {}
-        if float16:
-            m.convert_float_to_float16(keep_io_types=KEEP_FP32_IO.get(component, False),
-                                       op_block_list=FP32_OPS.get(component))
-            repaired = repair_converted_graph(m.model.graph)
+        repaired = _to_float16(m, component) if float16 else {}
+        restore_output_shapes(m.model.graph, output_shapes or {})
         folded = component == "unet" and fold_guidance
         if folded:
             fold_cfg(m.model)
@@ -360,7 +465,8 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
         if old:   # forget the previous variant's files before they are overwritten
             for rel in filter(None, (old.get("file"), old.get("external_data"))):
                 manifest["files"].pop(rel, None)
-        stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance)
+        stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance,
+                                      output_shapes={o["name"]: o["shape"] for o in entry.get("outputs", ())})
         made = variant_entry(root, dst, stats)
         entry.setdefault("variants", {})[VARIANT] = made
         for rel in filter(None, (made["file"], made["external_data"])):
@@ -372,4 +478,5 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
 
 
 __all__ = ["add_ort_cuda_variants", "optimize_for_ort_cuda", "variant_entry", "fp32_source", "VARIANT",
-           "FILE_NAME", "DEFAULT_COMPONENTS", "unsupported_fusions", "unique_node_names", "repair_converted_graph"]
+           "FILE_NAME", "DEFAULT_COMPONENTS", "unsupported_fusions", "unique_node_names", "repair_converted_graph",
+           "restore_output_shapes"]

@@ -55,9 +55,6 @@ def resolve_config(config, folder: Path):
         raise UsageError("vae_precision fp16 on an SDXL model: SDXL's VAE overflows in fp16",
                          hint="keep the VAE in fp32 (the default), or put an fp16-safe VAE (sdxl-vae-fp16-fix) in "
                               "vae/ and set `vae_fp16_safe: true` in the export config")
-    if config.ort_cuda:
-        raise UsageError("ort_cuda variants are not made for SDXL models yet (the CFG fold and the fusion checks "
-                         "know the SD U-Net's three inputs only)", hint="export without --ort-cuda / ort_cuda: true")
     if tuple(config.components) == COMPONENTS:
         present = {p.name for p in Path(folder).iterdir()}
         parts = {"vae_decoder": "vae", "vae_encoder": "vae"}

@@ -94,10 +94,11 @@ def folded_scalars(guidance: float, rescale: float) -> dict[str, np.ndarray]:
 
 
 def folded_feeds(latents: np.ndarray, timestep: np.ndarray, context: np.ndarray,
-                 scalars: Mapping[str, np.ndarray]) -> dict[str, Any]:
+                 scalars: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Feeds of a CFG-folded U-Net graph: B latents and timesteps, the context `folded_context` gives and
-    the guidance inputs `folded_scalars` gives."""
-    return {SAMPLE: latents, TIMESTEP: timestep, CONTEXT: context, **scalars}
+    the guidance inputs `folded_scalars` gives, plus extra per-row conditioning (SDXL's text_embeds /
+    time_ids) with the context's rows (each through `folded_context`)."""
+    return {SAMPLE: latents, TIMESTEP: timestep, CONTEXT: context, **scalars, **(extra or {})}
 
 
 __all__ = ["CONTEXT", "OUTPUT", "RESCALE", "SAMPLE", "SCALE", "TIMESTEP", "folded_context", "folded_feeds",

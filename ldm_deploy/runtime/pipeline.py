@@ -175,20 +175,21 @@ class CfgDenoiser(Denoiser):
 
 class FoldedCfgDenoiser(Denoiser):
     """A U-Net graph with CFG folded in (export/cfg_fold.py): the B latents, the 2B (or B twice) context
-    rows and the guidance scalars in, the guided prediction out; no 2B copies or CFG on the host."""
+    rows (and SDXL's text_embeds / time_ids rows alike) and the guidance scalars in, the guided prediction
+    out; no 2B copies or CFG on the host."""
 
     def __init__(self, unet, context: np.ndarray, guidance: float, guidance_rescale: float,
                  extra: Mapping[str, np.ndarray] | None = None):
-        if extra:
-            raise LdmError("a CFG-folded U-Net graph takes no extra conditioning inputs",
-                           hint="export SDXL without ort_cuda variants")
         super().__init__(unet)
         self.context = g.folded_context(context, guidance)
+        # SDXL's text_embeds / time_ids: per-row like the context, so doubled alike without CFG
+        self.extra = {k: g.folded_context(v, guidance) for k, v in (extra or {}).items()}
         self.scalars = g.folded_scalars(guidance, guidance_rescale)   # constant over the loop, as the context
 
     def __call__(self, x_in: np.ndarray, t) -> np.ndarray:
         x_in = np.asarray(x_in, dtype=np.float32)
-        guided = self._run(g.folded_feeds(x_in, self._timesteps(x_in.shape[0], t), self.context, self.scalars))
+        guided = self._run(g.folded_feeds(x_in, self._timesteps(x_in.shape[0], t), self.context, self.scalars,
+                                          self.extra))
         self._check(guided, guided, t)                                          # (B, 4, h, w), guided in-graph
         return guided
 

@@ -84,6 +84,6 @@ def test_sdxl_config_resolution(sdxl_folders):
     assert resolve_config(ExportConfig(components=("unet",)), base).components == ("unet",)   # asked for: kept
     safe = resolve_config(ExportConfig(vae_precision="fp16", vae_fp16_safe=True), base)     # an fp16-fix VAE
     assert safe.component_precision("vae_decoder") == "fp16"
-    with pytest.raises(UsageError, match="ort_cuda"):
-        resolve_config(ExportConfig(ort_cuda=True), base)
+    # ort_cuda variants are made for SDXL too now (tests/export/test_ort_cuda_sdxl.py), with both text encoders
+    assert resolve_config(ExportConfig(ort_cuda=True), base).components[:2] == ("text_encoder", "text_encoder_2")
     assert "vae_fp16_safe" not in ExportConfig().key()        # SD artifacts exported before the key stay cached

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from ldm_deploy.compare import assert_close
-from ldm_deploy.errors import LdmError
 from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.pipeline import CfgDenoiser, FoldedCfgDenoiser, make_denoiser
 
@@ -74,5 +73,9 @@ def test_make_denoiser_picks_the_path_by_the_runners_inputs():
     assert folded.calls[0]["timestep"].shape == (1,)
     timings = den.timings(1.0)
     assert timings["unet_calls"] == 1 and 0 <= timings["unet"] <= timings["denoise"] == 1.0
-    with pytest.raises(LdmError, match="no extra conditioning"):
-        make_denoiser(folded, ctx, 7.5, 0.0, {"time_ids": np.zeros((2, 6), np.float32)})
+    # SDXL's per-row conditioning goes to a folded graph as the context does: 2B rows, or the B rows twice
+    ids = np.arange(12, dtype=np.float32).reshape(2, 6)
+    make_denoiser(folded, ctx, 7.5, 0.0, {"time_ids": ids})(x, 500.0)
+    assert folded.calls[-1]["time_ids"] is ids and folded.calls[-1]["guidance_scale"][0] == 7.5
+    make_denoiser(folded, ctx[1:], 1.0, 0.0, {"time_ids": ids[1:]})(x, 500.0)
+    assert np.array_equal(folded.calls[-1]["time_ids"], ids[[1, 1]])

@@ -1,0 +1,147 @@
+"""SDXL on ONNX Runtime CUDA with the fused variants (`export --ort-cuda`), on tiny SDXL folders: each fused
+component (U-Net with CFG folded in, both text encoders, the fp32 VAE decoder) against the plain graph on the
+same GPU, CUDA-graph replays, and SDXLPipeline end to end (base, and base + refiner hand-off) on ort-cuda with
+the variants and the CUDA graph against ort-cpu over the plain graphs. The CPU side (variants written, fusions,
+IO, the fold's parity) is tests/export/test_ort_cuda_sdxl.py. On an H100 with onnxruntime-gpu:
+
+    python -m pytest -m gpu -p no:xdist tests/runtime/test_ort_cuda_sdxl_gpu.py
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from ldm_deploy.compare import assert_close
+from ldm_deploy.export.config import ExportConfig, Range
+from ldm_deploy.export.exporter import export_model
+from ldm_deploy.runtime.runners.base import open_runner, takes_guidance
+from tests.runtime.tiny_sdxl import sdxl_folders  # noqa: F401 (fixture)
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.gpu
+
+HAS_ONNXSLIM = importlib.util.find_spec("onnxslim") is not None   # GPU images may lack it: export uncleaned
+SIZE, GUIDANCE = 32, 5.0
+PROMPT, NEGATIVE = "a red circle on a blue square", "blurry"
+CONFIG = ExportConfig(name="tiny-sdxl", batch=Range(1, 1, 2), height=Range(SIZE, SIZE, SIZE),
+                      width=Range(SIZE, SIZE, SIZE), measure_runtime=False, optimize=HAS_ONNXSLIM, ort_cuda=True)
+
+
+@pytest.fixture(scope="module")
+def artifacts(sdxl_folders, tmp_path_factory) -> dict:
+    """base fp32 / fp16 and refiner fp16 (VAE fp32, as SDXL's), each with the ort-cuda variants."""
+    root = tmp_path_factory.mktemp("sdxl-ort-cuda-gpu")
+    base, refiner = sdxl_folders
+    return {"base-fp32": export_model(base, root / "base-fp32", CONFIG).path,
+            "base-fp16": export_model(base, root / "base-fp16", CONFIG.replace(precision="fp16")).path,
+            "refiner-fp16": export_model(refiner, root / "refiner-fp16", CONFIG.replace(precision="fp16")).path}
+
+
+def _feeds(artifact, component: str, seed: int) -> dict:
+    """float32 feeds at the static size; the U-Net's 2B rows repeat latents / timesteps over the CFG halves, and
+    its halves' text_embeds / time_ids differ (a negative prompt, negative micro-conditioning)."""
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.export.cfg_fold import symmetric_unet_inputs
+    from ldm_deploy.feeds import example_feeds
+
+    spec = Artifact.open(artifact).component(component)
+    x = example_feeds(spec, 1, seed, vocab_size=999, float_dtype=np.float32)
+    if component == "unet":
+        x = symmetric_unet_inputs(x)
+        n = x["time_ids"].shape[1]
+        x["time_ids"] = np.array([[512, 768, 8, 4, 2.5, 32][:n], [1024, 1024, 0, 0, 6.0, 1024][:n]], np.float32)
+    return x
+
+
+@pytest.mark.parametrize("which", ["base-fp32", "base-fp16", "refiner-fp16"])
+@pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_fused_sdxl_variant_equals_plain_on_cuda(artifacts, which, component, cuda_graph):
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg
+
+    art = artifacts[which]
+    if component not in Artifact.open(art).components:
+        pytest.skip(f"{which} has no {component}")
+    plain = open_runner("ort-cuda", art, component, variant=None)
+    fused = open_runner("ort-cuda", art, component, enable_cuda_graph=cuda_graph)   # variant "auto"
+    assert fused.variant == "ort-cuda"
+    folded = takes_guidance(fused)
+    assert folded == (component == "unet")
+    half = fused.spec.precision == "fp16"
+    # as test_ort_cuda_runner.py: fp16 3e-2 of the output's scale; fp32 graphs under TF32 (an fp16 export's VAE)
+    # 5e-3, else 1e-3; the folded U-Net's g (cond - uncond) doubles it
+    tol = 3e-2 if half else (5e-3 if fused.use_tf32 else 1e-3)
+    for seed in (0, 1, 2):      # run 1 captures (with graphs), 2 and 3 replay with new inputs
+        x = _feeds(art, component, seed)
+        want = plain(x)
+        if folded:
+            x = folded_inputs(x, GUIDANCE)
+            want = {"noise_pred": reference_cfg(want["noise_pred"], 1, GUIDANCE)}
+        got = fused(x)
+        for k, v in want.items():
+            assert_close(got[k], v, atol=(2 if folded else 1) * tol * float(np.abs(v).max()),
+                         name=f"{which} {component} {k} graph={cuda_graph} seed {seed}")
+    plain.close()
+    fused.close()
+
+
+_CPU: dict = {}
+
+
+def _cpu(artifacts, key: str, **kw):
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    if key not in _CPU:
+        _CPU[key] = Pipeline.from_artifact(artifacts["base-fp16"], backend="ort-cpu")(PROMPT, **kw)
+    return _CPU[key]
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("negative", [None, NEGATIVE])
+def test_sdxl_pipeline_fused_on_cuda_matches_cpu(artifacts, graph, negative, record_property):
+    """SDXLPipeline picks the fused variants (variant "auto") with IO binding and the CUDA graph; no negative
+    prompt exercises SDXL's zero negative rows. Bound as the SD 1.5 test's (test_ort_cuda_gpu.py)."""
+    from ldm_deploy.runtime.pipeline import Pipeline
+    from ldm_deploy.runtime.sdxl import SDXLPipeline
+
+    kw = dict(negative_prompt=negative, steps=20, guidance=GUIDANCE, seed=0)
+    cpu = _cpu(artifacts, f"base-{negative}", **kw)
+    pipe = Pipeline.from_artifact(artifacts["base-fp16"], backend="ort-cuda", enable_cuda_graph=graph)
+    assert isinstance(pipe, SDXLPipeline)
+    assert {c: r.variant for c, r in pipe.runners.items() if c != "vae_encoder"} == {
+        c: "ort-cuda" for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
+    assert takes_guidance(pipe.runners["unet"]) and pipe.runners["vae_decoder"].spec.precision == "fp32"
+    pipe(PROMPT, negative_prompt=negative, steps=2, seed=1, guidance=GUIDANCE)   # warm-up (and capture)
+    gpu = pipe(PROMPT, **kw)
+    diff = np.abs(gpu.images.astype(np.int16) - cpu.images.astype(np.int16))
+    record_property("max_abs_pixel_diff", int(diff.max()))
+    assert cpu.images.std() > 10, "the reference image is flat: the comparison would say nothing"
+    # 8-bit images after 20 guided steps of an fp16 U-Net against ORT CPU (test_ort_cuda_gpu.py's bound): a
+    # wrong binding, a stale CUDA-graph input or a swapped CFG half moves whole regions by > 100 levels
+    assert diff.max() <= 64, f"max abs pixel difference {int(diff.max())} > 64 vs ort-cpu"
+    pipe.close()
+
+
+def test_sdxl_base_then_refiner_fused_on_cuda_matches_cpu(artifacts, record_property):
+    """The hand-off on the fused graphs: base (denoising_end) then refiner (denoising_start, aesthetic-score
+    time_ids in both CFG halves), CUDA graphs on, against the same two stages on ort-cpu."""
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    steps, split = 20, 0.7
+    images = {}
+    for backend, opts in (("ort-cpu", {}), ("ort-cuda", {"enable_cuda_graph": True})):
+        base = Pipeline.from_artifact(artifacts["base-fp16"], backend=backend, **opts)
+        refiner = Pipeline.from_artifact(artifacts["refiner-fp16"], backend=backend, **opts)
+        if backend == "ort-cuda":
+            assert takes_guidance(refiner.runners["unet"]) and refiner.runners["unet"].variant == "ort-cuda"
+        kw = dict(negative_prompt=NEGATIVE, steps=steps, guidance=GUIDANCE)
+        lat = base(PROMPT, seed=0, denoising_end=split, decode=False, **kw).latents
+        images[backend] = refiner(PROMPT, init_latents=lat, denoising_start=split, **kw).images
+        base.close()
+        refiner.close()
+    diff = np.abs(images["ort-cuda"].astype(np.int16) - images["ort-cpu"].astype(np.int16))
+    record_property("max_abs_pixel_diff", int(diff.max()))
+    assert diff.max() <= 64, f"max abs pixel difference {int(diff.max())} > 64 vs ort-cpu"
