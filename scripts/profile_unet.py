@@ -70,16 +70,29 @@ def in_subprocess(args, what: str, batch: int, mode: str | None = None, device: 
 
 
 def render(data: dict) -> str:
-    from ldm_deploy.bench.profile import profile_table, reading
+    """The Markdown of a profile JSON. Each profile's listed kernels are put in the buckets `bucket_of` gives
+    them now (profile.rebucket: a fresh profile moves nothing); what moved is said under the table."""
+    from ldm_deploy.bench.profile import profile_table, reading, rebucket
     from ldm_deploy.bench.report import _machine
 
     lines = [f"Machine: {_machine(data)}; {data['created']}; {data.get('note', '')}".rstrip("; "), ""]
     for batch, entry in data["batches"].items():
-        ok = [p for p in entry["profiles"] if p.get("status", "ok") == "ok"]
+        ok = [rebucket(p) for p in entry["profiles"] if p.get("status", "ok") == "ok"]
         lines += [f"U-Net CFG step at B={batch} (U-Net batch {2 * int(batch)}), "
                   f"{ok[0]['height'] if ok else '?'}x{ok[0]['width'] if ok else '?'}:", ""]
         if ok:
             lines += [profile_table(ok), ""]
+        for p in ok:
+            moved = p["rebucketed"]["moved"]
+            if moved:
+                flows: dict = {}
+                for m in moved:
+                    flows[(m["from"], m["to"])] = flows.get((m["from"], m["to"]), 0.0) + m["ms_per_call"]
+                what = "ORT" if p["side"] == "onnxruntime" else f"torch {p.get('mode')}"
+                lines.append(f"- {what}: re-bucketed from the profile's stored kernel list ({p['rebucketed']['lists']}): "
+                             + ", ".join(f"{a} -> {b} {ms:.3f} ms" for (a, b), ms in flows.items())
+                             + f" ({len(moved)} kernels; kernels the list does not hold stay where they were, so "
+                               "a bucket that gains is a lower bound until the next profile run)")
         for p in entry["profiles"]:
             if p.get("status", "ok") != "ok":
                 lines.append(f"- {p.get('side')} {p.get('mode', '')}: {p.get('status')}: {p.get('error')}")

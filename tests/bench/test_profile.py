@@ -49,6 +49,69 @@ def test_bucket_of_kernel_names(name, bucket):
     assert bucket_of(name) == bucket
 
 
+# Kernel names recorded by CUPTI on an H100 (benchmarks/profiles/h100-sd15-unet-profile.json, SD 1.5 U-Net step, ORT
+# ort-cuda and torch.compile reduce-overhead): cuBLAS(Lt) on Hopper names its GEMMs nvjet_*, a bias epilogue
+# included; ORT's biasSplitGeluKernel computes GELU; cuDNN's op_generic_tensor_kernel is ORT's conv bias add.
+@pytest.mark.parametrize("name, bucket", [
+    ("nvjet_sm90_hsh_320x128_64x3_1x2_h_bz_coopB_NNT", "gemm"),
+    ("nvjet_sm90_hsh_160x64_64x6_1x2_h_bz_NNN", "gemm"),
+    ("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN", "gemm"),
+    ("nvjet_sm90_hsh_80x128_64x8_2x1_v_bz_bias_TNN", "gemm"),
+    ("void onnxruntime::contrib::cuda::biasSplitGeluKernel<__half, 1280, 256>(__half const*, __half const*, __half*)",
+     "elementwise"),
+    ("void op_generic_tensor_kernel<4, __half, float, __half, 256, (cudnnGenericOp_t)0, (cudnnNanPropagation_t)0, 0>"
+     "(cudnnTensorStruct, __half*, cudnnTensorStruct, __", "elementwise"),
+    ("void onnxruntime::cuda::Transpose3DKernel<short, 32u>(long, long, long, short const*, short*)", "layout_cast"),
+    ("void onnxruntime::contrib::cuda::GroupNormNHWCScaleKernel<__half, 2>(__half*, __half const*, __half const*, "
+     "float const*, float const*, __half const*, float con", "groupnorm"),
+    ("void onnxruntime::cuda::cuApplyLayerNorm<__half, float, __half, false>(__half*, float*, float*, __half const*, "
+     "int, int, float, __half const*, __half const*, in", "groupnorm"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x192x64_warpgroupsize2x1x1_g1_execute_"
+     "segment_k_off_kernel__5x_cudnn", "convolution"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
+     "attention"),
+    ("triton_per_fused_add_clone_convolution_native_group_norm_silu_10", "groupnorm"),
+    ("triton_poi_fused_gelu_mul_split_view_15", "elementwise"),
+    # other GEMM spellings of cuBLAS / CUTLASS / inductor
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas",
+     "gemm"),
+    ("cutlass3x_sm90_tensorop_h64x128x16gemm_f16_f16_f32_f16_f16_128x128x64_1x1x1_0_tnn_align8_warpspecialized", "gemm"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, __half, __half, __half>", "gemm"),
+    ("triton_tem_fused_mm_5", "gemm"),
+    ("extern_kernels.mm", "gemm"),
+])
+def test_bucket_of_recorded_h100_kernel_names(name, bucket):
+    assert bucket_of(name) == bucket
+
+
+def test_rebucket_moves_listed_kernels_and_keeps_the_total():
+    """A profile stored before bucket_of knew nvjet_* (its `top` list files them under other / elementwise):
+    rebucket moves exactly the listed kernels' time, the buckets still add up, and a second pass moves nothing."""
+    from ldm_deploy.bench.profile import rebucket
+
+    stored = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "profiles" /
+                         "h100-sd15-unet-profile.json").read_text())
+    for entry in stored["batches"].values():
+        for p in entry["profiles"]:
+            r = rebucket(p)
+            nvjet = sum(t["ms_per_call"] for t in p["top"] if t["name"].startswith("nvjet"))
+            assert nvjet > 0 and r["buckets"]["gemm"]["ms_per_call"] == pytest.approx(
+                p["buckets"]["gemm"]["ms_per_call"] + nvjet, abs=1e-3)
+            total = lambda q: sum(b["ms_per_call"] for b in q["buckets"].values())  # noqa: E731
+            assert total(r) == pytest.approx(total(p), abs=1e-3)
+            assert all(t["bucket"] == bucket_of(t["name"]) for t in r["top"])
+            assert rebucket(r)["rebucketed"]["moved"] == []
+
+
+def test_summarize_keeps_the_largest_names_of_every_bucket():
+    events = [{"name": f"nvjet_sm90_hsh_{i}", "dur_us": 100.0 + i} for i in range(12)]
+    events += [{"name": "flash_fwd_kernel", "dur_us": 50.0}, {"name": "mystery_kernel", "dur_us": 5.0}]
+    s = summarize(events, wall_ms=5.0, calls=1, source="cupti-kernels", top=3, overlap=False, per_bucket=10)
+    assert len(s["top"]) == 3 and set(s["top_by_bucket"]) == {"gemm", "attention", "other"}
+    assert [e["name"] for e in s["top_by_bucket"]["gemm"]] == [f"nvjet_sm90_hsh_{i}" for i in range(11, 1, -1)]
+    assert s["top_by_bucket"]["other"] == [{"name": "mystery_kernel", "ms_per_call": 0.005, "events_per_call": 1.0}]
+
+
 def test_op_type_wins_over_the_node_name():
     assert bucket_of("/down_blocks.0/attentions.0/Softmax", "Softmax") == "attention"
     assert bucket_of("/conv_in/Conv", "NhwcConv") == "convolution"
