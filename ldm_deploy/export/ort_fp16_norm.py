@@ -184,24 +184,11 @@ def fp16_group_norm(model: onnx.ModelProto) -> dict:
     g = _Graph(model.graph)
     types = elem_types(model.graph)
     stats = Counter(rewired=0, already_fp16=0, kept=0, casts_removed=0, casts_added=0)
+    bypassed: set[str] = set()      # outputs of the input Casts the norms no longer read
     for node in list(model.graph.node):
         if node.domain != MS_DOMAIN or node.op_type not in NORM_OPS:
             continue
-        data = [0] + ([3, 4] if node.op_type == "SkipGroupNorm" else [])
-        sources: dict[int, str] = {}
-        for i in data:
-            if i >= len(node.input) or not node.input[i]:
-                continue
-            name = node.input[i]
-            src = g.producer.get(name)
-            if types.get(name) == TensorProto.FLOAT16:
-                sources[i] = name
-            elif (types.get(name) == TensorProto.FLOAT and _is_cast(src, TensorProto.FLOAT)
-                  and types.get(src.input[0]) == TensorProto.FLOAT16):
-                sources[i] = src.input[0]
-            else:
-                sources = {}
-                break
+        sources = _fp16_sources(g, types, node)
         if not sources:
             stats["kept"] += 1
             continue
@@ -209,35 +196,61 @@ def fp16_group_norm(model: onnx.ModelProto) -> dict:
             stats["already_fp16"] += 1
             continue
         for i, s in sources.items():
+            bypassed.add(node.input[i])
             node.input[i] = s
-        for k, out in enumerate(node.output):
-            if not out:
-                continue
-            readers = g.readers(out)
-            half = [r for r in readers if _is_cast(r, TensorProto.FLOAT16)]
-            rest = [r for r in readers if r not in half]
-            fp16 = g.unique(f"{out}_fp16")
-            node.output[k] = fp16
-            for r in half:                       # a Cast to fp16 of the now-fp16 output: its readers read it
-                if r.output[0] in g.outputs:     # (one writing a graph output stays, a no-op, for the name)
-                    r.input[0] = fp16
-                    continue
-                g.replace_uses(r.output[0], fp16)
-                g.dropped.add(id(r))
-                stats["casts_removed"] += 1
-            if rest or out in g.outputs:         # fp32 readers keep the original name, now a Cast of the fp16
-                g.added.append(helper.make_node("Cast", [fp16], [out], name=g.unique(f"{out}_to_fp32"),
-                                                to=TensorProto.FLOAT))
-                stats["casts_added"] += 1
+        _outputs_to_fp16(g, node, stats)
         stats["rewired"] += 1
     g.commit()
-    # input Casts (fp16 -> fp32) nothing reads any more
-    for node in list(model.graph.node):
-        if node.op_type == "Cast" and not g.readers(node.output[0]) and node.output[0] not in g.outputs:
-            g.dropped.add(id(node))
+    for name in bypassed:           # an input Cast nothing reads any more goes
+        cast = g.producer.get(name)
+        if cast is not None and not g.readers(name) and name not in g.outputs:
+            g.dropped.add(id(cast))
             stats["casts_removed"] += 1
     g.commit()
     return dict(stats)
+
+
+def _fp16_sources(g: _Graph, types: dict, node: onnx.NodeProto) -> dict[int, str]:
+    """{input index: fp16 tensor} for each data input (X, and skip / bias of SkipGroupNorm): the input itself when
+    fp16, the source of its `Cast(fp16 -> fp32)` when fp32; {} when any data input is neither."""
+    sources: dict[int, str] = {}
+    for i in [0] + ([3, 4] if node.op_type == "SkipGroupNorm" else []):
+        if i >= len(node.input) or not node.input[i]:
+            continue
+        name, src = node.input[i], g.producer.get(node.input[i])
+        if types.get(name) == TensorProto.FLOAT16:
+            sources[i] = name
+        elif (types.get(name) == TensorProto.FLOAT and _is_cast(src, TensorProto.FLOAT)
+              and types.get(src.input[0]) == TensorProto.FLOAT16):
+            sources[i] = src.input[0]
+        else:
+            return {}
+    return sources
+
+
+def _outputs_to_fp16(g: _Graph, node: onnx.NodeProto, stats: Counter) -> None:
+    """`node`'s outputs are fp16 now: renamed `<out>_fp16`; readers that were `Cast(to=fp16)` read them directly
+    (the Cast goes, unless it writes a graph output: then it stays as a no-op for the name), fp32 readers read the
+    original name, now a `Cast(to=fp32)` of the fp16 tensor."""
+    for k, out in enumerate(node.output):
+        if not out:
+            continue
+        readers = g.readers(out)
+        half = [r for r in readers if _is_cast(r, TensorProto.FLOAT16)]
+        rest = [r for r in readers if r not in half]
+        fp16 = g.unique(f"{out}_fp16")
+        node.output[k] = fp16
+        for r in half:
+            if r.output[0] in g.outputs:
+                r.input[0] = fp16
+                continue
+            g.replace_uses(r.output[0], fp16)
+            g.dropped.add(id(r))
+            stats["casts_removed"] += 1
+        if rest or out in g.outputs:
+            g.added.append(helper.make_node("Cast", [fp16], [out], name=g.unique(f"{out}_to_fp32"),
+                                            to=TensorProto.FLOAT))
+            stats["casts_added"] += 1
 
 
 def _shape_of_transposed(g: _Graph, shape_node: onnx.NodeProto, source: str, perm) -> None:
