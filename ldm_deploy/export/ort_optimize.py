@@ -202,14 +202,12 @@ def _quickgelu_guard():
 
 
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
-                          fold_guidance: bool = True, nhwc_conv: bool = True, norm_layout: bool = False) -> dict:
+                          fold_guidance: bool = True, nhwc_conv: bool = True) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
     (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
     classifier-free guidance into the graph (ldm_deploy/export/cfg_fold.py): B latents in, guided out.
     `nhwc_conv=False` leaves the convolutions NCHW (the benchmark's layout lever, written into the benchmark's
-    own folder by ldm_deploy/bench/prepare.py; slower on tensor cores). `norm_layout` also runs
-    ldm_deploy/export/ort_fp16_norm.py's passes (no-op Casts dropped, the transformer blocks' NHWC Transpose chains
-    folded; off by default until a GPU run shows the gain: the bench's `ort-cuda-norm-layout` lever).
+    own folder by ldm_deploy/bench/prepare.py; slower on tensor cores).
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
@@ -257,10 +255,6 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
         folded = component == "unet" and fold_guidance
         if folded:
             fold_cfg(m.model)
-        if norm_layout:
-            from ldm_deploy.export.ort_fp16_norm import norm_layout_passes
-
-            repaired["norm_layout"] = norm_layout_passes(m.model)
     except LdmError:
         raise
     except Exception as e:  # the optimizer raises assorted exception types from its matchers

@@ -216,18 +216,6 @@ def test_passes_write_a_graph_beside_and_leave_the_source(fused, tmp_path):
     assert [i.name for i in written.graph.input] == [i.name for i in onnx.load(str(src)).graph.input]
 
 
-def test_optimize_for_ort_cuda_runs_the_passes_when_asked(fused, tmp_path):
-    from ldm_deploy.export.ort_optimize import optimize_for_ort_cuda
-
-    dst = tmp_path / "unet.onnx"
-    stats = optimize_for_ort_cuda(fused["artifact"] / "unet" / "model_fp32.onnx", dst, "unet", norm_layout=True)
-    passes = stats["norm_layout"]
-    assert passes["fold_nhwc_transposes"]["entries"] > 0 and passes["casts"][1] < passes["casts"][0]
-    written = counts(onnx.load(str(dst)))
-    assert written["Transpose"] == passes["transposes"][1] < passes["transposes"][0]
-    assert written["Cast"] == passes["casts"][1]
-
-
 # --- synthetic graphs ----------------------------------------------------------------------------------------
 
 def _group_norm_graph(skip: bool, fp32_reader: bool) -> onnx.ModelProto:
