@@ -47,6 +47,8 @@ def in_subprocess(args, what: str, batch: int, mode: str | None = None, device: 
             cmd += ["--model-dir", str(args.model_dir), "--one-torch", mode]
         else:
             cmd += ["--artifact", str(args.artifact), "--one-ort", "--ort-variant", args.ort_variant]
+            if args.levers_dir:
+                cmd += ["--levers-dir", str(args.levers_dir)]
             cmd += [f"--provider-option={o}" for o in args.provider_option]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
@@ -116,7 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--iters", type=int, default=10, help="profiled steps (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default 3)")
-    ap.add_argument("--ort-variant", default="auto", help="auto (ort-cuda fused on CUDA), plain, or a variant name")
+    ap.add_argument("--ort-variant", default="auto", help="auto (ort-cuda fused on CUDA), plain, or a variant name "
+                                                          "(with --levers-dir: a lever graph of that folder)")
+    ap.add_argument("--levers-dir", type=Path, help="a benchmark's lever folder (`bench --levers` / `--tuning`): "
+                                                    "--ort-variant names one of its graphs")
     ap.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                     help="ONNX Runtime CUDA provider option for the profiled session (repeatable)")
     ap.add_argument("--torch", default=None,
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
         options = dict(o.split("=", 1) for o in args.provider_option)
         result = profile_ort(args.artifact, batch=args.batch[0], height=args.height, width=args.width,
                              backend="ort-cuda" if args.device == "cuda" else "ort-cpu", variant=variant,
-                             provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads)
+                             provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads,
+                             levers_dir=args.levers_dir)
         write_json(args.out, {**result, "status": "ok"})
         return 0
 
@@ -176,6 +182,9 @@ def main(argv=None) -> int:
     else:
         if args.artifact is None:
             raise UsageError("--artifact is required (or --render JSON)")
+        if args.levers_dir and args.ort_variant in ("auto", "plain"):
+            raise UsageError("--levers-dir needs --ort-variant naming one of its graphs",
+                             hint="e.g. --ort-variant tuning-fold-transposes")
         if args.model_dir is None:
             from ldm_deploy.artifact import Artifact
 

@@ -278,9 +278,10 @@ def _cupti_profile(run, iters: int):
 
 def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: int | None = None,
                 backend: str = "ort-cpu", variant: str | None = "auto", provider_options: dict | None = None,
-                iters: int = 10, warmup: int = 3, threads: int | None = None) -> dict:
+                iters: int = 10, warmup: int = 3, threads: int | None = None, levers_dir=None) -> dict:
     """Profile the deployed U-Net step with ONNX Runtime's profiler (and CUPTI kernels on CUDA when torch is
-    there). `variant` "auto" runs the ort-cuda fused graph on CUDA when the artifact has it."""
+    there). `variant` "auto" runs the ort-cuda fused graph on CUDA when the artifact has it; with `levers_dir`,
+    `variant` names a lever graph of the benchmark's folder instead (bench/prepare.py, e.g. "tuning-fold-transposes")."""
     import onnxruntime as ort
 
     from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact
@@ -289,9 +290,15 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
     art = Artifact.open(artifact, verify=False)
     configs = art.model_configs
     cuda = backend == "ort-cuda"
-    if variant == "auto":
-        variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
-    model_path, spec = component_spec(art, "unet", variant)
+    if levers_dir is not None:
+        from ldm_deploy.bench.prepare import lever_graph
+
+        variant, model_path, entry = lever_graph(levers_dir, variant)
+        spec = art.component("unet").over(entry)
+    else:
+        if variant == "auto":
+            variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
+        model_path, spec = component_spec(art, "unet", variant)
     height = height or art.profiles.height.opt
     width = width or art.profiles.width.opt
     hidden = int(configs["unet"].get("cross_attention_dim") or configs["text_encoder"]["hidden_size"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ldm_deploy.bench.profile import BUCKETS, bucket_of, parse_ort_trace, profile_table, reading, summarize
+from ldm_deploy.errors import LdmError
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,23 @@ def test_ort_cpu_profile_of_the_tiny_unet(tiny):
     # nodes run one after another: buckets + gaps = the runs' wall time (rounding of 9 values at 1e-4 ms)
     assert total == pytest.approx(p["wall_ms_per_call"], abs=1e-3)
     assert p["events_per_call"] == pytest.approx(sum(p["nodes_per_call"].values()))
+
+
+def test_ort_profile_of_a_lever_graph(tiny, tmp_path):
+    """`levers_dir`: the profiled graph is a lever graph of the benchmark's folder (registered as bench/prepare.py
+    registers them), here the artifact's own plain U-Net under another name, so ORT CPU runs it."""
+    from ldm_deploy.bench.prepare import LEVERS_FILE
+    from ldm_deploy.bench.profile import profile_ort
+    from ldm_deploy.fileio import write_json
+
+    unet = json.loads((tiny[1] / "manifest.json").read_text())["components"]["unet"]
+    write_json(tmp_path / LEVERS_FILE, {"artifact": str(tiny[1]), "graphs": {"lever-x": {
+        "file": unet["file"], "in_artifact": True, "inputs": unet["inputs"], "outputs": unet["outputs"]}}})
+    p = profile_ort(tiny[1], batch=1, iters=2, warmup=1, threads=1, variant="lever-x", levers_dir=tmp_path)
+    assert p["variant"] == "lever-x" and p["model"] == str(tiny[1] / unet["file"])
+    assert p["nodes_per_call"]["Conv"] > 0
+    with pytest.raises(LdmError, match="no lever graph 'lever-y'"):
+        profile_ort(tiny[1], batch=1, iters=1, warmup=0, variant="lever-y", levers_dir=tmp_path)
 
 
 def test_parse_ort_trace_drops_warmup_runs(tmp_path):
