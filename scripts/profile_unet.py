@@ -108,6 +108,30 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def one_ort(args) -> dict:
+    """Child: the ONNX Runtime profile at one batch (torch imported first on CUDA, for CUPTI and its libraries)."""
+    if args.device == "cuda":
+        try:   # torch (CUPTI) before onnxruntime: ORT then finds the CUDA / cuDNN libraries torch loaded
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - the session's own provider check reports a real failure
+                pass
+    from ldm_deploy.bench.profile import profile_ort
+
+    variant = None if args.ort_variant == "plain" else args.ort_variant
+    options = dict(o.split("=", 1) for o in args.provider_option)
+    return profile_ort(args.artifact, batch=args.batch[0], height=args.height, width=args.width,
+                       backend="ort-cuda" if args.device == "cuda" else "ort-cpu", variant=variant,
+                       provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads,
+                       levers_dir=args.levers_dir)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, help="exported artifact (the ONNX Runtime side)")
@@ -154,27 +178,7 @@ def main(argv=None) -> int:
         return 0
 
     if args.one_ort:   # child: the ONNX Runtime profile at one batch
-        if args.device == "cuda":
-            try:   # torch (CUPTI) before onnxruntime: ORT then finds the CUDA / cuDNN libraries torch loaded
-                import torch  # noqa: F401
-            except ImportError:
-                pass
-            import onnxruntime as ort
-
-            if hasattr(ort, "preload_dlls"):
-                try:
-                    ort.preload_dlls()
-                except Exception:  # noqa: BLE001 - the session's own provider check reports a real failure
-                    pass
-        from ldm_deploy.bench.profile import profile_ort
-
-        variant = None if args.ort_variant == "plain" else args.ort_variant
-        options = dict(o.split("=", 1) for o in args.provider_option)
-        result = profile_ort(args.artifact, batch=args.batch[0], height=args.height, width=args.width,
-                             backend="ort-cuda" if args.device == "cuda" else "ort-cpu", variant=variant,
-                             provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads,
-                             levers_dir=args.levers_dir)
-        write_json(args.out, {**result, "status": "ok"})
+        write_json(args.out, {**one_ort(args), "status": "ok"})
         return 0
 
     if args.render:

@@ -284,21 +284,12 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
     `variant` names a lever graph of the benchmark's folder instead (bench/prepare.py, e.g. "tuning-fold-transposes")."""
     import onnxruntime as ort
 
-    from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact
-    from ldm_deploy.runtime.runners.ort import component_spec
+    from ldm_deploy.artifact import Artifact
 
     art = Artifact.open(artifact, verify=False)
     configs = art.model_configs
     cuda = backend == "ort-cuda"
-    if levers_dir is not None:
-        from ldm_deploy.bench.prepare import lever_graph
-
-        variant, model_path, entry = lever_graph(levers_dir, variant)
-        spec = art.component("unet").over(entry)
-    else:
-        if variant == "auto":
-            variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
-        model_path, spec = component_spec(art, "unet", variant)
+    variant, model_path, spec = _unet_graph(art, variant, cuda, levers_dir)
     height = height or art.profiles.height.opt
     width = width or art.profiles.width.opt
     hidden = int(configs["unet"].get("cross_attention_dim") or configs["text_encoder"]["hidden_size"])
@@ -362,6 +353,22 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
                   nodes_per_call={k: round(v / max(1, runs), 1) for k, v in sorted(node_types.items())},
                   host_wall_ms_per_call=round(wall_cupti / iters, 4) if wall_cupti else None)
     return result
+
+
+def _unet_graph(art, variant, cuda: bool, levers_dir=None) -> tuple:
+    """(variant, graph path, ComponentSpec) of the U-Net to profile: an artifact variant ("auto": the ort-cuda
+    fused graph on CUDA when listed), or with `levers_dir` the lever graph `variant` of that benchmark folder."""
+    from ldm_deploy.artifact import ORT_CUDA_VARIANT
+    from ldm_deploy.runtime.runners.ort import component_spec
+
+    if levers_dir is not None:
+        from ldm_deploy.bench.prepare import lever_graph
+
+        variant, model_path, entry = lever_graph(levers_dir, variant)
+        return variant, model_path, art.component("unet").over(entry)
+    if variant == "auto":
+        variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
+    return (variant, *component_spec(art, "unet", variant))
 
 
 def profile_torch(model_dir, *, batch: int = 1, height: int | None = None, width: int | None = None,
