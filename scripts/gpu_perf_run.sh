@@ -51,7 +51,7 @@ LEVERS=$("$PYTHON" -c "from ldm_deploy.bench.spec import TUNING; print(','.join(
 
 part1() {   # B=1: the core sides, then each profile lever on ort-cuda
   "$PYTHON" -m ldm_deploy.cli bench "${COMMON[@]}" --tuning --batch 1 --sides "${SIDES_B1:-$CORE,$LEVERS}" \
-    --time-limit "$LIMIT" --out "$OUT/part1.json" 2>&1 | tee "$OUT/part1.log"
+    --levers-dir "$WORK/tuning-levers" --time-limit "$LIMIT" --out "$OUT/part1.json" 2>&1 | tee "$OUT/part1.log"
 }
 
 part2() {   # B=4 core sides + CUDA graphs everywhere (about half the limit), then the profiles

@@ -47,6 +47,8 @@ def in_subprocess(args, what: str, batch: int, mode: str | None = None, device: 
             cmd += ["--model-dir", str(args.model_dir), "--one-torch", mode]
         else:
             cmd += ["--artifact", str(args.artifact), "--one-ort", "--ort-variant", args.ort_variant]
+            if args.levers_dir:
+                cmd += ["--levers-dir", str(args.levers_dir)]
             cmd += [f"--provider-option={o}" for o in args.provider_option]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
@@ -70,16 +72,29 @@ def in_subprocess(args, what: str, batch: int, mode: str | None = None, device: 
 
 
 def render(data: dict) -> str:
-    from ldm_deploy.bench.profile import profile_table, reading
+    """The Markdown of a profile JSON. Each profile's listed kernels are put in the buckets `bucket_of` gives
+    them now (profile.rebucket: a fresh profile moves nothing); what moved is said under the table."""
+    from ldm_deploy.bench.profile import profile_table, reading, rebucket
     from ldm_deploy.bench.report import _machine
 
     lines = [f"Machine: {_machine(data)}; {data['created']}; {data.get('note', '')}".rstrip("; "), ""]
     for batch, entry in data["batches"].items():
-        ok = [p for p in entry["profiles"] if p.get("status", "ok") == "ok"]
+        ok = [rebucket(p) for p in entry["profiles"] if p.get("status", "ok") == "ok"]
         lines += [f"U-Net CFG step at B={batch} (U-Net batch {2 * int(batch)}), "
                   f"{ok[0]['height'] if ok else '?'}x{ok[0]['width'] if ok else '?'}:", ""]
         if ok:
             lines += [profile_table(ok), ""]
+        for p in ok:
+            moved = p["rebucketed"]["moved"]
+            if moved:
+                flows: dict = {}
+                for m in moved:
+                    flows[(m["from"], m["to"])] = flows.get((m["from"], m["to"]), 0.0) + m["ms_per_call"]
+                what = "ORT" if p["side"] == "onnxruntime" else f"torch {p.get('mode')}"
+                lines.append(f"- {what}: re-bucketed from the profile's stored kernel list ({p['rebucketed']['lists']}): "
+                             + ", ".join(f"{a} -> {b} {ms:.3f} ms" for (a, b), ms in flows.items())
+                             + f" ({len(moved)} kernels; kernels the list does not hold stay where they were, so "
+                               "a bucket that gains is a lower bound until the next profile run)")
         for p in entry["profiles"]:
             if p.get("status", "ok") != "ok":
                 lines.append(f"- {p.get('side')} {p.get('mode', '')}: {p.get('status')}: {p.get('error')}")
@@ -93,6 +108,30 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def one_ort(args) -> dict:
+    """Child: the ONNX Runtime profile at one batch (torch imported first on CUDA, for CUPTI and its libraries)."""
+    if args.device == "cuda":
+        try:   # torch (CUPTI) before onnxruntime: ORT then finds the CUDA / cuDNN libraries torch loaded
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - the session's own provider check reports a real failure
+                pass
+    from ldm_deploy.bench.profile import profile_ort
+
+    variant = None if args.ort_variant == "plain" else args.ort_variant
+    options = dict(o.split("=", 1) for o in args.provider_option)
+    return profile_ort(args.artifact, batch=args.batch[0], height=args.height, width=args.width,
+                       backend="ort-cuda" if args.device == "cuda" else "ort-cpu", variant=variant,
+                       provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads,
+                       levers_dir=args.levers_dir)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, help="exported artifact (the ONNX Runtime side)")
@@ -103,7 +142,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--iters", type=int, default=10, help="profiled steps (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default 3)")
-    ap.add_argument("--ort-variant", default="auto", help="auto (ort-cuda fused on CUDA), plain, or a variant name")
+    ap.add_argument("--ort-variant", default="auto", help="auto (ort-cuda fused on CUDA), plain, or a variant name "
+                                                          "(with --levers-dir: a lever graph of that folder)")
+    ap.add_argument("--levers-dir", type=Path, help="a benchmark's lever folder (`bench --levers` / `--tuning`): "
+                                                    "--ort-variant names one of its graphs")
     ap.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                     help="ONNX Runtime CUDA provider option for the profiled session (repeatable)")
     ap.add_argument("--torch", default=None,
@@ -136,26 +178,7 @@ def main(argv=None) -> int:
         return 0
 
     if args.one_ort:   # child: the ONNX Runtime profile at one batch
-        if args.device == "cuda":
-            try:   # torch (CUPTI) before onnxruntime: ORT then finds the CUDA / cuDNN libraries torch loaded
-                import torch  # noqa: F401
-            except ImportError:
-                pass
-            import onnxruntime as ort
-
-            if hasattr(ort, "preload_dlls"):
-                try:
-                    ort.preload_dlls()
-                except Exception:  # noqa: BLE001 - the session's own provider check reports a real failure
-                    pass
-        from ldm_deploy.bench.profile import profile_ort
-
-        variant = None if args.ort_variant == "plain" else args.ort_variant
-        options = dict(o.split("=", 1) for o in args.provider_option)
-        result = profile_ort(args.artifact, batch=args.batch[0], height=args.height, width=args.width,
-                             backend="ort-cuda" if args.device == "cuda" else "ort-cpu", variant=variant,
-                             provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads)
-        write_json(args.out, {**result, "status": "ok"})
+        write_json(args.out, {**one_ort(args), "status": "ok"})
         return 0
 
     if args.render:
@@ -163,6 +186,9 @@ def main(argv=None) -> int:
     else:
         if args.artifact is None:
             raise UsageError("--artifact is required (or --render JSON)")
+        if args.levers_dir and args.ort_variant in ("auto", "plain"):
+            raise UsageError("--levers-dir needs --ort-variant naming one of its graphs",
+                             hint="e.g. --ort-variant tuning-fold-transposes")
         if args.model_dir is None:
             from ldm_deploy.artifact import Artifact
 

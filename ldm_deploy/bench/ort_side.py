@@ -64,14 +64,15 @@ def _skip_reason(spec, side: str) -> str | None:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CUDAExecutionProvider here (needs onnxruntime-gpu and an NVIDIA GPU)"
-        graph = LEVERS.get(side, (None, {}))[1].get("graph")
+        graph = (LEVERS.get(side) or TUNING.get(side) or (None, {}))[1].get("graph")
         if graph:
             from ldm_deploy.bench.prepare import read_levers
 
             graphs = (read_levers(spec.levers_dir).get("graphs") or {}) if spec.levers_dir else {}
             if graph not in graphs:
                 return (f"no lever graph {graph!r} in {spec.levers_dir or '(no levers folder)'} "
-                        "(`ldm-deploy bench ARTIFACT --levers` prepares it in the benchmark's own folder)")
+                        f"(`ldm-deploy bench ARTIFACT {'--tuning' if side in TUNING else '--levers'}` prepares it "
+                        "in the benchmark's own folder)")
         if hasattr(ort, "preload_dlls"):   # cuDNN / cuBLAS from the nvidia-* wheels, when the system has none
             try:
                 ort.preload_dlls()
@@ -98,6 +99,8 @@ def _runner_options(spec, side: str) -> tuple[str, dict, dict]:
     backend, opts = _OPTIONS[side]
     opts = dict(opts)
     unet_opts = dict(LEVERS[side][1]) if side in LEVERS else {}
+    if side in TUNING and TUNING[side][1].get("graph"):   # a graph-tuning lever: the U-Net's graph only
+        unet_opts = {"graph": TUNING[side][1]["graph"], "enable_cuda_graph": True}
     if backend == "ort-cpu" and spec.threads:
         opts["intra_op_threads"] = int(spec.threads)
     if backend == "tensorrt" and spec.engine_dir:

@@ -220,6 +220,60 @@ def add_lever_variants(artifact, work) -> dict:
     return done
 
 
+# The graph-tuning levers' U-Net graphs (spec.TUNING, their "graph" knob): the artifact's own fused, CFG-folded
+# ort-cuda U-Net rewritten by ldm_deploy/export/ort_fp16_norm.py. name -> norm_layout_passes options.
+TUNING_GRAPHS = {
+    "tuning-fp16-norm": {"fp16_norm": True, "fold_transposes": False},
+    "tuning-fold-transposes": {"fp16_norm": False, "fold_transposes": True},
+    "tuning-norm-layout": {"fp16_norm": True, "fold_transposes": True},
+}
+
+
+def add_tuning_variants(artifact, work, names=tuple(TUNING_GRAPHS)) -> dict:
+    """Write the graph-tuning levers' U-Nets (`names` of TUNING_GRAPHS) into `work`, the benchmark's own folder,
+    from `artifact`'s ort-cuda U-Net variant (`export --ort-cuda`), registered as add_lever_variants registers
+    its graphs (LEVERS_FILE; a registry made for another artifact is started over). The artifact is only read.
+    Graphs already in `work` for this artifact are kept. Returns what was done, with each graph's pass stats."""
+    from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact, named_path
+    from ldm_deploy.export.ort_fp16_norm import write_norm_layout_graph
+    from ldm_deploy.export.ort_optimize import variant_entry
+    from ldm_deploy.fileio import write_json
+
+    unknown = [n for n in names if n not in TUNING_GRAPHS]
+    if unknown:
+        raise UsageError(f"unknown tuning graphs {unknown}; choose from {', '.join(TUNING_GRAPHS)}")
+    root, work = Path(artifact).resolve(), Path(work).resolve()
+    if work == root or root in work.parents:
+        raise UsageError(f"the tuning graphs go to the benchmark's own folder, not into the artifact ({work})",
+                         hint="pass a folder outside the artifact")
+    full = Artifact.open(root, verify=False).component("unet").variants.get(ORT_CUDA_VARIANT)
+    if full is None:   # refused before anything is written
+        raise LdmError(f"{root} has no ort-cuda U-Net variant, which the graph-tuning levers start from",
+                       hint="export with `ort_cuda: true` (`ldm-deploy export ... --ort-cuda`)")
+    checked = Artifact.open(root, verify=True)   # the graphs start from its files: check them before using them
+    identity = {"artifact": str(root), "manifest_sha256": checked.manifest_sha256}
+    registry = read_levers(work)
+    if {k: registry.get(k) for k in identity} != identity:
+        registry = {**identity, "graphs": {}}
+    graphs = registry["graphs"]
+    src = named_path(root, full.file, regular_file=True)
+    done: dict = {}
+    for name in names:
+        if name in graphs:
+            continue
+        dst = work / "unet" / f"model.{name}.onnx"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        stats = write_norm_layout_graph(src, dst, **TUNING_GRAPHS[name])
+        entry = variant_entry(work, dst, {"precision": full.precision, "fused_ops": dict(full.fused_ops),
+                                          "cfg_folded": bool(full.record.get("cfg_folded")), "nodes_before": stats["nodes_before"],
+                                          "nodes_after": stats["nodes_after"], "seconds": stats["seconds"],
+                                          "nhwc_conv": True, "declined_fusions": {}})
+        graphs[name] = {**entry, "passes": TUNING_GRAPHS[name], "pass_stats": stats}
+        write_json(work / LEVERS_FILE, registry)
+        done[name] = stats
+    return done
+
+
 def _fused_ops_match(entries: dict) -> dict:
     """{"fused_ops_match": bool} (+ "fused_ops" when not): the ladder credits each lever with the difference
     between two rows, so the fused graphs must fuse the same ops (an ort-cuda variant fused from the traced graph

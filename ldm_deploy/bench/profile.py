@@ -69,8 +69,14 @@ _NAME_RULES = (
     ("groupnorm", re.compile(r"group_?norm|layer_?norm|instance_?norm|batch_?norm|rowwisemoments|"
                              r"computefusedparams|welford", re.I)),
     ("convolution", re.compile(r"conv|fprop|implicit_?gemm|implicit_convolve|winograd|dgrad|wgrad|mkldnn", re.I)),
-    ("gemm", re.compile(r"gemm|gemv|cublas|cutlass|matmul|aten::(mm|bmm|addmm|baddbmm|linear)$|triton_tem_|"
-                        r"_mm_|splitk|xmma", re.I)),
+    # cuBLAS(Lt) on Hopper names its kernels nvjet_* (a GEMM with a bias epilogue ends in `_bias_TNN`: still a
+    # GEMM); older ones sm80/sm90_xmma_gemm_*, ampere_*gemm*, gemv*, cublasLt epilogue / split-K reductions;
+    # inductor calls cuBLAS through extern_kernels.mm/bmm/addmm or generates triton_tem_*mm* templates
+    ("gemm", re.compile(r"nvjet|gemm|gemv|cublas|cutlass|matmul|aten::(mm|bmm|addmm|baddbmm|linear)$|triton_tem_|"
+                        r"extern_kernels\.(mm|bmm|addmm|baddbmm)|_mm_|splitk|xmma", re.I)),
+    # activations before layout: ORT's biasSplitGeluKernel names a split but computes GELU; cuDNN's
+    # op_generic_tensor_kernel is cudnnOpTensor / cudnnAddTensor (ORT's conv bias add)
+    ("elementwise", re.compile(r"gelu|silu|swish|sigmoid|op_generic_tensor|optensor|addtensor", re.I)),
     ("layout_cast", re.compile(r"transpose|permute|nchw|nhwc|cast|copy|convert|contiguous|concat|aten::cat$|"
                                r"_cat_|pad|upsample|resize|slice|split|gather|expand|aten::(view|reshape|chunk|"
                                r"unflatten|flatten|as_strided|empty|empty_strided|t|to|_to_copy|narrow|select|"
@@ -120,11 +126,13 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarize(events: list[dict], wall_ms: float, calls: int, source: str, top: int = 15,
-              overlap: bool = True) -> dict:
+              overlap: bool = True, per_bucket: int = 10) -> dict:
     """Bucket `events` ({"name", "op_type"?, "dur_us", "ts_us"?}) of `calls` calls that took `wall_ms` in all.
     `overlap`: events may run concurrently (GPU kernels on streams): busy time is the union of their intervals
     and each bucket's share of it is split in proportion to the summed durations; otherwise (sequential CPU
-    ops / nodes) busy time is the sum."""
+    ops / nodes) busy time is the sum. `top`: the largest kernels / ops overall; `top_by_bucket`: the
+    `per_bucket` largest of each bucket, so a stored profile shows what each bucket holds (and can be
+    re-bucketed when `bucket_of` learns a name, `rebucket`)."""
     calls = max(1, int(calls))
     sums: dict[str, float] = {b: 0.0 for b in BUCKETS if b != "gaps"}
     counts: dict[str, int] = {b: 0 for b in sums}
@@ -148,15 +156,61 @@ def summarize(events: list[dict], wall_ms: float, calls: int, source: str, top: 
     per_call = {b: sums[b] * scale / calls / 1e3 for b in sums}
     per_call["gaps"] = gaps / calls / 1e3
     denominator = max(wall_us, busy) / calls / 1e3 or 1.0
+
+    def entry(n, v):
+        return {"name": n[:160], "ms_per_call": round(v[0] * scale / calls / 1e3, 4),
+                "events_per_call": round(v[1] / calls, 1)}
+
+    ranked = sorted(names.items(), key=lambda kv: -kv[1][0])
+    by_bucket: dict[str, list] = {}
+    for (n, b), v in ranked:
+        if len(by_bucket.setdefault(b, [])) < per_bucket:
+            by_bucket[b].append(entry(n, v))
     return {
         "source": source, "calls": calls, "wall_ms_per_call": round(wall_ms / calls, 4),
         "busy_ms_per_call": round(busy / calls / 1e3, 4), "events_per_call": round(len(events) / calls, 1),
         "buckets": {b: {"ms_per_call": round(per_call[b], 4), "share": round(per_call[b] / denominator, 4),
                         "events_per_call": round(counts.get(b, 0) / calls, 1)} for b in BUCKETS},
-        "top": [{"name": n[:160], "bucket": b, "ms_per_call": round(v[0] * scale / calls / 1e3, 4),
-                 "events_per_call": round(v[1] / calls, 1)}
-                for (n, b), v in sorted(names.items(), key=lambda kv: -kv[1][0])[:top]],
+        "top": [{**entry(n, v), "bucket": b} for (n, b), v in ranked[:top]],
+        "top_by_bucket": {b: by_bucket[b] for b in BUCKETS if b in by_bucket},
     }
+
+
+def rebucket(profile: dict) -> dict:
+    """`profile` (a stored summarize() result) with its listed kernels put in the buckets `bucket_of` gives them
+    now: each `top` / `top_by_bucket` entry whose bucket changed moves its ms and events from the old bucket to
+    the new one. Exact for the listed kernels; kernels a profile did not list stay where they were (a profile
+    with only the overall `top` list, older than `top_by_bucket`, gives a lower bound for the buckets that
+    gain). Returns a copy with `rebucketed`: what moved, and from which lists."""
+    import copy
+
+    p = copy.deepcopy(profile)
+    if p.get("top_by_bucket"):
+        listed = [{**e, "bucket": b} for b, entries in p["top_by_bucket"].items() for e in entries]
+    else:
+        listed = list(p.get("top") or [])
+    moved: list[dict] = []
+    for e in listed:
+        new = bucket_of(e["name"], e["name"])   # node profiles list op types, kernel profiles kernel names
+        if new == e["bucket"] or e["name"] in {m["name"] for m in moved}:
+            continue
+        for key in ("ms_per_call", "events_per_call"):
+            p["buckets"][e["bucket"]][key] = round(p["buckets"][e["bucket"]][key] - e[key], 4)
+            p["buckets"][new][key] = round(p["buckets"][new][key] + e[key], 4)
+        moved.append({"name": e["name"], "from": e["bucket"], "to": new, "ms_per_call": e["ms_per_call"]})
+    denominator = max(p["wall_ms_per_call"], p.get("busy_ms_per_call", 0.0)) or 1.0
+    for b in p["buckets"].values():
+        b["share"] = round(b["ms_per_call"] / denominator, 4)
+    for e in p.get("top") or []:
+        e["bucket"] = bucket_of(e["name"], e["name"])
+    if p.get("top_by_bucket"):
+        lists: dict[str, list] = {}
+        for e in listed:
+            lists.setdefault(bucket_of(e["name"], e["name"]), []).append(
+                {k: v for k, v in e.items() if k != "bucket"})
+        p["top_by_bucket"] = {b: sorted(lists[b], key=lambda x: -x["ms_per_call"]) for b in BUCKETS if b in lists}
+    p["rebucketed"] = {"moved": moved, "lists": "top_by_bucket" if profile.get("top_by_bucket") else "top"}
+    return p
 
 
 def parse_ort_trace(path: str | Path, skip_runs: int = 0) -> tuple[list[dict], list[dict], float, int]:
@@ -224,20 +278,18 @@ def _cupti_profile(run, iters: int):
 
 def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: int | None = None,
                 backend: str = "ort-cpu", variant: str | None = "auto", provider_options: dict | None = None,
-                iters: int = 10, warmup: int = 3, threads: int | None = None) -> dict:
+                iters: int = 10, warmup: int = 3, threads: int | None = None, levers_dir=None) -> dict:
     """Profile the deployed U-Net step with ONNX Runtime's profiler (and CUPTI kernels on CUDA when torch is
-    there). `variant` "auto" runs the ort-cuda fused graph on CUDA when the artifact has it."""
+    there). `variant` "auto" runs the ort-cuda fused graph on CUDA when the artifact has it; with `levers_dir`,
+    `variant` names a lever graph of the benchmark's folder instead (bench/prepare.py, e.g. "tuning-fold-transposes")."""
     import onnxruntime as ort
 
-    from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact
-    from ldm_deploy.runtime.runners.ort import component_spec
+    from ldm_deploy.artifact import Artifact
 
     art = Artifact.open(artifact, verify=False)
     configs = art.model_configs
     cuda = backend == "ort-cuda"
-    if variant == "auto":
-        variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
-    model_path, spec = component_spec(art, "unet", variant)
+    variant, model_path, spec = _unet_graph(art, variant, cuda, levers_dir)
     height = height or art.profiles.height.opt
     width = width or art.profiles.width.opt
     hidden = int(configs["unet"].get("cross_attention_dim") or configs["text_encoder"]["hidden_size"])
@@ -301,6 +353,22 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
                   nodes_per_call={k: round(v / max(1, runs), 1) for k, v in sorted(node_types.items())},
                   host_wall_ms_per_call=round(wall_cupti / iters, 4) if wall_cupti else None)
     return result
+
+
+def _unet_graph(art, variant, cuda: bool, levers_dir=None) -> tuple:
+    """(variant, graph path, ComponentSpec) of the U-Net to profile: an artifact variant ("auto": the ort-cuda
+    fused graph on CUDA when listed), or with `levers_dir` the lever graph `variant` of that benchmark folder."""
+    from ldm_deploy.artifact import ORT_CUDA_VARIANT
+    from ldm_deploy.runtime.runners.ort import component_spec
+
+    if levers_dir is not None:
+        from ldm_deploy.bench.prepare import lever_graph
+
+        variant, model_path, entry = lever_graph(levers_dir, variant)
+        return variant, model_path, art.component("unet").over(entry)
+    if variant == "auto":
+        variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
+    return (variant, *component_spec(art, "unet", variant))
 
 
 def profile_torch(model_dir, *, batch: int = 1, height: int | None = None, width: int | None = None,
@@ -373,7 +441,8 @@ def profile_torch(model_dir, *, batch: int = 1, height: int | None = None, width
 def profile_table(profiles: list[dict]) -> str:
     """Markdown: one column per profile (ms per U-Net step and share of its wall time), one row per bucket."""
     def head(p):
-        what = (f"ORT {p.get('backend')}{' ' + p['variant'] if p.get('variant') else ''}" if p.get("side") == "onnxruntime"
+        variant = p.get("variant") if p.get("variant") not in (None, p.get("backend")) else None
+        what = (f"ORT {p.get('backend')}{' ' + variant if variant else ''}" if p.get("side") == "onnxruntime"
                 else f"torch {p.get('mode')}{' + channels_last' if p.get('channels_last') else ''}")
         return f"{what} ({p.get('dtype')}, {p['source']})"
 
@@ -396,6 +465,10 @@ def reading(deployed: dict, reference: dict) -> list[str]:
     total = deployed["wall_ms_per_call"] - reference["wall_ms_per_call"]
     lines = [f"step wall {deployed['wall_ms_per_call']:.3f} ms against {reference['wall_ms_per_call']:.3f} ms "
              f"({total:+.3f} ms, profiler on)"]
+    if deployed.get("busy_ms_per_call") is not None and reference.get("busy_ms_per_call") is not None:
+        busy = deployed["busy_ms_per_call"] - reference["busy_ms_per_call"]
+        lines.append(f"busy (kernel time, gaps excluded): {deployed['busy_ms_per_call']:.3f} ms against "
+                     f"{reference['busy_ms_per_call']:.3f} ms ({busy:+.3f} ms)")
     for b, d in sorted(diff.items(), key=lambda kv: -abs(kv[1])):
         if abs(d) > 0.03 * reference["wall_ms_per_call"]:
             lines.append(f"{b}: {deployed['buckets'][b]['ms_per_call']:.3f} ms against "

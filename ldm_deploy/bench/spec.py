@@ -53,7 +53,8 @@ LEVER_REFERENCES = ("ort-cuda", "ort-cuda-no-graph", "ort-cuda-plain", "torch-ea
 # provider options (cuDNN convolution search / workspace / layout / bias fusion, TF32, the attention kernel
 # of the fused MultiHeadAttention: `sdpa_kernel` bit flags, AttentionBackend in ORT's attention_common.h)
 # and CUDA graphs over all three components. side -> (what it changes, {"provider_options": for every
-# runner's CUDA provider, "graph_all": CUDA graphs on the text encoder and VAE decoder too}). They are
+# runner's CUDA provider, "graph_all": CUDA graphs on the text encoder and VAE decoder too, "graph": a U-Net
+# graph of the benchmark's folder (BenchSpec.levers_dir) in place of the ort-cuda variant}). They are
 # bench-only: ldm_deploy/bench/ort_side.py hands them to the session loader; the production runner has none.
 SDPA_KERNEL = {"flash": 1, "efficient": 2, "cudnn-flash": 8, "math": 16}
 TUNING = {
@@ -73,6 +74,14 @@ TUNING = {
     **{f"ort-cuda-attn-{name}": (f"attention kernel pinned to {name} (sdpa_kernel={flag})",
                                  {"provider_options": {"sdpa_kernel": str(flag)}})
        for name, flag in SDPA_KERNEL.items() if name != "math"},
+    # graph levers: the ort-cuda U-Net rewritten by ldm_deploy/export/ort_fp16_norm.py, written into the
+    # benchmark's own folder (prepare.add_tuning_variants, prepare.TUNING_GRAPHS), run by the U-Net only
+    "ort-cuda-fp16-norm": ("GroupNorm / SkipGroupNorm fed fp16 directly, no-op Casts removed (U-Net graph pass)",
+                           {"graph": "tuning-fp16-norm"}),
+    "ort-cuda-fold-transposes": ("NHWC<->NCHW Transpose -> Reshape -> Transpose chains at the transformer blocks "
+                                 "folded into one Reshape (U-Net graph pass)", {"graph": "tuning-fold-transposes"}),
+    "ort-cuda-norm-layout": ("both U-Net graph passes (fp16 norm + folded transposes)",
+                             {"graph": "tuning-norm-layout"}),
 }
 # the profile-lever run (`ldm-deploy bench --tuning`), most telling first so
 # a run cut short by its time budget keeps them: the deployed path, the strongest one-line PyTorch recipe
@@ -125,7 +134,8 @@ class BenchSpec:
     device: str = "auto"                # torch sides: auto (cuda when available) | cuda | cpu
     threads: int | None = None          # CPU threads for ort-cpu and torch-on-CPU (None: library default)
     engine_dir: str | None = None       # tensorrt: engines folder (default ARTIFACT/engines)
-    levers_dir: str | None = None       # the lever sides' U-Net graphs (prepare.add_lever_variants; never the artifact)
+    levers_dir: str | None = None       # the lever / graph-tuning sides' U-Net graphs (prepare.add_lever_variants,
+                                        # add_tuning_variants; never the artifact)
     timeout_s: float = 900.0            # one (side, batch) subprocess is killed after this long
     compile_budget_s: float = 300.0     # torch.compile sides: all compiles of a side; past it the side is
                                         # recorded as status "timeout" ("compile did not finish within N s")

@@ -57,11 +57,11 @@ def add_arguments(p) -> None:
                         "kept its fp32 U-Net) into the benchmark's own folder (--levers-dir; the artifact is only "
                         "read), run one lever at a time, print the lever table")
     p.add_argument("--levers-dir", metavar="DIR",
-                   help="--levers: where the lever graphs go (default OUT.levers/ beside the results JSON)")
+                   help="--levers / --tuning: where the lever graphs go (default OUT.levers/ beside the results JSON)")
     p.add_argument("--tuning", action="store_true",
                    help="the profile levers (GPU): ort-cuda, torch.compile reduce-overhead, eager fp16, then ort-cuda "
-                        "with one CUDA provider option / CUDA graphs on all components each; prints the lever and "
-                        "PyTorch tables")
+                        "with one CUDA provider option / CUDA graphs on all components / U-Net graph pass each (the "
+                        "pass's graph written into --levers-dir); prints the lever and PyTorch tables")
     p.add_argument("--compile-budget", type=float, default=300.0, metavar="S",
                    help="torch.compile sides: seconds for all compiles of a side, else recorded as a timeout "
                         "(default 300)")
@@ -143,8 +143,8 @@ def run(args) -> int:
     t_start = time.perf_counter()
     if args.levers and args.tuning:
         raise UsageError("--levers and --tuning are two runs; pick one")
-    if args.levers_dir and not args.levers:
-        raise UsageError("--levers-dir goes with --levers")
+    if args.levers_dir and not (args.levers or args.tuning):
+        raise UsageError("--levers-dir goes with --levers or --tuning")
     _check_outputs(args)                  # before any export or side runs
     preset = _apply_preset(args)
     if args.source is None and preset is None:
@@ -211,7 +211,7 @@ def _prepare(args, preset, prepared: dict, artifact, model_dir) -> tuple[str | N
     """(artifact, levers folder, what was prepared): the bench's own export when the deployed sides have no
     artifact, and with --levers the ladder's graphs in the benchmark's own folder (never in the artifact)."""
     from ldm_deploy.bench.prepare import add_lever_variants, export_for_bench
-    from ldm_deploy.bench.spec import TORCH_SIDES
+    from ldm_deploy.bench.spec import TORCH_SIDES, TUNING_RUN
 
     export = prepared or None
     if artifact is None and any(s not in TORCH_SIDES for s in args.sides):
@@ -236,7 +236,32 @@ def _prepare(args, preset, prepared: dict, artifact, model_dir) -> tuple[str | N
         export = {**(export or {}), "lever_variants": done, "levers_dir": levers_dir}
         log.info("lever graphs in %s: %s", levers_dir,
                  ", ".join(k for k in done if k not in ("ort-cuda", "fused_ops_match")) or "already present")
+    graphs = _tuning_graphs(args.sides)
+    if graphs and artifact is not None and tuple(args.sides) == TUNING_RUN and not _has_ort_cuda_unet(artifact):
+        log.warning("%s has no ort-cuda U-Net variant: the U-Net graph levers (%s) are skipped; export with "
+                    "--ort-cuda to run them", artifact, ", ".join(graphs))
+        graphs = ()
+    if graphs and artifact is not None:   # the graph-tuning levers' U-Nets, in the benchmark's own folder too
+        from ldm_deploy.bench.prepare import add_tuning_variants
+
+        levers_dir = str(Path(args.levers_dir or Path(args.out).with_suffix(".levers")))
+        done = add_tuning_variants(artifact, levers_dir, graphs)
+        export = {**(export or {}), "tuning_variants": done, "levers_dir": levers_dir}
+        log.info("tuning graphs in %s: %s", levers_dir, ", ".join(done) or "already present")
     return artifact, levers_dir, export
+
+
+def _has_ort_cuda_unet(artifact) -> bool:
+    from ldm_deploy.artifact import ORT_CUDA_VARIANT, Artifact
+
+    return ORT_CUDA_VARIANT in Artifact.open(artifact, verify=False).component("unet").variants
+
+
+def _tuning_graphs(sides) -> tuple[str, ...]:
+    """The U-Net graphs the graph-tuning sides among `sides` run (spec.TUNING's "graph" knob)."""
+    from ldm_deploy.bench.spec import TUNING
+
+    return tuple(dict.fromkeys(TUNING[s][1]["graph"] for s in sides if s in TUNING and TUNING[s][1].get("graph")))
 
 
 def _print_tables(args, spec, results) -> None:

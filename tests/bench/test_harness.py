@@ -174,6 +174,8 @@ def test_tuning_sides_pass_provider_options_to_every_runner(tiny, monkeypatch):
     spec = BenchSpec(artifact=str(tiny[1]), sides=tuple(TUNING))
     assert {"ort-cuda-conv-heuristic", "ort-cuda-attn-flash", "ort-cuda-graph-all"} <= set(TUNING)
     for side, (_, tuning) in TUNING.items():
+        if tuning.get("graph"):   # the U-Net graph levers: tests/bench/test_tuning_graphs.py
+            continue
         backend, opts, extra = _runner_options(spec, side)
         assert backend == "ort-cuda" and extra == {}
         seen.clear()

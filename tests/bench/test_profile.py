@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ldm_deploy.bench.profile import BUCKETS, bucket_of, parse_ort_trace, profile_table, reading, summarize
+from ldm_deploy.errors import LdmError
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,69 @@ def tiny(tmp_path_factory):
 ])
 def test_bucket_of_kernel_names(name, bucket):
     assert bucket_of(name) == bucket
+
+
+# Kernel names recorded by CUPTI on an H100 (benchmarks/profiles/h100-sd15-unet-profile.json, SD 1.5 U-Net step, ORT
+# ort-cuda and torch.compile reduce-overhead): cuBLAS(Lt) on Hopper names its GEMMs nvjet_*, a bias epilogue
+# included; ORT's biasSplitGeluKernel computes GELU; cuDNN's op_generic_tensor_kernel is ORT's conv bias add.
+@pytest.mark.parametrize("name, bucket", [
+    ("nvjet_sm90_hsh_320x128_64x3_1x2_h_bz_coopB_NNT", "gemm"),
+    ("nvjet_sm90_hsh_160x64_64x6_1x2_h_bz_NNN", "gemm"),
+    ("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN", "gemm"),
+    ("nvjet_sm90_hsh_80x128_64x8_2x1_v_bz_bias_TNN", "gemm"),
+    ("void onnxruntime::contrib::cuda::biasSplitGeluKernel<__half, 1280, 256>(__half const*, __half const*, __half*)",
+     "elementwise"),
+    ("void op_generic_tensor_kernel<4, __half, float, __half, 256, (cudnnGenericOp_t)0, (cudnnNanPropagation_t)0, 0>"
+     "(cudnnTensorStruct, __half*, cudnnTensorStruct, __", "elementwise"),
+    ("void onnxruntime::cuda::Transpose3DKernel<short, 32u>(long, long, long, short const*, short*)", "layout_cast"),
+    ("void onnxruntime::contrib::cuda::GroupNormNHWCScaleKernel<__half, 2>(__half*, __half const*, __half const*, "
+     "float const*, float const*, __half const*, float con", "groupnorm"),
+    ("void onnxruntime::cuda::cuApplyLayerNorm<__half, float, __half, false>(__half*, float*, float*, __half const*, "
+     "int, int, float, __half const*, __half const*, in", "groupnorm"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x192x64_warpgroupsize2x1x1_g1_execute_"
+     "segment_k_off_kernel__5x_cudnn", "convolution"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
+     "attention"),
+    ("triton_per_fused_add_clone_convolution_native_group_norm_silu_10", "groupnorm"),
+    ("triton_poi_fused_gelu_mul_split_view_15", "elementwise"),
+    # other GEMM spellings of cuBLAS / CUTLASS / inductor
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas",
+     "gemm"),
+    ("cutlass3x_sm90_tensorop_h64x128x16gemm_f16_f16_f32_f16_f16_128x128x64_1x1x1_0_tnn_align8_warpspecialized", "gemm"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, __half, __half, __half>", "gemm"),
+    ("triton_tem_fused_mm_5", "gemm"),
+    ("extern_kernels.mm", "gemm"),
+])
+def test_bucket_of_recorded_h100_kernel_names(name, bucket):
+    assert bucket_of(name) == bucket
+
+
+def test_rebucket_moves_listed_kernels_and_keeps_the_total():
+    """A profile stored before bucket_of knew nvjet_* (its `top` list files them under other / elementwise):
+    rebucket moves exactly the listed kernels' time, the buckets still add up, and a second pass moves nothing."""
+    from ldm_deploy.bench.profile import rebucket
+
+    stored = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "profiles" /
+                         "h100-sd15-unet-profile.json").read_text())
+    for entry in stored["batches"].values():
+        for p in entry["profiles"]:
+            r = rebucket(p)
+            nvjet = sum(t["ms_per_call"] for t in p["top"] if t["name"].startswith("nvjet"))
+            assert nvjet > 0 and r["buckets"]["gemm"]["ms_per_call"] == pytest.approx(
+                p["buckets"]["gemm"]["ms_per_call"] + nvjet, abs=1e-3)
+            total = lambda q: sum(b["ms_per_call"] for b in q["buckets"].values())  # noqa: E731
+            assert total(r) == pytest.approx(total(p), abs=1e-3)
+            assert all(t["bucket"] == bucket_of(t["name"]) for t in r["top"])
+            assert rebucket(r)["rebucketed"]["moved"] == []
+
+
+def test_summarize_keeps_the_largest_names_of_every_bucket():
+    events = [{"name": f"nvjet_sm90_hsh_{i}", "dur_us": 100.0 + i} for i in range(12)]
+    events += [{"name": "flash_fwd_kernel", "dur_us": 50.0}, {"name": "mystery_kernel", "dur_us": 5.0}]
+    s = summarize(events, wall_ms=5.0, calls=1, source="cupti-kernels", top=3, overlap=False, per_bucket=10)
+    assert len(s["top"]) == 3 and set(s["top_by_bucket"]) == {"gemm", "attention", "other"}
+    assert [e["name"] for e in s["top_by_bucket"]["gemm"]] == [f"nvjet_sm90_hsh_{i}" for i in range(11, 1, -1)]
+    assert s["top_by_bucket"]["other"] == [{"name": "mystery_kernel", "ms_per_call": 0.005, "events_per_call": 1.0}]
 
 
 def test_op_type_wins_over_the_node_name():
@@ -85,6 +149,23 @@ def test_ort_cpu_profile_of_the_tiny_unet(tiny):
     # nodes run one after another: buckets + gaps = the runs' wall time (rounding of 9 values at 1e-4 ms)
     assert total == pytest.approx(p["wall_ms_per_call"], abs=1e-3)
     assert p["events_per_call"] == pytest.approx(sum(p["nodes_per_call"].values()))
+
+
+def test_ort_profile_of_a_lever_graph(tiny, tmp_path):
+    """`levers_dir`: the profiled graph is a lever graph of the benchmark's folder (registered as bench/prepare.py
+    registers them), here the artifact's own plain U-Net under another name, so ORT CPU runs it."""
+    from ldm_deploy.bench.prepare import LEVERS_FILE
+    from ldm_deploy.bench.profile import profile_ort
+    from ldm_deploy.fileio import write_json
+
+    unet = json.loads((tiny[1] / "manifest.json").read_text())["components"]["unet"]
+    write_json(tmp_path / LEVERS_FILE, {"artifact": str(tiny[1]), "graphs": {"lever-x": {
+        "file": unet["file"], "in_artifact": True, "inputs": unet["inputs"], "outputs": unet["outputs"]}}})
+    p = profile_ort(tiny[1], batch=1, iters=2, warmup=1, threads=1, variant="lever-x", levers_dir=tmp_path)
+    assert p["variant"] == "lever-x" and p["model"] == str(tiny[1] / unet["file"])
+    assert p["nodes_per_call"]["Conv"] > 0
+    with pytest.raises(LdmError, match="no lever graph 'lever-y'"):
+        profile_ort(tiny[1], batch=1, iters=1, warmup=0, variant="lever-y", levers_dir=tmp_path)
 
 
 def test_parse_ort_trace_drops_warmup_runs(tmp_path):
