@@ -28,7 +28,15 @@ GUIDANCE = 7.5
 @pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
 @pytest.mark.parametrize("variant", [None, "ort-cuda"])
 def test_cuda_graph_replays_are_stable(artifacts, precision, component, variant, record_property):  # noqa: F811
-    """Run 1 captures the graph; replays 2 and 3 of the same inputs give the same bits."""
+    """Run 1 captures the graph; replays 2 and 3 of the same inputs give the same bits on the plain graphs.
+
+    The fused variants' GroupNorm / SkipGroupNorm (ONNX Runtime's contrib kernel, from TensorRT's GroupNorm
+    plugin) add each block's partial group sums into a shared workspace with atomics, so their order, and the
+    last bits, may change between identical replays: an H100 run (2026-12-06) saw it on the fused fp32 U-Net
+    and both fused VAE decoders. There the replays must agree to float rounding: the bound of
+    test_ort_cuda_equals_cpu (1e-3 of max|out| in fp32, 3e-2 in fp16, TF32 5e-3), and whether they were
+    bit-identical is recorded."""
+    from ldm_deploy.compare import assert_close
     from ldm_deploy.export.cfg_fold import folded_inputs
 
     runner = open_runner("ort-cuda", artifacts[precision], component, variant=variant, enable_cuda_graph=True)
@@ -36,8 +44,16 @@ def test_cuda_graph_replays_are_stable(artifacts, precision, component, variant,
     if takes_guidance(runner):
         x = folded_inputs(x, GUIDANCE)
     outs = [runner(x) for _ in range(3)]
+    half = "float16" in {str(d) for d in runner.input_dtypes.values()} or runner.spec.precision == "fp16"
+    tol = 3e-2 if half else (5e-3 if runner.use_tf32 else 1e-3)
+    identical = all(np.array_equal(outs[1][name], outs[2][name]) for name in outs[0])
+    record_property("replays_bit_identical", identical)
     for name in outs[0]:
-        assert np.array_equal(outs[1][name], outs[2][name]), name
+        if variant is None:
+            assert np.array_equal(outs[1][name], outs[2][name]), name
+        else:
+            assert_close(outs[2][name], outs[1][name], atol=tol * float(np.abs(outs[1][name]).max()),
+                         name=f"{component} {name} replay")
     t0 = time.perf_counter()
     for _ in range(10):
         runner(x)

@@ -32,11 +32,22 @@ CONFIG = ExportConfig(name="tiny-sdxl", batch=Range(1, 1, 2), height=Range(SIZE,
 @pytest.fixture(scope="module")
 def artifacts(sdxl_folders, tmp_path_factory) -> dict:
     """base fp32 / fp16 and refiner fp16 (VAE fp32, as SDXL's), each with the ort-cuda variants."""
+    from ldm_deploy.export.ort_optimize import add_ort_cuda_variants
+
     root = tmp_path_factory.mktemp("sdxl-ort-cuda-gpu")
     base, refiner = sdxl_folders
-    return {"base-fp32": export_model(base, root / "base-fp32", CONFIG).path,
-            "base-fp16": export_model(base, root / "base-fp16", CONFIG.replace(precision="fp16")).path,
-            "refiner-fp16": export_model(refiner, root / "refiner-fp16", CONFIG.replace(precision="fp16")).path}
+    out = {"base-fp32": export_model(base, root / "base-fp32", CONFIG).path,
+           "base-fp16": export_model(base, root / "base-fp16", CONFIG.replace(precision="fp16")).path,
+           "refiner-fp16": export_model(refiner, root / "refiner-fp16", CONFIG.replace(precision="fp16")).path}
+    # text_encoder_2's fused variant is not written by --ort-cuda (it failed here on an H100, 2026-12-06: fp32
+    # max abs 1.1, CUDA-graph capture refused); the component test still builds and checks it, the pipeline
+    # tests run what an export holds (its plain graph)
+    # (made from an fp32 graph: the fp32 base's; fp16 exports keep none for it)
+    import shutil
+
+    te2 = shutil.copytree(out["base-fp32"], root / "base-fp32-te2")
+    add_ort_cuda_variants(te2, ["text_encoder_2"])
+    return {**out, "base-fp32+te2": te2}
 
 
 def _feeds(artifact, component: str, seed: int) -> dict:
@@ -62,7 +73,9 @@ def test_fused_sdxl_variant_equals_plain_on_cuda(artifacts, which, component, cu
     from ldm_deploy.artifact import Artifact
     from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg
 
-    art = artifacts[which]
+    if component == "text_encoder_2" and which != "base-fp32":
+        pytest.skip("text_encoder_2's fused variant is made from an fp32 graph: only the fp32 base has one")
+    art = artifacts[f"{which}+te2" if component == "text_encoder_2" else which]
     if component not in Artifact.open(art).components:
         pytest.skip(f"{which} has no {component}")
     plain = open_runner("ort-cuda", art, component, variant=None)
@@ -112,7 +125,7 @@ def test_sdxl_pipeline_fused_on_cuda_matches_cpu(artifacts, graph, negative, rec
     pipe = Pipeline.from_artifact(artifacts["base-fp16"], backend="ort-cuda", enable_cuda_graph=graph)
     assert isinstance(pipe, SDXLPipeline)
     assert {c: r.variant for c, r in pipe.runners.items() if c != "vae_encoder"} == {
-        c: "ort-cuda" for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
+        "text_encoder": "ort-cuda", "text_encoder_2": None, "unet": "ort-cuda", "vae_decoder": "ort-cuda"}
     assert takes_guidance(pipe.runners["unet"]) and pipe.runners["vae_decoder"].spec.precision == "fp32"
     pipe(PROMPT, negative_prompt=negative, steps=2, seed=1, guidance=GUIDANCE)   # warm-up (and capture)
     gpu = pipe(PROMPT, **kw)
