@@ -275,6 +275,11 @@ def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
         x = feeds("text_encoder", seed=seed)
         assert_close(runner(x)["last_hidden_state"], cpu(x)["last_hidden_state"], name=f"seed {seed}")
         assert set(runner._out) == set(runner.output_names)
+    seen = _graph_ids_passed(runner)      # a new shape is probed in its own slot, then captured under its id
+    for seed, batch in enumerate((2, 2, 1, 2), start=3):
+        x = feeds("text_encoder", batch=batch, seed=seed)
+        assert_close(runner(x)["last_hidden_state"], cpu(x)["last_hidden_state"], name=f"batch {batch}")
+    assert seen == ["-1", "2", "1", "2"]
 
 
 def test_without_io_binding_runs_session_run(artifacts, cpu_bound, monkeypatch):
