@@ -372,13 +372,13 @@ class OrtBoundRunner(OrtRunner):
         super().__init__(loaded, output_dtype=output_dtype)
         self.max_cuda_graphs = max_cuda_graphs
         self._slots: dict[tuple, _Slot] = {}       # input-shape key -> its slot (CUDA graphs only)
-        self._spare: _Slot                         # the one re-bound slot: no CUDA graphs, or shapes past the bound
         self._weights_dev: dict[str, object] = {}  # switchable weight -> its device buffer, bound in every slot
         self._out_shapes: dict[tuple, dict[str, tuple]] = {}
         self._runs = 0
         self.ungraphed_calls = 0                   # CUDA-graph runner calls run without a graph (past the bound)
         self._uploaded = False
         self._sync = None                          # host->device copy fence (see _sync_uploads)
+        # the one re-bound slot: every call without CUDA graphs, the shapes past the bound with them
         self._slot = self._spare = self._new_slot(-1 if self.enable_cuda_graph else None)
 
     binding = _slot_view("binding", "the IO binding of the last call's slot")
@@ -596,13 +596,14 @@ class OrtBoundRunner(OrtRunner):
                 slot.binding.bind_ortvalue_output(name, held)
 
     def _run(self, capture: bool = True) -> None:
-        """Run the active slot's binding. Under CUDA graphs its RunOptions carry the slot's `gpu_graph_id`:
-        ORT's CUDA EP keeps one graph per id (a per-id count of regular runs before capture,
-        cuda_execution_provider.h `graph_id_to_run_count_` / `min_num_runs_before_cuda_graph_capture_`), and
-        the first `run_with_iobinding` with a new id runs regularly for its allocations, then captures, within
-        that one call (inference_session.cc runs again while the id's graph is not captured); later calls with
-        the id replay it. -1 runs without a graph (onnxruntime_run_options_config_keys.h,
-        kOrtRunOptionsConfigCudaGraphAnnotation "gpu_graph_id": 0 is ORT's own default id, not for users)."""
+        """Run the active slot's binding. Under CUDA graphs its RunOptions carry the slot's `gpu_graph_id`
+        (onnxruntime/core/session/onnxruntime_run_options_config_keys.h, kOrtRunOptionsConfigCudaGraphAnnotation:
+        an integer per graph; -1 runs without capture or replay; 0 is ORT's own default id, "not expected" from
+        users). ORT's CUDA EP keeps one captured graph per id, with a per-id count of regular runs before its
+        capture (cuda_execution_provider.h, `graph_id_to_run_count_` / `min_num_runs_before_cuda_graph_capture_`,
+        so the allocations are made before capturing), and replays an id's graph from then on. An id is only
+        ever run with its slot's bindings, so whichever call of that shape captures, the addresses it records
+        stay the slot's."""
         slot = self._slot
         slot.binding.synchronize_inputs()
         options = slot.run_options
