@@ -40,7 +40,8 @@ def add_model_arguments(p, default_backend: str = "ort-cuda") -> None:
     p.add_argument("--request-timeout", type=float, default=0.0, metavar="S",
                    help="seconds a request may wait and run before it fails (default 0: no limit)")
     p.add_argument("--runner-options", metavar="JSON", default="{}",
-                   help='options for every runner, e.g. \'{"cuda_graph": true}\' (tensorrt)')
+                   help='options for every runner, e.g. \'{"cuda_graph": true}\' (tensorrt), '
+                        '\'{"enable_cuda_graph": true}\' (ort-cuda: one CUDA graph per batch size)')
     p.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
                    help="a LoRA requests may name in their `lora` input (NAME[:SCALE]); repeatable; the artifact "
                         "must be exported with --lora-switchable")

@@ -48,7 +48,8 @@ class RepoConfig:
     max_queue_size: int = 32             # waiting requests beyond this are rejected at once
     request_timeout_s: float = 0.0       # 0: none; else the queue timeout and the loop deadline
     artifact_path: str | None = None     # the artifact's path as the server sees it (default: its path here)
-    runner_options: dict = field(default_factory=dict)   # passed to every runner (e.g. {"cuda_graph": True}, tensorrt)
+    runner_options: dict = field(default_factory=dict)   # passed to every runner (e.g. {"cuda_graph": True}, tensorrt;
+                                                         # {"enable_cuda_graph": True}, ort-cuda)
     verify: bool = True                  # check every artifact file's sha256 when an instance loads
     loras: dict = field(default_factory=dict)   # name -> LoRA file requests may name (`--lora NAME=FILE`)
 
@@ -73,10 +74,11 @@ def _check(config: RepoConfig, batch_max: int) -> int:
             raise
         except LdmError:   # the backend's own package (tensorrt, ...) may be on the serving host only
             pass
-    if config.backend == "ort-cuda" and config.runner_options.get("enable_cuda_graph"):
-        raise UsageError("ort-cuda CUDA graphs need one static shape, and a server's batches change size (requests "
-                         "come and go, sizes differ)", hint="use --backend tensorrt with "
-                         "--runner-options '{\"cuda_graph\": true}' (one graph per shape), or leave CUDA graphs off")
+    # ort-cuda's enable_cuda_graph keeps one graph per batch shape the batcher forms (runners/ort.py OrtBoundRunner)
+    bound = config.runner_options.get("max_cuda_graphs")
+    if config.backend == "ort-cuda" and bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                                               or bound < 1):
+        raise UsageError(f"max_cuda_graphs must be an integer >= 1, got {bound!r}")
     if not config.request_timeout_s >= 0:
         raise UsageError(f"request timeout must be >= 0 seconds, got {config.request_timeout_s!r}")
     return max_batch

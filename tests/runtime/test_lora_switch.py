@@ -95,3 +95,23 @@ def test_linear_mode_takes_linear_loras_and_names_locon(setup):
     assert info["changed"] == {"text_encoder": 6, "unet": 0}
     with pytest.raises(LdmError, match="Linear and 1x1 conv weights only.*--lora-switchable all"):
         lora_switch.apply(runners, [f"{files['kohya']}:1.0"])          # LoCon: 3x3 conv2
+
+
+def test_bound_weights_reach_every_cuda_graph_slot(setup, cpu_bound):
+    """Under CUDA graphs each input shape has its own binding (and graph); the switchable weights live in one set
+    of device buffers bound in all of them, so a switch reaches every shape's graph, and a shape first seen after
+    the switch runs with the switched weights too."""
+    arts, files = setup
+    runner = cpu_bound(arts["fp32"], "unet", enable_cuda_graph=True)
+    cpu = open_runner("ort-cpu", arts["fp32"], "unet")
+    one, two, three = (example_feeds(UNET[0], b, b, float_dtype=np.float32) for b in (1, 2, 3))
+    base = {b: runner(x)["noise_pred"] for b, x in ((1, one), (2, two))}
+    loras = [f"{files['peft']}:0.8"]
+    lora_switch.apply({"unet": runner}, loras)
+    lora_switch.apply({"unet": cpu}, loras)
+    for b, x in ((2, two), (1, one), (3, three), (2, two)):
+        got = runner(x)["noise_pred"]
+        assert_close(got, cpu(x)["noise_pred"], rtol=0, atol=0, name=f"batch {b} after the switch")
+        assert b not in base or not np.array_equal(got, base[b]), f"batch {b} still runs the base weights"
+    slots = list(runner._slots.values())
+    assert len(slots) == 3 and all(s.inputs[n] is runner._weights_dev[n] for s in slots for n in runner.base_weights)

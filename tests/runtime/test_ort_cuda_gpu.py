@@ -61,6 +61,48 @@ def test_cuda_graph_replays_are_stable(artifacts, precision, component, variant,
     record_property("model", runner.model_path.name)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
+@pytest.mark.parametrize("variant", [None, "ort-cuda"])
+def test_cuda_graph_per_batch_size(artifacts, precision, component, variant, record_property):  # noqa: F811
+    """Batch sizes 1, 2, 1, 4, 2, 4, 1 on one runner under CUDA graphs (a server's batcher): each size captures its
+    own graph on first use and replays it after the others ran; every call equals ort-cpu to the bounds of
+    test_ort_cuda_equals_cpu, and a size's replays equal its first run (bit for bit on the plain graphs, to
+    float rounding on the fused ones: see test_cuda_graph_replays_are_stable)."""
+    from ldm_deploy.compare import assert_close
+    from ldm_deploy.export.cfg_fold import folded_inputs, reference_cfg
+
+    cpu = open_runner("ort-cpu", artifacts[precision], component)
+    gpu = open_runner("ort-cuda", artifacts[precision], component, variant=variant, enable_cuda_graph=True)
+    half = "float16" in {str(d) for d in gpu.input_dtypes.values()} or gpu.spec.precision == "fp16"
+    tol = 3e-2 if half else (5e-3 if gpu.use_tf32 else 1e-3)
+    folded = takes_guidance(gpu)
+    first: dict = {}
+    identical = True
+    for batch in (1, 2, 1, 4, 2, 4, 1):
+        x = feeds(component, batch=batch, seed=batch)
+        expected = cpu(x)
+        if folded:
+            x = folded_inputs(x, GUIDANCE)
+            expected = {"noise_pred": reference_cfg(expected["noise_pred"], batch, GUIDANCE)}
+        out = gpu(x)
+        for k, v in expected.items():
+            assert_close(out[k], v, atol=(2 if folded else 1) * tol * float(np.abs(v).max()),
+                         name=f"{component} {k} batch {batch} vs cpu")
+        if batch not in first:
+            first[batch] = out
+            continue
+        for k, v in first[batch].items():
+            identical &= bool(np.array_equal(out[k], v))
+            if variant is None:
+                assert np.array_equal(out[k], v), f"{component} {k} batch {batch} replay"
+            else:
+                assert_close(out[k], v, atol=tol * float(np.abs(v).max()), name=f"{component} {k} batch {batch} replay")
+    assert sorted(gpu.cuda_graphs.values()) == [1, 2, 3] and gpu.ungraphed_calls == 0
+    record_property("replays_bit_identical", identical)
+    gpu.close()
+
+
 _CPU: dict = {}
 
 

@@ -128,14 +128,89 @@ def test_input_new_every_call_stops_being_compared(artifacts, cpu_bound, monkeyp
     assert "encoder_hidden_states" not in runner._volatile and "encoder_hidden_states" in runner._in_host
 
 
-def test_cuda_graph_shape_change_is_an_error(artifacts, cpu_bound):
+def _graph_ids_passed(runner) -> list:
+    """Record the `gpu_graph_id` of every run the runner makes (the real run still happens)."""
+    seen, real = [], runner.session.run_with_iobinding
+
+    def run_with_iobinding(binding, options=None):
+        seen.append(None if options is None else options.get_run_config_entry("gpu_graph_id"))
+        return real(binding, options)
+
+    runner.session.run_with_iobinding = run_with_iobinding
+    return seen
+
+
+def _key(runner, x) -> tuple:
+    return tuple((n, tuple(np.shape(x[n]))) for n in runner.input_names)
+
+
+def test_cuda_graph_slot_per_shape(artifacts, cpu_bound):
+    """Under CUDA graphs each input-shape set gets its own binding, buffers and graph id (1, 2, ... in order of
+    first use; ORT reserves 0), kept while other shapes run: alternating batches equal ort-cpu, each run passes
+    its shape's id, and a shape seen again runs in the very buffers it had (what its captured graph recorded)."""
     runner = cpu_bound(artifacts["fp32"], "unet", variant=None, enable_cuda_graph=True)
-    runner(feeds("unet", batch=1))
-    with pytest.raises(LdmError, match="CUDA graph"):
-        runner(feeds("unet", batch=2))
-    free = cpu_bound(artifacts["fp32"], "unet", variant=None)       # without graphs any batch goes
-    assert free(feeds("unet", batch=2))["noise_pred"].shape == (4, 4, 8, 8)
-    assert free(feeds("unet", batch=1))["noise_pred"].shape == (2, 4, 8, 8)
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "unet")
+    seen = _graph_ids_passed(runner)
+    buffers = {}
+    for i, batch in enumerate((1, 2, 1, 4, 2, 4, 1)):
+        x = feeds("unet", batch=batch, seed=i)
+        assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"call {i} batch {batch}")
+        held = {n: v.data_ptr() for n, v in (*runner._in.items(), *runner._out.items())}
+        assert buffers.setdefault(batch, held) == held, f"batch {batch} was re-bound"
+    keys = {b: _key(runner, feeds("unet", batch=b)) for b in (1, 2, 4)}
+    assert runner.cuda_graphs == {keys[1]: 1, keys[2]: 2, keys[4]: 3}
+    assert seen == ["1", "2", "1", "3", "2", "3", "1"] and runner.ungraphed_calls == 0
+    assert len({id(s.binding) for s in runner._slots.values()}) == 3
+    free = cpu_bound(artifacts["fp32"], "unet", variant=None)       # without graphs: one binding, re-bound
+    seen = _graph_ids_passed(free)
+    for batch in (2, 1, 2):
+        assert free(feeds("unet", batch=batch))["noise_pred"].shape == (2 * batch, 4, 8, 8)
+    assert not free._slots and free.cuda_graphs == {} and seen == [None, None, None]
+
+
+def test_cuda_graph_bound(artifacts, cpu_bound):
+    """Past `max_cuda_graphs` shapes run without a graph (gpu_graph_id -1) in one shared, re-bound binding, and
+    are right; the shapes that have a graph keep it. The default bound covers the artifact's batch range."""
+    from ldm_deploy.errors import UsageError
+    from ldm_deploy.runtime.runners.ort import MAX_CUDA_GRAPHS
+
+    runner = cpu_bound(artifacts["fp32"], "unet", variant=None, enable_cuda_graph=True, max_cuda_graphs=2)
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "unet")
+    seen = _graph_ids_passed(runner)
+    for i, batch in enumerate((1, 2, 4, 3, 1, 4)):
+        x = feeds("unet", batch=batch, seed=i)
+        assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"call {i} batch {batch}")
+    assert seen == ["1", "2", "-1", "-1", "1", "-1"] and runner.ungraphed_calls == 3
+    assert sorted(runner.cuda_graphs.values()) == [1, 2]
+    art = Artifact.open(artifacts["fp32"])
+    wide = max(MAX_CUDA_GRAPHS, art.profiles.batch.max - art.profiles.batch.min + 1)
+    assert cpu_bound(artifacts["fp32"], "unet", variant=None, enable_cuda_graph=True).max_cuda_graphs == wide
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UsageError, match="max_cuda_graphs must be an integer >= 1"):
+            cpu_bound(artifacts["fp32"], "unet", variant=None, enable_cuda_graph=True, max_cuda_graphs=bad)
+
+
+def test_cuda_graph_slots_keep_input_reuse_apart(artifacts, cpu_bound, monkeypatch):
+    """The upload-skipping state is per slot: frozen embeddings at batch 1 stay skipped while batch 2 runs in
+    between, and a batch-2 call never takes batch 1's device copy for its own."""
+    runner = cpu_bound(artifacts["fp32"], "unet", variant=None, enable_cuda_graph=True)
+    cpu = open_runner("ort-cpu", artifacts["fp32"], "unet")
+    one, two = feeds("unet", batch=1), feeds("unet", batch=2, seed=5)
+    for x in (one, two):
+        x["encoder_hidden_states"].setflags(write=False)
+    runner(one)
+    runner(two)
+    compared = []
+    real = np.array_equal
+    monkeypatch.setattr(np, "array_equal", lambda a, b: compared.append(np.shape(a)) or real(a, b))
+    for i in range(3):
+        for x in (one, two):
+            x = dict(x, sample=x["sample"] + 0.5 * (i + 1))
+            assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"round {i}")
+    assert (2, 77, 32) not in compared and (4, 77, 32) not in compared    # skipped by identity, per slot
+    slots = list(runner._slots.values())
+    # each slot counted its own latents' changes (VOLATILE_AFTER = 3 in a row) and froze its own embeddings
+    assert all("encoder_hidden_states" in s.in_frozen and "sample" in s.volatile for s in slots)
 
 
 def test_pipeline_passes_variant_through(artifacts, cpu_bound):
@@ -200,6 +275,11 @@ def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
         x = feeds("text_encoder", seed=seed)
         assert_close(runner(x)["last_hidden_state"], cpu(x)["last_hidden_state"], name=f"seed {seed}")
         assert set(runner._out) == set(runner.output_names)
+    seen = _graph_ids_passed(runner)      # a new shape is probed in its own slot, then captured under its id
+    for seed, batch in enumerate((2, 2, 1, 2), start=3):
+        x = feeds("text_encoder", batch=batch, seed=seed)
+        assert_close(runner(x)["last_hidden_state"], cpu(x)["last_hidden_state"], name=f"batch {batch}")
+    assert seen == ["-1", "2", "1", "2"]
 
 
 def test_without_io_binding_runs_session_run(artifacts, cpu_bound, monkeypatch):

@@ -66,3 +66,38 @@ def test_ort_cuda_lora_requests_switch_device_weights(tiny_folder, tmp_path, cap
         print(f"\nort-cuda LoRA requests batched vs alone, max abs pixel diff: {diffs}")
     assert max(diffs) <= 1, diffs
     assert np.array_equal(after.image, before.image)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_graphs_per_batch_size(tiny_artifact, tmp_path, capsys):  # noqa: F811
+    """enable_cuda_graph on ort-cuda: the batcher's batches of 4 and of 1 each get their own CUDA graph (captured
+    on first use, kept while the other size runs); a batch replayed after the other size equals its first run
+    byte for byte, each request equals its image alone to the batch-size rounding bound above, and the graphed
+    server equals the ungraphed one to that bound."""
+    repo = write_repository(tiny_artifact, tmp_path / "repo", RepoConfig(
+        backend="ort-cuda", runner_options={"enable_cuda_graph": True}))
+    sampler: BatchSampler = open_sampler(read_parameters((repo / "config.pbtxt").read_text()), device_id=0)
+    plain: BatchSampler = open_sampler(read_parameters((write_repository(
+        tiny_artifact, tmp_path / "plain", RepoConfig(backend="ort-cuda")) / "config.pbtxt").read_text()), device_id=0)
+    unet = sampler.pipe.runners["unet"].runner
+    assert unet.enable_cuda_graph
+    requests = [Request(p, "", 50 + i, 8, 5.0, "euler-ancestral", 32, 32)
+                for i, p in enumerate(["a red cube", "a blue sphere", "a green cone", ""])]
+    first = [Job(r) for r in requests]
+    sampler.run(first)
+    alone = []
+    for r in requests:
+        alone.append(Job(r))
+        sampler.run([alone[-1]])
+    again = [Job(r) for r in requests]
+    sampler.run(again)
+    reference = [Job(r) for r in requests]
+    plain.run(reference)
+    assert sorted(unet.cuda_graphs.values()) == [1, 2] and unet.ungraphed_calls == 0, unet.cuda_graphs
+    for a, b in zip(first, again):
+        assert np.array_equal(a.image, b.image), "a replayed batch-4 graph differs from its first run"
+    diffs = [int(np.abs(j.image.astype(int) - a.image.astype(int)).max()) for j, a in zip(first, alone)]
+    graph_vs_plain = [int(np.abs(j.image.astype(int) - p.image.astype(int)).max()) for j, p in zip(first, reference)]
+    with capsys.disabled():
+        print(f"\nort-cuda CUDA graphs: batch of 4 vs alone {diffs}, graphed vs ungraphed {graph_vs_plain}")
+    assert max(diffs) <= 1 and max(graph_vs_plain) <= 1, (diffs, graph_vs_plain)

@@ -46,10 +46,21 @@ def test_bad_options_are_usage_errors_and_write_nothing(tiny_artifact, tmp_path)
     for config, words in ((RepoConfig(max_batch=5), "outside the artifact's batch profile [1, 4]"),
                           (RepoConfig(instances=0), "instances must be an integer >= 1"),
                           (RepoConfig(backend="torch"), "unknown backend 'torch'"),
-                          (RepoConfig(runner_options={"enable_cuda_graph": True}), "ort-cuda CUDA graphs need one")):
+                          (RepoConfig(runner_options={"enable_cuda_graph": True, "max_cuda_graphs": 0}),
+                           "max_cuda_graphs must be an integer >= 1")):
         with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("]", r"\]")):
             write_repository(tiny_artifact, tmp_path / "repo", config)
     assert not (tmp_path / "repo").exists()
+
+
+def test_ort_cuda_cuda_graphs_are_served(tiny_artifact, tmp_path):  # noqa: F811
+    """ort-cuda keeps one CUDA graph per batch size the batcher forms (runners/ort.py), so triton-repo takes
+    enable_cuda_graph (and a graph bound) for it and hands them to every runner."""
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_artifact), "--out", str(repo), "--backend", "ort-cuda", "--runner-options",
+                 '{"enable_cuda_graph": true, "max_cuda_graphs": 4}', "-q"]) == 0
+    params = read_parameters((repo / "ldm" / "config.pbtxt").read_text())
+    assert json.loads(params["runner_options"]) == {"enable_cuda_graph": True, "max_cuda_graphs": 4}
 
 
 def test_instance_loads_the_artifact_and_refuses_a_changed_one(tiny_artifact, tmp_path):  # noqa: F811

@@ -23,11 +23,15 @@ over it) are the benchmark's levers, assembled in ldm_deploy/bench/ort_side.py.
 in place (`update_inplace`, host -> device), an input equal to what was uploaded last call (the text
 embeddings during the denoising loop) is not uploaded again -- an input whose values changed on
 `VOLATILE_AFTER` calls in a row (the latents) is then uploaded without the compare -- and outputs are
-written into preallocated device buffers. With `enable_cuda_graph=True` ORT's first `run_with_iobinding`
-runs once for allocations and captures a CUDA graph that later calls replay: the graph holds the device
-addresses of every bound input and output, so all of them are preallocated before that first run and never
-rebound, and a shape change is an error (open a runner per shape). The CPU runner never picks a variant by
-itself (the fused graphs' contrib ops have CUDA kernels only).
+written into preallocated device buffers. With `enable_cuda_graph=True` a CUDA graph holds the device
+addresses of every bound input and output, so each input-shape set gets its own IO binding and buffers and
+its own ORT graph id (run option `gpu_graph_id`, 1, 2, ... in order of first use): that shape's first
+`run_with_iobinding` runs once for allocations and captures, later calls with it replay, and alternating
+shapes (a server's batches of 1..max rows) each keep their graph. At most `max_cuda_graphs` shapes get one
+(default MAX_CUDA_GRAPHS, or the artifact's batch-size range when wider); further shapes run without a graph
+(`gpu_graph_id` -1, counted in `ungraphed_calls`) rather than fail. The switchable LoRA weights live in one set
+of device buffers bound in every slot. The CPU runner never picks a variant by itself (the fused graphs'
+contrib ops have CUDA kernels only).
 
 Defaults measured on real runs:
 - `allow_spinning=None`: intra-op thread spinning off on machines with at most `FEW_CORES` cores. The
@@ -53,6 +57,8 @@ from ldm_deploy.artifact import ORT_CUDA_VARIANT, ComponentSpec
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import lora_switch
 
+MAX_CUDA_GRAPHS = 8  # CUDA graphs a bound runner keeps by default (or the artifact's batch-size range, if wider)
+GRAPH_ID_KEY = "gpu_graph_id"   # ORT run config key: the CUDA graph a run captures / replays, -1 none
 VOLATILE_AFTER = 3   # an input new on this many calls in a row is uploaded without comparing from then on
 FEW_CORES = 4      # at most this many cores: intra-op spinning off by default (see the module docstring)
 SPINNING_KEY = "session.intra_op.allow_spinning"
@@ -105,6 +111,7 @@ class OrtSession:
     enable_cuda_graph: bool = False
     cuda_options: dict = field(default_factory=dict)   # the CUDA provider options in effect
     use_tf32: bool | None = None     # None on the CPU provider
+    profiles: Any = None             # the artifact's Profiles (batch/height/width ranges), None when it has none
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ class SessionFromArtifact:
         variant, model_path, spec = self._graph(artifact)
         so, allow_spinning = self._session_options(ort)
         loaded = OrtSession(None, self.component, model_path, spec, variant,
-                            artifact.vae_scale_factor, {}, allow_spinning)
+                            artifact.vae_scale_factor, {}, allow_spinning, profiles=artifact.profiles)
         if cuda:
             loaded.cuda_options = self._cuda_options(artifact)
             loaded.device_id, loaded.enable_cuda_graph = int(self.device_id), bool(self.enable_cuda_graph)
@@ -309,52 +316,135 @@ class OrtRunner:
         return self._cast_out(outputs)
 
 
-class OrtBoundRunner(OrtRunner):
-    """Runs a loaded CUDA session with IO binding: device-resident, reused input and output buffers."""
+class _Slot:
+    """One IO binding and the device buffers bound in it: the inputs (the switchable weights' buffers are
+    shared by every slot), the preallocated outputs, and what the input buffers hold (to skip uploads).
+    `graph_id`: the ORT CUDA graph it captures and replays (`gpu_graph_id`, >= 1), -1 for a slot that runs
+    without a graph (past `max_cuda_graphs`), None without CUDA graphs."""
 
-    io_binding = True
+    def __init__(self, binding, graph_id: int | None, run_options=None):
+        self.binding = binding
+        self.graph_id = graph_id
+        self.run_options = run_options              # RunOptions carrying gpu_graph_id (None: ORT's default)
+        self.inputs: dict[str, object] = {}         # name -> device OrtValue (bound once per shape)
+        self.in_host: dict[str, np.ndarray] = {}    # name -> host copy of what the device buffer holds
+        self.in_frozen: dict[str, np.ndarray] = {}  # name -> the read-only caller array last uploaded
+        self.changed: dict[str, int] = {}           # name -> calls in a row on which its values changed
+        self.volatile: set[str] = set()             # inputs no longer compared (changed VOLATILE_AFTER calls in a row)
+        self.outputs: dict[str, object] = {}        # name -> device OrtValue (preallocated)
 
-    def __init__(self, loaded: OrtSession, *, output_dtype=np.float32):
-        if loaded.device_id is None:
-            raise UsageError(f"IO binding needs a CUDA session; {loaded.model_path} was loaded on the CPU provider",
-                             hint="SessionFromArtifact(..., provider='cuda'), or OrtRunner for a CPU session")
-        super().__init__(loaded, output_dtype=output_dtype)
-        self.binding = self.session.io_binding()
-        self._in: dict[str, object] = {}           # name -> device OrtValue (bound once per shape)
-        self._in_host: dict[str, np.ndarray] = {}  # name -> host copy of what the device buffer holds
-        self._in_frozen: dict[str, np.ndarray] = {}  # name -> the read-only caller array last uploaded
-        self._changed: dict[str, int] = {}         # name -> calls in a row on which its values changed
-        self._volatile: set[str] = set()           # inputs no longer compared (changed VOLATILE_AFTER calls in a row)
-        self._out: dict[str, object] = {}          # name -> device OrtValue (preallocated)
-        self._out_shapes: dict[tuple, dict[str, tuple]] = {}
-        self._runs = 0
-        self._uploaded = False
-        self._sync = None                          # host->device copy fence (see _sync_uploads)
-
-    def close(self) -> None:
-        """Free the device buffers and the binding, then the session."""
-        if getattr(self, "binding", None) is not None:
+    def clear(self) -> None:
+        if self.binding is not None:
             self.binding.clear_binding_inputs()
             self.binding.clear_binding_outputs()
         self.binding = None
-        self._in.clear()
-        self._out.clear()
-        self._in_host.clear()
-        self._in_frozen.clear()
+        for held in (self.inputs, self.in_host, self.in_frozen, self.changed, self.outputs):
+            held.clear()
+        self.volatile.clear()
+
+
+def _slot_view(attr: str, doc: str):
+    """A runner attribute that is the active slot's (the buffers the last call ran with)."""
+    return property(lambda self: getattr(self._slot, attr), doc=doc)
+
+
+class OrtBoundRunner(OrtRunner):
+    """Runs a loaded CUDA session with IO binding: device-resident, reused input and output buffers.
+
+    Without CUDA graphs one binding serves every shape (re-bound when the shapes change). With them each
+    input-shape set gets a slot of its own -- an IO binding, input and output buffers, and an ORT CUDA graph
+    id -- captured on that shape's first use and replayed on every later call with it, so alternating batch
+    sizes (a server's batcher) keep their graphs. `max_cuda_graphs` bounds the graphs (each holds its own
+    buffers and graph memory); calls with shapes past it run without a graph (`gpu_graph_id` -1) in one shared
+    binding, counted in `ungraphed_calls`. None: MAX_CUDA_GRAPHS, or the artifact's batch-size range if wider."""
+
+    io_binding = True
+
+    def __init__(self, loaded: OrtSession, *, output_dtype=np.float32, max_cuda_graphs: int | None = None):
+        if loaded.device_id is None:
+            raise UsageError(f"IO binding needs a CUDA session; {loaded.model_path} was loaded on the CPU provider",
+                             hint="SessionFromArtifact(..., provider='cuda'), or OrtRunner for a CPU session")
+        if max_cuda_graphs is None:
+            batch = loaded.profiles.batch if loaded.profiles is not None else None
+            max_cuda_graphs = max(MAX_CUDA_GRAPHS, batch.max - batch.min + 1 if batch is not None else 0)
+        elif isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
+            raise UsageError(f"max_cuda_graphs must be an integer >= 1, got {max_cuda_graphs!r}")
+        super().__init__(loaded, output_dtype=output_dtype)
+        self.max_cuda_graphs = max_cuda_graphs
+        self._slots: dict[tuple, _Slot] = {}       # input-shape key -> its slot (CUDA graphs only)
+        self._weights_dev: dict[str, object] = {}  # switchable weight -> its device buffer, bound in every slot
+        self._out_shapes: dict[tuple, dict[str, tuple]] = {}
+        self._runs = 0
+        self.ungraphed_calls = 0                   # CUDA-graph runner calls run without a graph (past the bound)
+        self._uploaded = False
+        self._sync = None                          # host->device copy fence (see _sync_uploads)
+        # the one re-bound slot: every call without CUDA graphs, the shapes past the bound with them
+        self._slot = self._spare = self._new_slot(-1 if self.enable_cuda_graph else None)
+
+    binding = _slot_view("binding", "the IO binding of the last call's slot")
+    _in = _slot_view("inputs", "name -> device input buffer of the last call's slot")
+    _in_host = _slot_view("in_host", "name -> host copy of what that slot's input buffer holds")
+    _in_frozen = _slot_view("in_frozen", "name -> the read-only caller array that slot last uploaded")
+    _changed = _slot_view("changed", "name -> calls in a row on which that slot's input changed")
+    _volatile = _slot_view("volatile", "inputs that slot uploads without comparing")
+    _out = _slot_view("outputs", "name -> device output buffer of the last call's slot")
+
+    @property
+    def cuda_graphs(self) -> dict[tuple, int]:
+        """Input-shape key -> the ORT CUDA graph id of its slot (captured on the slot's first run)."""
+        return {key: slot.graph_id for key, slot in self._slots.items()}
+
+    def _new_slot(self, graph_id: int | None) -> _Slot:
+        options = None
+        if graph_id is not None:
+            options = _ort().RunOptions()
+            options.add_run_config_entry(GRAPH_ID_KEY, str(graph_id))
+        slot = _Slot(self.session.io_binding(), graph_id, options)
+        for name, held in self._weights_dev.items():   # the shared weight buffers: one copy, every graph reads it
+            slot.inputs[name] = held
+            slot.binding.bind_ortvalue_input(name, held)
+        return slot
+
+    def _slot_for(self, key: tuple) -> _Slot:
+        """The slot a call with these input shapes runs in: without CUDA graphs the one binding; with them the
+        shape's own slot, made on its first use (graph ids 1, 2, ... in that order), or the shared ungraphed one
+        once `max_cuda_graphs` shapes have theirs."""
+        if not self.enable_cuda_graph:
+            return self._spare
+        slot = self._slots.get(key)
+        if slot is None:
+            if len(self._slots) < self.max_cuda_graphs:
+                # ORT reserves gpu_graph_id 0 for its own default capture (onnxruntime_run_options_config_keys.h)
+                slot = self._slots[key] = self._new_slot(len(self._slots) + 1)
+            else:
+                slot = self._spare
+        if slot.graph_id == -1:
+            self.ungraphed_calls += 1
+        return slot
+
+    def close(self) -> None:
+        """Free every slot's device buffers and binding, the weight buffers, then the session."""
+        for slot in (self._spare, *self._slots.values()):
+            slot.clear()
+        self._slots.clear()
+        self._weights_dev.clear()
         super().close()
 
     _weights_bound = False
 
     def _bind_weights(self, names) -> None:
-        """Upload the switchable weights `names` into their device buffers: allocated and bound once, then
-        rewritten in place, so the binding and a captured CUDA graph (which hold the addresses) stay valid."""
+        """Upload the switchable weights `names` into their device buffers: allocated once and bound in every
+        slot, then rewritten in place, so the bindings and the captured CUDA graphs (which hold the addresses)
+        stay valid and every graph reads the new weights."""
+        slots = (self._spare, *self._slots.values())
         for name in names:
             array = np.ascontiguousarray(self.weights[name])
-            held = self._in.get(name)
+            held = self._weights_dev.get(name)
             if held is None:
-                held = self._device_value(array.shape, array.dtype)
-                self._in[name] = held
-                self.binding.bind_ortvalue_input(name, held)
+                held = self._weights_dev[name] = self._device_value(array.shape, array.dtype)
+                for slot in slots:
+                    slot.inputs[name] = held
+                    slot.binding.bind_ortvalue_input(name, held)
             held.update_inplace(array)
         self._weights_bound = True
         self._uploaded = True
@@ -373,41 +463,42 @@ class OrtBoundRunner(OrtRunner):
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cuda", self.device_id)
 
     def _bind_input(self, name: str, value: np.ndarray) -> None:
-        if self._in_frozen.get(name) is value and name in self._in_host:
+        slot = self._slot
+        if slot.in_frozen.get(name) is value and name in slot.in_host:
             return  # the same read-only array as last call (the pipeline's text embeddings): no cast, no compare
         array = np.ascontiguousarray(value, dtype=self.input_dtypes[name])
-        held = self._in.get(name)
+        held = slot.inputs.get(name)
         if held is None or tuple(held.shape()) != array.shape:
-            if held is not None and self.enable_cuda_graph:
+            if held is not None and slot.graph_id is not None and slot.graph_id >= 0:
                 raise LdmError(f"{self.component} input {name!r} changed shape {tuple(held.shape())} -> {array.shape} "
-                               "under a captured CUDA graph", hint="CUDA graphs need static shapes; open a new runner "
-                               "for each shape or pass enable_cuda_graph=False")
+                               f"in the slot of CUDA graph {slot.graph_id}", hint="this is a bug in ldm-deploy; "
+                               "pass enable_cuda_graph=False meanwhile")
             held = self._device_value(array.shape, array.dtype)
-            self._in[name] = held
-            self._in_host.pop(name, None)
-            self._in_frozen.pop(name, None)
-            self._changed.pop(name, None)
-            self._volatile.discard(name)
-            self.binding.bind_ortvalue_input(name, held)
-        elif name in self._in_host and np.array_equal(self._in_host[name], array):
-            self._changed[name] = 0
+            slot.inputs[name] = held
+            slot.in_host.pop(name, None)
+            slot.in_frozen.pop(name, None)
+            slot.changed.pop(name, None)
+            slot.volatile.discard(name)
+            slot.binding.bind_ortvalue_input(name, held)
+        elif name in slot.in_host and np.array_equal(slot.in_host[name], array):
+            slot.changed[name] = 0
             return  # the device copy already holds these values (e.g. the text embeddings every step)
         held.update_inplace(array)
         self._uploaded = True
-        if name not in self._volatile:
-            if name in self._in_host:   # compared and found different
-                self._changed[name] = self._changed.get(name, 0) + 1
-                if self._changed[name] >= VOLATILE_AFTER:
+        if name not in slot.volatile:
+            if name in slot.in_host:   # compared and found different
+                slot.changed[name] = slot.changed.get(name, 0) + 1
+                if slot.changed[name] >= VOLATILE_AFTER:
                     # new values every call (the latents, the timestep): stop paying a compare and a host copy
-                    self._volatile.add(name)
-                    self._in_host.pop(name)
-                    self._in_frozen.pop(name, None)
+                    slot.volatile.add(name)
+                    slot.in_host.pop(name)
+                    slot.in_frozen.pop(name, None)
                     return
-            self._in_host[name] = array.copy() if array is value else array
+            slot.in_host[name] = array.copy() if array is value else array
             # A read-only array is taken as unchanged while it is passed again (its owner promises so by
             # making it read-only); keeping a reference to it is then safe, unlike to a reused buffer.
             frozen = isinstance(value, np.ndarray) and not value.flags.writeable
-            self._in_frozen[name] = value if frozen else None
+            slot.in_frozen[name] = value if frozen else None
 
     def _sync_uploads(self) -> None:
         """`update_inplace` is a cudaMemcpy from pageable memory on the legacy default stream, which may
@@ -416,7 +507,8 @@ class OrtBoundRunner(OrtRunner):
         it ORT's own stream synchronisation is all there is."""
         if self._sync is None:
             self._sync = False
-            if any(v.device_name().lower() == "cuda" for v in self._in.values()):
+            values = [*self._in.values(), *self._weights_dev.values()]
+            if any(v.device_name().lower() == "cuda" for v in values):
                 try:
                     from cuda.bindings import runtime as cudart
                     self._sync = lambda: cudart.cudaStreamSynchronize(0)
@@ -454,6 +546,8 @@ class OrtBoundRunner(OrtRunner):
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
+        key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.input_names)
+        self._slot = slot = self._slot_for(key)
         self._uploaded = False
         if self.weights and not self._weights_bound:
             self._bind_weights(self.weights)
@@ -461,28 +555,24 @@ class OrtBoundRunner(OrtRunner):
             self._bind_input(name, inputs[name])
         if self._uploaded:
             self._sync_uploads()
-        key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.input_names)
         shapes = self._output_shapes(key, inputs)
         if shapes is None:
             # First call with these shapes and outputs we can't size from the manifest: let ORT allocate,
             # learn the shapes, and write into our own buffers from the next call on. Under CUDA graphs
             # this probe runs with gpu_graph_id -1 (no capture: a capture records the output addresses,
-            # and ORT-allocated ones would not stay ours); the next call captures with our buffers bound.
-            if self._out and self.enable_cuda_graph:
-                raise LdmError(f"{self.component} inputs changed shape under a captured CUDA graph",
-                               hint="CUDA graphs need static shapes; pass enable_cuda_graph=False")
+            # and ORT-allocated ones would not stay ours); the slot's next call captures with our buffers bound.
             for name in self.output_names:
-                self.binding.bind_output(name, "cuda", self.device_id)
-                self._out.pop(name, None)
+                slot.binding.bind_output(name, "cuda", self.device_id)
+                slot.outputs.pop(name, None)
             self._run(capture=False)
-            values = self.binding.get_outputs()
+            values = slot.binding.get_outputs()
             self._out_shapes[key] = {n: tuple(v.shape()) for n, v in zip(self.output_names, values)}
             arrays = [v.numpy() for v in values]
             self._ensure_outputs(self._out_shapes[key])
             return self._cast_out(arrays)
         self._ensure_outputs(shapes)
         self._run()
-        return self._cast_out([self._host(self._out[n]) for n in self.output_names])
+        return self._cast_out([self._host(slot.outputs[n]) for n in self.output_names])
 
     @staticmethod
     def _host(value) -> np.ndarray:
@@ -492,32 +582,50 @@ class OrtBoundRunner(OrtRunner):
         return array.copy() if value.device_name().lower() == "cpu" else array
 
     def _ensure_outputs(self, shapes: dict[str, tuple]) -> None:
+        slot = self._slot
         out_dtypes = {o.name: np.dtype(o.dtype) for o in self.spec.outputs}
         for name in self.output_names:
-            held = self._out.get(name)
+            held = slot.outputs.get(name)
             if held is None or tuple(held.shape()) != shapes[name]:
-                if held is not None and self.enable_cuda_graph:
-                    raise LdmError(f"{self.component} output {name!r} changed shape under a captured CUDA graph",
-                                   hint="CUDA graphs need static shapes; pass enable_cuda_graph=False")
+                if held is not None and slot.graph_id is not None and slot.graph_id >= 0:
+                    raise LdmError(f"{self.component} output {name!r} changed shape in the slot of CUDA graph "
+                                   f"{slot.graph_id}", hint="this is a bug in ldm-deploy; pass "
+                                   "enable_cuda_graph=False meanwhile")
                 held = self._device_value(shapes[name], out_dtypes[name])
-                self._out[name] = held
-                self.binding.bind_ortvalue_output(name, held)
+                slot.outputs[name] = held
+                slot.binding.bind_ortvalue_output(name, held)
 
     def _run(self, capture: bool = True) -> None:
-        ort = _ort()
-        self.binding.synchronize_inputs()
-        options = None
+        """Run the active slot's binding. Under CUDA graphs its RunOptions carry the slot's `gpu_graph_id`
+        (onnxruntime/core/session/onnxruntime_run_options_config_keys.h, kOrtRunOptionsConfigCudaGraphAnnotation:
+        an integer per graph; -1 runs without capture or replay; 0 is ORT's own default id, "not expected" from
+        users). ORT's CUDA EP keeps one captured graph per id, with a per-id count of regular runs before its
+        capture (cuda_execution_provider.h, `graph_id_to_run_count_` / `min_num_runs_before_cuda_graph_capture_`,
+        so the allocations are made before capturing), and replays an id's graph from then on. An id is only
+        ever run with its slot's bindings, so whichever call of that shape captures, the addresses it records
+        stay the slot's."""
+        slot = self._slot
+        slot.binding.synchronize_inputs()
+        options = slot.run_options
         if self.enable_cuda_graph and not capture:
-            options = ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", "-1")   # this run neither captures nor replays
+            options = self._no_graph_options()   # this run neither captures nor replays
         try:
-            self.session.run_with_iobinding(self.binding, options)
+            self.session.run_with_iobinding(slot.binding, options)
         except Exception as e:  # onnxruntime raises its own exception types
-            what = "CUDA graph capture/replay" if self.enable_cuda_graph else "run"
+            graphed = self.enable_cuda_graph and options is slot.run_options and slot.graph_id != -1
+            what = f"CUDA graph {slot.graph_id} capture/replay" if graphed else "run"
             raise LdmError(f"onnxruntime CUDA {what} of {self.model_path} failed: {str(e).splitlines()[0]}",
                            hint="retry with enable_cuda_graph=False / variant=None to narrow it down") from None
-        self.binding.synchronize_outputs()
+        slot.binding.synchronize_outputs()
         self._runs += 1
+
+    _no_graph = None
+
+    def _no_graph_options(self):
+        if self._no_graph is None:
+            self._no_graph = _ort().RunOptions()
+            self._no_graph.add_run_config_entry(GRAPH_ID_KEY, "-1")
+        return self._no_graph
 
 
 # ----------------------------------------------------------------------------- production (open_runner)
@@ -538,8 +646,9 @@ class OrtCudaRunner(OrtBoundRunner):
     """One artifact component on CUDAExecutionProvider with IO binding (backend "ort-cuda")."""
 
     def __init__(self, artifact, component: str, *, device_id: int = 0, enable_cuda_graph: bool = False,
-                 variant: str | None = "auto", use_tf32: bool | None = None, output_dtype=np.float32):
+                 variant: str | None = "auto", use_tf32: bool | None = None, output_dtype=np.float32,
+                 max_cuda_graphs: int | None = None):
         super().__init__(SessionFromArtifact(artifact, component, provider="cuda", variant=variant,
                                              device_id=device_id, enable_cuda_graph=enable_cuda_graph,
                                              use_tf32=use_tf32)(),
-                         output_dtype=output_dtype)
+                         output_dtype=output_dtype, max_cuda_graphs=max_cuda_graphs)
