@@ -77,7 +77,9 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
             return ExportResult(out, True, cached, time.perf_counter() - start)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(model_dir, config),
                      "the ONNX export")
-    source = load_source(model_dir, config.components)
+    # without LoRA files each component's weights are loaded for its own trace and dropped after it; merging
+    # LoRA files needs every targeted module at once (and fails before anything is written)
+    source = load_source(model_dir, config.components, lazy=not loras)
     lora_records = lora_export.merge(source, loras) if loras else []   # before tracing; fails before any write
     with atomic_dir(out, ARTIFACT_OUTPUT, inputs=inputs, force=force) as tmp:
         extra = None   # tokenizers first: a folder the runtime cannot read fails fast
@@ -89,7 +91,11 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
         tokenizer = (mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer") if source.tokenizer_dir is not None
                      else extra["sdxl"]["tokenizer_2"])
         work = tmp / ".work"
-        components = {c: _export_component(c, source, config, tmp, work) for c in config.components}
+        components = {}
+        for i, c in enumerate(config.components):
+            source.load(PARTS[c])
+            last_use = PARTS[c] not in {PARTS[later] for later in config.components[i + 1:]}
+            components[c] = _export_component(c, source, config, tmp, work, release=last_use)
         shutil.rmtree(work)
         write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
         write_config(config, tmp / "export_config.yaml")
@@ -104,10 +110,14 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
     return ExportResult(out, False, artifact, seconds)
 
 
-def _export_component(component: str, source, config: ExportConfig, root: Path, work: Path) -> dict:
+def _export_component(component: str, source, config: ExportConfig, root: Path, work: Path, *,
+                      release: bool = False) -> dict:
+    """`release`: drop the component's torch module once traced (no later component uses it)."""
     precision = config.component_precision(component)
     raw = work / component / "raw.onnx"
     spec, export_s = export_onnx(component, source, config, raw)
+    if release:     # the rest works on the ONNX files; the fp32 SDXL U-Net module alone is 10.3 GB
+        source.release(PARTS[component])
     final = root / component / "model.onnx"
     keep_fp32 = component == "unet" and precision == "fp16" and config.keep_fp32_unet
     fp32 = final if precision == "fp32" else (root / "unet" / "model_fp32.onnx" if keep_fp32
@@ -115,8 +125,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     if config.optimize:
         clean = cleanup(raw, fp32)
     else:
-        import onnx
-        onnx_io.save_model(onnx.load(str(raw)), fp32)
+        onnx_io.copy_model(raw, fp32)
         clean = {"tool": None, "applied": False, "nodes_before": node_count(raw), "nodes_after": node_count(fp32)}
     if precision == "fp16":
         keep_nodes = tuple(config.fp16_keep_nodes.get(component, ()))

@@ -28,13 +28,20 @@ def cleanup(src: Path, dst: Path) -> dict:
 
     before = node_count(src)
     start = time.perf_counter()
+    if onnx_io.is_big(src):
+        # onnxslim serializes the whole model, which fails over protobuf's 2 GB limit ("EncodeError: Failed
+        # to serialize proto", measured on the SD 1.5 U-Net after 41 s holding copies of the weights): not run
+        onnx_io.copy_model(src, dst)
+        return {"tool": "onnxslim", "applied": False, "nodes_before": before, "nodes_after": node_count(dst),
+                "seconds": round(time.perf_counter() - start, 2),
+                "error": "not run: the graph is over protobuf's 2 GB limit, which onnxslim cannot serialize"}
     try:
         model = onnxslim.slim(onnx.load(str(src)))
         onnx_io.save_model(model, dst)
         ok, why = True, None
     except Exception as e:  # noqa: BLE001 - a failed cleanup leaves a valid, un-slimmed graph
         log.warning("onnxslim failed on %s (%s); keeping the traced graph", src, e)
-        onnx_io.save_model(onnx.load(str(src)), dst)
+        onnx_io.copy_model(src, dst)
         ok, why = False, f"{type(e).__name__}: {e}"[:200]
     rec = {"tool": "onnxslim", "applied": ok, "nodes_before": before, "nodes_after": node_count(dst),
            "seconds": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,147 @@
+"""Where the export's host memory goes: resident set size per export phase, on SDXL-shaped models of any size.
+
+    python scripts/export_memory.py --work /tmp/xl-mem --scale quarter            # ~1/4 of SDXL's U-Net
+    python scripts/export_memory.py --work /tmp/xl-mem --scale sdxl --size 1024   # the real thing (~14 GB)
+
+Builds an SDXL-layout random-weight folder (saved in fp16, as bench_sdxl.py does) unless --work has one,
+then exports it in a child process (fp16 U-Net and text encoders, fp32 VAE decoder, static size, batch 1)
+while a thread samples the child's VmRSS every 20 ms. Prints, for each log line of the export, the
+highest RSS seen until the next one, then the child's VmHWM. --json writes the same.
+
+Scales (U-Net transformer layers per level, OpenCLIP-bigG layers): sdxl = the hub's configs
+(1, 2, 10; 32), half = (1, 2, 4; 16), quarter = (1, 1, 2; 8), eighth: quarter with the last level's
+attention width (block_out_channels 320, 640, 640).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCALES = {
+    "sdxl": {},
+    "half": {"unet": {"transformer_layers_per_block": [1, 2, 4]}, "text_encoder_2": {"num_hidden_layers": 16}},
+    "quarter": {"unet": {"transformer_layers_per_block": [1, 1, 2]}, "text_encoder_2": {"num_hidden_layers": 8}},
+    "eighth": {"unet": {"transformer_layers_per_block": [1, 1, 2], "block_out_channels": [320, 640, 640],
+                        "attention_head_dim": [5, 10, 10]},
+               "text_encoder_2": {"num_hidden_layers": 4}},
+}
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def make_folder(scale: str, folder: Path) -> dict:
+    from ldm_deploy.bench.prepare import TOKENIZER
+    from training.checkpoint import Components, save_components
+    from training.convert_sdxl import sdxl_tokenizer_2
+    from training.models.presets import build_all, preset
+
+    p = preset("sdxl")
+    for part, over in SCALES[scale].items():
+        p[part] = {**p[part], **over}
+    for key in ("text_encoder", "text_encoder_2"):
+        p[key] = {**p[key], "vocab_size": 49408}
+    m = build_all(p, seed=0)
+    params = {k: sum(t.numel() for t in v.parameters()) for k, v in m.items() if v is not None}
+    tok2 = sdxl_tokenizer_2(TOKENIZER, folder.parent / f"{folder.name}.tok")
+    save_components(Components(unet=m["unet"], vae=m["vae"], text_encoder=m["text_encoder"],
+                               text_encoder_2=m["text_encoder_2"], tokenizer_dir=TOKENIZER, tokenizer_2_dir=tok2,
+                               scheduler_config=p["scheduler"], model_index=p["model_index"]), folder, fp16=True)
+    return {"params": params, "peak_rss_mib": round(rss_kib("VmHWM") / 1024)}
+
+
+def export(folder: Path, out: Path, size: int, proto_limit_mb: int = 0) -> dict:
+    """The export of bench_sdxl.py step 2, with an RSS sampler and the log lines as phase marks."""
+    from ldm_deploy.export import onnx_io
+    from ldm_deploy.export.config import ExportConfig, Range
+    from ldm_deploy.export.exporter import export_model
+
+    if proto_limit_mb:   # take the > 2 GB path (external data, streamed conversion) at a smaller size
+        onnx_io.PROTO_LIMIT = proto_limit_mb << 20
+
+    marks: list[list] = [["start", time.perf_counter(), 0]]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            kib = rss_kib()
+            if kib > marks[-1][2]:
+                marks[-1][2] = kib
+            time.sleep(0.02)
+
+    class Mark(logging.Handler):
+        def emit(self, record):
+            marks.append([record.getMessage()[:110], time.perf_counter(), rss_kib()])
+
+    handler = Mark(logging.INFO)
+    root = logging.getLogger("ldm_deploy")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    cfg = ExportConfig(name="mem", precision="fp16", batch=Range(1, 1, 1), height=Range(size, size, size),
+                       width=Range(size, size, size), measure_runtime=False,
+                       components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
+    start = time.perf_counter()
+    export_model(folder, out, cfg, force=True)
+    stop.set()
+    thread.join()
+    phases = [{"after": m[0], "t_s": round(m[1] - start, 1), "peak_rss_mib": round(m[2] / 1024)} for m in marks]
+    return {"seconds": round(time.perf_counter() - start, 1), "vmhwm_mib": round(rss_kib("VmHWM") / 1024),
+            "phases": phases}
+
+
+def child(step: str, **kwargs) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import scripts.export_memory as b; "
+            f"from pathlib import Path; kw = json.loads(sys.argv[1]); "
+            f"kw = {{k: Path(v) if k in ('folder', 'out') else v for k, v in kw.items()}}; "
+            f"print('RESULT ' + json.dumps(b.{step}(**kw)))")
+    args = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()})
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{step} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--scale", choices=sorted(SCALES), default="quarter")
+    ap.add_argument("--size", type=int, default=512, help="static image size of the export")
+    ap.add_argument("--proto-limit-mb", type=int, default=0,
+                    help="treat graphs over this many MB as over protobuf's 2 GB limit (SDXL's code path at small scale)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    folder = args.work / f"model-{args.scale}"
+    result = {"scale": args.scale, "size": args.size}
+    if not (folder / "model_index.json").is_file():
+        args.work.mkdir(parents=True, exist_ok=True)
+        result["folder"] = child("make_folder", scale=args.scale, folder=folder)
+        print(f"folder: {result['folder']}")
+    result["export"] = child("export", folder=folder, out=args.work / f"onnx-{args.scale}", size=args.size,
+                               proto_limit_mb=args.proto_limit_mb)
+    for p in result["export"]["phases"]:
+        print(f"{p['t_s']:8.1f} s {p['peak_rss_mib']:8d} MiB  {p['after']}")
+    print(f"export {result['export']['seconds']} s, VmHWM {result['export']['vmhwm_mib']} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
