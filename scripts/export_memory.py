@@ -19,7 +19,6 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -64,6 +63,69 @@ def make_folder(scale: str, folder: Path) -> dict:
     return {"params": params, "peak_rss_mib": round(rss_kib("VmHWM") / 1024)}
 
 
+_SAMPLER = """
+import os, sys, time
+pid, path = int(sys.argv[1]), sys.argv[2]
+with open(path, "w") as out:
+    while os.path.exists(f"/proc/{pid}"):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            break
+        out.write(f"{time.monotonic():.3f} {kib}\\n")
+        out.flush()
+        time.sleep(0.02)
+"""
+
+
+class PhaseSampler:
+    """VmRSS of this process sampled every 20 ms by a separate process (a thread would stall while torch or
+    onnx hold the GIL); every ldm_deploy log record (DEBUG included) starts a phase. `phases()`: per phase,
+    the log line that started it, its start time and the highest RSS sampled in it."""
+
+    def __init__(self):
+        import tempfile
+
+        self.marks: list[tuple[str, float]] = [("start", time.monotonic())]
+        self._file = Path(tempfile.mkstemp(prefix="rss-", suffix=".txt")[1])
+        sampler = self
+
+        class Mark(logging.Handler):
+            def emit(self, record):
+                sampler.marks.append((record.getMessage()[:110], time.monotonic()))
+
+        self._handler = Mark(logging.DEBUG)
+
+    def __enter__(self):
+        import os
+
+        logger = logging.getLogger("ldm_deploy")
+        self._level = logger.level
+        logger.addHandler(self._handler)
+        logger.setLevel(logging.DEBUG)
+        self._proc = subprocess.Popen([sys.executable, "-c", _SAMPLER, str(os.getpid()), str(self._file)])
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.1)
+        self._proc.terminate()
+        self._proc.wait()
+        logger = logging.getLogger("ldm_deploy")
+        logger.removeHandler(self._handler)
+        logger.setLevel(self._level)
+        samples = [tuple(map(float, ln.split())) for ln in self._file.read_text().splitlines() if len(ln.split()) == 2]
+        self._file.unlink(missing_ok=True)
+        ends = [t for _, t in self.marks[1:]] + [float("inf")]
+        self._peaks = [max((kib for t, kib in samples if start <= t < end), default=0.0)
+                       for (_, start), end in zip(self.marks, ends)]
+
+    def phases(self) -> list[dict]:
+        t0 = self.marks[0][1]
+        return [{"after": m, "t_s": round(t - t0, 1), "peak_rss_mib": round(peak / 1024)}
+                for (m, t), peak in zip(self.marks, self._peaks)]
+
+
 def export(folder: Path, out: Path, size: int, proto_limit_mb: int = 0) -> dict:
     """The export of bench_sdxl.py step 2, with an RSS sampler and the log lines as phase marks."""
     from ldm_deploy.export import onnx_io
@@ -72,37 +134,14 @@ def export(folder: Path, out: Path, size: int, proto_limit_mb: int = 0) -> dict:
 
     if proto_limit_mb:   # take the > 2 GB path (external data, streamed conversion) at a smaller size
         onnx_io.PROTO_LIMIT = proto_limit_mb << 20
-
-    marks: list[list] = [["start", time.perf_counter(), 0]]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            kib = rss_kib()
-            if kib > marks[-1][2]:
-                marks[-1][2] = kib
-            time.sleep(0.02)
-
-    class Mark(logging.Handler):
-        def emit(self, record):
-            marks.append([record.getMessage()[:110], time.perf_counter(), rss_kib()])
-
-    handler = Mark(logging.INFO)
-    root = logging.getLogger("ldm_deploy")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     cfg = ExportConfig(name="mem", precision="fp16", batch=Range(1, 1, 1), height=Range(size, size, size),
                        width=Range(size, size, size), measure_runtime=False,
                        components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
     start = time.perf_counter()
-    export_model(folder, out, cfg, force=True)
-    stop.set()
-    thread.join()
-    phases = [{"after": m[0], "t_s": round(m[1] - start, 1), "peak_rss_mib": round(m[2] / 1024)} for m in marks]
+    with PhaseSampler() as sampler:
+        export_model(folder, out, cfg, force=True)
     return {"seconds": round(time.perf_counter() - start, 1), "vmhwm_mib": round(rss_kib("VmHWM") / 1024),
-            "phases": phases}
+            "phases": sampler.phases()}
 
 
 def child(step: str, **kwargs) -> dict:

@@ -94,6 +94,7 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
         components = {}
         for i, c in enumerate(config.components):
             source.load(PARTS[c])
+            log.debug("%s: %s loaded", c, PARTS[c])
             last_use = PARTS[c] not in {PARTS[later] for later in config.components[i + 1:]}
             components[c] = _export_component(c, source, config, tmp, work, release=last_use)
         shutil.rmtree(work)
@@ -118,6 +119,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     spec, export_s = export_onnx(component, source, config, raw)
     if release:     # the rest works on the ONNX files; the fp32 SDXL U-Net module alone is 10.3 GB
         source.release(PARTS[component])
+        log.debug("%s: %s released", component, PARTS[component])
     final = root / component / "model.onnx"
     keep_fp32 = component == "unet" and precision == "fp16" and config.keep_fp32_unet
     fp32 = final if precision == "fp32" else (root / "unet" / "model_fp32.onnx" if keep_fp32
@@ -127,6 +129,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     else:
         onnx_io.copy_model(raw, fp32)
         clean = {"tool": None, "applied": False, "nodes_before": node_count(raw), "nodes_after": node_count(fp32)}
+    log.debug("%s: fp32 graph written (%s)", component, "cleaned up" if clean["applied"] else "not cleaned up")
     if precision == "fp16":
         keep_nodes = tuple(config.fp16_keep_nodes.get(component, ()))
         if config.optimize and not clean["applied"]:
@@ -140,6 +143,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
             convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                             keep_nodes=keep_nodes)
     onnx_io.check_model(final)
+    log.debug("%s: checked by the ONNX checker", component)
     variants = {}
     if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:
         # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns
@@ -156,6 +160,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         stats["ort_cpu_ms"] = {"traced": round(time_ort(raw, inputs)[0], 3)}
         if fp32 != final:
             stats["ort_cpu_ms"]["fp32"] = round(time_ort(fp32, inputs)[0], 3)
+    log.debug("%s: running it on ONNX Runtime CPU", component)
     ms, outputs = time_ort(final, inputs, runs=3 if config.measure_runtime else 0)
     if config.measure_runtime:
         stats["ort_cpu_ms"]["final"] = round(ms, 3)
