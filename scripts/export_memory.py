@@ -70,10 +70,10 @@ with open(path, "w") as out:
     while os.path.exists(f"/proc/{pid}"):
         try:
             with open(f"/proc/{pid}/status") as f:
-                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
+                kib = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith(("VmRSS:", "RssAnon:"))}
+        except (OSError, ValueError):
             break
-        out.write(f"{time.monotonic():.3f} {kib}\\n")
+        out.write(f"{time.monotonic():.3f} {kib['VmRSS']} {kib['RssAnon']}\\n")
         out.flush()
         time.sleep(0.02)
 """
@@ -82,7 +82,9 @@ with open(path, "w") as out:
 class PhaseSampler:
     """VmRSS of this process sampled every 20 ms by a separate process (a thread would stall while torch or
     onnx hold the GIL); every ldm_deploy log record (DEBUG included) starts a phase. `phases()`: per phase,
-    the log line that started it, its start time and the highest RSS sampled in it."""
+    the log line that started it, its start time and the highest RSS sampled in it, and the highest anonymous
+    part of it (RssAnon: RSS less the mapped file pages, e.g. of safetensors weights being read, which the
+    kernel can drop under pressure)."""
 
     def __init__(self):
         import tempfile
@@ -114,16 +116,17 @@ class PhaseSampler:
         logger = logging.getLogger("ldm_deploy")
         logger.removeHandler(self._handler)
         logger.setLevel(self._level)
-        samples = [tuple(map(float, ln.split())) for ln in self._file.read_text().splitlines() if len(ln.split()) == 2]
+        samples = [tuple(map(float, ln.split())) for ln in self._file.read_text().splitlines() if len(ln.split()) == 3]
         self._file.unlink(missing_ok=True)
         ends = [t for _, t in self.marks[1:]] + [float("inf")]
-        self._peaks = [max((kib for t, kib in samples if start <= t < end), default=0.0)
+        self._peaks = [(max((r for t, r, _ in samples if start <= t < end), default=0.0),
+                        max((a for t, _, a in samples if start <= t < end), default=0.0))
                        for (_, start), end in zip(self.marks, ends)]
 
     def phases(self) -> list[dict]:
         t0 = self.marks[0][1]
-        return [{"after": m, "t_s": round(t - t0, 1), "peak_rss_mib": round(peak / 1024)}
-                for (m, t), peak in zip(self.marks, self._peaks)]
+        return [{"after": m, "t_s": round(t - t0, 1), "peak_rss_mib": round(rss / 1024),
+                 "peak_anon_mib": round(anon / 1024)} for (m, t), (rss, anon) in zip(self.marks, self._peaks)]
 
 
 def export(folder: Path, out: Path, size: int, proto_limit_mb: int = 0) -> dict:
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
     result["export"] = child("export", folder=folder, out=args.work / f"onnx-{args.scale}", size=args.size,
                                proto_limit_mb=args.proto_limit_mb)
     for p in result["export"]["phases"]:
-        print(f"{p['t_s']:8.1f} s {p['peak_rss_mib']:8d} MiB  {p['after']}")
+        print(f"{p['t_s']:8.1f} s {p['peak_rss_mib']:8d} MiB RSS {p['peak_anon_mib']:8d} MiB anon  {p['after']}")
     print(f"export {result['export']['seconds']} s, VmHWM {result['export']['vmhwm_mib']} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
