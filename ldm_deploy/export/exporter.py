@@ -24,7 +24,7 @@ from ldm_deploy.export.config import ExportConfig, default_config, write_config
 from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
-from ldm_deploy.export.source import PARTS, folder_sha256, load_source
+from ldm_deploy.export.source import PARTS, folder_sha256, load_source, trim_heap
 from ldm_deploy.feeds import example_feeds
 from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write_json
 from ldm_deploy.interop.layout import refuse_onnx_folder
@@ -142,6 +142,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         else:
             convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                             keep_nodes=keep_nodes)
+    trim_heap()
     onnx_io.check_model(final)
     log.debug("%s: checked by the ONNX checker", component)
     variants = {}
@@ -160,15 +161,20 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         stats["ort_cpu_ms"] = {"traced": round(time_ort(raw, inputs)[0], 3)}
         if fp32 != final:
             stats["ort_cpu_ms"]["fp32"] = round(time_ort(fp32, inputs)[0], 3)
-    log.debug("%s: running it on ONNX Runtime CPU", component)
-    ms, outputs = time_ort(final, inputs, runs=3 if config.measure_runtime else 0)
+    big = onnx_io.is_big(final)     # over 2 GB: checked unoptimized (see time_ort), latency not comparable
+    log.debug("%s: running it on ONNX Runtime CPU%s", component, " (unoptimized: over 2 GB)" if big else "")
+    ms, outputs = time_ort(final, inputs, runs=3 if config.measure_runtime else 0, low_memory=big)
+    if big:
+        stats["ort_cpu_check"] = "graph optimizations off (graph over 2 GB)"
     if config.measure_runtime:
         stats["ort_cpu_ms"]["final"] = round(ms, 3)
     bad = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v))) for k, v in outputs.items()}
     if any(bad.values()):
         raise LdmError(f"{precision} {component} gives non-finite outputs on random inputs ({bad})",
                        hint="export this component in fp32 (e.g. `vae_precision: fp32`, or --precision fp32)")
+    del outputs
     shutil.rmtree(work / component, ignore_errors=True)
+    trim_heap()     # what onnxslim and ORT freed goes back to the system before the next component
 
     ins, outs = mf.graph_io(final)
     lora_weights = None
