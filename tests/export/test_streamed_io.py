@@ -78,3 +78,39 @@ def test_streamed_fp16_matches_the_in_memory_conversion(tmp_path, monkeypatch):
     assert got["W1"][0] == TensorProto.FLOAT16 and got["g"][0] == TensorProto.FLOAT   # g feeds only the kept op
     assert np.isfinite(got["W2"][1]).all()       # clipped to fp16's max, as the converter does
     onnx.checker.check_model(str(tmp_path / "big" / "model.onnx"), full_check=True)
+
+
+def test_export_over_the_limit_runs_the_same_graph(tiny_folder, tmp_path, monkeypatch):
+    """A whole fp16 export on the over-2-GB path (external data, streamed copy and conversion, no onnxslim,
+    the ORT check unoptimized) gives the graphs the in-memory path gives: same outputs, bit for bit."""
+    from ldm_deploy.export.config import ExportConfig, Range
+    from ldm_deploy.export.exporter import export_model
+    from ldm_deploy.export.optimize import time_ort
+
+    cfg = ExportConfig(precision="fp16", optimize=False, components=("unet", "text_encoder"), batch=Range(1, 1, 2),
+                       height=Range(64, 64, 64), width=Range(64, 64, 64), measure_runtime=False)
+    small = export_model(tiny_folder, tmp_path / "small", cfg).artifact
+    monkeypatch.setattr(onnx_io, "PROTO_LIMIT", 100_000)     # the tiny U-Net's and text encoder's weights are over it
+    big = export_model(tiny_folder, tmp_path / "big", cfg).artifact
+    for name in ("unet", "text_encoder"):
+        entry = big.manifest["components"][name]
+        assert entry["external_data"] == f"{name}/model.onnx.data"
+        assert entry["export"]["ort_cpu_check"].startswith("graph optimizations off")
+        assert small.manifest["components"][name]["external_data"] is None
+        rng = np.random.default_rng(0)
+        feeds = {i["name"]: (rng.integers(0, 1000, i["shape"]).astype(np.int32) if i["dtype"] == "int32"
+                             else rng.standard_normal(i["shape"]).astype(np.float32))
+                 for i in _static_inputs(entry)}
+        _, want = time_ort(tmp_path / "small" / name / "model.onnx", feeds, runs=0)
+        _, got = time_ort(tmp_path / "big" / name / "model.onnx", feeds, runs=0)
+        for k in want:
+            # same graph and weights; ORT runs the small one optimized (fused kernels), the big one not: the
+            # fp16 results may differ by a few fp16 roundings (2^-10 relative each) of the largest value
+            tol = 4 * 2.0**-10 * float(np.abs(want[k]).max())
+            np.testing.assert_allclose(got[k].astype(np.float32), want[k].astype(np.float32), rtol=0, atol=tol,
+                                       err_msg=f"{name} {k}")
+
+
+def _static_inputs(entry):
+    return [{"name": i["name"], "dtype": i["dtype"], "shape": entry["profile"][i["name"]]["opt"]}
+            for i in entry["inputs"]]
