@@ -116,6 +116,12 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     """`release`: drop the component's torch module once traced (no later component uses it)."""
     precision = config.component_precision(component)
     raw = work / component / "raw.onnx"
+    module = getattr(source, PARTS[component])
+    if release and sum(p.numel() * p.element_size() for p in module.parameters()) >= onnx_io.PROTO_LIMIT:
+        raw.parent.mkdir(parents=True, exist_ok=True)   # over 2 GB: trace from file-backed weights (Source.spill)
+        log.debug("%s: weights moved to a file (%d bytes)", component,
+                  source.spill(PARTS[component], work / component / "weights.pt"))
+    del module
     spec, export_s = export_onnx(component, source, config, raw)
     if release:     # the rest works on the ONNX files; the fp32 SDXL U-Net module alone is 10.3 GB
         source.release(PARTS[component])

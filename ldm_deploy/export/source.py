@@ -44,6 +44,20 @@ class Source:
             module = getattr(load_components(self.folder, parts=(part,), dtype=torch.float32), part)
             setattr(self, part, module.eval().requires_grad_(False))
 
+    def spill(self, part: str, path: Path) -> int:
+        """Move the weights of `part` into a file at `path` and map them back from it (torch.load mmap).
+
+        The module then computes the same, but its weights are file pages the kernel can drop and re-read,
+        not anonymous memory: while the TorchScript exporter holds the module AND its constant-folded copies
+        (every Linear applied to a sequence becomes a transposed copy, about 1x the module again), only the
+        copies need RAM. Returns the bytes written (the caller removes the file once the module is released)."""
+        module = getattr(self, part)
+        torch.save(module.state_dict(), path)          # storage by storage, no copy in memory
+        module.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+        gc.collect()
+        trim_heap()
+        return path.stat().st_size
+
     def release(self, part: str) -> None:
         """Drop the module of `part` and give its memory back to the system (the fp32 SDXL U-Net is 10.3 GB)."""
         setattr(self, part, None)
