@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="quarter")
     ap.add_argument("--size", type=int, default=512, help="static image size of the export")
     ap.add_argument("--proto-limit-mb", type=int, default=0,
-                    help="treat graphs over this many MB as over protobuf's 2 GB limit (SDXL's code path at small scale)")
+                    help="treat graphs over this many MB as over protobuf's 2 GB limit "
+                         "(SDXL's code path at small scale)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     folder = args.work / f"model-{args.scale}"
