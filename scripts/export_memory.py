@@ -1,16 +1,17 @@
 """Where the export's host memory goes: resident set size per export phase, on SDXL-shaped models of any size.
 
-    python scripts/export_memory.py --work /tmp/xl-mem --scale quarter            # ~1/4 of SDXL's U-Net
-    python scripts/export_memory.py --work /tmp/xl-mem --scale sdxl --size 1024   # the real thing (~14 GB)
+    python scripts/export_memory.py --work /tmp/xl-mem --scale quarter            # U-Net 849 M params (SDXL: 2.57 B)
+    python scripts/export_memory.py --work /tmp/xl-mem --scale sdxl --size 1024   # full size: check free memory first
 
 Builds an SDXL-layout random-weight folder (saved in fp16, as bench_sdxl.py does) unless --work has one,
 then exports it in a child process (fp16 U-Net and text encoders, fp32 VAE decoder, static size, batch 1)
-while a thread samples the child's VmRSS every 20 ms. Prints, for each log line of the export, the
-highest RSS seen until the next one, then the child's VmHWM. --json writes the same.
+while a separate process samples the child's VmRSS and RssAnon every 20 ms. Prints, for each log line of
+the export (DEBUG included), the highest RSS seen until the next one, then the child's VmHWM. --json
+writes the same.
 
-Scales (U-Net transformer layers per level, OpenCLIP-bigG layers): sdxl = the hub's configs
-(1, 2, 10; 32), half = (1, 2, 4; 16), quarter = (1, 1, 2; 8), eighth: quarter with the last level's
-attention width (block_out_channels 320, 640, 640).
+Scales (U-Net transformer layers per level, OpenCLIP-bigG layers; U-Net parameters): sdxl = the hub's
+configs (1, 2, 10; 32; 2.57 B), half = (1, 2, 4; 16; 1.32 B), quarter = (1, 1, 2; 8; 849 M), eighth =
+quarter with block_out_channels (320, 640, 640) and bigG at 4 layers (336 M).
 """
 from __future__ import annotations
 
