@@ -197,6 +197,7 @@ def _trace(component: str, source, config: ExportConfig, raw: Path, release: boo
     spec, export_s = export_onnx(component, source, config, raw)
     if release:     # the fp32 SDXL U-Net module alone is 10.3 GB
         source.release(PARTS[component])
+        raw.with_name("weights.pt").unlink(missing_ok=True)
         log.debug("%s: %s released", component, PARTS[component])
     return spec, export_s
 

@@ -80,7 +80,7 @@ def test_streamed_fp16_matches_the_in_memory_conversion(tmp_path, monkeypatch):
     onnx.checker.check_model(str(tmp_path / "big" / "model.onnx"), full_check=True)
 
 
-def test_export_over_the_limit_runs_the_same_graph(tiny_folder, tmp_path, monkeypatch):
+def test_export_over_the_limit_runs_the_same_graph(tiny_folder, tmp_path, monkeypatch, caplog):
     """A whole fp16 export on the over-2-GB path (external data, streamed copy and conversion, no onnxslim,
     the ORT check unoptimized) gives the graphs the in-memory path gives: same outputs, bit for bit."""
     from ldm_deploy.export.config import ExportConfig, Range
@@ -91,7 +91,10 @@ def test_export_over_the_limit_runs_the_same_graph(tiny_folder, tmp_path, monkey
                        height=Range(64, 64, 64), width=Range(64, 64, 64), measure_runtime=False)
     small = export_model(tiny_folder, tmp_path / "small", cfg).artifact
     monkeypatch.setattr(onnx_io, "PROTO_LIMIT", 100_000)     # the tiny U-Net's and text encoder's weights are over it
-    big = export_model(tiny_folder, tmp_path / "big", cfg).artifact
+    with caplog.at_level("DEBUG", logger="ldm_deploy.export.exporter"):
+        big = export_model(tiny_folder, tmp_path / "big", cfg).artifact
+    spilled = [r.getMessage() for r in caplog.records if "weights moved to a file" in r.getMessage()]
+    assert [m.split(":")[0] for m in spilled] == ["unet", "text_encoder"]   # traced from file-backed weights
     for name in ("unet", "text_encoder"):
         entry = big.manifest["components"][name]
         assert entry["external_data"] == f"{name}/model.onnx.data"
