@@ -10,7 +10,8 @@ Steps, each recorded in the JSON (rewritten after every step, so a run cut short
    weights, saved in fp16 (~5 GB; building it holds the fp32 modules, ~10 GB of host memory);
 2. the export, in a child process: fp16 U-Net and text encoders, fp32 VAE decoder (SDXL's VAE overflows
    in fp16), static 1024x1024, batch 1, with the ONNX Runtime CUDA fused variants (`--ort-cuda`: U-Net with
-   CFG folded in, both text encoders, the VAE decoder in fp32); its wall time and the child's peak RSS (VmHWM);
+   CFG folded in, text_encoder, the VAE decoder in fp32); its wall time, the child's peak RSS (VmHWM) and the
+   highest RSS of each export phase (`rss_phases`, sampled every 20 ms; scripts/export_memory.py);
 3. TensorRT engines for the artifact (`ldm-deploy build`), when a TensorRT builder is installed;
 4. every side in its own child process: one warm-up run (compile / graph capture / engine load), then
    `--runs` timed end-to-end runs (text encoders, 30 U-Net steps under CFG, VAE decode), the median
@@ -78,16 +79,18 @@ def export(folder: Path, out: Path, size: int) -> dict:
     from ldm_deploy.bench.machine import peak_rss_mib
     from ldm_deploy.export.config import ExportConfig, Range
     from ldm_deploy.export.exporter import export_model
+    from scripts.export_memory import PhaseSampler
 
     cfg = ExportConfig(name="bench-sdxl", precision="fp16", batch=Range(1, 1, 1), height=Range(size, size, size),
                        width=Range(size, size, size), measure_runtime=False,
                        components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"))
     cfg = cfg.replace(ort_cuda=True)   # the fused variants the ours-ort-cuda side runs (beside the plain graphs)
     start = time.perf_counter()
-    result = export_model(folder, out, cfg)
+    with PhaseSampler() as sampler:      # RSS per export phase (where the peak is)
+        result = export_model(folder, out, cfg)
     comps = result.artifact.components
     return {"seconds": round(time.perf_counter() - start, 1), "cached": result.cached,
-            "peak_rss_mib": round(peak_rss_mib()),
+            "peak_rss_mib": round(peak_rss_mib()), "rss_phases": sampler.phases(),
             "components": {k: {"precision": v.precision, "export": dict(v.export) or None} for k, v in comps.items()}}
 
 

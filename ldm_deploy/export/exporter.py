@@ -24,7 +24,7 @@ from ldm_deploy.export.config import ExportConfig, default_config, write_config
 from ldm_deploy.export.fp16 import convert_to_fp16
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
-from ldm_deploy.export.source import PARTS, folder_sha256, load_source
+from ldm_deploy.export.source import PARTS, folder_sha256, load_source, trim_heap
 from ldm_deploy.feeds import example_feeds
 from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write_json
 from ldm_deploy.interop.layout import refuse_onnx_folder
@@ -77,7 +77,7 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
             return ExportResult(out, True, cached, time.perf_counter() - start)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(model_dir, config),
                      "the ONNX export")
-    source = load_source(model_dir, config.components)
+    source = load_source(model_dir, config.components, lazy=not loras)   # LoRA merges need every module up front
     lora_records = lora_export.merge(source, loras) if loras else []   # before tracing; fails before any write
     with atomic_dir(out, ARTIFACT_OUTPUT, inputs=inputs, force=force) as tmp:
         extra = None   # tokenizers first: a folder the runtime cannot read fails fast
@@ -89,7 +89,7 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
         tokenizer = (mf.copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer") if source.tokenizer_dir is not None
                      else extra["sdxl"]["tokenizer_2"])
         work = tmp / ".work"
-        components = {c: _export_component(c, source, config, tmp, work) for c in config.components}
+        components = _export_components(source, config, tmp, work)
         shutil.rmtree(work)
         write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config)
         write_config(config, tmp / "export_config.yaml")
@@ -104,10 +104,24 @@ def export_model(model_dir, out, config: ExportConfig | None = None, *, force: b
     return ExportResult(out, False, artifact, seconds)
 
 
-def _export_component(component: str, source, config: ExportConfig, root: Path, work: Path) -> dict:
+def _export_components(source, config: ExportConfig, root: Path, work: Path) -> dict:
+    """Each component in turn, its torch module loaded just before (unless a LoRA merge loaded every module
+    up front) and dropped once traced when no later component needs it."""
+    components = {}
+    for i, c in enumerate(config.components):
+        source.load(PARTS[c])
+        log.debug("%s: %s loaded", c, PARTS[c])
+        last_use = PARTS[c] not in {PARTS[later] for later in config.components[i + 1:]}
+        components[c] = _export_component(c, source, config, root, work, release=last_use)
+    return components
+
+
+def _export_component(component: str, source, config: ExportConfig, root: Path, work: Path, *,
+                      release: bool = False) -> dict:
+    """`release`: drop the component's torch module once traced (no later component uses it)."""
     precision = config.component_precision(component)
     raw = work / component / "raw.onnx"
-    spec, export_s = export_onnx(component, source, config, raw)
+    spec, export_s = _trace(component, source, config, raw, release)
     final = root / component / "model.onnx"
     keep_fp32 = component == "unet" and precision == "fp16" and config.keep_fp32_unet
     fp32 = final if precision == "fp32" else (root / "unet" / "model_fp32.onnx" if keep_fp32
@@ -115,9 +129,9 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     if config.optimize:
         clean = cleanup(raw, fp32)
     else:
-        import onnx
-        onnx_io.save_model(onnx.load(str(raw)), fp32)
+        onnx_io.copy_model(raw, fp32)
         clean = {"tool": None, "applied": False, "nodes_before": node_count(raw), "nodes_after": node_count(fp32)}
+    log.debug("%s: fp32 graph written (%s)", component, "cleaned up" if clean["applied"] else "not cleaned up")
     if precision == "fp16":
         keep_nodes = tuple(config.fp16_keep_nodes.get(component, ()))
         if config.optimize and not clean["applied"]:
@@ -130,7 +144,9 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         else:
             convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                             keep_nodes=keep_nodes)
+    trim_heap()
     onnx_io.check_model(final)
+    log.debug("%s: checked by the ONNX checker", component)
     variants = {}
     if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:
         # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns
@@ -139,22 +155,11 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
                                                    fold_guidance=config.ort_cuda_fold_cfg, output_shapes=shapes)
         variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused)
 
-    inputs = example_feeds(spec, vocab_size=spec.vocab_size)
-    inputs.update({n: w.numpy() for n, w in spec.weight_inputs.items()})   # lora_switchable: the base weights
     stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
                    "cleanup": clean}
-    if config.measure_runtime:
-        stats["ort_cpu_ms"] = {"traced": round(time_ort(raw, inputs)[0], 3)}
-        if fp32 != final:
-            stats["ort_cpu_ms"]["fp32"] = round(time_ort(fp32, inputs)[0], 3)
-    ms, outputs = time_ort(final, inputs, runs=3 if config.measure_runtime else 0)
-    if config.measure_runtime:
-        stats["ort_cpu_ms"]["final"] = round(ms, 3)
-    bad = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v))) for k, v in outputs.items()}
-    if any(bad.values()):
-        raise LdmError(f"{precision} {component} gives non-finite outputs on random inputs ({bad})",
-                       hint="export this component in fp32 (e.g. `vae_precision: fp32`, or --precision fp32)")
+    _run_on_ort(component, precision, spec, config, (raw, fp32, final), stats)
     shutil.rmtree(work / component, ignore_errors=True)
+    trim_heap()     # what onnxslim and ORT freed goes back to the system before the next component
 
     ins, outs = mf.graph_io(final)
     lora_weights = None
@@ -179,6 +184,45 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         entry["fp32_file"] = fp32.relative_to(root).as_posix()
     log.info("%s: %s, %d -> %d nodes", component, precision, clean["nodes_before"], clean["nodes_after"])
     return entry
+
+
+def _trace(component: str, source, config: ExportConfig, raw: Path, release: bool):
+    """export_onnx; `release`: drop the torch module once traced (the rest works on the ONNX files)."""
+    module = getattr(source, PARTS[component])
+    if release and sum(p.numel() * p.element_size() for p in module.parameters()) >= onnx_io.PROTO_LIMIT:
+        raw.parent.mkdir(parents=True, exist_ok=True)   # over 2 GB: trace from file-backed weights (Source.spill)
+        log.debug("%s: weights moved to a file (%d bytes)", component,
+                  source.spill(PARTS[component], raw.with_name("weights.pt")))
+    del module
+    spec, export_s = export_onnx(component, source, config, raw)
+    if release:     # the fp32 SDXL U-Net module alone is 10.3 GB
+        source.release(PARTS[component])
+        raw.with_name("weights.pt").unlink(missing_ok=True)
+        log.debug("%s: %s released", component, PARTS[component])
+    return spec, export_s
+
+
+def _run_on_ort(component: str, precision: str, spec, config: ExportConfig, paths: tuple, stats: dict) -> None:
+    """Run the final graph once on ORT CPU (outputs must be finite); with measure_runtime, time every stage.
+    A graph over 2 GB runs unoptimized and without arena (time_ort's low_memory), noted in `stats`."""
+    raw, fp32, final = paths
+    inputs = example_feeds(spec, vocab_size=spec.vocab_size)
+    inputs.update({n: w.numpy() for n, w in spec.weight_inputs.items()})   # lora_switchable: the base weights
+    if config.measure_runtime:
+        stats["ort_cpu_ms"] = {"traced": round(time_ort(raw, inputs, low_memory=onnx_io.is_big(raw))[0], 3)}
+        if fp32 != final:
+            stats["ort_cpu_ms"]["fp32"] = round(time_ort(fp32, inputs, low_memory=onnx_io.is_big(fp32))[0], 3)
+    big = onnx_io.is_big(final)
+    log.debug("%s: running it on ONNX Runtime CPU%s", component, " (unoptimized: over 2 GB)" if big else "")
+    ms, outputs = time_ort(final, inputs, runs=3 if config.measure_runtime else 0, low_memory=big)
+    if big:
+        stats["ort_cpu_check"] = "graph optimizations off, no memory arena (graph over 2 GB)"
+    if config.measure_runtime:
+        stats["ort_cpu_ms"]["final"] = round(ms, 3)
+    bad = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v))) for k, v in outputs.items()}
+    if any(bad.values()):
+        raise LdmError(f"{precision} {component} gives non-finite outputs on random inputs ({bad})",
+                       hint="export this component in fp32 (e.g. `vae_precision: fp32`, or --precision fp32)")
 
 
 def _cached(out: Path, source_sha: str, config: ExportConfig) -> Artifact | None:

@@ -19,6 +19,7 @@ through fp16).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -178,14 +179,16 @@ def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inp
     """Write an fp16 copy of the fp32 graph at `src` to `dst` (external data when over 2 GB).
 
     `keep_nodes` names nodes of the fp32 graph to keep in fp32 (an unknown name is an error: the
-    config was written for another graph)."""
+    config was written for another graph). A graph over 2 GB is converted without its weights in memory:
+    the converter retypes the initializers, and `onnx_io.save_streamed` converts and writes them one by one."""
+    from onnxruntime.transformers import float16
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    big = onnx_io.model_bytes(src) >= onnx_io.PROTO_LIMIT
+    big = onnx_io.is_big(src)
     if big:   # shape inference on a >2 GB proto must go through a file
         inferred = src.with_name(src.stem + ".inferred.onnx")
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-        model = onnx.load(str(inferred))
+        model = onnx_io.load_lazy(inferred)
     else:
         model = onnx.load(str(src))
     present = [i.name for i in model.graph.input]
@@ -198,14 +201,32 @@ def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inp
             raise LdmError(f"fp16_keep_nodes names {len(missing)} nodes this graph lacks, e.g. {missing[0]!r}",
                            hint="the export config was written for another model or export settings; "
                                 "rerun `ldm-deploy debug-precision --write-config` on this model")
-    model16 = convert_float_to_float16(
-        model, keep_io_types=keep_inputs, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_ops),
-        node_block_list=island + [n for n in keep_nodes if n not in island], disable_shape_infer=big)
+    with _shapes_from_dims(float16) if big else contextlib.nullcontext():
+        model16 = convert_float_to_float16(
+            model, keep_io_types=keep_inputs, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_ops),
+            node_block_list=island + [n for n in keep_nodes if n not in island], disable_shape_infer=big)
     drop_duplicate_nodes(model16.graph)
     drop_cast_round_trips(model16.graph)
     topological_sort(model16.graph)    # the converter appends its Cast nodes at the end
     log.info("fp16: %d nodes kept fp32 on the %s path, %d named nodes kept fp32, ops kept fp32: %s", len(island),
              keep_inputs, len(keep_nodes), keep_ops)
-    onnx_io.save_model(model16, dst)
-    if big:
+    if big:   # the weights: read as fp32 from src's data, converted as the converter would, written, dropped
+        onnx_io.save_streamed(model16, dst, src.parent, to_fp16=float16.convert_np_to_float16)
         inferred.unlink(missing_ok=True)
+    else:
+        onnx_io.save_model(model16, dst)
+
+
+@contextlib.contextmanager
+def _shapes_from_dims(float16_module):
+    """The converter reads each retyped initializer's shape through `numpy_helper.to_array`, which would load
+    (and, typed float16 over float32 bytes, reject) an external tensor's data; its dims are the same shape."""
+    from onnx import helper
+
+    original = float16_module.make_value_info_from_tensor
+    float16_module.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type,
+                                                                                         list(t.dims))
+    try:
+        yield
+    finally:
+        float16_module.make_value_info_from_tensor = original

@@ -7,6 +7,8 @@ matmul-softmax for tracing, the pattern ONNX Runtime's transformer optimizer and
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,34 @@ class Source:
     text_encoder_2: torch.nn.Module | None = None    # SDXL: CLIPTextModelWithProjection
     tokenizer_2_dir: Path | None = None
     model_index: dict | None = None
+
+    def load(self, part: str) -> None:
+        """Load `part` (a PARTS value) in float32 and eval mode when `load_source(..., lazy=True)` left it out."""
+        if getattr(self, part) is None:
+            from training.checkpoint import load_components
+
+            module = getattr(load_components(self.folder, parts=(part,), dtype=torch.float32), part)
+            setattr(self, part, module.eval().requires_grad_(False))
+
+    def spill(self, part: str, path: Path) -> int:
+        """Move the weights of `part` into a file at `path` and map them back from it (torch.load mmap).
+
+        The module then computes the same, but its weights are file pages the kernel can drop and re-read,
+        not anonymous memory: while the TorchScript exporter holds the module AND its constant-folded copies
+        (every Linear applied to a sequence becomes a transposed copy, about 1x the module again), only the
+        copies need RAM. Returns the bytes written (the caller removes the file once the module is released)."""
+        module = getattr(self, part)
+        torch.save(module.state_dict(), path)          # storage by storage, no copy in memory
+        module.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+        gc.collect()
+        trim_heap()
+        return path.stat().st_size
+
+    def release(self, part: str) -> None:
+        """Drop the module of `part` and give its memory back to the system (the fp32 SDXL U-Net is 10.3 GB)."""
+        setattr(self, part, None)
+        gc.collect()
+        trim_heap()
 
     @property
     def sdxl(self) -> bool:
@@ -66,12 +96,15 @@ def folder_sha256(folder: Path) -> str:
     return folder_hash(folder)
 
 
-def load_source(folder, components) -> Source:
-    """Load the parts of `folder` that `components` need, in float32 and eval mode."""
+def load_source(folder, components, *, lazy: bool = False) -> Source:
+    """Load the parts of `folder` that `components` need, in float32 and eval mode.
+
+    `lazy`: load none of the modules yet (configs, tokenizers and the folder's hash only); `Source.load`
+    then loads one part at a time, so an export holds one component's weights, not the whole model's."""
     from training.checkpoint import load_components
 
     folder = Path(folder)
-    parts = tuple(dict.fromkeys(PARTS[c] for c in components))
+    parts = () if lazy else tuple(dict.fromkeys(PARTS[c] for c in components))
     comps = load_components(folder, parts=parts, dtype=torch.float32)
     configs = {}
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -90,6 +123,15 @@ def load_source(folder, components) -> Source:
                   tokenizer_dir=Path(comps.tokenizer_dir) if comps.tokenizer_dir else None,
                   text_encoder_2=comps.text_encoder_2, tokenizer_2_dir=comps.tokenizer_2_dir,
                   model_index=dict(comps.model_index))
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the system (glibc `malloc_trim`; a no-op elsewhere). Freed tensors under
+    glibc's mmap threshold stay in the heap otherwise, and count in the resident set of the next phase."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager
