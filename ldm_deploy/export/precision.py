@@ -152,7 +152,11 @@ class PrecisionReport:
                          f"the Softmax agrees): {', '.join(s.node for s in masks)}")
         lines += ["worst layers:", self.before.table(limit)]
         if self.clean:
-            lines.append("clean: no layer over tolerance, no activation near the fp16 range")
+            inner = [s for s in self.before.layers if not s.passed and not s.sentinel]
+            lines.append("clean: the outputs are within tolerance and no activation is near the fp16 range"
+                         + (f"; {len(inner)} inner tensor(s) exceed the tolerance without reaching the outputs "
+                            f"(first above), nothing to keep in fp32 for them" if inner else
+                            ", no layer over tolerance"))
         else:
             lines.append(f"fix: keep {len(self.keep_nodes)} node(s) in fp32: " + ", ".join(self.keep_nodes))
             if self.after is not None:
