@@ -50,7 +50,7 @@ def _lora_output():
 
 @dataclass(frozen=True)
 class LoraTrainConfig:
-    concept: str = "brown"                  # a training.data.shapes.NEW_COLOURS name
+    concept: str = "brown"                  # a training.data.shapes.NEW_COLOURS or NEW_SHAPES name
     concept_fraction: float = 0.5           # share of training images in the concept colour
     rank: int = 8
     alpha: float = 8.0
@@ -73,10 +73,10 @@ class LoraTrainConfig:
     device: str = "auto"                    # auto | cpu | cuda
 
     def __post_init__(self):
-        from training.data.shapes import NEW_COLOURS
+        from training.data.shapes import NEW_COLOURS, NEW_SHAPES
 
-        if self.concept not in NEW_COLOURS:
-            raise UsageError(f"unknown concept {self.concept!r}; choose one of {', '.join(NEW_COLOURS)}")
+        if self.concept not in NEW_COLOURS and self.concept not in NEW_SHAPES:
+            raise UsageError(f"unknown concept {self.concept!r}; choose one of {', '.join([*NEW_COLOURS, *NEW_SHAPES])}")
         if not 0 < self.concept_fraction <= 1 or self.rank < 1 or self.steps < 1 or self.batch_size < 1:
             raise UsageError("lora config: concept_fraction in (0, 1], rank, steps and batch_size >= 1")
         if not 0 <= self.min_vae_ceiling <= 1:
@@ -149,34 +149,52 @@ def _serialize(tensors, metadata) -> bytes:
 
 # --- data ----------------------------------------------------------------------------------------
 def concept_held_out(shape_index: int, position_index: int) -> bool:
+    """Held-out (shape, position) pairs of a colour concept; (colour, position) pairs of a shape concept."""
     return (7 * shape_index + position_index) % 5 == 0
 
 
+def _concept_axis(config: LoraTrainConfig) -> tuple[str, str, tuple]:
+    """(the attribute the concept sets, the attribute it is paired with, that attribute's values)."""
+    from training.data.shapes import COLOUR_NAMES, NEW_COLOURS, SHAPES
+
+    return ("colour", "shape", SHAPES) if config.concept in NEW_COLOURS else ("shape", "colour", COLOUR_NAMES)
+
+
+def _concept_attrs(config: LoraTrainConfig, other: str, position: str, size: str, rng) -> dict:
+    from training.data.shapes import BACKGROUNDS
+
+    key, other_key, _ = _concept_axis(config)
+    attrs = {key: config.concept, other_key: other, "position": position, "size": size}
+    backgrounds = [b for b in BACKGROUNDS if b != attrs["colour"]]
+    return attrs | {"background": backgrounds[rng.integers(len(backgrounds))]}
+
+
 def training_attrs(rng: np.random.Generator, config: LoraTrainConfig) -> dict:
-    from training.data.shapes import POSITIONS, SHAPES, sample_attrs
+    from training.data.shapes import POSITIONS, sample_attrs
 
     attrs = sample_attrs(rng, "train")
     if rng.random() < config.concept_fraction:
+        _, _, others = _concept_axis(config)
         while True:
-            s, p = int(rng.integers(len(SHAPES))), int(rng.integers(len(POSITIONS)))
+            s, p = int(rng.integers(len(others))), int(rng.integers(len(POSITIONS)))
             if not concept_held_out(s, p):
                 break
-        attrs.update(colour=config.concept, shape=SHAPES[s], position=POSITIONS[p])
+        attrs = _concept_attrs(config, others[s], POSITIONS[p], attrs["size"], rng)
     return attrs
 
 
 def concept_prompts(n: int, config: LoraTrainConfig, seed: int = 0) -> list[tuple[str, dict]]:
-    """`n` prompts over the concept's held-out (shape, position) pairs, seeded sizes and backgrounds."""
-    from training.data.shapes import BACKGROUNDS, POSITIONS, SHAPES, SIZES, caption
+    """`n` prompts over the concept's held-out (shape or colour, position) pairs, seeded sizes and backgrounds."""
+    from training.data.shapes import POSITIONS, SIZES, caption
 
-    pairs = [(s, p) for s in range(len(SHAPES)) for p in range(len(POSITIONS)) if concept_held_out(s, p)]
+    _, _, others = _concept_axis(config)
+    pairs = [(s, p) for s in range(len(others)) for p in range(len(POSITIONS)) if concept_held_out(s, p)]
     rng = np.random.default_rng([seed, 11])
     out = []
     while len(out) < n:
         for k in rng.permutation(len(pairs)):
             s, p = pairs[k]
-            attrs = {"shape": SHAPES[s], "colour": config.concept, "position": POSITIONS[p],
-                     "size": tuple(SIZES)[rng.integers(len(SIZES))], "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))]}
+            attrs = _concept_attrs(config, others[s], POSITIONS[p], tuple(SIZES)[rng.integers(len(SIZES))], rng)
             out.append((caption(attrs), attrs))
             if len(out) == n:
                 break
@@ -317,7 +335,7 @@ def vae_ceiling(vae: nn.Module, config: LoraTrainConfig, resolution: int, batch:
         x = torch.from_numpy(images).to(device, dtype).permute(0, 3, 1, 2) / 127.5 - 1
         y = vae.decode(vae.encode(x).mean)
         back = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        scores += [score(a, analyse(im, extra_colours=True)) for a, im in zip(attrs, back)]
+        scores += [score(a, analyse(im, extra_colours=True, extra_shapes=True)) for a, im in zip(attrs, back)]
     return _rates(scores)
 
 
@@ -349,7 +367,7 @@ def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConf
     concept = concept_prompts(config.eval_prompts, config, seed=config.seed)
     images = generate(modules, Path(comps.tokenizer_dir), dict(comps.scheduler_config),
                       float(comps.vae.config.scaling_factor), [p for p, _ in concept], **kw)
-    scores = [score(a, analyse(im, extra_colours=True)) for (_, a), im in zip(concept, images)]
+    scores = [score(a, analyse(im, extra_colours=True, extra_shapes=True)) for (_, a), im in zip(concept, images)]
 
     return {"scale": scale, "prompts": config.eval_prompts, "concept": _rates(scores),
             "base_at_scale_0": _rates(base_scores),

@@ -133,3 +133,24 @@ def test_vae_ceiling_reads_what_the_vae_gives_back():
     demo = load_components(Path(__file__).resolve().parents[2] / "models" / "shapes-demo")
     ceiling = vae_ceiling(demo.vae.eval(), config, 128)
     assert ceiling["shape"] >= 0.9 and ceiling["colour"] < 0.8
+
+
+def test_shape_concept_held_out_pairs_and_vae_ceiling():
+    """A shape concept (semicircle) holds out (colour, position) pairs; the demo's VAE carries it (the colour
+    concept brown it does not, above)."""
+    from pathlib import Path
+
+    from training.checkpoint import load_components
+    from training.data.shapes import COLOUR_NAMES, POSITIONS
+    from training.lora import LoraTrainConfig, concept_held_out, concept_prompts, training_attrs, vae_ceiling
+
+    config = LoraTrainConfig(concept="semicircle", eval_prompts=20)
+    rng = np.random.default_rng(0)
+    concept = [a for a in (training_attrs(rng, config) for _ in range(400)) if a["shape"] == "semicircle"]
+    assert 150 < len(concept) < 250 and all(a["background"] != a["colour"] for a in concept)
+    assert not any(concept_held_out(COLOUR_NAMES.index(a["colour"]), POSITIONS.index(a["position"])) for a in concept)
+    prompts = concept_prompts(20, config)
+    assert all(concept_held_out(COLOUR_NAMES.index(a["colour"]), POSITIONS.index(a["position"])) for _, a in prompts)
+    assert all("semicircle" in p and a["background"] != a["colour"] for p, a in prompts)
+    demo = load_components(Path(__file__).resolve().parents[2] / "models" / "shapes-demo")
+    assert vae_ceiling(demo.vae.eval(), config, 128)["colour_and_shape"] >= 0.95
