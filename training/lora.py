@@ -1,20 +1,24 @@
-"""Train a LoRA on a finished model folder: a concept the model never saw (a new shapes colour), saved in
-the diffusers / peft layout that `ldm-deploy export --lora` and `Pipeline.set_loras` read.
+"""Train a LoRA on a finished model folder: a concept the model never saw (a new shapes colour or shape),
+saved in the diffusers / peft layout that `ldm-deploy export --lora` and `Pipeline.set_loras` read.
 
-    ldm-train lora --base models/shapes-demo --config training/configs/lora-brown.yaml --out outputs/lora-brown
+    ldm-train lora --base models/shapes-demo --config training/configs/lora-semicircle.yaml --out outputs/lora-semicircle
 
 The base weights stay frozen; rank-r adapters `W x + (alpha / r) * B A x` (B starts at zero, so step 0 is
 the base model) wrap the U-Net's attention, feed-forward and proj_in/proj_out layers, and optionally the
-text encoder's attention. Training images come from the shapes generator: `concept_fraction` of them in
-the concept colour (training/data/shapes.NEW_COLOURS), the rest drawn as the base model was trained, so
-the other colours are kept. For the concept, the (shape, position) pairs with `(7 * s + p) % 5 == 0` are
-never drawn: the evaluation prompts use exactly those (held-out compositions).
+text encoder's attention. Training images come from the shapes generator: `concept_fraction` of them show
+the concept (training/data/shapes.NEW_COLOURS / NEW_SHAPES), the rest drawn as the base model was trained,
+so the other colours and shapes are kept. For the concept, the (shape, position) pairs of a colour, or the
+(colour, position) pairs of a shape, with `(7 * i + p) % 5 == 0` are never drawn: the evaluation prompts use
+exactly those (held-out compositions).
+
+The VAE is frozen too, so no LoRA gets past what it reproduces: before training, `vae_ceiling` reads the
+held-out concept images after the VAE's round trip, and a ceiling below `min_vae_ceiling` is refused.
 
 Output `<out>/`: `pytorch_lora_weights.safetensors` (`unet.<module>.lora_A.weight` / `lora_B.weight`,
 `text_encoder.<module>...`, with diffusers' `lora_adapter_metadata`: r, lora_alpha, target_modules),
-`lora_config.json` (the resolved config), `report.json` (losses, time, evaluation).
+`lora_config.json` (the resolved config), `report.json` (losses, time, evaluation, the VAE ceiling).
 Evaluation (`evaluate_lora`): held-out concept prompts at scale 1 (colour, shape and both read right by
-the analyser with the concept colours) and the base's held-out prompts at scale 0.
+the analyser with the concept colours and shapes) and the base's held-out prompts at scale 0.
 """
 from __future__ import annotations
 
