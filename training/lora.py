@@ -1,20 +1,24 @@
-"""Train a LoRA on a finished model folder: a concept the model never saw (a new shapes colour), saved in
-the diffusers / peft layout that `ldm-deploy export --lora` and `Pipeline.set_loras` read.
+"""Train a LoRA on a finished model folder: a concept the model never saw (a new shapes colour or shape),
+saved in the diffusers / peft layout that `ldm-deploy export --lora` and `Pipeline.set_loras` read.
 
-    ldm-train lora --base models/shapes-demo --config training/configs/lora-brown.yaml --out outputs/lora-brown
+    ldm-train lora --base models/shapes-demo --config training/configs/lora-semicircle.yaml --out outputs/lora-semicircle
 
 The base weights stay frozen; rank-r adapters `W x + (alpha / r) * B A x` (B starts at zero, so step 0 is
 the base model) wrap the U-Net's attention, feed-forward and proj_in/proj_out layers, and optionally the
-text encoder's attention. Training images come from the shapes generator: `concept_fraction` of them in
-the concept colour (training/data/shapes.NEW_COLOURS), the rest drawn as the base model was trained, so
-the other colours are kept. For the concept, the (shape, position) pairs with `(7 * s + p) % 5 == 0` are
-never drawn: the evaluation prompts use exactly those (held-out compositions).
+text encoder's attention. Training images come from the shapes generator: `concept_fraction` of them show
+the concept (training/data/shapes.NEW_COLOURS / NEW_SHAPES), the rest drawn as the base model was trained,
+so the other colours and shapes are kept. For the concept, the (shape, position) pairs of a colour, or the
+(colour, position) pairs of a shape, with `(7 * i + p) % 5 == 0` are never drawn: the evaluation prompts use
+exactly those (held-out compositions).
+
+The VAE is frozen too, so no LoRA gets past what it reproduces: before training, `vae_ceiling` reads the
+held-out concept images after the VAE's round trip, and a ceiling below `min_vae_ceiling` is refused.
 
 Output `<out>/`: `pytorch_lora_weights.safetensors` (`unet.<module>.lora_A.weight` / `lora_B.weight`,
 `text_encoder.<module>...`, with diffusers' `lora_adapter_metadata`: r, lora_alpha, target_modules),
-`lora_config.json` (the resolved config), `report.json` (losses, time, evaluation).
+`lora_config.json` (the resolved config), `report.json` (losses, time, evaluation, the VAE ceiling).
 Evaluation (`evaluate_lora`): held-out concept prompts at scale 1 (colour, shape and both read right by
-the analyser with the concept colours) and the base's held-out prompts at scale 0.
+the analyser with the concept colours and shapes) and the base's held-out prompts at scale 0.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def _lora_output():
 
 @dataclass(frozen=True)
 class LoraTrainConfig:
-    concept: str = "brown"                  # a training.data.shapes.NEW_COLOURS name
+    concept: str = "brown"                  # a training.data.shapes.NEW_COLOURS or NEW_SHAPES name
     concept_fraction: float = 0.5           # share of training images in the concept colour
     rank: int = 8
     alpha: float = 8.0
@@ -68,15 +72,19 @@ class LoraTrainConfig:
     eval_prompts: int = 50                  # held-out concept prompts (and as many base prompts); 0: no eval
     eval_steps: int = 25
     guidance: float = 5.0
+    min_vae_ceiling: float = 0.8            # refuse to train when the frozen VAE itself reproduces the concept in
+                                            # fewer held-out images (vae_ceiling); 0: report only
     device: str = "auto"                    # auto | cpu | cuda
 
     def __post_init__(self):
-        from training.data.shapes import NEW_COLOURS
+        from training.data.shapes import NEW_COLOURS, NEW_SHAPES
 
-        if self.concept not in NEW_COLOURS:
-            raise UsageError(f"unknown concept {self.concept!r}; choose one of {', '.join(NEW_COLOURS)}")
+        if self.concept not in NEW_COLOURS and self.concept not in NEW_SHAPES:
+            raise UsageError(f"unknown concept {self.concept!r}; choose one of {', '.join([*NEW_COLOURS, *NEW_SHAPES])}")
         if not 0 < self.concept_fraction <= 1 or self.rank < 1 or self.steps < 1 or self.batch_size < 1:
             raise UsageError("lora config: concept_fraction in (0, 1], rank, steps and batch_size >= 1")
+        if not 0 <= self.min_vae_ceiling <= 1:
+            raise UsageError(f"lora config: min_vae_ceiling must be in [0, 1], got {self.min_vae_ceiling}")
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "LoraTrainConfig":
@@ -145,34 +153,52 @@ def _serialize(tensors, metadata) -> bytes:
 
 # --- data ----------------------------------------------------------------------------------------
 def concept_held_out(shape_index: int, position_index: int) -> bool:
+    """Held-out (shape, position) pairs of a colour concept; (colour, position) pairs of a shape concept."""
     return (7 * shape_index + position_index) % 5 == 0
 
 
+def _concept_axis(config: LoraTrainConfig) -> tuple[str, str, tuple]:
+    """(the attribute the concept sets, the attribute it is paired with, that attribute's values)."""
+    from training.data.shapes import COLOUR_NAMES, NEW_COLOURS, SHAPES
+
+    return ("colour", "shape", SHAPES) if config.concept in NEW_COLOURS else ("shape", "colour", COLOUR_NAMES)
+
+
+def _concept_attrs(config: LoraTrainConfig, other: str, position: str, size: str, rng) -> dict:
+    from training.data.shapes import BACKGROUNDS
+
+    key, other_key, _ = _concept_axis(config)
+    attrs = {key: config.concept, other_key: other, "position": position, "size": size}
+    backgrounds = [b for b in BACKGROUNDS if b != attrs["colour"]]
+    return attrs | {"background": backgrounds[rng.integers(len(backgrounds))]}
+
+
 def training_attrs(rng: np.random.Generator, config: LoraTrainConfig) -> dict:
-    from training.data.shapes import POSITIONS, SHAPES, sample_attrs
+    from training.data.shapes import POSITIONS, sample_attrs
 
     attrs = sample_attrs(rng, "train")
     if rng.random() < config.concept_fraction:
+        _, _, others = _concept_axis(config)
         while True:
-            s, p = int(rng.integers(len(SHAPES))), int(rng.integers(len(POSITIONS)))
+            s, p = int(rng.integers(len(others))), int(rng.integers(len(POSITIONS)))
             if not concept_held_out(s, p):
                 break
-        attrs.update(colour=config.concept, shape=SHAPES[s], position=POSITIONS[p])
+        attrs = _concept_attrs(config, others[s], POSITIONS[p], attrs["size"], rng)
     return attrs
 
 
 def concept_prompts(n: int, config: LoraTrainConfig, seed: int = 0) -> list[tuple[str, dict]]:
-    """`n` prompts over the concept's held-out (shape, position) pairs, seeded sizes and backgrounds."""
-    from training.data.shapes import BACKGROUNDS, POSITIONS, SHAPES, SIZES, caption
+    """`n` prompts over the concept's held-out (shape or colour, position) pairs, seeded sizes and backgrounds."""
+    from training.data.shapes import POSITIONS, SIZES, caption
 
-    pairs = [(s, p) for s in range(len(SHAPES)) for p in range(len(POSITIONS)) if concept_held_out(s, p)]
+    _, _, others = _concept_axis(config)
+    pairs = [(s, p) for s in range(len(others)) for p in range(len(POSITIONS)) if concept_held_out(s, p)]
     rng = np.random.default_rng([seed, 11])
     out = []
     while len(out) < n:
         for k in rng.permutation(len(pairs)):
             s, p = pairs[k]
-            attrs = {"shape": SHAPES[s], "colour": config.concept, "position": POSITIONS[p],
-                     "size": tuple(SIZES)[rng.integers(len(SIZES))], "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))]}
+            attrs = _concept_attrs(config, others[s], POSITIONS[p], tuple(SIZES)[rng.integers(len(SIZES))], rng)
             out.append((caption(attrs), attrs))
             if len(out) == n:
                 break
@@ -208,6 +234,17 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
         m.requires_grad_(False).eval()
     tokenizer = load_tokenizer(Path(comps.tokenizer_dir))
     resolution = int(comps.unet_config["sample_size"]) * vae_scale_factor(comps.vae_config)
+    ceiling = None
+    if config.eval_prompts > 0:       # before any training: can the frozen VAE carry the concept at all?
+        ceiling = vae_ceiling(vae, config, resolution)
+        print(f"[lora] vae ceiling: the base's VAE round trip of {config.eval_prompts} rendered held-out concept "
+              f"images reads colour {ceiling['colour']:.0%}, shape {ceiling['shape']:.0%}", flush=True)
+        if ceiling["colour_and_shape"] < config.min_vae_ceiling:
+            raise LdmError(f"the base model's VAE reproduces the concept {config.concept!r} in only "
+                           f"{ceiling['colour_and_shape']:.0%} of the rendered held-out images (colour and shape read "
+                           f"right after encode + decode; min_vae_ceiling {config.min_vae_ceiling:.0%}): a U-Net / "
+                           f"text-encoder LoRA cannot go beyond that",
+                           hint="pick a concept the VAE reproduces, or set min_vae_ceiling: 0 to train anyway")
     torch.manual_seed(config.seed)
     layers = _inject_layers(unet, te, config)
     params = [p for found in layers.values() for layer in found.values() for p in (layer.down.weight, layer.up.weight)]
@@ -243,6 +280,7 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
                   "modules": {c: len(v) for c, v in layers.items()}}
         if config.eval_prompts > 0:
             report["eval"] = evaluate_lora(base, path, config)
+            report["eval"]["vae_ceiling"] = ceiling
         write_json(tmp / "report.json", report)
     return report
 
@@ -276,6 +314,35 @@ def _context(te: nn.Module, ids: torch.Tensor, trained: bool) -> torch.Tensor:
 
 
 # --- evaluation ----------------------------------------------------------------------------------
+def _rates(scores: list[dict]) -> dict:
+    n = max(len(scores), 1)
+    return ({k: round(sum(r[k] for r in scores) / n, 4) for k in ("colour", "shape", "position")}
+            | {"colour_and_shape": round(sum(r["colour"] and r["shape"] for r in scores) / n, 4)})
+
+
+@torch.no_grad()
+def vae_ceiling(vae: nn.Module, config: LoraTrainConfig, resolution: int, batch: int = 25) -> dict:
+    """The most a U-Net / text-encoder LoRA can reach: the held-out concept prompts rendered by the shapes
+    generator (with its jitter), encoded and decoded by the frozen VAE (posterior mean), read by the analyser
+    with the concept colours. A VAE trained only on the base palette may not carry a new colour: the demo's
+    decodes brown (140, 80, 30) as orange on grey, greyish pink on blue."""
+    from training.data.analyser import analyse, score
+    from training.data.shapes import render
+
+    prompts = concept_prompts(config.eval_prompts, config, seed=config.seed)
+    rng = np.random.default_rng([config.seed, 5])
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    scores = []
+    for i in range(0, len(prompts), batch):
+        attrs = [a for _, a in prompts[i:i + batch]]
+        images = np.stack([render(a, resolution, rng) for a in attrs])
+        x = torch.from_numpy(images).to(device, dtype).permute(0, 3, 1, 2) / 127.5 - 1
+        y = vae.decode(vae.encode(x).mean)
+        back = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        scores += [score(a, analyse(im, extra_colours=True, extra_shapes=True)) for a, im in zip(attrs, back)]
+    return _rates(scores)
+
+
 def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConfig, *, scale: float = 1.0) -> dict:
     """Concept prompts with the LoRA at `scale`; the base's held-out prompts at scale 0 (the base weights)."""
     from ldm_deploy.lora import combine, load_lora, torch_targets
@@ -304,14 +371,8 @@ def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConf
     concept = concept_prompts(config.eval_prompts, config, seed=config.seed)
     images = generate(modules, Path(comps.tokenizer_dir), dict(comps.scheduler_config),
                       float(comps.vae.config.scaling_factor), [p for p, _ in concept], **kw)
-    scores = [score(a, analyse(im, extra_colours=True)) for (_, a), im in zip(concept, images)]
+    scores = [score(a, analyse(im, extra_colours=True, extra_shapes=True)) for (_, a), im in zip(concept, images)]
 
-    def rate(rows, key):
-        return round(sum(r[key] for r in rows) / max(len(rows), 1), 4)
-
-    return {"scale": scale, "prompts": config.eval_prompts,
-            "concept": {k: rate(scores, k) for k in ("colour", "shape", "position")}
-            | {"colour_and_shape": round(sum(r["colour"] and r["shape"] for r in scores) / max(len(scores), 1), 4)},
-            "base_at_scale_0": {k: rate(base_scores, k) for k in ("colour", "shape", "position")}
-            | {"colour_and_shape": round(sum(r["colour"] and r["shape"] for r in base_scores) / max(len(base_scores), 1), 4)},
+    return {"scale": scale, "prompts": config.eval_prompts, "concept": _rates(scores),
+            "base_at_scale_0": _rates(base_scores),
             "concept_examples": [p for p, _ in concept[:4]]}

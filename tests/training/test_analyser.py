@@ -84,3 +84,24 @@ def test_blank_image_and_bad_input():
 def test_holdout_prompts_read_back():
     for prompt, attrs in holdout_prompts(7, seed=3):
         assert score(attrs, analyse(render(attrs, 64)))["all"], prompt
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_new_shapes_read_only_when_asked_and_base_readings_unchanged(resolution):
+    """shapes.NEW_SHAPES (LoRA concepts) read back with extra_shapes=True; the base shapes' readings are the
+    same with and without it, so the demo's own evaluation (extra_shapes off) cannot change."""
+    from training.data.shapes import BACKGROUNDS, COLOUR_NAMES, NEW_SHAPES, POSITIONS, SIZES
+
+    rng = np.random.default_rng(resolution)
+    for shape in NEW_SHAPES:
+        for i in range(40):
+            colour = COLOUR_NAMES[i % len(COLOUR_NAMES)]
+            attrs = dict(shape=shape, colour=colour, size=tuple(SIZES)[i % 3], position=POSITIONS[i % 9],
+                         background=[b for b in BACKGROUNDS if b != colour][i % 5])
+            image = render(attrs, resolution, rng)
+            assert score(attrs, analyse(image, extra_shapes=True))["all"], attrs
+            assert analyse(image)["shape"] in SHAPES                     # never a new shape unless asked
+    ds = ShapesDataset(split="train", resolution=resolution, size=150, seed=3)
+    for i in range(len(ds)):
+        image = ds[i][0]
+        assert analyse(image, extra_shapes=True)["shape"] == analyse(image)["shape"]

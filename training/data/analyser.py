@@ -127,20 +127,28 @@ _PROTOTYPES = {
     "cross":    dict(fill=0.57, aspect=1.00, solidity=0.76, yoffset=0.00, corners=0.00, top_mid=1.00, side_mid=1.00),
     "heart":    dict(fill=0.67, aspect=0.86, solidity=0.925, yoffset=-0.10, corners=0.30, top_mid=0.35, side_mid=0.59),
 }
+# LoRA concept shapes (shapes.NEW_SHAPES; opt-in: analyse(..., extra_shapes=True)): >= 32 tolerance-scaled
+# squared units from every base prototype on renders and on the demo VAE's round trips of them.
+_NEW_PROTOTYPES = {
+    "semicircle": dict(fill=0.78, aspect=0.51, solidity=0.965, yoffset=0.07, corners=0.49, top_mid=0.99, side_mid=0.40),
+}
 _TOLERANCE = dict(fill=0.05, aspect=0.08, solidity=0.04, yoffset=0.03, corners=0.12, top_mid=0.3, side_mid=0.3)
 
 
-def classify_shape(features: dict[str, float]) -> tuple[str, dict[str, float]]:
-    """(nearest prototype, {shape: distance}) in tolerance-scaled feature space."""
+def classify_shape(features: dict[str, float], extra_shapes: bool = False) -> tuple[str, dict[str, float]]:
+    """(nearest prototype, {shape: distance}) in tolerance-scaled feature space; `extra_shapes`: the
+    shapes.NEW_SHAPES prototypes too."""
+    protos = {**_PROTOTYPES, **_NEW_PROTOTYPES} if extra_shapes else _PROTOTYPES
     dist = {name: float(sum(((features[k] - v) / _TOLERANCE[k]) ** 2 for k, v in proto.items()))
-            for name, proto in _PROTOTYPES.items()}
+            for name, proto in protos.items()}
     return min(dist, key=dist.get), dist
 
 
-def analyse(image: np.ndarray, extra_colours: bool = False) -> dict:
+def analyse(image: np.ndarray, extra_colours: bool = False, extra_shapes: bool = False) -> dict:
     """Attributes of a shapes image: {background, colour, shape, position, size, ...diagnostics}.
 
-    `extra_colours`: the shape's colour may also be one of shapes.NEW_COLOURS (LoRA concepts).
+    `extra_colours`: the shape's colour may also be one of shapes.NEW_COLOURS (LoRA concepts);
+    `extra_shapes`: the shape may also be one of shapes.NEW_SHAPES.
 
     `image` is uint8 (H, W, 3). A blank image reports shape/colour/position/size None.
     """
@@ -179,7 +187,7 @@ def analyse(image: np.ndarray, extra_colours: bool = False) -> dict:
     extent = max(ext_x / w, ext_y / h)
     result["size"] = _SIZE_NAMES[int(np.abs(_SIZE_VALUES - extent).argmin())]
     feats = shape_features(alpha)
-    result["shape"], result["shape_distances"] = classify_shape(feats)
+    result["shape"], result["shape_distances"] = classify_shape(feats, extra_shapes)
     result.update(features=feats, extent=float(extent), centre=(float(cx / w), float(cy / h)))
     return result
 

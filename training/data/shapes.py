@@ -53,6 +53,10 @@ COLOUR_NAMES = tuple(COLOURS)
 # Colours no shipped model saw: concepts for LoRA training (training/lora.py). Never drawn by `sample_attrs`,
 # never a background; `render` draws them and `analyser.analyse(image, extra_colours=True)` reads them.
 NEW_COLOURS = {"brown": (140, 80, 30)}   # >= 94 (sRGB distance) from every colour above
+# Shapes no shipped model saw (LoRA concepts), drawn by `render`, read by `analyse(image, extra_shapes=True)`.
+# The demo's VAE (trained on the base palette only) cannot carry brown: its encode + decode turns it orange
+# on grey, pinkish on blue (training/lora.vae_ceiling); it carries a semicircle as it carries every shape.
+NEW_SHAPES = ("semicircle",)             # flat side down; bounding box 2:1
 BACKGROUNDS = ("white", "black", "grey", "yellow", "blue", "green")
 SIZES = {"small": 0.18, "medium": 0.25, "large": 0.32}  # larger bbox side / image side
 SIZE_JITTER = 0.03  # relative
@@ -142,6 +146,7 @@ _OUTLINES = {
               (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM)],
     "star": _star(),
     "heart": _heart(),
+    "semicircle": [(math.cos(t), -math.sin(t)) for t in np.linspace(0, math.pi, 97).tolist()],
 }
 
 
