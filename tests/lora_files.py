@@ -15,20 +15,27 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in", "conv
 TE_TARGETS = ["q_proj", "v_proj", "fc1"]
 
 
-def _unet_adapter(folder, seed, r, alpha, targets):
+def peft_adapter(model, r: int, alpha: float, targets: list[str], seed: int):
+    """peft's own injection (`add_adapter`: diffusers' ModelMixin / transformers' PeftAdapterMixin) with both
+    halves random (lora_B starts at zero), and its state dict as peft saves it."""
     import torch
-    from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").eval()
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
-    unet.add_adapter(config)
+    model.add_adapter(config)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for name, p in unet.named_parameters():
+        for name, p in model.named_parameters():
             if "lora_" in name:
-                p.normal_(0, 0.2)       # lora_B starts at zero; give both halves values
-    return get_peft_model_state_dict(unet), config
+                p.normal_(0, 0.2)
+    return get_peft_model_state_dict(model), config
+
+
+def _unet_adapter(folder, seed, r, alpha, targets):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").eval()
+    return peft_adapter(unet, r, alpha, targets, seed)
 
 
 def make_lora_files(folder: Path, out: Path) -> dict[str, Path]:

@@ -62,24 +62,10 @@ def make_folder(family: str, folder: Path) -> Path:
     return make_tiny_folder(folder)
 
 
-def _adapter(model, r: int, alpha: float, targets: list[str], seed: int):
-    """peft's own injection (`add_adapter`: diffusers' ModelMixin / transformers' PeftAdapterMixin) with both
-    halves random (lora_B starts at zero), and its state dict as peft saves it."""
-    import torch
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
-    model.add_adapter(config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
-    return get_peft_model_state_dict(model), config
-
-
 def make_loras(family: str, model: Path, out: Path) -> None:
     import torch
+
+    from tests.lora_files import peft_adapter
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
@@ -98,7 +84,7 @@ def make_loras(family: str, model: Path, out: Path) -> None:
                 # file's q/k/v_proj LoRA with a warning when it has mlp keys but no out_proj: it then infers the
                 # "new diffusers" key type, whose mapping lacks to_q_lora; ldm-deploy reads such a file whole)
                 targets = ["to_q", "to_v", "conv2"] if component == "unet" else TE_TARGETS
-            sd, config = _adapter(getattr(pipe, component), r, alpha, targets, seed_base + i)
+            sd, config = peft_adapter(getattr(pipe, component), r, alpha, targets, seed_base + i)
             if which == "peft":
                 layers[f"{component}_lora_layers"] = sd
                 meta[f"{component}_lora_adapter_metadata"] = config.to_dict()
