@@ -199,6 +199,18 @@ def child(step: str, timeout_s: float, **kwargs) -> dict:
     return result
 
 
+def _export_step(args, folder: Path, artifact: Path, results: dict, save) -> None:
+    from ldm_deploy.artifact import is_artifact
+
+    if args.reuse and is_artifact(artifact):
+        say(f"reusing the export in {artifact}")
+        return
+    say("exporting (fp16 U-Net and text encoders, fp32 VAE decoder)")
+    results["steps"]["export"] = child("export", args.timeout, folder=folder, out=artifact, size=args.size,
+                                       ort_cuda=args.ort_cuda)
+    save()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-sdxl"), help="model folder, artifact, engines")
@@ -238,13 +250,7 @@ def main(argv=None) -> int:
         results["steps"]["folder"] = child("make_folder", args.timeout, preset_name="tiny-sdxl" if args.quick else "sdxl",
                                            folder=folder)
         save()
-    if args.reuse and (artifact / "manifest.json").is_file():
-        say(f"reusing the export in {artifact}")
-    else:
-        say("exporting (fp16 U-Net and text encoders, fp32 VAE decoder)")
-        results["steps"]["export"] = child("export", args.timeout, folder=folder, out=artifact, size=args.size,
-                                           ort_cuda=args.ort_cuda)
-        save()
+    _export_step(args, folder, artifact, results, save)
     if "ours-tensorrt" in sides:
         say("building TensorRT engines")
         results["steps"]["build"] = child("build", args.timeout, artifact=artifact)

@@ -234,27 +234,16 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
         m.requires_grad_(False).eval()
     tokenizer = load_tokenizer(Path(comps.tokenizer_dir))
     resolution = int(comps.unet_config["sample_size"]) * vae_scale_factor(comps.vae_config)
-    ceiling = None
-    if config.eval_prompts > 0:       # before any training: can the frozen VAE carry the concept at all?
-        ceiling = vae_ceiling(vae, config, resolution)
-        print(f"[lora] vae ceiling: the base's VAE round trip of {config.eval_prompts} rendered held-out concept "
-              f"images reads colour {ceiling['colour']:.0%}, shape {ceiling['shape']:.0%}", flush=True)
-        if ceiling["colour_and_shape"] < config.min_vae_ceiling:
-            raise LdmError(f"the base model's VAE reproduces the concept {config.concept!r} in only "
-                           f"{ceiling['colour_and_shape']:.0%} of the rendered held-out images (colour and shape read "
-                           f"right after encode + decode; min_vae_ceiling {config.min_vae_ceiling:.0%}): a U-Net / "
-                           f"text-encoder LoRA cannot go beyond that",
-                           hint="pick a concept the VAE reproduces, or set min_vae_ceiling: 0 to train anyway")
+    ceiling = _check_vae_ceiling(vae, config, resolution) if config.eval_prompts > 0 else None
     torch.manual_seed(config.seed)
     layers = _inject_layers(unet, te, config)
     params = [p for found in layers.values() for layer in found.values() for p in (layer.down.weight, layer.up.weight)]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = NoiseSchedule.from_config(dict(comps.scheduler_config))
-    prediction = comps.scheduler_config.get("prediction_type", "epsilon")
     with torch.no_grad():
         empty = encode_text(te, tokenize(tokenizer, [""]).to(device))
-    objective = DiffusionObjective(unet, schedule, prediction, float(vae.config.scaling_factor),
-                                   config.caption_dropout, empty, vae)
+    objective = DiffusionObjective(unet, NoiseSchedule.from_config(dict(comps.scheduler_config)),
+                                   comps.scheduler_config.get("prediction_type", "epsilon"),
+                                   float(vae.config.scaling_factor), config.caption_dropout, empty, vae)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 3])
     unet.train()
@@ -283,6 +272,20 @@ def train_lora(base: str | Path, out: str | Path, config: LoraTrainConfig, *, fo
             report["eval"]["vae_ceiling"] = ceiling
         write_json(tmp / "report.json", report)
     return report
+
+
+def _check_vae_ceiling(vae: nn.Module, config: LoraTrainConfig, resolution: int) -> dict:
+    """Before any training: can the frozen VAE carry the concept at all? Refuses one under min_vae_ceiling."""
+    ceiling = vae_ceiling(vae, config, resolution)
+    print(f"[lora] vae ceiling: the base's VAE round trip of {config.eval_prompts} rendered held-out concept "
+          f"images reads colour {ceiling['colour']:.0%}, shape {ceiling['shape']:.0%}", flush=True)
+    if ceiling["colour_and_shape"] < config.min_vae_ceiling:
+        raise LdmError(f"the base model's VAE reproduces the concept {config.concept!r} in only "
+                       f"{ceiling['colour_and_shape']:.0%} of the rendered held-out images (colour and shape read "
+                       f"right after encode + decode; min_vae_ceiling {config.min_vae_ceiling:.0%}): a U-Net / "
+                       f"text-encoder LoRA cannot go beyond that",
+                       hint="pick a concept the VAE reproduces, or set min_vae_ceiling: 0 to train anyway")
+    return ceiling
 
 
 def _inject_layers(unet: nn.Module, te: nn.Module, config: LoraTrainConfig) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def load_source(folder, components, *, lazy: bool = False) -> Source:
 
     `lazy`: load none of the modules yet (configs, tokenizers and the folder's hash only); `Source.load`
     then loads one part at a time, so an export holds one component's weights, not the whole model's."""
-    from training.checkpoint import load_components
+    from training.checkpoint import _read_json, load_components
 
     folder = Path(folder)
     parts = () if lazy else tuple(dict.fromkeys(PARTS[c] for c in components))
@@ -110,7 +109,7 @@ def load_source(folder, components, *, lazy: bool = False) -> Source:
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         cfg = getattr(comps, f"{part}_config", None)
         if cfg is None and (folder / part / "config.json").is_file():
-            cfg = json.loads((folder / part / "config.json").read_text())  # recorded even when not exported
+            cfg = _read_json(folder / part / "config.json")   # recorded even when not exported (one error line)
         if cfg is not None:
             configs[part] = cfg
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):

@@ -146,6 +146,8 @@ FOLDER_DAMAGE = {
     "vae folder missing": (lambda f: shutil.rmtree(f / "vae"), "lacks vae/"),
     "unet config missing": (lambda f: (f / "unet" / "config.json").unlink(), "config.json"),
     "unet config not JSON": (lambda f: (f / "unet" / "config.json").write_bytes(random_bytes(100)), "config.json"),
+    # not even UTF-8 (random bytes are that only some of the time): still one line naming the file
+    "vae config not UTF-8": (lambda f: (f / "vae" / "config.json").write_bytes(b"\xcd\x01garbage"), "config.json"),
     "unet weights missing": (lambda f: _unet_weights(f).unlink(), "no weights in .*unet"),
     "tokenizer missing": (lambda f: shutil.rmtree(f / "tokenizer"), "tokenizer"),
 }
