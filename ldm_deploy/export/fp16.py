@@ -54,6 +54,47 @@ def fp32_island(model: onnx.ModelProto, inputs: list[str]) -> list[str]:
     return names
 
 
+def constant_feeders(model: onnx.ModelProto, kept_ops: set[str], kept_nodes: set[str]) -> list[str]:
+    """Names of the constant nodes whose values an fp32-kept node reads: `Constant` nodes, and nodes computed
+    from constants and initializers only, up the chain from each kept node (ops in `kept_ops`, names in
+    `kept_nodes`).
+
+    The converter keeps an fp32 *initializer* read only by kept nodes in fp32, but it converts every node it
+    is not told to keep, and a `Constant` node is a node: its value becomes fp16 and is cast back to fp32 in
+    front of the kept reader. A graph onnxslim did not clean up (over the 2 GB proto limit, `optimize: false`,
+    a failed cleanup) holds the timestep sinusoid's frequency table as such a Constant: rounded to fp16
+    (relative 2^-11), it moved t * freq by up to 0.44 rad at t = 901, and cos(t * freq) by 0.15, on the
+    SD 1.5 U-Net. Kept fp32, a Constant read by kept and by fp16 nodes alike reaches the fp16 ones through the
+    converter's Cast, as an initializer would."""
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output if o}
+    known = {i.name for i in graph.initializer} | {""}
+    constant: set[str] = set()      # tensors computable without a graph input
+    changed = True
+    while changed:                  # the graph is topologically sorted after export; the loop does not assume it
+        changed = False
+        for node in graph.node:
+            outs = [o for o in node.output if o]
+            if outs and outs[0] not in constant and all(i in known or i in constant for i in node.input):
+                constant.update(outs)
+                changed = True
+    names, seen = [], set()
+    frontier = [i for n in graph.node if n.op_type in kept_ops or n.name in kept_nodes for i in n.input]
+    while frontier:
+        tensor = frontier.pop()
+        node = producers.get(tensor)
+        if node is None or tensor not in constant or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in kept_ops or node.name in kept_nodes:
+            continue                # kept already (its own constant inputs are reached from it)
+        if not node.name:
+            node.name = f"fp32_constant_{len(seen)}"
+        names.append(node.name)
+        frontier.extend(node.input)
+    return names
+
+
 def topological_sort(graph: onnx.GraphProto) -> None:
     """Reorder `graph.node` so every node comes after the producers of its inputs (stable otherwise)."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
@@ -201,15 +242,18 @@ def convert_to_fp16(src: Path, dst: Path, *, keep_ops: tuple[str, ...], fp32_inp
             raise LdmError(f"fp16_keep_nodes names {len(missing)} nodes this graph lacks, e.g. {missing[0]!r}",
                            hint="the export config was written for another model or export settings; "
                                 "rerun `ldm-deploy debug-precision --write-config` on this model")
+    op_block = [*DEFAULT_OP_BLOCK_LIST, *keep_ops]
+    node_block = island + [n for n in keep_nodes if n not in island]
+    constants = constant_feeders(model, set(op_block), set(node_block))
     with _shapes_from_dims(float16) if big else contextlib.nullcontext():
         model16 = convert_float_to_float16(
-            model, keep_io_types=keep_inputs, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_ops),
-            node_block_list=island + [n for n in keep_nodes if n not in island], disable_shape_infer=big)
+            model, keep_io_types=keep_inputs, op_block_list=op_block, node_block_list=node_block + constants,
+            disable_shape_infer=big)
     drop_duplicate_nodes(model16.graph)
     drop_cast_round_trips(model16.graph)
     topological_sort(model16.graph)    # the converter appends its Cast nodes at the end
-    log.info("fp16: %d nodes kept fp32 on the %s path, %d named nodes kept fp32, ops kept fp32: %s", len(island),
-             keep_inputs, len(keep_nodes), keep_ops)
+    log.info("fp16: %d nodes kept fp32 on the %s path, %d named nodes kept fp32, %d constant nodes they read kept "
+             "fp32, ops kept fp32: %s", len(island), keep_inputs, len(keep_nodes), len(constants), keep_ops)
     if big:   # the weights: read as fp32 from src's data, converted as the converter would, written, dropped
         onnx_io.save_streamed(model16, dst, src.parent, to_fp16=float16.convert_np_to_float16)
         inferred.unlink(missing_ok=True)

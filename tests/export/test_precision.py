@@ -146,6 +146,54 @@ def test_timestep_island_stays_fp32(folders, tmp_path):
     assert half.dtype == np.float32 and np.array_equal(half, full)
 
 
+def _sinusoid(path: Path, t: float) -> dict[str, np.ndarray]:
+    """The timestep sinusoid's argument (t * freq), cos and sin, marked as outputs of the graph at `path`."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    cos = next(n for n in model.graph.node if n.op_type == "Cos")
+    sin = next(n for n in model.graph.node if n.op_type == "Sin")
+    names = [cos.input[0], cos.output[0], sin.output[0]]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    # a batch of 2, 4x4 latents (32 px, inside the tiny profile); sample and text are zeros: the sinusoid reads only t
+    feeds = {i.name: np.zeros([2, *(d if isinstance(d, int) else 4 for d in i.shape[1:])], types[i.type])
+             for i in session.get_inputs() if i.name != "timestep"}
+    feeds["timestep"] = np.full(2, t, np.float32)
+    return dict(zip(("arg", "cos", "sin"), session.run(names, feeds)))
+
+
+@pytest.mark.parametrize("graph", ["not cleaned up", "over the proto limit"])
+def test_sinusoid_of_an_uncleaned_fp16_graph_equals_fp32(folders, tmp_path, monkeypatch, graph):
+    """Without onnxslim (`optimize: false`, or a graph over protobuf's 2 GB limit such as the SD 1.5 U-Net's, where
+    it cannot run before the conversion), the sinusoid's frequency table is a `Constant` node, which the float16
+    converter made fp16 and cast back in front of the fp32 Mul: t * freq was off by up to 0.44 rad, and
+    debug-precision found /unet/Cos 0.150 and /unet/Sin 0.124 off at t = 901 on SD 1.5 (0.12 / 0.08 here)."""
+    from ldm_deploy.export import onnx_io
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+
+    clean, _, config = folders
+    cfg = load_config(config).replace(precision="fp16", components=("unet",), keep_fp32_unet=True,
+                                      measure_runtime=False)
+    if graph == "not cleaned up":
+        cfg = cfg.replace(optimize=False)
+    else:
+        monkeypatch.setattr(onnx_io, "PROTO_LIMIT", 100_000)     # the tiny U-Net's weights are over it
+    art = export_model(clean, tmp_path / "a", cfg).path
+    for t in (901.0, 643.7):    # an SD 1.5 trajectory's first step, and a fractional t (Karras-style schedules)
+        full, half = _sinusoid(art / "unet" / "model_fp32.onnx", t), _sinusoid(art / "unet" / "model.onnx", t)
+        assert all(half[k].dtype == np.float32 for k in half)
+        # both graphs multiply the same float32 t by the same float32 table, each product rounded once
+        # (0.5 ulp), and cos/sin of it carry ~1 ulp: 8 float32 ulps of the argument's scale (8.6e-4 at
+        # t = 901) bounds any difference of kernels; an fp16-rounded table misses it by 100x
+        bound = 8 * np.finfo(np.float32).eps * float(np.abs(full["arg"]).max())
+        for k in ("arg", "cos", "sin"):
+            assert np.abs(half[k] - full[k]).max() <= bound, (k, t, np.abs(half[k] - full[k]).max())
+
+
 def test_unknown_keep_node_and_bf16_are_refused(folders, tmp_path):
     from ldm_deploy.errors import LdmError
     from ldm_deploy.export.config import load_config
