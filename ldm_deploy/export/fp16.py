@@ -10,7 +10,10 @@ fp16 kernels), and we choose exactly what stays fp32:
   time-embedding's first linear layer (sinusoid arguments reach 1000 rad; fp16 would lose the
   fractional part) runs in fp32, as diffusers computes `t_emb` in float32;
 - named nodes (`ExportConfig.fp16_keep_nodes`, written by `ldm-deploy debug-precision --write-config`):
-  the activations found to overflow fp16, and the nodes that consume them.
+  the activations found to overflow fp16, and the nodes that consume them;
+- the constants those fp32 nodes read (`constant_feeders`): `Constant` nodes, and nodes computed from
+  constants only, which a graph onnxslim did not clean up (over 2 GB, `optimize: false`) still holds,
+  among them the sinusoid's frequency table; converted, they would reach the fp32 nodes rounded to fp16.
 
 The converter casts every fp32-kept node's output to fp16 and back before the next fp32-kept node;
 `drop_cast_round_trips` removes those round trips, so a chain of kept nodes really stays in fp32
