@@ -263,12 +263,14 @@ def convert(fp32_graph: Path, dst: Path, config: ExportConfig, component: str, k
 
 
 def fp32_node_count(path: Path) -> int:
-    """Nodes of a converted graph that compute in fp32: all but Casts whose float outputs are not fp16."""
+    """Nodes of a converted graph that compute in fp32: those with an fp32 float output, less Casts, Constants,
+    Shapes and Identities (which compute nothing: an un-cleaned graph's weights reach LayerNorms through
+    Identities, kept fp32 with them)."""
     import onnx
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
-    return sum(1 for n in model.graph.node if n.op_type not in ("Cast", "Constant", "Shape")
+    return sum(1 for n in model.graph.node if n.op_type not in ("Cast", "Constant", "Shape", "Identity")
                and any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output))
 
 

@@ -10,6 +10,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ldm_deploy.export.fp16 import convert_to_fp16
+from ldm_deploy.export.precision import fp32_node_count
 
 K = 160            # SD 1.5's half_dim: block_out_channels[0] = 320
 TABLE = np.exp(-np.log(10000.0) * np.arange(K) / K).astype(np.float32)[None]
@@ -54,6 +55,9 @@ def test_constant_read_by_kept_nodes_stays_fp32(tmp_path):
     assert producer[nodes["mul"].input[1]].name == "share"          # read as is, no Cast pair in between
     cast = producer[nodes["add"].input[1]]                          # the fp16 reader gets it through a Cast
     assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT16
+    # debug-precision's "computing in fp32" count: the island (Unsqueeze, Mul, Cos, Sin, Concat), not the kept
+    # Constant and Identity, which compute nothing
+    assert fp32_node_count(dst) == 5
 
     model.graph.output.append(helper.make_empty_tensor_value_info("arg"))
     model.graph.output.append(helper.make_empty_tensor_value_info("cos"))
