@@ -107,7 +107,8 @@ def main(argv=None) -> int:
             fp16.constant_feeders = feeders
     results = {}
     for k, t in enumerate(args.t):
-        outs = {tag: run(marked(g, names, work / f"marked-{tag}"), names, t, args.size, seed=k) for tag, g in graphs.items()}
+        outs = {tag: run(marked(g, names, work / f"marked-{tag}"), names, t, args.size, seed=k)
+                for tag, g in graphs.items()}
         for tag in [g for g in graphs if g != "fp32"]:
             d = {n: float(np.abs(outs[tag][n] - outs["fp32"][n]).max()) for n in names}
             entry = {"max_abs": d, "max_rel": {n: d[n] / float(np.abs(outs["fp32"][n]).max()) for n in names}}
