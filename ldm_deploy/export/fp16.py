@@ -66,7 +66,7 @@ def constant_feeders(model: onnx.ModelProto, kept_ops: set[str], kept_nodes: set
     is not told to keep, and a `Constant` node is a node: its value becomes fp16 and is cast back to fp32 in
     front of the kept reader. A graph onnxslim did not clean up (over the 2 GB proto limit, `optimize: false`,
     a failed cleanup) holds the timestep sinusoid's frequency table as such a Constant: rounded to fp16
-    (relative 2^-11), it moved t * freq by up to 0.44 rad at t = 901, and cos(t * freq) by 0.15, on the
+    (relative 2^-11), it moved t * freq by up to 0.44 rad at t = 901 (0.19 measured), and cos by 0.15, on the
     SD 1.5 U-Net. Kept fp32, a Constant read by kept and by fp16 nodes alike reaches the fp16 ones through the
     converter's Cast, as an initializer would."""
     graph = model.graph
