@@ -151,6 +151,8 @@ def main(argv=None) -> int:
                        "rss_open_switchable": mib(rss1 - rss0), "rss_after_warmup": mib(rss2 - rss0),
                        "rss_after_switching": mib(rss3 - rss0),
                        "gpu_used_open": None if gpu1 is None else round(gpu1 - gpu0, 1),
+                       # the warm-up's activations and ORT's arena: what switching is to be read against
+                       "gpu_used_after_warmup": None if gpu2 is None else round(gpu2 - gpu0, 1),
                        "gpu_used_after_switching": None if gpu3 is None else round(gpu3 - gpu0, 1)},
         "unet_ms_per_step": {"plain": round(step_plain * 1e3, 2), "switchable_base": round(step_switch_base * 1e3, 2),
                              "switchable_lora_a": round(step_switch_lora * 1e3, 2)},

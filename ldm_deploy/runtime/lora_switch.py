@@ -7,9 +7,9 @@ buffers (ort-cuda with IO binding: switching rewrites those buffers in place, so
 captured CUDA graph, which hold their addresses, stay valid). Switching never re-traces or re-exports.
 
 `Pipeline.set_loras([(file, scale), ...])` (a file may also be a `LoraFile` from `preload`, as the server
-keeps them) recomputes `W = W_base + sum_i scale_i * delta_i` from the
-stored base every time (`ldm_deploy.lora.combine`) and hands the runner only the arrays that change, so
-A, then B, then none gives the base model's outputs bit for bit.
+keeps them) recomputes `W = W_base + sum_i scale_i * delta_i` from the stored base every time
+(`ldm_deploy.lora.merge`: combine's arithmetic, one weight at a time over a thread pool) and hands the runner
+only the arrays that change, so A, then B, then none gives the base model's outputs bit for bit.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.lora import LoraFile, LoraSpec, combine, load_lora
+from ldm_deploy.lora import LoraFile, LoraSpec, load_lora, merge
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL
 
@@ -94,8 +94,7 @@ def apply(runners: Mapping[str, object], loras: Sequence, *, artifact_path=None)
     changed = {}
     for component, runner in targets_of.items():
         base = runner.base_weights
-        deltas = [lora.deltas(component, targets[component], scale) for lora, scale in loaded]
-        new = combine(base, [{n: d for n, d in delta.items() if n in base} for delta in deltas])
+        new = merge(base, loaded, component, targets[component])
         changed[component] = runner.set_weights(new)
     return {"loras": [lora.record(scale) for lora, scale in loaded], "seconds": time.perf_counter() - start,
             "changed": changed}
