@@ -219,6 +219,8 @@ def export_onnx(component: str, source: Source, config: ExportConfig, path: Path
             program.save(str(path), external_data=True)
     seconds = time.perf_counter() - start
     _name_axes(path, spec)
+    if component.startswith("text_encoder"):
+        float_argmax(path, spec.vocab_size)
     log.info("exported %s with the %s exporter in %.1f s", component, config.exporter, seconds)
     return spec, seconds
 
@@ -232,6 +234,48 @@ def _forward_arg_names(module) -> list[str]:
 def _dim(name: str, t: IOSpec, axis: int):
     lo, hi = t.shapes["min"][axis], t.shapes["max"][axis]
     return torch.export.Dim(name, min=max(lo, 1), max=max(hi, 2))
+
+
+INTEGER_TYPES = (2, 3, 4, 5, 6, 7, 12, 13)          # onnx.TensorProto uint8 .. int64
+FLOAT_EXACT_INTEGERS = 2 ** 53                        # float64 holds every integer up to this exactly
+
+
+def float_argmax(path: Path, vocab_size: int) -> int:
+    """Feed each ArgMax / ArgMin over an integer tensor through a Cast to float64; returns how many.
+
+    transformers picks the pooled token with `input_ids.to(torch.int).argmax(-1)` (or the argmax of an
+    `== eos` mask), and ONNX Runtime's CUDA provider has ArgMax kernels for floating types only: the node ran
+    on the CPU, and a text encoder with a pooled output (SDXL's text_encoder_2) could not be captured as a CUDA
+    graph ("not all nodes partitioned to the CUDAExecutionProvider", H100, 2026-12-06). Token ids (< vocab
+    size) and 0/1 masks are integers float64 holds exactly, so the index is the same; float64 rather than
+    float32 because the fp16 converters rewrite every float32 Cast to float16, which would round ids above
+    2048. (On ties the CUDA kernel's choice of index is cuDNN's: SDXL's text_encoder_2 pads with "!", so its
+    end-of-text id, the maximum, occurs once.)"""
+    import onnx
+
+    if vocab_size > FLOAT_EXACT_INTEGERS:
+        return 0
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*graph.input, *onnx.shape_inference.infer_shapes(model).graph.value_info]}
+    types.update({o: a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"
+                  for o in n.output})
+    nodes, done = [], 0
+    for node in graph.node:
+        if node.op_type in ("ArgMax", "ArgMin") and types.get(node.input[0]) in INTEGER_TYPES:
+            cast = f"{node.name or node.output[0]}/float_input"
+            nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [cast], name=cast,
+                                               to=onnx.TensorProto.DOUBLE))
+            node.input[0] = cast
+            done += 1
+        nodes.append(node)
+    if done:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+        log.info("%s: %d integer ArgMax/ArgMin fed through a float64 Cast (CUDA kernels)", path.name, done)
+    return done
 
 
 def _name_axes(path: Path, spec: GraphSpec) -> None:

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 from ldm_deploy.artifact import ORT_CUDA_VARIANT as VARIANT  # noqa: E402
 FILE_NAME = "model.ort-cuda.onnx"
 # written by `--ort-cuda`. SDXL's text_encoder_2 only on request (add_ort_cuda_variants(art, ["text_encoder_2"])):
-# on an H100 (2026-12-06, tests/runtime/test_ort_cuda_sdxl_gpu.py) its fp32 fused graph differed from the plain one
-# (max abs 1.1 on the penultimate hidden state; ORT CPU agrees to 1e-6) and CUDA-graph capture was refused (nodes
-# left on the CPU), so the pipeline runs its plain graph
+# on an H100 (2026-12-06, twice, tests/runtime/test_ort_cuda_sdxl_gpu.py) its fp32 fused graph differed from the
+# plain one (max abs 1.1 on the penultimate hidden state; ORT CPU agrees to 1e-6), so the pipeline runs its plain
+# graph. (CUDA-graph capture was refused too: the pooled token's integer ArgMax ran on the CPU; the exporter now
+# casts its input to float64, onnx_export.float_argmax.)
 DEFAULT_COMPONENTS = ("unet", "text_encoder", "vae_decoder")
 # our component name -> ORT optimizer model type (SDXL's CLIPTextModelWithProjection is "clip" too, as in
 # ORT's own SDXL tooling)
