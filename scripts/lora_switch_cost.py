@@ -51,6 +51,22 @@ def make_lora(runners, path: Path, rank: int, seed: int) -> dict:
     return {"modules": len(tensors) // 2, "bytes": path.stat().st_size}
 
 
+def memory_record(held_base: int, held_merged: int, rss: tuple, gpu: tuple) -> dict:
+    """MiB: the base weights held, the merged copies, host RSS and device use (MiB already, None off CUDA) after
+    opening, the warm-up and the switches, each against before opening. The device's use after the warm-up
+    (activations, ORT's arena) is what its use after switching is to be read against."""
+    def mib(x):
+        return round(x / 2**20, 1)
+
+    def dev(k):
+        return None if gpu[k] is None else round(gpu[k] - gpu[0], 1)
+
+    return {"base_weights_held": mib(held_base), "merged_copies_with_a": mib(held_merged),
+            "rss_open_switchable": mib(rss[1] - rss[0]), "rss_after_warmup": mib(rss[2] - rss[0]),
+            "rss_after_switching": mib(rss[3] - rss[0]),
+            "gpu_used_open": dev(1), "gpu_used_after_warmup": dev(2), "gpu_used_after_switching": dev(3)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="diffusers folder (default: models/shapes-demo for --kind demo)")
@@ -94,9 +110,6 @@ def main(argv=None) -> int:
 
     proc = psutil.Process()
     opts = {"enable_cuda_graph": True} if args.cuda_graph else {}
-
-    def mib(x):
-        return round(x / 2**20, 1)
 
     def gpu():
         used = gpu_used_mib() if args.backend == "ort-cuda" else None
@@ -147,13 +160,7 @@ def main(argv=None) -> int:
         "switch_seconds_median": {k: round(statistics.median(v), 4) for k, v in times.items()},
         "switch_seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "tensors_rewritten": changed,
-        "memory_mib": {"base_weights_held": mib(held_base), "merged_copies_with_a": mib(held_merged),
-                       "rss_open_switchable": mib(rss1 - rss0), "rss_after_warmup": mib(rss2 - rss0),
-                       "rss_after_switching": mib(rss3 - rss0),
-                       "gpu_used_open": None if gpu1 is None else round(gpu1 - gpu0, 1),
-                       # the warm-up's activations and ORT's arena: what switching is to be read against
-                       "gpu_used_after_warmup": None if gpu2 is None else round(gpu2 - gpu0, 1),
-                       "gpu_used_after_switching": None if gpu3 is None else round(gpu3 - gpu0, 1)},
+        "memory_mib": memory_record(held_base, held_merged, (rss0, rss1, rss2, rss3), (gpu0, gpu1, gpu2, gpu3)),
         "unet_ms_per_step": {"plain": round(step_plain * 1e3, 2), "switchable_base": round(step_switch_base * 1e3, 2),
                              "switchable_lora_a": round(step_switch_lora * 1e3, 2)},
         "unet_ms_per_step_all": {k: [round(x * 1e3, 2) for x in v] for k, v in steps.items()},
