@@ -257,10 +257,15 @@ def float_argmax(path: Path, vocab_size: int) -> int:
         return 0
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*graph.input, *onnx.shape_inference.infer_shapes(model).graph.value_info]}
+    argmax = [n for n in graph.node if n.op_type in ("ArgMax", "ArgMin")]
+    if not argmax:                  # SD 1.x/2.x text encoders (no pooled output): nothing to infer or write
+        return 0
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
     types.update({o: a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"
                   for o in n.output})
+    if any(n.input[0] not in types for n in argmax):     # not fed by a Cast or an input: ask shape inference
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+        types = {**{v.name: v.type.tensor_type.elem_type for v in inferred}, **types}
     nodes, done = [], 0
     for node in graph.node:
         if node.op_type in ("ArgMax", "ArgMin") and types.get(node.input[0]) in INTEGER_TYPES:

@@ -32,21 +32,28 @@ def fake_model(x: np.ndarray, t: float) -> np.ndarray:
     return (0.1 * x + 1e-3 * float(t) * PATTERN).astype(np.float32)
 
 
+def feed_step_noise(cls, step_noise, monkeypatch) -> list:
+    """Make diffusers scheduler `cls` draw its step noise from `step_noise`, in order (its module's
+    `randn_tensor` replaced); the returned list grows by one per draw."""
+    drawn = []
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        drawn.append(len(drawn))
+        return torch.from_numpy(step_noise[len(drawn) - 1].copy())
+
+    module = importlib.import_module(cls.__module__)
+    if hasattr(module, "randn_tensor"):
+        monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    return drawn
+
+
 def run_diffusers(name, cfg, steps, start_noise, step_noise, *, strength=1.0, init=None, step_kwargs=None,
                   monkeypatch=None):
     """The diffusers loop of StableDiffusion(Img2Img)Pipeline around scheduler X.from_config(cfg)."""
     cls = getattr(diffusers, CLASS_OF[name])
     overrides = {"use_karras_sigmas": True} if name == "dpmpp-2m-karras" else {}
     s = cls.from_config(cfg, **overrides)
-    calls = []
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        calls.append(len(calls))
-        return torch.from_numpy(step_noise[len(calls) - 1].copy())
-
-    module = importlib.import_module(cls.__module__)
-    if hasattr(module, "randn_tensor"):
-        monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    calls = feed_step_noise(cls, step_noise, monkeypatch)
     if name == "lcm":
         s.set_timesteps(steps, strength=strength)
         timesteps = s.timesteps

@@ -6,8 +6,6 @@ test_sdxl_pipeline.py.
 """
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 
@@ -16,7 +14,7 @@ from ldm_deploy.errors import UsageError
 from ldm_deploy.runtime import schedulers as sch
 from ldm_deploy.runtime.schedulers.schedule import plms_restart
 from ldm_deploy.runtime.sdxl import HANDOFF_SAMPLERS, handoff_range, slice_schedule
-from tests.runtime.test_schedulers import CLASS_OF, SD15, SHAPE, fake_model, trajectory_rtol
+from tests.runtime.test_schedulers import CLASS_OF, SD15, SHAPE, fake_model, feed_step_noise, trajectory_rtol
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -26,15 +24,7 @@ def run_diffusers(name, cfg, steps, split, start, step_noise, monkeypatch, step_
     """(hand-off latents, final latents, base steps, refiner steps, noise draws) of diffusers' two stages."""
     cls = getattr(diffusers, CLASS_OF[name])
     overrides = {"use_karras_sigmas": True} if name == "dpmpp-2m-karras" else {}
-    drawn = []
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        drawn.append(len(drawn))
-        return torch.from_numpy(step_noise[len(drawn) - 1].copy())
-
-    module = importlib.import_module(cls.__module__)
-    if hasattr(module, "randn_tensor"):
-        monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    drawn = feed_step_noise(cls, step_noise, monkeypatch)
     T = cfg["num_train_timesteps"]
     cutoff = int(round(T - split * T))
 

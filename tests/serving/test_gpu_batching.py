@@ -12,20 +12,33 @@ from ldm_deploy.serving.triton_model import open_sampler
 from tests.runtime.tiny_model import tiny_artifact, tiny_folder  # noqa: F401 (fixtures)
 
 
+def _four_requests() -> list[Request]:
+    return [Request(p, "", 50 + i, 8, 5.0, "euler-ancestral", 32, 32)
+            for i, p in enumerate(["a red cube", "a blue sphere", "a green cone", ""])]
+
+
+def _max_diff(a: Job, b: Job) -> int:
+    return int(np.abs(a.image.astype(int) - b.image.astype(int)).max())
+
+
+def _against_alone(sampler: BatchSampler, jobs: list[Job]) -> list[int]:
+    """Each job's request run again alone (after the batch): the max abs pixel difference per request."""
+    diffs = []
+    for job in jobs:
+        alone = Job(job.request)
+        sampler.run([alone])
+        diffs.append(_max_diff(job, alone))
+    return diffs
+
+
 @pytest.mark.gpu
 def test_ort_cuda_batched_rows_against_alone(tiny_artifact, tmp_path, capsys):  # noqa: F811
     repo = write_repository(tiny_artifact, tmp_path / "repo", RepoConfig(backend="ort-cuda"))
     sampler: BatchSampler = open_sampler(read_parameters((repo / "config.pbtxt").read_text()), device_id=0)
     assert sampler.pipe.runners["unet"].runner.device_id == 0
-    requests = [Request(p, "", 50 + i, 8, 5.0, "euler-ancestral", 32, 32)
-                for i, p in enumerate(["a red cube", "a blue sphere", "a green cone", ""])]
-    jobs = [Job(r) for r in requests]
+    jobs = [Job(r) for r in _four_requests()]
     sampler.run(jobs)
-    diffs = []
-    for job in jobs:
-        alone = Job(job.request)
-        sampler.run([alone])
-        diffs.append(int(np.abs(job.image.astype(int) - alone.image.astype(int)).max()))
+    diffs = _against_alone(sampler, jobs)
     with capsys.disabled():
         print(f"\nort-cuda batch of 4 vs alone, max abs pixel diff per request: {diffs}")
     # fp32 export, TF32 off: another kernel for another batch size only reorders float32 sums (~1e-6 relative),
@@ -55,11 +68,7 @@ def test_ort_cuda_lora_requests_switch_device_weights(tiny_folder, tmp_path, cap
     jobs = [Job(r) for r in requests]
     sampler.run(jobs)
     assert [j.batch_size for j in jobs] == [2, 2, 1, 1] and all(j.error is None for j in jobs)
-    diffs = []
-    for job in jobs:
-        alone = Job(job.request)
-        sampler.run([alone])
-        diffs.append(int(np.abs(job.image.astype(int) - alone.image.astype(int)).max()))
+    diffs = _against_alone(sampler, jobs)
     after = Job(base[0])
     sampler.run([after])
     with capsys.disabled():
@@ -81,8 +90,7 @@ def test_ort_cuda_graphs_per_batch_size(tiny_artifact, tmp_path, capsys):  # noq
         tiny_artifact, tmp_path / "plain", RepoConfig(backend="ort-cuda")) / "config.pbtxt").read_text()), device_id=0)
     unet = sampler.pipe.runners["unet"].runner
     assert unet.enable_cuda_graph
-    requests = [Request(p, "", 50 + i, 8, 5.0, "euler-ancestral", 32, 32)
-                for i, p in enumerate(["a red cube", "a blue sphere", "a green cone", ""])]
+    requests = _four_requests()
     first = [Job(r) for r in requests]
     sampler.run(first)
     alone = []
@@ -96,8 +104,8 @@ def test_ort_cuda_graphs_per_batch_size(tiny_artifact, tmp_path, capsys):  # noq
     assert sorted(unet.cuda_graphs.values()) == [1, 2] and unet.ungraphed_calls == 0, unet.cuda_graphs
     for a, b in zip(first, again):
         assert np.array_equal(a.image, b.image), "a replayed batch-4 graph differs from its first run"
-    diffs = [int(np.abs(j.image.astype(int) - a.image.astype(int)).max()) for j, a in zip(first, alone)]
-    graph_vs_plain = [int(np.abs(j.image.astype(int) - p.image.astype(int)).max()) for j, p in zip(first, reference)]
+    diffs = [_max_diff(j, a) for j, a in zip(first, alone)]
+    graph_vs_plain = [_max_diff(j, p) for j, p in zip(first, reference)]
     with capsys.disabled():
         print(f"\nort-cuda CUDA graphs: batch of 4 vs alone {diffs}, graphed vs ungraphed {graph_vs_plain}")
     assert max(diffs) <= 1 and max(graph_vs_plain) <= 1, (diffs, graph_vs_plain)
