@@ -28,21 +28,31 @@ FAULT_NODE = "/unet/down_blocks.0/resnets.0/time_emb_proj/Gemm"
 FAST = ["--no-timing", "-q"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def faulty_copy(folder: Path, dst: Path, part: str, edit) -> Path:
+    """A copy of the model folder `folder` at `dst` whose `part` (unet, vae) weights `edit(state_dict)` changed
+    in place: the known fault of a precision test (tests/export/test_precision_sdxl.py uses it too)."""
     from safetensors.torch import load_file, save_file
 
-    root = tmp_path_factory.mktemp("precision")
-    clean = make_tiny_folder(root / "clean")
-    bad = root / "bad"
-    shutil.copytree(clean, bad)
-    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copytree(folder, dst)
+    weights = dst / part / "diffusion_pytorch_model.safetensors"
     sd = load_file(str(weights))
+    edit(sd)
+    save_file(sd, str(weights))
+    return dst
+
+
+def _route_the_slow_sinusoid(sd) -> None:
     for layer, column, weight in FAULT:
         sd[f"{layer}.weight"][0] = 0.0
         sd[f"{layer}.weight"][0, column] = weight
         sd[f"{layer}.bias"][0] = 0.0
-    save_file(sd, str(weights))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    clean = make_tiny_folder(root / "clean")
+    bad = faulty_copy(clean, root / "bad", "unet", _route_the_slow_sinusoid)
     config = root / "tiny.yaml"
     config.write_text(json.dumps({"profiles": PROFILES, "components": ["text_encoder", "unet", "vae_decoder"]}))
     return clean, bad, config
