@@ -305,6 +305,8 @@ def test_artifact_source_needs_fp32_graphs(folders, tmp_path):
                  "--json", str(report), *FAST]) == 0
     r = json.loads(report.read_text())
     assert r["clean"] and len(r["inputs"]) == 2 and r["mask_sentinels"]   # CLIP's causal mask, not an overflow
+    # the encoder's calls (prompt, then the empty negative, per prompt), first and last: labelled by their token ids
+    assert r["inputs"] == ["prompt 0: 'a photograph of an astronaut riding a ho'", "prompt 1 negative (empty)"]
 
 
 def test_bad_limits_and_foreign_write_config_are_refused_first(tmp_path, capsys):
