@@ -303,7 +303,7 @@ def overflow_closure(report: LayerReport, fp32_graph: Path, margin: float) -> li
 def convert(fp32_graph: Path, dst: Path, config: ExportConfig, component: str, keep_nodes=()) -> Path:
     from ldm_deploy.export.fp16 import FP32_INPUTS, convert_to_fp16
 
-    # the exporter's fp32 inputs: SDXL's time_ids sinusoid (sizes up to 1024) stays fp32 as in the real export
+    # the exporter's fp32 inputs: SDXL's time_ids sinusoid stays fp32 as in the real export
     convert_to_fp16(fp32_graph, dst, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                     keep_nodes=tuple(keep_nodes))
     return dst

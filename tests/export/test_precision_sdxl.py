@@ -82,7 +82,7 @@ def test_sdxl_vae_of_the_unmodified_model_is_clean(sdxl_folders, tmp_path):
 
 def test_sdxl_unet_compares_with_time_ids_kept_fp32(sdxl_folders, tmp_path):
     """The U-Net's recorded feeds carry SDXL's pooled text_embeds and time_ids, and the candidate fp16 graph keeps
-    the time_ids sinusoid in fp32 as the exporter does (sizes up to 1024 rad: fp16's spacing there is 1)."""
+    the time_ids sinusoid in fp32 as the exporter does (size x freq reaches 1024 rad: fp16's spacing there is 1)."""
     import onnx
 
     from ldm_deploy.artifact import Artifact
