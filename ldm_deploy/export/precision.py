@@ -196,7 +196,7 @@ def txt2img_graphs(sdxl: bool, has_text_encoder: bool) -> tuple[str, ...]:
 def _check_component(source: Path, component: str, graphs: tuple[str, ...], sdxl: bool) -> None:
     if component in graphs:
         return
-    what = ("an SDXL refiner (text_encoder_2 only)" if sdxl else "an SD 1.x / 2.x model (no text_encoder_2: not SDXL)")
+    what = "an SDXL refiner (text_encoder_2 only)" if sdxl else "an SD 1.x / 2.x model"
     raise UsageError(f"{source} has no {component}: it is {what}, with {', '.join(graphs)}",
                      hint=f"pass --component with one of {', '.join(graphs)}")
 
@@ -207,7 +207,7 @@ def fp32_artifact(source: Path, config: PrecisionDebugConfig, work: Path) -> tup
         artifact = Artifact.open(source)
         base = ExportConfig.from_dict(artifact.export_config, where="manifest export_config")
         sdxl = artifact.info.sdxl is not None
-        graphs = txt2img_graphs(sdxl, "text_encoder" in artifact.components)
+        graphs = txt2img_graphs(sdxl, sdxl and "text_encoder" in artifact.info.sdxl.text_encoders)   # the model's
         _check_component(source, config.component, graphs, sdxl)
         if any(c not in artifact.components or artifact.component(c).precision != "fp32" for c in graphs):
             raise UsageError(f"{source} is not an fp32 artifact of {', '.join(graphs)}: debug-precision needs "

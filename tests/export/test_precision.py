@@ -300,6 +300,7 @@ def test_artifact_source_needs_fp32_graphs(folders, tmp_path):
     fp16 = export_model(clean, tmp_path / "fp16", base.replace(precision="fp16", components=("unet",))).path
     assert main(["debug-precision", str(fp16), "-q"]) == 2
     fp32 = export_model(clean, tmp_path / "fp32", base).path
+    assert main(["debug-precision", str(fp32), "--component", "text_encoder_2", "-q"]) == 2   # SDXL's only
     report = tmp_path / "r.json"
     assert main(["debug-precision", str(fp32), "--component", "text_encoder", "--inputs", "2", "--steps", "1",
                  "--json", str(report), *FAST]) == 0
