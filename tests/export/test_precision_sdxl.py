@@ -148,3 +148,19 @@ def test_refiner_has_no_text_encoder(sdxl_folders, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no text_encoder" in err[0] and "text_encoder_2, unet, vae_decoder" in err[0]
     assert sorted(p.name for p in refiner.iterdir()) == before and not (tmp_path / "fix.yaml").exists()
+
+
+@pytest.mark.gpu
+def test_sdxl_vae_overflow_on_cuda(bad_vae, tmp_path):
+    """The same fault compared on ONNX Runtime CUDA, whose fp16 Conv computes in fp16 (the CPU casts around it),
+    and the cost of the fix timed there. On an H100 with onnxruntime-gpu:
+
+        python -m pytest -m gpu -p no:xdist tests/export/test_precision_sdxl.py
+    """
+    report = tmp_path / "report.json"
+    assert main(["debug-precision", str(bad_vae), "--component", "vae_decoder", "--inputs", "2", "--steps", "2",
+                 "--device", "cuda", "--json", str(report), "-q"]) == 0
+    r = json.loads(report.read_text())
+    assert FAULT_NODE in r["keep_nodes"] and r["outputs_before"]["image"]["nonfinite"] > 0
+    assert r["outputs_after"]["image"]["passed"]
+    assert {"ms_fp32_cuda", "ms_fp16_cuda", "ms_fp16_fixed_cuda"} <= set(r["cost"])
