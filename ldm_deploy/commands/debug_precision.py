@@ -13,12 +13,16 @@ EXAMPLE = ("ldm-deploy debug-precision models/shapes-demo --component unet --inp
 # (the torch-free runtime and the serving environment have no onnx); a test keeps the two equal
 DEFAULT_TOLERANCE = 2e-2
 DEFAULT_MARGIN = 0.5
+COMPONENTS = ("unet", "vae_decoder", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's
 
 
 def add_arguments(p) -> None:
     p.add_argument("source", metavar="MODEL_OR_ARTIFACT",
-                   help="a diffusers-format model folder (exported in fp32 to a temporary folder) or an fp32 artifact")
-    p.add_argument("--component", choices=("unet", "vae_decoder", "text_encoder"), default="unet")
+                   help="a diffusers-format model folder, SD 1.x/2.x or SDXL base/refiner (exported in fp32 to a "
+                        "temporary folder), or an fp32 artifact")
+    p.add_argument("--component", choices=COMPONENTS, default="unet",
+                   help="the graph to compare (default unet); SDXL also has text_encoder_2, and its refiner has no "
+                        "text_encoder")
     p.add_argument("--inputs", type=int, default=4, metavar="N",
                    help="representative inputs to compare, picked along real sampling trajectories (default 4)")
     p.add_argument("--precision", choices=("fp16", "bf16"), default="fp16",

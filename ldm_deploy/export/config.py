@@ -84,7 +84,8 @@ class ExportConfig:
     # Ops left in fp32 (with casts around them) in fp16 graphs: normalisations and softmax.
     fp16_keep_ops: tuple[str, ...] = ("InstanceNormalization", "GroupNormalization", "LayerNormalization",
                                       "Softmax")
-    # Nodes kept in fp32 per component, by node name in the fp32 graph: {unet: [names], vae_decoder: [...]}.
+    # Nodes kept in fp32 per component, by node name in the fp32 graph: {unet: [names], vae_decoder: [...]}
+    # (SDXL's text_encoder_2 too).
     # Written by `ldm-deploy debug-precision --write-config` (docs/precision.md); empty = none.
     fp16_keep_nodes: dict = dataclasses.field(default_factory=dict, hash=False)
 
@@ -96,10 +97,10 @@ class ExportConfig:
             value = getattr(self, key)
             if value is not None and value not in PRECISIONS:
                 raise UsageError(f"{key} must be one of {', '.join(PRECISIONS)}, got {value!r}")
-        bad = [k for k, v in self.fp16_keep_nodes.items() if k not in COMPONENTS or isinstance(v, str)
+        bad = [k for k, v in self.fp16_keep_nodes.items() if k not in ALL_COMPONENTS or isinstance(v, str)
                or not all(isinstance(n, str) for n in v)]
         if bad:
-            raise UsageError(f"fp16_keep_nodes must map components ({', '.join(COMPONENTS)}) to lists of node "
+            raise UsageError(f"fp16_keep_nodes must map components ({', '.join(ALL_COMPONENTS)}) to lists of node "
                              f"names; bad entry {bad[0]!r}")
         if self.exporter not in EXPORTERS:
             raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")

@@ -21,7 +21,7 @@ from ldm_deploy.export import manifest as mf
 from ldm_deploy.export import lora as lora_export
 from ldm_deploy.export import onnx_io, ort_optimize
 from ldm_deploy.export.config import ExportConfig, default_config, write_config
-from ldm_deploy.export.fp16 import convert_to_fp16
+from ldm_deploy.export.fp16 import FP32_INPUTS, convert_to_fp16   # FP32_INPUTS: timestep, time_ids
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
 from ldm_deploy.export.source import PARTS, folder_sha256, load_source, trim_heap
@@ -31,7 +31,6 @@ from ldm_deploy.interop.layout import refuse_onnx_folder
 from ldm_deploy.lora import LoraSpec
 
 log = logging.getLogger(__name__)
-FP32_INPUTS = ("timestep", "time_ids")   # inputs (and the sinusoid paths behind them) kept fp32 in fp16 graphs
 
 
 @dataclass

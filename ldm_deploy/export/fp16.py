@@ -34,6 +34,11 @@ from ldm_deploy.export import onnx_io
 log = logging.getLogger(__name__)
 
 _LINEAR_OPS = {"MatMul", "Gemm"}
+# float32 inputs kept fp32 in fp16 graphs, with the sinusoid paths behind them (`fp32_island`): the U-Net's
+# timestep (t * freq up to ~1000 rad) and SDXL's micro-conditioning time_ids (the sinusoid's arguments reach the
+# sizes themselves: 1024 rad at SDXL's native size, where fp16's spacing is 1). The exporter and debug-precision
+# both convert with it.
+FP32_INPUTS = ("timestep", "time_ids")
 
 
 def fp32_island(model: onnx.ModelProto, inputs: list[str]) -> list[str]:

@@ -1,13 +1,15 @@
 """`debug-precision`: find the layer that breaks fp16, and the export config that fixes it.
 
 1. The fp32 graphs: a model folder is exported in fp32 into a temporary folder (`export_model`); an
-   artifact must carry the fp32 graph of the component (an fp32 export, or `keep_fp32_unet`).
+   artifact must be an fp32 export of the graphs txt2img runs (`txt2img_graphs`: SD's text encoder, U-Net
+   and VAE decoder; SDXL's adds text_encoder_2, and its refiner has text_encoder_2 only).
 2. Representative inputs: the fp32 graphs generate images through the runtime `Pipeline` (real
-   prompts, the artifact's scheduler, CFG), and a recording runner keeps what each component was
-   fed: token ids of the prompts, the U-Net's (2B) inputs at every step of the trajectory, the VAE
-   decoder's final latents. `inputs` of them are picked evenly along the trajectory.
+   prompts, the artifact's scheduler, CFG; an SDXL artifact opens runtime/sdxl.SDXLPipeline), and a
+   recording runner keeps what each component was fed: token ids of the prompts (each text encoder's),
+   the U-Net's (2B) inputs at every step of the trajectory (SDXL's text_embeds and time_ids with them),
+   the VAE decoder's final latents. `inputs` of them are picked evenly along the trajectory.
 3. The reduced graph: the fp32 graph through the same conversion the exporter uses
-   (`export/fp16.convert_to_fp16`, the config's kept ops and nodes).
+   (`export/fp16.convert_to_fp16`, the config's kept ops and nodes, `FP32_INPUTS`: timestep, time_ids).
 4. Polygraphy compares every shared tensor (export/layers.py): per layer max abs / relative error,
    the first node whose error exceeds the tolerance, every fp16 activation whose fp32 magnitude
    exceeds `margin * 65504`.
@@ -15,7 +17,9 @@
    (the reading nodes bring the values back into range: a normalisation, a small scale; were they
    fp16, the Cast in front of them would overflow). The candidate is converted and checked on the
    same inputs; while its outputs still fail, the first failing node is added too (a few rounds).
-   `--write-config` writes the export config with `fp16_keep_nodes` for this component.
+   `--write-config` writes the export config with `fp16_keep_nodes` for this component. On SDXL the VAE
+   decoder's config also sets `vae_fp16_safe` (the export refuses an fp16 SDXL VAE without it): this run
+   is the evidence that the decoder, with those nodes in fp32, is.
 
     report = debug_precision(PrecisionDebugConfig("models/my-sd", component="unet"))
     print(report.summary()); report.config   # the proposed ExportConfig
@@ -36,7 +40,9 @@ from ldm_deploy.export.layers import FP16_MAX, LayerReport, compare_layers, grap
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "vae_decoder", "text_encoder")
+COMPONENTS = ("unet", "vae_decoder", "text_encoder", "text_encoder_2")   # (repeated in commands/debug_precision.py)
+SD_GRAPHS = ("text_encoder", "unet", "vae_decoder")            # what txt2img runs: SD 1.x / 2.x
+SDXL_GRAPHS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")   # SDXL base; the refiner lacks text_encoder
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse on the moon, highly detailed",
                    "a red circle and a blue square on a white background")
 # validate's fp16 tolerance: max |fp16 - fp32| / max |fp32| per tensor
@@ -55,7 +61,7 @@ MAX_TRAJECTORY_STEPS = 1000   # SD's training timesteps; a longer trajectory onl
 @dataclass(frozen=True)
 class PrecisionDebugConfig:
     source: str                                 # model folder or artifact folder
-    component: str = "unet"                     # unet | vae_decoder | text_encoder
+    component: str = "unet"                     # unet | vae_decoder | text_encoder | text_encoder_2 (SDXL)
     inputs: int = 4                             # representative inputs compared
     precision: str = "fp16"
     tolerance: float = DEFAULT_TOLERANCE
@@ -180,27 +186,52 @@ def _layer(s, margin: float) -> dict:
 
 
 # --- the fp32 graphs and representative inputs ----------------------------------------------------
-def fp32_artifact(source: Path, config: PrecisionDebugConfig, work: Path) -> tuple[Artifact, ExportConfig]:
-    """An artifact whose text encoder, U-Net and VAE decoder are fp32, and the export config to build on."""
-    from ldm_deploy.export.exporter import export_model
+def txt2img_graphs(sdxl: bool, has_text_encoder: bool) -> tuple[str, ...]:
+    """The graphs the txt2img pipeline runs: SD's three; SDXL's four (the refiner: no text_encoder)."""
+    if not sdxl:
+        return SD_GRAPHS
+    return SDXL_GRAPHS if has_text_encoder else tuple(c for c in SDXL_GRAPHS if c != "text_encoder")
 
+
+def _check_component(source: Path, component: str, graphs: tuple[str, ...], sdxl: bool) -> None:
+    if component in graphs:
+        return
+    what = "an SDXL refiner (text_encoder_2 only)" if sdxl else "an SD 1.x / 2.x model"
+    raise UsageError(f"{source} has no {component}: it is {what}, with {', '.join(graphs)}",
+                     hint=f"pass --component with one of {', '.join(graphs)}")
+
+
+def fp32_artifact(source: Path, config: PrecisionDebugConfig, work: Path) -> tuple[Artifact, ExportConfig, tuple]:
+    """An artifact whose txt2img graphs are fp32, the export config to build on, and those graphs' names."""
     if is_artifact(source):
         artifact = Artifact.open(source)
         base = ExportConfig.from_dict(artifact.export_config, where="manifest export_config")
-        spec = artifact.component(config.component) if config.component in artifact.components else None
-        if spec is None or spec.precision != "fp32" or any(
-                artifact.component(c).precision != "fp32" for c in COMPONENTS if c in artifact.components):
-            raise UsageError(f"{source} is not an fp32 artifact of {', '.join(COMPONENTS)}: debug-precision needs "
+        sdxl = artifact.info.sdxl is not None
+        graphs = txt2img_graphs(sdxl, sdxl and "text_encoder" in artifact.info.sdxl.text_encoders)   # the model's
+        _check_component(source, config.component, graphs, sdxl)
+        if any(c not in artifact.components or artifact.component(c).precision != "fp32" for c in graphs):
+            raise UsageError(f"{source} is not an fp32 artifact of {', '.join(graphs)}: debug-precision needs "
                              "the fp32 graphs to compare against",
                              hint="pass the model folder instead, or an artifact exported with --precision fp32 "
                                   "--vae-precision fp32")
-        return artifact, base
+        return artifact, base, graphs
     if not source.is_dir():
         raise UsageError(f"{source} is neither a model folder nor an artifact folder")
-    base = load_config(config.export_config)
-    fp32 = base.replace(precision="fp32", vae_precision="fp32", components=COMPONENTS, ort_cuda=False,
+    from ldm_deploy.export.config import default_config
+    from ldm_deploy.export.exporter import export_model
+    from ldm_deploy.export.sdxl import folder_is_sdxl
+
+    sdxl = folder_is_sdxl(source)
+    graphs = txt2img_graphs(sdxl, (source / "text_encoder").is_dir())
+    _check_component(source, config.component, graphs, sdxl)
+    if config.export_config is None and sdxl:   # the bundled `sdxl` config (fp32 VAE) at the model's native size
+        native = default_config(source)
+        base = load_config("sdxl").replace(height=native.height, width=native.width)
+    else:
+        base = load_config(config.export_config)
+    fp32 = base.replace(precision="fp32", vae_precision="fp32", components=graphs, ort_cuda=False,
                         keep_fp32_unet=False, measure_runtime=False, fp16_keep_nodes={})
-    return export_model(source, work / "fp32", fp32).artifact, base
+    return export_model(source, work / "fp32", fp32).artifact, base, graphs
 
 
 class _Recorder:
@@ -216,29 +247,44 @@ class _Recorder:
         return self.runner(inputs)
 
 
-def representative_inputs(artifact: Artifact, config: PrecisionDebugConfig) -> tuple[list[dict], list[str]]:
-    """Inputs of `config.component` captured while the fp32 graphs generate images from real prompts."""
+def representative_inputs(artifact: Artifact, config: PrecisionDebugConfig,
+                          graphs: tuple[str, ...] = SD_GRAPHS) -> tuple[list[dict], list[str]]:
+    """Inputs of `config.component` captured while the fp32 `graphs` generate images from real prompts
+    (Pipeline.from_artifact: an SDXL artifact gives the SDXL pipeline, its conditioning and time_ids)."""
     from ldm_deploy.runtime.pipeline import Pipeline
 
     backend = "ort-cuda" if config.device == "cuda" else "ort-cpu"
-    pipe = Pipeline.from_artifact(artifact.path, backend, components=COMPONENTS, verify=False)
-    calls: dict[str, list] = {c: [] for c in COMPONENTS}
-    for c in COMPONENTS:
+    pipe = Pipeline.from_artifact(artifact.path, backend, components=graphs, verify=False)
+    calls: dict[str, list] = {c: [] for c in graphs}
+    for c in graphs:
         pipe.runners[c] = _Recorder(pipe.runners[c], calls[c])
+    tokenizers = getattr(pipe, "tokenizers", None) or {"text_encoder": pipe.tokenizer}   # SDXL: one per encoder
     height = config.height or artifact.profiles.height.opt
     width = config.width or artifact.profiles.width.opt
-    labels: dict[str, list[str]] = {c: [] for c in COMPONENTS}
+    labels: dict[str, list[str]] = {c: [] for c in graphs}
     for p, prompt in enumerate(config.prompts):
         pipe(prompt, steps=config.steps, guidance=config.guidance, seed=config.seed + p, height=height, width=width)
-        labels["text_encoder"] += [f"prompt {p} negative (empty)", f"prompt {p}: {prompt[:40]!r}"] \
-            if config.guidance > 1 else [f"prompt {p}: {prompt[:40]!r}"]
-        steps = len(calls["unet"]) - len(labels["unet"])
-        labels["unet"] += [f"prompt {p}, U-Net call {k + 1}/{steps}, t={float(calls['unet'][len(labels['unet']) + k]['timestep'][0]):.1f}"
-                           for k in range(steps)]
-        labels["vae_decoder"].append(f"prompt {p}: final latents / scaling_factor ({height}x{width})")
+        for c in graphs:
+            new = calls[c][len(labels[c]):]
+            labels[c] += [_label(c, feed, k, len(new), p, prompt, tokenizers.get(c), (height, width))
+                          for k, feed in enumerate(new)]
     feeds, names = calls[config.component], labels[config.component]
     pick = np.unique(np.linspace(0, len(feeds) - 1, min(config.inputs, len(feeds))).round().astype(int))
     return [feeds[i] for i in pick], [names[i] for i in pick]
+
+
+def _label(component: str, feed: dict, k: int, n: int, p: int, prompt: str, tokenizer, size) -> str:
+    """What the k-th of the n calls of `component` while generating prompt p was fed."""
+    if component == "unet":
+        return f"prompt {p}, U-Net call {k + 1}/{n}, t={float(feed['timestep'][0]):.1f}"
+    if component == "vae_decoder":
+        return f"prompt {p}: final latents / scaling_factor ({size[0]}x{size[1]})"
+    # a text encoder: the prompt, or the empty negative prompt under CFG (the SDXL base's negative is zeros
+    # instead, with no encoder call)
+    empty = np.asarray(tokenizer([""]), dtype=feed["input_ids"].dtype)
+    if prompt and np.array_equal(feed["input_ids"], empty):
+        return f"prompt {p} negative (empty)"
+    return f"prompt {p}: {prompt[:40]!r}"
 
 
 # --- the fix ---------------------------------------------------------------------------------------
@@ -255,9 +301,10 @@ def overflow_closure(report: LayerReport, fp32_graph: Path, margin: float) -> li
 
 
 def convert(fp32_graph: Path, dst: Path, config: ExportConfig, component: str, keep_nodes=()) -> Path:
-    from ldm_deploy.export.fp16 import convert_to_fp16
+    from ldm_deploy.export.fp16 import FP32_INPUTS, convert_to_fp16
 
-    convert_to_fp16(fp32_graph, dst, keep_ops=config.fp16_keep_ops, fp32_inputs=("timestep",),
+    # the exporter's fp32 inputs: SDXL's time_ids sinusoid stays fp32 as in the real export
+    convert_to_fp16(fp32_graph, dst, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                     keep_nodes=tuple(keep_nodes))
     return dst
 
@@ -282,9 +329,9 @@ def debug_precision(config: PrecisionDebugConfig, work_dir: Path | None = None) 
     providers = ("cuda", "cpu") if config.device == "cuda" else ("cpu",)
     with tempfile.TemporaryDirectory(prefix="ldm-precision-") as tmp:
         work = Path(work_dir or tmp)
-        artifact, base = fp32_artifact(source, config, work)
+        artifact, base, graphs = fp32_artifact(source, config, work)
         fp32_graph = artifact.file(config.component)
-        feeds, labels = representative_inputs(artifact, config)
+        feeds, labels = representative_inputs(artifact, config, graphs)
         today = base.fp16_keep_nodes.get(config.component, ())
         reduced = convert(fp32_graph, work / "fp16" / "model.onnx", base, config.component, today)
         log.info("debug-precision: %s, every shared tensor of fp32 vs fp16 on %d inputs", config.component, len(feeds))
@@ -308,8 +355,14 @@ def debug_precision(config: PrecisionDebugConfig, work_dir: Path | None = None) 
                 keep.append(first.node)   # error without an overflow: precision loss; keep where it starts
         keep_all = [*today, *[n for n in keep if n not in today]]
         nodes = {**base.fp16_keep_nodes, config.component: keep_all}
-        precision_key = "vae_precision" if config.component.startswith("vae") else "precision"
-        proposed = base.replace(**{precision_key: "fp16", "fp16_keep_nodes": {k: v for k, v in nodes.items() if v}})
+        precision = {"vae_precision": "fp16"} if config.component.startswith("vae") else {"precision": "fp16"}
+        fixed = after.passed if keep and after is not None else before.passed and not before.overflows(config.margin)
+        if config.component.startswith("vae") and artifact.info.sdxl is not None and fixed:
+            # the export refuses an fp16 SDXL VAE unless the config vouches for it (export/sdxl.resolve_config):
+            # this run, with `keep_all` in fp32, is that evidence for the decoder (validate checks the encoder);
+            # unfixed, the written config keeps the base's flag and the export refuses the fp16 VAE
+            precision["vae_fp16_safe"] = True
+        proposed = base.replace(**precision, fp16_keep_nodes={k: v for k, v in nodes.items() if v})
         cost = {"nodes": len(graph_nodes(fp32_graph)[0].graph.node),
                 "fp32_nodes_today": fp32_node_count(reduced), "keep_nodes_added": len(keep)}
         if keep:
@@ -327,9 +380,13 @@ def debug_precision(config: PrecisionDebugConfig, work_dir: Path | None = None) 
 def write_fix(report: PrecisionReport, path: Path, source: str) -> None:
     from ldm_deploy.export.config import write_config
 
-    write_config(report.config, Path(path), header=(
-        f"written by `ldm-deploy debug-precision {source} --component {report.component}`:\n"
-        f"keeps {len(report.keep_nodes)} {report.component} node(s) in fp32 (docs/precision.md)"))
+    header = (f"written by `ldm-deploy debug-precision {source} --component {report.component}`:\n"
+              f"keeps {len(report.keep_nodes)} {report.component} node(s) in fp32 (docs/precision.md)")
+    if report.component == "vae_decoder" and report.config.vae_fp16_safe and report.fixed:
+        header += (f"\nvae_fp16_safe: the fp16 decoder, with these nodes in fp32, matched fp32 on "
+                   f"{len(report.before.inputs)} inputs; vae_precision also makes vae_encoder fp16, which this run "
+                   "did not compare: `ldm-deploy validate` checks it")
+    write_config(report.config, Path(path), header=header)
 
 
 __all__ = ["PrecisionDebugConfig", "PrecisionReport", "debug_precision", "write_fix"]

@@ -151,6 +151,7 @@ def test_debug_precision_flag_defaults_are_the_library_defaults():
     from ldm_deploy.export import precision
 
     assert (cmd.DEFAULT_TOLERANCE, cmd.DEFAULT_MARGIN) == (precision.DEFAULT_TOLERANCE, precision.DEFAULT_MARGIN)
+    assert cmd.COMPONENTS == precision.COMPONENTS
 
 
 def test_in_process_quiet_run_leaves_logger_levels_as_they_were(tmp_path, capsys):

@@ -43,6 +43,15 @@ def test_bad_values():
         Range(4, 1, 2)
     with pytest.raises(UsageError, match="components"):
         ExportConfig(components=("unet", "safety_checker"))
+    with pytest.raises(UsageError, match="fp16_keep_nodes"):
+        ExportConfig(fp16_keep_nodes={"safety_checker": ["/x/Conv"]})
+
+
+def test_keep_nodes_of_sdxls_second_text_encoder():
+    """debug-precision --component text_encoder_2 writes its fix under that component's name."""
+    cfg = ExportConfig.from_dict({"precision": "fp16", "fp16_keep_nodes": {"text_encoder_2": ["/text_model/Add"]}})
+    assert cfg.fp16_keep_nodes == {"text_encoder_2": ("/text_model/Add",)}
+    assert ExportConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_round_trip_and_key():

@@ -28,21 +28,31 @@ FAULT_NODE = "/unet/down_blocks.0/resnets.0/time_emb_proj/Gemm"
 FAST = ["--no-timing", "-q"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def faulty_copy(folder: Path, dst: Path, part: str, edit) -> Path:
+    """A copy of the model folder `folder` at `dst` whose `part` (unet, vae) weights `edit(state_dict)` changed
+    in place: the known fault of a precision test (tests/export/test_precision_sdxl.py uses it too)."""
     from safetensors.torch import load_file, save_file
 
-    root = tmp_path_factory.mktemp("precision")
-    clean = make_tiny_folder(root / "clean")
-    bad = root / "bad"
-    shutil.copytree(clean, bad)
-    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copytree(folder, dst)
+    weights = dst / part / "diffusion_pytorch_model.safetensors"
     sd = load_file(str(weights))
+    edit(sd)
+    save_file(sd, str(weights))
+    return dst
+
+
+def _route_the_slow_sinusoid(sd) -> None:
     for layer, column, weight in FAULT:
         sd[f"{layer}.weight"][0] = 0.0
         sd[f"{layer}.weight"][0, column] = weight
         sd[f"{layer}.bias"][0] = 0.0
-    save_file(sd, str(weights))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    clean = make_tiny_folder(root / "clean")
+    bad = faulty_copy(clean, root / "bad", "unet", _route_the_slow_sinusoid)
     config = root / "tiny.yaml"
     config.write_text(json.dumps({"profiles": PROFILES, "components": ["text_encoder", "unet", "vae_decoder"]}))
     return clean, bad, config
@@ -290,11 +300,14 @@ def test_artifact_source_needs_fp32_graphs(folders, tmp_path):
     fp16 = export_model(clean, tmp_path / "fp16", base.replace(precision="fp16", components=("unet",))).path
     assert main(["debug-precision", str(fp16), "-q"]) == 2
     fp32 = export_model(clean, tmp_path / "fp32", base).path
+    assert main(["debug-precision", str(fp32), "--component", "text_encoder_2", "-q"]) == 2   # SDXL's only
     report = tmp_path / "r.json"
     assert main(["debug-precision", str(fp32), "--component", "text_encoder", "--inputs", "2", "--steps", "1",
                  "--json", str(report), *FAST]) == 0
     r = json.loads(report.read_text())
     assert r["clean"] and len(r["inputs"]) == 2 and r["mask_sentinels"]   # CLIP's causal mask, not an overflow
+    # the encoder's calls (prompt, then the empty negative, per prompt), first and last: labelled by their token ids
+    assert r["inputs"] == ["prompt 0: 'a photograph of an astronaut riding a ho'", "prompt 1 negative (empty)"]
 
 
 def test_bad_limits_and_foreign_write_config_are_refused_first(tmp_path, capsys):
