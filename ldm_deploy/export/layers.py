@@ -168,18 +168,20 @@ def quiet_polygraphy():
 def compare_layers(reference: Path, test: Path, feeds: Sequence[dict[str, np.ndarray]], *, tolerance: float,
                    descriptions: Sequence[str] | None = None, names: Sequence[str] | None = None,
                    providers: Sequence[str] = ("cpu",), test_runner: Callable | None = None,
-                   labels: tuple[str, str] = ("fp32", "fp16")) -> LayerReport:
+                   labels: tuple[str, str] = ("fp32", "fp16"),
+                   reference_providers: Sequence[str] = ("cpu",)) -> LayerReport:
     """Run both graphs on each feed with all shared tensors marked, compare them with Polygraphy.
 
     `test_runner(marked_path, name)` builds the test side's Polygraphy runner (default: ONNX Runtime
-    on `providers`); the reference always runs on ONNX Runtime. Feeds are run one at a time so only
+    on `providers`); the reference runs on ONNX Runtime on `reference_providers` (the CPU: fp32 without
+    TF32, the same on every machine). Feeds are run one at a time so only
     one input's activations are held in memory.
     """
     from polygraphy.comparator import Comparator, CompareFunc
 
     with tempfile.TemporaryDirectory(prefix="ldm-layers-") as tmp, quiet_polygraphy():
         ref_path, test_path, names, info = mark_shared(Path(reference), Path(test), Path(tmp), names)
-        runners = [ort_runner(ref_path, labels[0], providers),
+        runners = [ort_runner(ref_path, labels[0], reference_providers),
                    (test_runner or (lambda p, n: ort_runner(p, n, providers)))(test_path, labels[1])]
         stats: dict[str, LayerStat] = {}
         for feed in feeds:

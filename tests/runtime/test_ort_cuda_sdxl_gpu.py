@@ -215,3 +215,30 @@ def test_sdxl_base_then_refiner_fused_on_cuda_matches_plain(artifacts, record_pr
     record_property("vs_cpu_max_abs_pixel_diff", {k: int(np.abs(images[k] - images["ort-cpu"]).max())
                                                   for k in ("plain", "fused")})
     assert diff <= 64, f"max abs pixel difference {diff} > 64 vs the plain graphs"
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2", "unet"])
+def test_sdxl_plain_layers_on_cuda_track_cpu(artifacts, component, record_property):
+    """Where the plain fp16 graphs on CUDA part from ORT CPU, layer by layer (Polygraphy, export/layers.py): every
+    shared tensor of the fp16 graph, on CUDA and on ORT CPU, against the fp32 graph on ORT CPU on the same feeds.
+    ORT CPU runs most ops in fp32 between fp16-rounded tensors, CUDA runs fp16 kernels (fp32 accumulation), so
+    CUDA may be a few times further from fp32, not more: the first tensor where its error exceeds MARGIN x the
+    CPU's (and 1e-3 of the tensor's scale) is named, with the op, in the failure and in the record."""
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.export.layers import compare_layers
+
+    MARGIN = 8.0
+    fp32, fp16 = (Artifact.open(artifacts[k]).file(component) for k in ("base-fp32", "base-fp16"))
+    feeds = [_feeds(artifacts["base-fp16"], component, seed) for seed in (0, 1)]
+    kw = {"tolerance": 3e-2, "labels": ("fp32-ort-cpu", "fp16")}
+    cpu = compare_layers(fp32, fp16, feeds, providers=("cpu",), **kw)
+    cuda = compare_layers(fp32, fp16, feeds, providers=("cuda", "cpu"), **kw)
+    on_cpu = {s.tensor: s.max_rel for s in cpu.layers}
+    worse = [(s.order, s.node, s.op, s.tensor, s.max_rel, on_cpu.get(s.tensor, 0.0)) for s in cuda.layers
+             if s.max_rel > max(MARGIN * on_cpu.get(s.tensor, 0.0), 1e-3)]
+    outputs = {s.tensor: (s.max_rel, on_cpu.get(s.tensor)) for s in cuda.layers if s.tensor in cuda.outputs}
+    record_property("outputs_rel_cuda_cpu", outputs)
+    record_property("first_worse", worse[:12])
+    record_property("tensors", len(cuda.layers))
+    assert not worse, (f"{component}: {len(worse)} tensors on CUDA further from fp32 than {MARGIN}x ORT CPU; first "
+                       f"#{worse[0][0]} {worse[0][1]} ({worse[0][2]}) {worse[0][3]}: {worse[0][4]:.3g} vs {worse[0][5]:.3g}")
