@@ -66,11 +66,11 @@ def test_bound_weights_switch_in_place(setup, cpu_bound, precision):
     assert runner.base_weights and runner.input_dtypes["sample"] == np.dtype(
         "float16" if precision == "fp16" else "float32")
     runner(unet_feeds())
-    held = {n: runner._in[n] for n in runner.base_weights}
+    held = {n: runner.last_slot.inputs[n] for n in runner.base_weights}
     ptrs = {n: v.data_ptr() for n, v in held.items()}
     for name, got, want in _switch_cycle(runner, cpu, files):
         assert_close(got, want, rtol=0, atol=0, name=f"{precision} {name}")     # same kernels, same weights
-    assert all(runner._in[n] is held[n] and held[n].data_ptr() == ptrs[n] for n in held), \
+    assert all(runner.last_slot.inputs[n] is held[n] and held[n].data_ptr() == ptrs[n] for n in held), \
         "switching rewrites the bound buffers; it never rebinds"
 
 

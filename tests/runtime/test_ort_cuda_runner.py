@@ -76,7 +76,7 @@ def test_bound_buffers_equal_plain_run(artifacts, cpu_bound, precision, componen
             assert_close(out[k], v, name=f"{component} {k} seed {seed}")
     assert not np.array_equal(first[runner.output_names[0]], out[runner.output_names[0]])
     # the output buffers were preallocated before the first run (the CUDA graph capture needs that)
-    assert set(runner._out) == set(runner.output_names)
+    assert set(runner.last_slot.outputs) == set(runner.output_names)
 
 
 def test_reused_input_is_not_stale(artifacts, cpu_bound):
@@ -123,9 +123,9 @@ def test_input_new_every_call_stops_being_compared(artifacts, cpu_bound, monkeyp
     for i in range(VOLATILE_AFTER + 3):
         x = dict(x, sample=x["sample"] + 0.25)
         assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"call {i}")
-    assert "sample" in runner._volatile and "sample" not in runner._in_host
+    assert "sample" in runner.last_slot.volatile and "sample" not in runner.last_slot.in_host
     assert compared.count((2, 4, 8, 8)) == VOLATILE_AFTER      # calls 2..VOLATILE_AFTER+1 compared, then none
-    assert "encoder_hidden_states" not in runner._volatile and "encoder_hidden_states" in runner._in_host
+    assert "encoder_hidden_states" not in runner.last_slot.volatile and "encoder_hidden_states" in runner.last_slot.in_host
 
 
 def _graph_ids_passed(runner) -> list:
@@ -155,7 +155,7 @@ def test_cuda_graph_slot_per_shape(artifacts, cpu_bound):
     for i, batch in enumerate((1, 2, 1, 4, 2, 4, 1)):
         x = feeds("unet", batch=batch, seed=i)
         assert_close(runner(x)["noise_pred"], cpu(x)["noise_pred"], name=f"call {i} batch {batch}")
-        held = {n: v.data_ptr() for n, v in (*runner._in.items(), *runner._out.items())}
+        held = {n: v.data_ptr() for n, v in (*runner.last_slot.inputs.items(), *runner.last_slot.outputs.items())}
         assert buffers.setdefault(batch, held) == held, f"batch {batch} was re-bound"
     keys = {b: _key(runner, feeds("unet", batch=b)) for b in (1, 2, 4)}
     assert runner.cuda_graphs == {keys[1]: 1, keys[2]: 2, keys[4]: 3}
@@ -274,7 +274,7 @@ def test_unsized_outputs_are_probed_once_then_bound(artifacts, cpu_bound):
     for seed in (0, 1, 2):
         x = feeds("text_encoder", seed=seed)
         assert_close(runner(x)["last_hidden_state"], cpu(x)["last_hidden_state"], name=f"seed {seed}")
-        assert set(runner._out) == set(runner.output_names)
+        assert set(runner.last_slot.outputs) == set(runner.output_names)
     seen = _graph_ids_passed(runner)      # a new shape is probed in its own slot, then captured under its id
     for seed, batch in enumerate((2, 2, 1, 2), start=3):
         x = feeds("text_encoder", batch=batch, seed=seed)
@@ -317,8 +317,8 @@ def test_runners_close(artifacts, cpu_bound):
 
     with cpu_bound(artifacts["fp32"], "unet", variant=None) as bound:
         bound(feeds("unet"))
-        assert bound._in and bound._out
-    assert bound.session is None and bound.binding is None and not bound._in and not bound._out
+        assert bound.last_slot.inputs and bound.last_slot.outputs
+    assert bound.session is None and bound.last_slot.binding is None and not bound.last_slot.inputs and not bound.last_slot.outputs
     with pytest.raises(LdmError, match="unet runner is closed"):
         bound(feeds("unet"))
     bound.close()

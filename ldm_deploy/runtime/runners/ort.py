@@ -343,11 +343,6 @@ class _Slot:
         self.volatile.clear()
 
 
-def _slot_view(attr: str, doc: str):
-    """A runner attribute that is the active slot's (the buffers the last call ran with)."""
-    return property(lambda self: getattr(self._slot, attr), doc=doc)
-
-
 class OrtBoundRunner(OrtRunner):
     """Runs a loaded CUDA session with IO binding: device-resident, reused input and output buffers.
 
@@ -381,13 +376,10 @@ class OrtBoundRunner(OrtRunner):
         # the one re-bound slot: every call without CUDA graphs, the shapes past the bound with them
         self._slot = self._spare = self._new_slot(-1 if self.enable_cuda_graph else None)
 
-    binding = _slot_view("binding", "the IO binding of the last call's slot")
-    _in = _slot_view("inputs", "name -> device input buffer of the last call's slot")
-    _in_host = _slot_view("in_host", "name -> host copy of what that slot's input buffer holds")
-    _in_frozen = _slot_view("in_frozen", "name -> the read-only caller array that slot last uploaded")
-    _changed = _slot_view("changed", "name -> calls in a row on which that slot's input changed")
-    _volatile = _slot_view("volatile", "inputs that slot uploads without comparing")
-    _out = _slot_view("outputs", "name -> device output buffer of the last call's slot")
+    @property
+    def last_slot(self) -> _Slot:
+        """The slot the last call ran in: its IO binding, device input / output buffers and upload state."""
+        return self._slot
 
     @property
     def cuda_graphs(self) -> dict[tuple, int]:
@@ -507,7 +499,7 @@ class OrtBoundRunner(OrtRunner):
         it ORT's own stream synchronisation is all there is."""
         if self._sync is None:
             self._sync = False
-            values = [*self._in.values(), *self._weights_dev.values()]
+            values = [*self._slot.inputs.values(), *self._weights_dev.values()]
             if any(v.device_name().lower() == "cuda" for v in values):
                 try:
                     from cuda.bindings import runtime as cudart
