@@ -322,3 +322,27 @@ def test_bad_limits_and_foreign_write_config_are_refused_first(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was not written by debug-precision" in err[0]
     assert mine.read_text() == "# my config\nprecision: fp16\n"
+
+
+def test_layer_reference_runs_on_the_cpu_whatever_the_test_side(tmp_path, monkeypatch):
+    """On CUDA ONNX Runtime's default TF32 would round the fp32 reference's products to 10 mantissa bits, below
+    fp16's 11: the reference graph always runs on the CPU provider, the graph under test on the ones asked for."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ldm_deploy.export import layers
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                               helper.make_node("Relu", ["h"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    seen, original = [], layers.ort_runner
+    monkeypatch.setattr(layers, "ort_runner", lambda p, name, providers=("cpu",): (
+        seen.append((name, tuple(providers))), original(p, name, ("cpu",)))[1])
+    report = layers.compare_layers(path, path, [{"x": np.ones((2, 4), np.float32)}], tolerance=1e-4,
+                                   providers=("cuda", "cpu"))
+    assert seen == [("fp32", ("cpu",)), ("fp16", ("cuda", "cpu"))]
+    assert report.passed and {s.tensor for s in report.layers} >= {"h", "y"}
