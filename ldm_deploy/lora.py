@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -188,32 +188,18 @@ def load_lora(path, targets: Mapping[str, Mapping[str, tuple]]) -> LoraFile:
     return LoraFile(path, sha256_file(path), "kohya" if kohya else "peft", modules)
 
 
-def combine(base: Mapping[str, np.ndarray], deltas: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """`base[name] + sum(deltas)[name]`, in float32 then cast to the base dtype; names no delta touches are
-    the base arrays themselves, so no LoRA gives the base bit for bit (recomputed from the base every
-    time: no drift from adding and subtracting)."""
-    total: dict[str, np.ndarray] = {}
-    for d in deltas:
-        for name, value in d.items():
-            total[name] = total[name] + value if name in total else value
-    out = dict(base)
-    for name, value in total.items():
-        w = base[name]
-        out[name] = (w.astype(np.float32) + value).astype(w.dtype)
-    return out
-
-
 def merge(base: Mapping[str, np.ndarray], loras: Sequence[tuple["LoraFile", float]], component: str,
           shapes: Mapping[str, tuple], *, workers: int | None = None) -> dict[str, np.ndarray]:
-    """`combine(base, [lora.deltas(component, shapes, scale) for lora, scale in loras])`, computed per weight
-    and in parallel: the run-time switch (runtime/lora_switch.py).
+    """`base[name] + sum over the LoRAs of scale * delta[name]`, in float32 then cast to the base dtype, for
+    every weight of `component` a LoRA touches: the merged weights, for the run-time switch
+    (runtime/lora_switch.py) and the training evaluation.
 
-    Bit for bit the same arithmetic as combine (each LoRA's scaled deltas summed in module order, the LoRAs
-    summed in order, the base added in float32, cast to the base dtype; the same float32 rounding at each
-    step, done in place), but one weight at a time: no LoRA's full set of float32 deltas is held at once
-    (SD 1.5: ~1 GB per file), and the weights are spread over a thread pool (numpy's matmul and ufuncs
-    release the GIL). Weights outside `base` are left out, as the switch's targets do; weights no LoRA
-    touches are the base arrays themselves."""
+    Each LoRA's scaled deltas are summed in module order, the LoRAs in order, and the base (upcast to float32)
+    added last, so the result depends only on the base and the LoRAs: recomputed from the base every time,
+    A, then B, then none gives the base bit for bit (no drift from adding and subtracting). One weight at a
+    time: no LoRA's full set of float32 deltas is held at once (SD 1.5: ~1 GB per file), and the weights are
+    spread over a thread pool (numpy's matmul and ufuncs release the GIL). Weights outside `base` are left out;
+    weights no LoRA touches are the base arrays themselves."""
     by_param: dict[str, list[list[tuple[LoraModule, float]]]] = {}
     for k, (lora, scale) in enumerate(loras):
         for m in lora.modules:
@@ -232,7 +218,7 @@ def merge(base: Mapping[str, np.ndarray], loras: Sequence[tuple["LoraFile", floa
             if part is not None:
                 total = part if total is None else np.add(total, part, out=total)
         w = base[name]
-        np.add(total, w, out=total)      # float32 + the base upcast: combine's w.astype(float32) + total
+        np.add(total, w, out=total)      # float32 + the base upcast to float32
         return total.astype(w.dtype, copy=False)
 
     out = dict(base)

@@ -9,7 +9,7 @@ import pytest
 
 from ldm_deploy.compare import assert_close
 from ldm_deploy.errors import LdmError, UsageError
-from ldm_deploy.lora import LoraSpec, combine, load_lora
+from ldm_deploy.lora import LoraSpec, load_lora, merge
 from tests.runtime.tiny_model import tiny_folder  # noqa: F401 (fixture)
 
 torch = pytest.importorskip("torch")
@@ -57,7 +57,7 @@ def test_unet_deltas_equal_diffusers_fuse_lora(tiny_folder, lora_files, targets,
     deltas = lora.deltas("unet", targets["unet"], SCALE)
     changed = {k for k in fused if not np.array_equal(fused[k], base[k])}
     assert changed == set(deltas), "the same layers change"
-    ours = combine(base, [deltas])
+    ours = merge(base, [(lora, SCALE)], "unet", targets["unet"])
     for name in deltas:   # both compute W + s * (alpha/r) * B @ A in float32: only summation order differs
         assert_close(ours[name], fused[name], rtol=1e-5, atol=1e-6, name=name)
 
@@ -71,7 +71,7 @@ def test_text_encoder_deltas_equal_peft_merge(tiny_folder, lora_files, targets, 
     base = {k: v.numpy() for k, v in model.text_encoder.state_dict().items()}
     deltas = lora.deltas("text_encoder", targets["text_encoder"], SCALE)
     assert set(deltas) == set(peer)
-    ours = combine(base, [deltas])
+    ours = merge(base, [(lora, SCALE)], "text_encoder", targets["text_encoder"])
     for name in deltas:
         assert_close(ours[name], peer[name].numpy(), rtol=1e-5, atol=1e-6, name=name)
 
@@ -118,11 +118,11 @@ def test_base_layer_names_and_spec_parsing(lora_files, targets, tmp_path):
         LoraSpec.parse("x.safetensors:much")
 
 
-def test_combine_never_drifts(lora_files, targets, model):
+def test_merge_never_drifts(lora_files, targets, model):
     base = {k: v.numpy() for k, v in model.unet.state_dict().items()}
     lora = load_lora(lora_files["peft"], targets)
-    once = combine(base, [lora.deltas("unet", targets["unet"], 1.0)])
-    none = combine(base, [])
+    once = merge(base, [(lora, 1.0)], "unet", targets["unet"])
+    none = merge(base, [], "unet", targets["unet"])
     assert all(none[k] is base[k] for k in base)
     assert any(not np.array_equal(once[k], base[k]) for k in base)
 
@@ -143,7 +143,7 @@ def test_kohya_text_encoder_names(tiny_folder, lora_files, targets, model, tmp_p
     assert lora.layout == "kohya" and lora.components() == {"text_encoder"}
     peer = te_peer(tiny_folder, lora_files["te"], SCALE)
     base = {k: v.numpy() for k, v in model.text_encoder.state_dict().items()}
-    ours = combine(base, [lora.deltas("text_encoder", targets["text_encoder"], SCALE)])
+    ours = merge(base, [(lora, SCALE)], "text_encoder", targets["text_encoder"])
     for name, w in peer.items():
         assert_close(ours[name], w.numpy(), rtol=1e-5, atol=1e-6, name=name)
 

@@ -1,4 +1,5 @@
-"""ldm_deploy.lora.merge (the run-time switch's merge) against combine(base, [lora.deltas(...)]): bit for bit, for
+"""ldm_deploy.lora.merge (the run-time switch's merge) against the formula written out, whole-file deltas first
+(`LoraFile.deltas`, as the export merges them): bit for bit, for
 fp16 and fp32 bases, two LoRAs, two modules on one weight, a LoCon kernel, weights outside the base, and any number
 of threads (each weight is its own task, so the thread count cannot change a result)."""
 from __future__ import annotations
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldm_deploy.lora import LoraFile, LoraModule, combine, merge
+from ldm_deploy.lora import LoraFile, LoraModule, merge
 
 SHAPES = {"a.weight": (48, 32), "b.weight": (64, 48), "c.weight": (16, 8, 3, 3), "d.weight": (32, 32)}
 
@@ -33,14 +34,24 @@ def loras():
     return one, two
 
 
+def _formula(base, pairs, shapes) -> dict:
+    """W + sum_i (scale_i * delta_i), summed in float32 over each LoRA's full delta set, then cast to W's dtype."""
+    total: dict = {}
+    for lora, scale in pairs:
+        for name, d in lora.deltas("unet", shapes, scale).items():
+            if name in base:
+                total[name] = total[name] + d if name in total else d
+    return {n: (base[n].astype(np.float32) + t).astype(base[n].dtype) for n, t in total.items()}
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_merge_equals_combine_bit_for_bit(loras, dtype, workers):
+def test_merge_equals_the_formula_bit_for_bit(loras, dtype, workers):
     rng = np.random.default_rng(1)
     base = {n: rng.standard_normal(s, dtype=np.float32).astype(dtype) for n, s in SHAPES.items()}
     shapes = {**SHAPES, "gone.weight": (8, 8)}
     pairs = [(loras[0], 0.8), (loras[1], -1.3)]
-    want = combine(base, [{n: d for n, d in lora.deltas("unet", shapes, s).items() if n in base} for lora, s in pairs])
+    want = {**base, **_formula(base, pairs, shapes)}
     got = merge(base, pairs, "unet", shapes, workers=workers)
     assert set(got) == set(base)
     for name in base:

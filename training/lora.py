@@ -348,7 +348,7 @@ def vae_ceiling(vae: nn.Module, config: LoraTrainConfig, resolution: int, batch:
 
 def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConfig, *, scale: float = 1.0) -> dict:
     """Concept prompts with the LoRA at `scale`; the base's held-out prompts at scale 0 (the base weights)."""
-    from ldm_deploy.lora import combine, load_lora, torch_targets
+    from ldm_deploy.lora import load_lora, merge, torch_targets
     from training.checkpoint import load_components
     from training.data.analyser import analyse, score
     from training.data.shapes import holdout_prompts
@@ -369,7 +369,7 @@ def evaluate_lora(base: str | Path, lora_file: str | Path, config: LoraTrainConf
         for component in ("unet", "text_encoder"):
             module = modules[component]
             base_sd = {k: v.numpy() for k, v in module.state_dict().items()}
-            merged = combine(base_sd, [lora.deltas(component, targets[component], scale)])
+            merged = merge(base_sd, [(lora, scale)], component, targets[component])
             module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in merged.items()})
     concept = concept_prompts(config.eval_prompts, config, seed=config.seed)
     images = generate(modules, Path(comps.tokenizer_dir), dict(comps.scheduler_config),

@@ -8,7 +8,7 @@ captured CUDA graph, which hold their addresses, stay valid). Switching never re
 
 `Pipeline.set_loras([(file, scale), ...])` (a file may also be a `LoraFile` from `preload`, as the server
 keeps them) recomputes `W = W_base + sum_i scale_i * delta_i` from the stored base every time
-(`ldm_deploy.lora.merge`: combine's arithmetic, one weight at a time over a thread pool) and hands the runner
+(`ldm_deploy.lora.merge`, one weight at a time over a thread pool) and hands the runner
 only the arrays that change, so A, then B, then none gives the base model's outputs bit for bit.
 """
 from __future__ import annotations
