@@ -109,9 +109,6 @@ class ExportConfig:
         if self.lora_switchable not in SWITCHABLE:
             raise UsageError(f"lora_switchable must be one of {', '.join(map(str, SWITCHABLE))}, "
                              f"got {self.lora_switchable!r}")
-        if self.lora_switchable and self.ort_cuda:
-            raise UsageError("lora_switchable and ort_cuda cannot be combined: the ORT CUDA fused variant bakes "
-                             "the weights in", hint="export switchable weights without --ort-cuda")
         if self.lora_switchable and self.exporter != "torchscript":
             raise UsageError("lora_switchable needs the torchscript exporter", hint="set `exporter: torchscript`")
         if self.exporter == "dynamo" and self.opset < 18:

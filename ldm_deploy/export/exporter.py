@@ -146,13 +146,15 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     trim_heap()
     onnx_io.check_model(final)
     log.debug("%s: checked by the ONNX checker", component)
-    variants = {}
+    fused = None
     if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:
-        # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns
+        # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns;
+        # lora_switchable: with the weights' fused forms as inputs (export/ort_lora.py)
         dst, shapes = root / component / ort_optimize.FILE_NAME, ort_optimize.declared_outputs(final)
+        weights = {n: w.numpy() for n, w in spec.weight_inputs.items()} or None
         fused = ort_optimize.optimize_for_ort_cuda(raw, dst, component, float16=precision == "fp16",
-                                                   fold_guidance=config.ort_cuda_fold_cfg, output_shapes=shapes)
-        variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused)
+                                                   fold_guidance=config.ort_cuda_fold_cfg, output_shapes=shapes,
+                                                   switchable=weights)
 
     stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
                    "cleanup": clean}
@@ -165,6 +167,9 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     if spec.weight_inputs:
         ins, lora_weights = lora_export.split_weight_inputs(ins, spec.weight_inputs, root, component,
                                                             config.lora_switchable)
+    variants = {}
+    if fused is not None:
+        variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused, lora_weights)
     data = onnx_io.data_file(final)
     entry = {
         "file": final.relative_to(root).as_posix(),

@@ -29,11 +29,14 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Mapping
 
+import numpy as np
 import onnx
 
 from ldm_deploy.errors import LdmError
 from ldm_deploy.export.attention_fusion import fuse_attention
+from ldm_deploy.export import ort_lora
 from ldm_deploy.export.cfg_fold import fold_cfg
 
 log = logging.getLogger(__name__)
@@ -314,13 +317,16 @@ def declared_outputs(path: Path) -> dict:
 
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
                           fold_guidance: bool = True, nhwc_conv: bool = True,
-                          output_shapes: dict | None = None) -> dict:
+                          output_shapes: dict | None = None, switchable: Mapping | None = None) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
     (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
     classifier-free guidance into the graph (ldm_deploy/export/cfg_fold.py): B latents in, guided out.
     `nhwc_conv=False` leaves the convolutions NCHW (the benchmark's layout lever, written into the benchmark's
     own folder by ldm_deploy/bench/prepare.py; slower on tensor cores). `output_shapes` (name -> [dim, ...],
     the plain graph's manifest shapes) replaces the output dims the optimizer's shape inference renamed.
+    `switchable` (weight name -> base values, float32): `src` is a lora_switchable graph taking those weights as
+    inputs; the fused graph takes the fused forms of them as inputs (export/ort_lora.py), recorded in the returned
+    statistics' `lora_fused` ({input: {weight, perm, shape, dtype}}) and `lora_unused`.
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
@@ -337,14 +343,16 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
 
-    def load():   # the optimizer rewrites its input: a retry reads the file again (no in-memory copy)
+    def load(weights=None):   # the optimizer rewrites its input: a retry reads the file again (no in-memory copy)
         model = onnx.load(str(src), load_external_data=True)
+        if weights is not None:   # switchable weights back as initializers (export/ort_lora.py)
+            ort_lora.weights_as_initializers(model, weights)
         counts = op_counts(model)
         # our attention traces to a pattern ORT's U-Net matcher does not know: fuse it ourselves first
         return model, counts, fuse_attention(model) if component in ATTENTION_COMPONENTS else 0
 
-    try:
-        model, before, attention = load()
+    def fuse(weights=None):
+        model, before, attention = load(weights)
         declined: dict[str, str] = {}
         while True:   # fuse; when a fused op has sizes the CUDA kernels refuse, fuse again without it
             with _quickgelu_guard():
@@ -359,12 +367,27 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
                 log.info("ort-cuda %s: %s fusion declined: %s", component, op, why)
             declined.update(refused)
             del m
-            model, before, attention = load()
+            model, before, attention = load(weights)
         repaired = _to_float16(m, component) if float16 else {}
         restore_output_shapes(m.model.graph, output_shapes or {})
         folded = component == "unet" and fold_guidance
         if folded:
             fold_cfg(m.model)
+        return m, before, attention, declined, repaired, folded
+
+    lora = {}
+    try:
+        if switchable:
+            # a first build with random weights tells which fused constants are (permuted) weights and proves
+            # that no other constant depends on them (export/ort_lora.py)
+            probe = ort_lora.probe_weights(switchable)
+            recipe, reference = ort_lora.derive(fuse(probe)[0].model, probe)
+            del probe
+        m, before, attention, declined, repaired, folded = fuse(switchable)
+        if switchable:
+            ort_lora.check(m.model, recipe, reference, switchable, component)
+            fused = ort_lora.expose(m.model, recipe)
+            lora = {"lora_fused": fused, "lora_unused": ort_lora.unused(fused, switchable)}
     except LdmError:
         raise
     except Exception as e:  # the optimizer raises assorted exception types from its matchers
@@ -399,20 +422,32 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
         "cfg_folded": folded,
         "nhwc_conv": bool(after.get("NhwcConv")),
         **repaired,
+        **lora,
     }
     log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s", component, stats["precision"],
              stats["nodes_before"], stats["nodes_after"], stats["fused_ops"])
     return stats
 
 
-def variant_entry(root: Path, path: Path, stats: dict) -> dict:
-    """The manifest's `variants[name]` entry for the fused graph at `path` (relative to `root`)."""
+def variant_entry(root: Path, path: Path, stats: dict, lora_weights: dict | None = None) -> dict:
+    """The manifest's `variants[name]` entry for the fused graph at `path` (relative to `root`). For a switchable
+    component (`lora_weights`: its manifest entry's) the fused graph's weight inputs leave `inputs` and go to
+    the variant's `lora_weights`: the component's, plus `fused` (how each input derives from a weight)."""
     from ldm_deploy.export import manifest as mf
     from ldm_deploy.export import onnx_io
 
     ins, outs = mf.graph_io(path)
     data = onnx_io.data_file(path)
-    return {"file": path.relative_to(root).as_posix(),
+    fused = stats.get("lora_fused")
+    if fused is not None and not lora_weights:
+        raise LdmError(f"the fused graph {path} takes switchable weights but its component has no lora_weights",
+                       hint="re-export the artifact")
+    lora = {}
+    if fused is not None:
+        ins = [i for i in ins if i["name"] not in fused]
+        lora = {"lora_weights": {**lora_weights, "fused": fused,
+                                 **({"fused_unused": stats["lora_unused"]} if stats.get("lora_unused") else {})}}
+    return {**lora, "file": path.relative_to(root).as_posix(),
             "external_data": data.relative_to(root).as_posix() if data.exists() else None,
             "precision": stats["precision"], "inputs": ins, "outputs": outs,
             "fused_ops": stats["fused_ops"], "declined_fusions": stats.get("declined_fusions", {}),
@@ -431,6 +466,14 @@ def fp32_source(root: Path, spec) -> Path | None:
     if spec.precision == "fp32":
         return named_path(root, spec.file, regular_file=True)
     return None
+
+
+def _base_weights(artifact, name: str) -> dict | None:
+    """A switchable component's base weights in float32 (lora_base.safetensors), None for a plain component."""
+    from ldm_deploy.runtime.lora_switch import load_base
+
+    base = load_base(artifact, artifact.component(name))
+    return {n: w.astype(np.float32) for n, w in base.items()} or None
 
 
 def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float16: bool | None = None,
@@ -470,9 +513,11 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
         if old:   # forget the previous variant's files before they are overwritten
             for rel in filter(None, (old.get("file"), old.get("external_data"))):
                 manifest["files"].pop(rel, None)
+        switchable = _base_weights(artifact, name)
         stats = optimize_for_ort_cuda(src, dst, name, float16=half, fold_guidance=fold_guidance,
-                                      output_shapes={o["name"]: o["shape"] for o in entry.get("outputs", ())})
-        made = variant_entry(root, dst, stats)
+                                      output_shapes={o["name"]: o["shape"] for o in entry.get("outputs", ())},
+                                      switchable=switchable)
+        made = variant_entry(root, dst, stats, entry.get("lora_weights"))
         entry.setdefault("variants", {})[VARIANT] = made
         for rel in filter(None, (made["file"], made["external_data"])):
             manifest["files"][rel] = sha256_file(root / rel)

@@ -10,6 +10,12 @@ captured CUDA graph, which hold their addresses, stay valid). Switching never re
 keeps them) recomputes `W = W_base + sum_i scale_i * delta_i` from the stored base every time
 (`ldm_deploy.lora.merge`, one weight at a time over a thread pool) and hands the runner
 only the arrays that change, so A, then B, then none gives the base model's outputs bit for bit.
+
+The ORT CUDA fused variant of such a component (`export --lora-switchable --ort-cuda`, export/ort_lora.py) takes
+the weights in the form its fusions put them in (a Linear's W^T, an NhwcConv kernel OHWI, fp16): its manifest
+entry's `lora_weights["fused"]` maps each of its weight inputs to `{"weight", "perm", "shape", "dtype"}`, and the
+runner feeds `fused_tensor(W, recipe)` -- W (base + deltas, as for the plain graph) transposed by `perm`, reshaped,
+cast as ONNX Runtime's float16 converter casts (`to_float16`) -- for each.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ from ldm_deploy.errors import LdmError
 from ldm_deploy.lora import LoraFile, LoraSpec, load_lora, merge
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL
+# ONNX Runtime's float16 converter (onnxruntime/python/tools/transformers/float16.py, convert_np_to_float16) maps
+# nonzero magnitudes below this to it, and finite ones above FP16_MAX_FINITE to that, before casting
+FP16_MIN_POSITIVE = 5.96e-08
+FP16_MAX_FINITE = 65504.0
 
 
 def load_base(artifact, spec) -> dict[str, np.ndarray]:
@@ -120,3 +130,51 @@ def _spec(item) -> LoraSpec:
         path, scale = item
         return LoraSpec(Path(path), float(scale))
     return LoraSpec.parse(str(item))
+
+
+# ----------------------------------------------------------------------------- the fused variant's weight inputs
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16 as ONNX Runtime's float16 converter casts initializers (so a fused fp16 graph's weight
+    inputs get the values its converted initializers had): nonzero magnitudes under FP16_MIN_POSITIVE become it,
+    finite ones over FP16_MAX_FINITE become that, then round to nearest."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.float32(FP16_MIN_POSITIVE), np.float32(FP16_MAX_FINITE)
+    mag = np.abs(x)
+    fix = ((mag > 0) & (mag < lo)) | ((mag > hi) & np.isfinite(x))
+    if fix.any():
+        x = np.where(fix, np.copysign(np.where(mag < lo, lo, hi), x), x)
+    return x.astype(np.float16)
+
+
+def fused_tensor(weight: np.ndarray, recipe: Mapping) -> np.ndarray:
+    """The fused graph's input for `weight` (the merged W, any float dtype) by its recipe entry: W in float32,
+    axes permuted by `perm`, reshaped to `shape`, cast to `dtype` (float16 as ONNX Runtime's converter does)."""
+    w = np.asarray(weight).astype(np.float32, copy=False)
+    perm = recipe.get("perm")
+    if perm is not None and list(perm) != list(range(w.ndim)):
+        w = w.transpose(perm)
+    w = np.ascontiguousarray(w).reshape(recipe["shape"])
+    dtype = np.dtype(recipe["dtype"])
+    if dtype == np.float16:
+        return to_float16(w)
+    return w.astype(dtype, copy=False)
+
+
+class WeightFeeds:
+    """Weight name -> the graph inputs it feeds. For a plain switchable graph each weight is its own input, fed
+    as is (no copy); for a fused variant (`recipe`: its `lora_weights["fused"]`) each input is `fused_tensor` of
+    its weight."""
+
+    def __init__(self, recipe: Mapping | None):
+        self.recipe = dict(recipe or {})
+        self.inputs_of: dict[str, list[str]] = {}
+        for name, entry in self.recipe.items():
+            self.inputs_of.setdefault(entry["weight"], []).append(name)
+
+    def __call__(self, weights: Mapping[str, np.ndarray], names=None) -> dict[str, np.ndarray]:
+        """{graph input: array} for the weights `names` (default: all) of `weights` (name -> merged array)."""
+        names = weights if names is None else names
+        if not self.recipe:
+            return {n: weights[n] for n in names}
+        return {f: fused_tensor(weights[n], self.recipe[f]) for n in names for f in self.inputs_of.get(n, ())}

@@ -264,6 +264,9 @@ class OrtRunner:
         self.output_dtype = None if output_dtype is None else np.dtype(output_dtype)
         self.base_weights = loaded.base_weights
         self.weights = dict(self.base_weights)
+        # the graph inputs the weights feed: themselves, or their fused forms in an ort-cuda variant
+        self.weight_feeds = lora_switch.WeightFeeds((self.spec.lora_weights or {}).get("fused"))
+        self._fed: dict[str, np.ndarray] | None = None   # weight inputs of the next session.run (made on first use)
 
     # --- lifetime ------------------------------------------------------------------------------------
 
@@ -290,6 +293,8 @@ class OrtRunner:
         changed = [n for n, w in weights.items() if w is not self.weights[n]]
         for name in changed:
             self.weights[name] = weights[name]
+        if self._fed is not None and changed:
+            self._fed.update(self.weight_feeds(self.weights, changed))
         return len(changed)
 
     def _feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -297,7 +302,9 @@ class OrtRunner:
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
         feeds = {n: np.ascontiguousarray(inputs[n], dtype=self.input_dtypes[n]) for n in self.input_names}
-        feeds.update(self.weights)
+        if self._fed is None:
+            self._fed = self.weight_feeds(self.weights)
+        feeds.update(self._fed)
         return feeds
 
     def _cast_out(self, arrays) -> dict[str, np.ndarray]:
@@ -425,12 +432,13 @@ class OrtBoundRunner(OrtRunner):
     _weights_bound = False
 
     def _bind_weights(self, names) -> None:
-        """Upload the switchable weights `names` into their device buffers: allocated once and bound in every
-        slot, then rewritten in place, so the bindings and the captured CUDA graphs (which hold the addresses)
+        """Upload the switchable weights `names` (their graph inputs: a fused variant's derived tensors) into their
+        device buffers: allocated once and bound in every slot, then rewritten in place, so the bindings and the captured CUDA graphs (which hold the addresses)
         stay valid and every graph reads the new weights."""
         slots = (self._spare, *self._slots.values())
-        for name in names:
-            array = np.ascontiguousarray(self.weights[name])
+        # the weights' graph inputs (a fused variant's: made here and dropped once uploaded)
+        for name, array in self.weight_feeds(self.weights, names).items():
+            array = np.ascontiguousarray(array)
             held = self._weights_dev.get(name)
             if held is None:
                 held = self._weights_dev[name] = self._device_value(array.shape, array.dtype)
