@@ -92,7 +92,8 @@ def test_fold_removes_four_transposes_per_transformer_block(fused):
 
 def cpu_stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the fused fp32 graph with NhwcConv / GroupNorm / SkipGroupNorm written in standard ops (ORT CPU
-    has no kernels for them): NhwcConv = Transpose -> Conv (weights back to OIHW) -> Transpose; GroupNorm =
+    has no kernels for them): NhwcConv = Transpose -> Conv (weights back to OIHW; a Transpose node for a kernel
+    that is a graph input, as in a lora_switchable variant) -> Transpose; GroupNorm =
     NCHW InstanceNormalization over (B, groups, -1), then gamma / beta per channel and SiLU when `activation`."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -115,9 +116,13 @@ def cpu_stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
 
     for node in g.node:
         if node.op_type == "NhwcConv":
-            w = numpy_helper.to_array(inits[node.input[1]]).transpose(0, 3, 1, 2)
-            wn = const(w, w.dtype)
             x, y = name("x"), name("y")
+            if node.input[1] in inits:
+                w = numpy_helper.to_array(inits[node.input[1]]).transpose(0, 3, 1, 2)
+                wn = const(w, w.dtype)
+            else:   # a graph input (a switchable weight's fused form, OHWI): transposed in the graph
+                wn = name("w")
+                nodes.append(helper.make_node("Transpose", [node.input[1]], [wn], perm=[0, 3, 1, 2]))
             nodes.append(helper.make_node("Transpose", [node.input[0]], [x], perm=[0, 3, 1, 2]))
             nodes.append(helper.make_node("Conv", [x, wn, *node.input[2:]], [y], **{
                 a.name: helper.get_attribute_value(a) for a in node.attribute}))

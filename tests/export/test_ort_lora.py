@@ -1,0 +1,226 @@
+"""The ORT CUDA fused variant of a lora_switchable export (export/ort_lora.py, `--lora-switchable --ort-cuda`): its
+weight inputs, fed by the runtime's recipe from the numpy merge of a LoRA, are the very constants of a plain
+`--ort-cuda` export with that LoRA merged at export (bit for bit, as a multiset of tensors, and the same fused
+ops); on ONNX Runtime CPU (the CUDA-only contrib ops stood in for by tests/export/test_ort_fp16_norm.py's
+`cpu_stand_ins`) the runner switching A -> B -> none equals the merged graphs; a fold the recipe cannot express
+fails the export. The CUDA run is tests/runtime/test_lora_switch_fused_gpu.py (marker `gpu`)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from ldm_deploy.artifact import Artifact
+from ldm_deploy.errors import LdmError
+from ldm_deploy.export import ort_lora
+from ldm_deploy.lora import load_lora, merge
+from ldm_deploy.runtime import lora_switch
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytestmark = pytest.mark.slow      # five tiny exports, two of them fused twice (the probe build)
+
+HAS_ONNXSLIM = importlib.util.find_spec("onnxslim") is not None
+COMPONENTS = ("text_encoder", "unet")
+SCALE = 0.8
+LORAS = {"peft": "unet", "kohya": "unet", "te": "text_encoder"}   # file -> the component it adapts
+
+
+def _config(**kw):
+    from ldm_deploy.export.config import load_config
+
+    return load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=HAS_ONNXSLIM, **kw)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The SD-like tiny model exported switchable (`all`) with --ort-cuda, and plain --ort-cuda with each LoRA
+    merged at export (and with none)."""
+    from ldm_deploy.export.exporter import export_model
+    from tests.export.test_ort_optimize import make_sd_like_folder
+    from tests.lora_files import make_lora_files
+
+    root = tmp_path_factory.mktemp("ortlora")
+    folder = make_sd_like_folder(root / "model")
+    files = make_lora_files(folder, root / "loras")
+    arts = {"switch": export_model(folder, root / "switch", _config(lora_switchable="all", ort_cuda=True)).path}
+    for name in (None, *LORAS):
+        loras = [f"{files[name]}:{SCALE}"] if name else []
+        arts[name] = export_model(folder, root / f"merged-{name}", _config(ort_cuda=True), loras=loras).path
+    return arts, files, folder, root
+
+
+def _digest(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array)
+    return hashlib.sha256(array.tobytes() + f"{array.dtype}{array.shape}".encode()).hexdigest()
+
+
+def _fused(art: Path, component: str) -> onnx.ModelProto:
+    return onnx.load(str(art / component / "model.ort-cuda.onnx"))
+
+
+def _merged_weights(art: Path, component: str, lora_path: Path | None) -> tuple[dict, dict]:
+    """(the numpy merge of the base weights with the LoRA at SCALE, the variant's recipe), as Pipeline.set_loras
+    computes them (ldm_deploy.lora.merge over lora_base.safetensors)."""
+    spec = Artifact.open(art).component(component).variant("ort-cuda")
+    base = lora_switch.load_base(Artifact.open(art), spec)
+    shapes = {n: w.shape for n, w in base.items()}
+    if lora_path is None:
+        return base, spec.lora_weights["fused"]
+    lora = load_lora(lora_path, {component: shapes})
+    return merge(base, [(lora, SCALE)], component, shapes), spec.lora_weights["fused"]
+
+
+def test_manifest_records_the_recipe(setup):
+    """Every switchable weight feeds the fused graph (none was folded away) and the variant's inputs are the
+    plain graph's, the weights listed under lora_weights.fused with the transforms the fusions made."""
+    arts, *_ = setup
+    art = Artifact.open(arts["switch"], verify=True)
+    for component in COMPONENTS:
+        plain, variant = art.component(component), art.component(component).variant("ort-cuda")
+        fused = variant.lora_weights["fused"]
+        assert {e["weight"] for e in fused.values()} == set(plain.lora_weights["inputs"])
+        assert not set(variant.input_names) & (set(fused) | set(plain.lora_weights["inputs"]))
+        graph_inputs = {i.name for i in _fused(arts["switch"], component).graph.input}
+        assert graph_inputs == set(variant.input_names) | set(fused)
+        perms = Counter(tuple(e["perm"]) for e in fused.values())
+        assert perms[(1, 0)] > 0, "Linear weights enter MatMul transposed (W^T)"
+        if component == "unet":
+            assert perms[(0, 2, 3, 1)] == variant.fused_ops["NhwcConv"], "NhwcConv kernels are OHWI"
+        plain_fused = Artifact.open(arts[None]).component(component).variant("ort-cuda")
+        assert variant.fused_ops == plain_fused.fused_ops, "the same fusions as a plain export"
+
+
+@pytest.mark.parametrize("lora", [None, *LORAS])
+def test_fed_weights_are_the_merged_exports_constants(setup, lora):
+    """Fed with the LoRA switched on (numpy merge, then the recipe), the switchable variant's weight inputs and
+    its remaining constants are, as a multiset of tensors, exactly the constants of the plain export's fused
+    graph with the LoRA merged at export (torch adds the same float32 deltas to the same float32 base)."""
+    arts, files, *_ = setup
+    for component in COMPONENTS:
+        weights, recipe = _merged_weights(arts["switch"], component,
+                                          files[lora] if lora and LORAS[lora] == component else None)
+        fed = lora_switch.WeightFeeds(recipe)(weights)
+        assert set(fed) == set(recipe)
+        model = _fused(arts["switch"], component)
+        ours = Counter(_digest(numpy_helper.to_array(t)) for t in ort_lora.constants(model.graph).values())
+        ours.update(_digest(a) for a in fed.values())
+        want = Counter(_digest(numpy_helper.to_array(t))
+                       for t in ort_lora.constants(_fused(arts[lora], component).graph).values())
+        assert ours == want, f"{component} with {lora}: {sum((ours - want).values())} tensors differ"
+        merged_ops = Counter(n.op_type for n in _fused(arts[lora], component).graph.node)
+        assert Counter(n.op_type for n in model.graph.node) == merged_ops
+
+
+def _standin_file(src: Path, dst: Path) -> Path:
+    from tests.export.test_ort_fp16_norm import cpu_stand_ins
+
+    onnx.save(cpu_stand_ins(onnx.load(str(src))), str(dst))
+    return dst
+
+
+def test_switch_on_cpu_equals_the_merged_graphs(setup):
+    """The fused fp32 U-Net (contrib ops stood in for, the same way for every graph) run by OrtRunner from the
+    variant's manifest entry: base, then A, B, none through lora_switch.apply, each against the plain fused
+    graph with that LoRA merged at export."""
+    from ldm_deploy.runtime.runners.ort import OrtRunner, SessionFromArtifact
+    from tests.export.test_ort_fp16_norm import run_cpu, unet_feeds
+
+    arts, files, _, root = setup
+    entry = json.loads((arts["switch"] / "manifest.json").read_text())["components"]["unet"]["variants"]["ort-cuda"]
+    standin = _standin_file(arts["switch"] / "unet" / "model.ort-cuda.onnx", root / "switch-unet.standin.onnx")
+    runner = OrtRunner(SessionFromArtifact(arts["switch"], "unet", graph=("ort-cuda", standin, entry))())
+    assert runner.weight_feeds.recipe and set(runner.base_weights) == set(entry["lora_weights"]["inputs"])
+    feeds = unet_feeds(_fused(arts[None], "unet"), 0)
+    base = runner(feeds)["noise_pred"]
+    seen = {}
+    for name in (None, "peft", "kohya", None):
+        lora_switch.apply({"unet": runner}, [(files[name], SCALE)] if name else [])
+        got = runner(feeds)["noise_pred"]
+        want = run_cpu(onnx.load(str(_standin_file(arts[name] / "unet" / "model.ort-cuda.onnx",
+                                                   root / f"merged-{name}.standin.onnx"))), feeds)["noise_pred"]
+        # the same float32 graph with the same values, once as inputs and once as initializers: ORT CPU picks
+        # other kernels for constant weights (prepacked GEMM / conv), so the sums round differently (measured:
+        # 8.7e-6 max abs, not bit-equal); bound: float32 dot products of K <= 1152 terms, K * 2^-24 ~ 7e-5
+        # relative to the output's scale, taken as 1e-4 of max|want|
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()), err_msg=str(name))
+        seen[name] = got
+    assert np.array_equal(seen[None], base), "back to none: the base output bit for bit"
+    assert not np.allclose(seen["peft"], base) and not np.allclose(seen["kohya"], seen["peft"])
+
+
+def test_add_variants_to_a_switchable_artifact(setup):
+    """add_ort_cuda_variants on a switchable fp32 artifact exported without --ort-cuda writes the variant with
+    every weight an input, and the same fusions as the same call on the plain export (both fuse the cleaned
+    graph, not the traced one the export fuses)."""
+    import shutil
+
+    from ldm_deploy.export.exporter import export_model
+    from ldm_deploy.export.ort_optimize import add_ort_cuda_variants
+
+    arts, _, folder, root = setup
+    art = export_model(folder, root / "switch-late", _config(lora_switchable="all")).path
+    stats = add_ort_cuda_variants(art, ["unet"])
+    made = Artifact.open(art, verify=True).component("unet")
+    fused = made.variant("ort-cuda").lora_weights["fused"]
+    assert fused == stats["unet"]["lora_fused"]
+    assert {e["weight"] for e in fused.values()} == set(made.lora_weights["inputs"])
+    plain = shutil.copytree(arts[None], root / "plain-late")
+    add_ort_cuda_variants(plain, ["unet"])
+    assert made.variant("ort-cuda").fused_ops == Artifact.open(plain).component("unet").variant("ort-cuda").fused_ops
+
+
+# --- the checks, on synthetic graphs -------------------------------------------------------------------------
+
+def _graph(constants: dict) -> onnx.ModelProto:
+    """Y = sum of MatMul(X, c) over the named constants (all 4x4)."""
+    nodes, outs = [], []
+    for name in constants:
+        nodes.append(helper.make_node("MatMul", ["X", name], [f"{name}_y"]))
+        outs.append(f"{name}_y")
+    nodes.append(helper.make_node("Sum", outs, ["Y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [4, 4])],
+                              [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in constants.items()])
+    return helper.make_model(graph)
+
+
+def test_a_weight_folded_with_arithmetic_fails_the_export():
+    """A constant that changes with the weights but is no permutation of one (here 2 W, as a fold of a scale
+    into a weight would be) cannot be fed from a switched weight: `check` refuses it in one line."""
+    w = {"a.weight": np.arange(16, dtype=np.float32).reshape(4, 4) / 7, "b.weight": np.ones((4, 4), np.float32)}
+    probe = ort_lora.probe_weights(w)
+    recipe, reference = ort_lora.derive(_graph({"wt": probe["a.weight"].T, "folded": 2 * probe["b.weight"]}), probe)
+    assert recipe == {"wt": {"weight": "a.weight", "perm": [1, 0], "shape": [4, 4], "dtype": "float32"}}
+    assert set(reference) == {"folded"}
+    real = _graph({"wt": w["a.weight"].T, "folded": 2 * w["b.weight"]})
+    with pytest.raises(LdmError, match="folds a switchable weight into 'folded'") as e:
+        ort_lora.check(real, recipe, reference, w, "unet")
+    assert "\n" not in str(e.value)
+    good = _graph({"wt": w["a.weight"].T, "folded": 2 * probe["b.weight"]})   # unchanged: independent of b
+    ort_lora.check(good, recipe, reference, w, "unet")
+    fused = ort_lora.expose(good, recipe)
+    assert fused == {"a.weight.T": recipe["wt"]} and "a.weight.T" in {i.name for i in good.graph.input}
+    assert ort_lora.unused(fused, w) == ["b.weight"]
+
+
+def test_to_float16_is_ort_converters_cast():
+    """The runtime's cast (no onnxruntime.transformers import) equals ORT's float16 converter bit for bit, at its
+    clamps (tiny magnitudes, past 65504, inf, nan) and on random values."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.array([0, -0.0, 1e-9, -1e-9, 5.9e-8, 5.96e-8, 6e-8, -3e-8, 7e4, -7e4, 65504, 65520,
+                                  np.inf, -np.inf, np.nan], np.float32),
+                        (rng.standard_normal(10000) * 1e-7).astype(np.float32),
+                        (rng.standard_normal(10000) * 1e4).astype(np.float32)])
+    want = convert_np_to_float16(x.copy())
+    got = lora_switch.to_float16(x)
+    assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16), want.view(np.uint16))
