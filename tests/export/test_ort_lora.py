@@ -22,6 +22,7 @@ from ldm_deploy.errors import LdmError
 from ldm_deploy.export import ort_lora
 from ldm_deploy.lora import load_lora, merge
 from ldm_deploy.runtime import lora_switch
+from tests.runtime.test_ort_cuda_runner import cpu_bound  # noqa: F401 (fixture)
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -154,6 +155,38 @@ def test_switch_on_cpu_equals_the_merged_graphs(setup):
         seen[name] = got
     assert np.array_equal(seen[None], base), "back to none: the base output bit for bit"
     assert not np.allclose(seen["peft"], base) and not np.allclose(seen["kohya"], seen["peft"])
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_bound_runner_rewrites_the_fused_inputs_in_place(setup, cpu_bound, cuda_graph):
+    """OrtBoundRunner (the ort-cuda runner; here on CPU OrtValues and the CPU provider) over the stood-in fused
+    U-Net: its device buffers are the fused inputs, a switch rewrites them in place (same addresses, never
+    rebound), and each output equals the host-feeding OrtRunner's on the same graph bit for bit."""
+    from ldm_deploy.runtime.runners.ort import OrtBoundRunner, OrtRunner, SessionFromArtifact
+    from tests.export.test_ort_fp16_norm import unet_feeds
+
+    arts, files, _, root = setup
+    entry = json.loads((arts["switch"] / "manifest.json").read_text())["components"]["unet"]["variants"]["ort-cuda"]
+    standin = _standin_file(arts["switch"] / "unet" / "model.ort-cuda.onnx", root / "switch-unet.standin.onnx")
+    graph = ("ort-cuda", standin, entry)
+    bound = OrtBoundRunner(SessionFromArtifact(arts["switch"], "unet", provider="cuda", graph=graph,
+                                               enable_cuda_graph=cuda_graph)())
+    host = OrtRunner(SessionFromArtifact(arts["switch"], "unet", graph=graph)())
+    feeds = unet_feeds(_fused(arts[None], "unet"), 1)
+    base = bound(feeds)["noise_pred"]
+    fused = entry["lora_weights"]["fused"]
+    assert set(bound._weights_dev) == set(fused), "the bound buffers are the fused graph's weight inputs"
+    ptrs = {n: v.data_ptr() for n, v in bound._weights_dev.items()}
+    for name in ("peft", "kohya", None):
+        loras = [(files[name], SCALE)] if name else []
+        info = lora_switch.apply({"unet": bound}, loras)
+        lora_switch.apply({"unet": host}, loras)
+        got = bound(feeds)["noise_pred"]
+        np.testing.assert_array_equal(got, host(feeds)["noise_pred"], err_msg=str(name))
+        assert name is None or not np.array_equal(got, base)
+        assert info["changed"]["unet"] > 0
+    assert np.array_equal(got, base), "back to none: the base output bit for bit"
+    assert {n: v.data_ptr() for n, v in bound._weights_dev.items()} == ptrs, "rewritten in place, never rebound"
 
 
 def test_add_variants_to_a_switchable_artifact(setup):
