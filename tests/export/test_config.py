@@ -81,3 +81,18 @@ def test_cfg_fold_key_only_shapes_the_ort_cuda_variant():
     args = build_parser().parse_args(["export", "m", "--out", "o", "--ort-cuda", "--no-cfg-fold"])
     assert args.ort_cuda is True and args.ort_cuda_fold_cfg is False
     assert build_parser().parse_args(["export", "m", "--out", "o"]).ort_cuda_fold_cfg is None
+
+
+def test_lora_switchable_combines_with_ort_cuda():
+    """`--lora-switchable [all] --ort-cuda` is a valid export (the fused variant takes the weights as inputs:
+    export/ort_lora.py, tests/export/test_ort_lora.py); the switchable weights still need the torchscript
+    exporter, refused in one line otherwise."""
+    from ldm_deploy.cli import build_parser
+
+    args = build_parser().parse_args(["export", "m", "--out", "o", "--lora-switchable", "all", "--ort-cuda"])
+    config = load_config("tiny").replace(lora_switchable=args.lora_switchable, ort_cuda=args.ort_cuda)
+    assert config.lora_switchable == "all" and config.ort_cuda
+    assert ExportConfig(lora_switchable="linear", ort_cuda=True).key() != ExportConfig(ort_cuda=True).key()
+    with pytest.raises(UsageError, match="lora_switchable needs the torchscript exporter") as e:
+        ExportConfig(lora_switchable="linear", ort_cuda=True, exporter="dynamo", opset=18)
+    assert "\n" not in str(e.value)
