@@ -3,6 +3,8 @@
     python scripts/lora_switch_cost.py                                    # demo model, ort-cpu
     python scripts/lora_switch_cost.py --kind sd15 --backend ort-cuda --precision fp16 \\
         --out benchmarks/results/lora-switch-sd15-gpu.json                # SD 1.5-size random weights, GPU
+    python scripts/lora_switch_cost.py --kind sd15 --backend ort-cuda --precision fp16 --ort-cuda \\
+        --out benchmarks/results/lora/lora-switch-h100-sd15-ortcuda-fused-fp16.json   # the fused variants
 
 Exports the model twice (plain, and with `lora_switchable`: text encoder + U-Net + VAE decoder, static
 native size, batch 1), writes two random rank-`--rank` LoRAs in the diffusers/peft layout over every
@@ -77,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
     ap.add_argument("--cuda-graph", action="store_true", help="ort-cuda: capture the U-Net as a CUDA graph")
     ap.add_argument("--switchable", default="linear", choices=("linear", "all"), help="lora_switchable mode")
+    ap.add_argument("--ort-cuda", action="store_true",
+                    help="export both artifacts with --ort-cuda: ort-cuda then runs the fused variants (the switchable "
+                         "one with its weights as inputs, export/ort_lora.py) against the plain fused ones")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
@@ -99,11 +104,13 @@ def main(argv=None) -> int:
             model, _ = random_model_folder(args.kind, args.work / f"{args.kind}-model")
     config = default_config(model).replace(components=("text_encoder", "unet", "vae_decoder"),
                                            precision=args.precision, measure_runtime=False)
-    config = config.replace(batch=type(config.batch)(1, 1, 1))
+    config = config.replace(batch=type(config.batch)(1, 1, 1), ort_cuda=args.ort_cuda)
+    fused = "-ortcuda" if args.ort_cuda else ""
     t0 = time.perf_counter()
-    plain = export_model(model, args.work / f"plain-{args.precision}", config).path
+    plain = export_model(model, args.work / f"plain-{args.precision}{fused}", config).path
     t1 = time.perf_counter()
-    switch = export_model(model, args.work / f"switch-{args.switchable}-{args.precision}", config.replace(lora_switchable=args.switchable)).path
+    switch = export_model(model, args.work / f"switch-{args.switchable}-{args.precision}{fused}",
+                          config.replace(lora_switchable=args.switchable)).path
     t2 = time.perf_counter()
 
     import psutil
@@ -154,6 +161,8 @@ def main(argv=None) -> int:
     result = {
         "machine": machine_info(),
         "model": str(model), "switchable": args.switchable, "backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph,
+        "ort_cuda": args.ort_cuda, "unet_graph": {"plain": plain_pipe.runners["unet"].model_path.name,
+                                                   "switchable": pipe.runners["unet"].model_path.name},
         "export_seconds": {"plain": round(t1 - t0, 1), "switchable": round(t2 - t1, 1)},
         "switchable_tensors": {c: len(r.base_weights) for c, r in runners.items()},
         "loras": lora_info, "rank": args.rank,
