@@ -151,7 +151,11 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns;
         # lora_switchable: with the weights' fused forms as inputs (export/ort_lora.py)
         dst, shapes = root / component / ort_optimize.FILE_NAME, ort_optimize.declared_outputs(final)
-        weights = {n: w.numpy() for n, w in spec.weight_inputs.items()} or None
+        # the base values as lora_base.safetensors stores them (the final graph's dtype: an fp16 export's are
+        # rounded to fp16), so the variant's constants are what the runtime feeds for them bit for bit
+        dtypes = {i["name"]: i["dtype"] for i in mf.graph_io(final)[0]}
+        weights = {n: w.numpy().astype(dtypes.get(n, "float32")).astype(np.float32)
+                   for n, w in spec.weight_inputs.items()} or None
         fused = ort_optimize.optimize_for_ort_cuda(raw, dst, component, float16=precision == "fp16",
                                                    fold_guidance=config.ort_cuda_fold_cfg, output_shapes=shapes,
                                                    switchable=weights)
