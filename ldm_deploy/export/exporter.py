@@ -146,19 +146,9 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     trim_heap()
     onnx_io.check_model(final)
     log.debug("%s: checked by the ONNX checker", component)
-    fused = None
-    if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS:
-        # fused from the traced fp32 graph, before onnxslim: ORT's matchers expect the exporter's patterns;
-        # lora_switchable: with the weights' fused forms as inputs (export/ort_lora.py)
-        dst, shapes = root / component / ort_optimize.FILE_NAME, ort_optimize.declared_outputs(final)
-        # the base values as lora_base.safetensors stores them (the final graph's dtype: an fp16 export's are
-        # rounded to fp16), so the variant's constants are what the runtime feeds for them bit for bit
-        dtypes = {i["name"]: i["dtype"] for i in mf.graph_io(final)[0]}
-        weights = {n: w.numpy().astype(dtypes.get(n, "float32")).astype(np.float32)
-                   for n, w in spec.weight_inputs.items()} or None
-        fused = ort_optimize.optimize_for_ort_cuda(raw, dst, component, float16=precision == "fp16",
-                                                   fold_guidance=config.ort_cuda_fold_cfg, output_shapes=shapes,
-                                                   switchable=weights)
+    dst = root / component / ort_optimize.FILE_NAME
+    fused = (_ort_cuda_variant(component, spec, config, raw, final, dst)
+             if config.ort_cuda and component in ort_optimize.DEFAULT_COMPONENTS else None)
 
     stats: dict = {"exporter": config.exporter, "opset": config.opset, "export_seconds": round(export_s, 2),
                    "cleanup": clean}
@@ -192,6 +182,20 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         entry["fp32_file"] = fp32.relative_to(root).as_posix()
     log.info("%s: %s, %d -> %d nodes", component, precision, clean["nodes_before"], clean["nodes_after"])
     return entry
+
+
+def _ort_cuda_variant(component: str, spec, config: ExportConfig, raw: Path, final: Path, dst: Path) -> dict:
+    """The ORT CUDA fused graph at `dst` (its statistics), fused from the traced fp32 graph `raw`, before onnxslim:
+    ORT's matchers expect the exporter's patterns. lora_switchable: with the weights' fused forms as inputs
+    (export/ort_lora.py), built from the base values as lora_base.safetensors stores them (the final graph's
+    dtype: an fp16 export's rounded to fp16), so with no LoRA the runtime feeds the variant's constants bit for bit."""
+    dtypes = {i["name"]: i["dtype"] for i in mf.graph_io(final)[0]}
+    weights = {n: w.numpy().astype(dtypes.get(n, "float32")).astype(np.float32)
+               for n, w in spec.weight_inputs.items()} or None
+    return ort_optimize.optimize_for_ort_cuda(raw, dst, component,
+                                              float16=config.component_precision(component) == "fp16",
+                                              fold_guidance=config.ort_cuda_fold_cfg,
+                                              output_shapes=ort_optimize.declared_outputs(final), switchable=weights)
 
 
 def _trace(component: str, source, config: ExportConfig, raw: Path, release: bool):

@@ -315,6 +315,45 @@ def declared_outputs(path: Path) -> dict:
     return {o["name"]: o["shape"] for o in mf.graph_io(path)[1]}
 
 
+def _fuse(src: Path, component: str, *, float16: bool, nhwc_conv: bool, output_shapes: dict | None,
+          fold_guidance: bool, weights: Mapping | None = None):
+    """One fusion of the graph at `src` (with `weights` as initializers: a lora_switchable graph's, see
+    export/ort_lora.py): (optimizer model, op counts before, attention blocks fused, declined fusions, fp16
+    repair statistics, whether CFG was folded)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    def load():   # the optimizer rewrites its input: a retry reads the file again (no in-memory copy)
+        model = onnx.load(str(src), load_external_data=True)
+        if weights is not None:   # switchable weights back as initializers (export/ort_lora.py)
+            ort_lora.weights_as_initializers(model, weights)
+        counts = op_counts(model)
+        # our attention traces to a pattern ORT's U-Net matcher does not know: fuse it ourselves first
+        return model, counts, fuse_attention(model) if component in ATTENTION_COMPONENTS else 0
+
+    model, before, attention = load()
+    declined: dict[str, str] = {}
+    while True:   # fuse; when a fused op has sizes the CUDA kernels refuse, fuse again without it
+        with _quickgelu_guard():
+            m = optimize_model(model, model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
+                               opt_level=0, use_gpu=True,
+                               optimization_options=fusion_options(component, float16, declined,
+                                                                   nhwc_conv=nhwc_conv))
+        refused = {op: why for op, why in unsupported_fusions(m.model).items() if op not in declined}
+        if not refused:
+            break
+        for op, why in refused.items():
+            log.info("ort-cuda %s: %s fusion declined: %s", component, op, why)
+        declined.update(refused)
+        del m
+        model, before, attention = load()
+    repaired = _to_float16(m, component) if float16 else {}
+    restore_output_shapes(m.model.graph, output_shapes or {})
+    folded = component == "unet" and fold_guidance
+    if folded:
+        fold_cfg(m.model)
+    return m, before, attention, declined, repaired, folded
+
+
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
                           fold_guidance: bool = True, nhwc_conv: bool = True,
                           output_shapes: dict | None = None, switchable: Mapping | None = None) -> dict:
@@ -331,7 +370,7 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
     try:
-        from onnxruntime.transformers.optimizer import optimize_model
+        from onnxruntime.transformers.optimizer import optimize_model  # noqa: F401  (_fuse uses it)
     except ImportError as e:  # pragma: no cover - onnxruntime always ships it
         raise LdmError(f"onnxruntime's transformer optimizer is unavailable: {e}",
                        hint="pip install 'onnxruntime>=1.18'") from None
@@ -343,37 +382,9 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
 
-    def load(weights=None):   # the optimizer rewrites its input: a retry reads the file again (no in-memory copy)
-        model = onnx.load(str(src), load_external_data=True)
-        if weights is not None:   # switchable weights back as initializers (export/ort_lora.py)
-            ort_lora.weights_as_initializers(model, weights)
-        counts = op_counts(model)
-        # our attention traces to a pattern ORT's U-Net matcher does not know: fuse it ourselves first
-        return model, counts, fuse_attention(model) if component in ATTENTION_COMPONENTS else 0
-
     def fuse(weights=None):
-        model, before, attention = load(weights)
-        declined: dict[str, str] = {}
-        while True:   # fuse; when a fused op has sizes the CUDA kernels refuse, fuse again without it
-            with _quickgelu_guard():
-                m = optimize_model(model, model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
-                                   opt_level=0, use_gpu=True,
-                                   optimization_options=fusion_options(component, float16, declined,
-                                                                       nhwc_conv=nhwc_conv))
-            refused = {op: why for op, why in unsupported_fusions(m.model).items() if op not in declined}
-            if not refused:
-                break
-            for op, why in refused.items():
-                log.info("ort-cuda %s: %s fusion declined: %s", component, op, why)
-            declined.update(refused)
-            del m
-            model, before, attention = load(weights)
-        repaired = _to_float16(m, component) if float16 else {}
-        restore_output_shapes(m.model.graph, output_shapes or {})
-        folded = component == "unet" and fold_guidance
-        if folded:
-            fold_cfg(m.model)
-        return m, before, attention, declined, repaired, folded
+        return _fuse(src, component, float16=float16, nhwc_conv=nhwc_conv,
+                     output_shapes=output_shapes, fold_guidance=fold_guidance, weights=weights)
 
     lora = {}
     try:

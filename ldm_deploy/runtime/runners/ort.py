@@ -433,8 +433,8 @@ class OrtBoundRunner(OrtRunner):
 
     def _bind_weights(self, names) -> None:
         """Upload the switchable weights `names` (their graph inputs: a fused variant's derived tensors) into their
-        device buffers: allocated once and bound in every slot, then rewritten in place, so the bindings and the captured CUDA graphs (which hold the addresses)
-        stay valid and every graph reads the new weights."""
+        device buffers: allocated once and bound in every slot, then rewritten in place, so the bindings and the
+        captured CUDA graphs (which hold the addresses) stay valid and every graph reads the new weights."""
         slots = (self._spare, *self._slots.values())
         # the weights' graph inputs (a fused variant's: made here and dropped once uploaded)
         for name, array in self.weight_feeds(self.weights, names).items():
