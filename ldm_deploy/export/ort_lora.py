@@ -191,6 +191,9 @@ def expose(model: onnx.ModelProto, recipe: Mapping) -> dict:
     nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in taken)]
     del graph.node[:]
     graph.node.extend(nodes)
+    infos = [v for v in graph.value_info if v.name not in taken]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
     for node in graph.node:
         for i, x in enumerate(node.input):
             if x in names:

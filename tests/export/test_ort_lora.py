@@ -103,7 +103,9 @@ def test_manifest_records_the_recipe(setup):
         fused = variant.lora_weights["fused"]
         assert {e["weight"] for e in fused.values()} == set(plain.lora_weights["inputs"])
         assert not set(variant.input_names) & (set(fused) | set(plain.lora_weights["inputs"]))
-        graph_inputs = {i.name for i in _fused(arts["switch"], component).graph.input}
+        model = _fused(arts["switch"], component)
+        onnx.checker.check_model(model, full_check=True)
+        graph_inputs = {i.name for i in model.graph.input}
         assert graph_inputs == set(variant.input_names) | set(fused)
         perms = Counter(tuple(e["perm"]) for e in fused.values())
         assert perms[(1, 0)] > 0, "Linear weights enter MatMul transposed (W^T)"
