@@ -185,6 +185,7 @@ def expose(model: onnx.ModelProto, recipe: Mapping) -> dict:
         names[cname] = name
         fused[name] = dict(entry)
     taken = set(names)
+    _check_nhwc_kernels(graph, taken)
     inits = [t for t in graph.initializer if t.name not in taken]
     del graph.initializer[:]
     graph.initializer.extend(inits)
@@ -206,6 +207,19 @@ def expose(model: onnx.ModelProto, recipe: Mapping) -> dict:
         entry = fused[name]
         graph.input.append(onnx.helper.make_tensor_value_info(name, elem[entry["dtype"]], entry["shape"]))
     return fused
+
+
+def _check_nhwc_kernels(graph: onnx.GraphProto, exposed: set) -> None:
+    """ONNX Runtime's CUDA NhwcConv (core/providers/cuda/nn/conv.cc, `Conv<T, NHWC=true>`) reads its kernel as
+    OHWI only once PrePack has run on one of its constant inputs (`W_already_nhwc`); with the kernel a graph input,
+    the constant bias is that input. A kernel input without a constant bias would be read as OIHW: refuse it."""
+    consts = set(constants(graph))
+    for node in graph.node:
+        if node.op_type == "NhwcConv" and len(node.input) > 1 and node.input[1] in exposed:
+            if len(node.input) < 3 or node.input[2] not in consts:
+                raise LdmError(f"the fused graph's NhwcConv {node.name!r} has no constant bias: ONNX Runtime's CUDA "
+                               "kernel would read its switchable kernel in the wrong layout",
+                               hint="export without --ort-cuda (the plain switchable graph runs on ort-cuda)")
 
 
 def unused(fused: Mapping, weights: Mapping) -> list[str]:

@@ -313,3 +313,25 @@ def test_to_float16_is_ort_converters_cast():
     want = convert_np_to_float16(x.copy())
     got = lora_switch.to_float16(x)
     assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_nhwc_kernel_input_needs_a_constant_bias():
+    """ORT's CUDA NhwcConv reads a non-constant kernel as OHWI only when PrePack ran on its constant bias
+    (ort_lora._check_nhwc_kernels): a bias-less NhwcConv whose kernel would become an input is refused."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 2)).astype(np.float32)   # OHWI
+    recipe = {"k": {"weight": "conv.weight", "perm": [0, 2, 3, 1], "shape": [4, 3, 3, 2], "dtype": "float32"}}
+
+    def graph(bias: bool) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(w, "k")] + ([numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+                                                      if bias else [])
+        node = helper.make_node("NhwcConv", ["X", "k", *(["b"] if bias else [])], ["Y"], domain="com.microsoft",
+                                pads=[1, 1, 1, 1])
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 5, 5, 2])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 5, 5, 4])], inits)
+        return helper.make_model(g)
+
+    with pytest.raises(LdmError, match="NhwcConv .* no constant bias"):
+        ort_lora.expose(graph(False), recipe)
+    with_bias = graph(True)
+    assert ort_lora.expose(with_bias, recipe) == {"conv.weight.nhwc": recipe["k"]}
+    assert [n.input[1] for n in with_bias.graph.node] == ["conv.weight.nhwc"]
