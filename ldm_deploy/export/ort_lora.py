@@ -6,22 +6,24 @@ its weights put back as initializers (the base values), and then the fused graph
 are made graph inputs again:
 
 1. `weights_as_initializers`: the weight inputs become initializers, and a Transpose of one is folded into an
-   initializer (`<weight>.T`), as the exporter's constant folding does on a plain export: the optimizer then sees
-   the plain export's MatMul(x, W^T) and fuses exactly as there (and the run does no per-step transpose).
+   initializer (named after the Transpose's output), as the exporter's constant folding does on a plain export:
+   the optimizer then sees the plain export's MatMul(x, W^T) and fuses exactly as there (and the fused graph does
+   no per-step transpose).
 2. A probe build: the same fusion with random weights (`probe_weights`). Every constant of the probe's fused graph
    that equals one probe weight under an axis permutation (+ reshape), cast as ORT's float16 converter casts, is
    one of theirs (random values: no other tensor can match), giving a recipe {fused constant: weight, perm,
    shape, dtype}; every other constant is kept as a digest.
-3. The real build (base weights): same graph structure and names as the probe's; every recipe constant must equal
-   the recipe applied to its base weight bit for bit, and every other constant must equal the probe's (so it
-   depends on no switchable weight). A constant that differs and matches no recipe (a weight folded into another
-   constant) fails the export with one line: nothing is baked in silently.
+3. `check`, on the real build (base weights): the same constant names as the probe's; every recipe constant
+   equal to the recipe applied to its base weight bit for bit, every other one equal to the probe build's of that
+   name (so it depends on no switchable weight). A constant that differs and matches no recipe (a weight folded
+   into another constant) fails the export with one line: nothing is baked in silently.
 4. `expose`: the recipe constants become graph inputs named after their weight (`<weight>` when unchanged,
-   `<weight>.T` / `<weight>.nhwc` / `<weight>.p0231` otherwise).
+   `<weight>.T` / `<weight>.nhwc` / `<weight>.p0231` otherwise); an NhwcConv kernel input needs a constant bias
+   (`_check_nhwc_kernels`).
 
 The variant's manifest entry keeps the component's `lora_weights` and adds `fused`: {input: {weight, perm, shape,
 dtype}}; the runtime (runtime/lora_switch.py, `fused_tensor`) computes each input from the merged weight. What the
-optimizers do on SD's graphs (tiny presets, onnxruntime 1.32): NhwcConv kernels (1x1 proj_in/out and conv
+optimizers do on SD's graphs (tiny presets, an SD 1.5-width slice, tiny SDXL; onnxruntime 1.32): NhwcConv kernels (1x1 proj_in/out and conv
 shortcuts; 3x3 with `all`) perm (0, 2, 3, 1); the U-Net's Linear weights our Transpose fold (1, 0); CLIP's Linear
 weights (1, 0) by its optimizer's own fold; Gemm (time embedding) and Gather (token / position embeddings) as is.
 Costs a second fusion of the component at export (the probe).
