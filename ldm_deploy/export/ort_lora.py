@@ -166,8 +166,8 @@ def check(model: onnx.ModelProto, recipe: Mapping, reference: Mapping, weights: 
         if _digest(numpy_helper.to_array(have[cname])) != digest:
             raise LdmError(f"the fused {component} graph folds a switchable weight into {cname!r} (with other "
                            "weight values it changes, but it is no weight's permutation): it cannot be switched",
-                           hint="export without --ort-cuda (the plain switchable graph runs on ort-cuda), or with "
-                                "lora_switchable: linear if the weight is a 3x3 kernel")
+                           hint="export without --ort-cuda (the plain switchable graph runs on ort-cuda) and "
+                                "report this")
 
 
 def expose(model: onnx.ModelProto, recipe: Mapping) -> dict:

@@ -15,6 +15,10 @@ the penultimate hidden state and the pooled projection stay outputs, with the pl
 (CFG folded, `text_embeds` / `time_ids` taking the 2B rows as the plain graph does; `time_ids` float32 with
 an fp32 sinusoid path, as `timestep`) and the VAE decoder (fp32, as SDXL's VAE is exported).
 
+A lora_switchable component's variant takes its switchable weights as inputs in the form the fusions put them
+in (a Linear's W^T, an NhwcConv kernel OHWI): export/ort_lora.py finds and checks how each derives from its weight,
+and the variant's `lora_weights["fused"]` records it for the runtime.
+
 The fused graph uses com.microsoft contrib ops with CUDA kernels only: it is not portable (no CPU,
 no TensorRT). The fusion choices follow ONNX Runtime's own SD demo (models/stable_diffusion/
 optimize_pipeline.py): NHWC conv, GroupNorm channels-last,
@@ -35,8 +39,8 @@ import numpy as np
 import onnx
 
 from ldm_deploy.errors import LdmError
-from ldm_deploy.export.attention_fusion import fuse_attention
 from ldm_deploy.export import ort_lora
+from ldm_deploy.export.attention_fusion import fuse_attention
 from ldm_deploy.export.cfg_fold import fold_cfg
 
 log = logging.getLogger(__name__)
@@ -498,6 +502,8 @@ def add_ort_cuda_variants(artifact_dir, components=DEFAULT_COMPONENTS, *, float1
     `float16=None` keeps each component's exported precision (the VAE stays fp32 unless exported fp16);
     True/False forces it. Components without an fp32 graph are skipped with a log line. `fold_guidance`:
     the U-Net variant takes B latents and the guidance scale and returns the guided prediction (cfg_fold.py).
+    A lora_switchable component's variant takes its weights as inputs (export/ort_lora.py), fused from the base
+    values in lora_base.safetensors.
     """
     from ldm_deploy.artifact import Artifact
     from ldm_deploy.export.manifest import editable_manifest, write_manifest
