@@ -37,7 +37,8 @@ LORAS = {"peft": "unet", "kohya": "unet", "te": "text_encoder"}   # file -> the 
 def _config(**kw):
     from ldm_deploy.export.config import load_config
 
-    return load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=HAS_ONNXSLIM, **kw)
+    return load_config("tiny").replace(**{"components": COMPONENTS, "measure_runtime": False,
+                                          "optimize": HAS_ONNXSLIM, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,8 @@ def setup(tmp_path_factory):
     arts = {"switch": export_model(folder, root / "switch", _config(lora_switchable="all", ort_cuda=True)).path}
     for name in (None, *LORAS):
         loras = [f"{files[name]}:{SCALE}"] if name else []
-        arts[name] = export_model(folder, root / f"merged-{name}", _config(ort_cuda=True), loras=loras).path
+        only = {"components": (LORAS[name],)} if name else {}   # a merged LoRA changes only its component
+        arts[name] = export_model(folder, root / f"merged-{name}", _config(ort_cuda=True, **only), loras=loras).path
     return arts, files, folder, root
 
 
@@ -122,17 +124,18 @@ def test_fed_weights_are_the_merged_exports_constants(setup, lora):
     graph with the LoRA merged at export (torch adds the same float32 deltas to the same float32 base)."""
     arts, files, *_ = setup
     for component in COMPONENTS:
-        weights, recipe = _merged_weights(arts["switch"], component,
-                                          files[lora] if lora and LORAS[lora] == component else None)
+        adapted = lora is not None and LORAS[lora] == component
+        merged = arts[lora] if adapted else arts[None]
+        weights, recipe = _merged_weights(arts["switch"], component, files[lora] if adapted else None)
         fed = lora_switch.WeightFeeds(recipe)(weights)
         assert set(fed) == set(recipe)
         model = _fused(arts["switch"], component)
         ours = Counter(_digest(numpy_helper.to_array(t)) for t in ort_lora.constants(model.graph).values())
         ours.update(_digest(a) for a in fed.values())
         want = Counter(_digest(numpy_helper.to_array(t))
-                       for t in ort_lora.constants(_fused(arts[lora], component).graph).values())
+                       for t in ort_lora.constants(_fused(merged, component).graph).values())
         assert ours == want, f"{component} with {lora}: {sum((ours - want).values())} tensors differ"
-        merged_ops = Counter(n.op_type for n in _fused(arts[lora], component).graph.node)
+        merged_ops = Counter(n.op_type for n in _fused(merged, component).graph.node)
         assert Counter(n.op_type for n in model.graph.node) == merged_ops
 
 
