@@ -190,8 +190,8 @@ def _ort_cuda_variant(component: str, spec, config: ExportConfig, raw: Path, fin
     (export/ort_lora.py), built from the base values as lora_base.safetensors stores them (the final graph's
     dtype: an fp16 export's rounded to fp16), so with no LoRA the runtime feeds the variant's constants bit for bit."""
     dtypes = {i["name"]: i["dtype"] for i in mf.graph_io(final)[0]}
-    weights = {n: w.numpy().astype(dtypes.get(n, "float32")).astype(np.float32)
-               for n, w in spec.weight_inputs.items()} or None
+    weights = {n: w.numpy().astype(dtypes.get(n, "float32"), copy=False).astype(np.float32, copy=False)
+               for n, w in spec.weight_inputs.items()} or None   # fp32: the traced tensors themselves, no copy
     return ort_optimize.optimize_for_ort_cuda(raw, dst, component,
                                               float16=config.component_precision(component) == "fp16",
                                               fold_guidance=config.ort_cuda_fold_cfg,

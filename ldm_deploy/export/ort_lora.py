@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Mapping
+import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -81,10 +82,27 @@ def weights_as_initializers(model: onnx.ModelProto, weights: Mapping[str, np.nda
     return sorted(taken)
 
 
-def probe_weights(weights: Mapping[str, np.ndarray], seed: int = PROBE_SEED) -> dict[str, np.ndarray]:
-    """Random float32 weights of the same shapes (N(0, 0.05^2): inside float16's normal range, all distinct)."""
-    rng = np.random.default_rng(seed)
-    return {n: (rng.standard_normal(np.shape(w)) * 0.05).astype(np.float32) for n, w in weights.items()}
+class ProbeWeights(Mapping):
+    """Random float32 weights of the given shapes, N(0, 0.05^2) (inside float16's normal range, all distinct),
+    drawn again on each access from a seed per name: nothing held (the SDXL U-Net's weights are 10 GB in fp32)."""
+
+    def __init__(self, shapes: Mapping[str, tuple], seed: int = PROBE_SEED):
+        self.shapes, self.seed = {n: tuple(s) for n, s in shapes.items()}, seed
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        return (rng.standard_normal(self.shapes[name], dtype=np.float32) * np.float32(0.05))
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def probe_weights(weights: Mapping[str, np.ndarray], seed: int = PROBE_SEED) -> ProbeWeights:
+    """The probe build's weights: random, of `weights`' shapes (ProbeWeights)."""
+    return ProbeWeights({n: np.shape(w) for n, w in weights.items()}, seed)
 
 
 def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -108,12 +126,12 @@ def _moments(array: np.ndarray) -> tuple[float, float]:
     return float(a.sum()), float(np.square(a).sum())
 
 
-def derive(model: onnx.ModelProto, probe: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+def derive(model: onnx.ModelProto, probe: ProbeWeights) -> tuple[dict, dict]:
     """(recipe, reference) from the probe's fused graph: recipe {constant: {weight, perm, shape, dtype}} for each
     constant equal to `fused_tensor` of one probe weight; reference {constant: digest} for all the others."""
     by_size: dict[int, list[str]] = {}
-    for name, w in probe.items():
-        by_size.setdefault(int(np.size(w)), []).append(name)
+    for name, shape in probe.shapes.items():
+        by_size.setdefault(int(np.prod(shape)), []).append(name)
     moments: dict[tuple[str, str], tuple[float, float]] = {}
     recipe, reference = {}, {}
     for cname, tensor in constants(model.graph).items():
@@ -122,12 +140,13 @@ def derive(model: onnx.ModelProto, probe: Mapping[str, np.ndarray]) -> tuple[dic
         candidates = by_size.get(int(array.size), ()) if array.dtype.kind == "f" and array.size > 1 else ()
         got = _moments(array) if candidates else None
         for wname in candidates:
-            w = probe[wname]
             key = (wname, str(array.dtype))
-            if key not in moments:
-                moments[key] = _moments(fused_tensor(w, {"shape": w.shape, "dtype": array.dtype.name}))
+            if key not in moments:   # (each probe weight is drawn again on access: once per dtype here)
+                moments[key] = _moments(fused_tensor(probe[wname], {"shape": probe.shapes[wname],
+                                                                    "dtype": array.dtype.name}))
             if not all(np.isclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(got, moments[key])):
                 continue   # a permutation keeps the sum and the sum of squares (up to float64 rounding)
+            w = probe[wname]
             # the permutations giving the constant's shape first, then those that need a reshape too
             perms = sorted(itertools.permutations(range(w.ndim)),
                            key=lambda p: tuple(w.shape[i] for i in p) != array.shape)
