@@ -170,6 +170,7 @@ class WeightFeeds:
         self.recipe = dict(recipe or {})
         self.inputs_of: dict[str, list[str]] = {}
         for name, entry in self.recipe.items():
+            _check_entry(name, entry)
             self.inputs_of.setdefault(entry["weight"], []).append(name)
 
     def __call__(self, weights: Mapping[str, np.ndarray], names=None) -> dict[str, np.ndarray]:
@@ -178,3 +179,14 @@ class WeightFeeds:
         if not self.recipe:
             return {n: weights[n] for n in names}
         return {f: fused_tensor(weights[n], self.recipe[f]) for n in names for f in self.inputs_of.get(n, ())}
+
+
+def _check_entry(name: str, entry) -> None:
+    """A `lora_weights["fused"]` entry as the exporter writes it, else LdmError (the manifest is not hashed)."""
+    ok = (isinstance(entry, Mapping) and isinstance(entry.get("weight"), str)
+          and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+          and entry.get("dtype") in ("float16", "float32")
+          and isinstance(entry.get("perm"), list) and sorted(entry["perm"]) == list(range(len(entry["perm"]))))
+    if not ok:
+        raise LdmError(f"the manifest's fused weight input {name!r} is malformed ({str(entry)[:120]})",
+                       hint="re-export the artifact; never edit manifest.json by hand")

@@ -338,3 +338,11 @@ def test_nhwc_kernel_input_needs_a_constant_bias():
     with_bias = graph(True)
     assert ort_lora.expose(with_bias, recipe) == {"conv.weight.nhwc": recipe["k"]}
     assert [n.input[1] for n in with_bias.graph.node] == ["conv.weight.nhwc"]
+
+
+@pytest.mark.parametrize("entry", [{"weight": "w", "perm": [0, 0], "shape": [2, 2], "dtype": "float16"},
+                                   {"weight": "w", "perm": [1, 0], "shape": [2, 2], "dtype": "int8"},
+                                   {"perm": [1, 0], "shape": [2, 2], "dtype": "float32"}, "w"])
+def test_malformed_recipe_is_refused(entry):
+    with pytest.raises(LdmError, match="fused weight input 'x' is malformed"):
+        lora_switch.WeightFeeds({"x": entry})

@@ -172,6 +172,12 @@ class SessionFromArtifact:
                            hint="the manifest and the ONNX file disagree; re-export the artifact")
         # lora_switchable artifacts: the weights LoRAs touch are graph inputs (runtime/lora_switch.py)
         loaded.base_weights = lora_switch.load_base(artifact, spec)
+        fused = (spec.lora_weights or {}).get("fused") or {}   # a fused variant's weight inputs
+        bad = sorted(n for n, e in fused.items() if n not in graph_inputs
+                     or (isinstance(e, dict) and e.get("weight") not in loaded.base_weights))
+        if bad:
+            raise LdmError(f"{model_path} and its manifest disagree on the switchable weight input {bad[0]!r}",
+                           hint="re-export the artifact")
         return loaded
 
     def _graph(self, artifact) -> tuple[str | None, Path, dict]:
