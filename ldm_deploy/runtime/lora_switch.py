@@ -175,10 +175,15 @@ class WeightFeeds:
 
     def __call__(self, weights: Mapping[str, np.ndarray], names=None) -> dict[str, np.ndarray]:
         """{graph input: array} for the weights `names` (default: all) of `weights` (name -> merged array)."""
-        names = weights if names is None else names
-        if not self.recipe:
-            return {n: weights[n] for n in names}
-        return {f: fused_tensor(weights[n], self.recipe[f]) for n in names for f in self.inputs_of.get(n, ())}
+        return dict(self.items(weights, names))
+
+    def items(self, weights: Mapping[str, np.ndarray], names=None):
+        """(graph input, array) pairs, made one at a time (the CUDA runner uploads each, then drops it)."""
+        for n in (weights if names is None else names):
+            if not self.recipe:
+                yield n, weights[n]
+            for f in self.inputs_of.get(n, ()):
+                yield f, fused_tensor(weights[n], self.recipe[f])
 
 
 def _check_entry(name: str, entry) -> None:

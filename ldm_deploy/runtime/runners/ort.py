@@ -443,7 +443,7 @@ class OrtBoundRunner(OrtRunner):
         captured CUDA graphs (which hold the addresses) stay valid and every graph reads the new weights."""
         slots = (self._spare, *self._slots.values())
         # the weights' graph inputs (a fused variant's: made here and dropped once uploaded)
-        for name, array in self.weight_feeds(self.weights, names).items():
+        for name, array in self.weight_feeds.items(self.weights, names):
             array = np.ascontiguousarray(array)
             held = self._weights_dev.get(name)
             if held is None:
