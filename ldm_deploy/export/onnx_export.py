@@ -249,8 +249,14 @@ def float_argmax(path: Path, vocab_size: int) -> int:
     graph ("not all nodes partitioned to the CUDAExecutionProvider", H100, 2026-12-06). Token ids (< vocab
     size) and 0/1 masks are integers float64 holds exactly, so the index is the same; float64 rather than
     float32 because the fp16 converters rewrite every float32 Cast to float16, which would round ids above
-    2048. (On ties the CUDA kernel's choice of index is cuDNN's: SDXL's text_encoder_2 pads with "!", so its
-    end-of-text id, the maximum, occurs once.)"""
+    2048.
+
+    Ties: ONNX's ArgMax picks the first maximal index (transformers' `argmax` too; an `== eos` mask, or ids padded
+    with the end-of-text id, the maximum, tie), but which index a CUDA kernel returns on a tie is not specified
+    (cuDNN's reduction). Where the reduced axis is the last and of static length n, the node therefore reduces the
+    key `x * n + r` with r = n-1 .. 0 (0 .. n-1 for ArgMin; reversed with select_last_index): the order of x with
+    ties broken towards the first index, unique, so every kernel returns the same index. Integers up to
+    2^53 / n stay exact in float64."""
     import onnx
 
     if vocab_size > FLOAT_EXACT_INTEGERS:
@@ -260,19 +266,23 @@ def float_argmax(path: Path, vocab_size: int) -> int:
     argmax = [n for n in graph.node if n.op_type in ("ArgMax", "ArgMin")]
     if not argmax:                  # SD 1.x/2.x text encoders (no pooled output): nothing to infer or write
         return 0
-    types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]       # the tracer's value_info has unnamed dims ("unk__0"); data_prop: the
+    # sequence length through the Shape -> Gather -> Reshape of `input_ids.view(-1, input_shape[-1])`
+    inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph.value_info
+    values = {v.name: v for v in [*graph.input, *inferred]}
+    types = {name: v.type.tensor_type.elem_type for name, v in values.items()}
     types.update({o: a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"
                   for o in n.output})
-    if any(n.input[0] not in types for n in argmax):     # not fed by a Cast or an input: ask shape inference
-        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
-        types = {**{v.name: v.type.tensor_type.elem_type for v in inferred}, **types}
     nodes, done = [], 0
     for node in graph.node:
         if node.op_type in ("ArgMax", "ArgMin") and types.get(node.input[0]) in INTEGER_TYPES:
             cast = f"{node.name or node.output[0]}/float_input"
             nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [cast], name=cast,
                                                to=onnx.TensorProto.DOUBLE))
-            node.input[0] = cast
+            dims = values[node.input[0]].type.tensor_type.shape.dim if node.input[0] in values else []
+            node.input[0] = _first_index_key(graph, nodes, node, cast, dims, vocab_size)
             done += 1
         nodes.append(node)
     if done:
@@ -281,6 +291,28 @@ def float_argmax(path: Path, vocab_size: int) -> int:
         onnx.save(model, str(path))
         log.info("%s: %d integer ArgMax/ArgMin fed through a float64 Cast (CUDA kernels)", path.name, done)
     return done
+
+
+def _first_index_key(graph, nodes: list, node, x: str, dims, vocab_size: int) -> str:
+    """`x * n + r` (float64) for an ArgMax / ArgMin over the last axis of static length n (float_argmax); `x`
+    itself where the axis is another or its length is not known."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axis, rank = int(attrs.get("axis", 0)), len(dims)
+    n = dims[-1].dim_value if rank and dims[-1].HasField("dim_value") else 0
+    if not rank or axis not in (-1, rank - 1) or n < 2 or vocab_size * n > FLOAT_EXACT_INTEGERS:
+        return x
+    ramp = np.arange(n, dtype=np.float64)       # ArgMin: the smallest key at the first index of the minimum
+    if (node.op_type == "ArgMax") != bool(attrs.get("select_last_index", 0)):
+        ramp = ramp[::-1].copy()                 # ArgMax: the largest key at the first index of the maximum
+    base = f"{node.name or node.output[0]}/first_index"
+    graph.initializer.extend([numpy_helper.from_array(np.array(float(n)), f"{base}/n"),
+                              numpy_helper.from_array(ramp, f"{base}/ramp")])
+    nodes.append(helper.make_node("Mul", [x, f"{base}/n"], [f"{base}/scaled"], name=f"{base}/scaled"))
+    nodes.append(helper.make_node("Add", [f"{base}/scaled", f"{base}/ramp"], [f"{base}/key"], name=f"{base}/key"))
+    return f"{base}/key"
 
 
 def _name_axes(path: Path, spec: GraphSpec) -> None:

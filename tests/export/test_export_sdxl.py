@@ -52,7 +52,8 @@ def test_sdxl_text_encoders_argmax_is_not_over_integers(base_artifact):
     """transformers' pooled-token `input_ids.to(int).argmax(-1)` reaches the graph as an integer ArgMax, which
     ONNX Runtime's CUDA provider has no kernel for: the node fell back to the CPU and CUDA-graph capture of
     text_encoder_2 was refused on an H100. The exporter feeds it a float64 Cast (onnx_export.float_argmax);
-    float64, not float32, so the fp16 conversion (which rewrites float32 Casts to float16) leaves it exact.
+    float64, not float32, so the fp16 conversion (which rewrites float32 Casts to float16) leaves it exact; the
+    ties are broken before the reduction (x * 77 + ramp, tests/export/test_float_argmax.py).
     The pooled output's values are checked against PyTorch by validate (the test below)."""
     import onnx
 
@@ -63,7 +64,9 @@ def test_sdxl_text_encoders_argmax_is_not_over_integers(base_artifact):
         producers = {o: n for n in model.graph.node for o in n.output}
         for node in model.graph.node:
             if node.op_type in ("ArgMax", "ArgMin"):
-                feeder = producers[node.input[0]]
+                key = producers[node.input[0]]
+                assert key.op_type == "Add" and producers[key.input[0]].op_type == "Mul", (component, key)
+                feeder = producers[producers[key.input[0]].input[0]]
                 assert feeder.op_type == "Cast" and feeder.attribute[0].i == onnx.TensorProto.DOUBLE, (component, feeder)
                 argmax.append(component)
     assert argmax == ["text_encoder_2"]      # the pooled projection's token; text_encoder has no pooled output
