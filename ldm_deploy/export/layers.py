@@ -28,7 +28,7 @@ import numpy as np
 
 from ldm_deploy.export import onnx_io
 
-FP16_MAX = 65504.0          # the largest finite float16
+FP16_MAX = float(np.finfo(np.float16).max)   # 65504, the largest finite float16
 SENTINEL = 1e38             # |x| above this is float32's max used as "infinity" (attention masks)
 
 

@@ -32,7 +32,7 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL
 # ONNX Runtime's float16 converter (onnxruntime/python/tools/transformers/float16.py, convert_np_to_float16) maps
 # nonzero magnitudes below this to it, and finite ones above FP16_MAX_FINITE to that, before casting
 FP16_MIN_POSITIVE = 5.96e-08
-FP16_MAX_FINITE = 65504.0
+FP16_MAX_FINITE = float(np.finfo(np.float16).max)   # 65504
 
 
 def load_base(artifact, spec) -> dict[str, np.ndarray]:
