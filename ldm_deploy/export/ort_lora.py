@@ -18,13 +18,15 @@ are made graph inputs again:
    name (so it depends on no switchable weight). A constant that differs and matches no recipe (a weight folded
    into another constant) fails the export with one line: nothing is baked in silently.
 4. `expose`: the recipe constants become graph inputs named after their weight (`<weight>` when unchanged,
-   `<weight>.T` / `<weight>.nhwc` / `<weight>.p0231` otherwise); an NhwcConv kernel input needs a constant bias
-   (`_check_nhwc_kernels`).
+   `<weight>.T` / `<weight>.p0231` otherwise). ONNX Runtime's CUDA EP runs an NhwcConv only with a constant
+   kernel, so each NhwcConv whose kernel is switchable becomes Transpose -> Conv -> Transpose first, its kernel
+   entering OIHW as stored (`_nchw_convs`).
 
 The variant's manifest entry keeps the component's `lora_weights` and adds `fused`: {input: {weight, perm, shape,
 dtype}}; the runtime (runtime/lora_switch.py, `fused_tensor`) computes each input from the merged weight. What the
-optimizers do on SD's graphs (tiny presets, an SD 1.5-width slice, tiny SDXL; onnxruntime 1.32): NhwcConv kernels (1x1 proj_in/out and conv
-shortcuts; 3x3 with `all`) perm (0, 2, 3, 1); the U-Net's Linear weights our Transpose fold (1, 0); CLIP's Linear
+optimizers do on SD's graphs (tiny presets, an SD 1.5-width slice, tiny SDXL; onnxruntime 1.32): NhwcConv kernels
+(1x1 proj_in/out and conv shortcuts; 3x3 with `all`) perm (0, 2, 3, 1), which the NCHW Conv that replaces each
+takes back to OIHW (perm identity); the U-Net's Linear weights our Transpose fold (1, 0); CLIP's Linear
 weights (1, 0) by its optimizer's own fold; Gemm (time embedding) and Gather (token / position embeddings) as is.
 Costs a second fusion of the component at export (the probe).
 """
@@ -191,8 +193,11 @@ def check(model: onnx.ModelProto, recipe: Mapping, reference: Mapping, weights: 
 
 def expose(model: onnx.ModelProto, recipe: Mapping) -> dict:
     """Make the recipe's constants graph inputs (static shape, their dtype), renamed after their weight;
-    returns the manifest's `fused` map {input name: {weight, perm, shape, dtype}}."""
+    returns the manifest's `fused` map {input name: {weight, perm, shape, dtype}}. An NhwcConv whose kernel is one
+    of them becomes an NCHW Conv first (`_nchw_convs`): ONNX Runtime's CUDA EP runs NhwcConv only on a constant
+    kernel."""
     graph = model.graph
+    recipe = _nchw_convs(graph, recipe)
     names, fused = {}, {}
     for cname in sorted(recipe):
         entry = recipe[cname]
@@ -206,7 +211,6 @@ def expose(model: onnx.ModelProto, recipe: Mapping) -> dict:
         names[cname] = name
         fused[name] = dict(entry)
     taken = set(names)
-    _check_nhwc_kernels(graph, taken)
     inits = [t for t in graph.initializer if t.name not in taken]
     del graph.initializer[:]
     graph.initializer.extend(inits)
@@ -230,17 +234,50 @@ def expose(model: onnx.ModelProto, recipe: Mapping) -> dict:
     return fused
 
 
-def _check_nhwc_kernels(graph: onnx.GraphProto, exposed: set) -> None:
-    """ONNX Runtime's CUDA NhwcConv (core/providers/cuda/nn/conv.cc, `Conv<T, NHWC=true>`) reads its kernel as
-    OHWI only once PrePack has run on one of its constant inputs (`W_already_nhwc`); with the kernel a graph input,
-    the constant bias is that input. A kernel input without a constant bias would be read as OIHW: refuse it."""
-    consts = set(constants(graph))
+_TO_NCHW, _TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+
+
+def _nchw_convs(graph: onnx.GraphProto, recipe: Mapping) -> dict:
+    """Rewrite each NhwcConv whose kernel is a recipe constant as Transpose -> Conv -> Transpose, the Conv reading
+    the kernel OIHW (a recipe entry of its own: the NhwcConv's perm composed with OHWI -> OIHW, so an SD kernel
+    enters as is). ONNX Runtime's CUDA EP places an NhwcConv only when its kernel is an initializer
+    (`NhwcConvNeedFallbackToCPU`: "the Cuda EP requires W as initializer for NHWC operation"); with the kernel a
+    graph input the node has no provider and the session fails to load. The Conv computes the same sum of products,
+    in cuDNN's NCHW path, with two transposes of its activations around it. Returns the recipe the graph now
+    uses (a constant no node reads any more is dropped)."""
+    recipe = {name: dict(entry) for name, entry in recipe.items()}
+    nodes, rewritten = [], False
     for node in graph.node:
-        if node.op_type == "NhwcConv" and len(node.input) > 1 and node.input[1] in exposed:
-            if len(node.input) < 3 or node.input[2] not in consts:
-                raise LdmError(f"the fused graph's NhwcConv {node.name!r} has no constant bias: ONNX Runtime's CUDA "
-                               "kernel would read its switchable kernel in the wrong layout",
-                               hint="export without --ort-cuda (the plain switchable graph runs on ort-cuda)")
+        if not (node.op_type == "NhwcConv" and node.domain == "com.microsoft" and len(node.input) > 1
+                and node.input[1] in recipe):
+            nodes.append(node)
+            continue
+        entry = recipe[node.input[1]]
+        perm, shape = tuple(entry["perm"]), tuple(entry["shape"])
+        if len(perm) != 4 or len(shape) != 4:
+            raise LdmError(f"the fused graph's NhwcConv {node.name!r} reads a {len(shape)}-d kernel from "
+                           f"{entry['weight']} (permuted {list(perm)}): not a 4-d convolution kernel",
+                           hint="export without --ort-cuda (the plain switchable graph runs on ort-cuda) and report this")
+        kernel = f"{node.input[1]}/oihw"
+        recipe[kernel] = {**entry, "perm": [perm[i] for i in _TO_NCHW], "shape": [shape[i] for i in _TO_NCHW]}
+        x, y, tag = node.input[0], node.output[0], node.name or node.output[0]
+        nodes += [onnx.helper.make_node("Transpose", [x], [f"{tag}/x_nchw"], name=f"{tag}/to_nchw", perm=_TO_NCHW),
+                  onnx.helper.make_node("Conv", [f"{tag}/x_nchw", kernel, *node.input[2:]], [f"{tag}/y_nchw"],
+                                        name=f"{tag}/nchw"),
+                  onnx.helper.make_node("Transpose", [f"{tag}/y_nchw"], [y], name=f"{tag}/to_nhwc", perm=_TO_NHWC)]
+        nodes[-2].attribute.extend(node.attribute)   # NhwcConv's attributes are Conv's
+        rewritten = True
+    if not rewritten:
+        return recipe
+    read = {x for n in nodes for x in n.input}
+    dropped = {name for name in recipe if name not in read}   # the OHWI kernels only the NhwcConvs read
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if not (n.op_type == "Constant" and n.output[0] in dropped))
+    for field in (graph.initializer, graph.value_info):
+        kept = [t for t in field if t.name not in dropped]
+        del field[:]
+        field.extend(kept)
+    return {name: entry for name, entry in recipe.items() if name not in dropped}
 
 
 def unused(fused: Mapping, weights: Mapping) -> list[str]:

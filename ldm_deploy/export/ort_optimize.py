@@ -369,7 +369,7 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     the plain graph's manifest shapes) replaces the output dims the optimizer's shape inference renamed.
     `switchable` (weight name -> base values, float32): `src` is a lora_switchable graph taking those weights as
     inputs; the fused graph takes the fused forms of them as inputs (export/ort_lora.py), recorded in the returned
-    statistics' `lora_fused` ({input: {weight, perm, shape, dtype}}) and `lora_unused`.
+    statistics' `lora_fused` ({input: {weight, perm, shape, dtype}}), `lora_unused` and `lora_nchw_convs`.
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
     """
@@ -401,8 +401,11 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
         m, before, attention, declined, repaired, folded = fuse(switchable)
         if switchable:
             ort_lora.check(m.model, recipe, reference, switchable, component)
+            nhwc = op_counts(m.model).get("NhwcConv", 0)
             fused = ort_lora.expose(m.model, recipe)
-            lora = {"lora_fused": fused, "lora_unused": ort_lora.unused(fused, switchable)}
+            lora = {"lora_fused": fused, "lora_unused": ort_lora.unused(fused, switchable),
+                    # NhwcConvs with a switchable kernel, rewritten as NCHW Convs (ORT's CUDA EP needs a constant)
+                    "lora_nchw_convs": nhwc - op_counts(m.model).get("NhwcConv", 0)}
     except LdmError:
         raise
     except Exception as e:  # the optimizer raises assorted exception types from its matchers
@@ -439,8 +442,10 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
         **repaired,
         **lora,
     }
-    log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s", component, stats["precision"],
-             stats["nodes_before"], stats["nodes_after"], stats["fused_ops"])
+    log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s%s", component, stats["precision"],
+             stats["nodes_before"], stats["nodes_after"], stats["fused_ops"],
+             f"; {lora['lora_nchw_convs']} switchable NhwcConv kernels run as NCHW Convs"
+             if lora.get("lora_nchw_convs") else "")
     return stats
 
 

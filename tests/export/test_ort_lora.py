@@ -83,6 +83,38 @@ def _fused(art: Path, component: str) -> onnx.ModelProto:
     return onnx.load(str(art / component / "model.ort-cuda.onnx"))
 
 
+def _readers(model: onnx.ModelProto) -> dict[str, set]:
+    """name -> {(domain, op type)} of the nodes reading it."""
+    out: dict[str, set] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            out.setdefault(x, set()).add((node.domain, node.op_type))
+    return out
+
+
+def _nchw_inputs(model: onnx.ModelProto, fused) -> set:
+    """The fused inputs an NCHW Conv reads: the kernels of the NhwcConvs ort_lora._nchw_convs rewrote (ORT's CUDA
+    EP runs NhwcConv only with a constant kernel)."""
+    readers = _readers(model)
+    return {name for name in fused if readers.get(name) == {("", "Conv")}}
+
+
+def _as_plain(model: onnx.ModelProto, fed: dict) -> list:
+    """The fed inputs in the plain export's layout: a rewritten conv's kernel OIHW -> the NhwcConv's OHWI."""
+    nchw = _nchw_inputs(model, fed)
+    return [np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if name in nchw else a for name, a in fed.items()]
+
+
+def _plain_fused_ops(model: onnx.ModelProto, fused, fused_ops: dict) -> dict:
+    """The switchable variant's fused-op counts as the plain export's would read: its rewritten convs were
+    NhwcConvs there."""
+    ops = dict(fused_ops)
+    n = len(_nchw_inputs(model, fused))
+    if n:
+        ops["NhwcConv"] = ops.get("NhwcConv", 0) + n
+    return dict(sorted(ops.items()))
+
+
 def _merged_weights(art: Path, component: str, lora_path: Path | None) -> tuple[dict, dict]:
     """(the numpy merge of the base weights with the LoRA at SCALE, the variant's recipe), as Pipeline.set_loras
     computes them (ldm_deploy.lora.merge over lora_base.safetensors)."""
@@ -111,10 +143,17 @@ def test_manifest_records_the_recipe(setup):
         assert graph_inputs == set(variant.input_names) | set(fused)
         perms = Counter(tuple(e["perm"]) for e in fused.values())
         assert perms[(1, 0)] > 0, "Linear weights enter MatMul transposed (W^T)"
-        if component == "unet":
-            assert perms[(0, 2, 3, 1)] == variant.fused_ops["NhwcConv"], "NhwcConv kernels are OHWI"
+        assert not [n.name for n in model.graph.node if n.op_type == "NhwcConv" and n.input[1] in fused], \
+            "ORT's CUDA EP places an NhwcConv only with a constant kernel"
+        nchw = _nchw_inputs(model, fused)
         plain_fused = Artifact.open(arts[None]).component(component).variant("ort-cuda")
-        assert variant.fused_ops == plain_fused.fused_ops, "the same fusions as a plain export"
+        if component == "unet":   # every conv kernel is switchable (`all`): each NhwcConv became an OIHW Conv
+            assert len(nchw) == plain_fused.fused_ops["NhwcConv"] > 0 and "NhwcConv" not in variant.fused_ops
+            assert {tuple(fused[name]["perm"]) for name in nchw} == {(0, 1, 2, 3)}, "conv kernels enter as stored"
+        else:
+            assert not nchw
+        assert _plain_fused_ops(model, fused, variant.fused_ops) == plain_fused.fused_ops, \
+            "the same fusions as a plain export"
 
 
 @pytest.mark.parametrize("lora", [None, *LORAS])
@@ -131,12 +170,14 @@ def test_fed_weights_are_the_merged_exports_constants(setup, lora):
         assert set(fed) == set(recipe)
         model = _fused(arts["switch"], component)
         ours = Counter(_digest(numpy_helper.to_array(t)) for t in ort_lora.constants(model.graph).values())
-        ours.update(_digest(a) for a in fed.values())
+        ours.update(_digest(a) for a in _as_plain(model, fed))
+        nchw = _nchw_inputs(model, fed)
         want = Counter(_digest(numpy_helper.to_array(t))
                        for t in ort_lora.constants(_fused(merged, component).graph).values())
         assert ours == want, f"{component} with {lora}: {sum((ours - want).values())} tensors differ"
         merged_ops = Counter(n.op_type for n in _fused(merged, component).graph.node)
-        assert Counter(n.op_type for n in model.graph.node) == merged_ops
+        merged_ops.update({"NhwcConv": -len(nchw), "Conv": len(nchw), "Transpose": 2 * len(nchw)})
+        assert Counter(n.op_type for n in model.graph.node) == +merged_ops
 
 
 def _standin_file(src: Path, dst: Path) -> Path:
@@ -226,7 +267,10 @@ def test_add_variants_to_a_switchable_artifact(setup):
     assert {e["weight"] for e in fused.values()} == set(made.lora_weights["inputs"])
     plain = shutil.copytree(arts[None], root / "plain-late")
     add_ort_cuda_variants(plain, ["unet"])
-    assert made.variant("ort-cuda").fused_ops == Artifact.open(plain).component("unet").variant("ort-cuda").fused_ops
+    model = _fused(art, "unet")
+    assert stats["unet"]["lora_nchw_convs"] == len(_nchw_inputs(model, fused)) > 0
+    assert (_plain_fused_ops(model, fused, made.variant("ort-cuda").fused_ops)
+            == Artifact.open(plain).component("unet").variant("ort-cuda").fused_ops)
 
 
 def test_sdxl_follows_the_plain_rules(tmp_path_factory):
@@ -253,7 +297,7 @@ def test_sdxl_follows_the_plain_rules(tmp_path_factory):
         assert {e["dtype"] for e in recipe.values()} == {"float16"}
         model = _fused(switch, component)
         ours = [numpy_helper.to_array(t) for t in ort_lora.constants(model.graph).values()]
-        ours += list(lora_switch.WeightFeeds(recipe)(weights).values())
+        ours += _as_plain(model, lora_switch.WeightFeeds(recipe)(weights))
         want = [numpy_helper.to_array(t) for t in ort_lora.constants(_fused(plain, component).graph).values()]
         left, right = _unmatched(ours, want)
         # fp16: the switchable base is stored rounded to fp16 (lora_base.safetensors), where ORT's converter, which
@@ -265,7 +309,7 @@ def test_sdxl_follows_the_plain_rules(tmp_path_factory):
             assert pair is not None, f"{component}: a fed / kept tensor {a.shape} is no plain export constant"
             right = [b for b in right if b is not pair]
         assert not right, component
-        assert (art.component(component).variant("ort-cuda").fused_ops
+        assert (_plain_fused_ops(model, recipe, art.component(component).variant("ort-cuda").fused_ops)
                 == Artifact.open(plain).component(component).variant("ort-cuda").fused_ops)
 
 
@@ -318,26 +362,48 @@ def test_to_float16_is_ort_converters_cast():
     assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
-def test_nhwc_kernel_input_needs_a_constant_bias():
-    """ORT's CUDA NhwcConv reads a non-constant kernel as OHWI only when PrePack ran on its constant bias
-    (ort_lora._check_nhwc_kernels): a bias-less NhwcConv whose kernel would become an input is refused."""
-    w = np.random.default_rng(0).standard_normal((4, 3, 3, 2)).astype(np.float32)   # OHWI
-    recipe = {"k": {"weight": "conv.weight", "perm": [0, 2, 3, 1], "shape": [4, 3, 3, 2], "dtype": "float32"}}
+@pytest.mark.parametrize("bias", [True, False])
+def test_switchable_nhwc_kernel_becomes_an_nchw_conv(bias):
+    """ONNX Runtime's CUDA EP places an NhwcConv only when its kernel is an initializer (NhwcConvNeedFallbackToCPU;
+    on an H100 the fused switchable U-Net failed to load before this): `expose` rewrites an NhwcConv whose kernel
+    becomes an input as Transpose -> Conv -> Transpose, the kernel fed OIHW (the weight as stored), the OHWI
+    constant dropped, and the graph computes the same convolution."""
+    import onnxruntime as ort
 
-    def graph(bias: bool) -> onnx.ModelProto:
-        inits = [numpy_helper.from_array(w, "k")] + ([numpy_helper.from_array(np.zeros(4, np.float32), "b")]
-                                                      if bias else [])
-        node = helper.make_node("NhwcConv", ["X", "k", *(["b"] if bias else [])], ["Y"], domain="com.microsoft",
-                                pads=[1, 1, 1, 1])
-        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 5, 5, 2])],
-                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 5, 5, 4])], inits)
-        return helper.make_model(g)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)            # OIHW, as the weight is stored
+    b = rng.standard_normal(4).astype(np.float32)
+    k = np.ascontiguousarray(w.transpose(0, 2, 3, 1))                   # OHWI, NhwcConv's constant
+    recipe = {"k": {"weight": "conv.weight", "perm": [0, 2, 3, 1], "shape": list(k.shape), "dtype": "float32"}}
+    inits = [numpy_helper.from_array(k, "k")] + ([numpy_helper.from_array(b, "b")] if bias else [])
+    node = helper.make_node("NhwcConv", ["X", "k", *(["b"] if bias else [])], ["Y"], name="conv",
+                            domain="com.microsoft", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    vi = helper.make_tensor_value_info
+    model = helper.make_model(
+        helper.make_graph([node], "g", [vi("X", onnx.TensorProto.FLOAT, [1, 5, 5, 2])],
+                          [vi("Y", onnx.TensorProto.FLOAT, [1, 3, 3, 4])], inits),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
-    with pytest.raises(LdmError, match="NhwcConv .* no constant bias"):
-        ort_lora.expose(graph(False), recipe)
-    with_bias = graph(True)
-    assert ort_lora.expose(with_bias, recipe) == {"conv.weight.nhwc": recipe["k"]}
-    assert [n.input[1] for n in with_bias.graph.node] == ["conv.weight.nhwc"]
+    fused = ort_lora.expose(model, recipe)
+    assert fused == {"conv.weight": {"weight": "conv.weight", "perm": [0, 1, 2, 3], "shape": [4, 2, 3, 3],
+                                     "dtype": "float32"}}
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [("Transpose", ""), ("Conv", ""), ("Transpose", "")]
+    assert [t.name for t in model.graph.initializer] == (["b"] if bias else [])
+    onnx.checker.check_model(model, full_check=True)
+
+    x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"X": x, "conv.weight": lora_switch.fused_tensor(w, fused["conv.weight"])})[0]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros((1, 3, 3, 4))
+    for i in range(3):
+        for j in range(3):
+            want[0, i, j] = np.einsum("hwc,ochw->o", xp[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3], w) + (b if bias else 0)
+    # 18 float32 products per output: float32 rounding of sum |terms| bounds the error
+    scale = max(np.einsum("hwc,ochw->o", np.abs(xp[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3]), np.abs(w)).max()
+                for i in range(3) for j in range(3)) + np.abs(b).max()
+    bound = 32 * np.finfo(np.float32).eps * scale
+    assert got.shape == want.shape and np.abs(got - want).max() <= bound
 
 
 @pytest.mark.parametrize("entry", [{"weight": "w", "perm": [0, 0], "shape": [2, 2], "dtype": "float16"},
