@@ -12,7 +12,7 @@ keeps them) recomputes `W = W_base + sum_i scale_i * delta_i` from the stored ba
 only the arrays that change, so A, then B, then none gives the base model's outputs bit for bit.
 
 The ORT CUDA fused variant of such a component (`export --lora-switchable --ort-cuda`, export/ort_lora.py) takes
-the weights in the form its fusions put them in (a Linear's W^T, an NhwcConv kernel OHWI, fp16): its manifest
+the weights in the form its fusions put them in (a Linear's W^T, fp16; a conv kernel stays OIHW): its manifest
 entry's `lora_weights["fused"]` maps each of its weight inputs to `{"weight", "perm", "shape", "dtype"}`, and the
 runner feeds `fused_tensor(W, recipe)` -- W (base + deltas, as for the plain graph) transposed by `perm`, reshaped,
 cast as ONNX Runtime's float16 converter casts (`to_float16`) -- for each.
