@@ -71,13 +71,16 @@ def cast_inputs(session, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def time_ort(path: Path, inputs: dict[str, np.ndarray], runs: int = 5,
-             low_memory: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+             low_memory: bool = False, threads: int = 1) -> tuple[float, dict[str, np.ndarray]]:
     """Median ORT CPU latency in ms (after one warm-up run) and the outputs of the last run.
+
+    `threads`: ORT's intra-op threads; 1 (the default) for latencies comparable across machines, 0 for ORT's
+    default (one per physical core) where only the outputs matter (the export's check run).
 
     `low_memory`: no graph optimizations and no memory arena. ORT CPU runs most fp16 ops through inserted
     Casts to fp32; its constant folding would store an fp32 copy of every fp16 weight next to it (the SDXL
     U-Net: 5.1 GB fp16 + 10.3 GB fp32), where unoptimized the Casts convert one weight at a time per run."""
-    sess = ort_session(path, graph_opt=not low_memory, arena=not low_memory)
+    sess = ort_session(path, threads=threads, graph_opt=not low_memory, arena=not low_memory)
     feed = cast_inputs(sess, inputs)
     names = [o.name for o in sess.get_outputs()]
     outs = sess.run(names, feed)
