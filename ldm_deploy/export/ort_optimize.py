@@ -211,6 +211,24 @@ def repair_converted_graph(graph: onnx.GraphProto) -> dict:
     return {"duplicate_nodes_dropped": dropped, "nodes_renamed": renamed}
 
 
+def _ort_classes(module_names, class_name: str, *methods: str) -> list:
+    """The distinct classes `class_name` of ORT's transformer modules, which load both top-level (the optimizer
+    puts its folder on sys.path) and as `onnxruntime.*`, having `methods`: what a guard below patches."""
+    import sys
+
+    import onnxruntime.transformers  # noqa: F401  (puts its folder on sys.path: modules load top-level)
+    found = []
+    for module_name in module_names:
+        try:
+            module = sys.modules.get(module_name) or __import__(module_name, fromlist=[class_name])
+        except ImportError:  # pragma: no cover - other ORT layouts
+            continue
+        cls = getattr(module, class_name, None)
+        if cls is not None and all(hasattr(cls, m) for m in methods) and cls not in found:
+            found.append(cls)
+    return found
+
+
 LEAN_SHAPE_INFERENCE_MIN = 1 << 16   # float initializers of this many elements or more: no data in the copy
 
 
@@ -248,21 +266,11 @@ def _lean_shape_inference():
     (`_get_value`, for the few ops whose output shape depends on an input's values) reads a left-out weight from
     the model it was given: the same inference, without the copies. The fused graph is the same byte for byte
     (tests/export/test_ort_optimize.py)."""
-    import sys
-
-    import onnxruntime.transformers  # noqa: F401  (puts its folder on sys.path: modules load top-level)
     from onnx import numpy_helper
 
-    classes = []
-    for module_name in ("symbolic_shape_infer", "onnxruntime.tools.symbolic_shape_infer"):
-        try:
-            module = sys.modules.get(module_name) or __import__(module_name, fromlist=["SymbolicShapeInference"])
-        except ImportError:  # pragma: no cover - other ORT layouts
-            continue
-        cls = getattr(module, "SymbolicShapeInference", None)
-        if (cls is not None and hasattr(cls, "_preprocess") and hasattr(cls, "_get_value")
-                and cls not in [c for c, *_ in classes]):
-            classes.append((cls, cls._preprocess, cls._get_value))
+    classes = [(cls, cls._preprocess, cls._get_value) for cls in _ort_classes(
+        ("symbolic_shape_infer", "onnxruntime.tools.symbolic_shape_infer"), "SymbolicShapeInference",
+        "_preprocess", "_get_value")]
 
     def preprocess(original):
         def _preprocess(self, in_mp):
@@ -293,18 +301,8 @@ def _quickgelu_guard():
     """ORT's QuickGelu matcher calls `.item()` on the first Mul's constant; a GroupNorm whose zero beta
     was folded away leaves `Mul(x, gamma[C,1,1]) -> Sigmoid -> Mul` (SiLU), and the matcher raises
     instead of declining. Decline such nodes (they are not QuickGelu)."""
-    import sys
-
-    import onnxruntime.transformers  # noqa: F401  (puts its folder on sys.path: modules load top-level)
-    classes = []
-    for module_name in ("fusion_quickgelu", "onnxruntime.transformers.fusion_quickgelu"):
-        try:
-            module = sys.modules.get(module_name) or __import__(module_name, fromlist=["FusionQuickGelu"])
-        except ImportError:  # pragma: no cover - other ORT layouts
-            continue
-        cls = getattr(module, "FusionQuickGelu", None)
-        if cls is not None and cls not in [c for c, _ in classes]:
-            classes.append((cls, cls.fuse))
+    classes = [(cls, cls.fuse) for cls in _ort_classes(
+        ("fusion_quickgelu", "onnxruntime.transformers.fusion_quickgelu"), "FusionQuickGelu", "fuse")]
 
     def guarded(original):
         def fuse(self, node, *args, **kwargs):
