@@ -69,9 +69,12 @@ def test_finds_the_overflow_and_the_written_config_fixes_it(folders, tmp_path):
     _, bad, config = folders
     fix, report = tmp_path / "fixed.yaml", tmp_path / "report.json"
     rc = main(["debug-precision", str(bad), "--component", "unet", "--config", str(config), "--inputs", "4",
-               "--steps", "4", "--write-config", str(fix), "--json", str(report), *FAST])
+               "--steps", "4", "--write-config", str(fix), "--json", str(report), "-q"])   # timed: the cost
     assert rc == 0
     r = json.loads(report.read_text())
+    cost = r["cost"]   # the fix's price: nodes it keeps fp32, and the three graphs' latency on --device
+    assert cost["keep_nodes_added"] == len(r["keep_nodes"]) > 0
+    assert all(cost[k] > 0 for k in ("ms_fp32_cpu", "ms_fp16_cpu", "ms_fp16_fixed_cpu"))
     assert r["first_failure"]["node"] == FAULT_NODE and r["first_failure"]["op"] == "Gemm"
     over = {o["node"]: o for o in r["overflows"]}
     assert FAULT_NODE in over and over[FAULT_NODE]["fp32_max"] > 65504
