@@ -75,7 +75,7 @@ def make_folder(preset_name: str, folder: Path) -> dict:
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(peak_rss_mib())}
 
 
-def export(folder: Path, out: Path, size: int, ort_cuda: bool = True) -> dict:
+def export(folder: Path, out: Path, size: int, ort_cuda: bool = True, trace: str | None = None) -> dict:
     from ldm_deploy.bench.machine import peak_rss_mib
     from ldm_deploy.export.config import ExportConfig, Range
     from ldm_deploy.export.exporter import export_model
@@ -88,7 +88,7 @@ def export(folder: Path, out: Path, size: int, ort_cuda: bool = True) -> dict:
     # user runs by default (ORT's optimizer holds the fp32 U-Net graph, 10 GB, in memory: a GPU host's job)
     cfg = cfg.replace(ort_cuda=ort_cuda)
     start = time.perf_counter()
-    with PhaseSampler() as sampler:      # RSS per export phase (where the peak is)
+    with PhaseSampler(trace=trace) as sampler:      # RSS per export phase (where the peak is)
         result = export_model(folder, out, cfg)
     comps = result.artifact.components
     return {"seconds": round(time.perf_counter() - start, 1), "cached": result.cached,
@@ -177,6 +177,31 @@ def run_torch(folder: Path, side: str, steps: int, guidance: float, runs: int, s
 
 # --- the driver ------------------------------------------------------------------------------------
 
+def _failure(proc: subprocess.CompletedProcess | None, trace: str | None) -> dict:
+    """A failed step's record: the exit (a signal named: SIGKILL with no traceback is, in practice, the kernel's
+    OOM killer), the last lines of its stderr, and, for the export, the RSS of each phase it reached."""
+    import signal
+
+    if proc is None:        # timed out: the caller names it
+        error = ""
+    elif proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        error = f"killed by {name}" + (" (out of memory: the kernel's OOM killer, most likely)" if name == "SIGKILL" else "")
+    else:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        error = f"exit {proc.returncode}: {' | '.join(tail)}"
+    record = {"error": error}
+    if trace and Path(f"{trace}.marks").is_file():
+        from scripts.export_memory import trace_phases
+
+        record["rss_phases"] = phases = trace_phases(Path(trace))
+        if phases:
+            last = phases[-1]
+            record["error"] += (f"; last phase: '{last['after']}' at {last['t_s']} s, "
+                                f"{max(p['peak_rss_mib'] for p in phases)} MiB peak RSS")
+    return record
+
+
 def child(step: str, timeout_s: float, **kwargs) -> dict:
     """Run `step` in a fresh interpreter (own memory peak, a crash costs only that step)."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import scripts.bench_sdxl as b; "
@@ -189,11 +214,12 @@ def child(step: str, timeout_s: float, **kwargs) -> dict:
                                                                         for k, v in kwargs.items()})],
                               capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
+        record = _failure(None, kwargs.get("trace"))
+        record["error"] = f"timed out after {timeout_s:.0f} s" + record["error"]
+        return record
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        return _failure(proc, kwargs.get("trace"))
     result = json.loads(lines[-1][len("RESULT "):])
     result["wall_s"] = round(time.perf_counter() - start, 1)
     return result
@@ -206,8 +232,10 @@ def _export_step(args, folder: Path, artifact: Path, results: dict, save) -> Non
         say(f"reusing the export in {artifact}")
         return
     say("exporting (fp16 U-Net and text encoders, fp32 VAE decoder)")
+    for stale in ("export-rss.marks", "export-rss.rss"):     # a trace is this export's alone
+        (args.work / stale).unlink(missing_ok=True)
     results["steps"]["export"] = child("export", args.timeout, folder=folder, out=artifact, size=args.size,
-                                       ort_cuda=args.ort_cuda)
+                                       ort_cuda=args.ort_cuda, trace=str(args.work / "export-rss"))
     save()
 
 

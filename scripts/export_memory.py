@@ -74,6 +74,8 @@ with open(path, "w") as out:
                 kib = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith(("VmRSS:", "RssAnon:"))}
         except (OSError, ValueError):
             break
+        if "VmRSS" not in kib:      # the process has exited (a zombie has no memory lines)
+            break
         out.write(f"{time.monotonic():.3f} {kib['VmRSS']} {kib['RssAnon']}\\n")
         out.flush()
         time.sleep(0.02)
@@ -85,20 +87,34 @@ class PhaseSampler:
     onnx hold the GIL); every ldm_deploy log record (DEBUG included) starts a phase. `phases()`: per phase,
     the log line that started it, its start time and the highest RSS sampled in it, and the highest anonymous
     part of it (RssAnon: RSS less the mapped file pages, e.g. of safetensors weights being read, which the
-    kernel can drop under pressure)."""
+    kernel can drop under pressure).
 
-    def __init__(self):
+    With `trace` (a path prefix) the samples and the phase marks go to `<trace>.rss` and `<trace>.marks` as they
+    happen and stay there, so a process the kernel kills (the OOM killer sends SIGKILL: no handler runs) still
+    leaves the phases it reached: `trace_phases(trace)` reads them back."""
+
+    def __init__(self, trace: Path | None = None):
         import tempfile
 
-        self.marks: list[tuple[str, float]] = [("start", time.monotonic())]
-        self._file = Path(tempfile.mkstemp(prefix="rss-", suffix=".txt")[1])
+        self._keep = trace is not None
+        base = Path(trace) if trace is not None else Path(tempfile.mkstemp(prefix="rss-")[1])
+        self._file, self._marks = Path(f"{base}.rss"), Path(f"{base}.marks")
+        self._marks.write_text("")
+        self._start = time.monotonic()
+        self._mark("start", self._start)
         sampler = self
 
         class Mark(logging.Handler):
             def emit(self, record):
-                sampler.marks.append((record.getMessage()[:110], time.monotonic()))
+                sampler._mark(record.getMessage()[:110], time.monotonic())
 
         self._handler = Mark(logging.DEBUG)
+        if not self._keep:
+            base.unlink(missing_ok=True)
+
+    def _mark(self, message: str, t: float) -> None:
+        with open(self._marks, "a") as f:          # one line per mark, flushed at once: survives a SIGKILL
+            f.write(f"{t:.3f}\t{' '.join(message.split())}\n")
 
     def __enter__(self):
         import os
@@ -117,17 +133,33 @@ class PhaseSampler:
         logger = logging.getLogger("ldm_deploy")
         logger.removeHandler(self._handler)
         logger.setLevel(self._level)
-        samples = [tuple(map(float, ln.split())) for ln in self._file.read_text().splitlines() if len(ln.split()) == 3]
-        self._file.unlink(missing_ok=True)
-        ends = [t for _, t in self.marks[1:]] + [float("inf")]
-        self._peaks = [(max((r for t, r, _ in samples if start <= t < end), default=0.0),
-                        max((a for t, _, a in samples if start <= t < end), default=0.0))
-                       for (_, start), end in zip(self.marks, ends)]
+        self._phases = _phases(self._marks, self._file)
+        if not self._keep:
+            self._file.unlink(missing_ok=True)
+            self._marks.unlink(missing_ok=True)
 
     def phases(self) -> list[dict]:
-        t0 = self.marks[0][1]
-        return [{"after": m, "t_s": round(t - t0, 1), "peak_rss_mib": round(rss / 1024),
-                 "peak_anon_mib": round(anon / 1024)} for (m, t), (rss, anon) in zip(self.marks, self._peaks)]
+        return self._phases
+
+
+def trace_phases(trace: Path) -> list[dict]:
+    """The phases a `PhaseSampler(trace=...)` recorded, read from its files: what is left of a killed export
+    (the last phase is where it died)."""
+    return _phases(Path(f"{trace}.marks"), Path(f"{trace}.rss"))
+
+
+def _phases(marks_file: Path, samples_file: Path) -> list[dict]:
+    marks = [(m, float(t)) for t, m in (ln.split("\t", 1) for ln in marks_file.read_text().splitlines() if "\t" in ln)]
+    samples = [tuple(map(float, ln.split())) for ln in samples_file.read_text().splitlines()
+               if len(ln.split()) == 3] if samples_file.is_file() else []
+    if not marks:
+        return []
+    t0 = marks[0][1]
+    ends = [t for _, t in marks[1:]] + [float("inf")]
+    return [{"after": m, "t_s": round(start - t0, 1),
+             "peak_rss_mib": round(max((r for t, r, _ in samples if start <= t < end), default=0.0) / 1024),
+             "peak_anon_mib": round(max((a for t, _, a in samples if start <= t < end), default=0.0) / 1024)}
+            for (m, start), end in zip(marks, ends)]
 
 
 def export(folder: Path, out: Path, size: int, proto_limit_mb: int = 0) -> dict:
