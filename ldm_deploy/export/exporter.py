@@ -24,7 +24,7 @@ from ldm_deploy.export.config import ExportConfig, default_config, write_config
 from ldm_deploy.export.fp16 import FP32_INPUTS, convert_to_fp16   # FP32_INPUTS: timestep, time_ids
 from ldm_deploy.export.onnx_export import export_onnx
 from ldm_deploy.export.optimize import cleanup, node_count, time_ort
-from ldm_deploy.export.source import PARTS, folder_sha256, load_source, trim_heap
+from ldm_deploy.export.source import PARTS, folder_sha256, load_source
 from ldm_deploy.feeds import example_feeds
 from ldm_deploy.fileio import atomic_dir, check_free_space, check_out_dir, write_json
 from ldm_deploy.interop.layout import refuse_onnx_folder
@@ -143,7 +143,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
         else:
             convert_to_fp16(fp32, final, keep_ops=config.fp16_keep_ops, fp32_inputs=FP32_INPUTS,
                             keep_nodes=keep_nodes)
-    trim_heap()
+    onnx_io.trim_heap()
     onnx_io.check_model(final)
     log.debug("%s: checked by the ONNX checker", component)
     dst = root / component / ort_optimize.FILE_NAME
@@ -154,7 +154,7 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
                    "cleanup": clean}
     _run_on_ort(component, precision, spec, config, (raw, fp32, final), stats)
     shutil.rmtree(work / component, ignore_errors=True)
-    trim_heap()     # what onnxslim and ORT freed goes back to the system before the next component
+    onnx_io.trim_heap()     # what onnxslim and ORT freed goes back to the system before the next component
 
     ins, outs = mf.graph_io(final)
     lora_weights = None

@@ -448,7 +448,27 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     statistics' `lora_fused` ({input: {weight, perm, shape, dtype}}), `lora_unused` and `lora_nchw_convs`.
 
     Returns statistics: node counts before/after, fused-op counts, seconds taken, the data file.
+
+    What the optimizer held goes back to the system before this returns: its objects refer to each other, so their
+    graphs outlive the call until a garbage collection, and freed protobuf memory stays in the heap until
+    `malloc_trim`. Measured on the SDXL U-Net (2-core machine, 24 GiB; 16.4 GB peak): 16.0 GB resident after the
+    call, 8.7 GB after `gc.collect()`, 0.3 GB after `trim_heap()` too. Left there, it OOM-killed the export's next
+    step (the ORT CPU check of the fp16 graph).
     """
+    import gc
+
+    from ldm_deploy.export.onnx_io import trim_heap
+
+    try:
+        return _optimize_for_ort_cuda(Path(src), Path(dst), component, float16=float16, fold_guidance=fold_guidance,
+                                      nhwc_conv=nhwc_conv, output_shapes=output_shapes, switchable=switchable)
+    finally:
+        gc.collect()
+        trim_heap()
+
+
+def _optimize_for_ort_cuda(src: Path, dst: Path, component: str, *, float16: bool, fold_guidance: bool,
+                           nhwc_conv: bool, output_shapes: dict | None, switchable: Mapping | None) -> dict:
     try:
         from onnxruntime.transformers.optimizer import optimize_model  # noqa: F401  (_fuse uses it)
     except ImportError as e:  # pragma: no cover - onnxruntime always ships it
@@ -459,7 +479,6 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     if component not in MODEL_TYPES:
         raise LdmError(f"no ORT CUDA optimisation for component {component!r}",
                        hint=f"choose from {', '.join(MODEL_TYPES)}")
-    src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
 
     def fuse(weights=None):

@@ -7,7 +7,6 @@ matmul-softmax for tracing, the pattern ONNX Runtime's transformer optimizer and
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ldm_deploy.errors import LdmError
+from ldm_deploy.export.onnx_io import trim_heap
 
 # export component -> model folder part
 PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
@@ -122,15 +122,6 @@ def load_source(folder, components, *, lazy: bool = False) -> Source:
                   tokenizer_dir=Path(comps.tokenizer_dir) if comps.tokenizer_dir else None,
                   text_encoder_2=comps.text_encoder_2, tokenizer_2_dir=comps.tokenizer_2_dir,
                   model_index=dict(comps.model_index))
-
-
-def trim_heap() -> None:
-    """Return freed heap pages to the system (glibc `malloc_trim`; a no-op elsewhere). Freed tensors under
-    glibc's mmap threshold stay in the heap otherwise, and count in the resident set of the next phase."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @contextlib.contextmanager

@@ -9,7 +9,9 @@ captured CUDA graph, which hold their addresses, stay valid). Switching never re
 `Pipeline.set_loras([(file, scale), ...])` (a file may also be a `LoraFile` from `preload`, as the server
 keeps them) recomputes `W = W_base + sum_i scale_i * delta_i` from the stored base every time
 (`ldm_deploy.lora.merge`, one weight at a time over a thread pool) and hands the runner
-only the arrays that change, so A, then B, then none gives the base model's outputs bit for bit.
+only the arrays that change, so A, then B, then none gives the base model's outputs bit for bit (on the ORT CUDA
+fused variant to float rounding: its GroupNorm kernels sum with atomics, so two identical calls may already differ in
+the last bits).
 
 The ORT CUDA fused variant of such a component (`export --lora-switchable --ort-cuda`, export/ort_lora.py) takes
 the weights in the form its fusions put them in (a Linear's W^T, fp16; a conv kernel stays OIHW): its manifest
