@@ -58,7 +58,7 @@ def _cpu(art, loras):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("graph", [False, True])
 def test_fused_switch_matches_cpu(setup, precision, graph, record_property):
-    from ldm_deploy.compare import error_stats
+    from ldm_deploy.compare import assert_close, error_stats
     from ldm_deploy.runtime.pipeline import Pipeline
 
     arts, files = setup
@@ -67,7 +67,7 @@ def test_fused_switch_matches_cpu(setup, precision, graph, record_property):
     assert pipe.runners["unet"].weight_feeds.recipe, "the fused U-Net takes its weights' fused forms"
     pipe(PROMPT, steps=2, seed=1, guidance=GUIDANCE)                  # warm-up (and CUDA graph capture)
     base = pipe(PROMPT, steps=STEPS, seed=0, guidance=GUIDANCE)
-    results = {}
+    results, references = {}, {}
     for name in ("peft", "kohya", "te", None):
         loras = [f"{files[name]}:{SCALE}"] if name else []
         pipe.set_loras(loras)
@@ -80,7 +80,21 @@ def test_fused_switch_matches_cpu(setup, precision, graph, record_property):
         # steps, an fp16 graph's ~1e-3 relative error per call growing through the sampler; a weight fed wrong (a
         # missed transpose, a stale buffer under a CUDA graph) moves whole regions by > 100 levels
         assert diff.max() <= 64, f"{name}: max abs pixel difference {int(diff.max())} > 64 vs ort-cpu"
-        results[name] = gpu.latents
-    assert np.array_equal(results[None], base.latents), "back to none: the base output bit for bit"
-    for name in ("peft", "kohya", "te"):
-        assert not np.array_equal(results[name], base.latents), f"{name} changed nothing on the GPU"
+        results[name], references[name] = gpu.latents, cpu.latents
+    # Each setting's GPU latents lie nearer its own ort-cpu reference than any other setting's: the LoRA switched
+    # on (or off) is the one asked for, whatever the run-to-run noise. ("te" changes the text encoder alone.)
+    for name, latents in results.items():
+        own = float(np.abs(latents - references[name]).max())
+        for other, ref in references.items():
+            if other != name:
+                nearest = float(np.abs(latents - ref).max())
+                record_property(f"{name}_vs_{other}_cpu_max_abs", nearest)
+                assert own < nearest, (f"{name}: the GPU latents are {own:.3g} from their ort-cpu reference but "
+                                       f"{nearest:.3g} from {other}'s")
+    # Back to none: the base output to float rounding. Not bit for bit: the fused graphs' GroupNorm /
+    # SkipGroupNorm kernels sum with atomics, so even identical calls may differ in the last bits (an H100 run,
+    # 2026-12-07, saw 1e-6 relative in fp32 and 1e-3 in fp16 after 20 steps; test_ort_cuda_gpu.py
+    # ::test_cuda_graph_replays_are_stable); the bound is that test's, relative to the latents' largest magnitude.
+    tol = 3e-2 if precision == "fp16" else (5e-3 if pipe.runners["unet"].use_tf32 else 1e-3)
+    record_property("none_equals_base_bit_for_bit", bool(np.array_equal(results[None], base.latents)))
+    assert_close(results[None], base.latents, atol=tol * float(np.abs(base.latents).max()), name="back to none")
