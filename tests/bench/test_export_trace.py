@@ -14,21 +14,27 @@ sys.path.insert(0, str(ROOT))
 from scripts.bench_sdxl import _failure  # noqa: E402
 from scripts.export_memory import PhaseSampler, trace_phases  # noqa: E402
 
-# logs two phases, holds ~200 MiB in the second, then kills itself with SIGKILL inside the sampler's block
+# logs two phases, holds ~200 MiB in the second, and kills itself with SIGKILL inside the sampler's block once the
+# sampler has recorded that memory (no timed kill point: a loaded machine only makes it wait longer)
 _VICTIM = """
 import logging, os, signal, sys, time
 sys.path.insert(0, {root!r})
-from scripts.export_memory import PhaseSampler
+from scripts.export_memory import PhaseSampler, rss_kib
 log = logging.getLogger("ldm_deploy.export.test")
 with PhaseSampler(trace={trace!r}):
     log.debug("tracing the unet")
-    time.sleep(0.3)
     log.info("converting\\tthe unet to fp16")
+    base = rss_kib()
     big = bytearray(200 << 20)
     for i in range(0, len(big), 4096):
         big[i] = 1
-    time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGKILL)
+    deadline = time.monotonic() + 120     # a guard against a sampler that never writes, not a kill point
+    while time.monotonic() < deadline:
+        lines = open({trace!r} + ".rss").read().splitlines()
+        if lines and len(lines[-1].split()) == 3 and int(lines[-1].split()[1]) >= base + (150 << 10):
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.01)
+    sys.exit("the sampler recorded no sample with the allocation")
 """
 
 
@@ -44,7 +50,7 @@ def test_a_killed_process_leaves_its_phases(tmp_path):
     _, trace = _killed(tmp_path)
     phases = trace_phases(trace)
     assert [p["after"] for p in phases] == ["start", "tracing the unet", "converting the unet to fp16"]
-    assert phases[-1]["peak_rss_mib"] >= phases[1]["peak_rss_mib"] + 150     # the 200 MiB landed in the last phase
+    assert phases[-1]["peak_rss_mib"] >= phases[0]["peak_rss_mib"] + 150     # the 200 MiB landed in the last phase
     assert phases[-1]["peak_anon_mib"] >= 150
     assert phases[1]["t_s"] <= phases[2]["t_s"]
 
