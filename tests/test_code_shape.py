@@ -17,7 +17,7 @@ _spec.loader.exec_module(code_shape)
 # The functions over 60 lines when the ceiling was set (issue 18), with their length then. Each may shrink
 # (lower its number) or go (drop its line); none may grow. Split a new long function rather than add it here.
 ALLOWED = {
-    "ldm_deploy/bench/ort_side.py::_measure": 90,
+    "ldm_deploy/bench/ort_side.py::_measure": 84,
     "ldm_deploy/bench/profile.py::profile_ort": 79,
     "ldm_deploy/bench/profile.py::profile_torch": 65,
     "ldm_deploy/bench/torch_side.py::run": 90,

@@ -8,6 +8,7 @@ comes from the pipeline's own `GenerationResult.timings`. torch-free.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,54 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
         pipe.close()
 
 
+def _loop_record(per_step: list[dict]) -> dict:
+    """The timed runs' denoise-loop split (Pipeline timings), medians: the host's share of a step outside the
+    U-Net runner ("scheduler_overhead") and the stages' milliseconds."""
+    if not per_step:
+        return {}
+    med = lambda key: float(np.median([t[key] for t in per_step]))  # noqa: E731
+    return {"scheduler_overhead": {
+                "ms_per_step": round(med("scheduler_overhead_per_step") * 1e3, 4),
+                "unet_ms_per_step": round(med("unet_per_step") * 1e3, 3),
+                "fraction_of_step": round(med("scheduler_overhead_per_step") / max(med("unet_per_step"), 1e-12), 5),
+                "what": "numpy sampler + CFG glue + host<->device copies per step, outside the U-Net runner"},
+            "stages_ms": {k: round(med(k) * 1e3, 2) for k in ("text_encoder", "denoise", "vae_decoder", "total")
+                          if k in per_step[0]}}
+
+
+class CallSplits:
+    """Where a bound U-Net runner's calls spend their time (`OrtBoundRunner.call_split`: binding and uploading
+    the inputs, the run, the outputs to host), summed per named window of calls: the isolated component timing
+    against the calls inside the pipeline, so a step slower in the loop than alone shows in which part."""
+
+    def __init__(self, runner):
+        self.split = getattr(runner, "call_split", None)
+        self.sums: dict[str, dict] = {}
+
+    @contextmanager
+    def window(self, what: str | None):
+        before = dict(self.split or {})
+        yield
+        if self.split and what:
+            into = self.sums.setdefault(what, dict.fromkeys(self.split, 0))
+            for k in self.split:
+                into[k] += self.split[k] - before[k]
+
+    def record(self, runner) -> dict:
+        """{"unet_call_split_ms": {window: {"calls", and ms per call of each part}}, the CUDA-graph slots and
+        ungraphed calls} for a bound runner; {} for another."""
+        out = {}
+        if self.sums:
+            out["unet_call_split_ms"] = {
+                what: {"calls": int(sums["calls"]), **{k: round(sums[k] / max(sums["calls"], 1) * 1e3, 4)
+                                                       for k in sums if k != "calls"}}
+                for what, sums in self.sums.items()}
+        if hasattr(runner, "cuda_graphs"):
+            out["unet_cuda_graph_slots"] = len(runner.cuda_graphs)
+            out["unet_ungraphed_calls"] = int(getattr(runner, "ungraphed_calls", 0))
+        return out
+
+
 def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts, unet_opts, gpu_before) -> dict:
     """Component and end-to-end timings of one opened pipeline (run() closes it)."""
     from ldm_deploy.bench.machine import gpu_used_mib
@@ -213,6 +262,7 @@ def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts,
         pipe.encode_text(prompts)
 
     windows: dict[str, list[list[float]]] = {}
+    splits = CallSplits(unet)
 
     def components(window: int) -> None:
         for name, call, warmup, repeats in (
@@ -221,8 +271,9 @@ def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts,
                 ("unet_step", lambda: unet(feeds), spec.component_warmup, spec.component_repeats),
                 ("vae_decoder", lambda: vae({"latent": latent}), min(spec.component_warmup, 1),
                  max(1, spec.component_repeats // 3))):
-            windows.setdefault(name, []).append(measure_samples(call, warmup=warmup if window == 0 else 1,
-                                                                repeats=repeats))
+            with splits.window("isolated" if name == "unet_step" else None):
+                windows.setdefault(name, []).append(measure_samples(call, warmup=warmup if window == 0 else 1,
+                                                                    repeats=repeats))
 
     components(0)
     record["components_ms"] = {name: windowed(w, spec.component_warmup) for name, w in windows.items()}
@@ -233,22 +284,14 @@ def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts,
         results.append(pipe(spec.prompt, steps=spec.steps, guidance=spec.guidance, scheduler=spec.scheduler,
                             seed=0, height=height, width=width, num_images=batch))
 
-    timing = measure_within(e2e, budget_s=spec.e2e_budget_s, warmup=spec.warmup, repeats=spec.repeats)
+    with splits.window("pipeline"):
+        timing = measure_within(e2e, budget_s=spec.e2e_budget_s, warmup=spec.warmup, repeats=spec.repeats)
     record["end_to_end"] = timing.as_dict()
     components(1)   # a second window after the end-to-end runs (timing.windowed)
     record["components_ms"] = {name: windowed(w, spec.component_warmup) for name, w in windows.items()}
     timed = results[spec.warmup:] or results
-    per_step = [r.timings for r in timed if r.timings.get("unet_calls")]
-    if per_step:
-        med = lambda key: float(np.median([t[key] for t in per_step]))  # noqa: E731
-        record["scheduler_overhead"] = {
-            "ms_per_step": round(med("scheduler_overhead_per_step") * 1e3, 4),
-            "unet_ms_per_step": round(med("unet_per_step") * 1e3, 3),
-            "fraction_of_step": round(med("scheduler_overhead_per_step") / max(med("unet_per_step"), 1e-12), 5),
-            "what": "numpy sampler + CFG glue + host<->device copies per step, outside the U-Net runner",
-        }
-        record["stages_ms"] = {k: round(float(np.median([t[k] for t in per_step])) * 1e3, 2)
-                               for k in ("text_encoder", "denoise", "vae_decoder", "total") if k in per_step[0]}
+    record.update(_loop_record([r.timings for r in timed if r.timings.get("unet_calls")]))
+    record.update(splits.record(unet))
     record["images_shape"] = list(timed[-1].images.shape)
     if gpu:
         after = gpu_used_mib()

@@ -231,6 +231,31 @@ def test_lever_knobs_are_assembled_from_the_loader(tiny, monkeypatch, tmp_path):
         _open_runner("ort-cuda", art, "unet", {"graph": "lever-y"}, tmp_path)
 
 
+def test_ort_cuda_side_records_the_unet_call_split(tiny, monkeypatch):
+    """The ort-cuda side records where its U-Net calls' time goes, isolated (component timing) and inside the
+    pipeline, with the number of calls each, and its CUDA-graph slots. (CUDA faked as available, sessions on
+    the CPU provider, "device" buffers on the CPU; the side's code runs for real.)"""
+    import onnxruntime as ort
+
+    from ldm_deploy.bench import ort_side
+    from ldm_deploy.runtime.runners.ort import OrtBoundRunner, SessionFromArtifact
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_providers", lambda self, options: ["CPUExecutionProvider"])
+    monkeypatch.setattr(SessionFromArtifact, "_check_provider", lambda self, session, path: None)
+    monkeypatch.setattr(OrtBoundRunner, "_device_value", lambda self, shape, dtype:
+                        ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0))
+    spec = BenchSpec(artifact=str(tiny[1]), sides=("ort-cuda",), steps=3, warmup=0, repeats=1,
+                     component_warmup=0, component_repeats=2)
+    record = ort_side.run(spec, "ort-cuda", 1, 64, 64, lambda m: None)
+    split = record["unet_call_split_ms"]
+    # component timing: window 0 (no warm-up, 2 calls), window 1 (1 warm-up + 2); the pipeline: 1 run of 3 steps
+    assert split["isolated"]["calls"] == 5 and split["pipeline"]["calls"] == 3
+    for part in split.values():
+        assert part["run"] > 0 and part["prepare"] >= 0 and part["fetch"] >= 0
+    assert record["unet_cuda_graph_slots"] == 1 and record["unet_ungraphed_calls"] == 0
+
+
 def _tree(root) -> dict:
     """relative path -> sha256 of every file under root."""
     import hashlib

@@ -79,6 +79,25 @@ def test_bound_buffers_equal_plain_run(artifacts, cpu_bound, precision, componen
     assert set(runner.last_slot.outputs) == set(runner.output_names)
 
 
+def test_call_split_accounts_for_every_call(artifacts, cpu_bound):
+    """`call_split` sums, per part of a call (binding / uploading the inputs, the run, the outputs to host),
+    the seconds of every call, and the parts of a call lie within its wall time."""
+    import time
+
+    runner = cpu_bound(artifacts["fp32"], "unet", variant=None, enable_cuda_graph=True)
+    assert runner.call_split == {"prepare": 0.0, "run": 0.0, "fetch": 0.0, "calls": 0}
+    wall = 0.0
+    for seed in range(3):
+        x = feeds("unet", seed=seed)
+        start = time.perf_counter()
+        runner(x)
+        wall += time.perf_counter() - start
+    split = runner.call_split
+    assert split["calls"] == 3
+    assert all(split[k] >= 0 for k in ("prepare", "run", "fetch")) and split["run"] > 0
+    assert split["prepare"] + split["run"] + split["fetch"] <= wall
+
+
 def test_reused_input_is_not_stale(artifacts, cpu_bound):
     """The same array object mutated in place between calls is uploaded again."""
     runner = cpu_bound(artifacts["fp32"], "unet", variant=None)

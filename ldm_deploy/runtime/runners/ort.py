@@ -47,6 +47,7 @@ Defaults measured on real runs:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -386,6 +387,9 @@ class OrtBoundRunner(OrtRunner):
         self.ungraphed_calls = 0                   # CUDA-graph runner calls run without a graph (past the bound)
         self._uploaded = False
         self._sync = None                          # host->device copy fence (see _sync_uploads)
+        # where a call's time goes, summed over calls (seconds): binding and uploading the inputs ("prepare"),
+        # the run with its stream sync ("run": the GPU work, replayed or launched), the outputs to host ("fetch")
+        self.call_split = {"prepare": 0.0, "run": 0.0, "fetch": 0.0, "calls": 0}
         # the one re-bound slot: every call without CUDA graphs, the shapes past the bound with them
         self._slot = self._spare = self._new_slot(-1 if self.enable_cuda_graph else None)
 
@@ -552,6 +556,7 @@ class OrtBoundRunner(OrtRunner):
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise LdmError(f"{self.component} runner called without inputs {missing}")
+        start = time.perf_counter()
         key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.input_names)
         self._slot = slot = self._slot_for(key)
         self._uploaded = False
@@ -577,8 +582,16 @@ class OrtBoundRunner(OrtRunner):
             self._ensure_outputs(self._out_shapes[key])
             return self._cast_out(arrays)
         self._ensure_outputs(shapes)
+        ran = time.perf_counter()
         self._run()
-        return self._cast_out([self._host(slot.outputs[n]) for n in self.output_names])
+        fetched = time.perf_counter()
+        out = self._cast_out([self._host(slot.outputs[n]) for n in self.output_names])
+        split = self.call_split
+        split["prepare"] += ran - start
+        split["run"] += fetched - ran
+        split["fetch"] += time.perf_counter() - fetched
+        split["calls"] += 1
+        return out
 
     @staticmethod
     def _host(value) -> np.ndarray:
