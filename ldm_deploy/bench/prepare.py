@@ -84,8 +84,8 @@ def default_size(model_dir: str | Path) -> int:
 
 
 def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: int = 1, height: int | None = None,
-                     width: int | None = None, precision: str | None = None, ort_cuda: bool = False,
-                     keep_fp32_unet: bool = False, optimize: bool | None = None) -> dict:
+                     width: int | None = None, precision: str | None = None, vae_precision: str | None = None,
+                     ort_cuda: bool = False, keep_fp32_unet: bool = False, optimize: bool | None = None) -> dict:
     """Export `model_dir` to `out` (skipped when up to date) and return what it took.
 
     Without `config`: a static-size export at (height, width) (default: the U-Net's sample_size * 8),
@@ -104,6 +104,8 @@ def export_for_bench(model_dir, out, config: str | None = None, *, batch_max: in
         cfg = ExportConfig(name="bench", batch=Range(1, 1, max(1, batch_max)), height=Range(size_h, size_h, size_h),
                            width=Range(size_w, size_w, size_w), measure_runtime=False)
     changes = {"precision": precision} if precision else {}
+    if vae_precision:
+        changes["vae_precision"] = vae_precision
     if keep_fp32_unet:   # the lever variants start from it
         changes["keep_fp32_unet"] = True
     if optimize is not None:   # False: model_fp32.onnx is the traced graph, whose patterns ORT's fusions match

@@ -24,6 +24,7 @@ OPTIONS = ("sides", "batch", "steps", "height", "width", "warmup", "repeats", "b
 class ExportSettings:
     config: str | None = None       # export config name or file; None: a static export at height x width
     precision: str | None = None    # fp16 | fp32 (None: the config's)
+    vae_precision: str | None = None  # the VAE's: fp16 | fp32 (None: the config's; fp32 unless it says otherwise)
     ort_cuda: bool = False          # write the ONNX Runtime CUDA fused variants
 
 

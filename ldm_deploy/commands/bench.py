@@ -224,7 +224,8 @@ def _prepare(args, preset, prepared: dict, artifact, model_dir) -> tuple[str | N
         # is the export's own fused, CFG-folded ort-cuda variant
         done = export_for_bench(model_dir, work, args.export_config or (settings.config if settings else None),
                                 batch_max=max(args.batch), height=args.height, width=args.width,
-                                **{**({"precision": settings.precision, "ort_cuda": settings.ort_cuda} if settings else {}),
+                                **{**({"precision": settings.precision, "vae_precision": settings.vae_precision,
+                                       "ort_cuda": settings.ort_cuda} if settings else {}),
                                    **({"precision": "fp16", "keep_fp32_unet": True, "optimize": False, "ort_cuda": True}
                                       if args.levers else {})})
         export = {**prepared, "export": done} if preset else done

@@ -47,3 +47,33 @@ def test_preset_fills_only_what_is_not_given(tiny, tmp_path):  # noqa: F811
     assert spec["timeout_s"] == 420 and 0 < spec["total_budget_s"] <= 420
     assert (tmp_path / "work" / "tiny-model" / "model_index.json").is_file()
     assert [r["status"] for r in results["results"]] == ["ok"]
+
+
+def test_preset_vae_precision_reaches_the_export(tmp_path, monkeypatch):
+    """sd15-gpu exports the VAE in fp16, as its PyTorch sides run it; a preset's export settings, vae_precision
+    included, are what the bench's export gets."""
+    from ldm_deploy.bench import prepare
+
+    assert load_preset("sd15-gpu").export.vae_precision == "fp16"
+    seen = {}
+
+    def stop(model_dir, out, config=None, **kwargs):
+        seen.update(kwargs)
+        raise LdmError("stopped before exporting")
+
+    monkeypatch.setattr(prepare, "export_for_bench", stop)   # the command imports it when it runs
+    p = tmp_path / "p.yaml"
+    p.write_text("model: tiny\nexport: {precision: fp16, vae_precision: fp16, ort_cuda: true}\nsides: [ort-cpu]\n")
+    assert main(["bench", "--preset", str(p), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r.json")]) != 0
+    assert seen["precision"] == "fp16" and seen["vae_precision"] == "fp16" and seen["ort_cuda"] is True
+
+
+def test_export_for_bench_exports_the_vae_in_the_precision_asked(tmp_path):
+    from ldm_deploy.artifact import Artifact
+    from ldm_deploy.bench.prepare import export_for_bench, random_model_folder
+
+    model, _ = random_model_folder("tiny", tmp_path / "model")
+    done = export_for_bench(model, tmp_path / "onnx", precision="fp16", vae_precision="fp16")
+    art = Artifact.open(tmp_path / "onnx")
+    assert done["config"]["vae_precision"] == "fp16"
+    assert art.component("vae_decoder").precision == "fp16" and art.component("unet").precision == "fp16"
