@@ -228,6 +228,8 @@ TUNING_GRAPHS = {
     "tuning-fp16-norm": {"fp16_norm": True, "fold_transposes": False},
     "tuning-fold-transposes": {"fp16_norm": False, "fold_transposes": True},
     "tuning-norm-layout": {"fp16_norm": True, "fold_transposes": True},
+    "tuning-conv-bias-norm": {"fp16_norm": False, "fold_transposes": False, "conv_bias": True},
+    "tuning-all-passes": {"fp16_norm": True, "fold_transposes": True, "conv_bias": True},
 }
 
 

@@ -82,6 +82,11 @@ TUNING = {
                                  "folded into one Reshape (U-Net graph pass)", {"graph": "tuning-fold-transposes"}),
     "ort-cuda-norm-layout": ("both U-Net graph passes (fp16 norm + folded transposes)",
                              {"graph": "tuning-norm-layout"}),
+    "ort-cuda-conv-bias-norm": ("each convolution's bias moved into the SkipGroupNorm that reads its output "
+                                "(no separate cuDNN bias-add kernel; U-Net graph pass)",
+                                {"graph": "tuning-conv-bias-norm"}),
+    "ort-cuda-all-graph-passes": ("the three U-Net graph passes together (fp16 norm, folded transposes, conv "
+                                  "bias into the norm)", {"graph": "tuning-all-passes"}),
 }
 # the profile-lever run (`ldm-deploy bench --tuning`), most telling first so
 # a run cut short by its time budget keeps them: the deployed path, the strongest one-line PyTorch recipe

@@ -372,9 +372,42 @@ def _fold_exit(g: _Graph, t2: onnx.NodeProto, stats: Counter) -> None:
     stats["transposes_removed"] += 2
 
 
-def norm_layout_passes(model: onnx.ModelProto, *, fp16_norm: bool = True, fold_transposes: bool = True) -> dict:
-    """The passes on one fused U-Net, in place: `fp16_norm` (fp16_group_norm, then drop_noop_casts) and / or
-    `fold_transposes` (fold_nhwc_transposes). Returns node counts before / after and each pass's stats."""
+def conv_bias_into_norm(model: onnx.ModelProto) -> dict:
+    """Move each NhwcConv's bias into the SkipGroupNorm that is its output's only reader (as X or as skip), when
+    that norm has no bias yet: SkipGroupNorm adds its optional `bias` input (shape (C), contrib_ops/cuda/diffusion/
+    group_norm.cc) while it reads X and skip, and its sum output S is X + skip + bias, so both outputs keep their
+    meaning (exact in real arithmetic; on a GPU the sum is rounded once instead of twice). cuDNN adds a
+    convolution's bias in a separate kernel (`op_generic_tensor_kernel`, 98 launches a step in the SD 1.5
+    profile): each bias moved removes one launch and one pass over the convolution's output. A norm both of
+    whose inputs come from biased convolutions takes the first one's bias. Returns {"moved": ..., "as_x": ...,
+    "as_skip": ..., "kept": biased NhwcConvs left as they were}."""
+    g = _Graph(model.graph)
+    stats = Counter(moved=0, as_x=0, as_skip=0, kept=0)
+    for conv in model.graph.node:
+        if conv.op_type != "NhwcConv" or len(conv.input) < 3 or not conv.input[2]:
+            continue
+        y = conv.output[0]
+        readers = g.readers(y)
+        norm = readers[0] if len(readers) == 1 and y not in g.outputs else None
+        slots = [i for i, name in enumerate(norm.input) if name == y] if norm is not None else []
+        if (norm is None or norm.op_type != "SkipGroupNorm" or norm.domain != MS_DOMAIN or slots not in ([0], [3])
+                or (len(norm.input) > 4 and norm.input[4])):
+            stats["kept"] += 1
+            continue
+        while len(norm.input) < 5:
+            norm.input.append("")
+        norm.input[4] = conv.input[2]
+        del conv.input[2:]
+        stats["moved"] += 1
+        stats["as_x" if slots == [0] else "as_skip"] += 1
+    return dict(stats)
+
+
+def norm_layout_passes(model: onnx.ModelProto, *, fp16_norm: bool = True, fold_transposes: bool = True,
+                       conv_bias: bool = False) -> dict:
+    """The passes on one fused U-Net, in place: `fp16_norm` (fp16_group_norm, then drop_noop_casts), `fold_transposes`
+    (fold_nhwc_transposes) and / or `conv_bias` (conv_bias_into_norm). Returns node counts before / after and each
+    pass's stats."""
     before = Counter(n.op_type for n in model.graph.node)
     stats: dict = {}
     if fp16_norm:
@@ -382,6 +415,8 @@ def norm_layout_passes(model: onnx.ModelProto, *, fp16_norm: bool = True, fold_t
         stats["noop_casts_removed"] = drop_noop_casts(model)
     if fold_transposes:
         stats["fold_nhwc_transposes"] = fold_nhwc_transposes(model)
+    if conv_bias:
+        stats["conv_bias_into_norm"] = conv_bias_into_norm(model)
     after = Counter(n.op_type for n in model.graph.node)
     stats.update(nodes_before=sum(before.values()), nodes_after=sum(after.values()),
                  casts=[before["Cast"], after["Cast"]], transposes=[before["Transpose"], after["Transpose"]])
@@ -414,5 +449,5 @@ def write_norm_layout_graph(src: str | Path, dst: str | Path, **passes) -> dict:
     return stats
 
 
-__all__ = ["elem_types", "drop_noop_casts", "fp16_group_norm", "fold_nhwc_transposes", "norm_layout_passes",
-           "write_norm_layout_graph"]
+__all__ = ["elem_types", "conv_bias_into_norm", "drop_noop_casts", "fp16_group_norm", "fold_nhwc_transposes",
+           "norm_layout_passes", "write_norm_layout_graph"]

@@ -35,7 +35,7 @@ def test_graph_sides_are_tuning_levers_of_the_unet_only(arts):
     from ldm_deploy.bench.ort_side import _runner_options
     from ldm_deploy.bench.prepare import TUNING_GRAPHS
 
-    assert set(GRAPH_SIDES.values()) == set(TUNING_GRAPHS) and len(GRAPH_SIDES) == 3
+    assert set(GRAPH_SIDES.values()) == set(TUNING_GRAPHS) and len(GRAPH_SIDES) == 5
     spec = BenchSpec(artifact=str(arts["fused"]), sides=tuple(GRAPH_SIDES))
     for side, graph in GRAPH_SIDES.items():
         backend, opts, unet = _runner_options(spec, side)
@@ -68,6 +68,8 @@ def test_cli_tuning_prepares_the_graphs_in_its_own_folder(arts, tmp_path, capsys
     assert graphs["tuning-fold-transposes"]["pass_stats"]["transposes"][1] < \
         graphs["tuning-fold-transposes"]["pass_stats"]["transposes"][0]
     assert graphs["tuning-fp16-norm"]["pass_stats"]["casts"][1] < graphs["tuning-fp16-norm"]["pass_stats"]["casts"][0]
+    for name in ("tuning-conv-bias-norm", "tuning-all-passes"):
+        assert graphs[name]["pass_stats"]["conv_bias_into_norm"]["moved"] > 0, name
     results = json.loads(out.read_text())
     assert [r["side"] for r in results["results"]] == sides.split(",")
     assert results["spec"]["levers_dir"] == str(tmp_path / "t.levers")

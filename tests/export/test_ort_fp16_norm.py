@@ -17,8 +17,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ldm_deploy.export.ort_fp16_norm import (drop_noop_casts, elem_types, fold_nhwc_transposes, fp16_group_norm,
-                                             norm_layout_passes, write_norm_layout_graph)
+from ldm_deploy.export.ort_fp16_norm import (conv_bias_into_norm, drop_noop_casts, elem_types, fold_nhwc_transposes,
+                                             fp16_group_norm, norm_layout_passes, write_norm_layout_graph)
 
 HAS_ONNXSLIM = importlib.util.find_spec("onnxslim") is not None
 
@@ -86,6 +86,52 @@ def test_fold_removes_four_transposes_per_transformer_block(fused):
             assert prod[prod[n.input[0]].input[0]].op_type != "Transpose", n.name
     onnx.checker.check_model(model)
     assert fold_nhwc_transposes(model) == {"entries": 0, "exits": 0, "transposes_removed": 0, "shapes_rewritten": 0}
+
+
+def test_conv_bias_moves_into_the_skip_group_norm_reading_it(fused):
+    """Each NhwcConv whose only reader is a SkipGroupNorm without a bias gives it its bias; the rest keep theirs.
+    No norm gets two biases, nothing is added or dropped, and a second run finds nothing left to move."""
+    model = onnx.load(str(fused["fp16"]))
+    before = counts(model)
+    biases = {n.output[0]: n.input[2] for n in model.graph.node if n.op_type == "NhwcConv" and len(n.input) > 2}
+    stats = conv_bias_into_norm(model)
+    assert stats["moved"] > 0 and stats["moved"] == stats["as_x"] + stats["as_skip"]
+    assert stats["moved"] + stats["kept"] == len(biases)
+    assert counts(model) == before
+    convs = {n.output[0]: n for n in model.graph.node if n.op_type == "NhwcConv"}
+    unbiased = {y for y, n in convs.items() if len(n.input) == 2}
+    assert len(unbiased) == stats["moved"]
+    given = 0
+    for norm in model.graph.node:
+        if norm.op_type != "SkipGroupNorm" or len(norm.input) < 5 or not norm.input[4]:
+            continue
+        fed = [name for name in (norm.input[0], norm.input[3]) if name in unbiased]
+        assert len(fed) == 1 and norm.input[4] == biases[fed[0]], norm.name
+        given += 1
+    assert given == stats["moved"]
+    onnx.checker.check_model(model)
+    assert conv_bias_into_norm(model)["moved"] == 0
+
+
+def test_conv_bias_stays_where_the_output_has_another_reader():
+    """A biased convolution whose output a SkipGroupNorm and another node read keeps its bias (the other reader
+    needs it), as does one whose norm already has a bias."""
+    c = 4
+    nodes = [helper.make_node("NhwcConv", ["x", "w", "b"], ["y"], domain="com.microsoft", kernel_shape=[1, 1]),
+             helper.make_node("SkipGroupNorm", ["y", "gamma", "beta", "s"], ["n"], domain="com.microsoft", groups=2,
+                              epsilon=1e-5, activation=0),
+             helper.make_node("Relu", ["y"], ["r"]),
+             helper.make_node("NhwcConv", ["x", "w", "b"], ["y2"], domain="com.microsoft", kernel_shape=[1, 1]),
+             helper.make_node("SkipGroupNorm", ["y2", "gamma", "beta", "s", "b"], ["n2"], domain="com.microsoft",
+                              groups=2, epsilon=1e-5, activation=0)]
+    vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 2, c])  # noqa: E731
+    inits = [numpy_helper.from_array(np.ones((c, 1, 1, c), np.float32), "w"),
+             numpy_helper.from_array(np.ones(c, np.float32), "b"),
+             numpy_helper.from_array(np.ones(c, np.float32), "gamma"), numpy_helper.from_array(np.zeros(c, np.float32), "beta")]
+    graph = helper.make_graph(nodes, "cb", [vi("x"), vi("s")], [vi("n"), vi("r"), vi("n2")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    assert conv_bias_into_norm(model) == {"moved": 0, "as_x": 0, "as_skip": 0, "kept": 2}
+    assert [len(n.input) for n in model.graph.node] == [3, 4, 1, 3, 5]
 
 
 # --- exactness on ORT CPU ------------------------------------------------------------------------------------
@@ -207,6 +253,25 @@ def test_fold_is_exact_on_ort_cpu(fused):
         for key, value in want.items():
             assert np.isfinite(value).all() and np.abs(value).max() > 0
             np.testing.assert_array_equal(got[key], value, err_msg=f"{key} seed {seed}")
+
+
+def test_conv_bias_move_computes_the_same_u_net_on_ort_cpu(fused):
+    """The real fused fp32 U-Net with and without the biases moved, contrib ops stood in for alike: the sum is
+    (conv + skip) + bias instead of (conv + bias) + skip, one float32 rounding apart per element, so the outputs
+    agree to float32 rounding carried through the network: within 1e-4 of their scale, the bound of the export's
+    own fp32 checks (measured 7.6e-6 here)."""
+    model = onnx.load(str(fused["fp32"]))
+    moved = onnx.load(str(fused["fp32"]))
+    assert conv_bias_into_norm(moved)["moved"] > 0
+    reference, candidate = cpu_stand_ins(model), cpu_stand_ins(moved)
+    for seed in (0, 1):
+        feeds = unet_feeds(model, seed)
+        want, got = run_cpu(reference, feeds), run_cpu(candidate, feeds)
+        for key, value in want.items():
+            scale = float(np.abs(value).max())
+            assert np.isfinite(value).all() and scale > 0
+            err = float(np.abs(got[key].astype(np.float64) - value).max())
+            assert err <= 1e-4 * scale, f"{key} seed {seed}: {err:.3g} against scale {scale:.3g}"
 
 
 def test_passes_write_a_graph_beside_and_leave_the_source(fused, tmp_path):
