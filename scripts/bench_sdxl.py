@@ -25,7 +25,7 @@ StableDiffusionXLPipeline, fp16, SDPA), torch-compile (torch.compile(unet)), tor
 U-Net + torch.compile(mode="reduce-overhead")). The VAE decodes in fp32 on every side (diffusers upcasts it:
 force_upcast). The public TensorRT figure for this workload on an H100 is 1.47 s (TensorRT's demoDiffusion,
 SDXL base 1.0, 30 steps); compare with the ours-tensorrt row.
-Writes benchmarks/results/<machine>-sdxl.json (or --json).
+Writes benchmarks/results/sdxl/<machine>-sdxl.json (or --json).
 """
 from __future__ import annotations
 
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3, help="timed runs per side after one warm-up (median reported)")
     ap.add_argument("--quick", action="store_true", help="tiny-sdxl preset, 64 px, 3 steps, CPU sides")
-    ap.add_argument("--json", type=Path, help="results file (default benchmarks/results/<machine>-sdxl.json)")
+    ap.add_argument("--json", type=Path, help="results file (default benchmarks/results/sdxl/<machine>-sdxl.json)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per step")
     ap.add_argument("--no-ort-cuda", dest="ort_cuda", action="store_false",
                     help="export without the ONNX Runtime CUDA fused variants (the default export's memory)")
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     sides = (() if args.sides == "none" else tuple(args.sides.split(","))) if args.sides else (QUICK_SIDES if args.quick else SIDES)
     info = machine_info()
     gpu = (info.get("gpus") or ["cpu"])[0].split(",")[0]
-    out = args.json or ROOT / "benchmarks" / "results" / f"{'quick' if args.quick else gpu.lower().replace(' ', '-')}-sdxl.json"
+    out = args.json or ROOT / "benchmarks" / "results" / "sdxl" / f"{'quick' if args.quick else gpu.lower().replace(' ', '-')}-sdxl.json"
     results = {"workload": {"model": "tiny-sdxl" if args.quick else "sdxl", "size": args.size, "steps": args.steps,
                             "guidance": args.guidance, "batch": 1, "scheduler": "euler", "runs": args.runs},
                "machine": info, "steps": {}, "sides": {}}

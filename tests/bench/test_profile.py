@@ -86,12 +86,13 @@ def test_bucket_of_recorded_h100_kernel_names(name, bucket):
 
 
 def test_rebucket_moves_listed_kernels_and_keeps_the_total():
-    """A profile stored before bucket_of knew nvjet_* (its `top` list files them under other / elementwise):
-    rebucket moves exactly the listed kernels' time, the buckets still add up, and a second pass moves nothing."""
+    """A profile stored before bucket_of knew nvjet_* (its `top` list files them under other / elementwise; the H100
+    run of 2026-12-06, kept as test data): rebucket moves exactly the listed kernels' time, the buckets still add
+    up, and a second pass moves nothing."""
     from ldm_deploy.bench.profile import rebucket
 
-    stored = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "profiles" /
-                         "h100-sd15-unet-profile.json").read_text())
+    stored = json.loads((Path(__file__).resolve().parents[1] / "data" /
+                         "h100-sd15-unet-profile-2026-12-06.json").read_text())
     for entry in stored["batches"].values():
         for p in entry["profiles"]:
             r = rebucket(p)
