@@ -6,13 +6,14 @@
 #   bash scripts/gpu_perf_run.sh part1    # B=1: ort-cuda, torch.compile reduce-overhead + channels_last, eager fp16,
 #                                         #      then every profile lever on ort-cuda (spec.TUNING)       ~9 min
 #   bash scripts/gpu_perf_run.sh part2    # B=4: the same core sides + CUDA graphs on all components;
-#                                         #      per-op-type U-Net profiles at B=1 and B=4 (ORT vs inductor) ~9 min
+#                                         #      per-op-type U-Net profiles at B=1 and B=4 (ORT vs inductor);
+#                                         #      a U-Net call alone against inside the loop (loop_vs_alone.py) ~9 min
 #   bash scripts/gpu_perf_run.sh part3    # the demo model (8 images, 25 steps): U-Net-only vs all-component CUDA
 #                                         #      graphs and its step profile; then B=1 max-autotune-no-cudagraphs
 #                                         #      and max-autotune (+ channels_last) within a compile budget each  ~8 min
 #   bash scripts/gpu_perf_run.sh --tiny all   # the same commands on the tiny preset, CPU: a smoke test
 #
-# Results go to $OUT (default ./gpu-perf-out): part1.json part2.json part3.json profile.json profile.md demo.json
+# Results go to $OUT (default ./gpu-perf-out): part1.json part2.json part3.json profile.json profile.md loop.json demo.json
 # demo-profile.json demo-profile.md and a log per part -- at most 8 files per part, none deeper than $OUT. Each part stops starting sides after its time limit
 # (they are recorded as skipped), so a slow export costs sides, not the whole part.
 #
@@ -41,10 +42,12 @@ if [[ $TINY == 1 ]]; then
   COMMON=(--preset tiny-quick --work "$WORK" --repeats 1 --budget 10 --compile-budget 120 --side-timeout 300)
   PROFILE_ARGS=(--device cpu --torch eager --iters 2 --warmup 1 --threads 1)
   ARTIFACT="$WORK/tiny-onnx-fp16"
+  LOOP_STEPS=2
 else
   COMMON=(--preset sd15-gpu --work "$WORK" --repeats 3 --budget 20)
   PROFILE_ARGS=(--torch reduce-overhead --compile-budget 150 --iters 10 --warmup 3)
   ARTIFACT="$WORK/sd15-onnx-fp16"
+  LOOP_STEPS=50
 fi
 CORE="ort-cuda,torch-compile-ro,torch-eager-fp16"
 LEVERS=$("$PYTHON" -c "from ldm_deploy.bench.spec import TUNING; print(','.join(TUNING))")
@@ -60,6 +63,9 @@ part2() {   # B=4 core sides + CUDA graphs everywhere (about half the limit), th
     --time-limit $((LIMIT / 2)) --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log" || echo "bench exited $?: profiles next"
   "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --batch 1 4 "${PROFILE_ARGS[@]}" \
     --note "scripts/gpu_perf_run.sh part2" --out "$OUT/profile.json" --md "$OUT/profile.md" 2>&1 | tee -a "$OUT/part2.log"
+  # where a U-Net call's time goes alone against inside the loop (the 2026-12-07 run: +4.2 ms a call at B=4)
+  "$PYTHON" scripts/loop_vs_alone.py --artifact "$ARTIFACT" --batch 1 4 --steps $LOOP_STEPS --out "$OUT/loop.json" \
+    2>&1 | tee -a "$OUT/part2.log" || echo "loop_vs_alone exited $?"
 }
 
 part3() {   # the launch-bound demo model, then the autotuning recipes at B=1, each within its compile budget

@@ -1,0 +1,140 @@
+"""Why an ort-cuda U-Net call is slower inside the pipeline than alone (H100, 2026-12-07: 21.19 ms a call alone,
+25.36 ms in the loop at B=4; 7.41 against 8.24 ms at B=1; docs/performance.md), in one process on one runner:
+
+  alone        the same feeds every call: the bench's component timing (no upload: the runner sees them unchanged)
+  new-inputs   new latents and timestep every call, nothing else: the loop's inputs without the loop
+  host-work    as new-inputs, with the loop's host work between calls (the DDIM update and finite check in numpy)
+  pipeline     the pipeline's own calls (whole generates)
+  alone-again  as alone, after the rest: a drift (clocks, memory) shows against the first
+
+Per mode: the median and p90 call (ms), and the runner's split per call (`OrtBoundRunner.call_split`: binding and
+uploading the inputs, the run, the outputs to host). Which mode first adds the time names the cause.
+
+    python scripts/loop_vs_alone.py --artifact build/gpu-perf/sd15-onnx-fp16 --batch 1 4 --out loop.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = ("alone", "new-inputs", "host-work", "pipeline", "alone-again")
+
+
+def _split_since(runner, before: dict) -> dict:
+    now = runner.call_split
+    calls = max(now["calls"] - before["calls"], 1)
+    return {"calls": now["calls"] - before["calls"],
+            **{f"{k}_ms": round((now[k] - before[k]) / calls * 1e3, 4) for k in ("prepare", "run", "fetch")}}
+
+
+def _timed_calls(runner, feeds_for, calls: int, between=None) -> list[float]:
+    out = []
+    for i in range(calls):
+        feeds = feeds_for(i)
+        start = time.perf_counter()
+        pred = runner(feeds)
+        out.append((time.perf_counter() - start) * 1e3)
+        if between is not None:
+            between(feeds, pred)
+    return out
+
+
+def measure(artifact: str, batch: int, steps: int, guidance: float = 7.5, warmup: int = 3) -> dict:
+    from ldm_deploy.bench.ort_side import _open_pipeline
+    from ldm_deploy.runtime import guidance as g
+    from ldm_deploy.runtime.runners.base import takes_guidance
+
+    record: dict = {}
+    pipe = _open_pipeline(artifact, "ort-cuda", {"enable_cuda_graph": True}, record, lambda m: print(m, flush=True))
+    try:
+        unet = pipe.runners["unet"]
+        if not hasattr(unet, "call_split"):
+            raise SystemExit("the U-Net runner has no call_split (not an IO-bound ort-cuda runner)")
+        folded = takes_guidance(unet)   # the CFG-folded graph (export --ort-cuda): B latents in; else 2B rows
+        prompt = "a photograph of an astronaut riding a horse on the moon"
+        emb = g.rows(pipe.encode_text([""] * batch), pipe.encode_text([prompt] * batch), guidance)
+        context, scalars = g.folded_context(emb, guidance), g.folded_scalars(guidance, 0.0)
+        rng = np.random.default_rng(0)
+        prof, scale = pipe.info.profiles, pipe.info.vae_scale_factor
+        height, width = (prof.height.opt, prof.width.opt) if prof is not None else (512, 512)
+        shape = (batch, pipe.latent_channels, height // scale, width // scale)
+        timestep = np.empty((batch if folded else 2 * batch,), np.float32)
+
+        def feeds_of(x: np.ndarray, t: float) -> dict:
+            timestep.fill(t)
+            if folded:
+                return g.folded_feeds(x, timestep, context, scalars)
+            return g.plain_feeds(np.concatenate([x, x]), timestep, emb)
+
+        fixed = feeds_of(rng.standard_normal(shape, dtype=np.float32), 500.0)
+        fixed[g.TIMESTEP] = fixed[g.TIMESTEP].copy()
+        latents = [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
+
+        def new_inputs(i: int) -> dict:
+            return feeds_of(latents[i % 4], 999.0 - 20.0 * (i % 50))
+
+        def host_work(feeds: dict, pred: dict) -> None:   # what the loop does between calls: update + check
+            eps = np.asarray(pred[g.OUTPUT], dtype=np.float32)[:batch]
+            latents[0] = (0.99 * feeds[g.SAMPLE][:batch] - 0.01 * eps).astype(np.float32)
+            float(np.vdot(latents[0], latents[0]))
+
+        result: dict = {"batch": batch, "steps": steps, "cfg_folded": folded, "cuda_graph": record.get("cuda_graph"),
+                        "modes": {}}
+        _timed_calls(unet, lambda i: fixed, warmup)                 # capture and warm-up
+        for mode in MODES:
+            before = dict(unet.call_split)
+            if mode in ("alone", "alone-again"):
+                samples = _timed_calls(unet, lambda i: fixed, steps)
+            elif mode == "new-inputs":
+                samples = _timed_calls(unet, new_inputs, steps)
+            elif mode == "host-work":
+                samples = _timed_calls(unet, new_inputs, steps, between=host_work)
+            else:
+                run = dict(prompt=prompt, steps=steps, guidance=guidance, scheduler="ddim", seed=0, num_images=batch,
+                           height=height, width=width)
+                pipe(**run)                                           # warm-up
+                before = dict(unet.call_split)
+                start = time.perf_counter()
+                out = pipe(**run)
+                result["pipeline_total_ms"] = round((time.perf_counter() - start) * 1e3, 2)
+                per_call = out.timings.get("unet_per_step")
+                samples = [per_call * 1e3] if per_call else []
+            split = _split_since(unet, before)
+            entry = {"split": split}
+            if samples:
+                entry.update(median_ms=round(float(np.median(samples)), 4), p90_ms=round(float(np.percentile(samples, 90)), 4))
+            result["modes"][mode] = entry
+            print(f"B={batch} {mode:12} {entry.get('median_ms', '-')} ms a call; split {split}", flush=True)
+        return result
+    finally:
+        pipe.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", required=True, help="an artifact with the ort-cuda U-Net variant (export --ort-cuda)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--steps", type=int, default=50, help="calls per mode (the pipeline: denoising steps)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON")
+    args = ap.parse_args(argv)
+    from ldm_deploy.bench.machine import machine_info
+
+    results = {"machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "artifact": str(args.artifact), "runs": [measure(args.artifact, b, args.steps) for b in args.batch]}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
