@@ -85,6 +85,22 @@ def floor_view(record: dict, flops: dict, machine: dict) -> dict | None:
     return view
 
 
+def timeout_record(side: str, batch: int, timeout_s: float, wall_s: float) -> dict:
+    """The record of a side its time limit ended before it wrote one. A torch.compile side is a timeout with its
+    recipe named (the tables show it as one, like a compile past its own budget), since the limit may have cut
+    its compile short (a run's --time-limit can leave a side less than its --compile-budget); others an error."""
+    from ldm_deploy.bench.spec import COMPILE_SIDES
+
+    record = {"side": side, "batch": batch, "status": "error", "error": f"timed out after {timeout_s:.0f} s",
+              "wall_s": round(wall_s, 1)}
+    if side in COMPILE_SIDES:
+        mode, channels_last = COMPILE_SIDES[side]
+        record.update(status="timeout", compile={"mode": mode, "channels_last": channels_last},
+                      error=f"ended by the side's time limit ({timeout_s:.0f} s) before it wrote a record: "
+                            f"torch.compile mode={mode} (compile or measurement) had not finished")
+    return record
+
+
 def run_side(case: dict, timeout_s: float, log: Callable[[str], None]) -> dict:
     """Run one worker subprocess; whatever happens, return a record (fail soft)."""
     side, batch = case["side"], case["batch"]
@@ -111,8 +127,7 @@ def run_side(case: dict, timeout_s: float, log: Callable[[str], None]) -> dict:
             err.seek(0)
             stderr = err.read()
         if timed_out:
-            return {"side": side, "batch": batch, "status": "error",
-                    "error": f"timed out after {timeout_s:.0f} s", "wall_s": round(time.perf_counter() - start, 1)}
+            return timeout_record(side, batch, timeout_s, time.perf_counter() - start)
         if out_file.is_file():
             return json.loads(out_file.read_text(encoding="utf-8"))
         tail = [line for line in stderr.splitlines() if line.strip() and not line.startswith("USDT:")][-3:]

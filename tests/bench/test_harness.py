@@ -85,6 +85,19 @@ def test_a_compile_past_its_budget_is_recorded_as_a_timeout(tiny, tmp_path):
     assert by["ort-cpu"]["status"] == "ok"
 
 
+def test_a_compile_side_ended_by_its_time_limit_is_a_timeout():
+    """A side its time limit ends before it writes a record: a torch.compile side is a timeout with its recipe (the
+    H100 run's max-autotune side was cut at 104 s by the part's time limit, below its 200 s compile budget);
+    another side stays an error."""
+    from ldm_deploy.bench.harness import timeout_record
+
+    rec = timeout_record("torch-compile-max-autotune", 1, 104.0, 104.3)
+    assert rec["status"] == "timeout" and rec["compile"] == {"mode": "max-autotune", "channels_last": True}
+    assert "time limit (104 s)" in rec["error"] and "mode=max-autotune" in rec["error"] and rec["wall_s"] == 104.3
+    assert timeout_record("ort-cuda", 4, 60.0, 60.0) == {"side": "ort-cuda", "batch": 4, "status": "error",
+                                                          "error": "timed out after 60 s", "wall_s": 60.0}
+
+
 def test_a_crashing_worker_is_recorded(tmp_path):
     case = {"spec": {"sides": ["ort-cpu"], "no_such_key": 1}, "side": "ort-cpu", "batch": 1, "height": 64, "width": 64}
     rec = run_side(case, 60, print)
