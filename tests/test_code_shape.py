@@ -20,7 +20,7 @@ ALLOWED = {
     "ldm_deploy/bench/ort_side.py::_measure": 84,
     "ldm_deploy/bench/profile.py::profile_ort": 79,
     "ldm_deploy/bench/profile.py::profile_torch": 65,
-    "ldm_deploy/bench/torch_side.py::run": 90,
+    "ldm_deploy/bench/torch_side.py::run": 89,
     "ldm_deploy/commands/bench.py::add_arguments": 62,
     "ldm_deploy/engine/build.py::build_engines": 76,
     "ldm_deploy/export/cfg_fold.py::fold_cfg": 95,

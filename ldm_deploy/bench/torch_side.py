@@ -106,19 +106,46 @@ class TorchTxt2Img:
         image = self.decode_fn(latents / self.scaling_factor)                        # (B, 3, H, W) in [-1, 1]
         return ((image.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(self._torch.uint8)
 
-    def __call__(self, prompt: str, batch: int, height: int, width: int, guidance: float, seed: int = 0):
+    def __call__(self, prompt: str, batch: int, height: int, width: int, guidance: float, seed: int = 0,
+                 stages: dict | None = None):
+        """One image batch. `stages`, when given, gets each stage's seconds (text_encoder, denoise, vae_decoder),
+        the device synchronised at the two boundaries between them (nothing waits inside the loop)."""
         from training.noise import ddim_step
 
         torch = self._torch
+        mark = _StageClock(self.device, stages)
         # CFG: one text-encoder call over the 2B rows (uncond, cond), as the component timing runs it
         emb = self.encode_text([""] * batch + [prompt] * batch) if g.uses_cfg(guidance) else self.encode_text([prompt] * batch)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.randn((batch, self.in_channels, height // 8, width // 8), generator=gen,
                         device=self.device, dtype=torch.float32) * float(self.schedule.init_noise_sigma)
+        mark("text_encoder")
         for t, a, a_prev in self.steps:
             out = self.unet_step(x.to(self.dtype), t, emb, guidance).float()
             x = ddim_step(self.prediction_type, x, out, a, a_prev)
-        return self.decode(x.to(self.dtype)).permute(0, 2, 3, 1).cpu().numpy()     # uint8 (B, H, W, 3)
+        mark("denoise")
+        images = self.decode(x.to(self.dtype)).permute(0, 2, 3, 1).cpu().numpy()     # uint8 (B, H, W, 3)
+        mark("vae_decoder")
+        return images
+
+
+class _StageClock:
+    """stages[name] = seconds since the previous mark, the CUDA device synchronised first (no-op without stages)."""
+
+    def __init__(self, device, stages: dict | None):
+        import torch
+
+        self.stages, self.last = stages, time.perf_counter()
+        self.sync = torch.cuda.synchronize if (stages is not None and device.type == "cuda") else None
+
+    def __call__(self, name: str) -> None:
+        if self.stages is None:
+            return
+        if self.sync:
+            self.sync()
+        now = time.perf_counter()
+        self.stages[name] = now - self.last
+        self.last = now
 
 
 SDPA_KERNELS = (  # aten op -> backend, most specific first
@@ -151,6 +178,17 @@ def sdpa_backends(fn) -> dict:
                 used[backend] = used.get(backend, 0) + 1
                 break
     return {"kind": "sdpa", "enabled_cuda_backends": enabled, "used": used}
+
+
+def _first_calls(calls, sync, compile_s: dict) -> None:
+    """Each component's first call (its compile), timed into compile_s[name], then compile_s["total"]."""
+    for name, call in calls:
+        t0 = time.perf_counter()
+        call()
+        if sync:
+            sync()
+        compile_s[name] = round(time.perf_counter() - t0, 2)
+    compile_s["total"] = round(sum(compile_s.values()), 2)
 
 
 def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
@@ -206,13 +244,7 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
             first_calls = (("unet", lambda: pipe.unet_step(x, t_mid, emb, spec.guidance)),
                            ("text_encoder", lambda: pipe.encode_text(prompts)), ("vae_decoder", lambda: pipe.decode(z)))
             with deadline(spec.compile_budget_s, record, what=f"torch.compile mode={mode}"):
-                for name, call in first_calls:
-                    t0 = time.perf_counter()
-                    call()
-                    if sync:
-                        sync()
-                    record["compile_s"][name] = round(time.perf_counter() - t0, 2)
-            record["compile_s"]["total"] = round(sum(record["compile_s"].values()), 2)
+                _first_calls(first_calls, sync, record["compile_s"])
             log(f"{side} b{batch}: compiled in {record['compile_s']['total']} s")
         record["components_ms"] = {}
 
@@ -231,13 +263,18 @@ def run(spec, side: str, batch: int, height: int, width: int, log) -> dict:
         log(f"{side} b{batch}: U-Net step {from_samples(windows['unet_step'][0]).median_ms:.1f} ms; end to end ...")
         images = []
 
+        stage_runs: list[dict] = []
+
         def e2e():
-            images[:] = [pipe(spec.prompt, batch, height, width, spec.guidance)]
+            stage_runs.append({})
+            images[:] = [pipe(spec.prompt, batch, height, width, spec.guidance, stages=stage_runs[-1])]
 
         timing = measure_within(e2e, budget_s=spec.e2e_budget_s, warmup=spec.warmup, repeats=spec.repeats, sync=sync)
         components(1)   # a second window after the end-to-end runs: a load change between them shows
     record["components_ms"] = {name: windowed(w, spec.component_warmup) for name, w in windows.items()}
     record["end_to_end"] = timing.as_dict()
+    timed = stage_runs[spec.warmup:] or stage_runs
+    record["stages_ms"] = {k: round(float(np.median([r[k] for r in timed])) * 1e3, 2) for k in timed[0]}
     record["images_shape"] = list(images[0].shape)
     if cuda:
         record["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

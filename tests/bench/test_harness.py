@@ -47,6 +47,11 @@ def test_run_bench_writes_every_side(tiny, tmp_path):
         assert rec["images_per_s"] == pytest.approx(1e3 / rec["end_to_end"]["median_ms"], rel=1e-3)
         assert rec["images_shape"] == [1, 64, 64, 3] and rec["dtype"] == "fp32"
         assert rec["peak_rss_mib"] > 10
+        # both loops' stages, timed inside the end-to-end runs: together within that run's time
+        stages = rec["stages_ms"]
+        assert set(stages) >= {"text_encoder", "denoise", "vae_decoder"} and stages["denoise"] > 0, side
+        parts = stages["text_encoder"] + stages["denoise"] + stages["vae_decoder"]
+        assert parts <= rec["end_to_end"]["median_ms"] * 1.001 + 0.01, (side, stages)
     assert by["ort-cpu"]["model_files"]["unet"].endswith("unet/model.onnx")
     assert 0 <= by["ort-cpu"]["scheduler_overhead"]["fraction_of_step"] < 5
     assert by["torch-eager-fp16"]["status"] == "skipped" and "CUDA" in by["torch-eager-fp16"]["reason"]
