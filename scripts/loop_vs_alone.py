@@ -47,10 +47,44 @@ def _timed_calls(runner, feeds_for, calls: int, between=None) -> list[float]:
     return out
 
 
+class Feeds:
+    """The U-Net feeds of each mode at one batch: fixed ones, new latents and timestep per call, and the loop's
+    host work between calls (a DDIM-like update and the finite check, in numpy)."""
+
+    def __init__(self, pipe, unet, batch: int, guidance: float, prompt: str):
+        from ldm_deploy.runtime import guidance as g
+        from ldm_deploy.runtime.runners.base import takes_guidance
+
+        self.g, self.batch = g, batch
+        self.folded = takes_guidance(unet)   # the CFG-folded graph (export --ort-cuda): B latents in; else 2B rows
+        self.emb = g.rows(pipe.encode_text([""] * batch), pipe.encode_text([prompt] * batch), guidance)
+        self.context, self.scalars = g.folded_context(self.emb, guidance), g.folded_scalars(guidance, 0.0)
+        prof, scale = pipe.info.profiles, pipe.info.vae_scale_factor
+        self.height, self.width = (prof.height.opt, prof.width.opt) if prof is not None else (512, 512)
+        shape = (batch, pipe.latent_channels, self.height // scale, self.width // scale)
+        self.timestep = np.empty((batch if self.folded else 2 * batch,), np.float32)
+        rng = np.random.default_rng(0)
+        self.fixed = self._of(rng.standard_normal(shape, dtype=np.float32), 500.0)
+        self.fixed[g.TIMESTEP] = self.fixed[g.TIMESTEP].copy()
+        self.latents = [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
+
+    def _of(self, x: np.ndarray, t: float) -> dict:
+        self.timestep.fill(t)
+        if self.folded:
+            return self.g.folded_feeds(x, self.timestep, self.context, self.scalars)
+        return self.g.plain_feeds(np.concatenate([x, x]), self.timestep, self.emb)
+
+    def new_inputs(self, i: int) -> dict:
+        return self._of(self.latents[i % 4], 999.0 - 20.0 * (i % 50))
+
+    def host_work(self, feeds: dict, pred: dict) -> None:
+        eps = np.asarray(pred[self.g.OUTPUT], dtype=np.float32)[:self.batch]
+        self.latents[0] = (0.99 * feeds[self.g.SAMPLE][:self.batch] - 0.01 * eps).astype(np.float32)
+        float(np.vdot(self.latents[0], self.latents[0]))
+
+
 def measure(artifact: str, batch: int, steps: int, guidance: float = 7.5, warmup: int = 3) -> dict:
     from ldm_deploy.bench.ort_side import _open_pipeline
-    from ldm_deploy.runtime import guidance as g
-    from ldm_deploy.runtime.runners.base import takes_guidance
 
     record: dict = {}
     pipe = _open_pipeline(artifact, "ort-cuda", {"enable_cuda_graph": True}, record, lambda m: print(m, flush=True))
@@ -58,61 +92,31 @@ def measure(artifact: str, batch: int, steps: int, guidance: float = 7.5, warmup
         unet = pipe.runners["unet"]
         if not hasattr(unet, "call_split"):
             raise SystemExit("the U-Net runner has no call_split (not an IO-bound ort-cuda runner)")
-        folded = takes_guidance(unet)   # the CFG-folded graph (export --ort-cuda): B latents in; else 2B rows
         prompt = "a photograph of an astronaut riding a horse on the moon"
-        emb = g.rows(pipe.encode_text([""] * batch), pipe.encode_text([prompt] * batch), guidance)
-        context, scalars = g.folded_context(emb, guidance), g.folded_scalars(guidance, 0.0)
-        rng = np.random.default_rng(0)
-        prof, scale = pipe.info.profiles, pipe.info.vae_scale_factor
-        height, width = (prof.height.opt, prof.width.opt) if prof is not None else (512, 512)
-        shape = (batch, pipe.latent_channels, height // scale, width // scale)
-        timestep = np.empty((batch if folded else 2 * batch,), np.float32)
-
-        def feeds_of(x: np.ndarray, t: float) -> dict:
-            timestep.fill(t)
-            if folded:
-                return g.folded_feeds(x, timestep, context, scalars)
-            return g.plain_feeds(np.concatenate([x, x]), timestep, emb)
-
-        fixed = feeds_of(rng.standard_normal(shape, dtype=np.float32), 500.0)
-        fixed[g.TIMESTEP] = fixed[g.TIMESTEP].copy()
-        latents = [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
-
-        def new_inputs(i: int) -> dict:
-            return feeds_of(latents[i % 4], 999.0 - 20.0 * (i % 50))
-
-        def host_work(feeds: dict, pred: dict) -> None:   # what the loop does between calls: update + check
-            eps = np.asarray(pred[g.OUTPUT], dtype=np.float32)[:batch]
-            latents[0] = (0.99 * feeds[g.SAMPLE][:batch] - 0.01 * eps).astype(np.float32)
-            float(np.vdot(latents[0], latents[0]))
-
-        result: dict = {"batch": batch, "steps": steps, "cfg_folded": folded, "cuda_graph": record.get("cuda_graph"),
+        f = Feeds(pipe, unet, batch, guidance, prompt)
+        result: dict = {"batch": batch, "steps": steps, "cfg_folded": f.folded, "cuda_graph": record.get("cuda_graph"),
                         "modes": {}}
-        _timed_calls(unet, lambda i: fixed, warmup)                 # capture and warm-up
+        _timed_calls(unet, lambda i: f.fixed, warmup)                 # capture and warm-up
         for mode in MODES:
             before = dict(unet.call_split)
             if mode in ("alone", "alone-again"):
-                samples = _timed_calls(unet, lambda i: fixed, steps)
-            elif mode == "new-inputs":
-                samples = _timed_calls(unet, new_inputs, steps)
-            elif mode == "host-work":
-                samples = _timed_calls(unet, new_inputs, steps, between=host_work)
+                samples = _timed_calls(unet, lambda i: f.fixed, steps)
+            elif mode in ("new-inputs", "host-work"):
+                samples = _timed_calls(unet, f.new_inputs, steps, between=f.host_work if mode == "host-work" else None)
             else:
                 run = dict(prompt=prompt, steps=steps, guidance=guidance, scheduler="ddim", seed=0, num_images=batch,
-                           height=height, width=width)
+                           height=f.height, width=f.width)
                 pipe(**run)                                           # warm-up
                 before = dict(unet.call_split)
                 start = time.perf_counter()
-                out = pipe(**run)
+                per_call = pipe(**run).timings.get("unet_per_step")
                 result["pipeline_total_ms"] = round((time.perf_counter() - start) * 1e3, 2)
-                per_call = out.timings.get("unet_per_step")
                 samples = [per_call * 1e3] if per_call else []
-            split = _split_since(unet, before)
-            entry = {"split": split}
+            entry = {"split": _split_since(unet, before)}
             if samples:
                 entry.update(median_ms=round(float(np.median(samples)), 4), p90_ms=round(float(np.percentile(samples, 90)), 4))
             result["modes"][mode] = entry
-            print(f"B={batch} {mode:12} {entry.get('median_ms', '-')} ms a call; split {split}", flush=True)
+            print(f"B={batch} {mode:12} {entry.get('median_ms', '-')} ms a call; split {entry['split']}", flush=True)
         return result
     finally:
         pipe.close()
