@@ -388,7 +388,8 @@ class OrtBoundRunner(OrtRunner):
         self._uploaded = False
         self._sync = None                          # host->device copy fence (see _sync_uploads)
         # where a call's time goes, summed over calls (seconds): binding and uploading the inputs ("prepare"),
-        # the run with its stream sync ("run": the GPU work, replayed or launched), the outputs to host ("fetch")
+        # the run with its stream sync ("run": the GPU work, replayed or launched), the outputs to host ("fetch");
+        # a shape's probe call (outputs not sizable from the manifest, ORT allocates) is not counted
         self.call_split = {"prepare": 0.0, "run": 0.0, "fetch": 0.0, "calls": 0}
         # the one re-bound slot: every call without CUDA graphs, the shapes past the bound with them
         self._slot = self._spare = self._new_slot(-1 if self.enable_cuda_graph else None)
