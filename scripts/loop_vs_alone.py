@@ -130,9 +130,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the results as JSON")
     args = ap.parse_args(argv)
     from ldm_deploy.bench.machine import machine_info
+    from ldm_deploy.errors import LdmError
 
+    try:
+        runs = [measure(args.artifact, b, args.steps) for b in args.batch]
+    except LdmError as e:   # e.g. no CUDA here: one line, not a traceback
+        print(f"loop_vs_alone: {e}", file=sys.stderr)
+        return 1
     results = {"machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "artifact": str(args.artifact), "runs": [measure(args.artifact, b, args.steps) for b in args.batch]}
+               "artifact": str(args.artifact), "runs": runs}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -40,3 +40,15 @@ def test_every_mode_is_measured_with_its_split(tiny, monkeypatch, tmp_path):  # 
         assert entry["split"]["calls"] == 3 and entry["split"]["run_ms"] > 0, mode
         assert entry["median_ms"] > 0, mode
     assert run["pipeline_total_ms"] > 0
+
+
+def test_without_cuda_it_says_so_in_one_line(tiny, capsys, tmp_path):  # noqa: F811
+    import onnxruntime as ort
+    import pytest
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is here")
+    out = tmp_path / "loop.json"
+    assert _script().main(["--artifact", str(tiny[1]), "--batch", "1", "--steps", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDAExecutionProvider" in err[0] and not out.exists()
