@@ -28,13 +28,6 @@ sys.path.insert(0, str(ROOT))
 MODES = ("alone", "new-inputs", "host-work", "pipeline", "alone-again")
 
 
-def _split_since(runner, before: dict) -> dict:
-    now = runner.call_split
-    calls = max(now["calls"] - before["calls"], 1)
-    return {"calls": now["calls"] - before["calls"],
-            **{f"{k}_ms": round((now[k] - before[k]) / calls * 1e3, 4) for k in ("prepare", "run", "fetch")}}
-
-
 def _timed_calls(runner, feeds_for, calls: int, between=None) -> list[float]:
     out = []
     for i in range(calls):
@@ -84,7 +77,7 @@ class Feeds:
 
 
 def measure(artifact: str, batch: int, steps: int, guidance: float = 7.5, warmup: int = 3) -> dict:
-    from ldm_deploy.bench.ort_side import _open_pipeline
+    from ldm_deploy.bench.ort_side import CallSplits, _open_pipeline
 
     record: dict = {}
     pipe = _open_pipeline(artifact, "ort-cuda", {"enable_cuda_graph": True}, record, lambda m: print(m, flush=True))
@@ -97,22 +90,24 @@ def measure(artifact: str, batch: int, steps: int, guidance: float = 7.5, warmup
         result: dict = {"batch": batch, "steps": steps, "cfg_folded": f.folded, "cuda_graph": record.get("cuda_graph"),
                         "modes": {}}
         _timed_calls(unet, lambda i: f.fixed, warmup)                 # capture and warm-up
+        splits = CallSplits(unet)                                     # the bench's per-window split of the calls
+        run = dict(prompt=prompt, steps=steps, guidance=guidance, scheduler="ddim", seed=0, num_images=batch,
+                   height=f.height, width=f.width)
         for mode in MODES:
-            before = dict(unet.call_split)
-            if mode in ("alone", "alone-again"):
-                samples = _timed_calls(unet, lambda i: f.fixed, steps)
-            elif mode in ("new-inputs", "host-work"):
-                samples = _timed_calls(unet, f.new_inputs, steps, between=f.host_work if mode == "host-work" else None)
-            else:
-                run = dict(prompt=prompt, steps=steps, guidance=guidance, scheduler="ddim", seed=0, num_images=batch,
-                           height=f.height, width=f.width)
-                pipe(**run)                                           # warm-up
-                before = dict(unet.call_split)
-                start = time.perf_counter()
-                per_call = pipe(**run).timings.get("unet_per_step")
-                result["pipeline_total_ms"] = round((time.perf_counter() - start) * 1e3, 2)
-                samples = [per_call * 1e3] if per_call else []
-            entry = {"split": _split_since(unet, before)}
+            if mode == "pipeline":
+                pipe(**run)                                           # warm-up, outside the window
+            with splits.window(mode):
+                if mode in ("alone", "alone-again"):
+                    samples = _timed_calls(unet, lambda i: f.fixed, steps)
+                elif mode in ("new-inputs", "host-work"):
+                    samples = _timed_calls(unet, f.new_inputs, steps,
+                                           between=f.host_work if mode == "host-work" else None)
+                else:
+                    start = time.perf_counter()
+                    per_call = pipe(**run).timings.get("unet_per_step")
+                    result["pipeline_total_ms"] = round((time.perf_counter() - start) * 1e3, 2)
+                    samples = [per_call * 1e3] if per_call else []
+            entry = {"split": splits.record(unet)["unet_call_split_ms"][mode]}
             if samples:
                 entry.update(median_ms=round(float(np.median(samples)), 4), p90_ms=round(float(np.percentile(samples, 90)), 4))
             result["modes"][mode] = entry

@@ -34,7 +34,8 @@ from typing import Callable
 from ldm_deploy import flops as F
 from ldm_deploy.artifact import Artifact, is_artifact
 from ldm_deploy.bench.machine import gpu_peak_tflops, machine_info
-from ldm_deploy.bench.spec import FORMAT, FORMAT_VERSION, ORT_SIDES, SIDE_NOTES, TORCH_SIDES, BenchSpec
+from ldm_deploy.bench.spec import (COMPILE_SIDES, FORMAT, FORMAT_VERSION, ORT_SIDES, SIDE_NOTES, TORCH_SIDES,
+                                   BenchSpec)
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.fileio import write_json
 
@@ -89,8 +90,6 @@ def timeout_record(side: str, batch: int, timeout_s: float, wall_s: float) -> di
     """The record of a side its time limit ended before it wrote one. A torch.compile side is a timeout with its
     recipe named (the tables show it as one, like a compile past its own budget), since the limit may have cut
     its compile short (a run's --time-limit can leave a side less than its --compile-budget); others an error."""
-    from ldm_deploy.bench.spec import COMPILE_SIDES
-
     record = {"side": side, "batch": batch, "status": "error", "error": f"timed out after {timeout_s:.0f} s",
               "wall_s": round(wall_s, 1)}
     if side in COMPILE_SIDES:
