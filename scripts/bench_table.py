@@ -91,5 +91,16 @@ def _title(run: dict) -> str:
             f"{model.get('steps')} steps, guidance {model.get('guidance')}):")
 
 
+def run(argv=None) -> int:
+    """main(), with a bad results file as one line on stderr and exit status 1, not a traceback."""
+    from ldm_deploy.errors import LdmError
+
+    try:
+        return main(argv)
+    except LdmError as e:
+        print(f"bench_table: {e}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -23,9 +23,14 @@ CHART_SOFTWARE = "ldm-deploy bench"   # the chart PNG's Software text: an earlie
 def load_results(paths) -> list[dict]:
     runs = []
     for path in sorted(Path(p) for p in paths):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != "ldm-deploy-bench":
-            raise LdmError(f"{path} is not an ldm-deploy benchmark result (format {data.get('format')!r})")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LdmError(f"{path} cannot be read as JSON: {e}", hint="pass only `ldm-deploy bench` result files") from None
+        if not isinstance(data, dict) or data.get("format") != "ldm-deploy-bench":
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise LdmError(f"{path} is not an ldm-deploy benchmark result (format {found!r})",
+                           hint="keep other JSON out of the results folder, or pass the result files explicitly")
         data.setdefault("name", path.stem)
         runs.append(data)
     return runs

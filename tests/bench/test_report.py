@@ -286,3 +286,35 @@ def test_spec_checks_compile_budget_and_slack():
     assert set(COMPILE_SIDES) <= set(TORCH_SIDES) and COMPILE_SIDES["torch-compile-ro"] == ("reduce-overhead", True)
     assert TUNING_RUN[:3] == ("ort-cuda", "torch-compile-ro", "torch-eager-fp16") and set(TUNING) <= set(TUNING_RUN)
     BenchSpec(sides=TUNING_RUN)   # every side is known
+
+
+def test_a_file_that_is_not_a_bench_result_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    """Another tool's JSON beside the results (bench_sdxl's once), a truncated file, a JSON list: bench_table says
+    which file and why in one line, exits 1, and leaves the README as it was."""
+    import importlib.util
+
+    from ldm_deploy.bench.report import load_results
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_table", root / "scripts" / "bench_table.py")
+    bench_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_table)
+    results = tmp_path / "repo" / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "h100-sd15.json").write_text(json.dumps(_sample_run()))
+    readme = tmp_path / "repo" / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\n")
+    bench_table.ROOT = tmp_path / "repo"
+    for name, text, why in (("sdxl.json", json.dumps({"workload": {}}), "not an ldm-deploy benchmark result"),
+                            ("cut.json", '{"format": "ldm-deploy-bench", "res', "cannot be read as JSON"),
+                            ("list.json", "[1, 2]", "format 'list'")):
+        bad = results / name
+        bad.write_text(text)
+        with pytest.raises(LdmError, match=why):
+            load_results([bad])
+        assert bench_table.run(["--readme", str(readme)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0] and why in err[0]
+        assert readme.read_text() == f"# x\n{START}\nold\n{END}\n"
+        bad.unlink()
+    assert bench_table.run(["--readme", str(readme)]) == 0 and "ort-cuda" in readme.read_text()
