@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_perf_run.sh part1    # B=1: ort-cuda, torch.compile reduce-overhead + channels_last, eager fp16,
 #                                         #      then every profile lever on ort-cuda (spec.TUNING)       ~9 min
-#   bash scripts/gpu_perf_run.sh part2    # B=4: the same core sides + CUDA graphs on all components;
+#   bash scripts/gpu_perf_run.sh part2    # B=4: the core sides, the device loop, CUDA graphs on all components;
 #                                         #      per-op-type U-Net profiles at B=1 and B=4 (ORT vs inductor);
 #                                         #      a U-Net call alone against inside the loop (loop_vs_alone.py) ~9 min
 #   bash scripts/gpu_perf_run.sh part3    # the demo model (8 images, 25 steps): U-Net-only vs all-component CUDA
@@ -20,7 +20,8 @@
 # Environment: PYTHON (default python3; PYTHONPATH may point at an onnxruntime-gpu install), WORK (default
 # build/gpu-perf: git-ignored, kept between device calls on a warm machine), OUT, PART_LIMIT_S (default 480:
 # no side starts after it; one started late gets at most 60 s more), SIDES_B1 / SIDES_B4 (override part1's /
-# part2's side lists, e.g. to rerun the sides a slow export left skipped).
+# part2's side lists, e.g. to rerun the sides a slow export left skipped), PART2_PROFILE=0 (part2 without the
+# per-op profiles, when they were measured before: its sides get the whole limit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,12 +58,16 @@ part1() {   # B=1: the core sides, then each profile lever on ort-cuda
     --levers-dir "$WORK/tuning-levers" --time-limit "$LIMIT" --out "$OUT/part1.json" 2>&1 | tee "$OUT/part1.log"
 }
 
-part2() {   # B=4 core sides + CUDA graphs everywhere (about half the limit), then the profiles
+part2() {   # B=4 core sides + the device loop + CUDA graphs everywhere (about half the limit), then the profiles
+  local bench_limit=$((LIMIT / 2))
+  [[ ${PART2_PROFILE:-1} == 0 ]] && bench_limit=$((LIMIT - 60))   # profiles measured before: the sides get the time
   "$PYTHON" -m ldm_deploy.cli bench "${COMMON[@]}" --tuning --batch 4 \
-    --sides "${SIDES_B4:-ort-cuda,ort-cuda-graph-all,torch-eager-fp16,torch-compile-ro}" \
-    --time-limit $((LIMIT / 2)) --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log" || echo "bench exited $?: profiles next"
-  "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --batch 1 4 "${PROFILE_ARGS[@]}" \
-    --note "scripts/gpu_perf_run.sh part2" --out "$OUT/profile.json" --md "$OUT/profile.md" 2>&1 | tee -a "$OUT/part2.log"
+    --sides "${SIDES_B4:-ort-cuda,ort-cuda-device-loop,torch-compile-ro,ort-cuda-graph-all,torch-eager-fp16}" \
+    --levers-dir "$WORK/tuning-levers" --time-limit $bench_limit --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log" \
+    || echo "bench exited $?: profiles next"
+  [[ ${PART2_PROFILE:-1} == 0 ]] || "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --batch 1 4 \
+    "${PROFILE_ARGS[@]}" --note "scripts/gpu_perf_run.sh part2" --out "$OUT/profile.json" --md "$OUT/profile.md" \
+    2>&1 | tee -a "$OUT/part2.log"
   # where a U-Net call's time goes alone against inside the loop (the 2026-12-07 run: +4.2 ms a call at B=4)
   "$PYTHON" scripts/loop_vs_alone.py --artifact "$ARTIFACT" --batch 1 4 --steps $LOOP_STEPS --out "$OUT/loop.json" \
     2>&1 | tee -a "$OUT/part2.log" || echo "loop_vs_alone exited $?"

@@ -35,7 +35,7 @@ _OPTIONS = {
 }
 # the benchmark's own runner knobs, which no production runner takes: a lever graph from the benchmark's folder
 # (prepare.add_lever_variants), session.run without IO binding, extra CUDA provider options
-LEVER_KNOBS = ("graph", "io_binding", "provider_options")
+LEVER_KNOBS = ("graph", "io_binding", "provider_options", "device_loop")
 
 
 def _open_runner(backend: str, artifact, component: str, opts: dict, levers_dir=None):
@@ -54,9 +54,13 @@ def _open_runner(backend: str, artifact, component: str, opts: dict, levers_dir=
 
     production.setdefault("variant", "auto")
     graph = lever_graph(levers_dir, knobs["graph"]) if knobs.get("graph") else None
-    loaded = SessionFromArtifact(artifact, component, provider="cuda", graph=graph,
-                                 provider_options=knobs.get("provider_options"), **production)()
-    return (OrtBoundRunner if knobs.get("io_binding", True) else OrtRunner)(loaded)
+    loader = SessionFromArtifact(artifact, component, provider="cuda", graph=graph,
+                                 provider_options=knobs.get("provider_options"), **production)
+    if knobs.get("device_loop"):   # a loop step graph: the runner owns the stream and the captures
+        from ldm_deploy.runtime.runners.ort_loop import OrtLoopRunner
+
+        return OrtLoopRunner(loader)
+    return (OrtBoundRunner if knobs.get("io_binding", True) else OrtRunner)(loader())
 
 
 def _skip_reason(spec, side: str) -> str | None:
@@ -101,7 +105,8 @@ def _runner_options(spec, side: str) -> tuple[str, dict, dict]:
     opts = dict(opts)
     unet_opts = dict(LEVERS[side][1]) if side in LEVERS else {}
     if side in TUNING and TUNING[side][1].get("graph"):   # a graph-tuning lever: the U-Net's graph only
-        unet_opts = {"graph": TUNING[side][1]["graph"], "enable_cuda_graph": True}
+        unet_opts = {"graph": TUNING[side][1]["graph"], "enable_cuda_graph": True,
+                     **({"device_loop": True} if TUNING[side][1].get("device_loop") else {})}
     if backend == "ort-cpu" and spec.threads:
         opts["intra_op_threads"] = int(spec.threads)
     if backend == "tensorrt" and spec.engine_dir:
@@ -214,6 +219,13 @@ class CallSplits:
         if hasattr(runner, "cuda_graphs"):
             out["unet_cuda_graph_slots"] = len(runner.cuda_graphs)
             out["unet_ungraphed_calls"] = int(getattr(runner, "ungraphed_calls", 0))
+        if getattr(runner, "device_loop", False):   # runners/ort_loop.py: captures and where a loop's time went
+            split = runner.loop_split
+            out["device_loop"] = {"captured_slots": runner.captured,
+                                  "capture_errors": [str(e) for e in runner.capture_errors.values()],
+                                  "loops": split["loops"], "steps": split["steps"],
+                                  **{f"{k}_ms_per_loop": round(split[k] / max(split["loops"], 1) * 1e3, 3)
+                                     for k in ("upload", "launch", "wait")}}
         return out
 
 

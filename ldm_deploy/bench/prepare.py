@@ -230,6 +230,9 @@ TUNING_GRAPHS = {
     "tuning-norm-layout": {"fp16_norm": True, "fold_transposes": True},
     "tuning-conv-bias-norm": {"fp16_norm": False, "fold_transposes": False, "conv_bias": True},
     "tuning-all-passes": {"fp16_norm": True, "fold_transposes": True, "conv_bias": True},
+    "tuning-device-loop": {"fp16_norm": False, "fold_transposes": False, "device_loop": True},
+    "tuning-device-loop-all-passes": {"fp16_norm": True, "fold_transposes": True, "conv_bias": True,
+                                      "device_loop": True},
 }
 
 

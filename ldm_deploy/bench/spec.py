@@ -87,6 +87,15 @@ TUNING = {
                                 {"graph": "tuning-conv-bias-norm"}),
     "ort-cuda-all-graph-passes": ("the three U-Net graph passes together (fp16 norm, folded transposes, conv "
                                   "bias into the norm)", {"graph": "tuning-all-passes"}),
+    # the loop on the device (runtime/device_loop.py, runners/ort_loop.py): the sampler's update in the U-Net
+    # graph, one CUDA graph per step captured outside ORT, no host wait between steps; CUDA graphs on the text
+    # encoder and VAE decoder too (the strongest deployed configuration, as torch-compile-ro compiles all three)
+    "ort-cuda-device-loop": ("the denoising loop on the device: DDIM update in the U-Net graph, each step one "
+                             "CUDA graph launch, no host wait between steps; CUDA graphs on all components",
+                             {"graph": "tuning-device-loop", "device_loop": True, "graph_all": True}),
+    "ort-cuda-device-loop-all-passes": ("ort-cuda-device-loop on the U-Net with the three graph passes",
+                                        {"graph": "tuning-device-loop-all-passes", "device_loop": True,
+                                         "graph_all": True}),
 }
 # the profile-lever run (`ldm-deploy bench --tuning`), most telling first so
 # a run cut short by its time budget keeps them: the deployed path, the strongest one-line PyTorch recipe

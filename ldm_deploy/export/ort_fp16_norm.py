@@ -425,18 +425,23 @@ def norm_layout_passes(model: onnx.ModelProto, *, fp16_norm: bool = True, fold_t
     return stats
 
 
-def write_norm_layout_graph(src: str | Path, dst: str | Path, **passes) -> dict:
-    """Load `src` (a fused ort-cuda graph, weights included), run `norm_layout_passes(**passes)`, write `dst`
-    (+ `dst.data` past protobuf's 2 GB) through a temporary name, so a failure leaves no half-written graph."""
+def write_norm_layout_graph(src: str | Path, dst: str | Path, *, device_loop: bool = False, **passes) -> dict:
+    """Load `src` (a fused ort-cuda graph, weights included), run `norm_layout_passes(**passes)` and, with
+    `device_loop`, wrap the result into the loop step graph (export/step_graph.py); write `dst` (+ `dst.data`
+    past protobuf's 2 GB) through a temporary name, so a failure leaves no half-written graph."""
     import shutil
     import time
 
     from ldm_deploy.export import onnx_io
+    from ldm_deploy.export.step_graph import add_loop_step
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=True)
     stats = norm_layout_passes(model, **passes)
+    if device_loop:
+        add_loop_step(model)
+        stats["device_loop"] = True
     work = dst.parent / f".{dst.name}.tmp"
     shutil.rmtree(work, ignore_errors=True)
     data = onnx_io.save_model(model, work / dst.name)

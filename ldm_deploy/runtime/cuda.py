@@ -69,10 +69,16 @@ def set_device(device: int) -> None:
 
 
 class Stream:
-    """One CUDA stream; `handle` is the int TensorRT's execute_async_v3 takes."""
+    """One CUDA stream; `handle` is the int TensorRT's execute_async_v3 (and ORT's user_compute_stream) takes.
+    `non_blocking`: no implicit ordering with the legacy default stream (cudaStreamNonBlocking), so another
+    library's synchronous copy on stream 0 never touches a capture running on this stream."""
 
-    def __init__(self):
-        self._stream = check(_rt().cudaStreamCreate(), "cudaStreamCreate")
+    def __init__(self, non_blocking: bool = False):
+        rt = _rt()
+        if non_blocking:
+            self._stream = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        else:
+            self._stream = check(rt.cudaStreamCreate(), "cudaStreamCreate")
         self.handle = int(self._stream)
 
     def synchronize(self) -> None:
@@ -133,6 +139,17 @@ def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stre
     rt = _rt()
     check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream._stream),
           "cudaMemcpyAsync (device to host)")
+
+
+def copy_async(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream, kind: str = "d2d") -> None:
+    """cudaMemcpyAsync of raw addresses on `stream`; `kind` "h2d", "d2h" or "d2d". From pageable host memory
+    the source may be reused once this returns (CUDA stages it); inside a stream capture a d2d copy is
+    recorded as a graph node."""
+    rt = _rt()
+    kinds = {"h2d": rt.cudaMemcpyKind.cudaMemcpyHostToDevice, "d2h": rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+             "d2d": rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice}
+    check(rt.cudaMemcpyAsync(int(dst_ptr), int(src_ptr), int(nbytes), kinds[kind], stream._stream),
+          f"cudaMemcpyAsync ({kind})")
 
 
 class Graph:

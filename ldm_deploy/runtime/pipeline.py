@@ -31,6 +31,7 @@ import numpy as np
 
 from ldm_deploy.artifact import SD_COMPONENTS, ModelInfo
 from ldm_deploy.errors import LdmError, UsageError
+from ldm_deploy.runtime import device_loop
 from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.runners.base import takes_guidance
 
@@ -468,12 +469,33 @@ class Pipeline:
         """Run the request's sampler over `schedule` from x; the loop's timings go into `timings`."""
         from ldm_deploy.runtime import schedulers as sch
 
-        denoiser = make_denoiser(self.runners["unet"], context, req.guidance, req.guidance_rescale, extra)
+        unet = self.runners["unet"]
+        if getattr(unet, "device_loop", False) and callback is None \
+                and device_loop.why_not(req.scheduler, schedule, req.eta) is None:
+            return self.denoise_on_device(req, schedule, x, context, extra, timings)
+        denoiser = make_denoiser(unet, context, req.guidance, req.guidance_rescale, extra)
         t0 = time.perf_counter()
         x = sch.sample(req.scheduler, denoiser, x, schedule, rng=rng, callback=callback, eta=req.eta)
         timings.update(denoiser.timings(time.perf_counter() - t0))
         x = np.asarray(x, dtype=np.float32)
         check_finite(x, "scheduler", f"({req.scheduler})")
+        return x
+
+    def denoise_on_device(self, req: Request, schedule, x: np.ndarray, context: np.ndarray,
+                          extra: Mapping[str, np.ndarray], timings: dict[str, float]) -> np.ndarray:
+        """The whole loop in the U-Net runner's loop step graph (runtime/device_loop.py): one call, no host
+        work or wait between steps; the timings keep the host loop's keys (no scheduler overhead)."""
+        tables = device_loop.loop_tables(req.scheduler, schedule, req.eta)
+        conditioning = {g.CONTEXT: g.folded_context(context, req.guidance),
+                        **g.folded_scalars(req.guidance, req.guidance_rescale),
+                        **{k: g.folded_context(v, req.guidance) for k, v in (extra or {}).items()}}
+        t0 = time.perf_counter()
+        x = self.runners["unet"].sample_loop(x, tables, conditioning)
+        loop_s, n = time.perf_counter() - t0, tables.steps
+        timings.update({"denoise": loop_s, "unet": loop_s, "unet_calls": n, "scheduler_overhead": 0.0,
+                        "unet_per_step": loop_s / n, "scheduler_overhead_per_step": 0.0, "overhead_fraction": 0.0,
+                        "device_loop": 1})
+        check_finite(x, "unet", f"(device loop, {req.scheduler}, {n} steps)")
         return x
 
     def decode(self, x: np.ndarray) -> np.ndarray:

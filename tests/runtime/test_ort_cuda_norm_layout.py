@@ -62,8 +62,9 @@ def test_norm_layout_levers_match_ort_cuda(artifacts, tmp_path, record_property)
     for side, (_, tuning) in TUNING.items():
         if not tuning.get("graph"):
             continue
-        lever = _open_runner("ort-cuda", art, "unet", {"graph": tuning["graph"], "enable_cuda_graph": True},
-                             tmp_path / "levers")
+        # a loop step graph (the device-loop sides) runs as one folded U-Net call here (x' = 0 x + 1 out)
+        knobs = {"graph": tuning["graph"], "enable_cuda_graph": True, "device_loop": bool(tuning.get("device_loop"))}
+        lever = _open_runner("ort-cuda", art, "unet", knobs, tmp_path / "levers")
         assert lever.variant == tuning["graph"] and takes_guidance(lever)
         got = [lever(x)["noise_pred"].copy() for x in inputs]   # call 1 captures the CUDA graph, 2 and 3 replay it
         lever.close()
