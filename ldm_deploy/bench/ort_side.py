@@ -225,7 +225,7 @@ class CallSplits:
                                   "capture_errors": [str(e) for e in runner.capture_errors.values()],
                                   "loops": split["loops"], "steps": split["steps"],
                                   **{f"{k}_ms_per_loop": round(split[k] / max(split["loops"], 1) * 1e3, 3)
-                                     for k in ("upload", "launch", "wait")}}
+                                     for k in ("setup", "upload", "launch", "wait")}}
         return out
 
 

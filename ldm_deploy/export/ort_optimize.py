@@ -373,6 +373,26 @@ def _fp32_path(model: onnx.ModelProto, inputs: list[str]) -> list[str]:
     return island
 
 
+def float_constants_as_initializers(graph) -> int:
+    """Constant nodes feeding an input that must stay float32 (ORT float16 converter's ALWAYS_FLOAT_INPUTS:
+    Resize's scales, GroupNorm's gamma / beta) become initializers. The converter keeps such initializers fp32,
+    but turns a Constant node's tensor into fp16 -- which left the VAE decoder's upsampling Resize with fp16
+    scales, a graph ONNX Runtime refuses to load (seen on an H100, 2026-12-07). Returns how many moved."""
+    from onnx import numpy_helper
+    from onnxruntime.transformers.float16 import ALWAYS_FLOAT_INPUTS
+
+    wanted = {n.input[i] for n in graph.node for i in ALWAYS_FLOAT_INPUTS.get(n.op_type, ()) if i < len(n.input)}
+    moved = 0
+    for node in list(graph.node):
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None or node.output[0] not in wanted:
+            continue
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), node.output[0]))
+        graph.node.remove(node)
+        moved += 1
+    return moved
+
+
 def _to_float16(m, component: str) -> dict:
     """Convert the optimizer's fused model `m` to fp16 in place (IO too, but KEEP_FP32_IO); returns the repair
     statistics. The sinusoid paths behind timestep / time_ids stay fp32 up to the first linear layer, as in the
@@ -380,6 +400,7 @@ def _to_float16(m, component: str) -> dict:
     from ldm_deploy.export.fp16 import drop_cast_round_trips
 
     keep_io = [i.name for i in m.model.graph.input if i.name in KEEP_FP32_IO.get(component, ())]
+    float_constants_as_initializers(m.model.graph)
     island = _fp32_path(m.model, keep_io)
     m.convert_float_to_float16(keep_io_types=keep_io or False, op_block_list=FP32_OPS.get(component),
                                node_block_list=island or None)
