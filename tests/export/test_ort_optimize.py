@@ -196,6 +196,14 @@ def fp16_fused(sd_like_folder, tmp_path_factory) -> Path:
     return export_model(sd_like_folder, tmp_path_factory.mktemp("art") / "fp16-fused", config).path
 
 
+@pytest.fixture(scope="module")
+def fp16_vae_fused(sd_like_folder, tmp_path_factory) -> Path:
+    """fp16 with the VAE in fp16 too (bench preset sd15-gpu): its decoder's upsampling Resize keeps fp32 scales."""
+    config = load_config("tiny").replace(components=COMPONENTS, measure_runtime=False, optimize=HAS_ONNXSLIM,
+                                         precision="fp16", vae_precision="fp16", ort_cuda=True)
+    return export_model(sd_like_folder, tmp_path_factory.mktemp("art") / "fp16-vae-fused", config).path
+
+
 def assert_loadable(path: Path) -> None:
     """The ONNX checker (full), unique node names, one writer per tensor, and an ORT CPU session: it may
     lack CPU kernels for the CUDA-only contrib ops, but must get past loading and resolving the graph
@@ -217,14 +225,41 @@ def assert_loadable(path: Path) -> None:
         assert "implementation" in str(e) or "NOT_IMPLEMENTED" in str(e), f"{path}: {str(e).splitlines()[0]}"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_every_written_variant_loads(precision, fp32_fused, fp16_fused):
-    root = fp32_fused if precision == "fp32" else fp16_fused
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp16-vae"])
+def test_every_written_variant_loads(precision, fp32_fused, fp16_fused, fp16_vae_fused):
+    root = {"fp32": fp32_fused, "fp16": fp16_fused, "fp16-vae": fp16_vae_fused}[precision]
     manifest = Artifact.open(root, verify=True).manifest
     for name in COMPONENTS:
         variant = manifest["components"][name]["variants"][VARIANT]
-        assert variant["precision"] == ("fp32" if precision == "fp32" or name == "vae_decoder" else "fp16")
+        fp32 = precision == "fp32" or (name == "vae_decoder" and precision == "fp16")
+        assert variant["precision"] == ("fp32" if fp32 else "fp16")
         assert_loadable(root / variant["file"])
+
+
+def test_float_only_constants_become_initializers():
+    """ORT's float16 converter keeps a Resize's scales fp32 when they are an initializer, not a Constant node."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ldm_deploy.export.ort_optimize import float_constants_as_initializers
+
+    scales = helper.make_node("Constant", [], ["scales"], value=numpy_helper.from_array(
+        np.array([1, 1, 2, 2], np.float32)))
+    other = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([2.0], np.float32)))
+    resize = helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="nearest")
+    mul = helper.make_node("Mul", ["r", "k"], ["y"])
+    graph = helper.make_graph([scales, other, resize, mul], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    assert float_constants_as_initializers(graph) == 1
+    assert [i.name for i in graph.initializer] == ["scales"] and [n.op_type for n in graph.node] == ["Constant",
+                                                                                                      "Resize", "Mul"]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = convert_float_to_float16(model, keep_io_types=False)
+    onnx.checker.check_model(half, full_check=True)   # the fp16 scales were refused here before the fix
 
 
 def _contrib_model(op: str, bias_len: int, groups: int | None = None):
