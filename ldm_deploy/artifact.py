@@ -37,6 +37,7 @@ COMPONENTS = SD_COMPONENTS + ("text_encoder_2",)                         # text_
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 # A component's variants: other graphs of the same component ("variants" in its manifest entry).
 ORT_CUDA_VARIANT = "ort-cuda"   # ORT-fused graph with CUDA-only contrib ops (export/ort_optimize.py writes it)
+ORT_CUDA_LOOP_VARIANT = "ort-cuda-loop"   # the ort-cuda U-Net with the sampler step in it (export/step_graph.py)
 # Top-level manifest keys every artifact has (the writer fills them, `Artifact` refuses a manifest without one).
 REQUIRED_KEYS = ("precision", "profiles", "components", "files", "scheduler", "tokenizer",
                  "scaling_factor", "prediction_type", "latent_channels", "vae_scale_factor")

@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cfg-fold", dest="ort_cuda_fold_cfg", action="store_false", default=None,
                    help="keep the ORT CUDA U-Net variant CFG-free (2B rows in, raw prediction out), for serving "
                         "without guidance (config key ort_cuda_fold_cfg; default: CFG folded in)")
+    p.add_argument("--device-loop", dest="ort_cuda_device_loop", action="store_true", default=None,
+                   help="with --ort-cuda: also write the device-loop U-Net (model.ort-cuda-loop.onnx: the ddim / euler "
+                        "step in the graph, for `generate --device-loop`; config key ort_cuda_device_loop)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors (kohya or diffusers/peft layout) into the weights at SCALE "
                         "(default 1); repeat to blend several; the manifest records each file's sha256 and scale")
@@ -55,6 +58,7 @@ def run(args) -> int:
     config = load_config(args.config) if args.config else default_config(args.model_dir)
     flags = {"precision": args.precision, "vae_precision": args.vae_precision, "components": args.components,
              "exporter": args.exporter, "ort_cuda": args.ort_cuda, "ort_cuda_fold_cfg": args.ort_cuda_fold_cfg,
+             "ort_cuda_device_loop": args.ort_cuda_device_loop,
              "lora_switchable": args.lora_switchable}
     if args.exporter == "dynamo" and config.opset < 18:
         flags["opset"] = 18

@@ -58,6 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="ort-cpu: intra-op threads, 1 to 4 x the CPU count (default: onnxruntime's, one per core)")
     p.add_argument("--cuda-graph", action="store_true", help="ort-cuda / tensorrt: capture the U-Net as a CUDA graph")
+    p.add_argument("--device-loop", action="store_true",
+                   help="ort-cuda: run the whole ddim / euler loop on the GPU, one CUDA graph launch a step and no host "
+                        "wait between steps (needs an export with --ort-cuda --device-loop; other schedulers and "
+                        "--steps callbacks run the host loop on the same U-Net)")
     p.add_argument("--engine-dir", metavar="DIR", help="tensorrt: folder written by `ldm-deploy build`")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA .safetensors at SCALE (default 1) at run time; repeat to blend; the artifact "
@@ -158,7 +162,8 @@ def run(args) -> int:
         raise not_an_artifact(Path(args.artifact))
     if (args.refiner is None) != (args.denoising_end is None):
         raise UsageError("--refiner and --denoising-end go together (SDXL base -> refiner hand-off)")
-    with Pipeline.from_artifact(args.artifact, backend=args.backend, **_runner_options(args)) as pipe:
+    loop = {"device_loop": True} if args.device_loop else {}
+    with Pipeline.from_artifact(args.artifact, backend=args.backend, **loop, **_runner_options(args)) as pipe:
         result = _generate(args, pipe, latents, image)
     paths = save_images(result.images, out, result.params)
     t = result.timings

@@ -73,6 +73,8 @@ class ExportConfig:
     keep_fp32_unet: bool = False                # fp16 exports also keep unet/model_fp32.onnx (for ORT fusions)
     ort_cuda: bool = False                      # also write <component>/model.ort-cuda.onnx (ORT CUDA fusions)
     ort_cuda_fold_cfg: bool = True              # ... with CFG folded into the U-Net variant (export/cfg_fold.py)
+    ort_cuda_device_loop: bool = False          # ... and unet/model.ort-cuda-loop.onnx: the sampler step in the graph
+    #                                             (export/step_graph.py), for the device loop (runners/ort_loop.py)
     pooled_output: bool = False                 # text encoder also returns pooler_output
     vae_fp16_safe: bool = False                 # SDXL: the folder's VAE is fp16-safe (sdxl-vae-fp16-fix), so
     #                                             vae_precision fp16 is allowed (SDXL's own VAE overflows)
@@ -111,6 +113,12 @@ class ExportConfig:
                              f"got {self.lora_switchable!r}")
         if self.lora_switchable and self.exporter != "torchscript":
             raise UsageError("lora_switchable needs the torchscript exporter", hint="set `exporter: torchscript`")
+        if self.ort_cuda_device_loop and not (self.ort_cuda and self.ort_cuda_fold_cfg and "unet" in self.components):
+            raise UsageError("the device-loop U-Net is made from the ort-cuda U-Net variant with CFG folded in",
+                             hint="export the unet with --ort-cuda (and without --no-cfg-fold)")
+        if self.ort_cuda_device_loop and self.lora_switchable:
+            raise UsageError("the device-loop U-Net does not take switchable LoRA weights",
+                             hint="fuse the LoRA at export instead, or drop lora_switchable")
         if self.exporter == "dynamo" and self.opset < 18:
             raise UsageError("the dynamo exporter needs opset >= 18 (its opset-17 down-conversion writes "
                              "invalid Split nodes)", hint="set `opset: 18` or `exporter: torchscript`")
@@ -144,6 +152,8 @@ class ExportConfig:
         if not d["ort_cuda"]:
             d.pop("ort_cuda")   # keeps artifacts exported before the key existed cached
             d.pop("ort_cuda_fold_cfg")   # only shapes the ort-cuda variant
+        if not d["ort_cuda_device_loop"]:
+            d.pop("ort_cuda_device_loop")   # keeps artifacts exported before the key existed cached
         if not d["vae_fp16_safe"]:
             d.pop("vae_fp16_safe")       # keeps artifacts exported before the key existed cached
         if not d["lora_switchable"]:

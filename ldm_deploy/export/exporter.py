@@ -164,6 +164,11 @@ def _export_component(component: str, source, config: ExportConfig, root: Path, 
     variants = {}
     if fused is not None:
         variants[ort_optimize.VARIANT] = ort_optimize.variant_entry(root, dst, fused, lora_weights)
+    if fused is not None and component == "unet" and config.ort_cuda_device_loop:
+        from ldm_deploy.artifact import ORT_CUDA_LOOP_VARIANT
+        from ldm_deploy.export.step_graph import write_loop_variant
+
+        variants[ORT_CUDA_LOOP_VARIANT] = write_loop_variant(root, dst, fused)
     data = onnx_io.data_file(final)
     entry = {
         "file": final.relative_to(root).as_posix(),

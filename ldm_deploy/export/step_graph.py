@@ -20,6 +20,8 @@ Add that advances it. Standard ONNX ops only (opset >= 13).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -30,6 +32,7 @@ from ldm_deploy.runtime import device_loop as dl
 from ldm_deploy.runtime import guidance as g
 
 PREFIX = "loop/"
+LOOP_FILE = "model.ort-cuda-loop.onnx"   # beside the ort-cuda variant: the manifest's ORT_CUDA_LOOP_VARIANT
 
 
 def is_step_graph(graph: onnx.GraphProto) -> bool:
@@ -108,4 +111,18 @@ def _loop_io(graph: onnx.GraphProto, sample_dims: list, t_type: int) -> None:
                          helper.make_tensor_value_info(dl.STEP_NEXT, TensorProto.INT64, [1])])
 
 
-__all__ = ["add_loop_step", "is_step_graph"]
+def write_loop_variant(root: Path, fused: Path, fused_stats: dict) -> dict:
+    """Write the device-loop U-Net `unet/model.ort-cuda-loop.onnx` of the artifact being exported at `root` from
+    its ort-cuda U-Net `fused` (written by export/ort_optimize.py with `fused_stats`); returns its manifest
+    variant entry (ORT_CUDA_LOOP_VARIANT). Written through a temporary name, as every export file."""
+    from ldm_deploy.export.ort_fp16_norm import write_norm_layout_graph
+    from ldm_deploy.export.ort_optimize import variant_entry
+
+    dst = fused.with_name(LOOP_FILE)
+    stats = write_norm_layout_graph(fused, dst, fp16_norm=False, fold_transposes=False, device_loop=True)
+    return {**variant_entry(root, dst, {**fused_stats, "cfg_folded": True, "nodes_before": stats["nodes_before"],
+                                        "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}),
+            "device_loop": True}
+
+
+__all__ = ["LOOP_FILE", "add_loop_step", "is_step_graph", "write_loop_variant"]

@@ -303,23 +303,26 @@ class Pipeline:
 
     @classmethod
     def from_artifact(cls, path: str | Path, backend: str = "ort-cpu", components: Sequence[str] | None = None,
-                      verify: bool = True, **runner_opts) -> "Pipeline":
+                      verify: bool = True, device_loop: bool = False, **runner_opts) -> "Pipeline":
         """Open an exported artifact directory and one `backend` runner per component.
 
         `verify` checks every file's sha256 against the manifest first (seconds for SD-sized graphs).
-        An SDXL artifact gives a runtime.sdxl.SDXLPipeline.
+        An SDXL artifact gives a runtime.sdxl.SDXLPipeline. `device_loop` (ort-cuda): the U-Net is the artifact's
+        device-loop variant (export --device-loop) run by runners/ort_loop.py, so ddim / euler loops never wait
+        for the GPU between steps (`denoise_on_device`).
         """
         from ldm_deploy.artifact import Artifact
-        from ldm_deploy.runtime.runners.base import open_runner
         from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
         artifact = Artifact.open(path, verify=verify)
+        if device_loop:
+            _check_device_loop(artifact, backend)
         if artifact.info.sdxl is not None and cls is Pipeline:      # SDXL conditioning lives in runtime/sdxl.py
             from ldm_deploy.runtime.sdxl import SDXLPipeline
 
             return SDXLPipeline.from_artifact(artifact, backend, components, **runner_opts)
         names = components or [c for c in SD_COMPONENTS if c in artifact.components]
-        runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
+        runners = _open_runners(artifact, backend, names, runner_opts, device_loop)
         tokenizer = ClipTokenizer.from_dir(artifact.tokenizer_dir)
         te_vocab = artifact.text_vocab_size
         if te_vocab is not None and max(tokenizer.vocab.values()) >= te_vocab:
@@ -564,6 +567,43 @@ class Pipeline:
 
     def _check_batch(self, batch: int) -> None:
         self.info.check_shape(batch=batch, batch_label=f"batch of {batch} images (prompts x num_images)")
+
+
+def _check_device_loop(artifact, backend: str) -> None:
+    """Refuse `device_loop` before any runner opens: another backend, SDXL, or no device-loop U-Net."""
+    from ldm_deploy.artifact import ORT_CUDA_LOOP_VARIANT
+
+    if backend != "ort-cuda":
+        raise UsageError(f"the device loop runs on the ort-cuda backend, not {backend}", hint="pass --backend ort-cuda")
+    if artifact.info.sdxl is not None:
+        raise UsageError("the device loop runs SD 1.x / 2.x pipelines; SDXL runs the host loop",
+                         hint="drop --device-loop for this artifact")
+    if "unet" not in artifact.components or ORT_CUDA_LOOP_VARIANT not in artifact.component("unet").variants:
+        raise LdmError(f"{artifact.path} has no device-loop U-Net (manifest variant {ORT_CUDA_LOOP_VARIANT!r})",
+                       hint="re-export with --ort-cuda --device-loop")
+
+
+def _open_runners(artifact, backend: str, names, runner_opts: Mapping[str, Any], device_loop: bool) -> dict:
+    """One runner per component; with `device_loop` the U-Net's is the loop runner over the device-loop variant
+    (it captures its own CUDA graph: `enable_cuda_graph` goes to the other components only). A failure closes
+    the runners already open."""
+    from ldm_deploy.runtime.runners.base import close_all, open_runner
+
+    runners: dict = {}
+    try:
+        for name in names:
+            if device_loop and name == "unet":
+                from ldm_deploy.artifact import ORT_CUDA_LOOP_VARIANT
+                from ldm_deploy.runtime.runners.ort_loop import open_loop_runner
+
+                keep = {k: v for k, v in runner_opts.items() if k in ("device_id", "use_tf32")}
+                runners[name] = open_loop_runner(artifact, ORT_CUDA_LOOP_VARIANT, **keep)
+            else:
+                runners[name] = open_runner(backend, artifact, name, **runner_opts)
+    except BaseException:
+        close_all(runners)
+        raise
+    return runners
 
 
 def _seed(seed, batch: int) -> int | list[int]:

@@ -193,3 +193,67 @@ def test_pipeline_keeps_the_host_loop_where_the_device_loop_cannot_run(artifact,
         assert steps == [0, 1, 2] and "device_loop" not in result.timings   # a callback sees every step
         result = pipe("a red cube", steps=3, guidance=7.5, scheduler="euler-ancestral", seed=1)
         assert "device_loop" not in result.timings and result.timings["unet_calls"] == 3
+
+
+# --- the product path: `export --ort-cuda --device-loop`, `Pipeline.from_artifact(device_loop=True)`, generate --
+
+@pytest.fixture(scope="module")
+def loop_artifact(tmp_path_factory) -> Path:
+    from ldm_deploy.export.config import load_config
+    from ldm_deploy.export.exporter import export_model
+    from tests.export.test_ort_optimize import make_sd_like_folder
+
+    root = tmp_path_factory.mktemp("looped")
+    config = load_config("tiny").replace(components=("text_encoder", "unet", "vae_decoder"), measure_runtime=False,
+                                         precision="fp16", ort_cuda=True, ort_cuda_device_loop=True)
+    return export_model(make_sd_like_folder(root / "model"), root / "art", config).path
+
+
+def test_export_writes_the_device_loop_variant(loop_artifact):
+    from ldm_deploy.artifact import ORT_CUDA_LOOP_VARIANT, ORT_CUDA_VARIANT, Artifact
+    from ldm_deploy.export.step_graph import is_step_graph
+    from tests.export.test_ort_optimize import assert_loadable
+
+    unet = Artifact.open(loop_artifact, verify=True).manifest["components"]["unet"]   # hashes cover the new file
+    loop, fused = unet["variants"][ORT_CUDA_LOOP_VARIANT], unet["variants"][ORT_CUDA_VARIANT]
+    assert loop["file"] == "unet/model.ort-cuda-loop.onnx" and loop["device_loop"] and loop["cfg_folded"]
+    assert loop["precision"] == fused["precision"] == "fp16" and loop["fused_ops"] == fused["fused_ops"]
+    assert [i["name"] for i in loop["inputs"]][:2] == [dl.LATENTS, dl.STEP]
+    assert_loadable(loop_artifact / loop["file"])
+    assert is_step_graph(onnx.load(str(loop_artifact / loop["file"])).graph)
+
+
+def test_device_loop_export_settings_are_checked():
+    from ldm_deploy.errors import UsageError
+    from ldm_deploy.export.config import load_config
+
+    tiny = load_config("tiny")
+    assert "ort_cuda_device_loop" not in tiny.key()   # artifacts exported before the key stay cached
+    for bad in ({"ort_cuda": False}, {"ort_cuda": True, "ort_cuda_fold_cfg": False},
+                {"ort_cuda": True, "components": ("text_encoder", "vae_decoder")},
+                {"ort_cuda": True, "lora_switchable": "linear"}):
+        with pytest.raises(UsageError) as e:
+            tiny.replace(ort_cuda_device_loop=True, **bad)
+        assert "\n" not in str(e.value)
+
+
+def test_pipeline_device_loop_is_refused_before_anything_opens(artifact, loop_artifact):
+    from ldm_deploy.errors import UsageError
+    from ldm_deploy.runtime.pipeline import Pipeline
+
+    with pytest.raises(UsageError, match="runs on the ort-cuda backend"):
+        Pipeline.from_artifact(loop_artifact, backend="ort-cpu", device_loop=True)
+    # an artifact without the variant: named with the export that makes it (no CUDA needed to refuse)
+    with pytest.raises(LdmError, match="no device-loop U-Net") as e:
+        Pipeline.from_artifact(artifact, backend="ort-cuda", device_loop=True)
+    assert "--device-loop" in str(e.value)
+
+
+def test_generate_device_loop_needs_ort_cuda(loop_artifact, tmp_path, capsys):
+    from ldm_deploy.cli import main
+
+    out = tmp_path / "a.png"
+    assert main(["generate", str(loop_artifact), "--prompt", "x", "--device-loop", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "device loop runs on the ort-cuda backend" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
