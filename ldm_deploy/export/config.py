@@ -57,6 +57,23 @@ class Range:
         return r
 
 
+# Keys left out of the cache key while off (false / None), each with the keys that only matter when it is on, so
+# artifacts exported before the key existed stay cached (ort_cuda_fold_cfg only shapes the ort-cuda variant).
+_OFF_KEYS = {"ort_cuda": ("ort_cuda", "ort_cuda_fold_cfg"), "ort_cuda_device_loop": ("ort_cuda_device_loop",),
+             "vae_fp16_safe": ("vae_fp16_safe",), "lora_switchable": ("lora_switchable",)}
+
+
+def canonical_key(settings: dict) -> str:
+    """The cache key of an export config mapping (ExportConfig.to_dict, or the manifest's `export_config`): its
+    canonical JSON without the name and without the keys that are off (_OFF_KEYS)."""
+    d = {k: v for k, v in settings.items() if k != "name"}
+    for key, drop in _OFF_KEYS.items():
+        if not d.get(key):
+            for name in drop:
+                d.pop(name, None)
+    return json.dumps(d, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     name: str = "custom"                        # recorded in the manifest
@@ -147,18 +164,7 @@ class ExportConfig:
 
     def key(self) -> str:
         """Canonical JSON of everything that changes the exported graphs (the cache compares it)."""
-        d = self.to_dict()
-        d.pop("name")
-        if not d["ort_cuda"]:
-            d.pop("ort_cuda")   # keeps artifacts exported before the key existed cached
-            d.pop("ort_cuda_fold_cfg")   # only shapes the ort-cuda variant
-        if not d["ort_cuda_device_loop"]:
-            d.pop("ort_cuda_device_loop")   # keeps artifacts exported before the key existed cached
-        if not d["vae_fp16_safe"]:
-            d.pop("vae_fp16_safe")       # keeps artifacts exported before the key existed cached
-        if not d["lora_switchable"]:
-            d.pop("lora_switchable")   # likewise: artifacts exported before the key existed stay cached
-        return json.dumps(d, sort_keys=True)
+        return canonical_key(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "export config") -> "ExportConfig":

@@ -119,15 +119,9 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
 
 def matches(artifact, source_sha256: str, config: ExportConfig) -> bool:
     """True when an existing `Artifact` was made from the same source files with the same settings."""
+    from ldm_deploy.export.config import canonical_key
+
     old = artifact.export_config
     if artifact.source_sha256 != source_sha256 or not old:
         return False
-    old.pop("name", None)
-    if not old.get("ort_cuda"):
-        old.pop("ort_cuda", None)   # as ExportConfig.key() leaves it out
-        old.pop("ort_cuda_fold_cfg", None)
-    if not old.get("vae_fp16_safe"):
-        old.pop("vae_fp16_safe", None)
-    if not old.get("lora_switchable"):
-        old.pop("lora_switchable", None)
-    return json.dumps(old, sort_keys=True) == config.key()
+    return canonical_key(old) == config.key()

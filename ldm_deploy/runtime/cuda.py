@@ -1,6 +1,6 @@
 """Thin cuda-python helpers (`cuda.bindings.runtime`): device query, buffers, one stream, graphs.
 
-Only what the TensorRT runner needs. cuda-python is imported lazily, so importing this module
+What the TensorRT runner and the device-loop runner (runners/ort_loop.py) need. cuda-python is imported lazily, so importing this module
 never fails on a machine without it; every call turns a CUDA error into one LdmError line. Each resource
 is released by `close()` (the TensorRT runner's own `close()` calls them in order); `__del__` only calls
 `close()` as a last resort for an object nobody closed, and never raises.
@@ -14,7 +14,7 @@ import numpy as np
 
 from ldm_deploy.errors import LdmError
 
-_INSTALL_HINT = "pip install 'ldm-deploy[tensorrt]' (brings cuda-bindings)"
+_INSTALL_HINT = "pip install 'ldm-deploy[gpu]' or 'ldm-deploy[tensorrt]' (both bring cuda-bindings)"
 
 
 def _rt():

@@ -35,12 +35,15 @@ def test_graph_sides_are_tuning_levers_of_the_unet_only(arts):
     from ldm_deploy.bench.ort_side import _runner_options
     from ldm_deploy.bench.prepare import TUNING_GRAPHS
 
-    assert set(GRAPH_SIDES.values()) == set(TUNING_GRAPHS) and len(GRAPH_SIDES) == 5
+    assert set(GRAPH_SIDES.values()) == set(TUNING_GRAPHS) and len(GRAPH_SIDES) == 7
     spec = BenchSpec(artifact=str(arts["fused"]), sides=tuple(GRAPH_SIDES))
     for side, graph in GRAPH_SIDES.items():
         backend, opts, unet = _runner_options(spec, side)
         assert backend == "ort-cuda" and opts == {"enable_cuda_graph": True}      # text encoder / VAE as ort-cuda
-        assert unet == {"graph": graph, "enable_cuda_graph": True}
+        # the device-loop sides' U-Net: the loop runner over a step graph (runners/ort_loop.py)
+        loop = {"device_loop": True} if TUNING_GRAPHS[graph].get("device_loop") else {}
+        assert unet == {"graph": graph, "enable_cuda_graph": True, **loop}
+        assert bool(loop) == side.startswith("ort-cuda-device-loop")
 
 
 def test_cli_tuning_prepares_the_graphs_in_its_own_folder(arts, tmp_path, capsys):
@@ -68,8 +71,10 @@ def test_cli_tuning_prepares_the_graphs_in_its_own_folder(arts, tmp_path, capsys
     assert graphs["tuning-fold-transposes"]["pass_stats"]["transposes"][1] < \
         graphs["tuning-fold-transposes"]["pass_stats"]["transposes"][0]
     assert graphs["tuning-fp16-norm"]["pass_stats"]["casts"][1] < graphs["tuning-fp16-norm"]["pass_stats"]["casts"][0]
-    for name in ("tuning-conv-bias-norm", "tuning-all-passes"):
+    for name in ("tuning-conv-bias-norm", "tuning-all-passes", "tuning-device-loop-all-passes"):
         assert graphs[name]["pass_stats"]["conv_bias_into_norm"]["moved"] > 0, name
+    for name in ("tuning-device-loop", "tuning-device-loop-all-passes"):   # loop step graphs (export/step_graph.py)
+        assert [o["name"] for o in graphs[name]["outputs"]] == ["latents_next", "step_next"], name
     results = json.loads(out.read_text())
     assert [r["side"] for r in results["results"]] == sides.split(",")
     assert results["spec"]["levers_dir"] == str(tmp_path / "t.levers")
