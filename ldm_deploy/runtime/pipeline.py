@@ -27,6 +27,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import logging
+
 import numpy as np
 
 from ldm_deploy.artifact import SD_COMPONENTS, ModelInfo
@@ -34,6 +36,9 @@ from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import device_loop
 from ldm_deploy.runtime import guidance as g
 from ldm_deploy.runtime.runners.base import takes_guidance
+
+log = logging.getLogger(__name__)
+_LOOP_DECLINED: set[str] = set()   # why the device loop was not used, each said once per process
 
 
 @dataclass
@@ -473,9 +478,16 @@ class Pipeline:
         from ldm_deploy.runtime import schedulers as sch
 
         unet = self.runners["unet"]
-        if getattr(unet, "device_loop", False) and callback is None \
-                and device_loop.why_not(req.scheduler, schedule, req.eta) is None:
-            return self.denoise_on_device(req, schedule, x, context, extra, timings)
+        if getattr(unet, "device_loop", False):
+            reason = "a callback sees every step" if callback is not None else \
+                device_loop.why_not(req.scheduler, schedule, req.eta)
+            if reason is None:
+                return self.denoise_on_device(req, schedule, x, context, extra, timings)
+            timings["device_loop_declined"] = 1
+            if reason not in _LOOP_DECLINED:   # said once per reason: a batch of such requests is not a wall of lines
+                _LOOP_DECLINED.add(reason)
+                log.warning("the device loop is not used (%s): the host loop runs, one uncaptured U-Net step a call, "
+                            "slower than ort-cuda without --device-loop", reason)
         denoiser = make_denoiser(unet, context, req.guidance, req.guidance_rescale, extra)
         t0 = time.perf_counter()
         x = sch.sample(req.scheduler, denoiser, x, schedule, rng=rng, callback=callback, eta=req.eta)

@@ -185,14 +185,21 @@ def test_device_loop_pipeline_equals_the_host_loop(artifact, step_graph, schedul
     assert np.abs(latents["device"] - want).max() <= 1e-5 * float(np.abs(want).max())
 
 
-def test_pipeline_keeps_the_host_loop_where_the_device_loop_cannot_run(artifact, step_graph):
+def test_pipeline_keeps_the_host_loop_where_the_device_loop_cannot_run(artifact, step_graph, caplog, monkeypatch):
+    from ldm_deploy.runtime import pipeline
+
+    monkeypatch.setattr(pipeline, "_LOOP_DECLINED", set())
     with _pipeline(artifact, _loop_runner(artifact, step_graph)) as pipe:
         steps = []
         result = pipe("a red cube", steps=3, guidance=7.5, scheduler="ddim", seed=1,
                       callback=lambda i, n, x: steps.append(i))
         assert steps == [0, 1, 2] and "device_loop" not in result.timings   # a callback sees every step
-        result = pipe("a red cube", steps=3, guidance=7.5, scheduler="euler-ancestral", seed=1)
-        assert "device_loop" not in result.timings and result.timings["unet_calls"] == 3
+        assert result.timings["device_loop_declined"] == 1
+        for _ in range(2):   # the reason is logged once, not per request
+            result = pipe("a red cube", steps=3, guidance=7.5, scheduler="euler-ancestral", seed=1)
+            assert "device_loop" not in result.timings and result.timings["unet_calls"] == 3
+    said = [r.getMessage() for r in caplog.records if "device loop is not used" in r.getMessage()]
+    assert len(said) == 2 and "callback" in said[0] and "noise" in said[1]
 
 
 # --- the product path: `export --ort-cuda --device-loop`, `Pipeline.from_artifact(device_loop=True)`, generate --
