@@ -60,8 +60,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cuda-graph", action="store_true", help="ort-cuda / tensorrt: capture the U-Net as a CUDA graph")
     p.add_argument("--device-loop", action="store_true",
                    help="ort-cuda: run the whole ddim / euler loop on the GPU, one CUDA graph launch a step and no host "
-                        "wait between steps (needs an export with --ort-cuda --device-loop; other schedulers and "
-                        "--steps callbacks run the host loop on the same U-Net)")
+                        "wait between steps, no progress bar (needs an export with --ort-cuda --device-loop; other "
+                        "schedulers run the host loop on the same U-Net, slower)")
     p.add_argument("--engine-dir", metavar="DIR", help="tensorrt: folder written by `ldm-deploy build`")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA .safetensors at SCALE (default 1) at run time; repeat to blend; the artifact "
@@ -200,8 +200,9 @@ def _generate(args, pipe, latents, image):
         if refiner is not None:   # a hand-off the refiner refuses (pndm's warm-up) fails before the base runs
             refiner.stage_schedule(args.scheduler, args.steps, denoising_start=args.denoising_end)
         prompt = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+        # the device loop runs every step on the GPU: no per-step progress (a callback would make it decline)
         kw = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, guidance_rescale=args.guidance_rescale,
-                  eta=args.eta, callback=progress)
+                  eta=args.eta, callback=None if args.device_loop else progress)
         result = pipe(prompt, args.negative_prompt, seed=args.seed, latents=latents, height=args.height,
                       width=args.width, num_images=args.num_images, image=image,
                       strength=0.8 if args.strength is None else args.strength,

@@ -264,3 +264,24 @@ def test_generate_device_loop_needs_ort_cuda(loop_artifact, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "device loop runs on the ort-cuda backend" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_generate_device_loop_runs_the_loop_on_the_device(artifact, step_graph, tmp_path, monkeypatch):
+    """The CLI's wiring: `generate --device-loop` must not pass its progress callback (which would make the pipeline
+    decline the device loop). The pipeline is the real one over the loop runner on ORT CPU (no CUDA here): only the
+    opening is replaced, since `device_loop=True` refuses the CPU backend."""
+    from ldm_deploy.cli import main
+    from ldm_deploy.runtime.pipeline import Pipeline
+    from ldm_deploy.runtime.runners.ort_loop import OrtLoopRunner
+
+    loops = []
+    real = OrtLoopRunner.sample_loop
+    monkeypatch.setattr(OrtLoopRunner, "sample_loop", lambda self, x, tables, cond, **kw:
+                        loops.append(tables.steps) or real(self, x, tables, cond, **kw))
+    monkeypatch.setattr(Pipeline, "from_artifact", classmethod(
+        lambda cls, path, backend="ort-cpu", device_loop=False, **opts:
+        _pipeline(artifact, _loop_runner(artifact, step_graph))))
+    out = tmp_path / "a.png"
+    assert main(["generate", str(artifact), "--prompt", "x", "--steps", "4", "--backend", "ort-cuda", "--device-loop",
+                 "--scheduler", "ddim", "-q", "--out", str(out)]) == 0
+    assert loops == [4] and out.is_file()
