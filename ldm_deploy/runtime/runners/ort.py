@@ -77,6 +77,14 @@ def _ort():
     return onnxruntime
 
 
+def run_options(entries: Mapping[str, Any]):
+    """An onnxruntime RunOptions carrying these run config entries (values as strings)."""
+    options = _ort().RunOptions()
+    for key, value in entries.items():
+        options.add_run_config_entry(key, str(value))
+    return options
+
+
 def _open(artifact):
     if isinstance(artifact, (str, os.PathLike)):
         from ldm_deploy.artifact import Artifact
@@ -405,10 +413,7 @@ class OrtBoundRunner(OrtRunner):
         return {key: slot.graph_id for key, slot in self._slots.items()}
 
     def _new_slot(self, graph_id: int | None) -> _Slot:
-        options = None
-        if graph_id is not None:
-            options = _ort().RunOptions()
-            options.add_run_config_entry(GRAPH_ID_KEY, str(graph_id))
+        options = None if graph_id is None else run_options({GRAPH_ID_KEY: graph_id})
         slot = _Slot(self.session.io_binding(), graph_id, options)
         for name, held in self._weights_dev.items():   # the shared weight buffers: one copy, every graph reads it
             slot.inputs[name] = held
@@ -648,8 +653,7 @@ class OrtBoundRunner(OrtRunner):
 
     def _no_graph_options(self):
         if self._no_graph is None:
-            self._no_graph = _ort().RunOptions()
-            self._no_graph.add_run_config_entry(GRAPH_ID_KEY, "-1")
+            self._no_graph = run_options({GRAPH_ID_KEY: -1})
         return self._no_graph
 
 

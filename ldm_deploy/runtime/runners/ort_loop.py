@@ -37,7 +37,7 @@ import numpy as np
 from ldm_deploy.errors import LdmError, UsageError
 from ldm_deploy.runtime import device_loop as dl
 from ldm_deploy.runtime import guidance as g
-from ldm_deploy.runtime.runners.ort import OrtRunner, SessionFromArtifact, _ort
+from ldm_deploy.runtime.runners.ort import OrtRunner, SessionFromArtifact, _ort, run_options
 
 NO_SYNC_KEY = "disable_synchronize_execution_providers"   # ORT run config: no stream sync at the end of Run
 MAX_SLOTS = 8      # input-shape sets kept bound (each holds its buffers and, on CUDA, its captured graph)
@@ -199,8 +199,7 @@ class OrtLoopRunner(OrtRunner):
 
     def _run_options(self):
         if self._no_sync is None:
-            self._no_sync = _ort().RunOptions()
-            self._no_sync.add_run_config_entry(NO_SYNC_KEY, "1")
+            self._no_sync = run_options({NO_SYNC_KEY: 1})
         return self._no_sync
 
     def _enqueue_step(self, slot: _LoopSlot) -> None:
