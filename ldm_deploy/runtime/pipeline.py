@@ -321,13 +321,13 @@ class Pipeline:
 
         artifact = Artifact.open(path, verify=verify)
         if device_loop:
-            _check_device_loop(artifact, backend)
+            check_device_loop(artifact, backend)
         if artifact.info.sdxl is not None and cls is Pipeline:      # SDXL conditioning lives in runtime/sdxl.py
             from ldm_deploy.runtime.sdxl import SDXLPipeline
 
-            return SDXLPipeline.from_artifact(artifact, backend, components, **runner_opts)
+            return SDXLPipeline.from_artifact(artifact, backend, components, device_loop=device_loop, **runner_opts)
         names = components or [c for c in SD_COMPONENTS if c in artifact.components]
-        runners = _open_runners(artifact, backend, names, runner_opts, device_loop)
+        runners = open_runners(artifact, backend, names, runner_opts, device_loop)
         tokenizer = ClipTokenizer.from_dir(artifact.tokenizer_dir)
         te_vocab = artifact.text_vocab_size
         if te_vocab is not None and max(tokenizer.vocab.values()) >= te_vocab:
@@ -581,21 +581,18 @@ class Pipeline:
         self.info.check_shape(batch=batch, batch_label=f"batch of {batch} images (prompts x num_images)")
 
 
-def _check_device_loop(artifact, backend: str) -> None:
-    """Refuse `device_loop` before any runner opens: another backend, SDXL, or no device-loop U-Net."""
+def check_device_loop(artifact, backend: str) -> None:
+    """Refuse `device_loop` before any runner opens: another backend, or no device-loop U-Net."""
     from ldm_deploy.artifact import ORT_CUDA_LOOP_VARIANT
 
     if backend != "ort-cuda":
         raise UsageError(f"the device loop runs on the ort-cuda backend, not {backend}", hint="pass --backend ort-cuda")
-    if artifact.info.sdxl is not None:
-        raise UsageError("the device loop runs SD 1.x / 2.x pipelines; SDXL runs the host loop",
-                         hint="drop --device-loop for this artifact")
     if "unet" not in artifact.components or ORT_CUDA_LOOP_VARIANT not in artifact.component("unet").variants:
         raise LdmError(f"{artifact.path} has no device-loop U-Net (manifest variant {ORT_CUDA_LOOP_VARIANT!r})",
                        hint="re-export with --ort-cuda --device-loop")
 
 
-def _open_runners(artifact, backend: str, names, runner_opts: Mapping[str, Any], device_loop: bool) -> dict:
+def open_runners(artifact, backend: str, names, runner_opts: Mapping[str, Any], device_loop: bool) -> dict:
     """One runner per component; with `device_loop` the U-Net's is the loop runner over the device-loop variant
     (it captures its own CUDA graph: `enable_cuda_graph` goes to the other components only). A failure closes
     the runners already open."""

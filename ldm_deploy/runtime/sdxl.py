@@ -112,18 +112,20 @@ class SDXLPipeline(Pipeline):
 
     @classmethod
     def from_artifact(cls, path, backend: str = "ort-cpu", components: Sequence[str] | None = None,
-                      verify: bool = True, **runner_opts) -> "SDXLPipeline":
-        """`path`: an SDXL artifact folder or an opened `Artifact`."""
+                      verify: bool = True, device_loop: bool = False, **runner_opts) -> "SDXLPipeline":
+        """`path`: an SDXL artifact folder or an opened `Artifact`; `device_loop` as in Pipeline.from_artifact."""
         from ldm_deploy.artifact import SDXL_COMPONENTS, Artifact
-        from ldm_deploy.runtime.runners.base import open_runner
+        from ldm_deploy.runtime.pipeline import check_device_loop, open_runners
         from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
         artifact = path if isinstance(path, Artifact) else Artifact.open(path, verify=verify)
         if artifact.info.sdxl is None:
             raise LdmError(f"{artifact.path} is not an SDXL artifact (its manifest has no `sdxl` entry)",
                            hint="open it with Pipeline.from_artifact")
+        if device_loop:
+            check_device_loop(artifact, backend)
         names = components or [c for c in SDXL_COMPONENTS if c in artifact.components]
-        runners = {c: open_runner(backend, artifact, c, **runner_opts) for c in names}
+        runners = open_runners(artifact, backend, names, runner_opts, device_loop)
         tokenizers = {}
         if "text_encoder" in runners:
             tokenizers["text_encoder"] = ClipTokenizer.from_dir(artifact.tokenizer_dir)
