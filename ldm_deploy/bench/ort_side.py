@@ -229,6 +229,18 @@ class CallSplits:
         return out
 
 
+def isolated_step(unet, feeds):
+    """The U-Net call the component timing repeats: the runner's own call, or for a device-loop runner one step of
+    its loop (a captured launch and the wait): its `__call__` is the uncaptured one-step path other samplers take."""
+    if not getattr(unet, "device_loop", False):
+        return lambda: unet(feeds)
+    from ldm_deploy.runtime.device_loop import single_step_tables
+
+    tables = single_step_tables(float(np.ravel(feeds[g.TIMESTEP])[0]))
+    cond = {name: feeds[name] for name in unet.conditioning}
+    return lambda: unet.sample_loop(feeds[g.SAMPLE], tables, cond)
+
+
 def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts, unet_opts, gpu_before) -> dict:
     """Component and end-to-end timings of one opened pipeline (run() closes it)."""
     from ldm_deploy.bench.machine import gpu_used_mib
@@ -280,7 +292,7 @@ def _measure(spec, side, batch, height, width, log, pipe, record, backend, opts,
         for name, call, warmup, repeats in (
                 ("text_encoder", text if cfg else (lambda: pipe.encode_text(prompts)), spec.component_warmup,
                  spec.component_repeats),
-                ("unet_step", lambda: unet(feeds), spec.component_warmup, spec.component_repeats),
+                ("unet_step", isolated_step(unet, feeds), spec.component_warmup, spec.component_repeats),
                 ("vae_decoder", lambda: vae({"latent": latent}), min(spec.component_warmup, 1),
                  max(1, spec.component_repeats // 3))):
             with splits.window("isolated" if name == "unet_step" else None):

@@ -164,6 +164,26 @@ def test_loop_runner_call_is_one_folded_unet_evaluation(artifact, step_graph):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
+def test_bench_times_a_loop_step_of_a_device_loop_runner(artifact, step_graph):
+    """bench/ort_side.isolated_step: for the loop runner, one step of its loop (captured on CUDA), which returns the
+    U-Net's output as the runner's own call does; any other runner is called as it is."""
+    from ldm_deploy.bench.ort_side import isolated_step
+    from ldm_deploy.export.cfg_fold import folded_inputs, symmetric_unet_inputs
+    from ldm_deploy.runtime import guidance as g
+    from ldm_deploy.runtime.runners.ort import OrtCpuRunner
+
+    rng = np.random.default_rng(4)
+    with _loop_runner(artifact, step_graph) as unet, OrtCpuRunner(artifact, "unet") as plain:
+        d = next(i.shape[2] for i in unet.spec.inputs if i.name == g.CONTEXT)
+        feeds = folded_inputs(symmetric_unet_inputs({
+            g.SAMPLE: rng.standard_normal((2, 4, 8, 8), dtype=np.float32), g.TIMESTEP: np.full(2, 611.0, np.float32),
+            g.CONTEXT: rng.standard_normal((2, 77, d), dtype=np.float32)}), 7.5)
+        np.testing.assert_array_equal(isolated_step(unet, feeds)(), unet(feeds)[g.OUTPUT])
+        plain_feeds = symmetric_unet_inputs({g.SAMPLE: feeds[g.SAMPLE].repeat(2, 0), g.TIMESTEP: np.full(2, 611.0,
+                                             np.float32), g.CONTEXT: feeds[g.CONTEXT]})
+        np.testing.assert_array_equal(isolated_step(plain, plain_feeds)()[g.OUTPUT], plain(plain_feeds)[g.OUTPUT])
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 def test_device_loop_pipeline_equals_the_host_loop(artifact, step_graph, scheduler):
     from ldm_deploy.runtime.runners.ort import OrtCpuRunner
