@@ -7,13 +7,15 @@
 #                                         #      then every profile lever on ort-cuda (spec.TUNING)       ~9 min
 #   bash scripts/gpu_perf_run.sh part2    # B=4: the core sides, the device loop, CUDA graphs on all components;
 #                                         #      per-op-type U-Net profiles at B=1 and B=4 (ORT vs inductor);
-#                                         #      a U-Net call alone against inside the loop (loop_vs_alone.py) ~9 min
+#                                         #      a U-Net call alone against inside the loop (loop_vs_alone.py);
+#                                         #      the VAE decoder's per-op profile at B=1                      ~9 min
 #   bash scripts/gpu_perf_run.sh part3    # the demo model (8 images, 25 steps): U-Net-only vs all-component CUDA
 #                                         #      graphs and its step profile; then B=1 max-autotune-no-cudagraphs
 #                                         #      and max-autotune (+ channels_last) within a compile budget each  ~8 min
 #   bash scripts/gpu_perf_run.sh --tiny all   # the same commands on the tiny preset, CPU: a smoke test
 #
-# Results go to $OUT (default ./gpu-perf-out): part1.json part2.json part3.json profile.json profile.md loop.json demo.json
+# Results go to $OUT (default ./gpu-perf-out): part1.json part2.json part3.json profile.json profile.md loop.json
+# vae-profile.json vae-profile.md demo.json
 # demo-profile.json demo-profile.md and a log per part -- at most 8 files per part, none deeper than $OUT. Each part stops starting sides after its time limit
 # (they are recorded as skipped), so a slow export costs sides, not the whole part.
 #
@@ -21,7 +23,8 @@
 # build/gpu-perf: git-ignored, kept between device calls on a warm machine), OUT, PART_LIMIT_S (default 480:
 # no side starts after it; one started late gets at most 60 s more), SIDES_B1 / SIDES_B4 (override part1's /
 # part2's side lists, e.g. to rerun the sides a slow export left skipped), PART2_PROFILE=0 (part2 without the
-# per-op profiles, when they were measured before: its sides get the whole limit).
+# per-op profiles, when they were measured before: its sides get the whole limit), PART2_VAE_PROFILE=0 (part2 without
+# the VAE decoder's per-op profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,6 +74,10 @@ part2() {   # B=4 core sides + the device loop + CUDA graphs everywhere (about h
   # where a U-Net call's time goes alone against inside the loop (the 2026-12-07 run: +4.2 ms a call at B=4)
   "$PYTHON" scripts/loop_vs_alone.py --artifact "$ARTIFACT" --batch 1 4 --steps $LOOP_STEPS --out "$OUT/loop.json" \
     2>&1 | tee -a "$OUT/part2.log" || echo "loop_vs_alone exited $?"
+  # the VAE decoder, per op type (2026-12-07: our fp16 decode 15-17 ms against reduce-overhead's 9.5 ms at B=1)
+  [[ ${PART2_VAE_PROFILE:-1} == 0 ]] || "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --component vae_decoder \
+    --batch 1 "${PROFILE_ARGS[@]}" --note "scripts/gpu_perf_run.sh part2, VAE decoder" --out "$OUT/vae-profile.json" \
+    --md "$OUT/vae-profile.md" 2>&1 | tee -a "$OUT/part2.log" || echo "VAE profile exited $?"
 }
 
 part3() {   # the launch-bound demo model, then the autotuning recipes at B=1, each within its compile budget

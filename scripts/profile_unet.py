@@ -1,5 +1,6 @@
-"""Per-op-type profile of one U-Net CFG step: the deployed graph under ONNX Runtime beside the PyTorch module
-(eager or torch.compile) on the same shapes, bucketed the same way (ldm_deploy/bench/profile.py).
+"""Per-op-type profile of one U-Net CFG step (or, `--component vae_decoder`, one VAE decode): the deployed graph
+under ONNX Runtime beside the PyTorch module (eager or torch.compile) on the same shapes, bucketed the same way
+(ldm_deploy/bench/profile.py).
 
     python scripts/profile_unet.py --artifact /tmp/sd15/onnx-fp16 --batch 1 4 --out profile.json --md profile.md
     python scripts/profile_unet.py --artifact out/demo-onnx --device cpu --torch eager --out p.json --md p.md
@@ -42,7 +43,7 @@ def in_subprocess(args, what: str, batch: int, mode: str | None = None, device: 
         out = Path(tmp) / f"{what}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--batch", str(batch), "--device", device or args.device,
                "--iters", str(args.iters), "--warmup", str(args.warmup), "--compile-budget", str(args.compile_budget),
-               "--out", str(out)]
+               "--component", args.component, "--out", str(out)]
         if what == "torch":
             cmd += ["--model-dir", str(args.model_dir), "--one-torch", mode]
         else:
@@ -80,8 +81,9 @@ def render(data: dict) -> str:
     lines = [f"Machine: {_machine(data)}; {data['created']}; {data.get('note', '')}".rstrip("; "), ""]
     for batch, entry in data["batches"].items():
         ok = [rebucket(p) for p in entry["profiles"] if p.get("status", "ok") == "ok"]
-        lines += [f"U-Net CFG step at B={batch} (U-Net batch {2 * int(batch)}), "
-                  f"{ok[0]['height'] if ok else '?'}x{ok[0]['width'] if ok else '?'}:", ""]
+        what = (f"VAE decode at B={batch}" if data.get("component") == "vae_decoder"
+                else f"U-Net CFG step at B={batch} (U-Net batch {2 * int(batch)})")
+        lines += [f"{what}, {ok[0]['height'] if ok else '?'}x{ok[0]['width'] if ok else '?'}:", ""]
         if ok:
             lines += [profile_table(ok), ""]
         for p in ok:
@@ -129,7 +131,7 @@ def one_ort(args) -> dict:
     return profile_ort(args.artifact, batch=args.batch[0], height=args.height, width=args.width,
                        backend="ort-cuda" if args.device == "cuda" else "ort-cpu", variant=variant,
                        provider_options=options, iters=args.iters, warmup=args.warmup, threads=args.threads,
-                       levers_dir=args.levers_dir)
+                       levers_dir=args.levers_dir, component=args.component)
 
 
 def main(argv=None) -> int:
@@ -137,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, help="exported artifact (the ONNX Runtime side)")
     ap.add_argument("--model-dir", type=Path, help="model folder (the torch side; default: the artifact's source)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="image batch sizes (U-Net runs at 2B)")
+    ap.add_argument("--component", choices=("unet", "vae_decoder"), default="unet",
+                    help="what one profiled call is: a U-Net CFG step (default) or a VAE decode of B latents")
     ap.add_argument("--height", type=int)
     ap.add_argument("--width", type=int)
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -173,7 +177,8 @@ def main(argv=None) -> int:
         result = profile_torch(args.model_dir, batch=args.batch[0], height=args.height, width=args.width,
                                device=args.device, mode=mode, channels_last=CHANNELS_LAST[args.one_torch],
                                iters=args.iters, warmup=args.warmup, compile_budget_s=args.compile_budget,
-                               on_timeout_record=timeout_record, on_timeout_path=str(args.out))
+                               on_timeout_record=timeout_record, on_timeout_path=str(args.out),
+                               component=args.component)
         write_json(args.out, {**result, "status": "ok"})
         return 0
 
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
         if bad:
             raise UsageError(f"--provider-option takes KEY=VALUE, got {bad}")
         data = {"format": "ldm-deploy-profile", "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "machine": machine_info(), "note": args.note, "batches": {}}
+                "machine": machine_info(), "note": args.note, "component": args.component, "batches": {}}
         for batch in args.batch:
             entry = data["batches"].setdefault(str(batch), {"profiles": []})
             say(f"B={batch}: ONNX Runtime ({'ort-cuda' if cuda else 'ort-cpu'}) ...")

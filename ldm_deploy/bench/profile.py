@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_deploy.errors import UsageError
+
+PROFILED = ("unet", "vae_decoder")   # the components a profile can time: a U-Net CFG step, a VAE decode
 BUCKETS = ("convolution", "attention", "groupnorm", "gemm", "elementwise", "layout_cast", "memcpy", "other", "gaps")
 BUCKET_NOTES = {
     "convolution": "Conv / NhwcConv / cuDNN fprop / implicit GEMM / inductor conv templates",
@@ -257,6 +260,23 @@ def _unet_feeds(spec, batch: int, height: int, width: int, hidden: int, guidance
     return {n: np.ascontiguousarray(feeds[n], dtype=dtypes[n]) for n in dtypes}
 
 
+def _feeds(art, component: str, spec, batch: int, height: int, width: int) -> dict:
+    """The profiled call's inputs: a U-Net CFG step's, or a VAE decode's."""
+    if component == "unet":
+        configs = art.model_configs
+        hidden = int(configs["unet"].get("cross_attention_dim") or configs["text_encoder"]["hidden_size"])
+        return _unet_feeds(spec, batch, height, width, hidden)
+    return _vae_feeds(spec, batch, height, width)
+
+
+def _vae_feeds(spec, batch: int, height: int, width: int) -> dict:
+    """The VAE decoder's input: B latents at the manifest's dtype (channels from its shape, else 4)."""
+    shape = next(list(i.shape) for i in spec.inputs if i.name == "latent")
+    channels = shape[1] if isinstance(shape[1], int) else 4
+    latent = np.random.default_rng(0).standard_normal((batch, channels, height // 8, width // 8))
+    return {"latent": np.ascontiguousarray(latent, dtype=np.dtype(spec.inputs[0].dtype))}
+
+
 def _cupti_profile(run, iters: int):
     """Run `run` `iters` times under torch.profiler with CUDA activity: (kernel events, wall ms)."""
     import torch
@@ -278,22 +298,22 @@ def _cupti_profile(run, iters: int):
 
 def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: int | None = None,
                 backend: str = "ort-cpu", variant: str | None = "auto", provider_options: dict | None = None,
-                iters: int = 10, warmup: int = 3, threads: int | None = None, levers_dir=None) -> dict:
-    """Profile the deployed U-Net step with ONNX Runtime's profiler (and CUPTI kernels on CUDA when torch is
-    there). `variant` "auto" runs the ort-cuda fused graph on CUDA when the artifact has it; with `levers_dir`,
-    `variant` names a lever graph of the benchmark's folder instead (bench/prepare.py, e.g. "tuning-fold-transposes")."""
+                iters: int = 10, warmup: int = 3, threads: int | None = None, levers_dir=None,
+                component: str = "unet") -> dict:
+    """Profile the deployed U-Net step (or, `component` "vae_decoder", one VAE decode of B latents) with ONNX
+    Runtime's profiler (and CUPTI kernels on CUDA when torch is there). `variant` "auto" runs the ort-cuda fused
+    graph on CUDA when the artifact has it; with `levers_dir`, `variant` names a U-Net lever graph of the
+    benchmark's folder instead (bench/prepare.py, e.g. "tuning-fold-transposes")."""
     import onnxruntime as ort
 
     from ldm_deploy.artifact import Artifact
 
     art = Artifact.open(artifact, verify=False)
-    configs = art.model_configs
     cuda = backend == "ort-cuda"
-    variant, model_path, spec = _unet_graph(art, variant, cuda, levers_dir)
+    variant, model_path, spec = _graph(art, component, variant, cuda, levers_dir)
     height = height or art.profiles.height.opt
     width = width or art.profiles.width.opt
-    hidden = int(configs["unet"].get("cross_attention_dim") or configs["text_encoder"]["hidden_size"])
-    feeds = _unet_feeds(spec, batch, int(height), int(width), hidden)
+    feeds = _feeds(art, component, spec, batch, int(height), int(width))
     with tempfile.TemporaryDirectory(prefix="ldm-profile-") as tmp:
         so = ort.SessionOptions()
         so.enable_profiling = True
@@ -348,37 +368,43 @@ def profile_ort(artifact, *, batch: int = 1, height: int | None = None, width: i
     for n in nodes:
         node_types[n["op_type"] or "?"] = node_types.get(n["op_type"] or "?", 0) + 1
     result.update(side="onnxruntime", backend=backend, variant=variant, model=str(model_path), batch=batch,
-                  height=int(height), width=int(width), unet_rows=2 * batch, dtype=spec.precision,
+                  component=component, height=int(height), width=int(width),
+                  **({"unet_rows": 2 * batch} if component == "unet" else {}), dtype=spec.precision,
                   provider_options=provider_options or {}, cfg_folded="guidance_scale" in feeds,
                   nodes_per_call={k: round(v / max(1, runs), 1) for k, v in sorted(node_types.items())},
                   host_wall_ms_per_call=round(wall_cupti / iters, 4) if wall_cupti else None)
     return result
 
 
-def _unet_graph(art, variant, cuda: bool, levers_dir=None) -> tuple:
-    """(variant, graph path, ComponentSpec) of the U-Net to profile: an artifact variant ("auto": the ort-cuda
-    fused graph on CUDA when listed), or with `levers_dir` the lever graph `variant` of that benchmark folder."""
+def _graph(art, component: str, variant, cuda: bool, levers_dir=None) -> tuple:
+    """(variant, graph path, ComponentSpec) of the component to profile: an artifact variant ("auto": the ort-cuda
+    fused graph on CUDA when listed), or with `levers_dir` the U-Net lever graph `variant` of that benchmark folder."""
     from ldm_deploy.artifact import ORT_CUDA_VARIANT
     from ldm_deploy.runtime.runners.ort import component_spec
 
+    if component not in PROFILED:
+        raise UsageError(f"cannot profile component {component!r}; choose one of {', '.join(PROFILED)}")
     if levers_dir is not None:
+        if component != "unet":
+            raise UsageError("lever graphs are U-Net graphs; --levers-dir profiles the unet only")
         from ldm_deploy.bench.prepare import lever_graph
 
         variant, model_path, entry = lever_graph(levers_dir, variant)
         return variant, model_path, art.component("unet").over(entry)
     if variant == "auto":
-        variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component("unet").variants else None
-    return (variant, *component_spec(art, "unet", variant))
+        variant = ORT_CUDA_VARIANT if cuda and ORT_CUDA_VARIANT in art.component(component).variants else None
+    return (variant, *component_spec(art, component, variant))
 
 
 def profile_torch(model_dir, *, batch: int = 1, height: int | None = None, width: int | None = None,
                   device: str = "auto", mode: str | None = None, channels_last: bool = False, iters: int = 10,
                   warmup: int = 3, compile_budget_s: float | None = None, on_timeout_record: dict | None = None,
-                  on_timeout_path: str | None = None) -> dict:
-    """torch.profiler over the PyTorch U-Net step (our module, SDPA attention, CFG as one 2B batch), eager
-    (`mode` None) or torch.compile(mode=...). On CUDA the buckets are the GPU kernels (fp16); on the CPU
-    the ops' self times (fp32). `compile_budget_s`: past it, `on_timeout_record` (with the torch part marked
-    timeout) is written to `on_timeout_path` and the process exits (worker.deadline)."""
+                  on_timeout_path: str | None = None, component: str = "unet") -> dict:
+    """torch.profiler over the PyTorch U-Net step (our module, SDPA attention, CFG as one 2B batch) or, `component`
+    "vae_decoder", one VAE decode of B latents; eager (`mode` None) or torch.compile(mode=...). On CUDA the buckets
+    are the GPU kernels (fp16); on the CPU the ops' self times (fp32). `compile_budget_s`: past it,
+    `on_timeout_record` (with the torch part marked timeout) is written to `on_timeout_path` and the process exits
+    (worker.deadline)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -398,16 +424,13 @@ def profile_torch(model_dir, *, batch: int = 1, height: int | None = None, width
     size = 8 * int(pipe.unet.config.sample_size)
     height, width = int(height or size), int(width or height or size)
     result = {"side": "torch", "device": str(dev), "dtype": "fp16" if cuda else "fp32", "batch": batch,
-              "height": height, "width": width, "unet_rows": 2 * batch, "torch": torch.__version__,
+              "component": component, "height": height, "width": width,
+              **({"unet_rows": 2 * batch} if component == "unet" else {}), "torch": torch.__version__,
               "mode": mode or "eager", "channels_last": channels_last}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.inference_mode(), attention_backend("sdpa"):
-        emb = pipe.encode_text([""] * batch + ["a photograph of an astronaut riding a horse"] * batch)
-        x = torch.randn((batch, pipe.in_channels, height // 8, width // 8), device=dev, dtype=dtype)
-        t_mid = pipe.steps[len(pipe.steps) // 2][0]
-
-        def step():
-            pipe.unet_step(x, t_mid, emb, 7.5)
+        step = _torch_call(pipe, component, torch.randn((batch, pipe.in_channels, height // 8, width // 8),
+                                                        device=dev, dtype=dtype))
 
         result["attention"] = sdpa_backends(step)
         if mode:
@@ -419,7 +442,7 @@ def profile_torch(model_dir, *, batch: int = 1, height: int | None = None, width
                 sync()
             result["compile_s"] = round(time.perf_counter() - t0, 2)
         elif channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
+            (pipe.unet if component == "unet" else pipe.vae).to(memory_format=torch.channels_last)
         for _ in range(warmup):
             step()
         sync()
@@ -438,15 +461,27 @@ def profile_torch(model_dir, *, batch: int = 1, height: int | None = None, width
     return result
 
 
+def _torch_call(pipe, component: str, x):
+    """The profiled torch call on latents x (B, C, h, w): a U-Net CFG step at mid-schedule, or a VAE decode."""
+    if component != "unet":
+        return lambda: pipe.decode(x)
+    batch = x.shape[0]
+    emb = pipe.encode_text([""] * batch + ["a photograph of an astronaut riding a horse"] * batch)
+    t_mid = pipe.steps[len(pipe.steps) // 2][0]
+    return lambda: pipe.unet_step(x, t_mid, emb, 7.5)
+
+
 def profile_table(profiles: list[dict]) -> str:
-    """Markdown: one column per profile (ms per U-Net step and share of its wall time), one row per bucket."""
+    """Markdown: one column per profile (ms per U-Net step, or VAE decode, and share of its wall time), one row per
+    bucket."""
     def head(p):
         variant = p.get("variant") if p.get("variant") not in (None, p.get("backend")) else None
         what = (f"ORT {p.get('backend')}{' ' + variant if variant else ''}" if p.get("side") == "onnxruntime"
                 else f"torch {p.get('mode')}{' + channels_last' if p.get('channels_last') else ''}")
         return f"{what} ({p.get('dtype')}, {p['source']})"
 
-    lines = ["| bucket (ms per U-Net step) | " + " | ".join(head(p) for p in profiles) + " | what |",
+    per = "VAE decode" if profiles and profiles[0].get("component") == "vae_decoder" else "U-Net step"
+    lines = [f"| bucket (ms per {per}) | " + " | ".join(head(p) for p in profiles) + " | what |",
              "|---|" + "--:|" * len(profiles) + "---|"]
     for b in BUCKETS:
         cells = [f"{p['buckets'][b]['ms_per_call']:.3f} ({p['buckets'][b]['share']:.0%})" for p in profiles]

@@ -196,6 +196,30 @@ def test_torch_cpu_profile_and_table(tiny):
     assert lines[0].startswith("step wall")
 
 
+def test_vae_decoder_profiles_on_cpu(tiny, tmp_path):
+    """`component="vae_decoder"`: one decode of B latents on both sides, bucketed like the U-Net's; the script
+    passes `--component` to its children and says what was profiled."""
+    from ldm_deploy.bench.profile import profile_ort, profile_torch
+
+    o = profile_ort(tiny[1], batch=2, iters=2, warmup=1, threads=1, component="vae_decoder")
+    t = profile_torch(tiny[0], batch=2, device="cpu", iters=2, warmup=1, component="vae_decoder")
+    for p in (o, t):
+        assert p["component"] == "vae_decoder" and "unet_rows" not in p and p["batch"] == 2
+        assert p["buckets"]["convolution"]["ms_per_call"] > 0
+    assert o["model"].endswith("vae_decoder/model.onnx") and "ms per VAE decode" in profile_table([o, t])
+    with pytest.raises(LdmError, match="cannot profile component 'text_encoder'"):
+        profile_ort(tiny[1], component="text_encoder")
+    out, md = tmp_path / "v.json", tmp_path / "v.md"
+    proc = subprocess.run([sys.executable, "scripts/profile_unet.py", "--artifact", str(tiny[1]), "--model-dir",
+                           str(tiny[0]), "--component", "vae_decoder", "--device", "cpu", "--iters", "1", "--warmup",
+                           "1", "--threads", "1", "--out", str(out), "--md", str(md)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["component"] == "vae_decoder"
+    assert all(p["component"] == "vae_decoder" for p in data["batches"]["1"]["profiles"])
+    assert "VAE decode at B=1" in md.read_text()
+
+
 def test_profile_script_writes_json_and_markdown(tiny, tmp_path):
     out, md, docs = tmp_path / "p.json", tmp_path / "p.md", tmp_path / "doc.md"
     docs.write_text("# perf\n<!-- profile:start -->\nold\n<!-- profile:end -->\ntail\n")
