@@ -1,7 +1,7 @@
 """Thin cuda-python helpers (`cuda.bindings.runtime`): device query, buffers, one stream, graphs.
 
-What the TensorRT runner and the device-loop runner (runners/ort_loop.py) need. cuda-python is imported lazily, so importing this module
-never fails on a machine without it; every call turns a CUDA error into one LdmError line. Each resource
+What the TensorRT runner and the device-loop runner (runners/ort_loop.py) need. cuda-python is imported
+lazily, so importing this module never fails on a machine without it; every call turns a CUDA error into one LdmError line. Each resource
 is released by `close()` (the TensorRT runner's own `close()` calls them in order); `__del__` only calls
 `close()` as a last resort for an object nobody closed, and never raises.
 """
@@ -130,15 +130,11 @@ class PinnedBuffer:
 
 
 def copy_to_device(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
-    rt = _rt()
-    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream._stream),
-          "cudaMemcpyAsync (host to device)")
+    copy_async(dst.ptr, src.ptr, nbytes, stream, "h2d")
 
 
 def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
-    rt = _rt()
-    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream._stream),
-          "cudaMemcpyAsync (device to host)")
+    copy_async(dst.ptr, src.ptr, nbytes, stream, "d2h")
 
 
 def copy_async(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream, kind: str = "d2d") -> None:
