@@ -93,6 +93,15 @@ def folded_scalars(guidance: float, rescale: float) -> dict[str, np.ndarray]:
     return out
 
 
+def folded_conditioning(context: np.ndarray, guidance: float, rescale: float = 0.0,
+                        extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """What a CFG-folded graph takes besides the latents and timestep, constant over a loop: the context
+    `folded_context` gives, the guidance inputs `folded_scalars` gives, and extra per-row conditioning (SDXL's
+    text_embeds / time_ids) each through `folded_context`."""
+    return {CONTEXT: folded_context(context, guidance), **folded_scalars(guidance, rescale),
+            **{k: folded_context(v, guidance) for k, v in (extra or {}).items()}}
+
+
 def folded_feeds(latents: np.ndarray, timestep: np.ndarray, context: np.ndarray,
                  scalars: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Feeds of a CFG-folded U-Net graph: B latents and timesteps, the context `folded_context` gives and
@@ -101,5 +110,6 @@ def folded_feeds(latents: np.ndarray, timestep: np.ndarray, context: np.ndarray,
     return {SAMPLE: latents, TIMESTEP: timestep, CONTEXT: context, **scalars, **(extra or {})}
 
 
-__all__ = ["CONTEXT", "OUTPUT", "RESCALE", "SAMPLE", "SCALE", "TIMESTEP", "folded_context", "folded_feeds",
+__all__ = ["CONTEXT", "OUTPUT", "RESCALE", "SAMPLE", "SCALE", "TIMESTEP", "folded_conditioning", "folded_context",
+           "folded_feeds",
            "folded_scalars", "guide", "plain_feeds", "rescale_noise_cfg", "rows", "uses_cfg"]

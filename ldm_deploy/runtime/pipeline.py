@@ -19,6 +19,7 @@ the decoded image is quantized as diffusers does: round((x * 0.5 + 0.5).clip(0, 
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -26,8 +27,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
-
-import logging
 
 import numpy as np
 
@@ -187,15 +186,13 @@ class FoldedCfgDenoiser(Denoiser):
     def __init__(self, unet, context: np.ndarray, guidance: float, guidance_rescale: float,
                  extra: Mapping[str, np.ndarray] | None = None):
         super().__init__(unet)
-        self.context = g.folded_context(context, guidance)
-        # SDXL's text_embeds / time_ids: per-row like the context, so doubled alike without CFG
-        self.extra = {k: g.folded_context(v, guidance) for k, v in (extra or {}).items()}
-        self.scalars = g.folded_scalars(guidance, guidance_rescale)   # constant over the loop, as the context
+        # context, guidance scalars and SDXL's text_embeds / time_ids (per-row like the context, so doubled alike
+        # without CFG): constant over the loop
+        self.conditioning = g.folded_conditioning(context, guidance, guidance_rescale, extra)
 
     def __call__(self, x_in: np.ndarray, t) -> np.ndarray:
         x_in = np.asarray(x_in, dtype=np.float32)
-        guided = self._run(g.folded_feeds(x_in, self._timesteps(x_in.shape[0], t), self.context, self.scalars,
-                                          self.extra))
+        guided = self._run({g.SAMPLE: x_in, g.TIMESTEP: self._timesteps(x_in.shape[0], t), **self.conditioning})
         self._check(guided, guided, t)                                          # (B, 4, h, w), guided in-graph
         return guided
 
@@ -501,9 +498,7 @@ class Pipeline:
         """The whole loop in the U-Net runner's loop step graph (runtime/device_loop.py): one call, no host
         work or wait between steps; the timings keep the host loop's keys (no scheduler overhead)."""
         tables = device_loop.loop_tables(req.scheduler, schedule, req.eta)
-        conditioning = {g.CONTEXT: g.folded_context(context, req.guidance),
-                        **g.folded_scalars(req.guidance, req.guidance_rescale),
-                        **{k: g.folded_context(v, req.guidance) for k, v in (extra or {}).items()}}
+        conditioning = g.folded_conditioning(context, req.guidance, req.guidance_rescale, extra)
         t0 = time.perf_counter()
         x = self.runners["unet"].sample_loop(x, tables, conditioning)
         loop_s, n = time.perf_counter() - t0, tables.steps

@@ -213,7 +213,7 @@ def test_sdxl_pipeline_over_a_folded_unet_matches_plain(fused, cpu_folded, monke
     original = FoldedCfgDenoiser.__call__
 
     def spy(self, x, t):
-        seen.append({k: v.shape for k, v in self.extra.items()})
+        seen.append({k: v.shape for k, v in self.conditioning.items() if k in ("text_embeds", "time_ids")})
         return original(self, x, t)
 
     monkeypatch.setattr(FoldedCfgDenoiser, "__call__", spy)   # records what the real denoiser feeds
