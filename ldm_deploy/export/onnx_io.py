@@ -66,6 +66,29 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path | None:
     return data
 
 
+def rewrite_model(src: str | Path, dst: str | Path, transform) -> dict:
+    """Load `src` with its weights, apply `transform(model) -> stats` in place, and write `dst` (+ `dst.data` past
+    protobuf's 2 GB) through a temporary folder beside it, so a failure leaves no half-written graph (`dst` may be
+    `src`). Returns the stats with the seconds taken and whether the weights went to external data."""
+    import shutil
+    import time
+
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=True)
+    stats = dict(transform(model) or {})
+    work = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    data = save_model(model, work / dst.name)
+    data_file(dst).unlink(missing_ok=True)
+    if data is not None:
+        data.replace(data_file(dst))
+    (work / dst.name).replace(dst)
+    shutil.rmtree(work, ignore_errors=True)
+    stats.update(seconds=round(time.perf_counter() - t0, 2), external_data=data is not None)
+    return stats
+
+
 def is_big(path: Path) -> bool:
     """True when the graph at `path` with its weights is over the limit: it cannot be one in-memory proto
     (onnxslim, which serializes the whole model, fails on it: "EncodeError: Failed to serialize proto")."""

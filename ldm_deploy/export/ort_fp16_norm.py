@@ -427,31 +427,19 @@ def norm_layout_passes(model: onnx.ModelProto, *, fp16_norm: bool = True, fold_t
 
 def write_norm_layout_graph(src: str | Path, dst: str | Path, *, device_loop: bool = False, **passes) -> dict:
     """Load `src` (a fused ort-cuda graph, weights included), run `norm_layout_passes(**passes)` and, with
-    `device_loop`, wrap the result into the loop step graph (export/step_graph.py); write `dst` (+ `dst.data`
-    past protobuf's 2 GB) through a temporary name, so a failure leaves no half-written graph."""
-    import shutil
-    import time
-
+    `device_loop`, wrap the result into the loop step graph (export/step_graph.py); write `dst` through a temporary
+    name (onnx_io.rewrite_model), so a failure leaves no half-written graph."""
     from ldm_deploy.export import onnx_io
     from ldm_deploy.export.step_graph import add_loop_step
 
-    t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src), load_external_data=True)
-    stats = norm_layout_passes(model, **passes)
-    if device_loop:
-        add_loop_step(model)
-        stats["device_loop"] = True
-    work = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    data = onnx_io.save_model(model, work / dst.name)
-    onnx_io.data_file(dst).unlink(missing_ok=True)
-    if data is not None:
-        data.replace(onnx_io.data_file(dst))
-    (work / dst.name).replace(dst)
-    shutil.rmtree(work, ignore_errors=True)
-    stats.update(seconds=round(time.perf_counter() - t0, 2), external_data=data is not None)
-    return stats
+    def transform(model: onnx.ModelProto) -> dict:
+        stats = norm_layout_passes(model, **passes)
+        if device_loop:
+            add_loop_step(model)
+            stats["device_loop"] = True
+        return stats
+
+    return onnx_io.rewrite_model(src, dst, transform)
 
 
 __all__ = ["elem_types", "conv_bias_into_norm", "drop_noop_casts", "fp16_group_norm", "fold_nhwc_transposes",

@@ -115,11 +115,16 @@ def write_loop_variant(root: Path, fused: Path, fused_stats: dict) -> dict:
     """Write the device-loop U-Net `unet/model.ort-cuda-loop.onnx` of the artifact being exported at `root` from
     its ort-cuda U-Net `fused` (written by export/ort_optimize.py with `fused_stats`); returns its manifest
     variant entry (ORT_CUDA_LOOP_VARIANT). Written through a temporary name, as every export file."""
-    from ldm_deploy.export.ort_fp16_norm import write_norm_layout_graph
+    from ldm_deploy.export import onnx_io
     from ldm_deploy.export.ort_optimize import variant_entry
 
+    def wrap(model: onnx.ModelProto) -> dict:
+        before = len(model.graph.node)
+        add_loop_step(model)
+        return {"nodes_before": before, "nodes_after": len(model.graph.node)}
+
     dst = fused.with_name(LOOP_FILE)
-    stats = write_norm_layout_graph(fused, dst, fp16_norm=False, fold_transposes=False, device_loop=True)
+    stats = onnx_io.rewrite_model(fused, dst, wrap)
     return {**variant_entry(root, dst, {**fused_stats, "cfg_folded": True, "nodes_before": stats["nodes_before"],
                                         "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}),
             "device_loop": True}

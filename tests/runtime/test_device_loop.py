@@ -246,6 +246,7 @@ def test_export_writes_the_device_loop_variant(loop_artifact):
     assert loop["file"] == "unet/model.ort-cuda-loop.onnx" and loop["device_loop"] and loop["cfg_folded"]
     assert loop["precision"] == fused["precision"] == "fp16" and loop["fused_ops"] == fused["fused_ops"]
     assert [i["name"] for i in loop["inputs"]][:2] == [dl.LATENTS, dl.STEP]
+    assert loop["nodes_after"] > loop["nodes_before"] == fused["nodes_after"]   # the step's nodes, counted
     assert_loadable(loop_artifact / loop["file"])
     assert is_step_graph(onnx.load(str(loop_artifact / loop["file"])).graph)
 
