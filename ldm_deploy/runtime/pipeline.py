@@ -317,12 +317,12 @@ class Pipeline:
         from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
         artifact = Artifact.open(path, verify=verify)
-        if device_loop:
-            check_device_loop(artifact, backend)
         if artifact.info.sdxl is not None and cls is Pipeline:      # SDXL conditioning lives in runtime/sdxl.py
             from ldm_deploy.runtime.sdxl import SDXLPipeline
 
             return SDXLPipeline.from_artifact(artifact, backend, components, device_loop=device_loop, **runner_opts)
+        if device_loop:
+            check_device_loop(artifact, backend)
         names = components or [c for c in SD_COMPONENTS if c in artifact.components]
         runners = open_runners(artifact, backend, names, runner_opts, device_loop)
         tokenizer = ClipTokenizer.from_dir(artifact.tokenizer_dir)
