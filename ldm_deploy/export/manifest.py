@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
