@@ -456,7 +456,7 @@ def _fuse(src: Path, component: str, *, float16: bool, nhwc_conv: bool, output_s
 
 
 def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, float16: bool = True,
-                          fold_guidance: bool = True, nhwc_conv: bool = True,
+                          fold_guidance: bool = True, nhwc_conv: bool = True, vae_layout: bool = True,
                           output_shapes: dict | None = None, switchable: Mapping | None = None) -> dict:
     """Fuse `src` (an fp32 ONNX graph) for the CUDA execution provider and write it to `dst`
     (+ `dst.data` when the weights pass protobuf's 2 GB limit). For the U-Net, `fold_guidance` also folds
@@ -464,6 +464,8 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
     `nhwc_conv=False` leaves the convolutions NCHW (the benchmark's layout lever, written into the benchmark's
     own folder by ldm_deploy/bench/prepare.py; slower on tensor cores). `output_shapes` (name -> [dim, ...],
     the plain graph's manifest shapes) replaces the output dims the optimizer's shape inference renamed.
+    `vae_layout` (VAE components with NHWC convolutions): keep the fused graph's residual stream in NHWC and its
+    adds in SkipGroupNorms (export/ort_nhwc_residual.py); False is the benchmark's before-and-after check.
     `switchable` (weight name -> base values, float32): `src` is a lora_switchable graph taking those weights as
     inputs; the fused graph takes the fused forms of them as inputs (export/ort_lora.py), recorded in the returned
     statistics' `lora_fused` ({input: {weight, perm, shape, dtype}}), `lora_unused` and `lora_nchw_convs`.
@@ -482,21 +484,45 @@ def optimize_for_ort_cuda(src: str | Path, dst: str | Path, component: str, *, f
 
     try:
         return _optimize_for_ort_cuda(Path(src), Path(dst), component, float16=float16, fold_guidance=fold_guidance,
-                                      nhwc_conv=nhwc_conv, output_shapes=output_shapes, switchable=switchable)
+                                      nhwc_conv=nhwc_conv, vae_layout=vae_layout, output_shapes=output_shapes,
+                                      switchable=switchable)
     finally:
         gc.collect()
         trim_heap()
 
 
+def _vae_layout(model: onnx.ModelProto) -> dict:
+    """The NHWC residual passes on a fused VAE graph with NHWC convolutions (export/ort_nhwc_residual.py)."""
+    if not op_counts(model).get("NhwcConv"):
+        return {}
+    from ldm_deploy.export.ort_nhwc_residual import vae_passes
+
+    return {"vae_layout": vae_passes(model)}
+
+
+def _write_fused(model: onnx.ModelProto, dst: Path) -> Path | None:
+    """Write beside `dst` under a temporary folder, then move graph (+ data) into place; the data file or None."""
+    from ldm_deploy.export import onnx_io
+
+    work = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    data = onnx_io.save_model(model, work / dst.name)
+    onnx_io.data_file(dst).unlink(missing_ok=True)
+    if data is not None:
+        data.replace(onnx_io.data_file(dst))
+    (work / dst.name).replace(dst)
+    shutil.rmtree(work, ignore_errors=True)
+    return data
+
+
 def _optimize_for_ort_cuda(src: Path, dst: Path, component: str, *, float16: bool, fold_guidance: bool,
-                           nhwc_conv: bool, output_shapes: dict | None, switchable: Mapping | None) -> dict:
+                           nhwc_conv: bool, vae_layout: bool, output_shapes: dict | None,
+                           switchable: Mapping | None) -> dict:
     try:
         from onnxruntime.transformers.optimizer import optimize_model  # noqa: F401  (_fuse uses it)
     except ImportError as e:  # pragma: no cover - onnxruntime always ships it
         raise LdmError(f"onnxruntime's transformer optimizer is unavailable: {e}",
                        hint="pip install 'onnxruntime>=1.18'") from None
-    from ldm_deploy.export import onnx_io
-
     if component not in MODEL_TYPES:
         raise LdmError(f"no ORT CUDA optimisation for component {component!r}",
                        hint=f"choose from {', '.join(MODEL_TYPES)}")
@@ -533,16 +559,9 @@ def _optimize_for_ort_cuda(src: Path, dst: Path, component: str, *, float16: boo
     declared = {o.domain for o in m.model.opset_import}
     for domain in sorted(domains - declared):   # ORT's fusions may leave the contrib domain undeclared
         m.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    layout = _vae_layout(m.model) if vae_layout and component.startswith("vae") else {}
     after = op_counts(m.model)
-    # write beside dst under a temporary folder, then move graph (+ data) into place
-    work = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    data = onnx_io.save_model(m.model, work / dst.name)
-    onnx_io.data_file(dst).unlink(missing_ok=True)
-    if data is not None:
-        data.replace(onnx_io.data_file(dst))
-    (work / dst.name).replace(dst)
-    shutil.rmtree(work, ignore_errors=True)
+    data = _write_fused(m.model, dst)
     stats = {
         "component": component,
         "precision": "fp16" if float16 else "fp32",
@@ -557,6 +576,7 @@ def _optimize_for_ort_cuda(src: Path, dst: Path, component: str, *, float16: boo
         "nhwc_conv": bool(after.get("NhwcConv")),
         **repaired,
         **lora,
+        **layout,
     }
     log.info("ort-cuda variant of %s (%s): %d -> %d nodes, fused %s%s", component, stats["precision"],
              stats["nodes_before"], stats["nodes_after"], stats["fused_ops"],
