@@ -96,6 +96,9 @@ TUNING = {
     "ort-cuda-device-loop-all-passes": ("ort-cuda-device-loop on the U-Net with the three graph passes",
                                         {"graph": "tuning-device-loop-all-passes", "device_loop": True,
                                          "graph_all": True}),
+    "ort-cuda-device-loop-nhwc": ("ort-cuda-device-loop-all-passes with the U-Net's residual adds and skip-connection "
+                                  "Concats kept in NHWC too (export/ort_nhwc_residual.py)",
+                                  {"graph": "tuning-device-loop-nhwc", "device_loop": True, "graph_all": True}),
 }
 # the profile-lever run (`ldm-deploy bench --tuning`), most telling first so
 # a run cut short by its time budget keeps them: the deployed path, the strongest one-line PyTorch recipe

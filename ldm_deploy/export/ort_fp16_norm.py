@@ -404,10 +404,11 @@ def conv_bias_into_norm(model: onnx.ModelProto) -> dict:
 
 
 def norm_layout_passes(model: onnx.ModelProto, *, fp16_norm: bool = True, fold_transposes: bool = True,
-                       conv_bias: bool = False) -> dict:
+                       conv_bias: bool = False, nhwc_residual: bool = False) -> dict:
     """The passes on one fused U-Net, in place: `fp16_norm` (fp16_group_norm, then drop_noop_casts), `fold_transposes`
-    (fold_nhwc_transposes) and / or `conv_bias` (conv_bias_into_norm). Returns node counts before / after and each
-    pass's stats."""
+    (fold_nhwc_transposes), `nhwc_residual` (export/ort_nhwc_residual.py: residual adds and skip-connection
+    Concats in NHWC) and / or `conv_bias` (conv_bias_into_norm, last: it also fills the SkipGroupNorms
+    `nhwc_residual` makes). Returns node counts before / after and each pass's stats."""
     before = Counter(n.op_type for n in model.graph.node)
     stats: dict = {}
     if fp16_norm:
@@ -415,6 +416,10 @@ def norm_layout_passes(model: onnx.ModelProto, *, fp16_norm: bool = True, fold_t
         stats["noop_casts_removed"] = drop_noop_casts(model)
     if fold_transposes:
         stats["fold_nhwc_transposes"] = fold_nhwc_transposes(model)
+    if nhwc_residual:
+        from ldm_deploy.export.ort_nhwc_residual import nhwc_residuals
+
+        stats["nhwc_residuals"] = nhwc_residuals(model)
     if conv_bias:
         stats["conv_bias_into_norm"] = conv_bias_into_norm(model)
     after = Counter(n.op_type for n in model.graph.node)

@@ -7,8 +7,8 @@ but leaves the tensors between them in NCHW: in the fused VAE decoder each ResNe
 decode, and cuDNN adds each convolution's bias in a pass of its own (the U-Net profile's `op_generic_tensor_kernel`).
 
 `nhwc_residuals` gives every NCHW tensor that is a Transpose of an NHWC one an NHWC twin, and carries the twins
-through the ops that do not care about layout: an Add of two twinned tensors becomes an Add of the twins, a nearest
-Resize of a twinned tensor a Resize of the twin (its scales or sizes permuted). A `Transpose(to NHWC)` of a twinned
+through the ops that do not care about layout: an Add of two twinned tensors becomes an Add of the twins, a channel
+Concat a Concat of the twins on their last axis, a nearest Resize a Resize of the twin (its scales or sizes permuted). A `Transpose(to NHWC)` of a twinned
 tensor is its twin; NCHW tensors nothing reads any more go. Then an NHWC Add read by a GroupNorm becomes a
 SkipGroupNorm (X and skip are the two addends, its second output the sum for the Add's other readers), and
 `conv_bias_into_norm` (ort_fp16_norm.py) moves the convolution bias into it:
@@ -101,15 +101,16 @@ def _twin_all(g: _Graph, twin: dict[str, str], names) -> bool:
 
 
 def nhwc_residuals(model: onnx.ModelProto) -> dict:
-    """Carry the NHWC twins of NCHW tensors through Add and nearest Resize, drop the Transposes that become
-    identities, then fuse each NHWC Add a GroupNorm reads into a SkipGroupNorm. In place; returns
-    {"adds", "resizes", "transposes" [before, after], "skip_group_norms"}."""
+    """Carry the NHWC twins of NCHW tensors through Add, channel Concat (the U-Net's skip connections) and nearest
+    Resize, drop the Transposes that become identities, then fuse each NHWC Add a GroupNorm reads into a
+    SkipGroupNorm. In place; returns {"adds", "concats", "resizes", "transposes" [before, after],
+    "skip_group_norms"}."""
     before = sum(n.op_type == "Transpose" for n in model.graph.node)
     g = _Graph(model.graph)
     twin: dict[str, str] = {}          # NCHW tensor -> its NHWC twin
     made: set[str] = set()             # NHWC twins written by an Add this pass made
     scales: set[str] = set()           # the scales / sizes inputs of the Resizes
-    stats = Counter(adds=0, resizes=0, skip_group_norms=0)
+    stats = Counter(adds=0, concats=0, resizes=0, skip_group_norms=0)
     for node in list(model.graph.node):   # topological order: a tensor's twin exists before its readers
         if _is_transpose(node, TO_NCHW):
             twin[node.output[0]] = node.input[0]
@@ -122,6 +123,14 @@ def nhwc_residuals(model: onnx.ModelProto) -> dict:
             twin[node.output[0]] = out
             _as_transpose_of(node, out)
             stats["adds"] += 1
+        elif (node.op_type == "Concat" and _attr(node, "axis") in (1, -3) and len(node.input) > 1
+              and _twin_all(g, twin, node.input)):
+            out = g.unique(f"{node.output[0]}_nhwc")
+            g.added.append(helper.make_node("Concat", [twin[x] for x in node.input], [out], axis=3,
+                                            name=g.unique(f"{node.name or 'Concat'}_nhwc")))
+            twin[node.output[0]] = out
+            _as_transpose_of(node, out)
+            stats["concats"] += 1
         elif node.op_type == "Resize" and node.input[0] in twin:
             scales.update(node.input[2:])
             out = _nhwc_resize(g, node, twin[node.input[0]])

@@ -35,7 +35,7 @@ def test_graph_sides_are_tuning_levers_of_the_unet_only(arts):
     from ldm_deploy.bench.ort_side import _runner_options
     from ldm_deploy.bench.prepare import TUNING_GRAPHS
 
-    assert set(GRAPH_SIDES.values()) == set(TUNING_GRAPHS) and len(GRAPH_SIDES) == 7
+    assert set(GRAPH_SIDES.values()) == set(TUNING_GRAPHS) and len(GRAPH_SIDES) == 8
     spec = BenchSpec(artifact=str(arts["fused"]), sides=tuple(GRAPH_SIDES))
     for side, graph in GRAPH_SIDES.items():
         backend, opts, unet = _runner_options(spec, side)
@@ -71,9 +71,13 @@ def test_cli_tuning_prepares_the_graphs_in_its_own_folder(arts, tmp_path, capsys
     assert graphs["tuning-fold-transposes"]["pass_stats"]["transposes"][1] < \
         graphs["tuning-fold-transposes"]["pass_stats"]["transposes"][0]
     assert graphs["tuning-fp16-norm"]["pass_stats"]["casts"][1] < graphs["tuning-fp16-norm"]["pass_stats"]["casts"][0]
-    for name in ("tuning-conv-bias-norm", "tuning-all-passes", "tuning-device-loop-all-passes"):
+    for name in ("tuning-conv-bias-norm", "tuning-all-passes", "tuning-device-loop-all-passes",
+                 "tuning-device-loop-nhwc"):
         assert graphs[name]["pass_stats"]["conv_bias_into_norm"]["moved"] > 0, name
-    for name in ("tuning-device-loop", "tuning-device-loop-all-passes"):   # loop step graphs (export/step_graph.py)
+    nhwc = graphs["tuning-device-loop-nhwc"]["pass_stats"]
+    assert nhwc["nhwc_residuals"]["concats"] > 0 and nhwc["transposes"][1] < \
+        graphs["tuning-device-loop-all-passes"]["pass_stats"]["transposes"][1]
+    for name in ("tuning-device-loop", "tuning-device-loop-all-passes", "tuning-device-loop-nhwc"):   # loop step graphs
         assert [o["name"] for o in graphs[name]["outputs"]] == ["latents_next", "step_next"], name
     results = json.loads(out.read_text())
     assert [r["side"] for r in results["results"]] == sides.split(",")

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ldm_deploy.export.ort_nhwc_residual import nhwc_residuals, vae_passes
-from tests.export.test_ort_fp16_norm import cpu_stand_ins, run_cpu
+from tests.export.test_ort_fp16_norm import cpu_stand_ins, fused, run_cpu  # noqa: F401  (module fixture)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,27 @@ def test_linear_resize_and_unknown_rank_addends_stay_nchw():
     stats = nhwc_residuals(model)
     assert stats["adds"] == stats["resizes"] == stats["skip_group_norms"] == 0
     assert counts(model) == Counter(Transpose=2, Resize=1, Add=1)
+
+
+def test_u_net_skip_connections_go_nhwc_exactly_on_ort_cpu(fused):
+    """On the fused U-Net (after the fold of the transformer blocks' transposes) the pass carries the residual adds
+    and the skip connections' channel Concats into NHWC: the same elements in the same places, so the output is
+    bit for bit the same (stand-ins alike on both sides), at two seeds."""
+    from ldm_deploy.export.ort_fp16_norm import fold_nhwc_transposes
+    from tests.export.test_ort_fp16_norm import unet_feeds
+
+    model = onnx.load(str(fused["fp32"]))
+    fold_nhwc_transposes(model)
+    passed = onnx.load(str(fused["fp32"]))
+    fold_nhwc_transposes(passed)
+    stats = nhwc_residuals(passed)
+    onnx.checker.check_model(passed, full_check=True)
+    assert stats["concats"] > 0 and stats["adds"] > 0
+    assert stats["transposes"][1] <= stats["transposes"][0] - 2 * stats["concats"]
+    reference, candidate = cpu_stand_ins(model), cpu_stand_ins(passed)
+    for seed in (0, 1):
+        feeds = unet_feeds(model, seed)
+        want, got = run_cpu(reference, feeds), run_cpu(candidate, feeds)
+        for key, value in want.items():
+            assert np.isfinite(value).all() and np.abs(value).max() > 0
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{key} seed {seed}")
