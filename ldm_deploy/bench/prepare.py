@@ -233,6 +233,7 @@ TUNING_GRAPHS = {
     "tuning-device-loop": {"fp16_norm": False, "fold_transposes": False, "device_loop": True},
     "tuning-device-loop-all-passes": {"fp16_norm": True, "fold_transposes": True, "conv_bias": True,
                                       "device_loop": True},
+    # what `export --ort-cuda --device-loop` writes (export/step_graph.py LOOP_PASSES)
     "tuning-device-loop-nhwc": {"fp16_norm": True, "fold_transposes": True, "conv_bias": True, "nhwc_residual": True,
                                 "device_loop": True},
 }

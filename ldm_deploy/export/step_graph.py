@@ -111,23 +111,36 @@ def _loop_io(graph: onnx.GraphProto, sample_dims: list, t_type: int) -> None:
                          helper.make_tensor_value_info(dl.STEP_NEXT, TensorProto.INT64, [1])])
 
 
+# The U-Net passes the device-loop variant is written with (norm_layout_passes keywords): the bench's best measured
+# configuration, `ort-cuda-device-loop-nhwc` (H100, 2026-12-07: 0.372 s at B=1, 1.044 s at B=4; docs/performance.md)
+LOOP_PASSES = {"fp16_norm": True, "fold_transposes": True, "conv_bias": True, "nhwc_residual": True}
+
+
 def write_loop_variant(root: Path, fused: Path, fused_stats: dict) -> dict:
     """Write the device-loop U-Net `unet/model.ort-cuda-loop.onnx` of the artifact being exported at `root` from
     its ort-cuda U-Net `fused` (written by export/ort_optimize.py with `fused_stats`); returns its manifest
-    variant entry (ORT_CUDA_LOOP_VARIANT). Written through a temporary name, as every export file."""
+    variant entry (ORT_CUDA_LOOP_VARIANT). The U-Net is first given the graph passes of LOOP_PASSES
+    (export/ort_fp16_norm.py `norm_layout_passes`), then wrapped: the graph the bench measures as
+    `ort-cuda-device-loop-nhwc` (bench/prepare.py builds it with the same two calls). Written through a temporary
+    name, as every export file."""
     from ldm_deploy.export import onnx_io
-    from ldm_deploy.export.ort_optimize import variant_entry
+    from ldm_deploy.export.ort_fp16_norm import norm_layout_passes
+    from ldm_deploy.export.ort_optimize import FUSED_OPS, op_counts, variant_entry
 
     def wrap(model: onnx.ModelProto) -> dict:
         before = len(model.graph.node)
+        passes = norm_layout_passes(model, **LOOP_PASSES)
+        ops = op_counts(model)
         add_loop_step(model)
-        return {"nodes_before": before, "nodes_after": len(model.graph.node)}
+        return {"nodes_before": before, "nodes_after": len(model.graph.node), "graph_passes": passes,
+                "fused_ops": {op: n for op, n in sorted(ops.items()) if op in FUSED_OPS}}
 
     dst = fused.with_name(LOOP_FILE)
     stats = onnx_io.rewrite_model(fused, dst, wrap)
     return {**variant_entry(root, dst, {**fused_stats, "cfg_folded": True, "nodes_before": stats["nodes_before"],
-                                        "nodes_after": stats["nodes_after"], "seconds": stats["seconds"]}),
-            "device_loop": True}
+                                        "nodes_after": stats["nodes_after"], "seconds": stats["seconds"],
+                                        "fused_ops": stats["fused_ops"]}),
+            "device_loop": True, "graph_passes": {k: v for k, v in LOOP_PASSES.items() if v}}
 
 
-__all__ = ["LOOP_FILE", "add_loop_step", "is_step_graph", "write_loop_variant"]
+__all__ = ["LOOP_FILE", "LOOP_PASSES", "add_loop_step", "is_step_graph", "write_loop_variant"]

@@ -35,7 +35,10 @@ def test_graph_sides_are_tuning_levers_of_the_unet_only(arts):
     from ldm_deploy.bench.ort_side import _runner_options
     from ldm_deploy.bench.prepare import TUNING_GRAPHS
 
+    from ldm_deploy.export.step_graph import LOOP_PASSES
+
     assert set(GRAPH_SIDES.values()) == set(TUNING_GRAPHS) and len(GRAPH_SIDES) == 8
+    assert TUNING_GRAPHS["tuning-device-loop-nhwc"] == {**LOOP_PASSES, "device_loop": True}   # the export's loop graph
     spec = BenchSpec(artifact=str(arts["fused"]), sides=tuple(GRAPH_SIDES))
     for side, graph in GRAPH_SIDES.items():
         backend, opts, unet = _runner_options(spec, side)
