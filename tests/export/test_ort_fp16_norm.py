@@ -239,13 +239,8 @@ def unet_feeds(model: onnx.ModelProto, seed: int) -> dict:
     return feeds
 
 
-def test_fold_is_exact_on_ort_cpu(fused):
-    """The real fused U-Net (fp32, CFG folded) before and after the passes, contrib ops stood in for the same way
-    on both sides: outputs equal bit for bit, at two seeds (the folds only move elements; nothing is recomputed)."""
-    model = onnx.load(str(fused["fp32"]))
-    passed = onnx.load(str(fused["fp32"]))
-    stats = norm_layout_passes(passed)
-    assert stats["fold_nhwc_transposes"]["entries"] > 0 and stats["transposes"][1] < stats["transposes"][0]
+def assert_same_u_net_on_cpu(model: onnx.ModelProto, passed: onnx.ModelProto) -> None:
+    """`passed` computes `model`'s outputs bit for bit on ORT CPU, contrib ops stood in for alike, at two seeds."""
     reference, candidate = cpu_stand_ins(model), cpu_stand_ins(passed)
     for seed in (0, 1):
         feeds = unet_feeds(model, seed)
@@ -253,6 +248,16 @@ def test_fold_is_exact_on_ort_cpu(fused):
         for key, value in want.items():
             assert np.isfinite(value).all() and np.abs(value).max() > 0
             np.testing.assert_array_equal(got[key], value, err_msg=f"{key} seed {seed}")
+
+
+def test_fold_is_exact_on_ort_cpu(fused):
+    """The real fused U-Net (fp32, CFG folded) before and after the passes, contrib ops stood in for the same way
+    on both sides: outputs equal bit for bit, at two seeds (the folds only move elements; nothing is recomputed)."""
+    model = onnx.load(str(fused["fp32"]))
+    passed = onnx.load(str(fused["fp32"]))
+    stats = norm_layout_passes(passed)
+    assert stats["fold_nhwc_transposes"]["entries"] > 0 and stats["transposes"][1] < stats["transposes"][0]
+    assert_same_u_net_on_cpu(model, passed)
 
 
 def test_conv_bias_move_computes_the_same_u_net_on_ort_cpu(fused):
