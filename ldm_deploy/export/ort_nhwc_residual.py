@@ -40,7 +40,7 @@ def _is_transpose(node: onnx.NodeProto, perm: list[int]) -> bool:
 
 
 def _as_transpose_of(node: onnx.NodeProto, source: str) -> None:
-    """Turn `node` (an Add or a Resize) into `Transpose(source, to NCHW)`, keeping its name and output."""
+    """Turn `node` (an Add, a Concat or a Resize) into `Transpose(source, to NCHW)`, keeping its name and output."""
     node.op_type, node.domain = "Transpose", ""
     del node.input[:]
     node.input.append(source)
@@ -51,7 +51,8 @@ def _as_transpose_of(node: onnx.NodeProto, source: str) -> None:
 def _nhwc_resize(g: _Graph, node: onnx.NodeProto, source: str) -> str | None:
     """The NHWC form of a nearest `Resize` (its roi empty, scales or sizes a 4-value constant): a new Resize of
     `source` with them permuted. None where it does not apply."""
-    if _attr(node, "mode", b"nearest") not in (b"nearest", "nearest") or (len(node.input) > 1 and node.input[1]):
+    if (_attr(node, "mode", b"nearest") not in (b"nearest", "nearest") or (len(node.input) > 1 and node.input[1])
+            or _attr(node, "axes") is not None):   # (opset 18 `axes`: the values would not be per NCHW axis)
         return None
     slot = 3 if len(node.input) > 3 and node.input[3] else 2
     values = g.const(node.input[slot]) if len(node.input) > slot else None
