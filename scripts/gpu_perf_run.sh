@@ -5,9 +5,10 @@
 #
 #   bash scripts/gpu_perf_run.sh part1    # B=1: ort-cuda, torch.compile reduce-overhead + channels_last, eager fp16,
 #                                         #      then every profile lever on ort-cuda (spec.TUNING)       ~9 min
-#   bash scripts/gpu_perf_run.sh part2    # B=4: the core sides, the device loop, CUDA graphs on all components;
+#   bash scripts/gpu_perf_run.sh part2    # B=4: the core sides, the device loop (with and without the U-Net passes);
 #                                         #      per-op-type U-Net profiles at B=1 and B=4 (ORT vs inductor);
 #                                         #      a U-Net call alone against inside the loop (loop_vs_alone.py);
+#                                         #      the VAE decoder with / without the NHWC passes (vae_layout_ab.py);
 #                                         #      the VAE decoder's per-op profile at B=1                      ~9 min
 #   bash scripts/gpu_perf_run.sh part3    # the demo model (8 images, 25 steps): U-Net-only vs all-component CUDA
 #                                         #      graphs and its step profile; then B=1 max-autotune-no-cudagraphs
@@ -15,7 +16,7 @@
 #   bash scripts/gpu_perf_run.sh --tiny all   # the same commands on the tiny preset, CPU: a smoke test
 #
 # Results go to $OUT (default ./gpu-perf-out): part1.json part2.json part3.json profile.json profile.md loop.json
-# vae-profile.json vae-profile.md demo.json
+# vae-ab.json vae-profile.json vae-profile.md demo.json
 # demo-profile.json demo-profile.md and a log per part -- at most 8 files per part, none deeper than $OUT. Each part stops starting sides after its time limit
 # (they are recorded as skipped), so a slow export costs sides, not the whole part.
 #
@@ -65,7 +66,7 @@ part2() {   # B=4 core sides + the device loop + CUDA graphs everywhere (about h
   local bench_limit=$((LIMIT / 2))
   [[ ${PART2_PROFILE:-1} == 0 ]] && bench_limit=$((LIMIT - 60))   # profiles measured before: the sides get the time
   "$PYTHON" -m ldm_deploy.cli bench "${COMMON[@]}" --tuning --batch 4 \
-    --sides "${SIDES_B4:-ort-cuda,ort-cuda-device-loop,torch-compile-ro,ort-cuda-graph-all,torch-eager-fp16}" \
+    --sides "${SIDES_B4:-ort-cuda,ort-cuda-device-loop-nhwc,torch-compile-ro,ort-cuda-device-loop,torch-eager-fp16}" \
     --levers-dir "$WORK/tuning-levers" --time-limit $bench_limit --out "$OUT/part2.json" 2>&1 | tee "$OUT/part2.log" \
     || echo "bench exited $?: profiles next"
   [[ ${PART2_PROFILE:-1} == 0 ]] || "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --batch 1 4 \
@@ -74,6 +75,9 @@ part2() {   # B=4 core sides + the device loop + CUDA graphs everywhere (about h
   # where a U-Net call's time goes alone against inside the loop (the 2026-12-07 run: +4.2 ms a call at B=4)
   "$PYTHON" scripts/loop_vs_alone.py --artifact "$ARTIFACT" --batch 1 4 --steps $LOOP_STEPS --out "$OUT/loop.json" \
     2>&1 | tee -a "$OUT/part2.log" || echo "loop_vs_alone exited $?"
+  # the VAE decoder with and without the NHWC residual passes (2026-12-07: 10.04 -> 9.78 ms B=1, 32.8 -> 29.3 ms B=4)
+  [[ $TINY == 1 ]] || "$PYTHON" scripts/vae_layout_ab.py --model-dir "$WORK/sd15-model" --work "$WORK/vae-ab" \
+    --batch 1 4 --out "$OUT/vae-ab.json" 2>&1 | tee -a "$OUT/part2.log" || echo "vae_layout_ab exited $?"
   # the VAE decoder, per op type (2026-12-07: our fp16 decode 15-17 ms against reduce-overhead's 9.5 ms at B=1)
   [[ ${PART2_VAE_PROFILE:-1} == 0 ]] || "$PYTHON" scripts/profile_unet.py --artifact "$ARTIFACT" --component vae_decoder \
     --batch 1 "${PROFILE_ARGS[@]}" --note "scripts/gpu_perf_run.sh part2, VAE decoder" --out "$OUT/vae-profile.json" \

@@ -53,14 +53,15 @@ def _open_runner(backend: str, artifact, component: str, opts: dict, levers_dir=
     from ldm_deploy.runtime.runners.ort import OrtBoundRunner, OrtRunner, SessionFromArtifact
 
     production.setdefault("variant", "auto")
+    out = {"output_dtype": production.pop("output_dtype")} if "output_dtype" in production else {}
     graph = lever_graph(levers_dir, knobs["graph"]) if knobs.get("graph") else None
     loader = SessionFromArtifact(artifact, component, provider="cuda", graph=graph,
                                  provider_options=knobs.get("provider_options"), **production)
     if knobs.get("device_loop"):   # a loop step graph: the runner owns the stream and the captures
         from ldm_deploy.runtime.runners.ort_loop import OrtLoopRunner
 
-        return OrtLoopRunner(loader)
-    return (OrtBoundRunner if knobs.get("io_binding", True) else OrtRunner)(loader())
+        return OrtLoopRunner(loader, **out)
+    return (OrtBoundRunner if knobs.get("io_binding", True) else OrtRunner)(loader(), **out)
 
 
 def _skip_reason(spec, side: str) -> str | None:
@@ -122,14 +123,15 @@ def _open_pipeline(artifact_dir: str, backend: str, opts: dict, record: dict, lo
     override `opts` for the U-Net (the lever sides). If ORT refuses the U-Net's graph capture at load, the
     side runs without it and says so (`cuda_graph_error`), so the deployed path still gets a number."""
     from ldm_deploy.artifact import Artifact
-    from ldm_deploy.runtime.pipeline import Pipeline
+    from ldm_deploy.runtime.pipeline import Pipeline, component_options
     from ldm_deploy.runtime.tokenizer import ClipTokenizer
 
     graph_key = {"ort-cuda": "enable_cuda_graph", "tensorrt": "cuda_graph"}.get(backend)
     plain = opts if graph_all else {k: v for k, v in opts.items() if k != graph_key}
     opts = {**opts, **(unet_opts or {})}
     artifact = Artifact.open(artifact_dir, verify=False)
-    runners = {c: _open_runner(backend, artifact, c, plain, levers_dir) for c in ("text_encoder", "vae_decoder")}
+    runners = {c: _open_runner(backend, artifact, c, component_options(c, plain), levers_dir)
+               for c in ("text_encoder", "vae_decoder")}
     try:
         runners["unet"] = _open_runner(backend, artifact, "unet", opts, levers_dir)
     except Exception as e:  # noqa: BLE001 - e.g. nodes ORT cannot put on the GPU block graph capture

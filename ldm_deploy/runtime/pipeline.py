@@ -610,6 +610,12 @@ def check_device_loop(artifact, backend: str) -> None:
                        hint="re-export with --ort-cuda --device-loop")
 
 
+def component_options(name: str, runner_opts: Mapping[str, Any]) -> dict:
+    """The options a pipeline opens component `name`'s runner with: the VAE decoder's image stays in its own
+    dtype (decode converts an fp16 one by table, image_to_uint8) unless the caller set `output_dtype`."""
+    return {"output_dtype": None, **runner_opts} if name == "vae_decoder" else dict(runner_opts)
+
+
 def open_runners(artifact, backend: str, names, runner_opts: Mapping[str, Any], device_loop: bool) -> dict:
     """One runner per component; with `device_loop` the U-Net's is the loop runner over the device-loop variant
     (it captures its own CUDA graph: `enable_cuda_graph` goes to the other components only). A failure closes
@@ -625,9 +631,8 @@ def open_runners(artifact, backend: str, names, runner_opts: Mapping[str, Any], 
 
                 keep = {k: v for k, v in runner_opts.items() if k in ("device_id", "use_tf32")}
                 runners[name] = open_loop_runner(artifact, ORT_CUDA_LOOP_VARIANT, **keep)
-            else:   # the decoder's image in its own dtype: decode converts an fp16 one by table (image_to_uint8)
-                opts = {"output_dtype": None, **runner_opts} if name == "vae_decoder" else runner_opts
-                runners[name] = open_runner(backend, artifact, name, **opts)
+            else:
+                runners[name] = open_runner(backend, artifact, name, **component_options(name, runner_opts))
     except BaseException:
         close_all(runners)
         raise

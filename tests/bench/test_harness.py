@@ -177,7 +177,8 @@ def test_lever_sides_set_the_unet_runner_only(tiny, monkeypatch):
         assert backend == "ort-cuda" and extra == unet_opts
         record = {}
         _open_pipeline(str(tiny[1]), backend, opts, record, lambda m: None, extra)
-        assert seen["unet"] == unet_opts and seen["text_encoder"] == seen["vae_decoder"] == {}
+        assert seen["unet"] == unet_opts and seen["text_encoder"] == {}
+        assert seen["vae_decoder"] == {"output_dtype": None}   # as the pipeline opens it (component_options)
         assert record["cuda_graph"] == unet_opts["enable_cuda_graph"]
     assert _runner_options(spec.replace(sides=("ort-cuda",)), "ort-cuda")[2] == {}
 
@@ -242,6 +243,8 @@ def test_lever_knobs_are_assembled_from_the_loader(tiny, monkeypatch, tmp_path):
     with _open_runner("ort-cuda", art, "unet", {"enable_cuda_graph": True,
                                                 "provider_options": {"cudnn_conv_algo_search": "HEURISTIC"}}) as tuned:
         assert type(tuned) is OrtBoundRunner and tuned.cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
+    with _open_runner("ort-cuda", art, "vae_decoder", {"output_dtype": None, "provider_options": {}}) as vae:
+        assert type(vae) is OrtBoundRunner and vae.output_dtype is None   # the runner's option, not the loader's
     with _open_runner("ort-cuda", art, "unet", {"graph": "lever-x", "enable_cuda_graph": False}, tmp_path) as lever:
         assert lever.variant == "lever-x" and lever.model_path == art / unet["file"]
         assert_close(lever(x)["noise_pred"], want, name="lever graph")
