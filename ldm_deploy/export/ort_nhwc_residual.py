@@ -8,8 +8,8 @@ decode, and cuDNN adds each convolution's bias in a pass of its own (the U-Net p
 
 `nhwc_residuals` gives every NCHW tensor that is a Transpose of an NHWC one an NHWC twin, and carries the twins
 through the ops that do not care about layout: an Add of two twinned tensors becomes an Add of the twins, a channel
-Concat a Concat of the twins on their last axis, a nearest Resize a Resize of the twin (its scales or sizes permuted). A `Transpose(to NHWC)` of a twinned
-tensor is its twin; NCHW tensors nothing reads any more go. Then an NHWC Add read by a GroupNorm becomes a
+Concat a Concat of the twins on their last axis, a nearest Resize a Resize of the twin (its scales or sizes
+permuted). A `Transpose(to NHWC)` of a twinned tensor is its twin; NCHW tensors nothing reads any more go. Then an NHWC Add read by a GroupNorm becomes a
 SkipGroupNorm (X and skip are the two addends, its second output the sum for the Add's other readers), and
 `conv_bias_into_norm` (ort_fp16_norm.py) moves the convolution bias into it:
 
@@ -148,8 +148,8 @@ def nhwc_residuals(model: onnx.ModelProto) -> dict:
     g.commit()
     _drop_unread_transposes(g)
     stats["skip_group_norms"] = _skip_group_norms(g, made)
-    read = {x for n in model.graph.node for x in n.input}
-    unread = [t for t in model.graph.initializer if t.name not in read and t.name in scales]   # the NCHW scales / sizes of the Resizes made NHWC
+    read = {x for n in model.graph.node for x in n.input}   # the NCHW scales / sizes of the Resizes made NHWC go
+    unread = [t for t in model.graph.initializer if t.name not in read and t.name in scales]
     for t in unread:
         model.graph.initializer.remove(t)
     for node in [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in scales - read]:

@@ -53,7 +53,8 @@ def test_residual_stream_goes_nhwc_and_its_adds_into_skip_group_norms(vae):
     assert layout["resizes"] == before["Resize"] == 3
     assert layout["skip_group_norms"] == after["SkipGroupNorm"] == 8
     assert after["GroupNorm"] + after["SkipGroupNorm"] == before["GroupNorm"]
-    assert layout["transposes"] == [before["Transpose"], after["Transpose"]] and after["Transpose"] <= before["Transpose"] // 2
+    assert layout["transposes"] == [before["Transpose"], after["Transpose"]]
+    assert after["Transpose"] <= before["Transpose"] // 2
     assert stats["conv_bias_into_norm"]["moved"] == 7   # the 8th norm's X is the attention's output, no conv
     # what still reads NCHW: the latent in, the image out, the attention's reshapes
     resize_scales = [numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[2]))
@@ -95,7 +96,8 @@ def _graph(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank)
 
     graph = helper.make_graph(nodes, "g", [vi(n) for n in inputs], [vi(n) for n in outputs], list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def test_linear_resize_and_unknown_rank_addends_stay_nchw():

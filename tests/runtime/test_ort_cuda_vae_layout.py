@@ -1,5 +1,5 @@
-"""On a GPU: the VAE decoder's fused ort-cuda graph with the NHWC residual passes (ldm_deploy/export/ort_nhwc_residual.py,
-what `export --ort-cuda` writes) decodes what the graph without them decodes, under a CUDA graph as the deployed runner
+"""On a GPU: the VAE decoder's fused ort-cuda graph with the NHWC residual passes (export/ort_nhwc_residual.py, what
+`export --ort-cuda` writes) decodes what the graph without them decodes, under a CUDA graph as the deployed runner
 runs it. CPU tests of the passes: tests/export/test_ort_nhwc_residual.py. The timing of both on SD 1.5's decoder:
 scripts/vae_layout_ab.py. On an H100 with onnxruntime-gpu:
 
