@@ -70,13 +70,23 @@ def rewrite_model(src: str | Path, dst: str | Path, transform) -> dict:
     """Load `src` with its weights, apply `transform(model) -> stats` in place, and write `dst` (+ `dst.data` past
     protobuf's 2 GB) through a temporary folder beside it, so a failure leaves no half-written graph (`dst` may be
     `src`). Returns the stats with the seconds taken and whether the weights went to external data."""
-    import shutil
     import time
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=True)
     stats = dict(transform(model) or {})
+    data = write_model(model, dst)
+    stats.update(seconds=round(time.perf_counter() - t0, 2), external_data=data is not None)
+    return stats
+
+
+def write_model(model: onnx.ModelProto, dst: str | Path) -> Path | None:
+    """Write `model` to `dst` (+ `dst.data` past protobuf's 2 GB) through a temporary folder beside it, then move
+    graph and data into place, so a failure leaves no half-written graph. Returns the data file, or None."""
+    import shutil
+
+    dst = Path(dst)
     work = dst.parent / f".{dst.name}.tmp"
     shutil.rmtree(work, ignore_errors=True)
     data = save_model(model, work / dst.name)
@@ -85,8 +95,7 @@ def rewrite_model(src: str | Path, dst: str | Path, transform) -> dict:
         data.replace(data_file(dst))
     (work / dst.name).replace(dst)
     shutil.rmtree(work, ignore_errors=True)
-    stats.update(seconds=round(time.perf_counter() - t0, 2), external_data=data is not None)
-    return stats
+    return data
 
 
 def is_big(path: Path) -> bool:

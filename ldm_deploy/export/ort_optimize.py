@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -500,21 +499,6 @@ def _vae_layout(model: onnx.ModelProto) -> dict:
     return {"vae_layout": vae_passes(model)}
 
 
-def _write_fused(model: onnx.ModelProto, dst: Path) -> Path | None:
-    """Write beside `dst` under a temporary folder, then move graph (+ data) into place; the data file or None."""
-    from ldm_deploy.export import onnx_io
-
-    work = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    data = onnx_io.save_model(model, work / dst.name)
-    onnx_io.data_file(dst).unlink(missing_ok=True)
-    if data is not None:
-        data.replace(onnx_io.data_file(dst))
-    (work / dst.name).replace(dst)
-    shutil.rmtree(work, ignore_errors=True)
-    return data
-
-
 def _optimize_for_ort_cuda(src: Path, dst: Path, component: str, *, float16: bool, fold_guidance: bool,
                            nhwc_conv: bool, vae_layout: bool, output_shapes: dict | None,
                            switchable: Mapping | None) -> dict:
@@ -561,7 +545,9 @@ def _optimize_for_ort_cuda(src: Path, dst: Path, component: str, *, float16: boo
         m.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     layout = _vae_layout(m.model) if vae_layout and component.startswith("vae") else {}
     after = op_counts(m.model)
-    data = _write_fused(m.model, dst)
+    from ldm_deploy.export.onnx_io import write_model
+
+    data = write_model(m.model, dst)
     stats = {
         "component": component,
         "precision": "fp16" if float16 else "fp32",
