@@ -10,8 +10,6 @@ between the decoder and the caller). Both results are checked equal first.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+FORMAT = "ldm-deploy-image-uint8"   # the --out file's "format"
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -33,6 +34,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
+    from ldm_deploy.bench.machine import machine_info
+    from ldm_deploy.fileio import check_out_file, write_json
     from ldm_deploy.runtime.pipeline import check_finite, image_to_uint8, to_uint8
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+
+    if args.out:   # an earlier result of this script is replaced, nothing else
+        check_out_file(args.out, FORMAT)
 
     def float32_path(image16):
         image = image16.astype(np.float32)
@@ -55,16 +61,18 @@ def main(argv=None) -> int:
         rows[str(batch)] = {"float32_path_ms": _median_ms(lambda: float32_path(image), args.repeats),
                             "fp16_table_ms": _median_ms(lambda: image_to_uint8(image), args.repeats)}
         print(f"B={batch}: {rows[str(batch)]}", flush=True)
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    result = {"machine": {"cpu": names[0] if names else platform.machine(), "cores": len(names) or None,
-                          "python": platform.python_version(),
-                          "numpy": np.__version__}, "size": args.size, "repeats": args.repeats, "batches": rows}
+    result = {"format": FORMAT, "machine": machine_info(), "size": args.size, "repeats": args.repeats,
+              "batches": rows}
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm_deploy.errors import LdmError
+
+    try:
+        sys.exit(main())
+    except LdmError as e:   # e.g. --out names a file of the user's: one line, nothing written
+        print(f"bench_image_uint8: {e}", file=sys.stderr)
+        sys.exit(2)

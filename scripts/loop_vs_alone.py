@@ -15,7 +15,6 @@ uploading the inputs, the run, the outputs to host). Which mode first adds the t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -117,6 +116,9 @@ def measure(artifact: str, batch: int, steps: int, guidance: float = 7.5, warmup
         pipe.close()
 
 
+FORMAT = "ldm-deploy-loop-vs-alone"   # the --out file's "format": an earlier result, which a rerun may replace
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", required=True, help="an artifact with the ort-cuda U-Net variant (export --ort-cuda)")
@@ -126,17 +128,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from ldm_deploy.bench.machine import machine_info
     from ldm_deploy.errors import LdmError
+    from ldm_deploy.fileio import check_out_file, write_json
 
     try:
+        if args.out:   # an earlier result of this script is replaced, nothing else
+            check_out_file(args.out, FORMAT)
         runs = [measure(args.artifact, b, args.steps) for b in args.batch]
     except LdmError as e:   # e.g. no CUDA here: one line, not a traceback
         print(f"loop_vs_alone: {e}", file=sys.stderr)
         return 1
-    results = {"machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "artifact": str(args.artifact), "runs": runs}
+    results = {"format": FORMAT, "machine": machine_info(),
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": str(args.artifact),
+               "runs": runs}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.out, results)
         print(f"wrote {args.out}")
     return 0
 

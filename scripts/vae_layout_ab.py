@@ -13,15 +13,18 @@ tests/runtime/test_ort_cuda_vae_layout.py holds it to that).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+FORMAT = "ldm-deploy-vae-layout-ab"   # the --out file's "format"
 
 
 def export_decoder(model_dir: Path, out: Path) -> Path:
@@ -77,19 +80,30 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
+    from ldm_deploy.bench.machine import machine_info
     from ldm_deploy.export.ort_optimize import optimize_for_ort_cuda
+    from ldm_deploy.fileio import check_out_file, write_json
 
+    check_out_file(args.out, FORMAT)   # an earlier result of this script is replaced, nothing else
     src = export_decoder(args.model_dir, args.work / "vae-fp32")
-    graphs, result = {}, {"graphs": {}, "batches": {}}
-    for name, layout in (("before", False), ("after", True)):
-        graphs[name] = args.work / f"vae_decoder.{name}.onnx"
-        stats = optimize_for_ort_cuda(src, graphs[name], "vae_decoder", float16=True, vae_layout=layout)
-        result["graphs"][name] = {k: stats.get(k) for k in ("fused_ops", "nodes_after", "vae_layout")}
+    args.work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.work, prefix=".vae-ab-") as tmp:   # never a name of the user's
+        result = run(src, Path(tmp), args.batch, args.iters, optimize_for_ort_cuda)
+    write_json(args.out, {"format": FORMAT, "machine": machine_info(), **result})
+    return 0
+
+
+def run(src: Path, tmp: Path, batches, iters: int, optimize) -> dict:
+    """Fuse `src` without and with the passes into `tmp`, then time and check both at each batch size."""
     import onnxruntime as ort
 
-    result["onnxruntime"] = ort.__version__
+    graphs, result = {}, {"graphs": {}, "batches": {}, "onnxruntime": ort.__version__}
+    for name, layout in (("before", False), ("after", True)):
+        graphs[name] = tmp / f"vae_decoder.{name}.onnx"
+        stats = optimize(src, graphs[name], "vae_decoder", float16=True, vae_layout=layout)
+        result["graphs"][name] = {k: stats.get(k) for k in ("fused_ops", "nodes_after", "vae_layout")}
     reference = session(src, graph=False, tf32=False)
-    for batch in args.batch:
+    for batch in batches:
         rng = np.random.default_rng(batch)
         size = reference.get_inputs()[0].shape[2]
         latent = rng.standard_normal((batch, 4, size if isinstance(size, int) else 64,
@@ -98,14 +112,19 @@ def main(argv=None) -> int:
         scale = float(np.abs(want).max())
         rows = {}
         for name, path in graphs.items():
-            got, times = decode(session(path, graph=True), latent, args.iters)
+            got, times = decode(session(path, graph=True), latent, iters)
             rows[name] = {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3),
                           "err": float(np.abs(got - want).max()) / scale}
             print(f"B={batch} {name}: {rows[name]}", flush=True)
         result["batches"][str(batch)] = rows
-    args.out.write_text(json.dumps(result, indent=1))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm_deploy.errors import LdmError
+
+    try:
+        sys.exit(main())
+    except LdmError as e:   # e.g. --out names a file of the user's: one line, nothing written
+        print(f"vae_layout_ab: {e}", file=sys.stderr)
+        sys.exit(2)

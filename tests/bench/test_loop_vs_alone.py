@@ -52,3 +52,13 @@ def test_without_cuda_it_says_so_in_one_line(tiny, capsys, tmp_path):  # noqa: F
     assert _script().main(["--artifact", str(tiny[1]), "--batch", "1", "--steps", "2", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDAExecutionProvider" in err[0] and not out.exists()
+
+
+def test_a_users_file_at_out_is_refused_before_anything_runs(tiny, capsys, tmp_path):  # noqa: F811
+    """--out naming a file the script did not write: one line, exit 1, the file untouched (checked before the
+    artifact is even opened, so this holds without CUDA too)."""
+    mine = tmp_path / "loop.json"
+    mine.write_text("my notes")
+    assert _script().main(["--artifact", str(tiny[1]), "--batch", "1", "--steps", "2", "--out", str(mine)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to replace" in err[0] and mine.read_text() == "my notes"

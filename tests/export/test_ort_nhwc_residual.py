@@ -65,8 +65,9 @@ def test_residual_stream_goes_nhwc_and_its_adds_into_skip_group_norms(vae):
 
 def test_passed_decoder_decodes_the_same_on_ort_cpu(vae):
     """Stand-ins alike on both sides: the passes move elements and reorder one sum per ResNet ((conv + bias) +
-    residual -> (conv + residual) + bias), so the image agrees to float32 rounding carried through the decoder: within
-    1e-5 of its scale (measured 2e-6)."""
+    residual -> (conv + residual) + bias), so the image agrees to float32 rounding carried through the decoder:
+    within 1e-4 of its scale, the bound of the export's own fp32 checks (measured 2e-6 to 3e-6 here); likewise
+    against the traced decoder, whose norms ORT CPU computes another way."""
     model = onnx.load(str(vae["fused"]))
     passed = onnx.load(str(vae["fused"]))
     vae_passes(passed)
@@ -77,9 +78,9 @@ def test_passed_decoder_decodes_the_same_on_ort_cpu(vae):
         want, got = run_cpu(reference, {"latent": latent})["image"], run_cpu(candidate, {"latent": latent})["image"]
         scale = float(np.abs(want).max())
         assert np.isfinite(got).all() and scale > 0
-        assert float(np.abs(got - want).max()) <= 1e-5 * scale
+        assert float(np.abs(got - want).max()) <= 1e-4 * scale
         # and both are the traced decoder's image
-        assert float(np.abs(run_cpu(traced, {"latent": latent})["image"] - got).max()) <= 1e-5 * scale
+        assert float(np.abs(run_cpu(traced, {"latent": latent})["image"] - got).max()) <= 1e-4 * scale
 
 
 def test_fp16_export_writes_the_passed_variant(vae):
@@ -128,3 +129,21 @@ def test_u_net_skip_connections_go_nhwc_exactly_on_ort_cpu(fused):
     assert stats["concats"] > 0 and stats["adds"] > 0
     assert stats["transposes"][1] <= stats["transposes"][0] - 2 * stats["concats"]
     assert_same_u_net_on_cpu(model, passed)
+
+
+def test_ab_script_refuses_a_users_out_file_before_any_work(tmp_path):
+    """scripts/vae_layout_ab.py (its timing needs a GPU) checks --out first: a file it did not write stays as it was
+    and nothing is exported into --work."""
+    import importlib.util
+
+    from ldm_deploy.errors import UsageError
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "vae_layout_ab.py"
+    spec = importlib.util.spec_from_file_location("vae_layout_ab_cpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    mine = tmp_path / "ab.json"
+    mine.write_text("mine")
+    with pytest.raises(UsageError, match="refusing to replace"):
+        script.main(["--model-dir", str(tmp_path / "none"), "--work", str(tmp_path / "work"), "--out", str(mine)])
+    assert mine.read_text() == "mine" and not (tmp_path / "work").exists()

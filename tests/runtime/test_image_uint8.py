@@ -32,3 +32,26 @@ def test_non_finite_fp16_is_refused_naming_the_stage(bad):
     image[0, 1, 2, 3] = bad
     with pytest.raises(LdmError, match=r"vae_decoder produced 1 non-finite"):
         image_to_uint8(image)
+
+
+def test_host_conversion_benchmark_writes_its_file_and_refuses_a_users(tmp_path):
+    """scripts/bench_image_uint8.py: its result file (format-tagged, both paths checked equal first), and a file it
+    did not write left untouched, in one line with a non-zero exit."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_image_uint8.py"
+    out = tmp_path / "u8.json"
+    run = [sys.executable, str(script), "--batch", "1", "--size", "16", "--repeats", "2", "--out", str(out)]
+    assert subprocess.run(run, capture_output=True, text=True).returncode == 0
+    result = json.loads(out.read_text())
+    assert result["format"] == "ldm-deploy-image-uint8" and set(result["batches"]["1"]) == {
+        "float32_path_ms", "fp16_table_ms"}
+    assert subprocess.run(run, capture_output=True).returncode == 0     # its own earlier result is replaced
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "numbers"}')
+    done = subprocess.run(run[:-1] + [str(mine)], capture_output=True, text=True)
+    assert done.returncode == 2 and mine.read_text() == '{"my": "numbers"}'
+    assert len(done.stderr.strip().splitlines()) == 1 and "refusing to replace" in done.stderr
