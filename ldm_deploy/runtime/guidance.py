@@ -111,5 +111,4 @@ def folded_feeds(latents: np.ndarray, timestep: np.ndarray, context: np.ndarray,
 
 
 __all__ = ["CONTEXT", "OUTPUT", "RESCALE", "SAMPLE", "SCALE", "TIMESTEP", "folded_conditioning", "folded_context",
-           "folded_feeds",
-           "folded_scalars", "guide", "plain_feeds", "rescale_noise_cfg", "rows", "uses_cfg"]
+           "folded_feeds", "folded_scalars", "guide", "plain_feeds", "rescale_noise_cfg", "rows", "uses_cfg"]

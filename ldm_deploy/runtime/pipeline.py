@@ -19,7 +19,6 @@ the decoded image is quantized as diffusers does: round((x * 0.5 + 0.5).clip(0, 
 """
 from __future__ import annotations
 
-
 import logging
 import math
 import time
