@@ -23,3 +23,15 @@ class UsageError(LdmError):
     """Bad command-line or API arguments (exit code 2)."""
 
     exit_code = 2
+
+
+def script_exit(main, name: str, argv=None) -> int:
+    """Run a script's `main(argv)` as the CLI runs a command: an LdmError becomes `<name>: error: <message>` on
+    stderr and its exit code, no traceback. For `sys.exit(script_exit(main, "name"))` in scripts/."""
+    import sys
+
+    try:
+        return main(argv)
+    except LdmError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return e.exit_code

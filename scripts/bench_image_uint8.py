@@ -69,10 +69,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ldm_deploy.errors import LdmError
+    from ldm_deploy.errors import script_exit
 
-    try:
-        sys.exit(main())
-    except LdmError as e:   # e.g. --out names a file of the user's: one line, nothing written
-        print(f"bench_image_uint8: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(script_exit(main, "bench_image_uint8"))   # e.g. --out names a file of the user's: one line, nothing written

@@ -121,10 +121,6 @@ def run(src: Path, tmp: Path, batches, iters: int, optimize) -> dict:
 
 
 if __name__ == "__main__":
-    from ldm_deploy.errors import LdmError
+    from ldm_deploy.errors import script_exit
 
-    try:
-        sys.exit(main())
-    except LdmError as e:   # e.g. --out names a file of the user's: one line, nothing written
-        print(f"vae_layout_ab: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(script_exit(main, "vae_layout_ab"))   # e.g. --out names a file of the user's: one line, nothing written
